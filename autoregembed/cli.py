@@ -1,0 +1,83 @@
+"""Command line: ``autoregembed train | score-refs | export | encode | eval`` and ``train.py``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_DS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero3.json")
+
+
+def _add_run_args(p: argparse.ArgumentParser):
+    # Our own --deepspeed PATH: deepspeed.add_config_arguments would make it a boolean flag.
+    p.add_argument("--deepspeed", default=DEFAULT_DS, metavar="PATH", help="DeepSpeed JSON (default: %(default)s)")
+    p.add_argument("--config", default=None, help="YAML run config (default: the built-in tiny CPU pipeline)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set stage1.max_steps=100 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run_training(args, stage: str | None = None) -> int:
+    from . import distributed as D
+    from .config import load_config
+    from .trainer import run
+
+    overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
+    cfg = load_config(args.config, overrides)  # config errors surface before any process group or model
+    D.init_distributed()
+    try:
+        run(cfg, args.deepspeed, resume=args.resume)
+    finally:
+        D.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="autoregembed", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "run the configured stage (default: the whole pipeline)"),
+                        ("score-refs", "compute stage-2 reference scores with the stage-1 model"),
+                        ("export", "consolidate a stage's latest checkpoint into a Hugging Face folder")):
+        _add_run_args(sub.add_parser(name, help=help_))
+    enc = sub.add_parser("encode", help="embed lines of text with an exported model")
+    enc.add_argument("--model", required=True)
+    enc.add_argument("--input", required=True, help="text file, one text per line")
+    enc.add_argument("--output", required=True, help=".npy file to write")
+    enc.add_argument("--instruction", default=None)
+    enc.add_argument("--batch-size", type=int, default=32)
+    ev = sub.add_parser("eval", help="STS Spearman x100 of an exported model")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--sts", required=True, help="STS-B format file (tab-separated)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    if args.command in ("train", "score-refs", "export"):
+        stage = {"train": None, "score-refs": "reference", "export": "export"}[args.command]
+        return run_training(args, stage)
+    from .encoder import Encoder
+
+    model = Encoder.from_pretrained(args.model)
+    if args.command == "encode":
+        import numpy as np
+
+        from .atomic import atomic_file
+
+        with open(args.input, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+        emb = model.encode(texts, batch_size=args.batch_size, instruction=args.instruction, show_progress_bar=True)
+        with atomic_file(args.output) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, emb)
+        print(json.dumps({"output": args.output, "shape": list(emb.shape)}))
+        return 0
+    from .evaluate import sts_spearman
+
+    score = sts_spearman(model, args.sts, args.batch_size)
+    print(json.dumps({"model": args.model, "sts": args.sts, "spearman_x100": round(score, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Run configuration: YAML files validated into dataclasses, plus ``--set key=value`` overrides.
+
+Everything that can be wrong with a configuration (unknown keys, wrong types, missing
+files, batch sizes that do not multiply out) is reported here, before any model loads,
+with a message naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_STSB_DEV = os.path.join(PROJECT_ROOT, "..", "shared", "data", "stsb", "sts-dev.csv")
+STAGES = ("stage1", "reference", "stage2", "export", "eval", "pipeline")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    base: str = "tiny"  # "tiny": a small LLaMA built from a config (the CPU default); else an HF folder or hub name
+    num_embed_tokens: int = 5
+    dtype: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp16 | fp32
+    attn_implementation: str = "auto"  # auto: flash_attention_2 when installed, else sdpa
+    gradient_checkpointing: bool = True
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+
+
+@dataclass
+class DataConfig:
+    stage1: str = os.path.join(RESOURCES, "stage1_sample.jsonl")
+    stage2: str = os.path.join(RESOURCES, "nli_sample.jsonl")
+    max_text_len: int = 64
+    max_target_len: int = 64
+    max_negatives: typing.Optional[int] = None  # None: every negative of a row is scored
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    max_steps: int = 60
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    global_batch_size: typing.Optional[int] = None  # if set, must equal micro x accumulation x world size
+    gradient_clipping: float = 1.0
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_last: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class LossConfig:
+    beta: float = 0.1
+    tau: float = 0.1
+    reference_sign: str = "paper"  # paper: subtract the reference margin (as in DPO); code: add it (authors' release)
+
+
+@dataclass
+class PathsConfig:
+    stage1_model: typing.Optional[str] = None  # default: <output_dir>/stage1/model
+    reference_scores: typing.Optional[str] = None  # default: <output_dir>/reference/scores.safetensors
+    export_from: str = "stage2"  # which stage's latest checkpoint `export` consolidates
+
+
+@dataclass
+class EvalConfig:
+    sts_file: str = "auto"  # auto: ../shared STS-B dev when present, else the bundled sample
+    instruction: str = "Retrieve semantically similar text."  # default instruction stored with exports
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    stage: str = "pipeline"
+    output_dir: str = "runs/default"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: OptimConfig = field(default_factory=OptimConfig)
+    stage2: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=2e-4, max_steps=40))
+    loss: LossConfig = field(default_factory=LossConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # Derived locations: one place that says where every artifact goes.
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.output_dir, stage)
+
+    def checkpoint_dir(self, stage: str) -> str:
+        return os.path.join(self.stage_dir(stage), "checkpoints")
+
+    def export_dir(self, stage: str) -> str:
+        return os.path.join(self.stage_dir(stage), "model")
+
+    @property
+    def base_model_dir(self) -> str:
+        return os.path.join(self.output_dir, "base") if self.model.base == "tiny" else self.model.base
+
+    @property
+    def stage1_model_dir(self) -> str:
+        return self.paths.stage1_model or self.export_dir("stage1")
+
+    @property
+    def reference_scores_path(self) -> str:
+        return self.paths.reference_scores or os.path.join(self.stage_dir("reference"), "scores.safetensors")
+
+    @property
+    def sts_file(self) -> str:
+        if self.eval.sts_file != "auto":
+            return self.eval.sts_file
+        return SHARED_STSB_DEV if os.path.exists(SHARED_STSB_DEV) else os.path.join(RESOURCES, "sts_dev_sample.csv")
+
+    def optim(self, stage: str) -> OptimConfig:
+        return self.stage2 if stage == "stage2" else self.stage1
+
+
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, str) or tp is bool and isinstance(value, bool):
+        return value
+    if tp in (int, float) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"key '{key}': expected {tp.__name__}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, prefix + k)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value):
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"key '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: typing.Optional[str] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file (or the built-in default when None) and apply ``key=value`` overrides."""
+    tree = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"--config: no such file {path}")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        _set_dotted(tree, k.strip(), yaml.safe_load(v))
+    cfg = _build(Config, tree, "")
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config):
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"key 'stage': {cfg.stage!r} is not one of {', '.join(STAGES)}")
+    if cfg.loss.reference_sign not in ("paper", "code"):
+        raise ConfigError(f"key 'loss.reference_sign': {cfg.loss.reference_sign!r} is not 'paper' or 'code'")
+    if cfg.model.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"key 'model.dtype': {cfg.model.dtype!r} is not auto, bf16, fp16 or fp32")
+    if cfg.model.num_embed_tokens < 1:
+        raise ConfigError("key 'model.num_embed_tokens' must be >= 1")
+    if cfg.paths.export_from not in ("stage1", "stage2"):
+        raise ConfigError(f"key 'paths.export_from': {cfg.paths.export_from!r} is not stage1 or stage2")
+    for name in ("stage1", "stage2"):
+        o = getattr(cfg, name)
+        for k in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
+            if getattr(o, k) < 1:
+                raise ConfigError(f"key '{name}.{k}' must be >= 1")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or path.endswith((".jsonl", ".json", ".parquet", ".csv"))
+
+
+def check_runtime(cfg: Config, world_size: int):
+    """Checks that need the launch environment; run on every rank before any model loads."""
+    stages = ("stage1", "reference", "stage2", "eval") if cfg.stage == "pipeline" else (cfg.stage,)
+    needed = {"model.base": cfg.model.base if cfg.model.base != "tiny" else None}
+    if "stage1" in stages:
+        needed["data.stage1"] = cfg.data.stage1
+    if {"reference", "stage2"} & set(stages):
+        needed["data.stage2"] = cfg.data.stage2
+    if "eval" in stages:
+        needed["eval.sts_file"] = cfg.sts_file
+    for key, path in needed.items():
+        if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+            raise ConfigError(f"key '{key}': no such file or folder {path}")
+    for name in ("stage1", "stage2"):
+        o = cfg.optim(name)
+        product = o.micro_batch_size * o.gradient_accumulation_steps * world_size
+        if o.global_batch_size is not None and o.global_batch_size != product:
+            raise ConfigError(
+                f"key '{name}.global_batch_size' = {o.global_batch_size} but micro_batch_size x "
+                f"gradient_accumulation_steps x world size = {o.micro_batch_size} x "
+                f"{o.gradient_accumulation_steps} x {world_size} = {product}")

@@ -1,0 +1,95 @@
+"""Process-group setup for every launcher users have: deepspeed, torchrun, mpirun, srun, or none.
+
+torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK; mpirun and srun
+do not, so their variables are translated here before DeepSpeed initialises.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+_LAUNCHERS = [  # (rank, world size, local rank) variables, most specific first
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH / Intel MPI
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),  # srun (set only inside a job step)
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(environ=os.environ) -> dict:
+    """The RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* variables this process should use."""
+    env = {}
+    if "RANK" not in environ:
+        for rank, size, local in _LAUNCHERS:
+            if rank in environ and size in environ:
+                env = {"RANK": environ[rank], "WORLD_SIZE": environ[size], "LOCAL_RANK": environ.get(local, "0")}
+                break
+        else:
+            env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    world = int(env.get("WORLD_SIZE", environ.get("WORLD_SIZE", "1")))
+    if "MASTER_ADDR" not in environ:
+        env["MASTER_ADDR"] = "127.0.0.1"
+    if "MASTER_PORT" not in environ:
+        env["MASTER_PORT"] = str(_free_port() if world == 1 else 29500)
+    return env
+
+
+def init_distributed():
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
+    os.environ.update(launch_env())
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_objects(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_across_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

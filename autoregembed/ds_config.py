@@ -1,0 +1,79 @@
+"""DeepSpeed JSON: fill the "auto" values from the YAML and refuse values that contradict it.
+
+"auto" is an HF-Trainer convention that DeepSpeed itself does not understand, so every
+auto is resolved here before ``deepspeed.initialize``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+
+from .config import ConfigError, OptimConfig
+
+
+def _fill(section: dict, key: str, value, where: str):
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise ConfigError(f"DeepSpeed config {where}{key} = {current!r} contradicts the YAML ({value!r}); "
+                          f"set it to \"auto\" or change the YAML")
+
+
+def build_ds_config(path: str | dict, optim: OptimConfig, world_size: int, hidden_size: int,
+                    dtype: torch.dtype) -> dict:
+    if isinstance(path, dict):
+        ds, name = copy.deepcopy(path), "<dict>"
+    else:
+        if not os.path.exists(path):
+            raise ConfigError(f"--deepspeed: no such file {path}")
+        with open(path) as f:
+            try:
+                ds = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        name = path
+    if "scheduler" in ds:
+        raise ConfigError(f"{name}: remove 'scheduler'; autoregembed schedules the learning rate from "
+                          f"warmup_steps and max_steps in the YAML")
+    _fill(ds, "train_micro_batch_size_per_gpu", optim.micro_batch_size, "")
+    _fill(ds, "gradient_accumulation_steps", optim.gradient_accumulation_steps, "")
+    _fill(ds, "train_batch_size", optim.micro_batch_size * optim.gradient_accumulation_steps * world_size, "")
+    _fill(ds, "gradient_clipping", optim.gradient_clipping, "")
+    for key, on in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        sec = ds.setdefault(key, {})
+        _fill(sec, "enabled", on, f"{key}.")
+    zero = ds.setdefault("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        _fill(params, "lr", optim.learning_rate, "optimizer.params.")
+        _fill(params, "weight_decay", optim.weight_decay, "optimizer.params.")
+        for key, value in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
+            if params.get(key) == "auto":
+                params[key] = value
+    else:
+        ds["zero_allow_untested_optimizer"] = True
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{name}: cannot resolve \"auto\" for {', '.join(leftover)}")
+    return ds
+
+
+def _walk(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

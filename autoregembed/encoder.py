@@ -1,0 +1,66 @@
+"""Inference on an exported model: ``Encoder.from_pretrained(path).encode(texts)``.
+
+Follows the MTEB encoder protocol: ``encode(sentences, batch_size=..., **kwargs)``
+returns a numpy array of L2-normalised embeddings (compare by cosine / dot product).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .export import META_FILE
+from .model import compressed_states, pool_embedding
+from .tokenization import TextEncoder, prepare_tokenizer
+
+
+class Encoder:
+    def __init__(self, model, tokenizer, k: int, instruction: str, max_text_len: int = 512):
+        self.model = model.eval()
+        self.k = k
+        self.instruction = instruction
+        self.text_encoder = TextEncoder(tokenizer, k, max_text_len=max_text_len)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None,
+                        max_text_len: int | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        meta_path = os.path.join(path, META_FILE)
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{path}: not an autoregembed export (no {META_FILE})")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), meta["num_embed_tokens"])
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModel.from_pretrained(path, dtype=dtype or "auto").to(device)
+        return cls(model, tokenizer, meta["num_embed_tokens"], meta["instruction"],
+                   max_text_len or meta.get("max_text_len", 512))
+
+    @torch.no_grad()
+    def encode(self, sentences, batch_size: int = 32, instruction: str | None = None,
+               show_progress_bar: bool = False, convert_to_numpy: bool = True, **kwargs):
+        """Embeddings [len(sentences), D], L2-normalised.  Extra MTEB kwargs are accepted."""
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        instruction = self.instruction if instruction is None else instruction
+        device = next(self.model.parameters()).device
+        order = np.argsort([-len(s) for s in sentences])  # length-sorted batches pad less
+        out = [None] * len(sentences)
+        batches = range(0, len(sentences), batch_size)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        for start in batches:
+            idx = order[start : start + batch_size]
+            enc = self.text_encoder.encode_inputs([sentences[i] for i in idx], [instruction] * len(idx))
+            mask = enc["attention_mask"].to(device)
+            hidden = self.model(input_ids=enc["input_ids"].to(device), attention_mask=mask).last_hidden_state
+            emb = pool_embedding(compressed_states(hidden, mask, self.k)).cpu()
+            for j, i in enumerate(idx):
+                out[i] = emb[j]
+        emb = torch.stack(out) if out else torch.empty(0)
+        return emb.numpy() if convert_to_numpy else emb

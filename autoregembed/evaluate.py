@@ -1,0 +1,36 @@
+"""STS evaluation: Spearman x100 between cosine similarity and gold scores."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+from scipy.stats import spearmanr
+
+
+def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
+    """STS-B csv: tab-separated genre, file, year, id, score, sentence1, sentence2[, sources]."""
+    a, b, gold = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if not row:
+                continue
+            if len(row) < 7:
+                raise ValueError(f"{path}:{lineno}: expected at least 7 tab-separated fields, got {len(row)}")
+            try:
+                gold.append(float(row[4]))
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: field 'score' is not a number: {row[4]!r}") from None
+            a.append(row[5])
+            b.append(row[6])
+    if not gold:
+        raise ValueError(f"{path}: no rows")
+    return a, b, np.asarray(gold)
+
+
+def sts_spearman(encoder, path: str, batch_size: int = 64, show_progress_bar: bool = True) -> float:
+    a, b, gold = read_sts(path)
+    uniq = sorted(set(a) | set(b))
+    emb = encoder.encode(uniq, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    pos = {s: i for i, s in enumerate(uniq)}
+    cos = np.sum(emb[[pos[s] for s in a]] * emb[[pos[s] for s in b]], axis=1)
+    return float(spearmanr(cos, gold).statistic * 100)

@@ -1,0 +1,91 @@
+"""Consolidate the (possibly ZeRO-3 sharded) encoder into a Hugging Face folder.
+
+The folder loads with plain ``transformers.AutoModel.from_pretrained`` and with
+``autoregembed.Encoder.from_pretrained``: sharded safetensors + index, config, the
+tokenizer with its EMBED tokens, and ``autoregembed.json`` (k and instructions).
+Parameters are gathered one at a time and shards are flushed as they fill, so rank 0
+never holds more than one shard plus one parameter.  Written atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from . import distributed as D
+from .atomic import atomic_dir
+
+META_FILE = "autoregembed.json"
+
+
+def _full_param(p):
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+class _ShardWriter:
+    def __init__(self, folder: str, max_shard_bytes: int):
+        self.folder, self.max = folder, max_shard_bytes
+        self.buffer, self.size, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name: str, tensor: torch.Tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.size + nbytes > self.max:
+            self.flush()
+        self.buffer[name] = tensor
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self):
+        if not self.buffer:
+            return
+        fname = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.buffer, os.path.join(self.folder, fname), metadata={"format": "pt"})
+        self.files.append(fname)
+        self.weight_map.update({k: fname for k in self.buffer})
+        self.buffer, self.size = {}, 0
+
+    def finish(self):
+        self.flush()
+        n = len(self.files)
+        renames = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(self.files)}
+        for old, new in renames.items():
+            os.rename(os.path.join(self.folder, old), os.path.join(self.folder, new))
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {k: renames[v] for k, v in sorted(self.weight_map.items())}}
+        with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: dict,
+                   max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
+    """Every rank must call this (the gathers are collective); rank 0 writes ``out_dir``."""
+    is_writer = D.rank() == 0
+    ctx = atomic_dir(out_dir) if is_writer else contextlib.nullcontext()
+    with ctx as tmp:
+        writer = _ShardWriter(tmp, max_shard_bytes) if is_writer else None
+        for name, p in encoder.named_parameters():
+            with _full_param(p):
+                if is_writer:
+                    t = p.detach().to("cpu", dtype=dtype or p.dtype).clone().contiguous()
+                    if t.numel() == 0:
+                        raise RuntimeError(f"export: parameter {name} is empty after gathering")
+                    writer.add(name, t)
+        if is_writer:
+            writer.finish()
+            config = encoder.config
+            config.architectures = [type(encoder).__name__]
+            config.vocab_size = encoder.get_input_embeddings().num_embeddings
+            config.use_cache = False
+            config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
+    D.barrier()
+    return out_dir

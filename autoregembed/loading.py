@@ -1,0 +1,140 @@
+"""Building the encoder/decoder pair from disk, under ZeRO-3 partitioning when configured."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .atomic import atomic_dir
+from .model import AutoRegEmbedModel
+from .tokenization import prepare_tokenizer
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def resolve_attn(name: str) -> str:
+    """flash_attention_2 when the package and a GPU are there, else PyTorch SDPA."""
+    if name != "auto":
+        return name
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+    except ImportError:
+        return "sdpa"
+
+
+def build_tiny_base(out_dir: str, corpus_files: list[str], hidden_size: int = 64, layers: int = 2,
+                    vocab_size: int = 2000, seed: int = 0, pretrain_steps: int = 200):
+    """A small LLaMA-architecture causal LM and a BPE tokenizer trained on the bundled text.
+
+    The CPU default and the tests use it: real architecture, real tokenizer, no download.
+    The LM is briefly pretrained on the same text, because AutoRegEmbed's frozen decoder
+    must be a language model for compression to mean anything (a random one is not).
+    Written atomically; a folder that already holds a model is left as it is.
+    """
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = []
+    for path in corpus_files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                texts.extend(v for v in json.loads(line).values() if isinstance(v, str))
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    _pretrain(model, tokenizer, texts, pretrain_steps, seed)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def _pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, batch_size: int = 32, max_len: int = 64):
+    """Plain next-token training of the tiny base LM (a few seconds on CPU)."""
+    import random
+
+    rng = random.Random(seed)
+    seqs = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"][: max_len - 2]
+            + [tokenizer.eos_token_id] for t in dict.fromkeys(texts)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(seqs, min(batch_size, len(seqs)))
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for i, s in enumerate(batch):
+            ids[i, : len(s)] = torch.tensor(s)
+            labels[i, : len(s)] = torch.tensor(s)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def load_tokenizer(path: str, k: int):
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(path), k)
+
+
+def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
+               gradient_checkpointing: bool = False, loss: dict | None = None, ds_config: dict | None = None):
+    """Return (AutoRegEmbedModel, tokenizer).
+
+    encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).
+    decoder_path: always the frozen base causal LM.  With ``ds_config`` at ZeRO stage 3 both
+    are constructed partitioned (HfDeepSpeedConfig routes from_pretrained through zero.Init).
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    keepalive = None
+    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keepalive = HfDeepSpeedConfig(ds_config)  # must stay alive while models are built
+    tokenizer = load_tokenizer(encoder_path, k)
+    kw = dict(dtype=dtype, attn_implementation=attn)
+    decoder = AutoModelForCausalLM.from_pretrained(decoder_path, **kw)
+    decoder.config.use_cache = False
+    encoder = AutoModel.from_pretrained(encoder_path, **kw)
+    if encoder.get_input_embeddings().num_embeddings < len(tokenizer):
+        encoder.resize_token_embeddings(len(tokenizer))
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+    encoder.config.use_cache = False
+    decoder.eval()
+    if gradient_checkpointing:
+        gc = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        encoder.gradient_checkpointing_enable(**gc)
+        decoder.gradient_checkpointing_enable(**gc)
+    model = AutoRegEmbedModel(encoder, decoder, k, **(loss or {}))
+    model._ds_keepalive = keepalive
+    return model, tokenizer
+

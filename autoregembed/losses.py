@@ -1,0 +1,42 @@
+"""AutoRegEmbed training objectives on per-sequence log-likelihoods."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compression_loss(seq_logprobs: torch.Tensor, num_target_tokens: torch.Tensor) -> torch.Tensor:
+    """Stage 1: token-mean cross-entropy of the targets given their compressed tokens."""
+    return -seq_logprobs.sum() / num_target_tokens.clamp(min=1)
+
+
+def alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, beta: float = 0.1, tau: float = 0.1,
+                   reference_sign: str = "paper") -> torch.Tensor:
+    """Stage 2, conditional distribution alignment.
+
+    c_q [B] = log p(pos|e_q), c_p [B] = log p(pos|e_pos), r [N] = log p(neg_i|e_q) for every
+    negative of every query, owner [N] = the query each negative belongs to, ref_c [B] and
+    ref_r [N] the stage-1 reference values of c_q and r.
+
+        s1 = sigmoid(beta * |c_q - c_p|)
+        s2 = sigmoid(beta * ((c_q - r_i) -/+ (ref_c - ref_r_i)))
+        loss = softplus((s1 - s2) / tau)
+
+    ``reference_sign="paper"`` subtracts the reference margin (the paper's figure, as in
+    DPO); ``"code"`` adds it (the authors' released code).  Queries may have different
+    numbers of negatives: the loss is the mean over each query's negatives, then over queries.
+    """
+    if reference_sign not in ("paper", "code"):
+        raise ValueError(f"reference_sign must be 'paper' or 'code', got {reference_sign!r}")
+    if not (c_q.shape == c_p.shape == ref_c.shape) or not (r.shape == owner.shape == ref_r.shape):
+        raise ValueError("c_q/c_p/ref_c and r/owner/ref_r must have matching shapes")
+    s1 = torch.sigmoid(beta * (c_q - c_p).abs())[owner]
+    ref_margin = ref_c[owner] - ref_r
+    margin = (c_q[owner] - r) + (ref_margin if reference_sign == "code" else -ref_margin)
+    s2 = torch.sigmoid(beta * margin)
+    per_pair = F.softplus((s1 - s2) / tau)
+    counts = torch.zeros_like(c_q).index_add(0, owner, torch.ones_like(r))
+    if (counts == 0).any():
+        raise ValueError("every query needs at least one negative")
+    per_query = torch.zeros_like(c_q).index_add(0, owner, per_pair) / counts
+    return per_query.mean()

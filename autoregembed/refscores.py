@@ -1,0 +1,97 @@
+"""Reference scores: log p(pos|e_q) and log p(neg_i|e_q) under the stage-1 model, computed once.
+
+Stored as safetensors with three tensors: ``keys`` [N, 16] uint8 (content hash of each
+row, see data.row_key), ``offsets`` [N+1] int64 and ``scores`` [sum(1+n_i)] float32 (for
+row j: scores[offsets[j]] is the positive, the rest its negatives in order).  The
+metadata holds a fingerprint of everything that changes the scores (stage-1 weights,
+decoder weights, tokenizer, k, truncation lengths); stage 2 refuses a file whose
+fingerprint differs from the one it computes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import atomic_file
+from .data import row_key
+
+_FINGERPRINT_FILES = (".safetensors", ".json", ".model", ".txt")
+
+
+class ReferenceScoreError(RuntimeError):
+    pass
+
+
+def _hash_folder(h, folder: str):
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and name.endswith(_FINGERPRINT_FILES):
+            h.update(name.encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+
+
+def fingerprint(stage1_dir: str, decoder_dir: str, k: int, max_text_len: int, max_target_len: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([k, max_text_len, max_target_len]).encode())
+    _hash_folder(h, stage1_dir)
+    if os.path.isdir(decoder_dir):
+        _hash_folder(h, decoder_dir)
+    else:  # a hub name: its resolved revision is the best we can do without downloading
+        h.update(decoder_dir.encode())
+    return h.hexdigest()
+
+
+def save_scores(path: str, keys: list[bytes], scores: list[list[float]], fp: str):
+    if len(keys) != len(scores):
+        raise ValueError("one score list per key")
+    offsets = [0]
+    for s in scores:
+        offsets.append(offsets[-1] + len(s))
+    tensors = {
+        "keys": torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(len(keys), 16),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
+        "scores": torch.tensor([v for s in scores for v in s], dtype=torch.float32),
+    }
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata={"fingerprint": fp, "format": "autoregembed-reference-v1"})
+
+
+class ReferenceScores:
+    """Lookup of reference scores by row content."""
+
+    def __init__(self, path: str, expected_fingerprint: str | None = None):
+        if not os.path.exists(path):
+            raise ReferenceScoreError(f"{path}: no reference scores; run the 'reference' stage first")
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            keys, offsets, scores = f.get_tensor("keys"), f.get_tensor("offsets"), f.get_tensor("scores")
+        if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
+            raise ReferenceScoreError(
+                f"{path}: these reference scores were computed with a different stage-1 model, decoder, "
+                f"tokenizer or truncation (fingerprint {meta.get('fingerprint', '?')[:12]} != "
+                f"{expected_fingerprint[:12]}); recompute them with the 'reference' stage")
+        self.path = path
+        self._index = {bytes(k.tolist()): (int(offsets[i]), int(offsets[i + 1])) for i, k in enumerate(keys)}
+        self._scores = scores
+
+    def __len__(self):
+        return len(self._index)
+
+    def lookup(self, row: dict) -> tuple[float, list[float]]:
+        """(ref log p(pos|e_q), [ref log p(neg_i|e_q)]) for a stage-2 row."""
+        span = self._index.get(row_key(row))
+        if span is None:
+            raise ReferenceScoreError(f"{self.path}: no reference score for the row with query "
+                                      f"{row['query'][:60]!r}; the stage-2 data changed since scoring")
+        vals = self._scores[span[0] : span[1]].tolist()
+        if len(vals) != 1 + len(row["neg"]):
+            raise ReferenceScoreError(f"{self.path}: row with query {row['query'][:60]!r} was scored with "
+                                      f"{len(vals) - 1} negatives, the data has {len(row['neg'])}")
+        return vals[0], vals[1:]

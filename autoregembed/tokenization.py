@@ -1,0 +1,88 @@
+"""The tokenisation contract (see DEVELOPERS.md), in one place.
+
+Encoder input:  [BOS] tok(text)[:budget] tok("\\n" + instruction + "\\n") <EMBED0>..<EMBED{k-1}>
+                right-padded, so the k EMBED tokens sit right after each row's last real token.
+Decoder target: tok(target)[:max_target_len] [EOS]; the decoder reads
+                [e_1..e_k ; word embeddings of target+EOS] and labels are -100 on the k
+                compressed positions, i.e. position k-1+t predicts target token t.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .logprobs import IGNORE_INDEX
+
+
+def embed_token_names(k: int) -> list[str]:
+    return [f"<EMBED{i}>" for i in range(k)]
+
+
+def prepare_tokenizer(tokenizer, k: int):
+    """Add the k EMBED special tokens (idempotent) and make sure a pad token exists."""
+    names = embed_token_names(k)
+    missing = [n for n in names if n not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": names}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer needs both a BOS and an EOS token")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+@dataclass
+class TextEncoder:
+    """Turns (text, instruction) pairs and targets into padded id tensors."""
+
+    tokenizer: object
+    k: int
+    max_text_len: int = 256
+    max_target_len: int = 256
+
+    def __post_init__(self):
+        self.embed_ids = self.tokenizer.convert_tokens_to_ids(embed_token_names(self.k))
+        if any(i is None or i == self.tokenizer.unk_token_id for i in self.embed_ids):
+            raise ValueError(f"tokenizer lacks the EMBED tokens; call prepare_tokenizer(tokenizer, {self.k})")
+
+    def _ids(self, s: str) -> list[int]:
+        return self.tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    def encoder_ids(self, text: str, instruction: str) -> list[int]:
+        tail = self._ids("\n" + instruction + "\n")
+        return [self.tokenizer.bos_token_id] + self._ids(text)[: self.max_text_len] + tail + list(self.embed_ids)
+
+    def target_ids(self, target: str) -> list[int]:
+        return self._ids(target)[: self.max_target_len] + [self.tokenizer.eos_token_id]
+
+    def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad id lists; returns (ids, attention_mask)."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    def encode_inputs(self, texts: list[str], instructions: list[str]) -> dict:
+        ids, mask = self.pad([self.encoder_ids(t, i) for t, i in zip(texts, instructions)])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def encode_targets(self, targets: list[str]) -> dict:
+        ids, mask = self.pad([self.target_ids(t) for t in targets])
+        return {"target_ids": ids, "target_mask": mask}
+
+
+def decoder_labels(target_ids: torch.Tensor, target_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Labels aligned with decoder positions [e_1..e_k ; target+EOS], already shifted.
+
+    Position p predicts the token at p+1, so label[p] = target[p-k+1] for p >= k-1 and the
+    last position (fed the EOS embedding) predicts nothing.  Padding is IGNORE_INDEX.
+    """
+    n, t = target_ids.shape
+    labels = torch.full((n, k + t), IGNORE_INDEX, dtype=torch.long, device=target_ids.device)
+    labels[:, k - 1 : k - 1 + t] = torch.where(target_mask.bool(), target_ids, IGNORE_INDEX)
+    return labels

@@ -1,0 +1,248 @@
+"""The stages of an AutoRegEmbed run on a DeepSpeed engine, and the pipeline that chains them.
+
+stage1    -> trains the encoder to compress (decoder frozen), exports <out>/stage1/model
+reference -> scores every stage-2 row with the stage-1 model, writes reference scores
+stage2    -> conditional distribution alignment from the stage-1 model, exports <out>/stage2/model
+export    -> re-exports a stage's latest checkpoint
+eval      -> STS Spearman of an export
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+
+import torch
+
+from . import checkpoint
+from . import distributed as D
+from .batches import candidates_batch, limit_negatives, stage1_batch, stage2_batch, to_device
+from .config import Config, check_runtime
+from .data import StepSampler, load_rows, row_key
+from .ds_config import build_ds_config
+from .export import export_encoder
+from .loading import build_tiny_base, load_model, resolve_attn, resolve_dtype
+from .refscores import ReferenceScores, fingerprint, save_scores
+from .tokenization import TextEncoder
+
+
+def log(msg: str):
+    if D.rank() == 0:
+        print(f"[autoregembed] {msg}", flush=True)
+
+
+def prepare_base(cfg: Config) -> str:
+    """The base causal LM folder; the tiny default is built (once, by rank 0) on first use."""
+    if cfg.model.base == "tiny":
+        if D.rank() == 0:
+            build_tiny_base(cfg.base_model_dir, [cfg.data.stage1, cfg.data.stage2],
+                            hidden_size=cfg.model.tiny_hidden_size, layers=cfg.model.tiny_layers, seed=cfg.seed)
+        D.barrier()
+    return cfg.base_model_dir
+
+
+def _hidden_size(path: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).hidden_size
+
+
+def _warmup_linear(warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+class Session:
+    """One model on one DeepSpeed engine for one stage."""
+
+    def __init__(self, cfg: Config, stage: str, ds_path, encoder_path: str, train: bool):
+        import deepspeed
+
+        self.cfg, self.stage = cfg, stage
+        self.base = prepare_base(cfg)
+        self.optim = cfg.optim(stage)
+        dtype = resolve_dtype(cfg.model.dtype)
+        self.ds = build_ds_config(ds_path, self.optim, D.world_size(), _hidden_size(self.base), dtype)
+        torch.manual_seed(cfg.seed)
+        loss = {"beta": cfg.loss.beta, "tau": cfg.loss.tau, "reference_sign": cfg.loss.reference_sign}
+        self.model, self.tokenizer = load_model(encoder_path, self.base, cfg.model.num_embed_tokens, dtype,
+                                                resolve_attn(cfg.model.attn_implementation),
+                                                gradient_checkpointing=train and cfg.model.gradient_checkpointing,
+                                                loss=loss, ds_config=self.ds)
+        self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
+                                        cfg.data.max_text_len, cfg.data.max_target_len)
+        kwargs = {}
+        if train:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if "optimizer" not in self.ds:
+                kwargs["optimizer"] = torch.optim.AdamW(trainable, lr=self.optim.learning_rate,
+                                                        weight_decay=self.optim.weight_decay)
+            else:
+                kwargs["model_parameters"] = trainable
+            kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, _warmup_linear(self.optim.warmup_steps, self.optim.max_steps))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, config=self.ds, **kwargs)
+        if not train:
+            self.engine.eval()
+        self.device = D.device()
+
+    @property
+    def encoder(self):
+        return self.engine.module.encoder
+
+    def export(self, out_dir: str) -> str:
+        meta = {"num_embed_tokens": self.cfg.model.num_embed_tokens, "instruction": self.cfg.eval.instruction,
+                "max_text_len": self.cfg.data.max_text_len, "stage": self.stage, "base_model": self.cfg.model.base,
+                "template": "[BOS]{text}\\n{instruction}\\n" + "".join(f"<EMBED{i}>" for i in
+                                                                       range(self.cfg.model.num_embed_tokens))}
+        export_encoder(self.encoder, self.tokenizer, out_dir, meta)
+        log(f"{self.stage}: exported model to {out_dir}")
+        return out_dir
+
+    def close(self):
+        """Release the engine; also forget the ZeRO-3 config, or later from_pretrained calls
+        in this process (e.g. evaluation) would build partitioned models."""
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        self.engine.destroy()
+        del self.engine, self.model
+        unset_hf_deepspeed_config()
+        gc.collect()
+
+
+def _log_metrics(cfg: Config, stage: str, record: dict):
+    if D.rank() == 0:
+        os.makedirs(cfg.stage_dir(stage), exist_ok=True)
+        with open(os.path.join(cfg.stage_dir(stage), "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_after: int | None = None) -> str:
+    """Train stage1 or stage2; export at the end.  ``stop_after`` ends early (tests, preemption)."""
+    encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
+    if stage == "stage1":
+        rows = load_rows(cfg.data.stage1, stage=1)
+    else:
+        rows = [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
+    s = Session(cfg, stage, ds_path, encoder_path, train=True)
+    refs = None
+    if stage == "stage2":
+        fp = fingerprint(cfg.stage1_model_dir, s.base, cfg.model.num_embed_tokens, cfg.data.max_text_len,
+                         cfg.data.max_target_len)
+        refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
+    o = s.optim
+    sampler = StepSampler(len(rows), o.micro_batch_size, o.gradient_accumulation_steps, D.world_size(), cfg.seed)
+    ckpt_dir = cfg.checkpoint_dir(stage)
+    start = 0
+    if resume:
+        state = checkpoint.load_latest(s.engine, ckpt_dir)
+        if state is not None:
+            start = state["step"]
+            log(f"{stage}: resumed from {ckpt_dir} at step {start}")
+    end = o.max_steps if stop_after is None else min(o.max_steps, stop_after)
+    s.engine.train()
+    t0 = time.time()
+    for step in range(start, end):
+        total = 0.0
+        for micro in range(o.gradient_accumulation_steps):
+            batch_rows = [rows[i] for i in sampler.indices(step, micro, D.rank())]
+            if stage == "stage1":
+                batch = stage1_batch(batch_rows, s.text_encoder)
+            else:
+                batch = stage2_batch(batch_rows, s.text_encoder, refs)
+            loss = s.engine(stage=stage, **to_device(batch, s.device))
+            s.engine.backward(loss)
+            s.engine.step()
+            total += loss.item() / o.gradient_accumulation_steps
+        mean = D.mean_across_ranks(total)
+        if not torch.isfinite(torch.tensor(mean)):
+            raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")
+        _log_metrics(cfg, stage, {"step": step + 1, "loss": mean, "lr": s.scheduler.get_last_lr()[0]})
+        if (step + 1) % o.log_every == 0 or step + 1 == end:
+            log(f"{stage}: step {step + 1}/{o.max_steps} loss {mean:.4f} ({time.time() - t0:.1f}s)")
+        if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end:
+            checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
+    checkpoint.save(s.engine, ckpt_dir, end, o.keep_last)
+    out = s.export(cfg.export_dir(stage)) if end == o.max_steps else None
+    s.close()
+    return out
+
+
+def export_stage(cfg: Config, ds_path) -> str:
+    """Consolidate the latest checkpoint of ``paths.export_from`` into its export folder."""
+    stage = cfg.paths.export_from
+    encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
+    s = Session(cfg, stage, ds_path, encoder_path, train=True)
+    if checkpoint.load_latest(s.engine, cfg.checkpoint_dir(stage)) is None:
+        raise FileNotFoundError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint to export")
+    out = s.export(cfg.export_dir(stage))
+    s.close()
+    return out
+
+
+@torch.no_grad()
+def score_references(cfg: Config, ds_path) -> str:
+    """Every rank scores its share of the stage-2 rows; rank 0 writes the file."""
+    rows = [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
+    s = Session(cfg, "reference", ds_path, cfg.stage1_model_dir, train=False)
+    mine = rows[D.rank() :: D.world_size()]
+    bs = cfg.stage2.micro_batch_size
+    n_batches = -(-len(rows) // (bs * D.world_size()))  # the same count on every rank (ZeRO-3 gathers are collective)
+    results = []
+    for b in range(n_batches):
+        chunk = mine[b * bs : (b + 1) * bs]
+        real = len(chunk)
+        chunk = chunk or rows[:1]  # a rank with nothing left still takes part in the collectives
+        batch = to_device(candidates_batch(chunk, s.text_encoder, with_positive_inputs=False), s.device)
+        c_q, _, r = s.engine.module.candidate_scores(**batch)
+        owner = batch["owner"].tolist()
+        for i, row in enumerate(chunk[:real]):
+            results.append((row_key(row), [c_q[i].item()] + [r[j].item() for j, o in enumerate(owner) if o == i]))
+    gathered = D.all_gather_objects(results)
+    path = cfg.reference_scores_path
+    if D.rank() == 0:
+        merged = dict(kv for part in gathered for kv in part)
+        fp = fingerprint(cfg.stage1_model_dir, s.base, cfg.model.num_embed_tokens, cfg.data.max_text_len,
+                         cfg.data.max_target_len)
+        save_scores(path, list(merged), list(merged.values()), fp)
+        log(f"reference: scored {len(merged)} rows -> {path}")
+    D.barrier()
+    s.close()
+    return path
+
+
+def evaluate(cfg: Config, model_dir: str) -> float:
+    from .encoder import Encoder
+    from .evaluate import sts_spearman
+
+    score = sts_spearman(Encoder.from_pretrained(model_dir), cfg.sts_file, cfg.eval.batch_size)
+    log(f"eval: STS Spearman x100 = {score:.2f} ({cfg.sts_file}, model {model_dir})")
+    return score
+
+
+def run(cfg: Config, ds_path, resume: bool = False) -> dict:
+    """Run ``cfg.stage`` (or the whole pipeline); returns where each artifact went."""
+    check_runtime(cfg, D.world_size())
+    out = {}
+    stages = ["stage1", "reference", "stage2", "eval"] if cfg.stage == "pipeline" else [cfg.stage]
+    for stage in stages:
+        if stage in ("stage1", "stage2"):
+            out[stage] = train_stage(cfg, stage, ds_path, resume=resume)
+        elif stage == "reference":
+            out[stage] = score_references(cfg, ds_path)
+        elif stage == "export":
+            out[stage] = export_stage(cfg, ds_path)
+        elif stage == "eval":
+            model_dir = cfg.export_dir("stage2" if cfg.stage == "pipeline" else cfg.paths.export_from)
+            if D.rank() == 0:
+                out["sts_spearman"] = evaluate(cfg, model_dir)
+            D.barrier()
+    if D.rank() == 0 and cfg.stage == "pipeline":
+        for k, v in out.items():
+            log(f"artifact {k}: {v}")
+    return out
