@@ -20,10 +20,13 @@ def _add_run_args(p: argparse.ArgumentParser):
 
 
 def run_training(args, stage: str | None = None) -> int:
+    import warnings
+
     from . import distributed as D
     from .config import load_config
     from .trainer import run
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
     cfg = load_config(args.config, overrides)  # config errors surface before any process group or model
     D.init_distributed()

@@ -132,6 +132,11 @@ def _coerce(value, tp, key: str):
         (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, str) or tp is bool and isinstance(value, bool):
         return value
     if tp in (int, float) and isinstance(value, tp) and not isinstance(value, bool):

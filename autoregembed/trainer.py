@@ -122,8 +122,10 @@ def _log_metrics(cfg: Config, stage: str, record: dict):
             f.write(json.dumps(record) + "\n")
 
 
-def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_after: int | None = None) -> str:
-    """Train stage1 or stage2; export at the end.  ``stop_after`` ends early (tests, preemption)."""
+def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_after: int | None = None,
+                on_done=None) -> str:
+    """Train stage1 or stage2; export at the end.  ``stop_after`` ends early (after a
+    checkpoint); ``on_done(session)`` runs on every rank before the engine is released."""
     encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
     if stage == "stage1":
         rows = load_rows(cfg.data.stage1, stage=1)
@@ -169,6 +171,8 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
             checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
     checkpoint.save(s.engine, ckpt_dir, end, o.keep_last)
     out = s.export(cfg.export_dir(stage)) if end == o.max_steps else None
+    if on_done is not None:
+        on_done(s)
     s.close()
     return out
 

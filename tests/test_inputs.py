@@ -1,0 +1,115 @@
+"""Bad data and bad configuration fail early, naming file, line and field (or key)."""
+import json
+import os
+
+import pytest
+
+from autoregembed.config import ConfigError, check_runtime, load_config
+from autoregembed.data import DataError, StepSampler, load_rows
+from autoregembed.ds_config import build_ds_config
+from autoregembed.evaluate import read_sts
+
+GOOD2 = {"query": "q", "pos": "p", "neg": ["n1", "n2"], "instruction": "i"}
+
+
+def _write(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    ('{"query": "q", "pos": "p", "instruction": "i"}', r":3: missing field 'neg'"),
+    ('{"query": "  ", "pos": "p", "neg": "n", "instruction": "i"}', r":3: field 'query' is empty"),
+    ('{"query": "q", "pos": "p", "neg": "n", "instruction": "i"', r":3: bad JSON"),
+    ('{"query": 5, "pos": "p", "neg": "n", "instruction": "i"}', r":3: field 'query' must be a string, got int"),
+    ('{"query": "q", "pos": "p", "neg": ["ok", 7], "instruction": "i"}', r":3: field 'neg\[1\]' must be a string"),
+    ('{"query": "q", "pos": "p", "neg": [], "instruction": "i"}', r":3: field 'neg' must be a string or a non-empty"),
+    ('["not", "an", "object"]', r":3: expected a JSON object"),
+])
+def test_malformed_stage2_rows(tmp_path, bad, pattern):
+    path = _write(tmp_path, [json.dumps(GOOD2), "", bad])
+    with pytest.raises(DataError, match=pattern) as e:
+        load_rows(path, stage=2)
+    assert str(e.value).startswith(path)
+
+
+def test_stage1_rows_and_neg_normalisation(tmp_path):
+    p1 = _write(tmp_path, [json.dumps({"context": "c", "instruction": "", "output": "o"})], "s1.jsonl")
+    assert load_rows(p1, stage=1) == [{"context": "c", "instruction": "", "output": "o"}]
+    p2 = _write(tmp_path, [json.dumps({**GOOD2, "neg": "single"})], "s2.jsonl")
+    assert load_rows(p2, stage=2)[0]["neg"] == ["single"]
+    bad = _write(tmp_path, [json.dumps({"context": "c", "instruction": "i", "output": ""})], "s1b.jsonl")
+    with pytest.raises(DataError, match=r"s1b.jsonl:1: field 'output' is empty"):
+        load_rows(bad, stage=1)
+
+
+def test_json_and_parquet_go_through_datasets(tmp_path):
+    import datasets
+
+    rows = [GOOD2, {**GOOD2, "query": "q2"}]
+    pj = tmp_path / "d.json"
+    pj.write_text(json.dumps(rows))
+    assert [r["query"] for r in load_rows(str(pj), stage=2)] == ["q", "q2"]
+    pq = str(tmp_path / "d.parquet")
+    datasets.Dataset.from_list([{**GOOD2, "query": ""}]).to_parquet(pq)
+    with pytest.raises(DataError, match=r"d.parquet: record 1: field 'query' is empty"):
+        load_rows(pq, stage=2)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_rows(str(tmp_path / "nope.jsonl"), stage=1)
+
+
+def test_config_unknown_key_bad_type_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("stage: stage1\nmodel:\n  num_embed_tokenz: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'model.num_embed_tokenz'"):
+        load_config(str(y))
+    with pytest.raises(ConfigError, match=r"key 'stage1.max_steps': expected int"):
+        load_config(None, ["stage1.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"key 'loss.reference_sign'"):
+        load_config(None, ["loss.reference_sign=both"])
+    cfg = load_config(None, ["stage2.learning_rate=1e-5", "loss.reference_sign=code", "data.max_negatives=3"])
+    assert cfg.stage2.learning_rate == 1e-5 and cfg.loss.reference_sign == "code" and cfg.data.max_negatives == 3
+
+
+def test_config_runtime_checks_name_the_key(tmp_path):
+    cfg = load_config(None, [f"data.stage2={tmp_path}/missing.jsonl"])
+    with pytest.raises(ConfigError, match=r"key 'data.stage2': no such file"):
+        check_runtime(cfg, world_size=1)
+    cfg = load_config(None, ["stage1.micro_batch_size=4", "stage1.gradient_accumulation_steps=2",
+                             "stage1.global_batch_size=32"])
+    check_runtime(cfg, world_size=4)
+    with pytest.raises(ConfigError, match=r"'stage1.global_batch_size' = 32 .* 4 x 2 x 2 = 16"):
+        check_runtime(cfg, world_size=2)
+
+
+def test_ds_config_autos_are_filled_and_contradictions_refused(tmp_path):
+    import torch
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(None, ["stage1.micro_batch_size=3", "stage1.gradient_accumulation_steps=2"])
+    ds = build_ds_config(os.path.join(root, "ds_configs", "zero3.json"), cfg.stage1, 2, 64, torch.float32)
+    assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    for name in ("zero3.json", "zero3_offload.json", "zero2.json"):
+        build_ds_config(os.path.join(root, "ds_configs", name), cfg.stage1, 2, 64, torch.bfloat16)
+    with pytest.raises(ConfigError, match="train_batch_size = 99 contradicts"):
+        build_ds_config({"train_batch_size": 99}, cfg.stage1, 2, 64, torch.float32)
+
+
+def test_sampler_is_deterministic_and_covers_rows():
+    s = StepSampler(num_rows=10, micro_batch_size=2, grad_accum=2, world_size=2, seed=1)
+    first_epoch = [i for step in range(2) for m in range(2) for r in range(2) for i in s.indices(step, m, r)]
+    assert sorted(first_epoch[:10]) == list(range(10))  # each row once per epoch
+    s2 = StepSampler(num_rows=10, micro_batch_size=2, grad_accum=2, world_size=2, seed=1)
+    assert s2.indices(7, 1, 1) == s.indices(7, 1, 1)  # resume at any step reproduces the order
+
+
+def test_sts_file_errors(tmp_path):
+    p = tmp_path / "sts.csv"
+    p.write_text("g\tf\ty\t1\t4.0\ta\tb\ng\tf\ty\t2\tfive\ta\tb\n")
+    with pytest.raises(ValueError, match=r"sts.csv:2: field 'score' is not a number"):
+        read_sts(str(p))

@@ -1,0 +1,139 @@
+"""Stage-1/stage-2 objectives of the batched model against hand-computed references.
+
+The reference runs every (condition, target) pair through the decoder on its own,
+with full logits, and applies the paper's formulas scalar by scalar.
+"""
+import math
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from autoregembed.batches import candidates_batch, stage1_batch
+from autoregembed.model import AutoRegEmbedModel
+from autoregembed.tokenization import TextEncoder, embed_token_names, prepare_tokenizer
+
+K = 3
+ROWS = [
+    {"query": "a man is playing a guitar .", "pos": "a person plays guitar .", "neg": ["a woman is cooking ."],
+     "instruction": "Retrieve a paraphrase."},
+    {"query": "the cat sleeps on the sofa", "pos": "a cat is asleep",
+     "neg": ["dogs bark loudly at night", "the sofa is red", "nobody is sleeping"], "instruction": "Find it."},
+    {"query": "stocks fell sharply today .", "pos": "markets dropped .", "neg": ["it rained", "stocks rose today ."],
+     "instruction": "Retrieve a paraphrase."},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_base), K)
+    encoder = AutoModel.from_pretrained(tiny_base, dtype=torch.float32)
+    encoder.resize_token_embeddings(len(tok))
+    decoder = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    return tok, encoder, decoder
+
+
+def _model(setup, sign):
+    tok, encoder, decoder = setup
+    return AutoRegEmbedModel(encoder, decoder, K, beta=0.1, tau=0.1, reference_sign=sign), TextEncoder(tok, K)
+
+
+def _compress_one(model, te, text, instruction):
+    ids = torch.tensor([te.encoder_ids(text, instruction)])
+    hidden = model.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    return hidden[0, -K:]  # no padding: the EMBED tokens are the last k
+
+
+def _logp_one(model, te, e, target):
+    t = torch.tensor(te.target_ids(target))
+    x = torch.cat([e, model.decoder.get_input_embeddings()(t)])[None]
+    logits = model.decoder(inputs_embeds=x).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    return sum(lp[K - 1 + i, t[i]] for i in range(len(t)))  # position k-1+i predicts target token i
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.encoder.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("sign", ["paper", "code"])
+def test_stage2_loss_and_grads_match_hand_reference(setup, sign):
+    model, te = _model(setup, sign)
+    g = torch.Generator().manual_seed(3)
+    ref_c = (torch.randn(3, generator=g) * 5 - 20).tolist()
+    ref_r = [(torch.randn(len(r["neg"]), generator=g) * 5 - 25).tolist() for r in ROWS]
+
+    model.zero_grad()
+    batch = candidates_batch(ROWS, te, with_positive_inputs=True)
+    loss = model.stage2_loss(**batch, ref_c=torch.tensor(ref_c),
+                             ref_r=torch.tensor([v for rs in ref_r for v in rs]))
+    loss.backward()
+    got = _grads(model)
+
+    model.zero_grad()
+    per_query = []
+    for row, rc, rrs in zip(ROWS, ref_c, ref_r):
+        e_q = _compress_one(model, te, row["query"], row["instruction"])
+        e_p = _compress_one(model, te, row["pos"], row["instruction"])
+        c_q, c_p = _logp_one(model, te, e_q, row["pos"]), _logp_one(model, te, e_p, row["pos"])
+        terms = []
+        for neg, rr in zip(row["neg"], rrs):
+            r = _logp_one(model, te, e_q, neg)
+            ref_margin = rc - rr
+            margin = (c_q - r) - ref_margin if sign == "paper" else (c_q - r) + ref_margin
+            s1 = torch.sigmoid(0.1 * (c_q - c_p).abs())
+            s2 = torch.sigmoid(0.1 * margin)
+            terms.append(torch.log1p(torch.exp((s1 - s2) / 0.1)))
+        per_query.append(sum(terms) / len(terms))
+    ref_loss = sum(per_query) / len(per_query)
+    ref_loss.backward()
+    want = _grads(model)
+
+    assert math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
+    assert got.keys() == want.keys() and got
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_reference_sign_changes_the_loss(setup):
+    outs = []
+    for sign in ("paper", "code"):
+        model, te = _model(setup, sign)
+        batch = candidates_batch(ROWS, te, with_positive_inputs=True)
+        with torch.no_grad():
+            outs.append(model.stage2_loss(**batch, ref_c=torch.full((3,), -10.0),
+                                          ref_r=torch.full((6,), -30.0)).item())
+    assert outs[0] != pytest.approx(outs[1])
+
+
+def test_stage1_loss_is_token_mean_cross_entropy(setup):
+    model, te = _model(setup, "paper")
+    rows = [{"context": r["query"], "instruction": "Reconstruct.", "output": r["query"]} for r in ROWS]
+    with torch.no_grad():
+        loss = model.stage1_loss(**stage1_batch(rows, te))
+        total, n = 0.0, 0
+        for r in rows:
+            e = _compress_one(model, te, r["context"], r["instruction"])
+            total += _logp_one(model, te, e, r["output"]).item()
+            n += len(te.target_ids(r["output"]))
+    assert loss.item() == pytest.approx(-total / n, rel=1e-5)
+
+
+def test_decoder_never_runs_the_lm_head_and_stays_frozen(setup):
+    """Training-time scoring goes through sequence_logprobs, not lm_head(...) over [S, T, V]."""
+    model, te = _model(setup, "paper")
+    called = []
+    hook = model.decoder.get_output_embeddings().register_forward_hook(lambda *a: called.append(1))
+    try:
+        batch = candidates_batch(ROWS, te, with_positive_inputs=True)
+        loss = model.stage2_loss(**batch, ref_c=torch.zeros(3), ref_r=torch.zeros(6))
+        loss.backward()
+    finally:
+        hook.remove()
+    assert not called
+    assert all(p.grad is None for p in model.decoder.parameters())
+    assert any(p.grad is not None for p in model.encoder.parameters())

@@ -1,0 +1,41 @@
+"""Reference scores round-trip by content, and mismatched scores are refused."""
+import random
+
+import pytest
+
+from autoregembed.data import row_key
+from autoregembed.refscores import ReferenceScoreError, ReferenceScores, fingerprint, save_scores
+
+ROWS = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"n{i}.{j}" for j in range(i % 3 + 1)], "instruction": "I"}
+        for i in range(20)]
+
+
+def test_round_trip_is_keyed_by_content_not_order(tmp_path):
+    scores = [[-float(i)] + [-(i + 0.5 + j) for j in range(len(r["neg"]))] for i, r in enumerate(ROWS)]
+    path = str(tmp_path / "s.safetensors")
+    save_scores(path, [row_key(r) for r in ROWS], scores, "fp")
+    refs = ReferenceScores(path, expected_fingerprint="fp")
+    shuffled = list(zip(ROWS, scores))
+    random.Random(0).shuffle(shuffled)
+    for row, s in shuffled:
+        c, rs = refs.lookup(row)
+        assert [c] + rs == pytest.approx(s)
+
+
+def test_refuses_other_fingerprint_changed_rows_and_missing_file(tmp_path):
+    path = str(tmp_path / "s.safetensors")
+    save_scores(path, [row_key(ROWS[0])], [[-1.0, -2.0]], "aaaa")
+    with pytest.raises(ReferenceScoreError, match="different stage-1 model"):
+        ReferenceScores(path, expected_fingerprint="bbbb")
+    refs = ReferenceScores(path, expected_fingerprint="aaaa")
+    with pytest.raises(ReferenceScoreError, match="no reference score"):
+        refs.lookup({**ROWS[0], "pos": "edited"})
+    with pytest.raises(ReferenceScoreError, match="run the 'reference' stage"):
+        ReferenceScores(str(tmp_path / "none.safetensors"))
+
+
+def test_fingerprint_follows_weights_and_settings(tmp_path, tiny_base):
+    a = fingerprint(tiny_base, tiny_base, 5, 64, 64)
+    assert a == fingerprint(tiny_base, tiny_base, 5, 64, 64)
+    assert a != fingerprint(tiny_base, tiny_base, 4, 64, 64)
+    assert a != fingerprint(tiny_base, tiny_base, 5, 32, 64)
