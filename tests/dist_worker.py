@@ -1,0 +1,50 @@
+"""Run under torchrun by test_distributed.py: stage 1 -> reference -> stage 2 on ZeRO-3.
+
+Writes report-rank<R>.json with per-rank parameter shard sizes and, from rank 0, the
+embeddings computed inside the training engine, for comparison with the export.
+"""
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autoregembed import distributed as D  # noqa: E402
+from autoregembed.config import load_config  # noqa: E402
+from autoregembed.trainer import score_references, train_stage  # noqa: E402
+
+TEXTS = ["a man is playing the guitar .", "two dogs run in a field", "the stock market fell today ."]
+
+
+def main():
+    out_dir, ds_path, *overrides = sys.argv[1:]
+    cfg = load_config(None, overrides)
+    D.init_distributed()
+    report = {}
+
+    def inspect(stage):
+        def f(session):
+            module = session.engine.module
+            params = list(module.parameters())
+            batch = session.text_encoder.encode_inputs(TEXTS, [cfg.eval.instruction] * len(TEXTS))
+            with torch.no_grad():
+                emb = module.embed(**batch)
+            report[stage] = {"shard": sum(p.ds_tensor.numel() for p in params),
+                             "full": sum(p.ds_numel for p in params),
+                             "n_params": len(params), "embeddings": emb.tolist()}
+        return f
+
+    train_stage(cfg, "stage1", ds_path, on_done=inspect("stage1"))
+    score_references(cfg, ds_path)
+    train_stage(cfg, "stage2", ds_path, on_done=inspect("stage2"))
+    with open(os.path.join(out_dir, f"report-rank{D.rank()}.json"), "w") as f:
+        json.dump(report, f)
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main()

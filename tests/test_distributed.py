@@ -1,0 +1,110 @@
+"""Two real processes (gloo, ZeRO-3): training, sharding, reference scores and export."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
+
+
+def _repeated_data(tmp_path):
+    """8 stage-1 and 8 stage-2 rows (1 to 3 negatives each), repeated every epoch."""
+    nli = [json.loads(line) for line in open(os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl"))]
+    s1 = tmp_path / "s1.jsonl"
+    s1.write_text("".join(json.dumps({"context": r["query"], "instruction": "Reconstruct the original text.",
+                                      "output": r["query"]}) + "\n" for r in nli[:8]))
+    s2 = tmp_path / "s2.jsonl"
+    rows = [{**r, "neg": [r["neg"]] + [nli[(i + j) % 50 + 8]["pos"] for j in range(1, i % 3 + 1)]}
+            for i, r in enumerate(nli[:8])]
+    s2.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(s1), str(s2)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    s1, s2 = _repeated_data(tmp)
+    out = str(tmp / "run")
+    overrides = [f"output_dir={out}", f"data.stage1={s1}", f"data.stage2={s2}",
+                 "model.tiny_hidden_size=32", "stage1.max_steps=16", "stage1.micro_batch_size=4",
+                 "stage1.learning_rate=3e-3", "stage2.max_steps=12", "stage2.micro_batch_size=4",
+                 "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633",
+           WORKER, str(tmp), os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    reports = [json.load(open(tmp / f"report-rank{r}.json")) for r in range(2)]
+    return out, reports
+
+
+def _losses(out, stage):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, stage, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_loss_is_finite_and_decreases_on_repeated_data(run, stage):
+    losses = _losses(run[0], stage)
+    assert len(losses) == {"stage1": 16, "stage2": 12}[stage]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def test_each_rank_holds_half_of_every_parameter(run):
+    for stage in ("stage1", "stage2"):
+        per_rank = [r[stage] for r in run[1]]
+        full = per_rank[0]["full"]
+        for r in per_rank:
+            # each parameter is split in two, padded to an even length
+            assert full / 2 <= r["shard"] <= full / 2 + r["n_params"], (r["shard"], full)
+
+
+def test_reference_scores_cover_every_row(run):
+    from autoregembed.refscores import ReferenceScores
+
+    out = run[0]
+    refs = ReferenceScores(os.path.join(out, "reference", "scores.safetensors"))
+    assert len(refs) == 8
+
+
+def test_export_reloads_in_a_fresh_process_with_plain_transformers(run):
+    out, reports = run
+    model_dir = os.path.join(out, "stage2", "model")
+    files = glob.glob(os.path.join(model_dir, "*.safetensors"))
+    assert files and os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))
+    for f in files:
+        with safe_open(f, "pt") as g:
+            for k in g.keys():
+                assert g.get_tensor(k).numel() > 0, k
+    script = f"""
+import json, sys, torch
+sys.path.insert(0, {ROOT!r})
+from transformers import AutoModel, AutoTokenizer
+from autoregembed import Encoder
+from autoregembed.model import compressed_states, pool_embedding
+from autoregembed.tokenization import TextEncoder
+sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+from dist_worker import TEXTS
+meta = json.load(open({model_dir!r} + "/autoregembed.json"))
+model = AutoModel.from_pretrained({model_dir!r}).eval()
+te = TextEncoder(AutoTokenizer.from_pretrained({model_dir!r}), meta["num_embed_tokens"])
+b = te.encode_inputs(TEXTS, [meta["instruction"]] * len(TEXTS))
+with torch.no_grad():
+    h = model(**b).last_hidden_state
+plain = pool_embedding(compressed_states(h, b["attention_mask"], meta["num_embed_tokens"]))
+ours = Encoder.from_pretrained({model_dir!r}, device="cpu").encode(TEXTS, batch_size=2)
+print(json.dumps({{"plain": plain.tolist(), "ours": ours.tolist()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    engine = np.array(reports[0]["stage2"]["embeddings"])
+    for name in ("plain", "ours"):
+        cos = np.sum(np.array(got[name]) * engine, axis=1)
+        assert cos.min() > 0.9999, (name, cos)
