@@ -23,7 +23,7 @@ import torch
 IGNORE_INDEX = -100
 
 # Working-set bound of the PyTorch path: one [TOKEN_CHUNK, VOCAB_CHUNK] fp32 tile.
-TOKEN_CHUNK = int(os.environ.get("AUTOREGEMBED_TOKEN_CHUNK", 2048))
+TOKEN_CHUNK = int(os.environ.get("AUTOREGEMBED_TOKEN_CHUNK", 1024))
 VOCAB_CHUNK = int(os.environ.get("AUTOREGEMBED_VOCAB_CHUNK", 8192))
 
 
@@ -40,9 +40,8 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         run_sum = torch.zeros(h.shape[0], device=h.device)
         for vs in range(0, v, VOCAB_CHUNK):
             logits = h @ weight[vs : vs + VOCAB_CHUNK].float().T
-            tile_max = logits.max(dim=1).values
-            new_max = torch.maximum(run_max, tile_max)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
+            new_max = torch.maximum(run_max, logits.amax(dim=1))
+            run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(1)
             run_max = new_max
             del logits
         lse[s : s + TOKEN_CHUNK] = run_max + torch.log(run_sum)
@@ -61,8 +60,8 @@ def _chunked_backward(hidden, weight, labels, lse, grad_tok):
         acc = g[:, None] * weight[labels[s : s + TOKEN_CHUNK]].float()
         for vs in range(0, v, VOCAB_CHUNK):
             w = weight[vs : vs + VOCAB_CHUNK].float()
-            p = torch.exp(h @ w.T - lse[s : s + TOKEN_CHUNK, None])
-            acc -= (p * g[:, None]) @ w
+            p = (h @ w.T).sub_(lse[s : s + TOKEN_CHUNK, None]).exp_().mul_(g[:, None])
+            acc.addmm_(p, w, alpha=-1.0)
             del p
         grad[s : s + TOKEN_CHUNK] = acc
     return grad.to(hidden.dtype)
