@@ -113,3 +113,12 @@ def test_sts_file_errors(tmp_path):
     p.write_text("g\tf\ty\t1\t4.0\ta\tb\ng\tf\ty\t2\tfive\ta\tb\n")
     with pytest.raises(ValueError, match=r"sts.csv:2: field 'score' is not a number"):
         read_sts(str(p))
+
+
+def test_shipped_configs_are_valid():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "configs")
+    names = sorted(os.listdir(folder))
+    assert names
+    for name in names:
+        load_config(os.path.join(folder, name))
