@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, preemption
 from . import distributed as D
 from .batches import candidates_batch, limit_negatives, stage1_batch, stage2_batch, to_device
+from .atomic import atomic_write_text
 from .config import Config, check_runtime
 from .data import StepSampler, load_rows, row_key
 from .ds_config import build_ds_config
@@ -147,6 +148,11 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
             start = state["step"]
             log(f"{stage}: resumed from {ckpt_dir} at step {start}")
     end = o.max_steps if stop_after is None else min(o.max_steps, stop_after)
+    stage_dir = cfg.stage_dir(stage)
+    preemption.install()
+    if D.rank() == 0:
+        preemption.clear(stage_dir)
+    D.barrier()
     s.engine.train()
     t0 = time.time()
     for step in range(start, end):
@@ -169,6 +175,13 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
             log(f"{stage}: step {step + 1}/{o.max_steps} loss {mean:.4f} ({time.time() - t0:.1f}s)")
         if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end:
             checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
+        if step + 1 < end and preemption.requested(stage_dir):
+            checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
+            if D.rank() == 0:
+                atomic_write_text(preemption.marker_file(stage_dir), str(step + 1))
+            log(f"{stage}: stop requested; saved step {step + 1} to {ckpt_dir}, exiting for requeue")
+            s.close()
+            return None
     checkpoint.save(s.engine, ckpt_dir, end, o.keep_last)
     out = s.export(cfg.export_dir(stage)) if end == o.max_steps else None
     if on_done is not None:
@@ -237,6 +250,8 @@ def run(cfg: Config, ds_path, resume: bool = False) -> dict:
     for stage in stages:
         if stage in ("stage1", "stage2"):
             out[stage] = train_stage(cfg, stage, ds_path, resume=resume)
+            if out[stage] is None:  # preempted: the checkpoint is saved, later stages must wait
+                break
         elif stage == "reference":
             out[stage] = score_references(cfg, ds_path)
         elif stage == "export":
