@@ -127,7 +127,3 @@ class StepSampler:
             epoch, i = divmod(pos, self.num_rows)
             out.append(int(self._perm(epoch)[i]))
         return out
-
-    def shard(self, rank: int) -> list[int]:
-        """Every row once, split across ranks (for scoring passes): rank r gets rows r, r+W, ..."""
-        return list(range(rank, self.num_rows, self.world_size))
