@@ -54,7 +54,26 @@ def main(argv=None) -> int:
     ev.add_argument("--model", required=True)
     ev.add_argument("--sts", required=True, help="STS-B format file (tab-separated)")
     ev.add_argument("--batch-size", type=int, default=64)
+    pl = sub.add_parser("plan", help="per-GPU memory of a run; refuses plans that do not fit")
+    pl.add_argument("--model", required=True, help="preset (llama-2-7b, ...) or a config.json / model folder")
+    pl.add_argument("--gpus-per-node", type=int, default=8)
+    pl.add_argument("--nodes", type=int, default=1)
+    pl.add_argument("--zero", type=int, default=3)
+    pl.add_argument("--micro-batch", type=int, default=4)
+    pl.add_argument("--negatives", type=int, default=1)
+    pl.add_argument("--max-len", type=int, default=512)
+    pl.add_argument("--num-embed-tokens", type=int, default=5)
+    pl.add_argument("--gpu-mem-gb", type=float, default=80)
     args = parser.parse_args(argv)
+
+    if args.command == "plan":
+        from .plan import Arch, plan, report
+
+        p = plan(Arch.load(args.model), args.gpus_per_node * args.nodes, args.zero, args.micro_batch,
+                 args.negatives, args.max_len, args.num_embed_tokens)
+        text, fits = report(p, args.gpu_mem_gb)
+        print(text)
+        return 0 if fits else 3
 
     if args.command in ("train", "score-refs", "export"):
         stage = {"train": None, "score-refs": "reference", "export": "export"}[args.command]

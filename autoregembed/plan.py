@@ -1,0 +1,106 @@
+"""Per-GPU memory planner for an AutoRegEmbed run: ``autoregembed plan ...``.
+
+Model states follow DeepSpeed's accounting (estimate_zero3_model_states_mem_needs without
+offload): per trainable parameter 2 bytes (bf16 weight) + 4 (fp32 gradient) + 12 (fp32
+master weight, Adam m and v), partitioned over all GPUs under ZeRO-3, plus a gather
+buffer of 4 bytes x the largest layer.  The frozen decoder adds only its bf16 weights.
+Activations assume gradient checkpointing (every layer's input is kept, one layer is
+recomputed at a time).  Logits: the fused scorer keeps 8 bytes per scored token; the
+materialised alternative keeps bf16 logits, their fp32 log-softmax and its gradient.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+GB = 1e9
+
+PRESETS = {  # (hidden, layers, intermediate, vocab, heads, kv_heads, tied)
+    "llama-2-7b": (4096, 32, 11008, 32000, 32, 32, False),
+    "llama-2-13b": (5120, 40, 13824, 32000, 40, 40, False),
+    "mistral-7b": (4096, 32, 14336, 32000, 32, 8, False),
+    "llama-3-8b": (4096, 32, 14336, 128256, 32, 8, False),
+    "qwen2-7b": (3584, 28, 18944, 152064, 28, 4, False),
+    "smollm2-135m": (576, 30, 1536, 49152, 9, 3, True),
+}
+
+
+@dataclass
+class Arch:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "Arch":
+        if name_or_path.lower() in PRESETS:
+            return cls(*PRESETS[name_or_path.lower()])
+        path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
+        if not os.path.exists(path):
+            raise ValueError(f"--model: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
+                             f"nor a config.json / model folder")
+        with open(path) as f:
+            c = json.load(f)
+        return cls(c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"],
+                   c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"]),
+                   bool(c.get("tie_word_embeddings", False)))
+
+    def layer_params(self) -> int:
+        head_dim = self.hidden // self.heads
+        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        return attn + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    def params(self, extra_tokens: int = 0, with_head: bool = True) -> int:
+        embed = (self.vocab + extra_tokens) * self.hidden
+        head = 0 if (self.tied or not with_head) else self.vocab * self.hidden
+        return embed + self.layers * self.layer_params() + self.hidden + head
+
+    def largest_layer(self, extra_tokens: int = 0) -> int:
+        """The largest single module's parameters (how DeepSpeed sizes its gather buffer)."""
+        return max((self.vocab + extra_tokens) * self.hidden, self.hidden * self.intermediate)
+
+
+def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max_len: int, k: int = 5) -> dict:
+    if zero not in (2, 3):
+        raise ValueError("--zero must be 2 or 3")
+    enc = arch.params(extra_tokens=k, with_head=False)  # the encoder is the base transformer, no LM head
+    dec = arch.params()
+    shard = gpus if zero == 3 else 1
+    out = {
+        "encoder parameters (bf16)": 2 * enc / shard,
+        "decoder parameters (bf16, frozen)": 2 * dec / shard,
+        "gradients (fp32)": 4 * enc / gpus,
+        "optimizer (fp32 master + Adam m, v)": 12 * enc / gpus,
+        "gather buffer (largest layer)": 4 * arch.largest_layer(k) if zero == 3 else 0,
+    }
+    enc_tokens = micro_batch * 2 * (max_len + k + 3)  # queries and positives, with BOS/newlines/EMBED
+    dec_seqs = micro_batch * (2 + negatives)  # pos|e_q, pos|e_pos, neg_i|e_q
+    dec_tokens = dec_seqs * (k + max_len + 1)
+    layer_work = 2 * (10 * arch.hidden + 3 * arch.intermediate)  # bytes per token while recomputing a layer
+    out["activations (checkpointed)"] = (2 * arch.hidden * arch.layers + layer_work) * (enc_tokens + dec_tokens)
+    out["logits, fused scorer"] = 8 * dec_tokens
+    materialised = (2 + 4 + 4) * dec_tokens * arch.vocab
+    return {"breakdown": out, "total": sum(out.values()), "materialised_logits": materialised,
+            "total_if_materialised": sum(out.values()) - out["logits, fused scorer"] + materialised,
+            "encoder_params": enc, "decoder_params": dec, "decoder_tokens": dec_tokens}
+
+
+def report(p: dict, gpu_mem_gb: float) -> tuple[str, bool]:
+    lines = [f"encoder {p['encoder_params'] / 1e9:.2f}B trainable params, decoder {p['decoder_params'] / 1e9:.2f}B "
+             f"frozen; {p['decoder_tokens']} decoder tokens per micro-batch", ""]
+    for name, v in p["breakdown"].items():
+        lines.append(f"  {name:<40} {v / GB:9.2f} GB")
+    lines.append(f"  {'total per GPU (fused scorer)':<40} {p['total'] / GB:9.2f} GB")
+    lines.append(f"  {'  with materialised logits instead':<40} {p['total_if_materialised'] / GB:9.2f} GB "
+                 f"(logits {p['materialised_logits'] / GB:.2f} GB)")
+    fits = p["total"] <= gpu_mem_gb * GB
+    lines.append("")
+    lines.append(f"fits in {gpu_mem_gb:g} GB" if fits else
+                 f"DOES NOT FIT: {p['total'] / GB:.2f} GB > {gpu_mem_gb:g} GB per GPU; lower --micro-batch, "
+                 f"--negatives or --max-len, or add GPUs")
+    return "\n".join(lines), fits

@@ -1,0 +1,40 @@
+"""The memory planner agrees with DeepSpeed's own ZeRO-3 estimate and refuses plans that do not fit."""
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+from autoregembed.cli import main
+from autoregembed.plan import Arch, plan
+
+
+def test_llama2_7b_model_states_agree_with_deepspeed():
+    arch = Arch.load("llama-2-7b")
+    p = plan(arch, gpus=8, zero=3, micro_batch=4, negatives=7, max_len=512)
+    b = p["breakdown"]
+    ours = (b["encoder parameters (bf16)"] + b["gradients (fp32)"] + b["optimizer (fp32 master + Adam m, v)"]
+            + b["gather buffer (largest layer)"])
+    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(p["encoder_params"], arch.largest_layer(5),
+                                                         num_gpus_per_node=8, num_nodes=1, cpu_offload=False)
+    assert ours == pytest.approx(ds_gpu, rel=0.05)
+    assert p["decoder_params"] == pytest.approx(6.74e9, rel=0.01)  # LLaMA-2-7B's published size
+
+
+def test_parameter_count_matches_a_real_model(tiny_base):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    assert Arch.load(tiny_base).params() == sum(p.numel() for p in model.parameters())
+
+
+def test_fused_scorer_saves_the_logits_and_bad_plans_are_refused(capsys):
+    assert main(["plan", "--model", "llama-3-8b", "--gpus-per-node", "8", "--micro-batch", "8",
+                 "--negatives", "15", "--max-len", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 80 GB" in out
+    assert main(["plan", "--model", "llama-3-8b", "--gpus-per-node", "1", "--micro-batch", "8",
+                 "--negatives", "15", "--max-len", "512"]) == 3
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    p = plan(Arch.load("llama-3-8b"), 8, 3, 8, 15, 512)
+    assert p["materialised_logits"] > 100 * p["breakdown"]["logits, fused scorer"]
+    with pytest.raises(ValueError, match="preset"):
+        Arch.load("no-such-model")
