@@ -1,6 +1,6 @@
 """AutoRegEmbed vs its baselines on a real LLM (SmolLM2-135M-Instruct), STS-B dev, on CPU.
 
-    python bench/quality.py                  # ~50 min on 2 cores; writes bench/results/quality.{json,png}
+    python bench/quality.py                  # ~45 min on 2 cores; writes bench/results/quality.{json,png}
     python bench/quality.py --steps 20       # a quick pilot
 
 Arms (same base model, same instruction, same pooling unless stated):
@@ -83,7 +83,7 @@ def contrastive(base: str, rows, steps: int, batch: int, lr: float, out_dir: str
     from autoregembed.tokenization import TextEncoder
 
     torch.manual_seed(seed)
-    model, tok = load_model(base, base, K, torch.float32, "sdpa", gradient_checkpointing=True)
+    model, tok = load_model(base, base, K, torch.float32, "sdpa", gradient_checkpointing=False)
     te = TextEncoder(tok, K, 64, 64)
     enc = model.encoder.train()
     opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=lr)
@@ -109,11 +109,11 @@ def contrastive(base: str, rows, steps: int, batch: int, lr: float, out_dir: str
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=120, help="optimizer steps of stage 1 and of stage 2")
+    ap.add_argument("--steps", type=int, default=50, help="optimizer steps of stage 1 and of stage 2")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--stage1-lr", type=float, default=1e-4)
+    ap.add_argument("--stage1-lr", type=float, default=2e-4)
     ap.add_argument("--stage2-lr", type=float, default=2e-5)
-    ap.add_argument("--contrastive-lr", type=float, default=2e-5)
+    ap.add_argument("--contrastive-lr", type=float, default=5e-5)
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
@@ -139,7 +139,7 @@ def main():
 
     # (c) and (d) through the real trainer
     cfg = load_config(None, [f"output_dir={args.out}", f"model.base={base}", f"model.num_embed_tokens={K}",
-                             "model.dtype=fp32", f"data.stage1={s1}", f"data.stage2={s2}", f"eval.sts_file={sts}",
+                             "model.dtype=fp32", "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}", f"eval.sts_file={sts}",
                              f"eval.instruction={INSTRUCTION}", "data.max_text_len=64", "data.max_target_len=64",
                              f"stage1.max_steps={args.steps}", f"stage1.micro_batch_size={args.batch}",
                              f"stage1.learning_rate={args.stage1_lr}", "stage1.warmup_steps=10",

@@ -1,0 +1,168 @@
+"""Stage-2 training step: ours (fused scorer) vs naive (full decoder logits), side by side.
+
+    python bench/throughput.py                    # SmolLM2-135M (V=49152), 8 negatives per query
+    python bench/throughput.py --model tiny       # the built-in tiny model (seconds)
+
+naive = the authors' approach: decoder(...).logits -> log_softmax -> gather, summed per sequence.
+Both arms run the same AutoRegEmbedModel (gradient checkpointing on, fp32, AdamW) on the same
+batches; each in its own process, peak = VmHWM (reset after a warm-up step) - RSS before
+the measured steps.  Then the ZeRO-3 per-rank peak RSS of a short stage-1 run at 1 vs 2 ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from logprobs import _reset_peak, _status_kb  # noqa: E402  (bench/logprobs.py)
+
+
+def _base(model: str) -> str:
+    if model == "tiny":
+        from autoregembed.config import Config
+        from autoregembed.loading import build_tiny_base
+
+        cfg = Config()
+        out = os.path.join(tempfile.gettempdir(), "autoregembed-bench-tiny")
+        return build_tiny_base(out, [cfg.data.stage1, cfg.data.stage2])
+    from real_model import smollm2_dir
+
+    return smollm2_dir()
+
+
+def _rows(n_queries: int, negatives: int):
+    from autoregembed.data import load_rows
+
+    nli = load_rows(os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl"), stage=2)
+    return [{**r, "neg": [nli[(i + j) % len(nli)]["pos"] for j in range(negatives)]} for i, r in enumerate(nli[:n_queries])]
+
+
+def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -> dict:
+    import torch
+
+    from autoregembed.batches import stage2_batch
+    from autoregembed.loading import load_model
+    from autoregembed.model import AutoRegEmbedModel
+    from autoregembed.tokenization import TextEncoder, decoder_labels
+
+    class Naive(AutoRegEmbedModel):
+        def score(self, compressed, target_ids, target_mask):
+            tok = self.decoder.get_input_embeddings()(target_ids)
+            ones = torch.ones(compressed.shape[:2], dtype=target_mask.dtype)
+            logits = self.decoder(inputs_embeds=torch.cat([compressed, tok], 1),
+                                  attention_mask=torch.cat([ones, target_mask], 1)).logits
+            labels = decoder_labels(target_ids, target_mask, self.k)
+            lp = torch.log_softmax(logits.float(), -1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
+            return (lp * (labels != -100)).sum(1)
+
+    torch.manual_seed(0)
+    base = _base(model)
+    m, tok = load_model(base, base, 5, torch.float32, "sdpa", gradient_checkpointing=True)
+    if arm == "naive":
+        m.__class__ = Naive
+    te = TextEncoder(tok, 5, 64, 64)
+
+    class Refs:
+        def lookup(self, row):
+            return -20.0, [-25.0] * len(row["neg"])
+
+    batch = stage2_batch(_rows(queries, negatives), te, Refs())
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = m.stage2_loss(**batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocates Adam state, runtime buffers
+    base_kb = _status_kb("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t0) / steps
+    tokens = int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum() + 2 * batch["pos_mask"].sum()
+                 + batch["neg_mask"].sum())
+    return {"step_s": dt, "tokens_per_s": tokens / dt, "peak_bytes": (_status_kb("VmHWM") - base_kb) * 1024,
+            "decoder_tokens": int(2 * batch["pos_mask"].sum() + batch["neg_mask"].sum()),
+            "vocab": m.decoder.get_output_embeddings().weight.shape[0]}
+
+
+ZERO_CHILD = """
+import json, os, sys, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, {root!r})
+from autoregembed import distributed as D
+from autoregembed.config import load_config
+from autoregembed.trainer import train_stage
+out, base = sys.argv[1], sys.argv[2]
+cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=3", "stage1.micro_batch_size=4",
+                         "model.dtype=fp32"])
+D.init_distributed()
+train_stage(cfg, "stage1", {root!r} + "/ds_configs/zero3.json")
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] * 1024
+print("PEAK", D.rank(), peak)
+D.shutdown()
+"""
+
+
+def zero_ranks(model: str, nproc: int) -> list[int]:
+    base = _base(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29711",
+               "--no-python", sys.executable, "-c", ZERO_CHILD.format(root=ROOT), tmp, base]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)), "PYTHONWARNINGS": "ignore"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return [int(line.split()[2]) for line in out.splitlines() if line.startswith("PEAK")]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--negatives", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        arm, model, q, n, s = args.child
+        print(json.dumps(step_child(arm, model, int(q), int(n), int(s))))
+        return
+    _base(args.model)  # convert/cache once, outside the measured children
+    res = {}
+    for arm in ("ours", "naive"):
+        cmd = [sys.executable, __file__, "--child", arm, args.model, str(args.queries), str(args.negatives),
+               str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        res[arm] = json.loads(out.strip().splitlines()[-1])
+    o, n = res["ours"], res["naive"]
+    print(f"stage-2 step, {args.model} (V={o['vocab']}), {args.queries} queries x (1 positive + {args.negatives} "
+          f"negatives), {o['decoder_tokens']} decoder tokens")
+    print(f"  {'':8} {'step s':>8} {'tokens/s':>10} {'peak MB':>9}")
+    for arm in ("ours", "naive"):
+        r = res[arm]
+        print(f"  {arm:8} {r['step_s']:8.2f} {r['tokens_per_s']:10.0f} {r['peak_bytes'] / 2**20:9.0f}")
+    print(f"  peak memory ours/naive = {o['peak_bytes'] / n['peak_bytes']:.2f}; "
+          f"tokens/s ours/naive = {o['tokens_per_s'] / n['tokens_per_s']:.2f}")
+    zero = {p: zero_ranks(args.model, p) for p in (1, 2)}
+    res["zero3_peak_rss_per_rank"] = zero
+    print("ZeRO-3 stage-1 run, peak RSS per rank (whole process: runtime + model states + activations):")
+    for p, peaks in zero.items():
+        print(f"  {p} rank(s): " + ", ".join(f"{x / 2**20:.0f} MB" for x in peaks))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
