@@ -1,4 +1,4 @@
-"""Stage-1 run used by test_crash.py: `crash_worker.py OUT MAX_STEPS [CRASH_IN_SAVE_AT]`.
+"""Stage-1 run used by test_crash.py: `crash_worker.py OUT MAX_STEPS [CRASH_IN_SAVE_AT|-] [KEY=VALUE ...]`.
 
 With CRASH_IN_SAVE_AT=N the process SIGKILLs itself right after DeepSpeed has written the
 step-N checkpoint shards and before that checkpoint is committed (renamed, `latest`).
@@ -18,7 +18,8 @@ from autoregembed.config import load_config  # noqa: E402
 from autoregembed.trainer import train_stage  # noqa: E402
 
 out, max_steps = sys.argv[1], int(sys.argv[2])
-crash_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+crash_at = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None
+overrides = sys.argv[4:]
 if crash_at is not None:
     real_save = DeepSpeedEngine.save_checkpoint
 
@@ -31,7 +32,7 @@ if crash_at is not None:
     DeepSpeedEngine.save_checkpoint = save_then_die
 cfg = load_config(None, [f"output_dir={out}", "model.tiny_hidden_size=32", f"stage1.max_steps={max_steps}",
                          "stage1.micro_batch_size=4", "stage1.save_every=2", "stage1.keep_last=3",
-                         "stage1.warmup_steps=2"])
+                         "stage1.warmup_steps=2", *overrides])
 D.init_distributed()
 train_stage(cfg, "stage1", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                         "ds_configs", "zero3.json"), resume=True)

@@ -76,3 +76,22 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
     assert not os.path.exists(os.path.join(ckpt, "step00000004.partial"))  # cleaned by the next save
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
+    """Universal-checkpoint conversion; same global batch (accumulation doubled) -> same trajectory."""
+    want = _straight(tmp_path, 2, 8, 29697)
+    out = str(tmp_path / "shrink")
+    r = subprocess.run(_cmd(2, 29698, out, 8, 6), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0  # died while saving step 6: step 4 is the latest complete checkpoint
+    ckpt = os.path.join(out, "stage1", "checkpoints")
+    assert open(os.path.join(ckpt, "latest")).read() == "step00000004"
+    wrong = subprocess.run(_cmd(1, 29699, out, 8), env=ENV, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "set gradient_accumulation_steps" in wrong.stderr + wrong.stdout
+    r = subprocess.run(_cmd(1, 29700, out, 8, "-", "stage1.gradient_accumulation_steps=2"), env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.isdir(os.path.join(ckpt, "universal", "step00000004"))
+    got = _by_step(out)
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got[step], want[step])
