@@ -173,10 +173,10 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
         _log_metrics(cfg, stage, {"step": step + 1, "loss": mean, "lr": s.scheduler.get_last_lr()[0]})
         if (step + 1) % o.log_every == 0 or step + 1 == end:
             log(f"{stage}: step {step + 1}/{o.max_steps} loss {mean:.4f} ({time.time() - t0:.1f}s)")
-        if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end:
+        stop = step + 1 < end and preemption.requested(stage_dir)
+        if stop or (o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end):
             checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
-        if step + 1 < end and preemption.requested(stage_dir):
-            checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
+        if stop:
             if D.rank() == 0:
                 atomic_write_text(preemption.marker_file(stage_dir), str(step + 1))
             log(f"{stage}: stop requested; saved step {step + 1} to {ckpt_dir}, exiting for requeue")
