@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .atomic import atomic_write_text
+from .atomic import atomic_dir, atomic_write_text
 
 _TAG = re.compile(r"^step(\d{8})$")
 
@@ -65,8 +65,6 @@ def _to_universal(ckpt_dir: str, tag: str) -> str:
     parent = os.path.join(ckpt_dir, "universal")
     out = os.path.join(parent, tag)
     if D.rank() == 0 and not os.path.isdir(out):
-        from .atomic import atomic_dir
-
         with atomic_dir(out) as tmp:
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                    os.path.join(ckpt_dir, tag), "--output_folder", tmp, "--num_extract_workers", "1",

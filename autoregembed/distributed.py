@@ -76,14 +76,21 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def mean_across_ranks(value: float) -> float:
+def _all_reduce(value: float, op) -> float:
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if torch.cuda.is_available():
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def mean_across_ranks(value: float) -> float:
+    return _all_reduce(value, dist.ReduceOp.SUM) / world_size()
+
+
+def any_across_ranks(flag: bool) -> bool:
+    """True on every rank if it is true on any rank."""
+    return _all_reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
 
 
 def shutdown():

@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
-import torch
-import torch.distributed as dist
+from .distributed import any_across_ranks
 
 _requested = False
 
@@ -37,14 +36,7 @@ def marker_file(stage_dir: str) -> str:
 
 def requested(stage_dir: str) -> bool:
     """True on every rank if any rank saw a signal or the stop file."""
-    local = _requested or os.path.exists(stop_file(stage_dir))
-    if not dist.is_initialized():
-        return local
-    t = torch.tensor([1.0 if local else 0.0])
-    if torch.cuda.is_available():
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return any_across_ranks(_requested or os.path.exists(stop_file(stage_dir)))
 
 
 def clear(stage_dir: str):

@@ -25,7 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -34,6 +33,9 @@ from autoregembed.config import load_config  # noqa: E402
 from autoregembed.data import load_rows  # noqa: E402
 from autoregembed.encoder import Encoder  # noqa: E402
 from autoregembed.evaluate import read_sts, sts_spearman  # noqa: E402
+from autoregembed.export import export_encoder  # noqa: E402
+from autoregembed.loading import load_model  # noqa: E402
+from autoregembed.tokenization import TextEncoder  # noqa: E402
 from autoregembed.trainer import score_references, train_stage  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -53,6 +55,11 @@ def stage1_file(path: str, n_sts: int = 3000):
         for s in sents:
             f.write(json.dumps({"context": s, "instruction": AUTOENCODE, "output": s}) + "\n")
     return path
+
+
+def _meta(stage: str) -> dict:
+    """autoregembed.json for the exports this benchmark writes outside the trainer."""
+    return {"num_embed_tokens": K, "instruction": INSTRUCTION, "max_text_len": 64, "stage": stage}
 
 
 class PromptEOL:
@@ -77,11 +84,6 @@ class PromptEOL:
 
 def contrastive(base: str, rows, steps: int, batch: int, lr: float, out_dir: str, seed: int) -> str:
     """InfoNCE on (query, pos, hard neg) with in-batch negatives; same encoder, pooling and export."""
-    from autoregembed.batches import candidates_batch  # noqa: F401  (same tokenisation as the trainer)
-    from autoregembed.export import export_encoder
-    from autoregembed.loading import load_model
-    from autoregembed.tokenization import TextEncoder
-
     torch.manual_seed(seed)
     model, tok = load_model(base, base, K, torch.float32, "sdpa", gradient_checkpointing=False)
     te = TextEncoder(tok, K, 64, 64)
@@ -102,8 +104,7 @@ def contrastive(base: str, rows, steps: int, batch: int, lr: float, out_dir: str
         sched.step()
         opt.zero_grad()
         losses.append(loss.item())
-    meta = {"num_embed_tokens": K, "instruction": INSTRUCTION, "max_text_len": 64, "stage": "contrastive"}
-    export_encoder(enc, tok, out_dir, meta)
+    export_encoder(enc, tok, out_dir, _meta("contrastive"))
     return out_dir, losses
 
 
@@ -161,12 +162,8 @@ def main():
 
     # (a) the base model: EMBED tokens appended to the untrained model, and PromptEOL
     base_embed = os.path.join(args.out, "base-embed")
-    from autoregembed.export import export_encoder
-    from autoregembed.loading import load_model
-
     m, tok = load_model(base, base, K, torch.float32, "sdpa")
-    export_encoder(m.encoder, tok, base_embed, {"num_embed_tokens": K, "instruction": INSTRUCTION,
-                                                "max_text_len": 64, "stage": "base"})
+    export_encoder(m.encoder, tok, base_embed, _meta("base"))
     del m
     results["(a) base, mean of EMBED states"] = timed("eval (a) embed", lambda: sts_spearman(
         Encoder.from_pretrained(base_embed), sts))

@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from autoregembed.batches import candidates_batch, stage1_batch
 from autoregembed.model import AutoRegEmbedModel
-from autoregembed.tokenization import TextEncoder, embed_token_names, prepare_tokenizer
+from autoregembed.tokenization import TextEncoder, prepare_tokenizer
 
 K = 3
 ROWS = [

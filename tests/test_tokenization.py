@@ -1,6 +1,5 @@
 """The tokenisation contract of DEVELOPERS.md, checked id by id."""
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from autoregembed.logprobs import IGNORE_INDEX
