@@ -30,6 +30,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp16 | fp32
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed, else sdpa
     gradient_checkpointing: bool = True
+    lora_rank: int = 0  # 0: full fine-tune; > 0: LoRA adapters on the encoder, merged into every export
+    lora_alpha: float = 0.0  # 0: 2 x lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
 
@@ -201,6 +205,10 @@ def _check_values(cfg: Config):
         raise ConfigError(f"key 'model.dtype': {cfg.model.dtype!r} is not auto, bf16, fp16 or fp32")
     if cfg.model.num_embed_tokens < 1:
         raise ConfigError("key 'model.num_embed_tokens' must be >= 1")
+    if cfg.model.lora_rank < 0:
+        raise ConfigError("key 'model.lora_rank' must be >= 0 (0: full fine-tune)")
+    if not 0.0 <= cfg.model.lora_dropout < 1.0:
+        raise ConfigError("key 'model.lora_dropout' must be in [0, 1)")
     if cfg.paths.export_from not in ("stage1", "stage2"):
         raise ConfigError(f"key 'paths.export_from': {cfg.paths.export_from!r} is not stage1 or stage2")
     for name in ("stage1", "stage2"):

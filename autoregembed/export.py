@@ -3,8 +3,9 @@
 The folder loads with plain ``transformers.AutoModel.from_pretrained`` and with
 ``autoregembed.Encoder.from_pretrained``: sharded safetensors + index, config, the
 tokenizer with its EMBED tokens, and ``autoregembed.json`` (k and instructions).
-Parameters are gathered one at a time and shards are flushed as they fill, so rank 0
-never holds more than one shard plus one parameter.  Written atomically.
+Parameters are gathered one at a time (a LoRA layer with its adapters, merged; see
+lora.py) and shards are flushed as they fill, so rank 0 never holds more than one shard
+plus one layer.  Written atomically.
 """
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ from safetensors.torch import save_file
 
 from . import distributed as D
 from .atomic import atomic_dir
+from .lora import exported_parameters
 
 META_FILE = "autoregembed.json"
 
 
-def _full_param(p):
-    if hasattr(p, "ds_id"):
+def _gathered(params: list):
+    """Full values of (possibly ZeRO-3 partitioned) parameters inside the context."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if partitioned:
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
     return contextlib.nullcontext()
 
 
@@ -70,10 +74,11 @@ def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: dict
     ctx = atomic_dir(out_dir) if is_writer else contextlib.nullcontext()
     with ctx as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes) if is_writer else None
-        for name, p in encoder.named_parameters():
-            with _full_param(p):
+        for name, params, full in exported_parameters(encoder):
+            with _gathered(params):
                 if is_writer:
-                    t = p.detach().to("cpu", dtype=dtype or p.dtype).clone().contiguous()
+                    t = full()
+                    t = t.to("cpu", dtype=dtype or t.dtype).clone().contiguous()
                     if t.numel() == 0:
                         raise RuntimeError(f"export: parameter {name} is empty after gathering")
                     writer.add(name, t)

@@ -7,6 +7,7 @@ import os
 import torch
 
 from .atomic import atomic_dir
+from .lora import add_lora
 from .model import AutoRegEmbedModel
 from .tokenization import prepare_tokenizer
 
@@ -105,12 +106,14 @@ def load_tokenizer(path: str, k: int):
 
 
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
-               gradient_checkpointing: bool = False, loss: dict | None = None, ds_config: dict | None = None):
+               gradient_checkpointing: bool = False, loss: dict | None = None, ds_config: dict | None = None,
+               lora: dict | None = None):
     """Return (AutoRegEmbedModel, tokenizer).
 
     encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).
     decoder_path: always the frozen base causal LM.  With ``ds_config`` at ZeRO stage 3 both
     are constructed partitioned (HfDeepSpeedConfig routes from_pretrained through zero.Init).
+    lora: ``add_lora`` keyword arguments when the encoder trains through LoRA adapters.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -126,6 +129,8 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
     encoder = AutoModel.from_pretrained(encoder_path, **kw)
     if encoder.get_input_embeddings().num_embeddings < len(tokenizer):
         encoder.resize_token_embeddings(len(tokenizer))
+    if lora:
+        add_lora(encoder, **lora)
     for p in decoder.parameters():
         p.requires_grad_(False)
     encoder.config.use_cache = False

@@ -71,10 +71,13 @@ class Session:
         self.ds = build_ds_config(ds_path, self.optim, D.world_size(), _hidden_size(self.base), dtype)
         torch.manual_seed(cfg.seed)
         loss = {"beta": cfg.loss.beta, "tau": cfg.loss.tau, "reference_sign": cfg.loss.reference_sign}
+        m = cfg.model
+        lora = (dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets)
+                if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
         self.model, self.tokenizer = load_model(encoder_path, self.base, cfg.model.num_embed_tokens, dtype,
                                                 resolve_attn(cfg.model.attn_implementation),
                                                 gradient_checkpointing=train and cfg.model.gradient_checkpointing,
-                                                loss=loss, ds_config=self.ds)
+                                                loss=loss, ds_config=self.ds, lora=lora)
         self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
                                         cfg.data.max_text_len, cfg.data.max_target_len)
         kwargs = {}
