@@ -35,7 +35,8 @@ def main():
                 emb = module.embed(**batch)
             report[stage] = {"shard": sum(p.ds_tensor.numel() for p in params),
                              "full": sum(p.ds_numel for p in params),
-                             "n_params": len(params), "embeddings": emb.tolist()}
+                             "n_params": len(params), "embeddings": emb.tolist(),
+                             "trainable": [n for n, p in module.named_parameters() if p.requires_grad]}
         return f
 
     train_stage(cfg, "stage1", ds_path, on_done=inspect("stage1"))

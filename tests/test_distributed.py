@@ -26,22 +26,25 @@ def _repeated_data(tmp_path):
     return str(s1), str(s2)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
+@pytest.fixture(scope="module", params=["full", "lora"])
+def run(tmp_path_factory, request):
+    """The whole pipeline on 2 ranks, fully fine-tuned and through LoRA adapters (merged on export)."""
+    tmp = tmp_path_factory.mktemp(f"dist-{request.param}")
     s1, s2 = _repeated_data(tmp)
     out = str(tmp / "run")
     overrides = [f"output_dir={out}", f"data.stage1={s1}", f"data.stage2={s2}",
                  "model.tiny_hidden_size=32", "stage1.max_steps=16", "stage1.micro_batch_size=4",
                  "stage1.learning_rate=3e-3", "stage2.max_steps=12", "stage2.micro_batch_size=4",
                  "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
+    if request.param == "lora":
+        overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633",
-           WORKER, str(tmp), os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides]
+    port = str(29633 + request.param_index)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, WORKER, str(tmp), os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reports = [json.load(open(tmp / f"report-rank{r}.json")) for r in range(2)]
-    return out, reports
+    return out, reports, request.param
 
 
 def _losses(out, stage):
@@ -65,6 +68,13 @@ def test_each_rank_holds_half_of_every_parameter(run):
             assert full / 2 <= r["shard"] <= full / 2 + r["n_params"], (r["shard"], full)
 
 
+def test_only_the_encoder_trains_and_with_lora_only_its_adapters(run):
+    for stage in ("stage1", "stage2"):
+        names = run[1][0][stage]["trainable"]
+        assert names and all(n.startswith("encoder.") for n in names)
+        assert all(".lora_" in n for n in names) == (run[2] == "lora"), names[:5]
+
+
 def test_reference_scores_cover_every_row(run):
     from autoregembed.refscores import ReferenceScores
 
@@ -74,7 +84,7 @@ def test_reference_scores_cover_every_row(run):
 
 
 def test_export_reloads_in_a_fresh_process_with_plain_transformers(run):
-    out, reports = run
+    out, reports, _ = run
     model_dir = os.path.join(out, "stage2", "model")
     files = glob.glob(os.path.join(model_dir, "*.safetensors"))
     assert files and os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))

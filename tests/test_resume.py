@@ -15,9 +15,9 @@ sys.path.insert(0, {root!r})
 from autoregembed import distributed as D
 from autoregembed.config import load_config
 from autoregembed.trainer import train_stage
-out, stop_after = sys.argv[1], int(sys.argv[2])
+out, stop_after, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 cfg = load_config(None, ["output_dir=" + out, "model.tiny_hidden_size=32", "stage1.max_steps=6",
-                         "stage1.micro_batch_size=4", "stage1.warmup_steps=2", "stage1.keep_last=1"])
+                         "stage1.micro_batch_size=4", "stage1.warmup_steps=2", "stage1.keep_last=1", *extra])
 D.init_distributed()
 ds = {root!r} + "/ds_configs/zero3.json"
 if stop_after:
@@ -27,18 +27,19 @@ D.shutdown()
 """
 
 
-def _run(out, stop_after):
+def _run(out, stop_after, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT), out, str(stop_after)],
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT), out, str(stop_after), *extra],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in open(os.path.join(out, "stage1", "metrics.jsonl"))]
     return {r["step"]: (r["loss"], r["lr"]) for r in records}, [r["step"] for r in records]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    straight, _ = _run(str(tmp_path / "a"), 0)
-    resumed, steps = _run(str(tmp_path / "b"), 3)
+@pytest.mark.parametrize("extra", [[], ["model.lora_rank=4", "stage1.learning_rate=1e-2"]], ids=["full", "lora"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
+    straight, _ = _run(str(tmp_path / "a"), 0, extra)
+    resumed, steps = _run(str(tmp_path / "b"), 3, extra)
     assert steps == [1, 2, 3, 4, 5, 6]  # the second run started at step 4: nothing was redone
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
