@@ -30,6 +30,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp16 | fp32
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed, else sdpa
     gradient_checkpointing: bool = True
+    # before stage 1, rescale the encoder's final norm so the compressed tokens have the decoder's
+    # word-embedding RMS per dimension (decoder_scale.py); false: the authors' setup, unscaled
+    match_decoder_scale: bool = True
     lora_rank: int = 0  # 0: full fine-tune; > 0: LoRA adapters on the encoder, merged into every export
     lora_alpha: float = 0.0  # 0: 2 x lora_rank
     lora_dropout: float = 0.0

@@ -5,6 +5,7 @@ do not, so their variables are translated here before DeepSpeed initialises.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -100,3 +101,15 @@ def shutdown():
 
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def gathered(params: list, modifier_rank: int | None = None):
+    """Full values of (possibly ZeRO-3 partitioned) parameters inside the context; with
+    ``modifier_rank`` that rank's changes are broadcast and re-partitioned on exit.  Every rank
+    must enter it (the gather is collective); a no-op for parameters that are not partitioned."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if partitioned:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()

