@@ -10,13 +10,15 @@ thousands of steps undoing the mismatch before it can learn to compress.  Multip
 dimension of that weight once, before stage 1, by rms_d(word embeddings) / rms_d(e) starts
 stage 1 at 6.7 nats/token instead (bench/results/quality.json has what it does to training).
 
-The factors are measured through the model's own forward on the first stage-1 rows, so they
+The factors are measured through the model's own forward on a seeded sample of stage-1 rows, so they
 work under ZeRO-3 (the engine's hooks gather what each call needs), and every rank measures
 the same rows, so every rank computes the same factors.  The text embedding
 (normalize(mean(e))) only changes by a fixed diagonal rescale; stage 2, reference scores and
 inference need nothing special because the scale lives in the exported weights.
 """
 from __future__ import annotations
+
+import random
 
 import torch
 from torch import nn
@@ -35,6 +37,11 @@ def final_norm(encoder: nn.Module) -> nn.Module:
             return module
     raise ValueError(f"{type(base).__name__} has no final norm with a weight (looked for "
                      f"{', '.join(_FINAL_NORM_NAMES)}); set model.match_decoder_scale=false")
+
+
+def calibration_indices(n_total: int, n_rows: int, seed: int) -> list[int]:
+    """Which stage-1 rows to measure on: a seeded sample, in file order."""
+    return sorted(random.Random(seed).sample(range(n_total), min(n_rows, n_total)))
 
 
 @torch.no_grad()

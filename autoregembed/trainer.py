@@ -21,7 +21,7 @@ from .batches import candidates_batch, limit_negatives, stage1_batch, stage2_bat
 from .atomic import atomic_write_text
 from .config import Config, check_runtime
 from .data import StepSampler, load_rows, row_key
-from .decoder_scale import rescale_final_norm, scale_factors
+from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .ds_config import build_ds_config
 from .export import export_encoder
 from .loading import build_tiny_base, load_model, resolve_attn, resolve_dtype
@@ -132,13 +132,14 @@ def _log_metrics(cfg: Config, stage: str, record: dict):
             f.write(json.dumps(record) + "\n")
 
 
-def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[dict], n_rows: int = 64) -> torch.Tensor:
-    """Final-norm factors for stage 1, measured on its first ``n_rows`` rows (the same rows,
-    hence the same factors, on every rank and in every resumed run)."""
+def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[dict], n_rows: int = 128) -> torch.Tensor:
+    """Final-norm factors for stage 1, measured on ``n_rows`` of its rows drawn with the run's
+    seed (not the first rows: files are often sorted by source), so every rank and every
+    resumed run measures the same rows and gets the same factors."""
     s = Session(cfg, "calibrate", ds_path, encoder_path, train=False)
+    sample = [rows[i] for i in calibration_indices(len(rows), n_rows, cfg.seed)]
     bs = cfg.stage1.micro_batch_size
-    batches = (to_device(stage1_batch(rows[i : i + bs], s.text_encoder), s.device)
-               for i in range(0, min(n_rows, len(rows)), bs))
+    batches = (to_device(stage1_batch(sample[i : i + bs], s.text_encoder), s.device) for i in range(0, len(sample), bs))
     factors = scale_factors(s.engine.module, batches)
     s.close()
     log(f"stage1: final-norm scale to the decoder's word embeddings: median {factors.median():.4g} "

@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from autoregembed.batches import stage1_batch
 from autoregembed.config import Config
 from autoregembed.data import load_rows
-from autoregembed.decoder_scale import final_norm, rescale_final_norm, scale_factors
+from autoregembed.decoder_scale import calibration_indices, final_norm, rescale_final_norm, scale_factors
 from autoregembed.model import AutoRegEmbedModel
 from autoregembed.tokenization import TextEncoder, prepare_tokenizer
 
@@ -29,8 +29,9 @@ def _model(path, decoder_path=None):
     return AutoRegEmbedModel(encoder, decoder, K).eval(), TextEncoder(tok, K, 64, 64)
 
 
-def _batches(te, n_rows=64, bs=8):  # what the trainer measures on (micro batch 8)
-    rows = load_rows(Config().data.stage1, stage=1)[:n_rows]
+def _batches(te, n_rows=128, bs=8):  # what the trainer measures on (micro batch 8)
+    rows = load_rows(Config().data.stage1, stage=1)
+    rows = [rows[i] for i in calibration_indices(len(rows), n_rows, Config().seed)]
     return [stage1_batch(rows[i : i + bs], te) for i in range(0, len(rows), bs)]
 
 
@@ -89,7 +90,7 @@ D.shutdown()
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_trainer_rescales_once_before_stage1_under_zero3(tmp_path, ranks):
     """With a zero learning rate the exported stage-1 norm is the base norm times the factors
-    measured (outside DeepSpeed) on the first 64 stage-1 rows, on one rank and on two."""
+    measured (outside DeepSpeed) on the trainer's 128 calibration rows, on one rank and on two."""
     out = str(tmp_path / "run")
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(root=ROOT))
