@@ -3,12 +3,13 @@ the frozen decoder with the per-dimension magnitudes of the word embeddings it w
 
 Why: the decoder reads e_1..e_k where it normally reads word embeddings, but e are the encoder's
 last-layer states, taken after its final norm.  On SmolLM2-135M their RMS is ~15x that of the
-word embeddings (up to ~30x on a handful of "massive activation" dimensions), and the untouched
-decoder given them does worse than given nothing at all (11.5 vs 5.6 nats/token).  Adam moves
+word embeddings (per dimension: median ~9x, up to ~160x on a few "massive activation"
+dimensions), and the untouched decoder given them does worse than given nothing at all (11.5 vs
+5.6 nats/token).  Adam moves
 the final-norm weight by about the learning rate per step, so plain fine-tuning spends
 thousands of steps undoing the mismatch before it can learn to compress.  Multiplying each
 dimension of that weight once, before stage 1, by rms_d(word embeddings) / rms_d(e) starts
-stage 1 at 6.7 nats/token instead (bench/results/quality.json has what it does to training).
+stage 1 at 6.7-7.2 nats/token instead (README "Real-model benchmarks" has what it does to training).
 
 The factors are measured through the model's own forward on a seeded sample of stage-1 rows, so they
 work under ZeRO-3 (the engine's hooks gather what each call needs), and every rank measures
@@ -50,8 +51,8 @@ def scale_factors(model, batches) -> torch.Tensor:
 
     model: an ``AutoRegEmbedModel``; batches: stage-1 batches (``batches.stage1_batch``).
     The word-embedding RMS is over the decoder's whole vocabulary.  (Weighting it by how often
-    the targets use each token gives ~2x smaller factors; on SmolLM2 stage 1 then stalled at
-    ~6 nats/token where the vocabulary-wide factors went on down to ~4.2 in the same 30 steps.)
+    the targets use each token gives ~2x smaller factors; in the one SmolLM2 pilot that tried
+    them, stage 1 was at 6.6 nats/token after 20 steps against 4.7 with these.)
     """
     e_sq, n_e = None, 0
     for b in batches:

@@ -1,15 +1,17 @@
 """AutoRegEmbed vs its baselines on a real LLM (SmolLM2-135M-Instruct), STS-B dev, on CPU.
 
-    python bench/quality.py                  # ~45 min on 2 cores; writes bench/results/quality.{json,png}
-    python bench/quality.py --steps 20       # a quick pilot
+    python bench/quality.py                     # ~50 min on 2 cores; writes bench/results/quality.{json,png}
+    python bench/quality.py --arms cd           # only stages (c)/(d), while tuning their settings
+    python bench/quality.py --arms c --no-decoder-scale   # stage 1 as the authors' code runs it
 
 Arms (same base model, same instruction, same pooling unless stated):
   (a) base model: mean of the k EMBED hidden states; and last-token PromptEOL
-  (b) contrastive fine-tune: InfoNCE (in-batch + hard negatives, tau=0.05) on the NLI triplets,
-      for as many optimizer steps as (d) takes in total
+  (b) contrastive fine-tune: InfoNCE (in-batch + hard negatives, tau=0.05) on the NLI triplets (d)
+      trains on, as many triplets per step as stage 2, for as many optimizer steps as (d) takes in total
   (c) AutoRegEmbed stage 1 only (STS-B train + NLI sentences, autoencoding instruction)
-  (d) AutoRegEmbed stage 1 + stage 2 (NLI triplets, reference scores from (c))
-Stages (c)/(d) run through the trainer users run (DeepSpeed ZeRO-3, one process).
+  (d) AutoRegEmbed stage 1 + stage 2 (NLI triplets, reference scores from (c); LoRA adapters)
+Stages (c)/(d) run through the trainer users run (DeepSpeed ZeRO-3, one process), with the
+trainer's default stage-1 initialisation (decoder_scale.py) unless --no-decoder-scale.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -42,6 +45,8 @@ SHARED = os.path.join(ROOT, "..", "shared", "data")
 AUTOENCODE = "Reconstruct the original text."
 INSTRUCTION = "Retrieve semantically similar text."
 K = 5
+ARMS = ["(a) base, mean of EMBED states", "(a) base, PromptEOL last token", "(b) contrastive (InfoNCE)",
+        "(c) stage 1 only", "(d) stage 1 + stage 2"]
 
 
 def stage1_file(path: str, n_sts: int = 3000):
@@ -54,6 +59,16 @@ def stage1_file(path: str, n_sts: int = 3000):
     with open(path, "w", encoding="utf-8") as f:
         for s in sents:
             f.write(json.dumps({"context": s, "instruction": AUTOENCODE, "output": s}) + "\n")
+    return path
+
+
+def stage2_file(path: str, n_rows: int):
+    """The first ``n_rows`` NLI triplets: what (b) and (d) train on.  Fewer rows than the
+    file holds keep reference scoring (which scores every row once) inside the time budget."""
+    with open(os.path.join(SHARED, "nli", "medi_nli.jsonl"), encoding="utf-8") as src:
+        lines = [line for line in src if line.strip()][:n_rows]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
     return path
 
 
@@ -110,11 +125,17 @@ def contrastive(base: str, rows, steps: int, batch: int, lr: float, out_dir: str
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=50, help="optimizer steps of stage 1 and of stage 2")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--stage1-lr", type=float, default=2e-4)
-    ap.add_argument("--stage2-lr", type=float, default=2e-5)
+    ap.add_argument("--stage1-steps", type=int, default=50)
+    ap.add_argument("--stage2-steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=16, help="stage-1 rows per step; stage 2 and (b) take half as many triplets")
+    ap.add_argument("--nli-rows", type=int, default=240, help="NLI triplets (b) and (d) train on")
+    ap.add_argument("--stage1-lr", type=float, default=1e-4)
+    ap.add_argument("--stage2-lr", type=float, default=1e-3)
+    ap.add_argument("--stage2-lora-rank", type=int, default=16, help="> 0: stage 2 trains LoRA adapters")
     ap.add_argument("--contrastive-lr", type=float, default=5e-5)
+    ap.add_argument("--no-decoder-scale", action="store_true",
+                    help="stage 1 without the final-norm rescale (model.match_decoder_scale=false: the authors' setup)")
+    ap.add_argument("--arms", default="abcd", help="which arms to run, e.g. 'cd' while tuning stage settings")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
@@ -124,10 +145,12 @@ def main():
     base = smollm2_dir()
     sts = os.path.join(SHARED, "stsb", "sts-dev.csv")
     read_sts(sts)
+    for stale in ("stage1", "reference", "stage2", "contrastive", "base-embed"):  # a fresh run every time
+        shutil.rmtree(os.path.join(args.out, stale), ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.results, exist_ok=True)
     s1 = stage1_file(os.path.join(args.out, "stage1.jsonl"))
-    s2 = os.path.join(SHARED, "nli", "medi_nli.jsonl")
+    s2 = stage2_file(os.path.join(args.out, "stage2.jsonl"), args.nli_rows)
     results, timings = {}, {}
     D.init_distributed()
 
@@ -139,62 +162,90 @@ def main():
         return value
 
     # (c) and (d) through the real trainer
-    cfg = load_config(None, [f"output_dir={args.out}", f"model.base={base}", f"model.num_embed_tokens={K}",
-                             "model.dtype=fp32", "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}", f"eval.sts_file={sts}",
-                             f"eval.instruction={INSTRUCTION}", "data.max_text_len=64", "data.max_target_len=64",
-                             f"stage1.max_steps={args.steps}", f"stage1.micro_batch_size={args.batch}",
-                             f"stage1.learning_rate={args.stage1_lr}", "stage1.warmup_steps=10",
-                             f"stage2.max_steps={args.steps}", f"stage2.micro_batch_size={args.batch // 2}",
-                             f"stage2.learning_rate={args.stage2_lr}", "stage2.warmup_steps=10",
-                             "stage1.log_every=10", "stage2.log_every=10"])
+    overrides = [f"output_dir={args.out}", f"model.base={base}", f"model.num_embed_tokens={K}", "model.dtype=fp32",
+                 "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
+                 f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
+                 "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
+                 f"model.match_decoder_scale={not args.no_decoder_scale}"]
+    for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),
+                                    ("stage2", args.stage2_steps, args.batch // 2, args.stage2_lr)):
+        overrides += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
+                      f"{stage}.learning_rate={lr}", f"{stage}.warmup_steps={max(1, steps // 5)}"]
+    cfg = load_config(None, overrides)
+    cfg2 = load_config(None, overrides + [f"model.lora_rank={args.stage2_lora_rank}"])
     ds = os.path.join(ROOT, "ds_configs", "zero3.json")
-    stage1_dir = timed("train (c) stage 1", lambda: train_stage(cfg, "stage1", ds))
-    results["(c) stage 1 only"] = timed("eval (c)", lambda: sts_spearman(Encoder.from_pretrained(stage1_dir), sts))
-    timed("reference scores", lambda: score_references(cfg, ds))
-    stage2_dir = timed("train (d) stage 2", lambda: train_stage(cfg, "stage2", ds))
-    results["(d) stage 1 + stage 2"] = timed("eval (d)", lambda: sts_spearman(Encoder.from_pretrained(stage2_dir), sts))
+    c_losses = None
+    contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
+    if "c" in args.arms or "d" in args.arms:
+        stage1_dir = timed("train (c) stage 1", lambda: train_stage(cfg, "stage1", ds))
+        results["(c) stage 1 only"] = timed("eval (c)", lambda: sts_spearman(Encoder.from_pretrained(stage1_dir), sts))
+    if "d" in args.arms:
+        timed("reference scores", lambda: score_references(cfg, ds))
+        stage2_dir = timed("train (d) stage 2", lambda: train_stage(cfg2, "stage2", ds))
+        results["(d) stage 1 + stage 2"] = timed("eval (d)", lambda: sts_spearman(Encoder.from_pretrained(stage2_dir), sts))
     D.shutdown()
 
-    nli = load_rows(s2, stage=2)
-    c_dir, c_losses = timed("train (b) contrastive", lambda: contrastive(
-        base, nli, 2 * args.steps, args.batch, args.contrastive_lr, os.path.join(args.out, "contrastive"), 0))
-    results["(b) contrastive (InfoNCE)"] = timed("eval (b)", lambda: sts_spearman(Encoder.from_pretrained(c_dir), sts))
+    if "b" in args.arms:
+        c_dir, c_losses = timed("train (b) contrastive", lambda: contrastive(
+            base, load_rows(s2, stage=2), contrastive_steps, args.batch // 2, args.contrastive_lr,
+            os.path.join(args.out, "contrastive"), 0))
+        results["(b) contrastive (InfoNCE)"] = timed("eval (b)", lambda: sts_spearman(Encoder.from_pretrained(c_dir), sts))
 
-    # (a) the base model: EMBED tokens appended to the untrained model, and PromptEOL
-    base_embed = os.path.join(args.out, "base-embed")
-    m, tok = load_model(base, base, K, torch.float32, "sdpa")
-    export_encoder(m.encoder, tok, base_embed, _meta("base"))
-    del m
-    results["(a) base, mean of EMBED states"] = timed("eval (a) embed", lambda: sts_spearman(
-        Encoder.from_pretrained(base_embed), sts))
-    results["(a) base, PromptEOL last token"] = timed("eval (a) prompteol", lambda: sts_spearman(PromptEOL(base), sts))
+    if "a" in args.arms:  # the base model: EMBED tokens appended to the untrained model, and PromptEOL
+        base_embed = os.path.join(args.out, "base-embed")
+        m, tok = load_model(base, base, K, torch.float32, "sdpa")
+        export_encoder(m.encoder, tok, base_embed, _meta("base"))
+        del m
+        results["(a) base, mean of EMBED states"] = timed("eval (a) embed", lambda: sts_spearman(
+            Encoder.from_pretrained(base_embed), sts))
+        results["(a) base, PromptEOL last token"] = timed("eval (a) prompteol", lambda: sts_spearman(PromptEOL(base), sts))
 
-    order = ["(a) base, mean of EMBED states", "(a) base, PromptEOL last token", "(b) contrastive (InfoNCE)",
-             "(c) stage 1 only", "(d) stage 1 + stage 2"]
+    order = [n for n in ARMS if n in results]
     print("\nSTS-B dev Spearman x100 (SmolLM2-135M-Instruct, CPU)")
     for name in order:
         print(f"  {name:<34} {results[name]:6.2f}")
-    record = {"model": "SmolLM2-135M-Instruct", "steps_per_stage": args.steps, "batch": args.batch,
-              "contrastive_steps": 2 * args.steps, "lrs": {"stage1": args.stage1_lr, "stage2": args.stage2_lr,
-                                                           "contrastive": args.contrastive_lr},
+    if len(order) < len(ARMS):
+        print("not all arms ran: results not written")
+        return
+    record = {"model": "SmolLM2-135M-Instruct", "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]),
+              "steps": {"stage1": args.stage1_steps, "stage2": args.stage2_steps, "contrastive": contrastive_steps},
+              "batch": {"stage1": args.batch, "stage2_and_contrastive": args.batch // 2}, "nli_rows": args.nli_rows,
+              "stage2_lora_rank": args.stage2_lora_rank,
+              "lrs": {"stage1": args.stage1_lr, "stage2": args.stage2_lr, "contrastive": args.contrastive_lr},
               "spearman_x100": {n: round(results[n], 2) for n in order}, "seconds": timings,
-              "contrastive_loss_first_last": [c_losses[0], c_losses[-1]]}
+              "match_decoder_scale": not args.no_decoder_scale,
+              "loss_first_last": {"stage1": _first_last(cfg, "stage1"), "stage2": _first_last(cfg, "stage2"),
+                                  "contrastive": [c_losses[0], c_losses[-1]]}}
     with open(os.path.join(args.results, "quality.json"), "w") as f:
         json.dump(record, f, indent=2)
+    plot(results, order, f"{args.stage1_steps}+{args.stage2_steps} steps", os.path.join(args.results, "quality.png"))
+    print(f"wrote {args.results}/quality.json and quality.png; total {sum(timings.values()) / 60:.1f} min")
+
+
+def _first_last(cfg, stage: str, n: int = 5) -> list[float]:
+    """Mean loss of a stage's first and last ``n`` steps (from its metrics.jsonl)."""
+    with open(os.path.join(cfg.stage_dir(stage), "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    return [round(sum(losses[:n]) / n, 4), round(sum(losses[-n:]) / n, 4)]
+
+
+def plot(results: dict, order: list[str], steps: str, path: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.barh(order[::-1], [results[n] for n in order[::-1]], color=["#4c72b0"] * 3 + ["#999999"] * 2)
+    ours = ("(c)", "(d)")
+    ax.barh(order[::-1], [results[n] for n in order[::-1]],
+            color=["#dd8452" if n.startswith(ours) else "#4c72b0" for n in order[::-1]])
+    ax.set_xlim(0, max(results[n] for n in order) + 8)  # room for the value labels
     ax.set_xlabel("STS-B dev Spearman x100")
-    ax.set_title(f"SmolLM2-135M-Instruct, {args.steps} steps per stage, CPU")
+    ax.set_title(f"SmolLM2-135M-Instruct, stage 1+2: {steps}, CPU")
     for i, n in enumerate(order[::-1]):
         ax.text(results[n] + 0.5, i, f"{results[n]:.1f}", va="center")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.results, "quality.png"), dpi=100)
-    print(f"wrote {args.results}/quality.json and quality.png; total {sum(timings.values()) / 60:.1f} min")
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
