@@ -22,7 +22,7 @@ from .atomic import atomic_write_text
 from .config import Config, check_runtime
 from .data import StepSampler, load_rows, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
-from .ds_config import build_ds_config
+from .ds_config import build_ds_config, zero_stage
 from .export import export_encoder
 from .loading import build_tiny_base, load_model, resolve_attn, resolve_dtype
 from .refscores import ReferenceScores, fingerprint, save_scores
@@ -73,6 +73,10 @@ class Session:
         self.optim = cfg.optim(stage)
         dtype = resolve_dtype(cfg.model.dtype)
         self.ds = build_ds_config(ds_path, self.optim, D.world_size(), _hidden_size(self.base), dtype)
+        if not train and zero_stage(self.ds) in (1, 2):
+            # ZeRO-1/2 shard only optimizer state and gradients, and DeepSpeed refuses them
+            # without an optimizer: a forward-only session runs unsharded
+            self.ds["zero_optimization"] = {**self.ds["zero_optimization"], "stage": 0}
         torch.manual_seed(cfg.seed)
         loss = {"beta": cfg.loss.beta, "tau": cfg.loss.tau, "reference_sign": cfg.loss.reference_sign}
         m = cfg.model
