@@ -151,6 +151,15 @@ def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[di
     return factors
 
 
+def _norm_scale(cfg: Config, stage: str, ds_path, encoder_path: str, rows: list[dict] | None = None):
+    """The stage-1 final-norm factors, or None.  Measured whenever a stage-1 engine is built,
+    resumed or re-exported runs included: the same base and rows give the same factors, and a
+    frozen norm (LoRA) is not in the checkpoint that then overwrites everything trainable."""
+    if stage != "stage1" or not cfg.model.match_decoder_scale:
+        return None
+    return measure_decoder_scale(cfg, ds_path, encoder_path, rows or load_rows(cfg.data.stage1, stage=1))
+
+
 def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_after: int | None = None,
                 on_done=None) -> str:
     """Train stage1 or stage2; export at the end.  ``stop_after`` ends early (after a
@@ -160,12 +169,8 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
         rows = load_rows(cfg.data.stage1, stage=1)
     else:
         rows = [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
-    norm_scale = None
-    if stage == "stage1" and cfg.model.match_decoder_scale:
-        # on resume too: the same base and rows give the same factors, and a frozen norm
-        # (LoRA) is not in the checkpoint that then overwrites everything trainable
-        norm_scale = measure_decoder_scale(cfg, ds_path, encoder_path, rows)
-    s = Session(cfg, stage, ds_path, encoder_path, train=True, norm_scale=norm_scale)
+    s = Session(cfg, stage, ds_path, encoder_path, train=True,
+                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path, rows))
     refs = None
     if stage == "stage2":
         fp = fingerprint(cfg.stage1_model_dir, s.base, cfg.model.num_embed_tokens, cfg.data.max_text_len,
@@ -227,7 +232,7 @@ def export_stage(cfg: Config, ds_path) -> str:
     """Consolidate the latest checkpoint of ``paths.export_from`` into its export folder."""
     stage = cfg.paths.export_from
     encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
-    s = Session(cfg, stage, ds_path, encoder_path, train=True)
+    s = Session(cfg, stage, ds_path, encoder_path, train=True, norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path))
     if checkpoint.load_latest(s.engine, cfg.checkpoint_dir(stage)) is None:
         raise FileNotFoundError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint to export")
     out = s.export(cfg.export_dir(stage))
