@@ -5,9 +5,8 @@ Why: the decoder reads e_1..e_k where it normally reads word embeddings, but e a
 last-layer states, taken after its final norm.  On SmolLM2-135M their RMS is ~15x that of the
 word embeddings (per dimension: median ~9x, up to ~160x on a few "massive activation"
 dimensions), and the untouched decoder given them does worse than given nothing at all (11.5 vs
-5.6 nats/token).  Adam moves
-the final-norm weight by about the learning rate per step, so plain fine-tuning spends
-thousands of steps undoing the mismatch before it can learn to compress.  Multiplying each
+5.6 nats/token).  Adam moves the final-norm weight by about the learning rate per step, so plain
+fine-tuning spends thousands of steps undoing the mismatch before it can learn to compress.  Multiplying each
 dimension of that weight once, before stage 1, by rms_d(word embeddings) / rms_d(e) starts
 stage 1 at 6.7-7.2 nats/token instead (README "Real-model benchmarks" has what it does to training).
 
