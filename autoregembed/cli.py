@@ -94,10 +94,11 @@ def main(argv=None) -> int:
                 np.save(f, emb)
         print(json.dumps({"output": args.output, "shape": list(emb.shape)}))
         return 0
-    from .evaluate import sts_spearman
+    from .evaluate import sts_eval
 
-    score = sts_spearman(model, args.sts, args.batch_size)
-    print(json.dumps({"model": args.model, "sts": args.sts, "spearman_x100": round(score, 2)}))
+    r = sts_eval(model, args.sts, args.batch_size)
+    print(json.dumps({"model": args.model, "sts": args.sts, "spearman_x100": round(r["spearman"], 2),
+                      "mean_pairwise_cosine": round(r["mean_cosine"], 4)}))
     return 0
 
 

@@ -273,11 +273,12 @@ def score_references(cfg: Config, ds_path) -> str:
 
 def evaluate(cfg: Config, model_dir: str) -> float:
     from .encoder import Encoder
-    from .evaluate import sts_spearman
+    from .evaluate import sts_eval
 
-    score = sts_spearman(Encoder.from_pretrained(model_dir), cfg.sts_file, cfg.eval.batch_size)
-    log(f"eval: STS Spearman x100 = {score:.2f} ({cfg.sts_file}, model {model_dir})")
-    return score
+    r = sts_eval(Encoder.from_pretrained(model_dir), cfg.sts_file, cfg.eval.batch_size)
+    log(f"eval: STS Spearman x100 = {r['spearman']:.2f}, mean pairwise cosine {r['mean_cosine']:.3f} "
+        f"({cfg.sts_file}, model {model_dir})")
+    return r["spearman"]
 
 
 def run(cfg: Config, ds_path, resume: bool = False) -> dict:

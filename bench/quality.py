@@ -35,7 +35,7 @@ from autoregembed import distributed as D  # noqa: E402
 from autoregembed.config import load_config  # noqa: E402
 from autoregembed.data import load_rows  # noqa: E402
 from autoregembed.encoder import Encoder  # noqa: E402
-from autoregembed.evaluate import read_sts, sts_spearman  # noqa: E402
+from autoregembed.evaluate import read_sts, sts_eval  # noqa: E402
 from autoregembed.export import export_encoder  # noqa: E402
 from autoregembed.loading import load_model  # noqa: E402
 from autoregembed.tokenization import TextEncoder  # noqa: E402
@@ -138,6 +138,9 @@ def main():
     ap.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero3.json"),
                     help="DeepSpeed config for (c)/(d); with one process ZeRO-2 runs a stage-1 step in "
                          "6.1 s instead of ZeRO-3's 9.4 s (nothing to shard, no per-layer gathers)")
+    ap.add_argument("--seed", type=int, default=42,
+                    help="the trainer's seed for (c)/(d) (data order, calibration rows, EMBED init) and (b)'s; "
+                         "stage 1 varies a lot from seed to seed (README)")
     ap.add_argument("--arms", default="abcd", help="which arms to run, e.g. 'cd' while tuning stage settings")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
@@ -154,7 +157,7 @@ def main():
     os.makedirs(args.results, exist_ok=True)
     s1 = stage1_file(os.path.join(args.out, "stage1.jsonl"))
     s2 = stage2_file(os.path.join(args.out, "stage2.jsonl"), args.nli_rows)
-    results, timings = {}, {}
+    results, timings = {}, {}  # arm -> sts_eval dict
     D.init_distributed()
 
     def timed(name, fn):
@@ -164,12 +167,15 @@ def main():
         print(f"[quality] {name}: {value if not isinstance(value, tuple) else value[0]} ({timings[name]} s)", flush=True)
         return value
 
+    def scored(name, encoder_fn):
+        return timed(name, lambda: sts_eval(encoder_fn(), sts, show_progress_bar=False))
+
     # (c) and (d) through the real trainer
     overrides = [f"output_dir={args.out}", f"model.base={base}", f"model.num_embed_tokens={K}", "model.dtype=fp32",
                  "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
                  f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
                  "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
-                 f"model.match_decoder_scale={not args.no_decoder_scale}"]
+                 f"model.match_decoder_scale={not args.no_decoder_scale}", f"seed={args.seed}"]
     for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),
                                     ("stage2", args.stage2_steps, args.batch // 2, args.stage2_lr)):
         overrides += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
@@ -181,32 +187,32 @@ def main():
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
     if "c" in args.arms or "d" in args.arms:
         stage1_dir = timed("train (c) stage 1", lambda: train_stage(cfg, "stage1", ds))
-        results["(c) stage 1 only"] = timed("eval (c)", lambda: sts_spearman(Encoder.from_pretrained(stage1_dir), sts))
+        results["(c) stage 1 only"] = scored("eval (c)", lambda: Encoder.from_pretrained(stage1_dir))
     if "d" in args.arms:
         timed("reference scores", lambda: score_references(cfg, ds))
         stage2_dir = timed("train (d) stage 2", lambda: train_stage(cfg2, "stage2", ds))
-        results["(d) stage 1 + stage 2"] = timed("eval (d)", lambda: sts_spearman(Encoder.from_pretrained(stage2_dir), sts))
+        results["(d) stage 1 + stage 2"] = scored("eval (d)", lambda: Encoder.from_pretrained(stage2_dir))
     D.shutdown()
 
     if "b" in args.arms:
         c_dir, c_losses = timed("train (b) contrastive", lambda: contrastive(
             base, load_rows(s2, stage=2), contrastive_steps, args.batch // 2, args.contrastive_lr,
-            os.path.join(args.out, "contrastive"), 0))
-        results["(b) contrastive (InfoNCE)"] = timed("eval (b)", lambda: sts_spearman(Encoder.from_pretrained(c_dir), sts))
+            os.path.join(args.out, "contrastive"), args.seed))
+        results["(b) contrastive (InfoNCE)"] = scored("eval (b)", lambda: Encoder.from_pretrained(c_dir))
 
     if "a" in args.arms:  # the base model: EMBED tokens appended to the untrained model, and PromptEOL
         base_embed = os.path.join(args.out, "base-embed")
         m, tok = load_model(base, base, K, torch.float32, "sdpa")
         export_encoder(m.encoder, tok, base_embed, _meta("base"))
         del m
-        results["(a) base, mean of EMBED states"] = timed("eval (a) embed", lambda: sts_spearman(
-            Encoder.from_pretrained(base_embed), sts))
-        results["(a) base, PromptEOL last token"] = timed("eval (a) prompteol", lambda: sts_spearman(PromptEOL(base), sts))
+        results["(a) base, mean of EMBED states"] = scored("eval (a) embed",
+                                                           lambda: Encoder.from_pretrained(base_embed))
+        results["(a) base, PromptEOL last token"] = scored("eval (a) prompteol", lambda: PromptEOL(base))
 
     order = [n for n in ARMS if n in results]
-    print("\nSTS-B dev Spearman x100 (SmolLM2-135M-Instruct, CPU)")
+    print("\nSTS-B dev (SmolLM2-135M-Instruct, CPU)    Spearman x100   mean pairwise cosine")
     for name in order:
-        print(f"  {name:<34} {results[name]:6.2f}")
+        print(f"  {name:<34} {results[name]['spearman']:6.2f}          {results[name]['mean_cosine']:.3f}")
     if len(order) < len(ARMS):
         print("not all arms ran: results not written")
         return
@@ -216,13 +222,15 @@ def main():
               "batch": {"stage1": args.batch, "stage2_and_contrastive": args.batch // 2}, "nli_rows": args.nli_rows,
               "stage2_lora_rank": args.stage2_lora_rank,
               "lrs": {"stage1": args.stage1_lr, "stage2": args.stage2_lr, "contrastive": args.contrastive_lr},
-              "spearman_x100": {n: round(results[n], 2) for n in order}, "seconds": timings,
+              "seed": args.seed, "spearman_x100": {n: round(results[n]["spearman"], 2) for n in order},
+              "mean_pairwise_cosine": {n: round(results[n]["mean_cosine"], 4) for n in order}, "seconds": timings,
               "match_decoder_scale": not args.no_decoder_scale,
               "loss_first_last": {"stage1": _first_last(cfg, "stage1"), "stage2": _first_last(cfg, "stage2"),
                                   "contrastive": [c_losses[0], c_losses[-1]]}}
     with open(os.path.join(args.results, "quality.json"), "w") as f:
         json.dump(record, f, indent=2)
-    plot(results, order, f"{args.stage1_steps}+{args.stage2_steps} steps", os.path.join(args.results, "quality.png"))
+    plot({n: results[n]["spearman"] for n in order}, order, f"{args.stage1_steps}+{args.stage2_steps} steps",
+         os.path.join(args.results, "quality.png"))
     print(f"wrote {args.results}/quality.json and quality.png; total {sum(timings.values()) / 60:.1f} min")
 
 
