@@ -47,7 +47,3 @@ def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool =
     pos = {s: i for i, s in enumerate(uniq)}
     cos = np.sum(emb[[pos[s] for s in a]] * emb[[pos[s] for s in b]], axis=1)
     return {"spearman": float(spearmanr(cos, gold).statistic * 100), "mean_cosine": mean_pairwise_cosine(emb)}
-
-
-def sts_spearman(encoder, path: str, batch_size: int = 64, show_progress_bar: bool = True) -> float:
-    return sts_eval(encoder, path, batch_size, show_progress_bar)["spearman"]
