@@ -1,6 +1,6 @@
 """AutoRegEmbed vs its baselines on a real LLM (SmolLM2-135M-Instruct), STS-B dev, on CPU.
 
-    python bench/quality.py                     # ~35 min on 2 cores; writes bench/results/quality.{json,png}
+    python bench/quality.py                     # ~31 min on 2 cores; writes bench/results/quality.{json,png}
     python bench/quality.py --arms cd           # only stages (c)/(d), while tuning their settings
     python bench/quality.py --arms c --no-decoder-scale   # stage 1 as the authors' code runs it
 
