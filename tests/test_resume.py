@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,3 +49,46 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     ckpts = [n for n in os.listdir(tmp_path / "b" / "stage1" / "checkpoints") if n.startswith("step")]
     assert ckpts == ["step00000006"]  # keep_last=1 pruned step 3; no .partial left behind
     assert open(tmp_path / "b" / "stage1" / "checkpoints" / "latest").read() == "step00000006"
+
+
+EXPORT = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, {root!r})
+from autoregembed import distributed as D
+from autoregembed.config import load_config
+from autoregembed.trainer import export_stage
+out, extra = sys.argv[1], sys.argv[2:]
+cfg = load_config(None, ["output_dir=" + out, "model.tiny_hidden_size=32", "stage1.max_steps=6",
+                         "stage1.micro_batch_size=4", "paths.export_from=stage1", *extra])
+D.init_distributed()
+export_stage(cfg, {root!r} + "/ds_configs/zero3.json")
+D.shutdown()
+"""
+
+
+def test_reexport_of_a_lora_stage1_equals_its_own_export(tmp_path):
+    """Re-exporting from the checkpoint must re-apply the decoder scale: under LoRA the scaled
+    final norm is frozen, so it is not in the checkpoint (decoder_scale.py)."""
+    from safetensors.torch import load_file
+
+    extra = ["model.lora_rank=4", "stage1.learning_rate=1e-2"]
+    out = str(tmp_path / "run")
+    _run(out, 0, extra)
+    model_dir = os.path.join(out, "stage1", "model")
+
+    def weights():
+        files = [f for f in os.listdir(model_dir) if f.endswith(".safetensors")]
+        return {k: v for f in files for k, v in load_file(os.path.join(model_dir, f)).items()}
+
+    first = weights()
+    os.rename(model_dir, model_dir + ".first")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", EXPORT.format(root=ROOT), out, *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = weights()
+    assert sorted(again) == sorted(first)
+    assert "norm.weight" in first  # the rescaled final norm is among what is compared
+    for k in first:
+        assert torch.allclose(again[k], first[k], rtol=1e-6, atol=1e-7), k
