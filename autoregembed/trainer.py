@@ -232,7 +232,8 @@ def export_stage(cfg: Config, ds_path) -> str:
     """Consolidate the latest checkpoint of ``paths.export_from`` into its export folder."""
     stage = cfg.paths.export_from
     encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
-    s = Session(cfg, stage, ds_path, encoder_path, train=True, norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path))
+    s = Session(cfg, stage, ds_path, encoder_path, train=True,
+                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path))
     if checkpoint.load_latest(s.engine, cfg.checkpoint_dir(stage)) is None:
         raise FileNotFoundError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint to export")
     out = s.export(cfg.export_dir(stage))

@@ -9,35 +9,48 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = """
+PREAMBLE = """
 import json, sys, warnings
 warnings.filterwarnings("ignore")
 sys.path.insert(0, {root!r})
 from autoregembed import distributed as D
 from autoregembed.config import load_config
-from autoregembed.trainer import train_stage
+from autoregembed.trainer import export_stage, train_stage
 out, stop_after, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 cfg = load_config(None, ["output_dir=" + out, "model.tiny_hidden_size=32", "stage1.max_steps=6",
                          "stage1.micro_batch_size=4", "stage1.warmup_steps=2", "stage1.keep_last=1", *extra])
 D.init_distributed()
 ds = {root!r} + "/ds_configs/zero3.json"
+"""
+TRAIN = PREAMBLE + """
 if stop_after:
     train_stage(cfg, "stage1", ds, stop_after=stop_after)
 train_stage(cfg, "stage1", ds, resume=True)
 D.shutdown()
 """
+EXPORT = PREAMBLE + """
+export_stage(cfg, ds)
+D.shutdown()
+"""
+
+
+def _python(script, out, stop_after, extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", script.format(root=ROOT), out, str(stop_after), *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def _run(out, stop_after, extra=()):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT), out, str(stop_after), *extra],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _python(TRAIN, out, stop_after, extra)
     records = [json.loads(line) for line in open(os.path.join(out, "stage1", "metrics.jsonl"))]
     return {r["step"]: (r["loss"], r["lr"]) for r in records}, [r["step"] for r in records]
 
 
-@pytest.mark.parametrize("extra", [[], ["model.lora_rank=4", "stage1.learning_rate=1e-2"]], ids=["full", "lora"])
+LORA = ["model.lora_rank=4", "stage1.learning_rate=1e-2"]
+
+
+@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     straight, _ = _run(str(tmp_path / "a"), 0, extra)
     resumed, steps = _run(str(tmp_path / "b"), 3, extra)
@@ -51,30 +64,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     assert open(tmp_path / "b" / "stage1" / "checkpoints" / "latest").read() == "step00000006"
 
 
-EXPORT = """
-import sys, warnings
-warnings.filterwarnings("ignore")
-sys.path.insert(0, {root!r})
-from autoregembed import distributed as D
-from autoregembed.config import load_config
-from autoregembed.trainer import export_stage
-out, extra = sys.argv[1], sys.argv[2:]
-cfg = load_config(None, ["output_dir=" + out, "model.tiny_hidden_size=32", "stage1.max_steps=6",
-                         "stage1.micro_batch_size=4", "paths.export_from=stage1", *extra])
-D.init_distributed()
-export_stage(cfg, {root!r} + "/ds_configs/zero3.json")
-D.shutdown()
-"""
-
-
 def test_reexport_of_a_lora_stage1_equals_its_own_export(tmp_path):
     """Re-exporting from the checkpoint must re-apply the decoder scale: under LoRA the scaled
     final norm is frozen, so it is not in the checkpoint (decoder_scale.py)."""
     from safetensors.torch import load_file
 
-    extra = ["model.lora_rank=4", "stage1.learning_rate=1e-2"]
     out = str(tmp_path / "run")
-    _run(out, 0, extra)
+    _run(out, 0, LORA)
     model_dir = os.path.join(out, "stage1", "model")
 
     def weights():
@@ -83,10 +79,7 @@ def test_reexport_of_a_lora_stage1_equals_its_own_export(tmp_path):
 
     first = weights()
     os.rename(model_dir, model_dir + ".first")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-c", EXPORT.format(root=ROOT), out, *extra],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _python(EXPORT, out, 0, [*LORA, "paths.export_from=stage1"])
     again = weights()
     assert sorted(again) == sorted(first)
     assert "norm.weight" in first  # the rescaled final norm is among what is compared
