@@ -33,6 +33,10 @@ class ModelConfig:
     # before stage 1, rescale the encoder's final norm so the compressed tokens have the decoder's
     # word-embedding RMS per dimension (decoder_scale.py); false: the authors' setup, unscaled
     match_decoder_scale: bool = True
+    # the frozen decoder reads its BOS token before e_1..e_k (an attention sink, so e_1 need not
+    # become one; model.py); false: the decoder input as published. Stage 1, reference scores
+    # and stage 2 must agree (the reference-score fingerprint includes it)
+    decoder_bos: bool = False
     lora_rank: int = 0  # 0: full fine-tune; > 0: LoRA adapters on the encoder, merged into every export
     lora_alpha: float = 0.0  # 0: 2 x lora_rank
     lora_dropout: float = 0.0

@@ -107,13 +107,14 @@ def load_tokenizer(path: str, k: int):
 
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
                gradient_checkpointing: bool = False, loss: dict | None = None, ds_config: dict | None = None,
-               lora: dict | None = None):
+               lora: dict | None = None, decoder_bos: bool = False):
     """Return (AutoRegEmbedModel, tokenizer).
 
     encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).
     decoder_path: always the frozen base causal LM.  With ``ds_config`` at ZeRO stage 3 both
     are constructed partitioned (HfDeepSpeedConfig routes from_pretrained through zero.Init).
     lora: ``add_lora`` keyword arguments when the encoder trains through LoRA adapters.
+    decoder_bos: the decoder reads the tokenizer's BOS before the compressed tokens (model.py).
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -139,7 +140,8 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
         gc = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
         encoder.gradient_checkpointing_enable(**gc)
         decoder.gradient_checkpointing_enable(**gc)
-    model = AutoRegEmbedModel(encoder, decoder, k, **(loss or {}))
+    model = AutoRegEmbedModel(encoder, decoder, k, **(loss or {}),
+                              decoder_bos_id=tokenizer.bos_token_id if decoder_bos else None)
     model._ds_keepalive = keepalive
     return model, tokenizer
 

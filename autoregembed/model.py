@@ -54,13 +54,19 @@ class LogprobHead(nn.Module):
 
 class AutoRegEmbedModel(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, k: int, beta: float = 0.1, tau: float = 0.1,
-                 reference_sign: str = "paper"):
+                 reference_sign: str = "paper", decoder_bos_id: int | None = None):
         """encoder: a base transformer (e.g. LlamaModel) returning last_hidden_state.
-        decoder: the frozen causal LM (its parameters are frozen here)."""
+        decoder: the frozen causal LM (its parameters are frozen here).
+        decoder_bos_id: None, the method as published: the decoder reads [e_1..e_k ; target+EOS].
+        A token id: the decoder reads that token first, [BOS ; e_1..e_k ; target+EOS]
+        (``model.decoder_bos``).  Why: a pretrained LM parks attention on its first position
+        (the attention sink), so without it e_1 is pushed to become a sink, one vector shared by
+        every text; on SmolLM2 that is how stage 1 collapses (README, "Real-model benchmarks")."""
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.k = k
+        self.decoder_bos_id = decoder_bos_id
         self.beta, self.tau, self.reference_sign = beta, tau, reference_sign
         for p in decoder.parameters():
             p.requires_grad_(False)
@@ -78,12 +84,15 @@ class AutoRegEmbedModel(nn.Module):
 
     def score(self, compressed: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """Summed log p(target | compressed) per row, fp32 [S]; differentiable w.r.t. compressed only."""
-        tok = self.decoder.get_input_embeddings()(target_ids)
-        inputs = torch.cat([compressed.to(tok.dtype), tok], dim=1)
-        ones = torch.ones(compressed.shape[:2], dtype=target_mask.dtype, device=target_mask.device)
+        n_bos = 0 if self.decoder_bos_id is None else 1
+        ids = F.pad(target_ids, (n_bos, 0), value=self.decoder_bos_id if n_bos else 0)  # one embedding call
+        tok = self.decoder.get_input_embeddings()(ids)
+        inputs = torch.cat([tok[:, :n_bos], compressed.to(tok.dtype), tok[:, n_bos:]], dim=1)
+        prefix = n_bos + compressed.shape[1]
+        ones = torch.ones((compressed.shape[0], prefix), dtype=target_mask.dtype, device=target_mask.device)
         mask = torch.cat([ones, target_mask], dim=1)
         hidden = self.decoder.get_decoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
-        labels = decoder_labels(target_ids, target_mask, self.k)
+        labels = decoder_labels(target_ids, target_mask, prefix)
         return self.head(hidden, labels)
 
     def embed(self, input_ids, attention_mask) -> torch.Tensor:

@@ -4,7 +4,7 @@ Stored as safetensors with three tensors: ``keys`` [N, 16] uint8 (content hash o
 row, see data.row_key), ``offsets`` [N+1] int64 and ``scores`` [sum(1+n_i)] float32 (for
 row j: scores[offsets[j]] is the positive, the rest its negatives in order).  The
 metadata holds a fingerprint of everything that changes the scores (stage-1 weights,
-decoder weights, tokenizer, k, truncation lengths); stage 2 refuses a file whose
+decoder weights, tokenizer, k, truncation lengths, decoder BOS); stage 2 refuses a file whose
 fingerprint differs from the one it computes.
 """
 from __future__ import annotations
@@ -37,9 +37,11 @@ def _hash_folder(h, folder: str):
                     h.update(block)
 
 
-def fingerprint(stage1_dir: str, decoder_dir: str, k: int, max_text_len: int, max_target_len: int) -> str:
+def fingerprint(stage1_dir: str, decoder_dir: str, k: int, max_text_len: int, max_target_len: int,
+                decoder_bos: bool = False) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([k, max_text_len, max_target_len]).encode())
+    # decoder_bos enters only when set, so files scored before the option existed still match
+    h.update(json.dumps([k, max_text_len, max_target_len] + ([True] if decoder_bos else [])).encode())
     _hash_folder(h, stage1_dir)
     if os.path.isdir(decoder_dir):
         _hash_folder(h, decoder_dir)

@@ -77,7 +77,8 @@ class TextEncoder:
 
 
 def decoder_labels(target_ids: torch.Tensor, target_mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Labels aligned with decoder positions [e_1..e_k ; target+EOS], already shifted.
+    """Labels aligned with decoder positions [prefix ; target+EOS], already shifted; ``k`` is
+    the prefix length (e_1..e_k, plus one when the decoder reads a BOS first).
 
     Position p predicts the token at p+1, so label[p] = target[p-k+1] for p >= k-1 and the
     last position (fed the EOS embedding) predicts nothing.  Padding is IGNORE_INDEX.

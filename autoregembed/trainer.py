@@ -85,7 +85,8 @@ class Session:
         self.model, self.tokenizer = load_model(encoder_path, self.base, cfg.model.num_embed_tokens, dtype,
                                                 resolve_attn(cfg.model.attn_implementation),
                                                 gradient_checkpointing=train and cfg.model.gradient_checkpointing,
-                                                loss=loss, ds_config=self.ds, lora=lora)
+                                                loss=loss, ds_config=self.ds, lora=lora,
+                                                decoder_bos=cfg.model.decoder_bos)
         if norm_scale is not None:
             rescale_final_norm(self.model.encoder, norm_scale)
         self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
@@ -174,7 +175,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
     refs = None
     if stage == "stage2":
         fp = fingerprint(cfg.stage1_model_dir, s.base, cfg.model.num_embed_tokens, cfg.data.max_text_len,
-                         cfg.data.max_target_len)
+                         cfg.data.max_target_len, cfg.model.decoder_bos)
         refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
     o = s.optim
     sampler = StepSampler(len(rows), o.micro_batch_size, o.gradient_accumulation_steps, D.world_size(), cfg.seed)
@@ -264,7 +265,7 @@ def score_references(cfg: Config, ds_path) -> str:
     if D.rank() == 0:
         merged = dict(kv for part in gathered for kv in part)
         fp = fingerprint(cfg.stage1_model_dir, s.base, cfg.model.num_embed_tokens, cfg.data.max_text_len,
-                         cfg.data.max_target_len)
+                         cfg.data.max_target_len, cfg.model.decoder_bos)
         save_scores(path, list(merged), list(merged.values()), fp)
         log(f"reference: scored {len(merged)} rows -> {path}")
     D.barrier()

@@ -3,6 +3,7 @@
     python bench/quality.py                     # ~31 min on 2 cores; writes bench/results/quality.{json,png}
     python bench/quality.py --arms cd           # only stages (c)/(d), while tuning their settings
     python bench/quality.py --arms c --no-decoder-scale   # stage 1 as the authors' code runs it
+    python bench/quality.py --arms cd --no-decoder-bos    # the decoder input as published
 
 Arms (same base model, same instruction, same pooling unless stated):
   (a) base model: mean of the k EMBED hidden states; and last-token PromptEOL
@@ -11,7 +12,8 @@ Arms (same base model, same instruction, same pooling unless stated):
   (c) AutoRegEmbed stage 1 only (STS-B train + NLI sentences, autoencoding instruction)
   (d) AutoRegEmbed stage 1 + stage 2 (NLI triplets, reference scores from (c); LoRA adapters)
 Stages (c)/(d) run through the trainer users run (DeepSpeed, one process), with the
-trainer's default stage-1 initialisation (decoder_scale.py) unless --no-decoder-scale.
+trainer's default stage-1 initialisation (decoder_scale.py) unless --no-decoder-scale, and with the
+decoder reading its BOS before the compressed tokens (model.decoder_bos) unless --no-decoder-bos.
 """
 from __future__ import annotations
 
@@ -135,6 +137,9 @@ def main():
     ap.add_argument("--contrastive-lr", type=float, default=5e-5)
     ap.add_argument("--no-decoder-scale", action="store_true",
                     help="stage 1 without the final-norm rescale (model.match_decoder_scale=false: the authors' setup)")
+    ap.add_argument("--no-decoder-bos", action="store_true",
+                    help="the decoder reads [e_1..e_k ; target] as published, not [BOS ; e_1..e_k ; target] "
+                         "(model.decoder_bos=false)")
     ap.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero3.json"),
                     help="DeepSpeed config for (c)/(d); with one process ZeRO-2 runs a stage-1 step in "
                          "6.1 s instead of ZeRO-3's 9.4 s (nothing to shard, no per-layer gathers)")
@@ -175,7 +180,8 @@ def main():
                  "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
                  f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
                  "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
-                 f"model.match_decoder_scale={not args.no_decoder_scale}", f"seed={args.seed}"]
+                 f"model.match_decoder_scale={not args.no_decoder_scale}",
+                 f"model.decoder_bos={not args.no_decoder_bos}", f"seed={args.seed}"]
     for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),
                                     ("stage2", args.stage2_steps, args.batch // 2, args.stage2_lr)):
         overrides += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
@@ -224,7 +230,7 @@ def main():
               "lrs": {"stage1": args.stage1_lr, "stage2": args.stage2_lr, "contrastive": args.contrastive_lr},
               "seed": args.seed, "spearman_x100": {n: round(results[n]["spearman"], 2) for n in order},
               "mean_pairwise_cosine": {n: round(results[n]["mean_cosine"], 4) for n in order}, "seconds": timings,
-              "match_decoder_scale": not args.no_decoder_scale,
+              "match_decoder_scale": not args.no_decoder_scale, "decoder_bos": not args.no_decoder_bos,
               "loss_first_last": {"stage1": _first_last(cfg, "stage1"), "stage2": _first_last(cfg, "stage2"),
                                   "contrastive": [c_losses[0], c_losses[-1]]}}
     with open(os.path.join(args.results, "quality.json"), "w") as f:

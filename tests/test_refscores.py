@@ -39,3 +39,4 @@ def test_fingerprint_follows_weights_and_settings(tmp_path, tiny_base):
     assert a == fingerprint(tiny_base, tiny_base, 5, 64, 64)
     assert a != fingerprint(tiny_base, tiny_base, 4, 64, 64)
     assert a != fingerprint(tiny_base, tiny_base, 5, 32, 64)
+    assert a != fingerprint(tiny_base, tiny_base, 5, 64, 64, decoder_bos=True)
