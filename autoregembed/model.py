@@ -60,8 +60,8 @@ class AutoRegEmbedModel(nn.Module):
         decoder_bos_id: None, the method as published: the decoder reads [e_1..e_k ; target+EOS].
         A token id: the decoder reads that token first, [BOS ; e_1..e_k ; target+EOS]
         (``model.decoder_bos``).  Why: a pretrained LM parks attention on its first position
-        (the attention sink), so without it e_1 is pushed to become a sink, one vector shared by
-        every text; on SmolLM2 that is how stage 1 collapses (README, "Real-model benchmarks")."""
+        (the attention sink); without a BOS, stage 1 on SmolLM2 collapsed the compressed tokens onto
+        one vector shared by every text, with it it did not (README, "Decoder BOS")."""
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder

@@ -113,6 +113,7 @@ class Session:
     def export(self, out_dir: str) -> str:
         meta = {"num_embed_tokens": self.cfg.model.num_embed_tokens, "instruction": self.cfg.eval.instruction,
                 "max_text_len": self.cfg.data.max_text_len, "stage": self.stage, "base_model": self.cfg.model.base,
+                "decoder_bos": self.cfg.model.decoder_bos,  # provenance: what the decoder read in training
                 "template": "[BOS]{text}\\n{instruction}\\n" + "".join(f"<EMBED{i}>" for i in
                                                                        range(self.cfg.model.num_embed_tokens))}
         export_encoder(self.encoder, self.tokenizer, out_dir, meta)

@@ -153,3 +153,12 @@ def test_decoder_never_runs_the_lm_head_and_stays_frozen(setup):
     assert not called
     assert all(p.grad is None for p in model.decoder.parameters())
     assert any(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
+    from autoregembed.loading import load_model
+
+    on, tok = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa", decoder_bos=True)
+    off, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa")
+    assert on.decoder_bos_id == tok.bos_token_id is not None
+    assert off.decoder_bos_id is None
