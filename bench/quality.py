@@ -150,6 +150,10 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
+    try:  # the chart is drawn at the very end: fail now, not after 30 minutes of work
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("bench/quality.py needs matplotlib (and gguf for the one-off model conversion): pip install gguf matplotlib")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     from real_model import smollm2_dir
 
