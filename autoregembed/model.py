@@ -61,7 +61,7 @@ class AutoRegEmbedModel(nn.Module):
         A token id: the decoder reads that token first, [BOS ; e_1..e_k ; target+EOS]
         (``model.decoder_bos``).  Why: a pretrained LM parks attention on its first position
         (the attention sink); without a BOS, stage 1 on SmolLM2 collapsed the compressed tokens onto
-        one vector shared by every text, with it it did not (README, "Decoder BOS")."""
+        one vector shared by every text far more often than with it (README, "Decoder BOS")."""
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
