@@ -133,10 +133,10 @@ def test_decoder_bos_changes_what_the_decoder_reads(setup):
     """The flag reaches the decoder: the loss moves (the tiny LM has no strong attention sink, so
     only by ~3e-4 nats/token here; float32 noise on it is ~1e-6)."""
     rows = [{"context": r["query"], "instruction": "Reconstruct.", "output": r["query"]} for r in ROWS]
+    (plain, te), (bos, _) = (_model(setup, "paper", flag) for flag in (False, True))
+    batch = stage1_batch(rows, te)
     with torch.no_grad():
-        plain, bos = (_model(setup, "paper", flag)[0].stage1_loss(**stage1_batch(rows, TextEncoder(setup[0], K)))
-                      for flag in (False, True))
-    assert abs(plain.item() - bos.item()) > 1e-4
+        assert abs(plain.stage1_loss(**batch).item() - bos.stage1_loss(**batch).item()) > 1e-4
 
 
 def test_decoder_never_runs_the_lm_head_and_stays_frozen(setup):
