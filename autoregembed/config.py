@@ -74,6 +74,7 @@ class LossConfig:
     beta: float = 0.1
     tau: float = 0.1
     reference_sign: str = "paper"  # paper: subtract the reference margin (as in DPO); code: add it (authors' release)
+    detach_positive: bool = False  # true: no gradient through c_p = log p(pos|e_pos) (losses.alignment_loss says why)
 
 
 @dataclass

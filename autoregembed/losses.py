@@ -11,7 +11,7 @@ def compression_loss(seq_logprobs: torch.Tensor, num_target_tokens: torch.Tensor
 
 
 def alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, beta: float = 0.1, tau: float = 0.1,
-                   reference_sign: str = "paper") -> torch.Tensor:
+                   reference_sign: str = "paper", detach_positive: bool = False) -> torch.Tensor:
     """Stage 2, conditional distribution alignment.
 
     c_q [B] = log p(pos|e_q), c_p [B] = log p(pos|e_pos), r [N] = log p(neg_i|e_q) for every
@@ -25,11 +25,20 @@ def alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, beta: float = 0.1, tau: flo
     ``reference_sign="paper"`` subtracts the reference margin (the paper's figure, as in
     DPO); ``"code"`` adds it (the authors' released code).  Queries may have different
     numbers of negatives: the loss is the mean over each query's negatives, then over queries.
+
+    ``detach_positive=True`` makes c_p a target: no gradient reaches the positive's own
+    encoding.  Why: s1 is smallest (0.5) when c_q == c_p, and one way there is for every text to
+    get the same compressed tokens.  As published the gradient lowers c_p towards c_q, which
+    is that way; when stage 1 reconstructs poorly (c_p not far above c_q, s1 not saturated) it
+    collapsed the embeddings on SmolLM2 (README, benchmark section).  Off by default: the paper
+    back-propagates through both.
     """
     if reference_sign not in ("paper", "code"):
         raise ValueError(f"reference_sign must be 'paper' or 'code', got {reference_sign!r}")
     if not (c_q.shape == c_p.shape == ref_c.shape) or not (r.shape == owner.shape == ref_r.shape):
         raise ValueError("c_q/c_p/ref_c and r/owner/ref_r must have matching shapes")
+    if detach_positive:
+        c_p = c_p.detach()
     s1 = torch.sigmoid(beta * (c_q - c_p).abs())[owner]
     ref_margin = ref_c[owner] - ref_r
     margin = (c_q[owner] - r) + (ref_margin if reference_sign == "code" else -ref_margin)

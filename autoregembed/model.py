@@ -54,7 +54,7 @@ class LogprobHead(nn.Module):
 
 class AutoRegEmbedModel(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, k: int, beta: float = 0.1, tau: float = 0.1,
-                 reference_sign: str = "paper", decoder_bos_id: int | None = None):
+                 reference_sign: str = "paper", detach_positive: bool = False, decoder_bos_id: int | None = None):
         """encoder: a base transformer (e.g. LlamaModel) returning last_hidden_state.
         decoder: the frozen causal LM (its parameters are frozen here).
         decoder_bos_id: None, the method as published: the decoder reads [e_1..e_k ; target+EOS].
@@ -67,7 +67,7 @@ class AutoRegEmbedModel(nn.Module):
         self.decoder = decoder
         self.k = k
         self.decoder_bos_id = decoder_bos_id
-        self.beta, self.tau, self.reference_sign = beta, tau, reference_sign
+        self.beta, self.tau, self.reference_sign, self.detach_positive = beta, tau, reference_sign, detach_positive
         for p in decoder.parameters():
             p.requires_grad_(False)
         self.head = LogprobHead(decoder)
@@ -138,7 +138,8 @@ class AutoRegEmbedModel(nn.Module):
                     pos_ids, pos_mask, neg_ids, neg_mask, owner, ref_c, ref_r):
         c_q, c_p, r = self.candidate_scores(q_input_ids, q_attention_mask, p_input_ids, p_attention_mask,
                                             pos_ids, pos_mask, neg_ids, neg_mask, owner)
-        return alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, self.beta, self.tau, self.reference_sign)
+        return alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, self.beta, self.tau, self.reference_sign,
+                              self.detach_positive)
 
 
 def _stack_padded(ids_list, mask_list):

@@ -8,6 +8,7 @@ eval      -> STS Spearman of an export
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -44,6 +45,11 @@ def prepare_base(cfg: Config) -> str:
     return cfg.base_model_dir
 
 
+def loss_settings(cfg: Config) -> dict:
+    """The ``loss.*`` keys as AutoRegEmbedModel's keyword arguments."""
+    return dataclasses.asdict(cfg.loss)
+
+
 def _hidden_size(path: str) -> int:
     from transformers import AutoConfig
 
@@ -78,14 +84,13 @@ class Session:
             # without an optimizer: a forward-only session runs unsharded
             self.ds["zero_optimization"] = {**self.ds["zero_optimization"], "stage": 0}
         torch.manual_seed(cfg.seed)
-        loss = {"beta": cfg.loss.beta, "tau": cfg.loss.tau, "reference_sign": cfg.loss.reference_sign}
         m = cfg.model
         lora = (dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets)
                 if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
         self.model, self.tokenizer = load_model(encoder_path, self.base, cfg.model.num_embed_tokens, dtype,
                                                 resolve_attn(cfg.model.attn_implementation),
                                                 gradient_checkpointing=train and cfg.model.gradient_checkpointing,
-                                                loss=loss, ds_config=self.ds, lora=lora,
+                                                loss=loss_settings(cfg), ds_config=self.ds, lora=lora,
                                                 decoder_bos=cfg.model.decoder_bos)
         if norm_scale is not None:
             rescale_final_norm(self.model.encoder, norm_scale)

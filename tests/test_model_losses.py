@@ -115,6 +115,62 @@ def test_reference_sign_changes_the_loss(setup):
     assert outs[0] != pytest.approx(outs[1])
 
 
+def test_detach_positive_keeps_the_loss_and_stops_the_gradient_into_c_p():
+    """c_p becomes a target: same loss value, no gradient into it, and c_q's gradient unchanged
+    (the one computed by hand), so in the model only the positive's own encoding loses its gradient."""
+    from autoregembed.losses import alignment_loss
+
+    owner = torch.tensor([0, 1, 1])
+    ref_c, ref_r = torch.tensor([-40.0, -35.0]), torch.tensor([-50.0, -45.0, -38.0])
+    values = {}
+    for detach in (False, True):
+        c_q = torch.tensor([-42.0, -30.0], requires_grad=True)
+        c_p = torch.tensor([-36.0, -33.0], requires_grad=True)
+        r = torch.tensor([-55.0, -41.0, -37.0], requires_grad=True)
+        loss = alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, detach_positive=detach)
+        loss.backward()
+        values[detach] = (loss.item(), c_q.grad.clone(), c_p.grad)
+    assert values[True][0] == pytest.approx(values[False][0])
+    assert values[True][2] is None and values[False][2].abs().min() > 0
+
+    def by_hand(c_q):  # the formula in float64, c_p a constant, per query then mean
+        c_p = torch.tensor([-36.0, -33.0], dtype=torch.float64)
+        terms = [[], []]
+        for i, q in enumerate(owner.tolist()):
+            s1 = torch.sigmoid(0.1 * (c_q[q] - c_p[q]).abs())
+            s2 = torch.sigmoid(0.1 * ((c_q[q] - [-55.0, -41.0, -37.0][i]) - (ref_c[q].double() - ref_r[i].double())))
+            terms[q].append(torch.nn.functional.softplus((s1 - s2) / 0.1))
+        return sum(sum(t) / len(t) for t in terms) / 2
+
+    want = torch.autograd.functional.jacobian(by_hand, torch.tensor([-42.0, -30.0], dtype=torch.float64))
+    torch.testing.assert_close(values[True][1].double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(values[True][1], values[False][1])
+
+
+def test_model_stage2_loss_detaches_the_positive_when_asked(setup):
+    """AutoRegEmbedModel(detach_positive=True) trains exactly as the loss with c_p held constant."""
+    from autoregembed.losses import alignment_loss
+
+    model, te = _model(setup, "paper")
+    batch = candidates_batch(ROWS, te, with_positive_inputs=True)
+    refs = dict(ref_c=torch.full((3,), -10.0), ref_r=torch.full((6,), -30.0))
+    grads = {}
+    for detach in (False, True):
+        model.detach_positive = detach
+        model.encoder.zero_grad()
+        model.stage2_loss(**batch, **refs).backward()
+        grads[detach] = _grads(model)
+    model.detach_positive = False
+    model.encoder.zero_grad()
+    c_q, c_p, r = model.candidate_scores(**batch)
+    alignment_loss(c_q, c_p.detach(), r, batch["owner"], **refs).backward()
+    want = _grads(model)
+    model.encoder.zero_grad()
+    for n in want:
+        torch.testing.assert_close(grads[True][n], want[n], atol=1e-7, rtol=1e-5, msg=n)
+    assert any(not torch.allclose(grads[True][n], grads[False][n]) for n in want)
+
+
 @pytest.mark.parametrize("decoder_bos", [False, True])
 def test_stage1_loss_is_token_mean_cross_entropy(setup, decoder_bos):
     model, te = _model(setup, "paper", decoder_bos)
@@ -162,3 +218,14 @@ def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
     off, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa")
     assert on.decoder_bos_id == tok.bos_token_id is not None
     assert off.decoder_bos_id is None
+
+
+def test_config_reaches_the_model_loss_settings(tiny_base):
+    """loss.* keys arrive on the model the trainer builds (trainer.Session passes them to load_model)."""
+    from autoregembed.config import load_config
+    from autoregembed.loading import load_model
+    from autoregembed.trainer import loss_settings
+
+    cfg = load_config(None, ["loss.detach_positive=true", "loss.reference_sign=code", "loss.beta=0.2"])
+    model, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa", loss=loss_settings(cfg))
+    assert (model.detach_positive, model.reference_sign, model.beta, model.tau) == (True, "code", 0.2, 0.1)
