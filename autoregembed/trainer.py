@@ -50,6 +50,12 @@ def loss_settings(cfg: Config) -> dict:
     return dataclasses.asdict(cfg.loss)
 
 
+def reference_fingerprint(cfg: Config, decoder_dir: str) -> str:
+    """What reference scoring writes into the score file and stage 2 expects to find there."""
+    return fingerprint(cfg.stage1_model_dir, decoder_dir, cfg.model.num_embed_tokens, cfg.data.max_text_len,
+                       cfg.data.max_target_len, cfg.model.decoder_bos)
+
+
 def _hidden_size(path: str) -> int:
     from transformers import AutoConfig
 
@@ -180,8 +186,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
                 norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path, rows))
     refs = None
     if stage == "stage2":
-        fp = fingerprint(cfg.stage1_model_dir, s.base, cfg.model.num_embed_tokens, cfg.data.max_text_len,
-                         cfg.data.max_target_len, cfg.model.decoder_bos)
+        fp = reference_fingerprint(cfg, s.base)
         refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
     o = s.optim
     sampler = StepSampler(len(rows), o.micro_batch_size, o.gradient_accumulation_steps, D.world_size(), cfg.seed)
@@ -270,8 +275,7 @@ def score_references(cfg: Config, ds_path) -> str:
     path = cfg.reference_scores_path
     if D.rank() == 0:
         merged = dict(kv for part in gathered for kv in part)
-        fp = fingerprint(cfg.stage1_model_dir, s.base, cfg.model.num_embed_tokens, cfg.data.max_text_len,
-                         cfg.data.max_target_len, cfg.model.decoder_bos)
+        fp = reference_fingerprint(cfg, s.base)
         save_scores(path, list(merged), list(merged.values()), fp)
         log(f"reference: scored {len(merged)} rows -> {path}")
     D.barrier()

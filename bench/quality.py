@@ -216,7 +216,8 @@ def main():
         overrides += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
                       f"{stage}.learning_rate={lr}", f"{stage}.warmup_steps={max(1, steps // 5)}"]
     cfg = load_config(None, overrides)
-    cfg2 = load_config(None, overrides + [f"model.lora_rank={args.stage2_lora_rank}"])
+    stage2_overrides = overrides + [f"model.lora_rank={args.stage2_lora_rank}"]
+    cfg2 = load_config(None, stage2_overrides)
     ds = args.deepspeed
     c_losses = None
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
@@ -228,10 +229,10 @@ def main():
         stage2_dir = timed("train (d) stage 2", lambda: train_stage(cfg2, "stage2", ds))
         results["(d) stage 1 + stage 2"] = scored("eval (d)", lambda: Encoder.from_pretrained(stage2_dir))
         for n in stage2_seeds:  # the same stage-1 model and reference scores, another stage-2 seed
-            cfg_n = load_config(None, overrides + [f"model.lora_rank={args.stage2_lora_rank}", f"seed={n}",
-                                                   f"output_dir={os.path.join(args.out, f'stage2-seed{n}')}",
-                                                   f"paths.stage1_model={cfg.stage1_model_dir}",
-                                                   f"paths.reference_scores={cfg.reference_scores_path}"])
+            cfg_n = load_config(None, stage2_overrides + [f"seed={n}",
+                                                           f"output_dir={os.path.join(args.out, f'stage2-seed{n}')}",
+                                                           f"paths.stage1_model={cfg.stage1_model_dir}",
+                                                           f"paths.reference_scores={cfg.reference_scores_path}"])
             dir_n = timed(f"train (d) stage 2, seed {n}", lambda: train_stage(cfg_n, "stage2", ds))
             seeded[n] = scored(f"eval (d) stage-2 seed {n}", lambda: Encoder.from_pretrained(dir_n))
     D.shutdown()

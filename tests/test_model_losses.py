@@ -121,12 +121,11 @@ def test_detach_positive_keeps_the_loss_and_stops_the_gradient_into_c_p():
     from autoregembed.losses import alignment_loss
 
     owner = torch.tensor([0, 1, 1])
+    cq0, cp0, r0 = [-42.0, -30.0], [-36.0, -33.0], [-55.0, -41.0, -37.0]
     ref_c, ref_r = torch.tensor([-40.0, -35.0]), torch.tensor([-50.0, -45.0, -38.0])
     values = {}
     for detach in (False, True):
-        c_q = torch.tensor([-42.0, -30.0], requires_grad=True)
-        c_p = torch.tensor([-36.0, -33.0], requires_grad=True)
-        r = torch.tensor([-55.0, -41.0, -37.0], requires_grad=True)
+        c_q, c_p, r = (torch.tensor(v, requires_grad=True) for v in (cq0, cp0, r0))
         loss = alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, detach_positive=detach)
         loss.backward()
         values[detach] = (loss.item(), c_q.grad.clone(), c_p.grad)
@@ -134,15 +133,14 @@ def test_detach_positive_keeps_the_loss_and_stops_the_gradient_into_c_p():
     assert values[True][2] is None and values[False][2].abs().min() > 0
 
     def by_hand(c_q):  # the formula in float64, c_p a constant, per query then mean
-        c_p = torch.tensor([-36.0, -33.0], dtype=torch.float64)
         terms = [[], []]
         for i, q in enumerate(owner.tolist()):
-            s1 = torch.sigmoid(0.1 * (c_q[q] - c_p[q]).abs())
-            s2 = torch.sigmoid(0.1 * ((c_q[q] - [-55.0, -41.0, -37.0][i]) - (ref_c[q].double() - ref_r[i].double())))
+            s1 = torch.sigmoid(0.1 * (c_q[q] - cp0[q]).abs())
+            s2 = torch.sigmoid(0.1 * ((c_q[q] - r0[i]) - (ref_c[q].double() - ref_r[i].double())))
             terms[q].append(torch.nn.functional.softplus((s1 - s2) / 0.1))
         return sum(sum(t) / len(t) for t in terms) / 2
 
-    want = torch.autograd.functional.jacobian(by_hand, torch.tensor([-42.0, -30.0], dtype=torch.float64))
+    want = torch.autograd.functional.jacobian(by_hand, torch.tensor(cq0, dtype=torch.float64))
     torch.testing.assert_close(values[True][1].double(), want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(values[True][1], values[False][1])
 
