@@ -11,6 +11,21 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (tests/test_kernel_ptx.py checks the kernels offline)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def child_env(**extra) -> dict:
+    """Environment for the multi-process tests' children: CPU and gloo even on a GPU machine (two
+    ranks cannot share one GPU under NCCL; the gpu-marked tests cover CUDA), one thread each."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """The built-in tiny LLaMA (briefly pretrained) and its tokenizer, built once per session."""

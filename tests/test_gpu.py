@@ -1,0 +1,76 @@
+"""On a CUDA device: the compiled kernels and the CUDA branches of the PyTorch path against float64.
+
+Skipped without a GPU (conftest.py); tests/test_kernel_ptx.py covers what a CPU can check.
+"""
+import pytest
+import torch
+
+from autoregembed import logprobs
+from autoregembed.logprobs import IGNORE_INDEX, sequence_logprobs
+
+pytestmark = pytest.mark.gpu
+
+# (V, M, D): vocabularies of LLaMA-2, GPT-2 (odd), LLaMA-3; one token, odd and >16k token counts
+SHAPES = [(32000, 1, 4096), (50257, 333, 1000), (128256, 2049, 4096), (32000, 16400, 4096), (151936, 77, 3584)]
+
+
+def _problem(v, m, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.randn(m, d, device="cuda", generator=g)
+    w = torch.randn(v, d, device="cuda", generator=g) / d ** 0.5 * 4
+    y = torch.randint(0, v, (m,), device="cuda", generator=g)
+    y[-1] = v - 1
+    return h.to(dtype), w.to(dtype), y
+
+
+def _reference(h, w, y, g):
+    h64 = h.double().requires_grad_()
+    lp = torch.log_softmax(h64 @ w.double().T, -1).gather(1, y[:, None])[:, 0]
+    (lp * g).sum().backward()
+    return lp.detach(), h64.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("v,m,d", SHAPES)
+def test_compiled_kernels_match_float64(v, m, d, dtype):
+    from kernels import token_logprobs_bwd, token_logprobs_fwd
+
+    h, w, y = _problem(v, m, d, dtype)
+    g = torch.randn(m, device="cuda", dtype=torch.float64)
+    ref_lp, ref_grad = _reference(h, w, y, g)
+    tgt, lse = token_logprobs_fwd(h, w, y)
+    grad = token_logprobs_bwd(h, w, y, lse, g.float())
+    # bf16 operands are exact in the fp32 accumulator: what differs is summation order (and the
+    # bf16 rounding of dZ and of the returned gradient)
+    lp_tol, grad_tol = (2e-3, 2e-2) if dtype == torch.bfloat16 else (1e-4, 1e-4)
+    torch.testing.assert_close((tgt - lse).double(), ref_lp, atol=lp_tol, rtol=1e-4)
+    scale = ref_grad.abs().max().item()
+    assert (grad.double() - ref_grad).abs().max().item() <= grad_tol * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_path_on_cuda_matches_float64(monkeypatch, dtype):
+    """The PyTorch fallback's CUDA branch (half-precision GEMMs with fp32 output)."""
+    monkeypatch.setenv("AUTOREGEMBED_DISABLE_TRITON", "1")
+    monkeypatch.setattr(logprobs, "TOKEN_CHUNK", 256)
+    monkeypatch.setattr(logprobs, "VOCAB_CHUNK", 4096)
+    h, w, y = _problem(32000, 700, 1024, dtype, seed=1)
+    g = torch.randn(700, device="cuda", dtype=torch.float64)
+    ref_lp, ref_grad = _reference(h, w, y, g)
+    hh = h.clone().requires_grad_()
+    lp = logprobs.token_logprobs(hh, w, y)
+    (lp * g.float()).sum().backward()
+    tol = 2e-3 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(lp.double(), ref_lp, atol=tol, rtol=1e-4)
+    assert (hh.grad.double() - ref_grad).abs().max().item() <= 2e-2 * max(ref_grad.abs().max().item(), 1.0)
+
+
+def test_sequence_logprobs_uses_the_kernels_on_cuda_and_agrees_with_the_fallback(monkeypatch):
+    h, w, _ = _problem(32000, 5 * 40, 512, torch.bfloat16, seed=2)
+    hidden = h.view(5, 40, 512)
+    labels = torch.randint(0, 32000, (5, 40), device="cuda")
+    labels[:, :7] = IGNORE_INDEX
+    fused = sequence_logprobs(hidden, w, labels)
+    monkeypatch.setenv("AUTOREGEMBED_DISABLE_TRITON", "1")
+    chunked = sequence_logprobs(hidden, w, labels)
+    torch.testing.assert_close(fused, chunked, atol=2e-2, rtol=1e-4)
