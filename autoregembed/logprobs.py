@@ -27,6 +27,14 @@ TOKEN_CHUNK = int(os.environ.get("AUTOREGEMBED_TOKEN_CHUNK", 1024))
 VOCAB_CHUNK = int(os.environ.get("AUTOREGEMBED_VOCAB_CHUNK", 8192))
 
 
+def _fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32.  On CUDA, bf16/fp16 operands stay half precision (tensor cores) and only
+    the output is fp32; elsewhere (CPU has no fast half GEMM) they are upcast first."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
     """Return (target logit, logsumexp) per token in fp32, one tile at a time."""
     m = hidden.shape[0]
@@ -34,18 +42,18 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     target = torch.empty(m, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
     for s in range(0, m, TOKEN_CHUNK):
-        h = hidden[s : s + TOKEN_CHUNK].float()
+        h = hidden[s : s + TOKEN_CHUNK]
         y = labels[s : s + TOKEN_CHUNK]
         run_max = torch.full((h.shape[0],), -float("inf"), device=h.device)
         run_sum = torch.zeros(h.shape[0], device=h.device)
         for vs in range(0, v, VOCAB_CHUNK):
-            logits = h @ weight[vs : vs + VOCAB_CHUNK].float().T
+            logits = _fp32_product(h, weight[vs : vs + VOCAB_CHUNK].T)
             new_max = torch.maximum(run_max, logits.amax(dim=1))
             run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(1)
             run_max = new_max
             del logits
         lse[s : s + TOKEN_CHUNK] = run_max + torch.log(run_sum)
-        target[s : s + TOKEN_CHUNK] = (h * weight[y].float()).sum(1)
+        target[s : s + TOKEN_CHUNK] = (h.float() * weight[y].float()).sum(1)
     return target, lse
 
 
@@ -55,13 +63,13 @@ def _chunked_backward(hidden, weight, labels, lse, grad_tok):
     v = weight.shape[0]
     grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
     for s in range(0, m, TOKEN_CHUNK):
-        h = hidden[s : s + TOKEN_CHUNK].float()
+        h = hidden[s : s + TOKEN_CHUNK]
         g = grad_tok[s : s + TOKEN_CHUNK].float()
         acc = g[:, None] * weight[labels[s : s + TOKEN_CHUNK]].float()
         for vs in range(0, v, VOCAB_CHUNK):
-            w = weight[vs : vs + VOCAB_CHUNK].float()
-            p = (h @ w.T).sub_(lse[s : s + TOKEN_CHUNK, None]).exp_().mul_(g[:, None])
-            acc.addmm_(p, w, alpha=-1.0)
+            w = weight[vs : vs + VOCAB_CHUNK]
+            p = _fp32_product(h, w.T).sub_(lse[s : s + TOKEN_CHUNK, None]).exp_().mul_(g[:, None])
+            acc -= _fp32_product(p.to(w.dtype) if p.is_cuda else p, w)
             del p
         grad[s : s + TOKEN_CHUNK] = acc
     return grad.to(hidden.dtype)
@@ -85,8 +93,9 @@ class TokenLogprobs(torch.autograd.Function):
         else:
             target, lse = _chunked_forward(hidden, weight, labels)
         ctx.save_for_backward(hidden, labels, lse)
-        # Kept as the Parameter, not its data: under ZeRO-3 the data is released after
-        # forward and gathered again before backward (see model.LogprobHead).
+        # The Parameter itself, never a tensor sharing its storage: under ZeRO-3 the gathered
+        # data is released after forward and gathered again before backward (model.LogprobHead);
+        # an alias (e.g. ``weight.detach()``) would keep the whole LM head resident in between.
         ctx.weight = weight
         return target - lse
 
@@ -111,7 +120,12 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
         raise ValueError(f"hidden must be [M, D] and labels [M]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     if lm_head_weight.dim() == 2 and lm_head_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"lm_head weight {tuple(lm_head_weight.shape)} does not match hidden size {hidden.shape[1]}")
-    return TokenLogprobs.apply(hidden.contiguous(), lm_head_weight.detach(), labels.contiguous())
+    if lm_head_weight.requires_grad:
+        raise ValueError("the LM head must be frozen: the fused scorer computes no weight gradient")
+    bad = (labels < 0) | (labels >= lm_head_weight.shape[0])
+    if labels.numel() and bool(bad.any()):
+        raise ValueError(f"label {labels[bad][0].item()} is outside the vocabulary [0, {lm_head_weight.shape[0]})")
+    return TokenLogprobs.apply(hidden.contiguous(), lm_head_weight, labels.contiguous())
 
 
 def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,8 @@ class AutoRegEmbedModel(nn.Module):
             return self.stage1_loss(**batch)
         if stage == "stage2":
             return self.stage2_loss(**batch)
+        if stage == "reference":  # through the engine too, so ZeRO-3 prefetches as in training
+            return self.candidate_scores(**batch)
         raise ValueError(f"unknown stage {stage!r}")
 
     def stage1_loss(self, input_ids, attention_mask, target_ids, target_mask):

@@ -26,6 +26,7 @@ from .decoder_scale import calibration_indices, rescale_final_norm, scale_factor
 from .ds_config import build_ds_config, zero_stage
 from .export import export_encoder
 from .loading import build_tiny_base, load_model, resolve_attn, resolve_dtype
+from .plan import Arch
 from .refscores import ReferenceScores, fingerprint, save_scores
 from .tokenization import TextEncoder
 
@@ -56,10 +57,10 @@ def reference_fingerprint(cfg: Config, decoder_dir: str) -> str:
                        cfg.data.max_target_len, cfg.model.decoder_bos)
 
 
-def _hidden_size(path: str) -> int:
+def _arch(path: str) -> Arch:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path).hidden_size
+    return Arch.from_config(AutoConfig.from_pretrained(path).to_dict())
 
 
 def _warmup_linear(warmup: int, total: int):
@@ -84,7 +85,8 @@ class Session:
         self.base = prepare_base(cfg)
         self.optim = cfg.optim(stage)
         dtype = resolve_dtype(cfg.model.dtype)
-        self.ds = build_ds_config(ds_path, self.optim, D.world_size(), _hidden_size(self.base), dtype)
+        self.ds = build_ds_config(ds_path, self.optim, D.world_size(), _arch(self.base), dtype,
+                                  D.local_world_size())
         if not train and zero_stage(self.ds) in (1, 2):
             # ZeRO-1/2 shard only optimizer state and gradients, and DeepSpeed refuses them
             # without an optimizer: a forward-only session runs unsharded
@@ -267,7 +269,7 @@ def score_references(cfg: Config, ds_path) -> str:
         real = len(chunk)
         chunk = chunk or rows[:1]  # a rank with nothing left still takes part in the collectives
         batch = to_device(candidates_batch(chunk, s.text_encoder, with_positive_inputs=False), s.device)
-        c_q, _, r = s.engine.module.candidate_scores(**batch)
+        c_q, _, r = s.engine(stage="reference", **batch)
         owner = batch["owner"].tolist()
         for i, row in enumerate(chunk[:real]):
             results.append((row_key(row), [c_q[i].item()] + [r[j].item() for j, o in enumerate(owner) if o == i]))
@@ -296,6 +298,9 @@ def evaluate(cfg: Config, model_dir: str) -> float:
 def run(cfg: Config, ds_path, resume: bool = False) -> dict:
     """Run ``cfg.stage`` (or the whole pipeline); returns where each artifact went."""
     check_runtime(cfg, D.world_size())
+    if D.device().type == "cuda" and resolve_dtype(cfg.model.dtype) == torch.float32:
+        log("model.dtype=fp32 on a GPU: matmuls and the fused scorer run without tensor cores "
+            "(IEEE fp32, several times slower); bf16 is the GPU default (model.dtype=auto)")
     out = {}
     stages = ["stage1", "reference", "stage2", "eval"] if cfg.stage == "pipeline" else [cfg.stage]
     for stage in stages:
