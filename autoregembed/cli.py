@@ -29,6 +29,7 @@ def run_training(args, stage: str | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
     cfg = load_config(args.config, overrides)  # config errors surface before any process group or model
+    D.select_device(cfg.device)
     D.init_distributed()
     try:
         run(cfg, args.deepspeed, resume=args.resume)
@@ -69,9 +70,10 @@ def main(argv=None) -> int:
     if args.command == "plan":
         from .plan import Arch, plan, report
 
-        p = plan(Arch.load(args.model), args.gpus_per_node * args.nodes, args.zero, args.micro_batch,
-                 args.negatives, args.max_len, args.num_embed_tokens)
-        text, fits = report(p, args.gpu_mem_gb)
+        arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
+        shape = (args.micro_batch, args.negatives, args.max_len, args.num_embed_tokens)
+        p = plan(arch, gpus, args.zero, *shape)
+        text, fits = report(p, args.gpu_mem_gb, plan(arch, gpus, 2, *shape) if args.zero == 3 else None)
         print(text)
         return 0 if fits else 3
 

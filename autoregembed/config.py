@@ -94,6 +94,8 @@ class EvalConfig:
 @dataclass
 class Config:
     stage: str = "pipeline"
+    # auto: CUDA when present, else CPU | cuda: refuse to start without CUDA | cpu: ignore any GPU
+    device: str = "auto"
     output_dir: str = "runs/default"
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -207,6 +209,8 @@ def load_config(path: typing.Optional[str] = None, overrides: typing.Sequence[st
 def _check_values(cfg: Config):
     if cfg.stage not in STAGES:
         raise ConfigError(f"key 'stage': {cfg.stage!r} is not one of {', '.join(STAGES)}")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"key 'device': {cfg.device!r} is not auto, cuda or cpu")
     if cfg.loss.reference_sign not in ("paper", "code"):
         raise ConfigError(f"key 'loss.reference_sign': {cfg.loss.reference_sign!r} is not 'paper' or 'code'")
     if cfg.model.dtype not in ("auto", "bf16", "fp16", "fp32"):

@@ -43,6 +43,32 @@ def launch_env(environ=os.environ) -> dict:
     return env
 
 
+def gpus_requested_by(environ=os.environ) -> str | None:
+    """The launcher variable that allocated GPUs to this process (Slurm's), or None."""
+    for var in ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        if environ.get(var, "").strip() not in ("", "0"):
+            return var
+    return None
+
+
+def select_device(requested: str, environ=os.environ):
+    """Apply ``device`` (auto | cuda | cpu) before anything initialises CUDA.
+
+    A GPU job must never fall back to CPU silently (it would run for days at 1% speed): when the
+    config says cuda, or Slurm allocated GPUs, and this torch sees none, stop with the reason."""
+    from .config import ConfigError
+
+    if requested == "cpu":
+        environ["CUDA_VISIBLE_DEVICES"] = ""
+        return
+    asked = "device=cuda" if requested == "cuda" else gpus_requested_by(environ)
+    if asked and not torch.cuda.is_available():
+        why = (f"torch {torch.__version__} is a CPU-only build: install the CUDA build of torch"
+               if torch.version.cuda is None else "torch sees no CUDA device (driver, CUDA_VISIBLE_DEVICES?)")
+        source = asked if asked == "device=cuda" else f"{asked}={environ[asked]}"
+        raise ConfigError(f"{source} asks for GPUs but {why}; set device=cpu to run on CPU on purpose")
+
+
 def init_distributed():
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
     os.environ.update(launch_env())
@@ -62,6 +88,14 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_world_size(environ=os.environ) -> int:
+    """Processes on this node (torchrun/deepspeed, Open MPI, Slurm), else the world size."""
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return world_size()
 
 
 def barrier():

@@ -12,6 +12,7 @@ import os
 import torch
 
 from .config import ConfigError, OptimConfig
+from .plan import Arch
 
 
 def _fill(section: dict, key: str, value, where: str):
@@ -23,8 +24,21 @@ def _fill(section: dict, key: str, value, where: str):
                           f"set it to \"auto\" or change the YAML")
 
 
-def build_ds_config(path: str | dict, optim: OptimConfig, world_size: int, hidden_size: int,
-                    dtype: torch.dtype) -> dict:
+def bucket_sizes(arch: Arch, gpus_per_node: int) -> dict:
+    """ZeRO sizes (in parameters) for "auto".  The HF Trainer's 0.9 x hidden^2 prefetch bucket is
+    smaller than one 7B MLP matrix (hidden x intermediate), so nothing is fetched ahead; here the
+    prefetch covers one whole transformer layer and the reduce bucket the largest matrix in it."""
+    h = arch.hidden
+    return {"reduce_bucket_size": max(h * h, h * arch.intermediate),
+            "stage3_prefetch_bucket_size": arch.layer_params(),
+            "stage3_param_persistence_threshold": 10 * h,
+            "zero_hpz_partition_size": gpus_per_node}
+
+
+def build_ds_config(path: str | dict, optim: OptimConfig, world_size: int, arch: Arch,
+                    dtype: torch.dtype, gpus_per_node: int = 1) -> dict:
+    """The DeepSpeed config with every "auto" resolved; ``arch`` sizes the ZeRO buckets and
+    ``gpus_per_node`` the hierarchical (hpZ) partition of ds_configs/zero3_multinode.json."""
     if isinstance(path, dict):
         ds, name = copy.deepcopy(path), "<dict>"
     else:
@@ -47,9 +61,7 @@ def build_ds_config(path: str | dict, optim: OptimConfig, world_size: int, hidde
         sec = ds.setdefault(key, {})
         _fill(sec, "enabled", on, f"{key}.")
     zero = ds.setdefault("zero_optimization", {})
-    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+    for key, value in bucket_sizes(arch, gpus_per_node).items():
         if zero.get(key) == "auto":
             zero[key] = value
     if "optimizer" in ds:

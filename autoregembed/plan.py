@@ -45,9 +45,13 @@ class Arch:
             raise ValueError(f"--model: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
                              f"nor a config.json / model folder")
         with open(path) as f:
-            c = json.load(f)
+            return cls.from_config(json.load(f))
+
+    @classmethod
+    def from_config(cls, c: dict) -> "Arch":
+        """From a Hugging Face config (config.json contents or ``PretrainedConfig.to_dict()``)."""
         return cls(c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"],
-                   c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"]),
+                   c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"],
                    bool(c.get("tie_word_embeddings", False)))
 
     def layer_params(self) -> int:
@@ -90,7 +94,8 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
             "encoder_params": enc, "decoder_params": dec, "decoder_tokens": dec_tokens}
 
 
-def report(p: dict, gpu_mem_gb: float) -> tuple[str, bool]:
+def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None) -> tuple[str, bool]:
+    """The printed plan; ``zero2``: the same run under ZeRO-2, to recommend it when it fits."""
     lines = [f"encoder {p['encoder_params'] / 1e9:.2f}B trainable params, decoder {p['decoder_params'] / 1e9:.2f}B "
              f"frozen; {p['decoder_tokens']} decoder tokens per micro-batch", ""]
     for name, v in p["breakdown"].items():
@@ -103,4 +108,11 @@ def report(p: dict, gpu_mem_gb: float) -> tuple[str, bool]:
     lines.append(f"fits in {gpu_mem_gb:g} GB" if fits else
                  f"DOES NOT FIT: {p['total'] / GB:.2f} GB > {gpu_mem_gb:g} GB per GPU; lower --micro-batch, "
                  f"--negatives or --max-len, or add GPUs")
+    if zero2 is not None and zero2["total"] <= gpu_mem_gb * GB:
+        lines.append(f"ZeRO-2 fits too ({zero2['total'] / GB:.2f} GB per GPU): prefer ds_configs/zero2.json. It keeps "
+                     f"whole bf16 weights on every GPU and skips ZeRO-3's all-gather of every layer in each forward "
+                     f"and backward, the main cost of ZeRO-3 across nodes.")
+    elif zero2 is not None:
+        lines.append(f"ZeRO-2 would need {zero2['total'] / GB:.2f} GB per GPU: ZeRO-3 is the right choice "
+                     f"(ds_configs/zero3_multinode.json on several nodes keeps the gathers inside a node).")
     return "\n".join(lines), fits

@@ -1,14 +1,19 @@
 """Bad data and bad configuration fail early, naming file, line and field (or key)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from autoregembed.config import ConfigError, check_runtime, load_config
 from autoregembed.data import DataError, StepSampler, load_rows
 from autoregembed.ds_config import build_ds_config
+from autoregembed.plan import Arch
 from autoregembed.evaluate import read_sts
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD2 = {"query": "q", "pos": "p", "neg": ["n1", "n2"], "instruction": "i"}
 
 
@@ -91,13 +96,20 @@ def test_ds_config_autos_are_filled_and_contradictions_refused(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(None, ["stage1.micro_batch_size=3", "stage1.gradient_accumulation_steps=2"])
-    ds = build_ds_config(os.path.join(root, "ds_configs", "zero3.json"), cfg.stage1, 2, 64, torch.float32)
+    arch = Arch.load("llama-2-7b")
+    ds = build_ds_config(os.path.join(root, "ds_configs", "zero3.json"), cfg.stage1, 2, arch, torch.float32)
     assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 3
-    assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
-    for name in ("zero3.json", "zero3_offload.json", "zero2.json"):
-        build_ds_config(os.path.join(root, "ds_configs", name), cfg.stage1, 2, 64, torch.bfloat16)
+    assert ds["bf16"]["enabled"] is False
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 4096 * 11008  # the largest matrix of a layer
+    assert zero["stage3_prefetch_bucket_size"] == arch.layer_params() > 200e6  # a whole layer ahead
+    for name in ("zero3.json", "zero3_offload.json", "zero2.json", "zero3_multinode.json"):
+        build_ds_config(os.path.join(root, "ds_configs", name), cfg.stage1, 16, arch, torch.bfloat16, 8)
+    multi = build_ds_config(os.path.join(root, "ds_configs", "zero3_multinode.json"), cfg.stage1, 16, arch,
+                            torch.bfloat16, gpus_per_node=8)
+    assert multi["zero_optimization"]["zero_hpz_partition_size"] == 8
     with pytest.raises(ConfigError, match="train_batch_size = 99 contradicts"):
-        build_ds_config({"train_batch_size": 99}, cfg.stage1, 2, 64, torch.float32)
+        build_ds_config({"train_batch_size": 99}, cfg.stage1, 2, arch, torch.float32)
 
 
 def test_sampler_is_deterministic_and_covers_rows():
@@ -122,3 +134,22 @@ def test_shipped_configs_are_valid():
     assert names
     for name in names:
         load_config(os.path.join(folder, name))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
+def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
+    from autoregembed.distributed import select_device
+
+    with pytest.raises(ConfigError, match=r"SLURM_GPUS_ON_NODE=8 asks for GPUs but torch .* CPU-only build"):
+        select_device("auto", {"SLURM_GPUS_ON_NODE": "8"})
+    with pytest.raises(ConfigError, match="device=cuda asks for GPUs"):
+        select_device("cuda", {})
+    select_device("auto", {"SLURM_GPUS_ON_NODE": "0"})  # a CPU job on a Slurm cluster
+    env = {"SLURM_JOB_GPUS": "0,1"}
+    select_device("cpu", env)  # on purpose: GPUs hidden before CUDA is initialised
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    # through the entry point: one line, before any model is built
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--set", "device=cuda",
+                           "--set", f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "device=cuda asks for GPUs" in proc.stderr
+    assert not (tmp_path / "run").exists()

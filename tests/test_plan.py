@@ -38,3 +38,10 @@ def test_fused_scorer_saves_the_logits_and_bad_plans_are_refused(capsys):
     assert p["materialised_logits"] > 100 * p["breakdown"]["logits, fused scorer"]
     with pytest.raises(ValueError, match="preset"):
         Arch.load("no-such-model")
+
+
+def test_planner_says_when_zero2_is_the_better_choice(capsys):
+    assert main(["plan", "--model", "smollm2-135m", "--gpus-per-node", "8"]) == 0
+    assert "ZeRO-2 fits too" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-2-13b", "--gpus-per-node", "8"]) == 0
+    assert "ZeRO-3 is the right choice" in capsys.readouterr().out
