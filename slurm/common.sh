@@ -4,16 +4,36 @@
 #   AUTOREGEMBED_HOME  project folder (default: the folder sbatch was run from)
 #   CONFIG             YAML run config (default: the built-in tiny pipeline settings)
 #   DS_CONFIG          DeepSpeed JSON (default: ds_configs/zero3.json)
-#   GPUS_PER_NODE      processes per node (default: SLURM_GPUS_ON_NODE, else 1)
+#   GPUS_PER_NODE      processes per node (default: the GPUs Slurm allocated, SLURM_GPUS_ON_NODE)
+#   DEVICE             train.py's device: cuda when Slurm allocated GPUs, else required (cpu) --
+#                      a job that got no GPUs stops here instead of training on CPU
 #   EXTRA_ARGS         more train.py arguments, e.g. "--set output_dir=/ckpt/run1"
 #   PYTHON             interpreter (default: python3)
-# Real clusters: set NCCL_SOCKET_IFNAME / NCCL_IB_HCA to the fabric interfaces, and
-# NCCL_ASYNC_ERROR_HANDLING=1 (or TORCH_NCCL_ASYNC_ERROR_HANDLING=1) so a dead rank ends the job.
+#   HF_HUB_OFFLINE     default 1: compute nodes read models from the local cache or a folder and
+#                      fail at once instead of waiting on the network; set 0 to allow downloads
+# NCCL: TORCH_NCCL_ASYNC_ERROR_HANDLING=1 is exported (a dead rank ends the job instead of hanging
+# it). Fabric settings are cluster-specific and left to you: NCCL_SOCKET_IFNAME (e.g. the
+# InfiniBand/Ethernet interface for bootstrap), NCCL_IB_HCA (e.g. mlx5), NCCL_DEBUG=INFO to
+# diagnose. A CPU test cluster overrides the GPU request on the command line:
+#   GPUS_PER_NODE=1 DEVICE=cpu sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/stage1.sh
 set -uo pipefail
 cd "${AUTOREGEMBED_HOME:-$SLURM_SUBMIT_DIR}" || exit 1
 PYTHON=${PYTHON:-python3}
-GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
+if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "${SLURM_GPUS_ON_NODE}" != 0 ]; then
+  GPUS_PER_NODE=${GPUS_PER_NODE:-$SLURM_GPUS_ON_NODE}
+  DEVICE=${DEVICE:-cuda}
+fi
+if [ -z "${GPUS_PER_NODE:-}" ] || [ -z "${DEVICE:-}" ]; then
+  echo "[slurm] no GPUs allocated to this job (SLURM_GPUS_ON_NODE is unset): submit with" \
+       "--gpus-per-node=N, or set GPUS_PER_NODE and DEVICE=cpu to run CPU processes on purpose" >&2
+  exit 2
+fi
+# srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05); torchrun would set 1 thread
+CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS_PER_TASK / GPUS_PER_NODE > 0 ? CPUS_PER_TASK / GPUS_PER_NODE : 1 ))}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MASTER_ADDR=$(scontrol show node "$first_node" -o | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
@@ -38,10 +58,11 @@ run_stage() {
   mkdir -p "$sdir"
   rm -f "$sdir/STOP"
   trap 'echo "[slurm] USR1: asking $stage to checkpoint and stop"; touch "$sdir/STOP"' USR1
-  srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "
+  srun --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 bash -c "
     exec torchrun --nnodes=$SLURM_NNODES --node_rank=\$SLURM_NODEID --nproc_per_node=$GPUS_PER_NODE \
       --master_addr=$MASTER_ADDR --master_port=$MASTER_PORT \
-      train.py --deepspeed $DS_CONFIG ${CONFIG:+--config $CONFIG} --set stage=$stage --resume ${EXTRA_ARGS:-}" &
+      train.py --deepspeed $DS_CONFIG ${CONFIG:+--config $CONFIG} --set stage=$stage --set device=$DEVICE \
+      --resume ${EXTRA_ARGS:-}" &
   local pid=$! rc
   while true; do  # wait returns early when the trap fires; keep waiting for the step itself
     wait "$pid"; rc=$?

@@ -2,12 +2,15 @@
 #SBATCH --job-name=are-reference
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-# AutoRegEmbed reference. Submit from the project folder: sbatch slurm/reference.sh
-# On GPU nodes add e.g. --gpus-per-node=8 --cpus-per-task=... and GPUS_PER_NODE=8.
+# AutoRegEmbed reference on GPU nodes. Submit from the project folder: sbatch slurm/reference.sh
+# One task per node runs torchrun with one process per allocated GPU. Change the node count, GPUs
+# and CPUs per node on the command line (sbatch --nodes=4 --gpus-per-node=4 --cpus-per-task=32 ...).
 # Environment: see slurm/common.sh.
 source "${AUTOREGEMBED_HOME:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
 run_stage reference

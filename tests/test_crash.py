@@ -7,10 +7,11 @@ import sys
 import time
 
 import pytest
+from conftest import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "crash_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+ENV = child_env()
 
 
 def _cmd(nproc, port, *args):

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from safetensors import safe_open
+from conftest import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
@@ -38,7 +39,7 @@ def run(tmp_path_factory, request):
                  "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
     if request.param == "lora":
         overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     port = str(29633 + request.param_index)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, WORKER, str(tmp), os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -12,6 +12,8 @@ import pytest
 from local_cluster import LocalSlurm, Unavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The stage scripts ask for 8 GPUs and 64 CPUs per node; this 2-CPU loopback cluster has no GPUs
+CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]
 TINY = ["--set", "model.tiny_hidden_size=32", "--set", "stage1.micro_batch_size=4", "--set", "stage2.micro_batch_size=4"]
 
 
@@ -35,7 +37,7 @@ def test_mpirun_two_ranks(tmp_path):
     out = str(tmp_path / "run")
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_oob_tcp_if_include": "lo", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_btl": "self,vader",
-           "OMP_NUM_THREADS": "1", "MASTER_PORT": "29677", "PYTHONWARNINGS": "ignore"}
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": "29677", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
     cmd = ["mpirun", "-np", "2", "--oversubscribe", "-x", "PATH", "-x", "OMP_NUM_THREADS", "-x", "MASTER_PORT",
            sys.executable, os.path.join(ROOT, "train.py"), "--set", "stage=stage1", "--set", f"output_dir={out}",
            "--set", "stage1.max_steps=2", *TINY]
@@ -58,13 +60,25 @@ def slurm(tmp_path_factory):
 
 def _submit_env(slurm, extra):
     return {**slurm.env, "AUTOREGEMBED_HOME": ROOT, "PYTHON": sys.executable, "EXTRA_ARGS": " ".join(extra),
-            "PYTHONWARNINGS": "ignore"}
+            "PYTHONWARNINGS": "ignore", "GPUS_PER_NODE": "1", "DEVICE": "cpu"}
+
+
+def test_slurm_job_without_gpus_stops_unless_cpu_is_asked_for(slurm, tmp_path):
+    env = {k: v for k, v in _submit_env(slurm, []).items() if k not in ("GPUS_PER_NODE", "DEVICE")}
+    r = subprocess.run(["sbatch", "--parsable", *CPU_JOB, f"--output={tmp_path}/nogpu-%j.out",
+                        os.path.join(ROOT, "slurm", "stage1.sh")], env=env, capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    states = slurm.wait([job], timeout=120)
+    log = open(glob.glob(f"{tmp_path}/nogpu-*.out")[0]).read()
+    assert states[job] == "FAILED" and "no GPUs allocated to this job" in log, (states, log)
 
 
 def test_slurm_pipeline_runs_all_four_stages(slurm, tmp_path):
     out = str(tmp_path / "run")
     extra = ["--set", f"output_dir={out}", "--set", "stage1.max_steps=4", "--set", "stage2.max_steps=3", *TINY]
-    r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "pipeline.sh"), f"--output={tmp_path}/%x-%j.out"],
+    r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "pipeline.sh"), *CPU_JOB, f"--output={tmp_path}/%x-%j.out"],
                        env=_submit_env(slurm, extra), capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     jobs = dict(line.split() for line in r.stdout.strip().splitlines())
@@ -85,7 +99,7 @@ def test_slurm_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
         extra = ["--set", f"output_dir={out}", "--set", f"stage1.max_steps={steps}", "--set", "stage1.warmup_steps=5",
                  *TINY]
         env = _submit_env(slurm, extra)
-        r = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/{name}-%j.out",
+        r = subprocess.run(["sbatch", "--parsable", *CPU_JOB, f"--output={tmp_path}/{name}-%j.out",
                             os.path.join(ROOT, "slurm", "stage1.sh")], env=env, capture_output=True, text=True,
                            cwd=ROOT, timeout=60)
         assert r.returncode == 0, r.stderr

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from conftest import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PREAMBLE = """
@@ -35,7 +37,7 @@ D.shutdown()
 
 
 def _python(script, out, stop_after, extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", script.format(root=ROOT), out, str(stop_after), *extra],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

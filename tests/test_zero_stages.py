@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from conftest import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,7 +14,7 @@ def test_zero2_pipeline_including_forward_only_sessions(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json"),
            "--set", f"output_dir={out}", "--set", "model.tiny_hidden_size=32", "--set", "stage1.max_steps=3",
            "--set", "stage2.max_steps=3", "--set", "stage=pipeline"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "final-norm scale" in proc.stdout
