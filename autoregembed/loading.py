@@ -74,8 +74,11 @@ def build_tiny_base(out_dir: str, corpus_files: list[str], hidden_size: int = 64
 
 
 def _pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, batch_size: int = 32, max_len: int = 64):
-    """Plain next-token training of the tiny base LM (a few seconds on CPU)."""
+    """Plain next-token training of the tiny base LM (a few seconds on CPU); 0 steps: untrained."""
     import random
+
+    if steps <= 0:
+        return
 
     rng = random.Random(seed)
     seqs = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"][: max_len - 2]
