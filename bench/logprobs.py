@@ -20,23 +20,12 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import reset_rss_peak, status_kb  # noqa: E402  (bench/memory.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_GRID = [(32000, 8192, 2048), (32000, 16384, 576), (128256, 4096, 576), (128256, 2048, 2048)]
 FULL_GRID = DEFAULT_GRID + [(32000, 16384, 4096), (128256, 16384, 4096)]
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak():
-    """Make VmHWM (peak RSS) restart from the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def measure(method: str, v: int, m: int, d: int, backward: bool, repeats: int) -> dict:
@@ -62,8 +51,8 @@ def measure(method: str, v: int, m: int, d: int, backward: bool, repeats: int) -
     hs = h.detach()[:64].clone().requires_grad_(backward)
     (torch.log_softmax(hs @ w[:4096].T, -1).sum() + token_logprobs(hs, w[:4096], y[:64] % 4096).sum())
     del hs
-    base = _status_kb("VmRSS")
-    _reset_peak()
+    base = status_kb("VmRSS")
+    reset_rss_peak()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -75,7 +64,7 @@ def measure(method: str, v: int, m: int, d: int, backward: bool, repeats: int) -
                 out = fn()
             del out
         times.append(time.perf_counter() - t0)
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     return {"time": min(times), "peak_bytes": max(0, peak - base) * 1024}
 
 

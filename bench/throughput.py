@@ -5,8 +5,11 @@
 
 naive = the authors' approach: decoder(...).logits -> log_softmax -> gather, summed per sequence.
 Both arms run the same AutoRegEmbedModel (gradient checkpointing on, fp32, AdamW) on the same
-batches; each in its own process, peak = VmHWM (reset after a warm-up step) - RSS before
-the measured steps.  Then the ZeRO-3 per-rank peak RSS of a short stage-1 run at 1 vs 2 ranks.
+batches, each in its own process, after one warm-up step.  Peak memory of a step, two ways
+(bench/memory.py): bytes of live tensors the step allocated (profiler events: the same on any
+machine) and resident memory, VmHWM reset after warm-up minus RSS before (allocator and kernel
+dependent; reported as unreliable where the kernel ignores the reset).  Then the ZeRO-3 per-rank
+peak RSS of a short stage-1 run at 1 vs 2 ranks.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from logprobs import _reset_peak, _status_kb  # noqa: E402  (bench/logprobs.py)
+from memory import peak_allocated_bytes, reset_rss_peak, rss_peak_resets, status_kb  # noqa: E402
 
 
 def _base(model: str) -> str:
@@ -84,15 +87,19 @@ def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocates Adam state, runtime buffers
-    base_kb = _status_kb("VmRSS")
-    _reset_peak()
+    resets = rss_peak_resets()
+    base_kb = status_kb("VmRSS")
+    reset_rss_peak()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     dt = (time.perf_counter() - t0) / steps
+    rss_peak = (status_kb("VmHWM") - base_kb) * 1024
+    _, allocated_peak = peak_allocated_bytes(step)
     tokens = int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum() + 2 * batch["pos_mask"].sum()
                  + batch["neg_mask"].sum())
-    return {"step_s": dt, "tokens_per_s": tokens / dt, "peak_bytes": (_status_kb("VmHWM") - base_kb) * 1024,
+    return {"step_s": dt, "tokens_per_s": tokens / dt, "peak_allocated_bytes": allocated_peak,
+            "peak_rss_bytes": rss_peak, "rss_peak_resets": resets,
             "decoder_tokens": int(2 * batch["pos_mask"].sum() + batch["neg_mask"].sum()),
             "vocab": m.decoder.get_output_embeddings().weight.shape[0]}
 
@@ -148,11 +155,14 @@ def main():
     o, n = res["ours"], res["naive"]
     print(f"stage-2 step, {args.model} (V={o['vocab']}), {args.queries} queries x (1 positive + {args.negatives} "
           f"negatives), {o['decoder_tokens']} decoder tokens")
-    print(f"  {'':8} {'step s':>8} {'tokens/s':>10} {'peak MB':>9}")
+    print(f"  {'':8} {'step s':>8} {'tokens/s':>10} {'allocated MB':>13} {'RSS MB':>8}")
     for arm in ("ours", "naive"):
         r = res[arm]
-        print(f"  {arm:8} {r['step_s']:8.2f} {r['tokens_per_s']:10.0f} {r['peak_bytes'] / 2**20:9.0f}")
-    print(f"  peak memory ours/naive = {o['peak_bytes'] / n['peak_bytes']:.2f}; "
+        print(f"  {arm:8} {r['step_s']:8.2f} {r['tokens_per_s']:10.0f} {r['peak_allocated_bytes'] / 2**20:13.0f} "
+              f"{r['peak_rss_bytes'] / 2**20:8.0f}")
+    rss_note = "" if o["rss_peak_resets"] else " (this kernel ignores the VmHWM reset: RSS peaks are lifetime peaks)"
+    print(f"  peak allocated ours/naive = {o['peak_allocated_bytes'] / n['peak_allocated_bytes']:.2f}; "
+          f"peak RSS ours/naive = {o['peak_rss_bytes'] / max(n['peak_rss_bytes'], 1):.2f}{rss_note}; "
           f"tokens/s ours/naive = {o['tokens_per_s'] / n['tokens_per_s']:.2f}")
     zero = {p: zero_ranks(args.model, p) for p in (1, 2)}
     res["zero3_peak_rss_per_rank"] = zero
