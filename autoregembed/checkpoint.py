@@ -1,9 +1,13 @@
 """DeepSpeed checkpoints that are only ever seen complete.
 
 Each save goes to ``<dir>/<tag>.partial``; once every rank has written its shard, rank 0
-renames it to ``<dir>/<tag>`` and atomically rewrites ``<dir>/latest``.  A crash during
-a save therefore leaves ``latest`` on the previous complete checkpoint.  The frozen
-decoder is not saved (it is the base model, reloaded from disk).
+records every file's size in ``<tag>.partial/manifest.json``, renames the folder to
+``<dir>/<tag>`` and atomically rewrites ``<dir>/latest``.  A crash during a save therefore
+leaves ``latest`` on the previous complete checkpoint, and a failed save (a full disk) removes
+its partial folder and says so.  Pruning only removes checkpoints older than the one just
+written.  Loading takes the newest complete checkpoint whose files match their manifest (also
+when ``latest`` is missing or stale) and says which one it took and which it skipped.  The
+frozen decoder is not saved (it is the base model, reloaded from disk).
 
 A checkpoint written by a different number of ranks is converted once to DeepSpeed's
 universal format (``<dir>/universal/<tag>``) and loaded from there.  The global batch must
@@ -12,7 +16,9 @@ follows the same trajectory (up to floating-point summation order).
 """
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,10 +34,50 @@ from .atomic import atomic_dir, atomic_write_text
 _TAG = re.compile(r"^step(\d{8})$")
 
 
-def _complete_tags(ckpt_dir: str) -> list[str]:
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the folder."""
+
+
+def complete_tags(ckpt_dir: str) -> list[str]:
     if not os.path.isdir(ckpt_dir):
         return []
     return sorted(t for t in os.listdir(ckpt_dir) if _TAG.match(t))
+
+
+def _file_sizes(tag_dir: str) -> dict:
+    return {os.path.relpath(os.path.join(root, n), tag_dir): os.path.getsize(os.path.join(root, n))
+            for root, _, names in os.walk(tag_dir) for n in names if n != MANIFEST}
+
+
+def verify(tag_dir: str) -> str | None:
+    """None if every file of the checkpoint is there with the size it was written with, else why not."""
+    path = os.path.join(tag_dir, MANIFEST)
+    if not os.path.exists(path):  # saved before manifests existed: complete by its rename alone
+        return None
+    try:
+        with open(path) as f:
+            want = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest.json ({e})"
+    have = _file_sizes(tag_dir)
+    for name, size in want.items():
+        if name not in have:
+            return f"{name} is missing"
+        if have[name] != size:
+            return f"{name} has {have[name]} bytes, {size} were written"
+    return None
+
+
+def loadable_tags(ckpt_dir: str) -> tuple[list[str], list[str]]:
+    """(complete tags whose files match their manifests, newest first; 'tag: why' for the others)."""
+    good, bad = [], []
+    for tag in reversed(complete_tags(ckpt_dir)):
+        why = verify(os.path.join(ckpt_dir, tag))
+        (bad.append(f"{tag}: {why}") if why else good.append(tag))
+    return good, bad
 
 
 def latest_tag(ckpt_dir: str) -> str | None:
@@ -84,24 +130,53 @@ def save(engine, ckpt_dir: str, step: int, keep_last: int = 2, extra: dict | Non
         shutil.rmtree(os.path.join(ckpt_dir, partial), ignore_errors=True)
     D.barrier()
     client_state = {"step": step, "rng": rng_state(), "global_batch": engine.train_batch_size(), **(extra or {})}
-    engine.save_checkpoint(ckpt_dir, tag=partial, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
+    error = None
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=partial, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on the writer
+        error = e
+    if D.any_across_ranks(error is not None):
+        if D.rank() == 0:
+            shutil.rmtree(os.path.join(ckpt_dir, partial), ignore_errors=True)
+        D.barrier()
+        free = shutil.disk_usage(ckpt_dir).free if os.path.isdir(ckpt_dir) else 0
+        kept = latest_tag(ckpt_dir)
+        raise CheckpointError(f"saving {ckpt_dir}/{tag} failed ({error or 'on another rank'}; {free / 2**30:.1f} GiB "
+                              f"free there); removed the partial save, {kept or 'no earlier checkpoint'} is intact")
     D.barrier()
     if D.rank() == 0:
+        atomic_write_text(os.path.join(ckpt_dir, partial, MANIFEST),
+                          json.dumps(_file_sizes(os.path.join(ckpt_dir, partial)), indent=0))
         final = os.path.join(ckpt_dir, tag)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(os.path.join(ckpt_dir, partial), final)
         atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
-        for old in _complete_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+        older = [t for t in complete_tags(ckpt_dir) if t < tag]  # never the one just written
+        for old in older[: max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     D.barrier()
 
 
-def load_latest(engine, ckpt_dir: str) -> dict | None:
-    """Restore the newest complete checkpoint; returns its client state (None if there is none)."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
+def load_latest(engine, ckpt_dir: str, log=print) -> dict | None:
+    """Restore the newest complete checkpoint whose files match their manifest; returns its client
+    state (None if there is none).  ``log`` hears which one was loaded and what was skipped."""
+    good, bad = loadable_tags(ckpt_dir)
+    for why in bad:
+        log(f"skipping checkpoint {ckpt_dir}/{why}")
+    if not good:
+        log(f"no complete checkpoint in {ckpt_dir}: starting at step 0")
         return None
+    tag = good[0]
+    if tag != latest_tag(ckpt_dir):
+        log(f"{ckpt_dir}/latest names {latest_tag(ckpt_dir) or 'nothing loadable'}; loading {tag}, "
+            f"the newest complete checkpoint")
+    state = _load(engine, ckpt_dir, tag)
+    log(f"loaded checkpoint {ckpt_dir}/{tag} (step {state['step']})")
+    return state
+
+
+def _load(engine, ckpt_dir: str, tag: str) -> dict:
     load_dir = ckpt_dir
     saved_world = _saved_world_size(os.path.join(ckpt_dir, tag))
     if saved_world != D.world_size():
@@ -110,10 +185,13 @@ def load_latest(engine, ckpt_dir: str) -> dict | None:
     try:
         _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=False,
                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{ckpt_dir}/{tag} cannot be read ({type(e).__name__}: {e}); move it aside to "
+                              f"resume from the checkpoint before it") from e
     finally:
         engine._config.load_universal_checkpoint = False
     if client_state is None:
-        raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+        raise CheckpointError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
     if client_state.get("global_batch", engine.train_batch_size()) != engine.train_batch_size():
         raise RuntimeError(
             f"{ckpt_dir}/{tag} was trained with a global batch of {client_state['global_batch']} on {saved_world} "

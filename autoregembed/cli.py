@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         from .atomic import atomic_file
 
         with open(args.input, encoding="utf-8") as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
+            texts = f.read().splitlines()  # blank lines too: output row i is input line i
         emb = model.encode(texts, batch_size=args.batch_size, instruction=args.instruction, show_progress_bar=True)
         with atomic_file(args.output) as tmp:
             with open(tmp, "wb") as f:

@@ -27,11 +27,16 @@ TOKEN_CHUNK = int(os.environ.get("AUTOREGEMBED_TOKEN_CHUNK", 1024))
 VOCAB_CHUNK = int(os.environ.get("AUTOREGEMBED_VOCAB_CHUNK", 8192))
 
 
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (recent torch)
+
+
 def _fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in fp32.  On CUDA, bf16/fp16 operands stay half precision (tensor cores) and only
     the output is fp32; elsewhere (CPU has no fast half GEMM) they are upcast first."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
+        if _MM_OUT_DTYPE:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b).float()  # fp32 accumulation, rounded to bf16 once: older torch only
     return a.float() @ b.float()
 
 

@@ -97,3 +97,16 @@ class ReferenceScores:
             raise ReferenceScoreError(f"{self.path}: row with query {row['query'][:60]!r} was scored with "
                                       f"{len(vals) - 1} negatives, the data has {len(row['neg'])}")
         return vals[0], vals[1:]
+
+    def check_all(self, rows: list[dict], source: str):
+        """Every row has its scores, checked before training starts rather than when a row is first
+        drawn (hours in); the error names the first bad row and how many there are."""
+        bad = []
+        for i, row in enumerate(rows):
+            try:
+                self.lookup(row)
+            except ReferenceScoreError as e:
+                bad.append((i, e))
+        if bad:
+            i, e = bad[0]
+            raise ReferenceScoreError(f"{source}: row {i + 1} (and {len(bad) - 1} more of {len(rows)}): {e}")

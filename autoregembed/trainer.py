@@ -28,6 +28,7 @@ from .export import export_encoder
 from .loading import build_tiny_base, load_model, resolve_attn, resolve_dtype
 from .plan import Arch
 from .refscores import ReferenceScores, fingerprint, save_scores
+from .runlock import RunLock, RunLockError
 from .tokenization import TextEncoder
 
 
@@ -175,30 +176,58 @@ def _norm_scale(cfg: Config, stage: str, ds_path, encoder_path: str, rows: list[
     return measure_decoder_scale(cfg, ds_path, encoder_path, rows or load_rows(cfg.data.stage1, stage=1))
 
 
+def _set_aside_earlier_run(cfg: Config, stage: str):
+    """A fresh (not --resume) run into a stage folder that holds an earlier run's checkpoints moves
+    them and its metrics aside, never deleting them: pruning would otherwise treat the earlier,
+    higher-numbered checkpoints as newer than this run's."""
+    ckpt_dir, metrics = cfg.checkpoint_dir(stage), os.path.join(cfg.stage_dir(stage), "metrics.jsonl")
+    if D.rank() == 0 and checkpoint.complete_tags(ckpt_dir):
+        suffix = time.strftime("earlier-%Y%m%d-%H%M%S")
+        os.rename(ckpt_dir, f"{ckpt_dir}.{suffix}")
+        if os.path.exists(metrics):
+            os.rename(metrics, os.path.join(cfg.stage_dir(stage), f"metrics.{suffix}.jsonl"))
+        log(f"{stage}: {ckpt_dir} held checkpoints of an earlier run; moved to {ckpt_dir}.{suffix} "
+            f"(pass --resume to continue a run instead)")
+    D.barrier()
+
+
+def _truncate_metrics(cfg: Config, stage: str, step: int):
+    """After resuming at ``step``, metrics.jsonl keeps the records up to it: the steps logged after
+    that checkpoint (before the crash) are about to be logged again."""
+    path = os.path.join(cfg.stage_dir(stage), "metrics.jsonl")
+    if D.rank() == 0 and os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(lines))
+    D.barrier()
+
+
 def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_after: int | None = None,
                 on_done=None) -> str:
     """Train stage1 or stage2; export at the end.  ``stop_after`` ends early (after a
     checkpoint); ``on_done(session)`` runs on every rank before the engine is released."""
     encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
+    refs = None
     if stage == "stage1":
         rows = load_rows(cfg.data.stage1, stage=1)
     else:
         rows = [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
+        fp = reference_fingerprint(cfg, prepare_base(cfg))
+        refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
+        refs.check_all(rows, cfg.data.stage2)  # before any model loads
+    if not resume:
+        _set_aside_earlier_run(cfg, stage)
     s = Session(cfg, stage, ds_path, encoder_path, train=True,
                 norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path, rows))
-    refs = None
-    if stage == "stage2":
-        fp = reference_fingerprint(cfg, s.base)
-        refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
     o = s.optim
     sampler = StepSampler(len(rows), o.micro_batch_size, o.gradient_accumulation_steps, D.world_size(), cfg.seed)
     ckpt_dir = cfg.checkpoint_dir(stage)
     start = 0
     if resume:
-        state = checkpoint.load_latest(s.engine, ckpt_dir)
+        state = checkpoint.load_latest(s.engine, ckpt_dir, log=lambda m: log(f"{stage}: {m}"))
         if state is not None:
             start = state["step"]
-            log(f"{stage}: resumed from {ckpt_dir} at step {start}")
+        _truncate_metrics(cfg, stage, start)
     end = o.max_steps if stop_after is None else min(o.max_steps, stop_after)
     stage_dir = cfg.stage_dir(stage)
     preemption.install()
@@ -248,7 +277,7 @@ def export_stage(cfg: Config, ds_path) -> str:
     encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
     s = Session(cfg, stage, ds_path, encoder_path, train=True,
                 norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path))
-    if checkpoint.load_latest(s.engine, cfg.checkpoint_dir(stage)) is None:
+    if checkpoint.load_latest(s.engine, cfg.checkpoint_dir(stage), log=lambda m: log(f"export: {m}")) is None:
         raise FileNotFoundError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint to export")
     out = s.export(cfg.export_dir(stage))
     s.close()
@@ -295,9 +324,31 @@ def evaluate(cfg: Config, model_dir: str) -> float:
     return r["spearman"]
 
 
+def _lock_output_dir(cfg: Config) -> RunLock | None:
+    """Rank 0 locks the output folder; every rank fails together when another run holds it."""
+    lock, error = None, None
+    if D.rank() == 0:
+        try:
+            lock = RunLock(cfg.output_dir).acquire()
+        except RunLockError as e:
+            error = e
+    if D.any_across_ranks(error is not None):
+        raise error or RunLockError(f"{cfg.output_dir} is in use by another run (see rank 0)")
+    return lock
+
+
 def run(cfg: Config, ds_path, resume: bool = False) -> dict:
     """Run ``cfg.stage`` (or the whole pipeline); returns where each artifact went."""
     check_runtime(cfg, D.world_size())
+    lock = _lock_output_dir(cfg)
+    try:
+        return _run_stages(cfg, ds_path, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(cfg: Config, ds_path, resume: bool) -> dict:
     if D.device().type == "cuda" and resolve_dtype(cfg.model.dtype) == torch.float32:
         log("model.dtype=fp32 on a GPU: matmuls and the fused scorer run without tensor cores "
             "(IEEE fp32, several times slower); bf16 is the GPU default (model.dtype=auto)")

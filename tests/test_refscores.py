@@ -40,3 +40,13 @@ def test_fingerprint_follows_weights_and_settings(tmp_path, tiny_base):
     assert a != fingerprint(tiny_base, tiny_base, 4, 64, 64)
     assert a != fingerprint(tiny_base, tiny_base, 5, 32, 64)
     assert a != fingerprint(tiny_base, tiny_base, 5, 64, 64, decoder_bos=True)
+
+
+def test_check_all_names_the_first_unscored_row_and_counts_them(tmp_path):
+    path = str(tmp_path / "s.safetensors")
+    save_scores(path, [row_key(r) for r in ROWS[:18]], [[-1.0] * (1 + len(r["neg"])) for r in ROWS[:18]], "fp")
+    refs = ReferenceScores(path, expected_fingerprint="fp")
+    refs.check_all(ROWS[:18], "data.jsonl")
+    edited = ROWS[:5] + [{**ROWS[5], "pos": "edited"}] + ROWS[6:]
+    with pytest.raises(ReferenceScoreError, match=r"data.jsonl: row 6 \(and 2 more of 20\): .*no reference score"):
+        refs.check_all(edited, "data.jsonl")

@@ -1,0 +1,128 @@
+"""Faults that used to lose finished work: an earlier run's checkpoints, a stale or missing `latest`,
+a truncated checkpoint, a full disk, a second run into the same folder, blank input lines."""
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import child_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.tiny_hidden_size=32", "stage1.micro_batch_size=4", "stage1.warmup_steps=0",
+        "model.match_decoder_scale=false", "stage=stage1"]
+
+
+def _train(out, *overrides, resume=False, script=None):
+    sets = [a for kv in [*TINY, f"output_dir={out}", *overrides] for a in ("--set", kv)]
+    cmd = [sys.executable, script or os.path.join(ROOT, "train.py"), *sets] + (["--resume"] if resume else [])
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def _ckpt(out):
+    return os.path.join(out, "stage1", "checkpoints")
+
+
+def _listing(out):
+    """Checkpoint tags and `latest` (DeepSpeed also drops its conversion scripts there)."""
+    return sorted(n for n in os.listdir(_ckpt(out)) if n.startswith(("step", "latest")))
+
+
+def _steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "stage1", "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    """A finished 6-step stage 1 (checkpoints at steps 4 and 6 kept, an export)."""
+    out = str(tmp_path_factory.mktemp("faults") / "run")
+    r = _train(out, "stage1.max_steps=6", "stage1.save_every=2", "stage1.keep_last=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _listing(out) == ["latest", "step00000004", "step00000006"]
+    return out
+
+
+def test_fresh_run_sets_earlier_checkpoints_aside_and_resume_falls_back_past_a_truncated_one(earlier_run):
+    out = earlier_run
+    # a fresh, shorter run into the same folder: the earlier step-4/6 checkpoints used to be
+    # "newer" than this run's and pruning deleted each new checkpoint right after writing it
+    r = _train(out, "stage1.max_steps=3", "stage1.save_every=1", "stage1.keep_last=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held checkpoints of an earlier run; moved to" in r.stdout
+    assert _listing(out) == ["latest", "step00000002", "step00000003"]
+    assert open(os.path.join(_ckpt(out), "latest")).read() == "step00000003"
+    aside = [d for d in os.listdir(os.path.join(out, "stage1")) if d.startswith("checkpoints.earlier-")]
+    assert len(aside) == 1 and {"step00000004", "step00000006"} <= set(os.listdir(os.path.join(out, "stage1", aside[0])))
+    assert _steps(out) == [1, 2, 3]  # the earlier run's metrics went aside with its checkpoints
+
+    # `latest` gone and the newest checkpoint truncated: resume takes the newest complete one and says so
+    os.remove(os.path.join(_ckpt(out), "latest"))
+    newest = os.path.join(_ckpt(out), "step00000003")
+    victim = max((os.path.join(root, n) for root, _, names in os.walk(newest) for n in names if n.endswith(".pt")),
+                 key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    r = _train(out, "stage1.max_steps=4", "stage1.save_every=1", "stage1.keep_last=2", resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipping checkpoint" in r.stdout and "step00000003: " in r.stdout and "bytes" in r.stdout
+    assert "loaded checkpoint" in r.stdout and "step00000002 (step 2)" in r.stdout
+    assert _steps(out) == [1, 2, 3, 4]  # one clean history: the step-3 record was logged again, once
+
+
+def test_blank_input_lines_keep_their_rows(earlier_run, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a man plays the guitar\n\nthe stock market fell\n")
+    npy = tmp_path / "emb.npy"
+    r = subprocess.run([sys.executable, "-m", "autoregembed.cli", "encode", "--model",
+                        os.path.join(earlier_run, "stage1", "model"), "--input", str(texts), "--output", str(npy)],
+                       env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    emb = np.load(npy)
+    assert emb.shape[0] == 3 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+FULL_DISK = """
+import errno, os, sys, torch
+sys.path.insert(0, {root!r})
+real = torch.save
+def save(obj, f, *a, **kw):
+    if "step00000004.partial" in str(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(obj, f, *a, **kw)
+torch.save = save
+from autoregembed.cli import _add_run_args, run_training
+import argparse
+p = argparse.ArgumentParser()
+_add_run_args(p)
+sys.exit(run_training(p.parse_args()))
+"""
+
+
+def test_a_failed_save_cleans_up_says_why_and_keeps_the_previous_checkpoint(tmp_path):
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK.format(root=ROOT))
+    out = str(tmp_path / "run")
+    r = _train(out, "stage1.max_steps=6", "stage1.save_every=2", script=str(script))
+    assert r.returncode != 0
+    assert "saving " in r.stderr and "step00000004 failed (" in r.stderr and "No space left on device" in r.stderr
+    assert "step00000002 is intact" in r.stderr
+    assert _listing(out) == ["latest", "step00000002"]  # no .partial left behind
+    r = _train(out, "stage1.max_steps=6", "stage1.save_every=2", resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step00000002 (step 2)" in r.stdout and _steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_before_anything_loads(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("PID 4242 on somehost (since 2026-11-26 00:00:00)\n")
+        held.flush()
+        r = _train(str(out), "stage1.max_steps=2")
+    assert r.returncode != 0
+    assert "is in use by PID 4242 on somehost" in r.stderr
+    assert not (out / "base").exists() and not (out / "stage1").exists()
