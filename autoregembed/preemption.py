@@ -5,12 +5,17 @@ A stop is requested by SIGUSR1/SIGTERM reaching a rank, or by the file
 whatever launcher sits between the batch shell and the ranks).  Ranks agree through an
 all-reduce, so all of them save the same step.  After saving, the stage writes
 ``<stage_dir>/PREEMPTED`` (the step) so the batch script knows to requeue.
+
+The handlers are installed when a run starts, and a request is only ever consumed by the stage
+that honours it (``honoured``): one that arrives while a model loads, or during reference
+scoring, export or evaluation, is not lost.
 """
 from __future__ import annotations
 
 import os
 import signal
 
+from .atomic import atomic_write_text
 from .distributed import any_across_ranks
 
 _requested = False
@@ -39,9 +44,17 @@ def requested(stage_dir: str) -> bool:
     return any_across_ranks(_requested or os.path.exists(stop_file(stage_dir)))
 
 
-def clear(stage_dir: str):
+def clear_marker(stage_dir: str):
+    """A stage starting (again) is no longer preempted; a pending STOP file stays pending."""
+    if os.path.exists(marker_file(stage_dir)):
+        os.remove(marker_file(stage_dir))
+
+
+def honoured(stage_dir: str, what: str):
+    """Rank 0, after the state is saved: write the PREEMPTED marker (``what``: the step saved, or
+    the stage to rerun) and consume the request, so the requeued run does not stop at once."""
     global _requested
     _requested = False
-    for path in (stop_file(stage_dir), marker_file(stage_dir)):
-        if os.path.exists(path):
-            os.remove(path)
+    atomic_write_text(marker_file(stage_dir), what)
+    if os.path.exists(stop_file(stage_dir)):
+        os.remove(stop_file(stage_dir))

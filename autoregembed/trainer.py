@@ -232,7 +232,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
     stage_dir = cfg.stage_dir(stage)
     preemption.install()
     if D.rank() == 0:
-        preemption.clear(stage_dir)
+        preemption.clear_marker(stage_dir)
     D.barrier()
     s.engine.train()
     t0 = time.time()
@@ -259,7 +259,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
             checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
         if stop:
             if D.rank() == 0:
-                atomic_write_text(preemption.marker_file(stage_dir), str(step + 1))
+                preemption.honoured(stage_dir, str(step + 1))
             log(f"{stage}: stop requested; saved step {step + 1} to {ckpt_dir}, exiting for requeue")
             s.close()
             return None
@@ -293,7 +293,14 @@ def score_references(cfg: Config, ds_path) -> str:
     bs = cfg.stage2.micro_batch_size
     n_batches = -(-len(rows) // (bs * D.world_size()))  # the same count on every rank (ZeRO-3 gathers are collective)
     results = []
+    stage_dir = cfg.stage_dir("reference")
     for b in range(n_batches):
+        if preemption.requested(stage_dir):  # nothing partial is kept: the stage reruns after requeue
+            if D.rank() == 0:
+                preemption.honoured(stage_dir, "reference")
+            log(f"reference: stop requested after {b} of {n_batches} batches; exiting for requeue")
+            s.close()
+            return None
         chunk = mine[b * bs : (b + 1) * bs]
         real = len(chunk)
         chunk = chunk or rows[:1]  # a rank with nothing left still takes part in the collectives
@@ -354,13 +361,21 @@ def _run_stages(cfg: Config, ds_path, resume: bool) -> dict:
             "(IEEE fp32, several times slower); bf16 is the GPU default (model.dtype=auto)")
     out = {}
     stages = ["stage1", "reference", "stage2", "eval"] if cfg.stage == "pipeline" else [cfg.stage]
+    preemption.install()  # from the start: a request while a model loads must not be lost
     for stage in stages:
+        if stage in ("reference", "export", "eval") and preemption.requested(cfg.stage_dir(stage)):
+            if D.rank() == 0:
+                preemption.honoured(cfg.stage_dir(stage), stage)
+            log(f"{stage}: stop requested before it started; exiting for requeue")
+            break
         if stage in ("stage1", "stage2"):
             out[stage] = train_stage(cfg, stage, ds_path, resume=resume)
             if out[stage] is None:  # preempted: the checkpoint is saved, later stages must wait
                 break
         elif stage == "reference":
             out[stage] = score_references(cfg, ds_path)
+            if out[stage] is None:
+                break
         elif stage == "export":
             out[stage] = export_stage(cfg, ds_path)
         elif stage == "eval":

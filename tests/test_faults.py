@@ -126,3 +126,46 @@ def test_a_second_run_into_a_busy_folder_is_refused_before_anything_loads(tmp_pa
     assert r.returncode != 0
     assert "is in use by PID 4242 on somehost" in r.stderr
     assert not (out / "base").exists() and not (out / "stage1").exists()
+
+
+def test_a_stop_request_made_while_loading_is_honoured_not_deleted(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(os.path.join(out, "stage1"))
+    open(os.path.join(out, "stage1", "STOP"), "w").close()  # what the Slurm trap writes, before the model loads
+    r = _train(out, "stage1.max_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert open(os.path.join(out, "stage1", "PREEMPTED")).read() == "1"
+    assert not os.path.exists(os.path.join(out, "stage1", "STOP"))  # consumed: the requeued run goes on
+    assert _listing(out) == ["latest", "step00000001"]
+    r = _train(out, "stage1.max_steps=4", resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _steps(out) == [1, 2, 3, 4] and not os.path.exists(os.path.join(out, "stage1", "PREEMPTED"))
+
+
+def test_a_stop_request_at_the_reference_stage_ends_the_run_for_requeue(earlier_run):
+    ref_dir = os.path.join(earlier_run, "reference")
+    os.makedirs(ref_dir, exist_ok=True)
+    open(os.path.join(ref_dir, "STOP"), "w").close()
+    model = os.path.join(earlier_run, "stage1", "model")
+    r = _train(earlier_run, "stage=reference", f"paths.stage1_model={model}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert open(os.path.join(ref_dir, "PREEMPTED")).read() == "reference"
+    assert not os.path.exists(os.path.join(ref_dir, "STOP")) and not os.path.exists(os.path.join(ref_dir, "scores.safetensors"))
+
+
+def test_a_signal_sets_the_request_until_it_is_honoured(tmp_path):
+    import signal
+
+    from autoregembed import preemption
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        preemption.install()
+        assert not preemption.requested(str(tmp_path))
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.requested(str(tmp_path)) and preemption.requested(str(tmp_path))  # not consumed by asking
+        preemption.honoured(str(tmp_path), "7")
+        assert not preemption.requested(str(tmp_path)) and (tmp_path / "PREEMPTED").read_text() == "7"
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
