@@ -117,7 +117,7 @@ def _to_universal(ckpt_dir: str, tag: str) -> str:
                    "--num_merge_workers", "1"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
-                raise RuntimeError(f"{ckpt_dir}/{tag}: universal checkpoint conversion failed:\n{r.stderr[-2000:]}")
+                raise CheckpointError(f"{ckpt_dir}/{tag}: universal checkpoint conversion failed:\n{r.stderr[-2000:]}")
     D.barrier()
     return parent
 
@@ -193,7 +193,7 @@ def _load(engine, ckpt_dir: str, tag: str) -> dict:
     if client_state is None:
         raise CheckpointError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
     if client_state.get("global_batch", engine.train_batch_size()) != engine.train_batch_size():
-        raise RuntimeError(
+        raise CheckpointError(
             f"{ckpt_dir}/{tag} was trained with a global batch of {client_state['global_batch']} on {saved_world} "
             f"rank(s); now it is {engine.train_batch_size()} on {D.world_size()}: set gradient_accumulation_steps "
             f"so that micro_batch_size x gradient_accumulation_steps x world size = {client_state['global_batch']}")

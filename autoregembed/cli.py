@@ -19,6 +19,24 @@ def _add_run_args(p: argparse.ArgumentParser):
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _user_errors() -> tuple:
+    """Errors in what the user gave us (config, data, files, folders): one line, exit status 2.
+    Anything else is a bug and keeps its traceback."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .refscores import ReferenceScoreError
+    from .runlock import RunLockError
+
+    return ConfigError, DataError, ReferenceScoreError, CheckpointError, RunLockError
+
+
+def _fail(e: Exception) -> int:
+    if os.environ.get("RANK", "0") == "0":  # every rank hits the same error: say it once
+        print(f"autoregembed: error: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run_training(args, stage: str | None = None) -> int:
     import warnings
 
@@ -28,13 +46,16 @@ def run_training(args, stage: str | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
-    cfg = load_config(args.config, overrides)  # config errors surface before any process group or model
-    D.select_device(cfg.device)
-    D.init_distributed()
     try:
-        run(cfg, args.deepspeed, resume=args.resume)
-    finally:
-        D.shutdown()
+        cfg = load_config(args.config, overrides)  # config errors surface before any process group or model
+        D.select_device(cfg.device)
+        D.init_distributed()
+        try:
+            run(cfg, args.deepspeed, resume=args.resume)
+        finally:
+            D.shutdown()
+    except _user_errors() as e:
+        return _fail(e)
     return 0
 
 

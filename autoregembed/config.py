@@ -200,10 +200,56 @@ def load_config(path: typing.Optional[str] = None, overrides: typing.Sequence[st
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
-        _set_dotted(tree, k.strip(), yaml.safe_load(v))
+        _set_dotted(tree, k.strip(), _parse_override(k.strip(), v))
     cfg = _build(Config, tree, "")
+    _expand_paths(cfg)
     _check_values(cfg)
     return cfg
+
+
+def _field_type(dotted: str):
+    """The declared type of a dotted key, or None for an unknown one (``_build`` names it)."""
+    cls = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _parse_override(key: str, text: str):
+    """``--set`` values: a string key takes the text as it is (``#``, ``[``, ``%`` included);
+    anything else is read as YAML, with errors naming the key."""
+    tp = _field_type(key)
+    if tp is str or (typing.get_origin(tp) is typing.Union and str in typing.get_args(tp)):
+        return None if text in ("null", "~", "") and tp is not str else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: {text!r} is not a valid value ({str(e).splitlines()[0]})") from None
+
+
+PATH_KEYS = ("output_dir", "model.base", "data.stage1", "data.stage2", "paths.stage1_model",
+             "paths.reference_scores", "eval.sts_file")
+
+
+def _expand_paths(cfg: Config):
+    """``~`` and ``$VAR`` in every path, once, so every later use sees the same real path."""
+    for dotted in PATH_KEYS:
+        *parents, name = dotted.split(".")
+        node = cfg
+        for p in parents:
+            node = getattr(node, p)
+        value = getattr(node, name)
+        if isinstance(value, str):
+            setattr(node, name, os.path.expandvars(os.path.expanduser(value)))
+
+
+def _finite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
 
 
 def _check_values(cfg: Config):
@@ -225,9 +271,32 @@ def _check_values(cfg: Config):
         raise ConfigError(f"key 'paths.export_from': {cfg.paths.export_from!r} is not stage1 or stage2")
     for name in ("stage1", "stage2"):
         o = getattr(cfg, name)
-        for k in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
+        for k in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(o, k) < 1:
-                raise ConfigError(f"key '{name}.{k}' must be >= 1")
+                raise ConfigError(f"key '{name}.{k}' must be >= 1, got {getattr(o, k)}")
+        for k in ("warmup_steps", "save_every", "keep_last"):
+            if getattr(o, k) < 0:
+                raise ConfigError(f"key '{name}.{k}' must be >= 0, got {getattr(o, k)}")
+        for k in ("learning_rate", "weight_decay", "gradient_clipping"):
+            if not (_finite(getattr(o, k)) and getattr(o, k) >= 0):
+                raise ConfigError(f"key '{name}.{k}' must be a finite number >= 0, got {getattr(o, k)}")
+        if o.global_batch_size is not None and o.global_batch_size < 1:
+            raise ConfigError(f"key '{name}.global_batch_size' must be >= 1, got {o.global_batch_size}")
+    for k in ("beta", "tau"):
+        if not (_finite(getattr(cfg.loss, k)) and getattr(cfg.loss, k) > 0):
+            raise ConfigError(f"key 'loss.{k}' must be a finite number > 0, got {getattr(cfg.loss, k)}")
+    for k in ("max_text_len", "max_target_len"):
+        if getattr(cfg.data, k) < 1:
+            raise ConfigError(f"key 'data.{k}' must be >= 1, got {getattr(cfg.data, k)}")
+    if cfg.data.max_negatives is not None and cfg.data.max_negatives < 1:
+        raise ConfigError(f"key 'data.max_negatives' must be >= 1 (or null: all), got {cfg.data.max_negatives}")
+    if cfg.eval.batch_size < 1:
+        raise ConfigError(f"key 'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
+    if cfg.model.tiny_hidden_size < 4 or cfg.model.tiny_hidden_size % 4 or cfg.model.tiny_layers < 1:
+        raise ConfigError("keys 'model.tiny_hidden_size' (a multiple of 4: 4 attention heads) and "
+                          "'model.tiny_layers' must be >= 1")
+    if not (_finite(cfg.model.lora_alpha) and cfg.model.lora_alpha >= 0):
+        raise ConfigError(f"key 'model.lora_alpha' must be a finite number >= 0, got {cfg.model.lora_alpha}")
 
 
 def _looks_local(path: str) -> bool:

@@ -55,8 +55,13 @@ def _check_row(row, fields: dict, where: str) -> dict:
 
 def _read_jsonl(path: str, fields: dict) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:

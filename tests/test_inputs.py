@@ -153,3 +153,57 @@ def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
                            "--set", f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "device=cuda asks for GPUs" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("stage1.max_steps=0", r"'stage1.max_steps' must be >= 1"),
+    ("stage2.log_every=0", r"'stage2.log_every' must be >= 1"),
+    ("stage1.warmup_steps=-1", r"'stage1.warmup_steps' must be >= 0"),
+    ("stage1.keep_last=-2", r"'stage1.keep_last' must be >= 0"),
+    ("stage1.learning_rate=-1e-4", r"'stage1.learning_rate' must be a finite number >= 0"),
+    ("stage2.learning_rate=.nan", r"'stage2.learning_rate' must be a finite number >= 0, got nan"),
+    ("stage1.gradient_clipping=.inf", r"'stage1.gradient_clipping' must be a finite"),
+    ("stage1.global_batch_size=0", r"'stage1.global_batch_size' must be >= 1"),
+    ("loss.tau=0", r"'loss.tau' must be a finite number > 0"),
+    ("loss.beta=-0.1", r"'loss.beta' must be a finite number > 0"),
+    ("data.max_text_len=0", r"'data.max_text_len' must be >= 1"),
+    ("data.max_target_len=-5", r"'data.max_target_len' must be >= 1"),
+    ("data.max_negatives=0", r"'data.max_negatives' must be >= 1"),
+    ("eval.batch_size=0", r"'eval.batch_size' must be >= 1"),
+    ("model.tiny_hidden_size=30", r"'model.tiny_hidden_size' \(a multiple of 4"),
+    ("stage1.micro_batch_size=[4]", r"key 'stage1.micro_batch_size': expected int"),
+    ("stage1.micro_batch_size={", r"--set stage1.micro_batch_size: '\{' is not a valid value"),
+    ("device=gpu", r"key 'device': 'gpu' is not auto, cuda or cpu"),
+])
+def test_bad_values_name_their_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_string_keys_take_the_raw_text_and_paths_expand(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RUNS", "/scratch/runs")
+    cfg = load_config(None, ["eval.instruction=Find #1 [x] at 100%: a: b", "output_dir=~/out",
+                             "paths.reference_scores=$RUNS/scores.safetensors", "paths.stage1_model=null"])
+    assert cfg.eval.instruction == "Find #1 [x] at 100%: a: b"
+    assert cfg.output_dir == str(tmp_path / "out")
+    assert cfg.paths.reference_scores == "/scratch/runs/scores.safetensors"
+    assert cfg.paths.stage1_model is None
+
+
+def test_user_errors_are_one_line_with_status_2_before_anything_loads(tmp_path):
+    for args, want in ((["--set", "loss.tau=0"], "autoregembed: error: key 'loss.tau' must be"),
+                       (["--set", "data.stage1=" + str(tmp_path / "none.jsonl"), "--set", "stage=stage1"],
+                        "autoregembed: error: key 'data.stage1': no such file")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--set",
+                               f"output_dir={tmp_path / 'run'}", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(want) and "Traceback" not in proc.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_non_utf8_data_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"context": "a", "instruction": "i", "output": "a"}\n{"context": "caf\xe9", "instruction": "i", "output": "x"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xe9 at column 17\)"):
+        load_rows(str(path), stage=1)
