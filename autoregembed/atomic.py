@@ -1,4 +1,9 @@
-"""Atomic writes: a reader sees the old file/folder or the complete new one, never a partial one."""
+"""Atomic writes: a reader sees the old file/folder or the complete new one, never a partial one.
+
+The temporary files and folders that become the result get the permissions a plain ``open`` or
+``mkdir`` would give under the user's umask (``tempfile`` makes them owner-only), so teammates on a
+shared cluster can read exports, score files and checkpoints.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,12 +12,23 @@ import shutil
 import tempfile
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created_plainly(path: str, is_dir: bool):
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str):
     """Yield a temporary folder next to ``final``; on success it replaces ``final`` in one rename."""
     parent = os.path.dirname(os.path.abspath(final)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
+    _as_if_created_plainly(tmp, is_dir=True)
     try:
         yield tmp
         if os.path.exists(final):
@@ -31,6 +47,7 @@ def atomic_write_text(path: str, text: str):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    _as_if_created_plainly(tmp, is_dir=False)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
@@ -45,6 +62,7 @@ def atomic_file(path: str):
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     os.close(fd)
+    _as_if_created_plainly(tmp, is_dir=False)
     try:
         yield tmp
         os.replace(tmp, path)

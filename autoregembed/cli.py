@@ -91,6 +91,11 @@ def main(argv=None) -> int:
     if args.command == "plan":
         from .plan import Arch, plan, report
 
+        for name in ("gpus_per_node", "nodes", "micro_batch", "max_len", "num_embed_tokens"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.negatives < 0 or args.gpu_mem_gb <= 0:
+            parser.error("--negatives must be >= 0 and --gpu-mem-gb > 0")
         arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
         shape = (args.micro_batch, args.negatives, args.max_len, args.num_embed_tokens)
         p = plan(arch, gpus, args.zero, *shape)
@@ -101,6 +106,13 @@ def main(argv=None) -> int:
     if args.command in ("train", "score-refs", "export"):
         stage = {"train": None, "score-refs": "reference", "export": "export"}[args.command]
         return run_training(args, stage)
+    try:
+        return _encode_or_eval(args)
+    except (ValueError, TypeError, OSError) as e:  # a bad file, folder or value given on the command line
+        return _fail(e)
+
+
+def _encode_or_eval(args) -> int:
     from .encoder import Encoder
 
     model = Encoder.from_pretrained(args.model)
@@ -109,8 +121,13 @@ def main(argv=None) -> int:
 
         from .atomic import atomic_file
 
-        with open(args.input, encoding="utf-8") as f:
-            texts = f.read().splitlines()  # blank lines too: output row i is input line i
+        with open(args.input, "rb") as f:
+            raw = f.read()
+        try:
+            texts = raw.decode("utf-8").splitlines()  # blank lines too: output row i is input line i
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ValueError(f"{args.input}:{line}: not UTF-8 text") from None
         emb = model.encode(texts, batch_size=args.batch_size, instruction=args.instruction, show_progress_bar=True)
         with atomic_file(args.output) as tmp:
             with open(tmp, "wb") as f:

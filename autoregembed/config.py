@@ -316,6 +316,11 @@ def check_runtime(cfg: Config, world_size: int):
     for key, path in needed.items():
         if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"key '{key}': no such file or folder {path}")
+    reads_stage1 = ({"reference", "stage2"} & set(stages)
+                    or (cfg.stage == "export" and cfg.paths.export_from == "stage2"))
+    if cfg.stage != "pipeline" and reads_stage1 and not os.path.isdir(cfg.stage1_model_dir):
+        raise ConfigError(f"key 'paths.stage1_model': no stage-1 export at {cfg.stage1_model_dir}; run stage1 "
+                          f"first or point paths.stage1_model at one")
     for name in ("stage1", "stage2"):
         o = cfg.optim(name)
         product = o.micro_batch_size * o.gradient_accumulation_steps * world_size

@@ -35,10 +35,8 @@ def bucket_sizes(arch: Arch, gpus_per_node: int) -> dict:
             "zero_hpz_partition_size": gpus_per_node}
 
 
-def build_ds_config(path: str | dict, optim: OptimConfig, world_size: int, arch: Arch,
-                    dtype: torch.dtype, gpus_per_node: int = 1) -> dict:
-    """The DeepSpeed config with every "auto" resolved; ``arch`` sizes the ZeRO buckets and
-    ``gpus_per_node`` the hierarchical (hpZ) partition of ds_configs/zero3_multinode.json."""
+def read_ds_config(path: str | dict) -> tuple[dict, str]:
+    """(the DeepSpeed JSON as a dict, its name for messages); checked before any model loads."""
     if isinstance(path, dict):
         ds, name = copy.deepcopy(path), "<dict>"
     else:
@@ -50,9 +48,19 @@ def build_ds_config(path: str | dict, optim: OptimConfig, world_size: int, arch:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
         name = path
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{name}: the top level must be a JSON object")
     if "scheduler" in ds:
         raise ConfigError(f"{name}: remove 'scheduler'; autoregembed schedules the learning rate from "
                           f"warmup_steps and max_steps in the YAML")
+    return ds, name
+
+
+def build_ds_config(path: str | dict, optim: OptimConfig, world_size: int, arch: Arch,
+                    dtype: torch.dtype, gpus_per_node: int = 1) -> dict:
+    """The DeepSpeed config with every "auto" resolved; ``arch`` sizes the ZeRO buckets and
+    ``gpus_per_node`` the hierarchical (hpZ) partition of ds_configs/zero3_multinode.json."""
+    ds, name = read_ds_config(path)
     _fill(ds, "train_micro_batch_size_per_gpu", optim.micro_batch_size, "")
     _fill(ds, "gradient_accumulation_steps", optim.gradient_accumulation_steps, "")
     _fill(ds, "train_batch_size", optim.micro_batch_size * optim.gradient_accumulation_steps * world_size, "")

@@ -31,8 +31,12 @@ class Encoder:
         meta_path = os.path.join(path, META_FILE)
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{path}: not an autoregembed export (no {META_FILE})")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            meta["num_embed_tokens"], meta["instruction"]  # noqa: B018  (required keys)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta_path}: not a valid autoregembed export description ({e!r})") from None
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), meta["num_embed_tokens"])
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModel.from_pretrained(path, dtype=dtype or "auto").to(device)
@@ -45,6 +49,11 @@ class Encoder:
         """Embeddings [len(sentences), D], L2-normalised.  Extra MTEB kwargs are accepted."""
         if isinstance(sentences, str):
             sentences = [sentences]
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        bad = next((i for i, s in enumerate(sentences) if not isinstance(s, str)), None)
+        if bad is not None:
+            raise TypeError(f"sentences[{bad}] is {type(sentences[bad]).__name__}, not str")
         instruction = self.instruction if instruction is None else instruction
         device = next(self.model.parameters()).device
         order = np.argsort([-len(s) for s in sentences])  # length-sorted batches pad less
@@ -62,5 +71,6 @@ class Encoder:
             emb = pool_embedding(compressed_states(hidden, mask, self.k)).cpu()
             for j, i in enumerate(idx):
                 out[i] = emb[j]
-        emb = torch.stack(out) if out else torch.empty(0)
+        dim = self.model.config.hidden_size
+        emb = torch.stack(out) if out else torch.empty((0, dim))
         return emb.numpy() if convert_to_numpy else emb

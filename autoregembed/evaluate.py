@@ -24,6 +24,8 @@ def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
             b.append(row[6])
     if not gold:
         raise ValueError(f"{path}: no rows")
+    if len(set(gold)) < 2:
+        raise ValueError(f"{path}: every gold score is {gold[0]}; Spearman correlation needs at least two values")
     return a, b, np.asarray(gold)
 
 

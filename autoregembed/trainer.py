@@ -23,7 +23,7 @@ from .atomic import atomic_write_text
 from .config import Config, check_runtime
 from .data import StepSampler, load_rows, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
-from .ds_config import build_ds_config, zero_stage
+from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import export_encoder
 from .loading import build_tiny_base, load_model, resolve_attn, resolve_dtype
 from .plan import Arch
@@ -347,6 +347,7 @@ def _lock_output_dir(cfg: Config) -> RunLock | None:
 def run(cfg: Config, ds_path, resume: bool = False) -> dict:
     """Run ``cfg.stage`` (or the whole pipeline); returns where each artifact went."""
     check_runtime(cfg, D.world_size())
+    read_ds_config(ds_path)  # a bad --deepspeed file fails now, not after the base model is built
     lock = _lock_output_dir(cfg)
     try:
         return _run_stages(cfg, ds_path, resume)

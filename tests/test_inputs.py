@@ -194,7 +194,10 @@ def test_string_keys_take_the_raw_text_and_paths_expand(monkeypatch, tmp_path):
 def test_user_errors_are_one_line_with_status_2_before_anything_loads(tmp_path):
     for args, want in ((["--set", "loss.tau=0"], "autoregembed: error: key 'loss.tau' must be"),
                        (["--set", "data.stage1=" + str(tmp_path / "none.jsonl"), "--set", "stage=stage1"],
-                        "autoregembed: error: key 'data.stage1': no such file")):
+                        "autoregembed: error: key 'data.stage1': no such file"),
+                       (["--set", "stage=reference"], "autoregembed: error: key 'paths.stage1_model': no stage-1 "
+                        f"export at {tmp_path / 'run' / 'stage1' / 'model'}"),
+                       (["--deepspeed", str(tmp_path / "none.json")], "autoregembed: error: --deepspeed: no such file")):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--set",
                                f"output_dir={tmp_path / 'run'}", *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr[-2000:]
@@ -207,3 +210,55 @@ def test_non_utf8_data_names_file_and_line(tmp_path):
     path.write_bytes(b'{"context": "a", "instruction": "i", "output": "a"}\n{"context": "caf\xe9", "instruction": "i", "output": "x"}\n')
     with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xe9 at column 17\)"):
         load_rows(str(path), stage=1)
+
+
+def test_sts_file_with_constant_gold_scores_is_refused(tmp_path):
+    p = tmp_path / "sts.csv"
+    p.write_text("g\tf\ty\t1\t3.0\ta\tb\ng\tf\ty\t2\t3.0\tc\td\n")
+    with pytest.raises(ValueError, match=r"every gold score is 3.0; Spearman correlation needs"):
+        read_sts(str(p))
+
+
+def test_encoder_inputs_are_checked_and_empty_input_keeps_its_width(tiny_base):
+    from transformers import AutoModel, AutoTokenizer
+
+    from autoregembed.encoder import Encoder
+    from autoregembed.tokenization import prepare_tokenizer
+
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_base), 5)
+    model = AutoModel.from_pretrained(tiny_base)
+    model.resize_token_embeddings(len(tok))
+    enc = Encoder(model, tok, 5, "Retrieve semantically similar text.")
+    assert enc.encode([]).shape == (0, 32)
+    assert enc.encode(["a", ""]).shape == (2, 32)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        enc.encode(["a"], batch_size=0)
+    with pytest.raises(TypeError, match=r"sentences\[1\] is int, not str"):
+        enc.encode(["a", 3])
+
+
+def test_plan_refuses_impossible_shapes(capsys):
+    from autoregembed.cli import main
+
+    for argv in (["--gpus-per-node", "0"], ["--negatives", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            main(["plan", "--model", "llama-2-7b", *argv])
+        assert e.value.code == 2
+    assert "--gpus-per-node must be >= 1" in capsys.readouterr().err
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from autoregembed.atomic import atomic_dir, atomic_file, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(str(tmp_path / "a.txt"), "x")
+        with atomic_file(str(tmp_path / "b.bin")) as tmp:
+            open(tmp, "wb").close()
+        with atomic_dir(str(tmp_path / "d")) as tmp:
+            pass
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "a.txt").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "b.bin").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "d").stat().st_mode & 0o777) == oct(0o755)
