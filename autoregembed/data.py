@@ -53,8 +53,8 @@ def _check_row(row, fields: dict, where: str) -> dict:
     return out
 
 
-def _read_jsonl(path: str, fields: dict) -> list[dict]:
-    rows = []
+def _jsonl_records(path: str):
+    """(where, record) for each non-blank line, errors naming file and line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -65,14 +65,12 @@ def _read_jsonl(path: str, fields: dict) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
-            rows.append(_check_row(obj, fields, f"{path}:{lineno}"))
-    return rows
 
 
-def _read_with_datasets(source: str, fields: dict, split: str) -> list[dict]:
+def _datasets_records(source: str, split: str):
     import datasets
 
     if os.path.exists(source):
@@ -80,18 +78,24 @@ def _read_with_datasets(source: str, fields: dict, split: str) -> list[dict]:
         ds = datasets.load_dataset(kind, data_files=source, split="train")
     else:
         ds = datasets.load_dataset(source, split=split)
-    return [_check_row(r, fields, f"{source}: record {i + 1}") for i, r in enumerate(ds)]
+    for i, r in enumerate(ds):
+        yield f"{source}: record {i + 1}", r
+
+
+def records(source: str, split: str = "train"):
+    """(where, raw record) of a .jsonl file (read here), or of a .json/.parquet file or hub dataset
+    (through ``datasets``): the one reader behind every data file, validated or not."""
+    if source.endswith(".jsonl"):
+        if not os.path.exists(source):
+            raise DataError(f"{source}: no such file")
+        return _jsonl_records(source)
+    return _datasets_records(source, split)
 
 
 def load_rows(source: str, stage: int, split: str = "train") -> list[dict]:
     """Validated rows of a stage-1 or stage-2 file (or hub dataset name)."""
     fields = STAGE1_FIELDS if stage == 1 else STAGE2_FIELDS
-    if source.endswith(".jsonl"):
-        if not os.path.exists(source):
-            raise DataError(f"{source}: no such file")
-        rows = _read_jsonl(source, fields)
-    else:
-        rows = _read_with_datasets(source, fields, split)
+    rows = [_check_row(obj, fields, where) for where, obj in records(source, split)]
     if not rows:
         raise DataError(f"{source}: no rows")
     return rows

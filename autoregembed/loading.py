@@ -7,6 +7,7 @@ import os
 import torch
 
 from .atomic import atomic_dir
+from .data import records
 from .lora import add_lora
 from .model import AutoRegEmbedModel
 from .tokenization import prepare_tokenizer
@@ -39,18 +40,25 @@ def build_tiny_base(out_dir: str, corpus_files: list[str], hidden_size: int = 64
     The CPU default and the tests use it: real architecture, real tokenizer, no download.
     The LM is briefly pretrained on the same text, because AutoRegEmbed's frozen decoder
     must be a language model for compression to mean anything (a random one is not).
-    Written atomically; a folder that already holds a model is left as it is.
+    Written atomically; a folder that already holds a model of the same shape is left as it is,
+    one of another shape is refused (the runs in that output folder were built on it).
     """
     if os.path.exists(os.path.join(out_dir, "config.json")):
+        with open(os.path.join(out_dir, "config.json")) as f:
+            have = json.load(f)
+        if (have.get("hidden_size"), have.get("num_hidden_layers")) != (hidden_size, layers):
+            from .config import ConfigError
+
+            raise ConfigError(f"{out_dir} already holds a tiny base with hidden size {have.get('hidden_size')} and "
+                              f"{have.get('num_hidden_layers')} layers, not {hidden_size} and {layers} "
+                              f"(model.tiny_hidden_size, model.tiny_layers): use another output_dir, or delete "
+                              f"{out_dir} and the runs built on it")
         return out_dir
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    texts = []
-    for path in corpus_files:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                texts.extend(v for v in json.loads(line).values() if isinstance(v, str))
+    texts = [v for path in corpus_files for _, rec in records(path) if isinstance(rec, dict)
+             for v in rec.values() if isinstance(v, str)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -262,3 +262,18 @@ def test_written_files_follow_the_umask(tmp_path):
     assert oct((tmp_path / "a.txt").stat().st_mode & 0o777) == oct(0o644)
     assert oct((tmp_path / "b.bin").stat().st_mode & 0o777) == oct(0o644)
     assert oct((tmp_path / "d").stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_tiny_base_reads_data_like_the_loader_and_refuses_a_changed_size(tmp_path):
+    from autoregembed.loading import build_tiny_base
+
+    s1 = _write(tmp_path, ['{"context": "a cat sat", "instruction": "i", "output": "a cat sat"}', "",
+                           '{"context": "dogs run", "instruction": "i", "output": "dogs run"}'])
+    s2 = tmp_path / "s2.json"
+    s2.write_text(json.dumps([{**GOOD2, "query": f"query {i}"} for i in range(3)]))
+    out = str(tmp_path / "base")
+    build_tiny_base(out, [s1, str(s2)], hidden_size=32, layers=1, pretrain_steps=0)
+    assert os.path.exists(os.path.join(out, "config.json"))
+    build_tiny_base(out, [s1, str(s2)], hidden_size=32, layers=1, pretrain_steps=0)  # same shape: kept
+    with pytest.raises(ConfigError, match=r"already holds a tiny base with hidden size 32 and 1 layers, not 64"):
+        build_tiny_base(out, [s1, str(s2)], hidden_size=64, layers=1)
