@@ -120,14 +120,9 @@ def _encode_or_eval(args) -> int:
         import numpy as np
 
         from .atomic import atomic_file
+        from .data import read_lines
 
-        with open(args.input, "rb") as f:
-            raw = f.read()
-        try:
-            texts = raw.decode("utf-8").splitlines()  # blank lines too: output row i is input line i
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise ValueError(f"{args.input}:{line}: not UTF-8 text") from None
+        texts = read_lines(args.input)  # blank lines too: output row i is input line i
         emb = model.encode(texts, batch_size=args.batch_size, instruction=args.instruction, show_progress_bar=True)
         with atomic_file(args.output) as tmp:
             with open(tmp, "wb") as f:

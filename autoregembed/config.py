@@ -134,6 +134,10 @@ class Config:
             return self.eval.sts_file
         return SHARED_STSB_DEV if os.path.exists(SHARED_STSB_DEV) else os.path.join(RESOURCES, "sts_dev_sample.csv")
 
+    def stages(self) -> tuple[str, ...]:
+        """What ``stage`` runs, in order."""
+        return ("stage1", "reference", "stage2", "eval") if self.stage == "pipeline" else (self.stage,)
+
     def optim(self, stage: str) -> OptimConfig:
         return self.stage2 if stage == "stage2" else self.stage1
 
@@ -303,9 +307,29 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path.endswith((".jsonl", ".json", ".parquet", ".csv"))
 
 
+def _check_hub_model(name: str):
+    """A ``model.base`` that is no local folder is a hub id: it must be cached or reachable now,
+    not after a 30-second network timeout inside model loading."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            model_info(name, timeout=10)
+            return
+        except Exception as e:  # no network, no such repo, no access: all say the same to the user
+            reason = f"the hub could not be asked for it ({type(e).__name__}: {str(e)[:120]})"
+    raise ConfigError(f"key 'model.base': {name!r} is not a local folder, so it was read as a Hugging Face hub "
+                      f"id; it is not in the local cache and {reason}. Download it where there is network "
+                      f"and pass its folder")
+
+
 def check_runtime(cfg: Config, world_size: int):
     """Checks that need the launch environment; run on every rank before any model loads."""
-    stages = ("stage1", "reference", "stage2", "eval") if cfg.stage == "pipeline" else (cfg.stage,)
+    stages = cfg.stages()
     needed = {"model.base": cfg.model.base if cfg.model.base != "tiny" else None}
     if "stage1" in stages:
         needed["data.stage1"] = cfg.data.stage1
@@ -316,6 +340,8 @@ def check_runtime(cfg: Config, world_size: int):
     for key, path in needed.items():
         if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"key '{key}': no such file or folder {path}")
+    if needed["model.base"] and not os.path.isdir(cfg.model.base):
+        _check_hub_model(cfg.model.base)
     reads_stage1 = ({"reference", "stage2"} & set(stages)
                     or (cfg.stage == "export" and cfg.paths.export_from == "stage2"))
     if cfg.stage != "pipeline" and reads_stage1 and not os.path.isdir(cfg.stage1_model_dir):

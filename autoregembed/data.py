@@ -10,6 +10,7 @@ reported by record number.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -51,6 +52,22 @@ def _check_row(row, fields: dict, where: str) -> dict:
                 raise DataError(f"{where}: field '{name}' is empty")
         out[name] = value
     return out
+
+
+def read_text(path: str) -> str:
+    """A whole UTF-8 text file; bytes that are not UTF-8 are named by file and line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+
+
+def read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file, split at newlines only (\r\n too, not Unicode separators)."""
+    return [line.rstrip("\n") for line in io.StringIO(read_text(path), newline=None)]
 
 
 def _jsonl_records(path: str):

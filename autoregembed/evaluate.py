@@ -6,22 +6,23 @@ import csv
 import numpy as np
 from scipy.stats import spearmanr
 
+from .data import read_lines
+
 
 def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
     """STS-B csv: tab-separated genre, file, year, id, score, sentence1, sentence2[, sources]."""
     a, b, gold = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-            if not row:
-                continue
-            if len(row) < 7:
-                raise ValueError(f"{path}:{lineno}: expected at least 7 tab-separated fields, got {len(row)}")
-            try:
-                gold.append(float(row[4]))
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: field 'score' is not a number: {row[4]!r}") from None
-            a.append(row[5])
-            b.append(row[6])
+    for lineno, row in enumerate(csv.reader(read_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+        if not row:
+            continue
+        if len(row) < 7:
+            raise ValueError(f"{path}:{lineno}: expected at least 7 tab-separated fields, got {len(row)}")
+        try:
+            gold.append(float(row[4]))
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: field 'score' is not a number: {row[4]!r}") from None
+        a.append(row[5])
+        b.append(row[6])
     if not gold:
         raise ValueError(f"{path}: no rows")
     if len(set(gold)) < 2:

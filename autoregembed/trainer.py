@@ -331,6 +331,15 @@ def evaluate(cfg: Config, model_dir: str) -> float:
     return r["spearman"]
 
 
+def _validate_data(cfg: Config):
+    """Every row the stages will read, checked (file:line:field) before any model is built; the
+    tiny default's base model alone takes minutes to build."""
+    if "stage1" in cfg.stages():
+        load_rows(cfg.data.stage1, stage=1)
+    if {"reference", "stage2"} & set(cfg.stages()):
+        load_rows(cfg.data.stage2, stage=2)
+
+
 def _lock_output_dir(cfg: Config) -> RunLock | None:
     """Rank 0 locks the output folder; every rank fails together when another run holds it."""
     lock, error = None, None
@@ -348,6 +357,7 @@ def run(cfg: Config, ds_path, resume: bool = False) -> dict:
     """Run ``cfg.stage`` (or the whole pipeline); returns where each artifact went."""
     check_runtime(cfg, D.world_size())
     read_ds_config(ds_path)  # a bad --deepspeed file fails now, not after the base model is built
+    _validate_data(cfg)
     lock = _lock_output_dir(cfg)
     try:
         return _run_stages(cfg, ds_path, resume)
@@ -361,9 +371,8 @@ def _run_stages(cfg: Config, ds_path, resume: bool) -> dict:
         log("model.dtype=fp32 on a GPU: matmuls and the fused scorer run without tensor cores "
             "(IEEE fp32, several times slower); bf16 is the GPU default (model.dtype=auto)")
     out = {}
-    stages = ["stage1", "reference", "stage2", "eval"] if cfg.stage == "pipeline" else [cfg.stage]
     preemption.install()  # from the start: a request while a model loads must not be lost
-    for stage in stages:
+    for stage in cfg.stages():
         if stage in ("reference", "export", "eval") and preemption.requested(cfg.stage_dir(stage)):
             if D.rank() == 0:
                 preemption.honoured(cfg.stage_dir(stage), stage)

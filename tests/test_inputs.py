@@ -197,7 +197,9 @@ def test_user_errors_are_one_line_with_status_2_before_anything_loads(tmp_path):
                         "autoregembed: error: key 'data.stage1': no such file"),
                        (["--set", "stage=reference"], "autoregembed: error: key 'paths.stage1_model': no stage-1 "
                         f"export at {tmp_path / 'run' / 'stage1' / 'model'}"),
-                       (["--deepspeed", str(tmp_path / "none.json")], "autoregembed: error: --deepspeed: no such file")):
+                       (["--deepspeed", str(tmp_path / "none.json")], "autoregembed: error: --deepspeed: no such file"),
+                       (["--set", "model.base=nosuchorg/nosuchmodel"],
+                        "autoregembed: error: key 'model.base': 'nosuchorg/nosuchmodel' is not a local folder")):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--set",
                                f"output_dir={tmp_path / 'run'}", *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr[-2000:]
@@ -277,3 +279,19 @@ def test_tiny_base_reads_data_like_the_loader_and_refuses_a_changed_size(tmp_pat
     build_tiny_base(out, [s1, str(s2)], hidden_size=32, layers=1, pretrain_steps=0)  # same shape: kept
     with pytest.raises(ConfigError, match=r"already holds a tiny base with hidden size 32 and 1 layers, not 64"):
         build_tiny_base(out, [s1, str(s2)], hidden_size=64, layers=1)
+
+
+def test_non_utf8_sts_file_names_its_line(tmp_path):
+    p = tmp_path / "sts.csv"
+    p.write_bytes(b"g\tf\ty\t1\t4.0\ta\tb\ng\tf\ty\t2\t1.0\tcaf\xe9\td\n")
+    with pytest.raises(DataError, match=r"sts.csv:2: not UTF-8 text \(byte 0xe9\)"):
+        read_sts(str(p))
+
+
+def test_a_bad_row_fails_the_run_before_the_base_model_is_built(tmp_path):
+    bad = _write(tmp_path, ['{"context": "a", "instruction": "i", "output": "a"}', '{"context": "b", "instruction": "i"}'])
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--set", f"output_dir={out}",
+                           "--set", f"data.stage1={bad}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{bad}:2: missing field 'output'" in proc.stderr
+    assert not (out / "base").exists()
