@@ -294,6 +294,8 @@ def score_references(cfg: Config, ds_path) -> str:
     n_batches = -(-len(rows) // (bs * D.world_size()))  # the same count on every rank (ZeRO-3 gathers are collective)
     results = []
     stage_dir = cfg.stage_dir("reference")
+    if D.rank() == 0:
+        preemption.clear_marker(stage_dir)
     for b in range(n_batches):
         if preemption.requested(stage_dir):  # nothing partial is kept: the stage reruns after requeue
             if D.rank() == 0:

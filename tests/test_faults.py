@@ -169,3 +169,68 @@ def test_a_signal_sets_the_request_until_it_is_honoured(tmp_path):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+KILL_IN_EXPORT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import autoregembed.export as export
+export.save_file = lambda *a, **kw: os.kill(os.getpid(), signal.SIGKILL)  # dies writing the first shard
+from autoregembed.cli import _add_run_args, run_training
+import argparse
+p = argparse.ArgumentParser()
+_add_run_args(p)
+sys.exit(run_training(p.parse_args()))
+"""
+
+
+def test_a_kill_during_export_keeps_the_previous_export_and_the_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    r = _train(out, "stage1.max_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = os.path.join(out, "stage1", "model")
+
+    def snapshot():
+        return {n: os.path.getsize(os.path.join(model, n)) for n in sorted(os.listdir(model))}
+
+    before = snapshot()
+    script = tmp_path / "kill_in_export.py"
+    script.write_text(KILL_IN_EXPORT.format(root=ROOT))
+    r = _train(out, "stage1.max_steps=2", "stage=export", "paths.export_from=stage1", script=str(script))
+    assert r.returncode != 0  # killed
+    assert snapshot() == before  # the earlier export is untouched, not half-replaced
+    assert _listing(out) == ["latest", "step00000002"]
+    r = _train(out, "stage1.max_steps=2", "stage=export", "paths.export_from=stage1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert snapshot() == before and "loaded checkpoint" in r.stdout
+
+
+SIGTERM_IN_REFERENCE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import autoregembed.trainer as trainer
+real, calls = trainer.candidates_batch, []
+def batch_then_term(*a, **kw):
+    calls.append(1)
+    if len(calls) == 2:  # the scheduler's SIGTERM arrives while the second batch is scored
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **kw)
+trainer.candidates_batch = batch_then_term
+from autoregembed.cli import _add_run_args, run_training
+import argparse
+p = argparse.ArgumentParser()
+_add_run_args(p)
+sys.exit(run_training(p.parse_args()))
+"""
+
+
+def test_sigterm_during_reference_scoring_is_not_swallowed(earlier_run, tmp_path):
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_IN_REFERENCE.format(root=ROOT))
+    model = os.path.join(earlier_run, "stage1", "model")
+    r = _train(earlier_run, "stage=reference", f"paths.stage1_model={model}", script=str(script))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reference: stop requested after 2 of 32 batches" in r.stdout
+    ref_dir = os.path.join(earlier_run, "reference")
+    assert open(os.path.join(ref_dir, "PREEMPTED")).read() == "reference"
+    assert not os.path.exists(os.path.join(ref_dir, "scores.safetensors"))
