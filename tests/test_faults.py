@@ -22,6 +22,15 @@ def _train(out, *overrides, resume=False, script=None):
     return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+def _patched_train(tmp_path, patch: str) -> str:
+    """A train.py that first applies ``patch`` (code that breaks something on purpose)."""
+    script = tmp_path / "patched_train.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n{patch}\n"
+                      "from autoregembed.cli import _add_run_args, run_training\nimport argparse\n"
+                      "p = argparse.ArgumentParser()\n_add_run_args(p)\nsys.exit(run_training(p.parse_args()))\n")
+    return str(script)
+
+
 def _ckpt(out):
     return os.path.join(out, "stage1", "checkpoints")
 
@@ -85,27 +94,19 @@ def test_blank_input_lines_keep_their_rows(earlier_run, tmp_path):
 
 
 FULL_DISK = """
-import errno, os, sys, torch
-sys.path.insert(0, {root!r})
+import errno, os, torch
 real = torch.save
 def save(obj, f, *a, **kw):
     if "step00000004.partial" in str(f):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return real(obj, f, *a, **kw)
 torch.save = save
-from autoregembed.cli import _add_run_args, run_training
-import argparse
-p = argparse.ArgumentParser()
-_add_run_args(p)
-sys.exit(run_training(p.parse_args()))
 """
 
 
 def test_a_failed_save_cleans_up_says_why_and_keeps_the_previous_checkpoint(tmp_path):
-    script = tmp_path / "full_disk.py"
-    script.write_text(FULL_DISK.format(root=ROOT))
     out = str(tmp_path / "run")
-    r = _train(out, "stage1.max_steps=6", "stage1.save_every=2", script=str(script))
+    r = _train(out, "stage1.max_steps=6", "stage1.save_every=2", script=_patched_train(tmp_path, FULL_DISK))
     assert r.returncode != 0
     assert "saving " in r.stderr and "step00000004 failed (" in r.stderr and "No space left on device" in r.stderr
     assert "step00000002 is intact" in r.stderr
@@ -172,15 +173,9 @@ def test_a_signal_sets_the_request_until_it_is_honoured(tmp_path):
 
 
 KILL_IN_EXPORT = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
+import os, signal
 import autoregembed.export as export
 export.save_file = lambda *a, **kw: os.kill(os.getpid(), signal.SIGKILL)  # dies writing the first shard
-from autoregembed.cli import _add_run_args, run_training
-import argparse
-p = argparse.ArgumentParser()
-_add_run_args(p)
-sys.exit(run_training(p.parse_args()))
 """
 
 
@@ -194,9 +189,8 @@ def test_a_kill_during_export_keeps_the_previous_export_and_the_checkpoint(tmp_p
         return {n: os.path.getsize(os.path.join(model, n)) for n in sorted(os.listdir(model))}
 
     before = snapshot()
-    script = tmp_path / "kill_in_export.py"
-    script.write_text(KILL_IN_EXPORT.format(root=ROOT))
-    r = _train(out, "stage1.max_steps=2", "stage=export", "paths.export_from=stage1", script=str(script))
+    r = _train(out, "stage1.max_steps=2", "stage=export", "paths.export_from=stage1",
+               script=_patched_train(tmp_path, KILL_IN_EXPORT))
     assert r.returncode != 0  # killed
     assert snapshot() == before  # the earlier export is untouched, not half-replaced
     assert _listing(out) == ["latest", "step00000002"]
@@ -206,8 +200,7 @@ def test_a_kill_during_export_keeps_the_previous_export_and_the_checkpoint(tmp_p
 
 
 SIGTERM_IN_REFERENCE = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
+import os, signal
 import autoregembed.trainer as trainer
 real, calls = trainer.candidates_batch, []
 def batch_then_term(*a, **kw):
@@ -216,19 +209,13 @@ def batch_then_term(*a, **kw):
         os.kill(os.getpid(), signal.SIGTERM)
     return real(*a, **kw)
 trainer.candidates_batch = batch_then_term
-from autoregembed.cli import _add_run_args, run_training
-import argparse
-p = argparse.ArgumentParser()
-_add_run_args(p)
-sys.exit(run_training(p.parse_args()))
 """
 
 
 def test_sigterm_during_reference_scoring_is_not_swallowed(earlier_run, tmp_path):
-    script = tmp_path / "term.py"
-    script.write_text(SIGTERM_IN_REFERENCE.format(root=ROOT))
     model = os.path.join(earlier_run, "stage1", "model")
-    r = _train(earlier_run, "stage=reference", f"paths.stage1_model={model}", script=str(script))
+    r = _train(earlier_run, "stage=reference", f"paths.stage1_model={model}",
+               script=_patched_train(tmp_path, SIGTERM_IN_REFERENCE))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reference: stop requested after 2 of 32 batches" in r.stdout
     ref_dir = os.path.join(earlier_run, "reference")
