@@ -285,8 +285,9 @@ def export_stage(cfg: Config, ds_path) -> str:
 
 
 @torch.no_grad()
-def score_references(cfg: Config, ds_path) -> str:
-    """Every rank scores its share of the stage-2 rows; rank 0 writes the file."""
+def score_references(cfg: Config, ds_path) -> str | None:
+    """Every rank scores its share of the stage-2 rows; rank 0 writes the file.  None: stopped
+    on request before the end (PREEMPTED written; nothing partial is kept)."""
     rows = [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
     s = Session(cfg, "reference", ds_path, cfg.stage1_model_dir, train=False)
     mine = rows[D.rank() :: D.world_size()]

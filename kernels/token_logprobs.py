@@ -144,15 +144,16 @@ def _dz_kernel(H, W, Y, LSE, G, DZ, M, V, D, stride_h, stride_w, stride_dz, M_BU
              mask=mask_m[:, None] & mask_v[None, :])
 
 
-def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-    """Shapes, layout and label range; a label outside [0, V) would read past the head or score 0."""
+def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, label_range: bool = True):
+    """Shapes, layout and label range; a label outside [0, V) would read past the head or score 0.
+    The range check syncs with the GPU once; the backward skips it (the forward saw the labels)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [M, D] and weight [V, D]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
     if labels.shape != (hidden.shape[0],):
         raise ValueError(f"labels must be [M]; got {tuple(labels.shape)}")
     if hidden.stride(1) != 1 or weight.stride(1) != 1 or labels.stride(0) != 1:
         raise ValueError("hidden, weight and labels must be contiguous in their last dimension")
-    if labels.numel() and bool(((labels < 0) | (labels >= weight.shape[0])).any()):
+    if label_range and labels.numel() and bool(((labels < 0) | (labels >= weight.shape[0])).any()):
         bad = labels[(labels < 0) | (labels >= weight.shape[0])][0].item()
         raise ValueError(f"label {bad} is outside the vocabulary [0, {weight.shape[0]})")
 
@@ -201,7 +202,7 @@ def token_logprobs_bwd(hidden, weight, labels, lse, grad_out, dz_budget_bytes: i
     """dL/dhidden for L = sum_t grad_out[t] * log p(labels[t]); same dtype as hidden.
 
     dz_budget_bytes bounds the dZ buffer (default: the bytes of ``hidden``, at least 32 MiB)."""
-    check_inputs(hidden, weight, labels)
+    check_inputs(hidden, weight, labels, label_range=False)
     flags = _flags(hidden, weight)
     m, d = hidden.shape
     v = weight.shape[0]

@@ -3,6 +3,7 @@ a truncated checkpoint, a full disk, a second run into the same folder, blank in
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,12 +13,17 @@ import pytest
 from conftest import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["model.tiny_hidden_size=32", "stage1.micro_batch_size=4", "stage1.warmup_steps=0",
-        "model.match_decoder_scale=false", "stage=stage1"]
+TINY = ["stage1.micro_batch_size=4", "stage1.warmup_steps=0", "model.match_decoder_scale=false", "stage=stage1"]
+BASE = {}  # the session's tiny base model, shared by every run here (building one per run doubles the time)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_base(tiny_base):
+    BASE["path"] = tiny_base
 
 
 def _train(out, *overrides, resume=False, script=None):
-    sets = [a for kv in [*TINY, f"output_dir={out}", *overrides] for a in ("--set", kv)]
+    sets = [a for kv in [*TINY, f"model.base={BASE['path']}", f"output_dir={out}", *overrides] for a in ("--set", kv)]
     cmd = [sys.executable, script or os.path.join(ROOT, "train.py"), *sets] + (["--resume"] if resume else [])
     return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
 
@@ -40,6 +46,10 @@ def _listing(out):
     return sorted(n for n in os.listdir(_ckpt(out)) if n.startswith(("step", "latest")))
 
 
+def _losses(out):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, "stage1", "metrics.jsonl"))]
+
+
 def _steps(out):
     return [json.loads(line)["step"] for line in open(os.path.join(out, "stage1", "metrics.jsonl"))]
 
@@ -58,27 +68,29 @@ def test_fresh_run_sets_earlier_checkpoints_aside_and_resume_falls_back_past_a_t
     out = earlier_run
     # a fresh, shorter run into the same folder: the earlier step-4/6 checkpoints used to be
     # "newer" than this run's and pruning deleted each new checkpoint right after writing it
-    r = _train(out, "stage1.max_steps=3", "stage1.save_every=1", "stage1.keep_last=2")
+    r = _train(out, "stage1.max_steps=4", "stage1.save_every=1", "stage1.keep_last=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held checkpoints of an earlier run; moved to" in r.stdout
-    assert _listing(out) == ["latest", "step00000002", "step00000003"]
-    assert open(os.path.join(_ckpt(out), "latest")).read() == "step00000003"
+    assert _listing(out) == ["latest", "step00000003", "step00000004"]
+    assert open(os.path.join(_ckpt(out), "latest")).read() == "step00000004"
     aside = [d for d in os.listdir(os.path.join(out, "stage1")) if d.startswith("checkpoints.earlier-")]
     assert len(aside) == 1 and {"step00000004", "step00000006"} <= set(os.listdir(os.path.join(out, "stage1", aside[0])))
-    assert _steps(out) == [1, 2, 3]  # the earlier run's metrics went aside with its checkpoints
+    assert _steps(out) == [1, 2, 3, 4]  # the earlier run's metrics went aside with its checkpoints
+    straight = _losses(out)
 
     # `latest` gone and the newest checkpoint truncated: resume takes the newest complete one and says so
     os.remove(os.path.join(_ckpt(out), "latest"))
-    newest = os.path.join(_ckpt(out), "step00000003")
+    newest = os.path.join(_ckpt(out), "step00000004")
     victim = max((os.path.join(root, n) for root, _, names in os.walk(newest) for n in names if n.endswith(".pt")),
                  key=os.path.getsize)
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
     r = _train(out, "stage1.max_steps=4", "stage1.save_every=1", "stage1.keep_last=2", resume=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "skipping checkpoint" in r.stdout and "step00000003: " in r.stdout and "bytes" in r.stdout
-    assert "loaded checkpoint" in r.stdout and "step00000002 (step 2)" in r.stdout
-    assert _steps(out) == [1, 2, 3, 4]  # one clean history: the step-3 record was logged again, once
+    assert "skipping checkpoint" in r.stdout and "step00000004: " in r.stdout and "bytes" in r.stdout
+    assert "loaded checkpoint" in r.stdout and "step00000003 (step 3)" in r.stdout
+    assert _steps(out) == [1, 2, 3, 4]  # one clean history: the step-4 record was logged again, once
+    assert _losses(out) == pytest.approx(straight, rel=1e-6)  # and step 4 retraced exactly
 
 
 def test_blank_input_lines_keep_their_rows(earlier_run, tmp_path):
@@ -91,6 +103,15 @@ def test_blank_input_lines_keep_their_rows(earlier_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     emb = np.load(npy)
     assert emb.shape[0] == 3 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    # a damaged export description is named, in one line
+    broken = tmp_path / "broken"
+    shutil.copytree(os.path.join(earlier_run, "stage1", "model"), broken)
+    (broken / "autoregembed.json").write_text("{not json")
+    r = subprocess.run([sys.executable, "-m", "autoregembed.cli", "encode", "--model", str(broken), "--input",
+                        str(texts), "--output", str(npy)], env=child_env(), capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{broken / 'autoregembed.json'}: not a valid autoregembed export description" in r.stderr
 
 
 FULL_DISK = """
@@ -126,7 +147,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_before_anything_loads(tmp_pa
         r = _train(str(out), "stage1.max_steps=2")
     assert r.returncode != 0
     assert "is in use by PID 4242 on somehost" in r.stderr
-    assert not (out / "base").exists() and not (out / "stage1").exists()
+    assert not (out / "stage1").exists()
 
 
 def test_a_stop_request_made_while_loading_is_honoured_not_deleted(tmp_path):

@@ -22,10 +22,10 @@ from autoregembed.config import load_config
 from autoregembed.data import load_rows
 from autoregembed.trainer import Session, prepare_base, score_references
 
-out = sys.argv[1]
+out, base, stage2 = sys.argv[1:4]
 zero3 = {root!r} + "/ds_configs/zero3.json"
-cfg = load_config(None, ["output_dir=" + out, "model.tiny_hidden_size=32", "model.match_decoder_scale=false",
-                         "stage2.micro_batch_size=4"])
+cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "data.stage2=" + stage2,
+                         "model.match_decoder_scale=false", "stage2.micro_batch_size=4"])
 D.init_distributed()
 report = {{}}
 
@@ -69,14 +69,16 @@ D.shutdown()
 """
 
 
-def test_lm_head_is_released_between_forward_and_backward_and_reference_uses_the_engine(tmp_path):
+def test_lm_head_is_released_between_forward_and_backward_and_reference_uses_the_engine(tmp_path, tiny_base):
     out = tmp_path / "run"
     out.mkdir()
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(root=ROOT))
-    env = child_env()
-    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    rows = open(os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl")).readlines()[:16]
+    stage2 = tmp_path / "s2.jsonl"
+    stage2.write_text("".join(rows))
+    proc = subprocess.run([sys.executable, str(script), str(out), tiny_base, str(stage2)], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     r = json.load(open(out / "report.json"))
     assert r["scorer_nodes"] == 1
@@ -84,6 +86,6 @@ def test_lm_head_is_released_between_forward_and_backward_and_reference_uses_the
     assert r["kept_is_parameter"]
     assert r["head_released_after_forward"] and r["head_numel_after_forward"] == 0
     assert r["largest_saved_tensor"] < r["head_full_numel"]
-    # 256 bundled stage-2 rows at micro-batch 4 on one rank: 64 scoring calls, all through the engine
+    # 16 stage-2 rows at micro-batch 4 on one rank: 4 scoring calls, all through the engine
     assert r["engine_forward_stages"] == ["reference"]
-    assert r["engine_forward_calls"] == 64
+    assert r["engine_forward_calls"] == 4
