@@ -44,6 +44,9 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     """Return (target logit, logsumexp) per token in fp32, one tile at a time."""
     m = hidden.shape[0]
     v = weight.shape[0]
+    bad = (labels < 0) | (labels >= v)  # a negative label would index from the end without a word
+    if m and bool(bad.any()):
+        raise ValueError(f"label {labels[bad][0].item()} is outside the vocabulary [0, {v})")
     target = torch.empty(m, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
     for s in range(0, m, TOKEN_CHUNK):
@@ -127,9 +130,6 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
         raise ValueError(f"lm_head weight {tuple(lm_head_weight.shape)} does not match hidden size {hidden.shape[1]}")
     if lm_head_weight.requires_grad:
         raise ValueError("the LM head must be frozen: the fused scorer computes no weight gradient")
-    bad = (labels < 0) | (labels >= lm_head_weight.shape[0])
-    if labels.numel() and bool(bad.any()):
-        raise ValueError(f"label {labels[bad][0].item()} is outside the vocabulary [0, {lm_head_weight.shape[0]})")
     return TokenLogprobs.apply(hidden.contiguous(), lm_head_weight, labels.contiguous())
 
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import child_env
 from local_cluster import LocalSlurm, Unavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +36,8 @@ def _ensure_mpi():
 def test_mpirun_two_ranks(tmp_path):
     _ensure_mpi()
     out = str(tmp_path / "run")
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_oob_tcp_if_include": "lo", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_btl": "self,vader",
-           "OMP_NUM_THREADS": "1", "MASTER_PORT": "29677", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    env = child_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_oob_tcp_if_include="lo",
+                    OMPI_MCA_btl_tcp_if_include="lo", OMPI_MCA_btl="self,vader", MASTER_PORT="29677")
     cmd = ["mpirun", "-np", "2", "--oversubscribe", "-x", "PATH", "-x", "OMP_NUM_THREADS", "-x", "MASTER_PORT",
            sys.executable, os.path.join(ROOT, "train.py"), "--set", "stage=stage1", "--set", f"output_dir={out}",
            "--set", "stage1.max_steps=2", *TINY]
