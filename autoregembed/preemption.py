@@ -16,7 +16,7 @@ import os
 import signal
 
 from .atomic import atomic_write_text
-from .distributed import any_across_ranks
+from .distributed import any_across_ranks, rank
 
 _requested = False
 
@@ -45,16 +45,20 @@ def requested(stage_dir: str) -> bool:
 
 
 def clear_marker(stage_dir: str):
-    """A stage starting (again) is no longer preempted; a pending STOP file stays pending."""
-    if os.path.exists(marker_file(stage_dir)):
+    """A stage starting (again) is no longer preempted; a pending STOP file stays pending.
+    Every rank calls it; rank 0 touches the files."""
+    if rank() == 0 and os.path.exists(marker_file(stage_dir)):
         os.remove(marker_file(stage_dir))
 
 
 def honoured(stage_dir: str, what: str):
-    """Rank 0, after the state is saved: write the PREEMPTED marker (``what``: the step saved, or
-    the stage to rerun) and consume the request, so the requeued run does not stop at once."""
+    """After the state is saved: write the PREEMPTED marker (``what``: the step saved, or the stage
+    to rerun) and consume the request, so the requeued run does not stop at once.  Every rank
+    calls it; rank 0 touches the files."""
     global _requested
     _requested = False
+    if rank() != 0:
+        return
     atomic_write_text(marker_file(stage_dir), what)
     if os.path.exists(stop_file(stage_dir)):
         os.remove(stop_file(stage_dir))

@@ -231,8 +231,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
     end = o.max_steps if stop_after is None else min(o.max_steps, stop_after)
     stage_dir = cfg.stage_dir(stage)
     preemption.install()
-    if D.rank() == 0:
-        preemption.clear_marker(stage_dir)
+    preemption.clear_marker(stage_dir)
     D.barrier()
     s.engine.train()
     t0 = time.time()
@@ -258,8 +257,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
         if stop or (o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end):
             checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
         if stop:
-            if D.rank() == 0:
-                preemption.honoured(stage_dir, str(step + 1))
+            preemption.honoured(stage_dir, str(step + 1))
             log(f"{stage}: stop requested; saved step {step + 1} to {ckpt_dir}, exiting for requeue")
             s.close()
             return None
@@ -295,12 +293,10 @@ def score_references(cfg: Config, ds_path) -> str | None:
     n_batches = -(-len(rows) // (bs * D.world_size()))  # the same count on every rank (ZeRO-3 gathers are collective)
     results = []
     stage_dir = cfg.stage_dir("reference")
-    if D.rank() == 0:
-        preemption.clear_marker(stage_dir)
+    preemption.clear_marker(stage_dir)
     for b in range(n_batches):
         if preemption.requested(stage_dir):  # nothing partial is kept: the stage reruns after requeue
-            if D.rank() == 0:
-                preemption.honoured(stage_dir, "reference")
+            preemption.honoured(stage_dir, "reference")
             log(f"reference: stop requested after {b} of {n_batches} batches; exiting for requeue")
             s.close()
             return None
@@ -377,8 +373,7 @@ def _run_stages(cfg: Config, ds_path, resume: bool) -> dict:
     preemption.install()  # from the start: a request while a model loads must not be lost
     for stage in cfg.stages():
         if stage in ("reference", "export", "eval") and preemption.requested(cfg.stage_dir(stage)):
-            if D.rank() == 0:
-                preemption.honoured(cfg.stage_dir(stage), stage)
+            preemption.honoured(cfg.stage_dir(stage), stage)
             log(f"{stage}: stop requested before it started; exiting for requeue")
             break
         if stage in ("stage1", "stage2"):
