@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -357,21 +358,30 @@ def main():
     import triton
 
     res = {"device": _device_name(torch), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke}
-    if "kernels" in sections:
-        print("kernels vs float64 (bf16 inputs):", flush=True)
-        res["kernels"] = check_kernels(torch, small if args.smoke else big, device)
-    if "timing" in sections:
-        print("speed and peak memory, side by side:", flush=True)
-        res["timing"] = time_kernels(torch, small if args.smoke else big, device, reps=2 if args.smoke else 10)
-    if "trainer" in sections:
-        print("trainer steps (ZeRO-3 engine, gradient checkpointing):", flush=True)
-        res["trainer"] = trainer_steps(torch, device, args.smoke, 1 if args.smoke else args.steps)
+           "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke, "errors": {}}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    runs = {"kernels": ("kernels vs float64 (bf16 inputs):",
+                        lambda: check_kernels(torch, small if args.smoke else big, device)),
+            "timing": ("speed and peak memory, side by side:",
+                       lambda: time_kernels(torch, small if args.smoke else big, device, reps=2 if args.smoke else 10)),
+            "trainer": ("trainer steps (ZeRO-3 engine, gradient checkpointing):",
+                        lambda: trainer_steps(torch, device, args.smoke, 1 if args.smoke else args.steps))}
+    for name, (title, fn) in runs.items():
+        if name not in sections:
+            continue
+        print(title, flush=True)
+        try:  # one device session: a failing section must not cost the others their numbers
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 - recorded and reported, the run fails at the end
+            traceback.print_exc()
+            res["errors"][name] = f"{type(e).__name__}: {e}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        with open(args.out, "w") as f:  # after every section, so a time-out keeps what was measured
+            json.dump(res, f, indent=2)
     print(f"wrote {args.out}")
-    ok = all(r["ok"] for r in res.get("kernels", [])) and all(r["loss_ok"] for r in res.get("trainer", []))
+    ok = not res["errors"] and all(r["ok"] for r in res.get("kernels", [])) and \
+        all(r["loss_ok"] for r in res.get("trainer", []))
     return 0 if ok else 1
 
 
