@@ -2,29 +2,29 @@
 
 Every decoder scoring pass in AutoRegEmbed (stage-1 loss, reference scores, stage-2
 loss) needs ``sum_t log p(y_t | ...)`` for many sequences at once (1 positive + N
-negatives per query).  Materialising ``log_softmax(H @ W.T)`` costs
-``tokens x vocab x 4`` bytes twice (logits and their log-softmax, plus the same again
-for the gradient) and is what runs out of memory first with 32k-150k vocabularies.
+negatives per query).  Materialising ``log_softmax(H @ W.T)`` for all of them costs
+``tokens x vocab x 4`` bytes several times over and is what runs out of memory first with
+32k-150k vocabularies.
 
-``sequence_logprobs`` instead computes, per scored token,
-``log p(y_t) = h_t . w_{y_t} - logsumexp_v(h_t . w_v)`` with an online logsumexp over
-vocabulary tiles, and in backward recomputes the logit tiles to form ``dL/dH``.
-The LM-head weight is frozen in AutoRegEmbed, so no weight gradient is produced.
+``token_logprobs`` works on chunks of tokens whose fp32 logits fit ``tile_budget_bytes``:
+per chunk one GEMM gives the logits, ``row_stats`` their logsumexp and target logit, and,
+when the hidden states need a gradient, dZ = onehot(y) - softmax, so that a second GEMM gives
+each token's Jacobian ``J_t = d log p(y_t) / d h_t = dZ_t @ W`` already in the forward.
+Why: ``J_t`` does not depend on the upstream gradient, so the backward is ``g_t * J_t``, two
+GEMMs in all instead of three (no recomputed logits), and the LM head is not needed again
+after the forward (under ZeRO-3 nothing holds it).  ``J`` is [M, D], the size of the hidden
+states it replaces in the saved tensors.  The LM head is frozen: there is no weight gradient.
 
-On CUDA the Triton kernels in ``kernels/`` are used; elsewhere an equivalent chunked
-PyTorch path with bounded memory (``token_chunk x vocab_chunk`` floats at a time).
+On CUDA the row statistics are a Triton kernel (``kernels.logit_rows``) and the GEMMs keep
+bf16/fp16 operands with fp32 logits; elsewhere the same steps run as PyTorch operations.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 IGNORE_INDEX = -100
 
-# Working-set bound of the PyTorch path: one [TOKEN_CHUNK, VOCAB_CHUNK] fp32 tile.
-TOKEN_CHUNK = int(os.environ.get("AUTOREGEMBED_TOKEN_CHUNK", 1024))
-VOCAB_CHUNK = int(os.environ.get("AUTOREGEMBED_VOCAB_CHUNK", 8192))
+TILE_BUDGET_BYTES = 256 << 20  # fp32 logits (+ dZ) of one token chunk
 
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (recent torch)
@@ -40,89 +40,79 @@ def _fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-    """Return (target logit, logsumexp) per token in fp32, one tile at a time."""
-    m = hidden.shape[0]
-    v = weight.shape[0]
-    bad = (labels < 0) | (labels >= v)  # a negative label would index from the end without a word
-    if m and bool(bad.any()):
-        raise ValueError(f"label {labels[bad][0].item()} is outside the vocabulary [0, {v})")
-    target = torch.empty(m, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
-    for s in range(0, m, TOKEN_CHUNK):
-        h = hidden[s : s + TOKEN_CHUNK]
-        y = labels[s : s + TOKEN_CHUNK]
-        run_max = torch.full((h.shape[0],), -float("inf"), device=h.device)
-        run_sum = torch.zeros(h.shape[0], device=h.device)
-        for vs in range(0, v, VOCAB_CHUNK):
-            logits = _fp32_product(h, weight[vs : vs + VOCAB_CHUNK].T)
-            new_max = torch.maximum(run_max, logits.amax(dim=1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(1)
-            run_max = new_max
-            del logits
-        lse[s : s + TOKEN_CHUNK] = run_max + torch.log(run_sum)
-        target[s : s + TOKEN_CHUNK] = (h.float() * weight[y].float()).sum(1)
+def torch_row_stats(logits: torch.Tensor, labels: torch.Tensor, dz: torch.Tensor | None = None):
+    """(target logit, logsumexp) of fp32 logit rows; fills ``dz`` with onehot(labels) - softmax.
+    Overwrites ``logits`` when ``dz`` is given (they are not needed afterwards)."""
+    lse = torch.logsumexp(logits, 1)
+    target = logits.gather(1, labels[:, None])[:, 0]
+    if dz is not None:
+        prob = logits.sub_(lse[:, None]).exp_()
+        dz.copy_(prob.neg_())
+        dz[torch.arange(labels.shape[0], device=labels.device), labels] += 1
     return target, lse
 
 
-def _chunked_backward(hidden, weight, labels, lse, grad_tok):
-    """dL/dh_t = g_t * (w_{y_t} - sum_v p_v w_v), recomputing logit tiles."""
-    m = hidden.shape[0]
-    v = weight.shape[0]
-    grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-    for s in range(0, m, TOKEN_CHUNK):
-        h = hidden[s : s + TOKEN_CHUNK]
-        g = grad_tok[s : s + TOKEN_CHUNK].float()
-        acc = g[:, None] * weight[labels[s : s + TOKEN_CHUNK]].float()
-        for vs in range(0, v, VOCAB_CHUNK):
-            w = weight[vs : vs + VOCAB_CHUNK]
-            p = _fp32_product(h, w.T).sub_(lse[s : s + TOKEN_CHUNK, None]).exp_().mul_(g[:, None])
-            acc -= _fp32_product(p.to(w.dtype) if p.is_cuda else p, w)
-            del p
-        grad[s : s + TOKEN_CHUNK] = acc
-    return grad.to(hidden.dtype)
+def row_stats(logits: torch.Tensor, labels: torch.Tensor, dz: torch.Tensor | None = None):
+    """``torch_row_stats``, as one Triton kernel on CUDA tensors."""
+    if logits.is_cuda:
+        from kernels.logit_rows import logit_row_stats
+
+        return logit_row_stats(logits, labels, dz)
+    return torch_row_stats(logits, labels, dz)
 
 
-def _use_triton(hidden: torch.Tensor) -> bool:
-    if os.environ.get("AUTOREGEMBED_FORCE_TRITON") == "1":
-        return True
-    return hidden.is_cuda and os.environ.get("AUTOREGEMBED_DISABLE_TRITON") != "1"
+def chunk_rows(v: int, jacobian: bool, budget: int) -> int:
+    """Tokens per chunk: fp32 logits (+ a dZ tile of 4 bytes at most) within ``budget``; a
+    multiple of 64 when more than 64 fit (GEMM tile size), at least one token."""
+    rows = budget // (v * (8 if jacobian else 4))
+    return max(1, rows // 64 * 64 if rows >= 64 else rows)
+
+
+def score_tokens(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, jacobian: bool,
+                 tile_budget_bytes: int = TILE_BUDGET_BYTES):
+    """Return (log p(labels) fp32 [M], J [M, D] in hidden's dtype or None): the forward of
+    ``token_logprobs``, chunk by chunk."""
+    m, v = hidden.shape[0], weight.shape[0]
+    bad = (labels < 0) | (labels >= v)  # a negative label would index from the end without a word
+    if m and bool(bad.any()):
+        raise ValueError(f"label {labels[bad][0].item()} is outside the vocabulary [0, {v})")
+    logp = torch.empty(m, dtype=torch.float32, device=hidden.device)
+    jac = torch.empty_like(hidden) if jacobian else None
+    half_gemm = hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
+    chunk = chunk_rows(v, jacobian, tile_budget_bytes)
+    for s in range(0, m, chunk):
+        e = min(m, s + chunk)
+        logits = _fp32_product(hidden[s:e], weight.T)
+        dz = torch.empty(logits.shape, dtype=hidden.dtype if half_gemm else torch.float32,
+                         device=hidden.device) if jacobian else None
+        target, lse = row_stats(logits, labels[s:e], dz)
+        del logits
+        logp[s:e] = target - lse
+        if jacobian:
+            if half_gemm:
+                torch.mm(dz, weight, out=jac[s:e])
+            else:
+                jac[s:e] = dz @ weight.float()
+    return logp, jac
 
 
 class TokenLogprobs(torch.autograd.Function):
     """log p(y_t) per token; gradient w.r.t. hidden only (the LM head is frozen)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels):
-        if _use_triton(hidden):
-            from kernels import token_logprobs_fwd
-
-            target, lse = token_logprobs_fwd(hidden, weight, labels)
-        else:
-            target, lse = _chunked_forward(hidden, weight, labels)
-        ctx.save_for_backward(hidden, labels, lse)
-        # The Parameter itself, never a tensor sharing its storage: under ZeRO-3 the gathered
-        # data is released after forward and gathered again before backward (model.LogprobHead);
-        # an alias (e.g. ``weight.detach()``) would keep the whole LM head resident in between.
-        ctx.weight = weight
-        return target - lse
+    def forward(ctx, hidden, weight, labels, tile_budget_bytes):
+        logp, jac = score_tokens(hidden, weight, labels, ctx.needs_input_grad[0], tile_budget_bytes)
+        ctx.save_for_backward(jac)  # None when no gradient is needed
+        return logp
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, labels, lse = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        w = ctx.weight.detach()
-        if _use_triton(hidden):
-            from kernels import token_logprobs_bwd
-
-            grad = token_logprobs_bwd(hidden, w, labels, lse, grad_out.contiguous())
-        else:
-            grad = _chunked_backward(hidden, w, labels, lse, grad_out)
-        return grad, None, None
+        (jac,) = ctx.saved_tensors
+        return (grad_out[:, None] * jac).to(jac.dtype), None, None, None
 
 
-def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                   tile_budget_bytes: int = TILE_BUDGET_BYTES) -> torch.Tensor:
     """log p(labels[t]) for each row of ``hidden`` [M, D]; returns fp32 [M]."""
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [M, D] and labels [M]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
@@ -130,7 +120,7 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
         raise ValueError(f"lm_head weight {tuple(lm_head_weight.shape)} does not match hidden size {hidden.shape[1]}")
     if lm_head_weight.requires_grad:
         raise ValueError("the LM head must be frozen: the fused scorer computes no weight gradient")
-    return TokenLogprobs.apply(hidden.contiguous(), lm_head_weight, labels.contiguous())
+    return TokenLogprobs.apply(hidden.contiguous(), lm_head_weight, labels.contiguous(), tile_budget_bytes)
 
 
 def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

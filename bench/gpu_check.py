@@ -3,16 +3,18 @@
     bash bench/gpu_check.sh                      # on one H100/H200 (installs the carried wheels first)
     python bench/gpu_check.py --smoke --out X    # the same code paths on CPU at toy sizes (tests)
 
-1. kernels vs float64: log-probabilities and dL/dH of the Triton kernels, bf16 inputs, at
-   V = 32000 and 128256, D = 4096, M = 16384 (the reference is computed in float64, in row chunks).
+1. kernels vs float64: log-probabilities and dL/dH of ours (logprobs.token_logprobs) and of the
+   fused Triton kernels it replaced, bf16 inputs, at V = 32000 and 128256, D = 4096, M = 16384
+   (the reference is computed in float64, in row chunks).
 2. speed and memory side by side, same shapes, same run: forward and forward+backward of ours,
+   the fused kernels,
    the bare bf16 matmul H @ W^T (1 matmul: the forward floor; 3 matmuls: the forward+backward
-   floor with recomputed logits), naive log_softmax, Liger's fused linear cross-entropy and
+   floor with recomputed logits; 2: without), naive log_softmax, Liger's fused linear cross-entropy and
    cut-cross-entropy (when their packages are importable); peak memory above the inputs.
 3. the real trainer: stage-1 and stage-2 steps (ZeRO-3 engine, bf16, gradient checkpointing) on a
    randomly initialised LLaMA with 7B layer shapes (hidden 4096, intermediate 11008, 32 heads,
    vocabulary 32000, a few layers): tokens/s, model FLOPs utilisation, peak memory, and the loss
-   of one batch through the kernels vs the chunked PyTorch path.
+   of one batch with the Triton row kernel vs PyTorch's row operations.
 Prints a table per section and writes all numbers to --out (JSON).
 """
 from __future__ import annotations
@@ -97,26 +99,50 @@ def float64_reference(torch, h, w, y, g, rows: int = 2048):
     return lp, grad
 
 
-def check_kernels(torch, shapes, device) -> list[dict]:
+def _fused(torch):
+    """The fused Triton kernels (online softmax over vocabulary tiles, logits recomputed in the
+    backward) as an autograd function: the design before the Jacobian-in-forward one, kept to compare."""
     from kernels import token_logprobs_bwd, token_logprobs_fwd
 
+    class Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w, y):
+            tgt, lse = token_logprobs_fwd(h, w, y)
+            ctx.save_for_backward(h, w, y, lse)
+            return tgt - lse
+
+        @staticmethod
+        def backward(ctx, g):
+            h, w, y, lse = ctx.saved_tensors
+            return token_logprobs_bwd(h, w, y, lse, g.contiguous()), None, None
+
+    return Fused.apply
+
+
+def check_kernels(torch, shapes, device) -> list[dict]:
+    from autoregembed.logprobs import token_logprobs
+
+    impls = {"ours": token_logprobs, "fused": _fused(torch)}
     out = []
     for v, m, d in shapes:
         h, w, y = _inputs(torch, v, m, d, torch.bfloat16, device)
         g = torch.randn(m, device=device, generator=torch.Generator(device=device).manual_seed(1))
-        tgt, lse = token_logprobs_fwd(h, w, y)
-        grad = token_logprobs_bwd(h, w, y, lse, g)
         ref_lp, ref_grad = float64_reference(torch, h, w, y, g)
-        lp_err = ((tgt - lse).double() - ref_lp).abs().max().item()
-        grad_err = (grad.double() - ref_grad).abs().max().item()
-        grad_rel = grad_err / max(ref_grad.abs().max().item(), 1e-30)
-        row = {"V": v, "M": m, "D": d, "dtype": "bf16", "logprob_max_abs_err": lp_err,
-               "grad_max_abs_err": grad_err, "grad_max_rel_err": grad_rel,
-               "ok": lp_err <= 1e-2 and grad_rel <= 1e-2}
-        out.append(row)
-        print(f"  V={v:>6} M={m:>5} D={d:>4}: |dlogp| {lp_err:.2e}  |dgrad| {grad_err:.2e} "
-              f"(rel {grad_rel:.2e})  {'ok' if row['ok'] else 'FAIL'}", flush=True)
-        del h, w, y, g, tgt, lse, grad, ref_lp, ref_grad
+        for name, fn in impls.items():
+            hg = h.clone().requires_grad_()
+            lp = fn(hg, w, y)
+            (lp * g).sum().backward()
+            lp_err = (lp.detach().double() - ref_lp).abs().max().item()
+            grad_err = (hg.grad.double() - ref_grad).abs().max().item()
+            grad_rel = grad_err / max(ref_grad.abs().max().item(), 1e-30)
+            row = {"impl": name, "V": v, "M": m, "D": d, "dtype": "bf16", "logprob_max_abs_err": lp_err,
+                   "grad_max_abs_err": grad_err, "grad_max_rel_err": grad_rel,
+                   "ok": lp_err <= 1e-2 and grad_rel <= 1e-2}
+            out.append(row)
+            print(f"  {name:>5} V={v:>6} M={m:>5} D={d:>4}: |dlogp| {lp_err:.2e}  |dgrad| {grad_err:.2e} "
+                  f"(rel {grad_rel:.2e})  {'ok' if row['ok'] else 'FAIL'}", flush=True)
+            del hg, lp
+        del h, w, y, g, ref_lp, ref_grad
     return out
 
 
@@ -141,9 +167,11 @@ def _arms(torch, h, w, y, g):
     def naive(x):
         return torch.log_softmax((x @ w.T).float(), -1).gather(1, y[:, None])[:, 0]
 
+    fused = _fused(torch)
     arms = {
         "matmul_1": (lambda: h @ w.T, None),
         "ours": (lambda: token_logprobs(h, w, y), fb(lambda x: token_logprobs(x, w, y))),
+        "fused": (lambda: fused(h, w, y), fb(lambda x: fused(x, w, y))),
         "naive": (lambda: naive(h), fb(naive)),
     }
     try:
@@ -174,7 +202,8 @@ def time_kernels(torch, shapes, device, reps: int) -> list[dict]:
         mm = time_ms(torch, lambda: h @ w.T, reps)
         mm_back = time_ms(torch, lambda: dz @ w, reps)
         del dz
-        row["ms"]["matmul_3"] = 2 * mm + mm_back  # logits, recomputed logits, dZ @ W
+        row["ms"]["matmul_2"] = mm + mm_back  # logits, dZ @ W: the floor of ours
+        row["ms"]["matmul_3"] = 2 * mm + mm_back  # logits, recomputed logits, dZ @ W: of the fused kernels
         for name, (fwd, fwd_bwd) in arms.items():
             with torch.no_grad():
                 row["ms"][name] = time_ms(torch, fwd, reps)
@@ -185,6 +214,11 @@ def time_kernels(torch, shapes, device, reps: int) -> list[dict]:
         ms = row["ms"]
         row["ours_fwd_over_matmul"] = ms["ours"] / ms["matmul_1"]
         row["ours_fb_over_3_matmuls"] = ms["ours_fb"] / ms["matmul_3"]
+        row["ours_fb_over_2_matmuls"] = ms["ours_fb"] / ms["matmul_2"]
+        row["ours_fb_over_fused_fb"] = ms["ours_fb"] / ms["fused_fb"]
+        row["ours_fwd_over_fused_fwd"] = ms["ours"] / ms["fused"]
+        if "liger_fb" in ms:
+            row["ours_fb_over_liger_fb"] = ms["ours_fb"] / ms["liger_fb"]
         if "cce_fb" in ms:
             row["ours_fb_over_cce_fb"] = ms["ours_fb"] / ms["cce_fb"]
             row["ours_peak_over_cce_peak"] = row["peak_MB"]["ours_fb"] / max(row["peak_MB"]["cce_fb"], 1e-9)
@@ -192,8 +226,11 @@ def time_kernels(torch, shapes, device, reps: int) -> list[dict]:
         print(f"  V={v} M={m} D={d}")
         print("    " + "  ".join(f"{k} {t:.2f} ms" for k, t in ms.items()))
         print("    peak MB " + "  ".join(f"{k} {x:.0f}" for k, x in row["peak_MB"].items()))
+        print(f"    ours/fused fwd {row['ours_fwd_over_fused_fwd']:.2f}, fwd+bwd {row['ours_fb_over_fused_fb']:.2f}"
+              + (f", ours/liger fwd+bwd {row['ours_fb_over_liger_fb']:.2f}" if "liger_fb" in ms else ""))
         print(f"    ours/matmul fwd {row['ours_fwd_over_matmul']:.2f} (target <= 1.3), "
-              f"ours/3 matmuls fwd+bwd {row['ours_fb_over_3_matmuls']:.2f} (target <= 1.3)"
+              f"ours/3 matmuls fwd+bwd {row['ours_fb_over_3_matmuls']:.2f} (target <= 1.3), "
+              f"ours/2 matmuls {row['ours_fb_over_2_matmuls']:.2f}"
               + (f", ours/cce fwd+bwd {row['ours_fb_over_cce_fb']:.2f} (target <= 1), peak ours/cce "
                  f"{row['ours_peak_over_cce_peak']:.2f} (target <= 1)" if "cce_fb" in ms else ""), flush=True)
         del h, w, y, g, hg, arms
@@ -235,6 +272,7 @@ def _step_flops(n_layer_params: int, head_params: int, enc_tokens: int, dec_toke
 
 def trainer_steps(torch, device: str, smoke: bool, steps: int) -> list[dict]:
     from autoregembed import distributed as D
+    from autoregembed import logprobs
     from autoregembed.batches import stage1_batch, stage2_batch, to_device
     from autoregembed.config import load_config
     from autoregembed.data import load_rows
@@ -305,15 +343,15 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int) -> list[dict]:
                 tokens += enc + dec
         _sync(torch)
         dt = time.perf_counter() - t0
-        # one batch, no update: the loss through the kernels vs through the chunked PyTorch path
+        # one batch, no update: the loss with the Triton row kernel vs with PyTorch's row operations
         b = batch(0)
         with torch.no_grad():
-            fused = s.engine(stage=stage, **b).item()
-            os.environ["AUTOREGEMBED_DISABLE_TRITON"] = "1"
+            kernel_loss = s.engine(stage=stage, **b).item()
+            triton_rows, logprobs.row_stats = logprobs.row_stats, logprobs.torch_row_stats
             try:
-                chunked = s.engine(stage=stage, **b).item()
+                torch_loss = s.engine(stage=stage, **b).item()
             finally:
-                del os.environ["AUTOREGEMBED_DISABLE_TRITON"]
+                logprobs.row_stats = triton_rows
         name = _device_name(torch)
         peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         row = {"stage": stage, "layers": shape["layers"], "hidden": shape["hidden"], "vocab": shape["vocab"],
@@ -321,15 +359,15 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int) -> list[dict]:
                "tokens_per_s": tokens / dt, "step_s": dt / steps, "model_tflops": flops / dt / 1e12,
                "mfu": flops / dt / 1e12 / peak_tflops if peak_tflops else None,
                "peak_memory_GB": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
-               "losses": losses, "loss_fused": fused, "loss_chunked": chunked,
-               "loss_rel_diff": abs(fused - chunked) / max(abs(chunked), 1e-12)}
+               "losses": losses, "loss_triton_rows": kernel_loss, "loss_torch_rows": torch_loss,
+               "loss_rel_diff": abs(kernel_loss - torch_loss) / max(abs(torch_loss), 1e-12)}
         row["loss_ok"] = row["loss_rel_diff"] <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
         out.append(row)
         print(f"  {stage}: {row['tokens_per_s']:.0f} tokens/s, {row['step_s']:.3f} s/step, "
               f"{row['model_tflops']:.1f} model TFLOP/s"
               + (f" (MFU {row['mfu']:.1%})" if row["mfu"] else "")
               + (f", peak {row['peak_memory_GB']:.1f} GB" if row["peak_memory_GB"] else "")
-              + f"; loss fused {fused:.5f} vs chunked {chunked:.5f} ({'ok' if row['loss_ok'] else 'FAIL'})",
+              + f"; loss Triton rows {kernel_loss:.5f} vs PyTorch rows {torch_loss:.5f} ({'ok' if row['loss_ok'] else 'FAIL'})",
               flush=True)
         s.close()
     D.shutdown()

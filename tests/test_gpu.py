@@ -1,4 +1,4 @@
-"""On a CUDA device: the compiled kernels and the CUDA branches of the PyTorch path against float64.
+"""On a CUDA device: the compiled kernels and the scorer's CUDA branches against float64.
 
 Skipped without a GPU (conftest.py); tests/test_kernel_ptx.py covers what a CPU can check.
 """
@@ -48,29 +48,35 @@ def test_compiled_kernels_match_float64(v, m, d, dtype):
     assert (grad.double() - ref_grad).abs().max().item() <= grad_tol * max(scale, 1.0)
 
 
+@pytest.mark.parametrize("rows", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_chunked_path_on_cuda_matches_float64(monkeypatch, dtype):
-    """The PyTorch fallback's CUDA branch (half-precision GEMMs with fp32 output)."""
-    monkeypatch.setenv("AUTOREGEMBED_DISABLE_TRITON", "1")
-    monkeypatch.setattr(logprobs, "TOKEN_CHUNK", 256)
-    monkeypatch.setattr(logprobs, "VOCAB_CHUNK", 4096)
+def test_scorer_on_cuda_matches_float64(monkeypatch, dtype, rows):
+    """The scorer's CUDA branch (half-precision GEMMs with fp32 logits, bf16 dZ), with the Triton row
+    kernel and with PyTorch's row operations, over several chunks with a partial last one."""
+    if rows == "torch":
+        monkeypatch.setattr(logprobs, "row_stats", logprobs.torch_row_stats)
     h, w, y = _problem(32000, 700, 1024, dtype, seed=1)
     g = torch.randn(700, device="cuda", dtype=torch.float64)
     ref_lp, ref_grad = _reference(h, w, y, g)
     hh = h.clone().requires_grad_()
-    lp = logprobs.token_logprobs(hh, w, y)
+    lp = logprobs.token_logprobs(hh, w, y, tile_budget_bytes=256 * 32000 * 8)
     (lp * g.float()).sum().backward()
     tol = 2e-3 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(lp.double(), ref_lp, atol=tol, rtol=1e-4)
     assert (hh.grad.double() - ref_grad).abs().max().item() <= 2e-2 * max(ref_grad.abs().max().item(), 1.0)
 
 
-def test_sequence_logprobs_uses_the_kernels_on_cuda_and_agrees_with_the_fallback(monkeypatch):
+def test_sequence_logprobs_uses_the_row_kernel_on_cuda_and_agrees_with_pytorch_rows(monkeypatch):
+    import kernels.logit_rows as K
+
     h, w, _ = _problem(32000, 5 * 40, 512, torch.bfloat16, seed=2)
     hidden = h.view(5, 40, 512)
     labels = torch.randint(0, 32000, (5, 40), device="cuda")
     labels[:, :7] = IGNORE_INDEX
-    fused = sequence_logprobs(hidden, w, labels)
-    monkeypatch.setenv("AUTOREGEMBED_DISABLE_TRITON", "1")
-    chunked = sequence_logprobs(hidden, w, labels)
-    torch.testing.assert_close(fused, chunked, atol=2e-2, rtol=1e-4)
+    calls = []
+    real = K.logit_row_stats
+    monkeypatch.setattr(K, "logit_row_stats", lambda *a: calls.append(1) or real(*a))
+    kernel = sequence_logprobs(hidden, w, labels)
+    assert calls
+    monkeypatch.setattr(logprobs, "row_stats", logprobs.torch_row_stats)
+    torch.testing.assert_close(kernel, sequence_logprobs(hidden, w, labels), atol=2e-3, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""The fused log-likelihood (CPU chunked path and Triton kernels) against float64 references."""
+"""The log-likelihood scorer (PyTorch and Triton row statistics) and the fused kernels against float64."""
 import pytest
 import torch
 
@@ -36,24 +36,66 @@ def _same_dtype_error(h, w, y, g, ref_lp, ref_grad):
     return (lp.double() - ref_lp).abs().max().item(), (hh.grad.double() - ref_grad).abs().max().item()
 
 
+def _triton_rows(monkeypatch):
+    """Route the scorer's row statistics through the Triton kernel (interpreted on CPU)."""
+    from kernels import logit_row_stats
+
+    calls = []
+    monkeypatch.setattr(logprobs, "row_stats", lambda *a: calls.append(1) or logit_row_stats(*a))
+    return calls
+
+
+@pytest.mark.parametrize("rows", ["torch", "triton"])
 @pytest.mark.parametrize("peaked", [False, True])
-def test_chunked_path_matches_float64(monkeypatch, peaked):
-    monkeypatch.setattr(logprobs, "TOKEN_CHUNK", 64)  # force several token and vocab tiles
-    monkeypatch.setattr(logprobs, "VOCAB_CHUNK", 100)
+def test_scorer_matches_float64(monkeypatch, peaked, rows):
+    calls = _triton_rows(monkeypatch) if rows == "triton" else None
     h, w, y = _problem(peaked=peaked)
     g = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(1))
     ref_lp, ref_grad = _reference(h, w, y, g)
     lp_err, grad_err = _same_dtype_error(h, w, y, g, ref_lp, ref_grad)
     hh = h.clone().requires_grad_()
-    lp = token_logprobs(hh, w, y)
+    budget = 60 * w.shape[0] * 8  # 60 rows: 4 full chunks and a partial one (not a multiple of 64)
+    lp = token_logprobs(hh, w, y, tile_budget_bytes=budget)
     (lp * g).sum().backward()
     assert lp.dtype == torch.float32
     assert (lp.double() - ref_lp).abs().max().item() <= 2 * lp_err + 1e-5
     assert (hh.grad.double() - ref_grad).abs().max().item() <= 2 * grad_err + 1e-5
+    assert calls is None or len(calls) == 5
+    with torch.no_grad():  # without a gradient: the same values, no Jacobian
+        torch.testing.assert_close(token_logprobs(h, w, y, tile_budget_bytes=budget), lp.detach(), rtol=0, atol=1e-5)
 
 
-def test_sequence_sums_skip_ignored_positions(monkeypatch):
-    monkeypatch.setattr(logprobs, "VOCAB_CHUNK", 64)
+def test_chunk_rows_fit_the_budget():
+    from autoregembed.logprobs import chunk_rows
+
+    assert chunk_rows(32000, jacobian=True, budget=256 << 20) == 1024  # 1048 fit, rounded to 64
+    assert chunk_rows(32000, jacobian=False, budget=256 << 20) == 2048  # logits only: twice as many
+    assert chunk_rows(151936, jacobian=True, budget=1000) == 1  # never zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_kernel_matches_pytorch_rows(dtype):
+    """Odd widths (a partial last block), the last vocabulary entry as a target, and large logits."""
+    from kernels import logit_row_stats
+
+    for c, v in [(1, 7), (37, 5000), (5, 9000)]:
+        g = torch.Generator().manual_seed(v)
+        z = torch.randn(c, v, generator=g) * 8
+        y = torch.randint(0, v, (c,), generator=g)
+        y[-1] = v - 1
+        dz = torch.empty(c, v, dtype=dtype)
+        tgt, lse = logit_row_stats(z.to(DEVICE), y.to(DEVICE), dz.to(DEVICE))
+        ref_dz = torch.empty(c, v, dtype=torch.float64)
+        ref_tgt, ref_lse = logprobs.torch_row_stats(z.double(), y, ref_dz)
+        torch.testing.assert_close(tgt.double().cpu(), ref_tgt, rtol=0, atol=0)
+        torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-6, atol=1e-5)
+        tol = 1e-5 if dtype == torch.float32 else 4e-3  # fp32: lse to 1e-6 relative; bf16: rounding
+        assert (dz.double().cpu() - ref_dz).abs().max().item() <= tol
+    with pytest.raises(ValueError, match="fp32 logits"):
+        logit_row_stats(torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long))
+
+
+def test_sequence_sums_skip_ignored_positions():
     torch.manual_seed(1)
     s, t, d, v = 7, 19, 16, 150
     hidden = torch.randn(s, t, d, requires_grad=True)
@@ -134,21 +176,3 @@ def test_vocab_splits_fill_the_gpu_when_tokens_are_few():
     assert vocab_splits(512, 32000, sm_count=132) == 66  # 4 token blocks x 66 ranges = 2 waves
     assert vocab_splits(16384, 128256, sm_count=132) == 8  # many token blocks: 8 ranges share H blocks
     assert vocab_splits(512, 100, sm_count=132) == 2  # never more ranges than 64-wide tiles
-
-
-def test_autograd_function_dispatches_to_triton(monkeypatch):
-    """The public function reaches the kernels (forced here where there is no CUDA)."""
-    monkeypatch.setenv("AUTOREGEMBED_FORCE_TRITON", "1")
-    import kernels
-
-    calls = []
-    real = kernels.token_logprobs_fwd
-    monkeypatch.setattr(kernels, "token_logprobs_fwd", lambda *a: calls.append(1) or real(*a))
-    h, w, y = _problem(m=40, v=70, d=20)
-    hh = h.to(DEVICE, copy=True).requires_grad_()
-    lp = token_logprobs(hh, w.to(DEVICE), y.to(DEVICE))
-    lp.sum().backward()
-    ref_lp, ref_grad = _reference(h, w, y, torch.ones(40))
-    assert calls
-    torch.testing.assert_close(lp.double().cpu(), ref_lp, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(hh.grad.double().cpu(), ref_grad, atol=1e-5, rtol=1e-5)
