@@ -3,13 +3,11 @@
     bash bench/gpu_check.sh                      # on one H100/H200 (installs the carried wheels first)
     python bench/gpu_check.py --smoke --out X    # the same code paths on CPU at toy sizes (tests)
 
-1. kernels vs float64: log-probabilities and dL/dH of ours (logprobs.token_logprobs) and of the
-   fused Triton kernels it replaced, bf16 inputs, at V = 32000 and 128256, D = 4096, M = 16384
-   (the reference is computed in float64, in row chunks).
+1. the scorer vs float64: log-probabilities and dL/dH of logprobs.token_logprobs, bf16 inputs, at
+   V = 32000 and 128256, D = 4096, M = 16384 (the reference is computed in float64, in row chunks).
 2. speed and memory side by side, same shapes, same run: forward and forward+backward of ours,
-   the fused kernels,
-   the bare bf16 matmul H @ W^T (1 matmul: the forward floor; 3 matmuls: the forward+backward
-   floor with recomputed logits; 2: without), naive log_softmax, Liger's fused linear cross-entropy and
+   the bare bf16 matmul H @ W^T (1 matmul: the forward floor; 2 matmuls, H W^T and dZ W: the
+   forward+backward floor), naive log_softmax, Liger's fused linear cross-entropy and
    cut-cross-entropy (when their packages are importable); peak memory above the inputs.
 3. the real trainer: stage-1 and stage-2 steps (ZeRO-3 engine, bf16, gradient checkpointing) on a
    randomly initialised LLaMA with 7B layer shapes (hidden 4096, intermediate 11008, 32 heads,
@@ -99,30 +97,10 @@ def float64_reference(torch, h, w, y, g, rows: int = 2048):
     return lp, grad
 
 
-def _fused(torch):
-    """The fused Triton kernels (online softmax over vocabulary tiles, logits recomputed in the
-    backward) as an autograd function: the design before the Jacobian-in-forward one, kept to compare."""
-    from kernels import token_logprobs_bwd, token_logprobs_fwd
-
-    class Fused(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, h, w, y):
-            tgt, lse = token_logprobs_fwd(h, w, y)
-            ctx.save_for_backward(h, w, y, lse)
-            return tgt - lse
-
-        @staticmethod
-        def backward(ctx, g):
-            h, w, y, lse = ctx.saved_tensors
-            return token_logprobs_bwd(h, w, y, lse, g.contiguous()), None, None
-
-    return Fused.apply
-
-
 def check_kernels(torch, shapes, device) -> list[dict]:
     from autoregembed.logprobs import token_logprobs
 
-    impls = {"ours": token_logprobs, "fused": _fused(torch)}
+    impls = {"ours": token_logprobs}
     out = []
     for v, m, d in shapes:
         h, w, y = _inputs(torch, v, m, d, torch.bfloat16, device)
@@ -167,11 +145,9 @@ def _arms(torch, h, w, y, g):
     def naive(x):
         return torch.log_softmax((x @ w.T).float(), -1).gather(1, y[:, None])[:, 0]
 
-    fused = _fused(torch)
     arms = {
         "matmul_1": (lambda: h @ w.T, None),
         "ours": (lambda: token_logprobs(h, w, y), fb(lambda x: token_logprobs(x, w, y))),
-        "fused": (lambda: fused(h, w, y), fb(lambda x: fused(x, w, y))),
         "naive": (lambda: naive(h), fb(naive)),
     }
     try:
@@ -202,8 +178,7 @@ def time_kernels(torch, shapes, device, reps: int) -> list[dict]:
         mm = time_ms(torch, lambda: h @ w.T, reps)
         mm_back = time_ms(torch, lambda: dz @ w, reps)
         del dz
-        row["ms"]["matmul_2"] = mm + mm_back  # logits, dZ @ W: the floor of ours
-        row["ms"]["matmul_3"] = 2 * mm + mm_back  # logits, recomputed logits, dZ @ W: of the fused kernels
+        row["ms"]["matmul_2"] = mm + mm_back  # logits, dZ @ W: the floor of forward+backward
         for name, (fwd, fwd_bwd) in arms.items():
             with torch.no_grad():
                 row["ms"][name] = time_ms(torch, fwd, reps)
@@ -213,10 +188,7 @@ def time_kernels(torch, shapes, device, reps: int) -> list[dict]:
                 row["peak_MB"][name + "_fb"] = peak_bytes(torch, fwd_bwd) / 2**20
         ms = row["ms"]
         row["ours_fwd_over_matmul"] = ms["ours"] / ms["matmul_1"]
-        row["ours_fb_over_3_matmuls"] = ms["ours_fb"] / ms["matmul_3"]
         row["ours_fb_over_2_matmuls"] = ms["ours_fb"] / ms["matmul_2"]
-        row["ours_fb_over_fused_fb"] = ms["ours_fb"] / ms["fused_fb"]
-        row["ours_fwd_over_fused_fwd"] = ms["ours"] / ms["fused"]
         if "liger_fb" in ms:
             row["ours_fb_over_liger_fb"] = ms["ours_fb"] / ms["liger_fb"]
         if "cce_fb" in ms:
@@ -226,11 +198,9 @@ def time_kernels(torch, shapes, device, reps: int) -> list[dict]:
         print(f"  V={v} M={m} D={d}")
         print("    " + "  ".join(f"{k} {t:.2f} ms" for k, t in ms.items()))
         print("    peak MB " + "  ".join(f"{k} {x:.0f}" for k, x in row["peak_MB"].items()))
-        print(f"    ours/fused fwd {row['ours_fwd_over_fused_fwd']:.2f}, fwd+bwd {row['ours_fb_over_fused_fb']:.2f}"
-              + (f", ours/liger fwd+bwd {row['ours_fb_over_liger_fb']:.2f}" if "liger_fb" in ms else ""))
         print(f"    ours/matmul fwd {row['ours_fwd_over_matmul']:.2f} (target <= 1.3), "
-              f"ours/3 matmuls fwd+bwd {row['ours_fb_over_3_matmuls']:.2f} (target <= 1.3), "
-              f"ours/2 matmuls {row['ours_fb_over_2_matmuls']:.2f}"
+              f"ours/2 matmuls fwd+bwd {row['ours_fb_over_2_matmuls']:.2f}"
+              + (f", ours/liger fwd+bwd {row['ours_fb_over_liger_fb']:.2f}" if "liger_fb" in ms else "")
               + (f", ours/cce fwd+bwd {row['ours_fb_over_cce_fb']:.2f} (target <= 1), peak ours/cce "
                  f"{row['ours_peak_over_cce_peak']:.2f} (target <= 1)" if "cce_fb" in ms else ""), flush=True)
         del h, w, y, g, hg, arms
@@ -270,7 +240,7 @@ def _step_flops(n_layer_params: int, head_params: int, enc_tokens: int, dec_toke
     return 6 * n_layer_params * enc_tokens + 4 * n_layer_params * dec_tokens + 4 * head_params * scored
 
 
-def trainer_steps(torch, device: str, smoke: bool, steps: int) -> list[dict]:
+def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str | None = None) -> list[dict]:
     from autoregembed import distributed as D
     from autoregembed import logprobs
     from autoregembed.batches import stage1_batch, stage2_batch, to_device
@@ -343,6 +313,20 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int) -> list[dict]:
                 tokens += enc + dec
         _sync(torch)
         dt = time.perf_counter() - t0
+        if profile_dir:  # one more step under the profiler: where a step's time goes
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with profile(activities=acts) as prof:
+                b = batch(warm + steps)
+                s.engine.backward(s.engine(stage=stage, **b))
+                s.engine.step()
+                _sync(torch)
+            table = prof.key_averages()
+            with open(os.path.join(profile_dir, f"profile_{stage}.txt"), "w") as f:
+                for key in ("self_cpu_time_total", "cpu_time_total") + (("self_device_time_total",) if
+                                                                         device == "cuda" else ()):
+                    f.write(table.table(sort_by=key, row_limit=25) + "\n")
         # one batch, no update: the loss with the Triton row kernel vs with PyTorch's row operations
         b = batch(0)
         with torch.no_grad():
@@ -380,6 +364,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gpu.json"))
     ap.add_argument("--sections", default="kernels,timing,trainer")
     ap.add_argument("--steps", type=int, default=5, help="timed trainer steps per stage")
+    ap.add_argument("--profile", action="store_true", help="profile one trainer step per stage (profile_*.txt beside --out)")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports kernels
@@ -403,7 +388,8 @@ def main():
             "timing": ("speed and peak memory, side by side:",
                        lambda: time_kernels(torch, small if args.smoke else big, device, reps=2 if args.smoke else 10)),
             "trainer": ("trainer steps (ZeRO-3 engine, gradient checkpointing):",
-                        lambda: trainer_steps(torch, device, args.smoke, 1 if args.smoke else args.steps))}
+                        lambda: trainer_steps(torch, device, args.smoke, 1 if args.smoke else args.steps,
+                                                      os.path.dirname(os.path.abspath(args.out)) if args.profile else None))}
     for name, (title, fn) in runs.items():
         if name not in sections:
             continue

@@ -12,6 +12,5 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .logit_rows import logit_row_stats  # noqa: E402
-from .token_logprobs import token_logprobs_bwd, token_logprobs_fwd  # noqa: E402
 
-__all__ = ["logit_row_stats", "token_logprobs_fwd", "token_logprobs_bwd"]
+__all__ = ["logit_row_stats"]

@@ -12,7 +12,8 @@ import triton.language as tl
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 LOG2E = tl.constexpr(1.4426950408889634)
-BLOCK = 4096  # elements of a row per step: 16 per thread with 8 warps
+BLOCK = 4096  # elements of a row per step
+NUM_WARPS = 8  # 16 elements per thread and step: four 16-byte loads
 
 
 @triton.jit
@@ -53,5 +54,5 @@ def logit_row_stats(logits: torch.Tensor, labels: torch.Tensor, dz: torch.Tensor
     if c:
         out = dz if dz is not None else logits  # never written without GRAD
         _rows_kernel[(c,)](logits, labels.contiguous(), lse, target, out, v, logits.stride(0), out.stride(0),
-                           BLOCK=BLOCK, GRAD=dz is not None, num_warps=8)
+                           BLOCK=BLOCK, GRAD=dz is not None, num_warps=NUM_WARPS)
     return target, lse

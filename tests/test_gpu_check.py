@@ -16,11 +16,9 @@ def test_gpu_check_smoke_writes_every_number(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["errors"] == {}
-    # ours and the fused kernels (interpreted) vs float64, at two shapes
-    assert [(k["impl"], k["ok"]) for k in r["kernels"]] == [("ours", True), ("fused", True)] * 2
+    assert [(k["impl"], k["ok"]) for k in r["kernels"]] == [("ours", True)] * 2  # vs float64, two shapes
     for row in r["timing"]:
-        assert {"matmul_1", "matmul_2", "matmul_3", "ours", "ours_fb", "fused", "fused_fb", "naive",
-                "naive_fb"} <= set(row["ms"])
+        assert {"matmul_1", "matmul_2", "ours", "ours_fb", "naive", "naive_fb"} <= set(row["ms"])
         assert row["peak_MB"]["ours_fb"] >= 0 and row["ours_fwd_over_matmul"] > 0
     assert [t["stage"] for t in r["trainer"]] == ["stage1", "stage2"]
     for t in r["trainer"]:
