@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .export import META_FILE
+from .loading import sdpa_without_cudnn
 from .model import compressed_states, pool_embedding
 from .tokenization import TextEncoder, prepare_tokenizer
 
@@ -39,6 +40,7 @@ class Encoder:
             raise ValueError(f"{meta_path}: not a valid autoregembed export description ({e!r})") from None
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), meta["num_embed_tokens"])
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        sdpa_without_cudnn()  # Transformers' default attention is SDPA
         model = AutoModel.from_pretrained(path, dtype=dtype or "auto").to(device)
         return cls(model, tokenizer, meta["num_embed_tokens"], meta["instruction"],
                    max_text_len or meta.get("max_text_len", 512))

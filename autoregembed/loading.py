@@ -22,15 +22,27 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_attn(name: str) -> str:
-    """flash_attention_2 when the package and a GPU are there, else PyTorch SDPA."""
-    if name != "auto":
-        return name
-    try:
-        import flash_attn  # noqa: F401
+    """flash_attention_2 when the package and a GPU are there, else PyTorch SDPA (see
+    ``sdpa_without_cudnn``)."""
+    if name == "auto":
+        try:
+            import flash_attn  # noqa: F401
 
-        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
-    except ImportError:
-        return "sdpa"
+            name = "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+        except ImportError:
+            name = "sdpa"
+    if name == "sdpa":
+        sdpa_without_cudnn()
+    return name
+
+
+def sdpa_without_cudnn():
+    """Keep PyTorch's SDPA off its cuDNN backend (flash / memory-efficient kernels instead).
+    Why: cuDNN builds an execution plan for every new (batch, length) shape, and our batches change
+    length every step: on an H200 that cost 12-15 ms of CPU per attention call, 60% of a
+    stage-1 step (docs/experiments.md, 2026-11-26)."""
+    if torch.cuda.is_available() and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def build_tiny_base(out_dir: str, corpus_files: list[str], hidden_size: int = 64, layers: int = 2,
