@@ -364,6 +364,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gpu.json"))
     ap.add_argument("--sections", default="kernels,timing,trainer")
     ap.add_argument("--steps", type=int, default=5, help="timed trainer steps per stage")
+    ap.add_argument("--cudnn-sdpa", action="store_true",
+                    help="leave SDPA's cuDNN backend on (the baseline of loading.sdpa_without_cudnn)")
     ap.add_argument("--profile", action="store_true", help="profile one trainer step per stage (profile_*.txt beside --out)")
     args = ap.parse_args()
     if args.smoke:
@@ -376,6 +378,10 @@ def main():
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     sections = set(args.sections.split(","))
+    if args.cudnn_sdpa:
+        from autoregembed import loading
+
+        loading.sdpa_without_cudnn = lambda: None
     big = [(32000, 16384, 4096), (128256, 16384, 4096)]
     small = [(300, 70, 48), (1000, 129, 64)]
     import triton
