@@ -29,6 +29,9 @@ class ModelConfig:
     num_embed_tokens: int = 5
     dtype: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp16 | fp32
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed, else sdpa
+    # who computes the LM head's softmax statistics: auto (Triton on CUDA, PyTorch elsewhere) |
+    # triton (on CPU only under TRITON_INTERPRET=1) | torch
+    scorer: str = "auto"
     gradient_checkpointing: bool = True
     # before stage 1, rescale the encoder's final norm so the compressed tokens have the decoder's
     # word-embedding RMS per dimension (decoder_scale.py); false: the authors' setup, unscaled
@@ -263,6 +266,8 @@ def _check_values(cfg: Config):
         raise ConfigError(f"key 'device': {cfg.device!r} is not auto, cuda or cpu")
     if cfg.loss.reference_sign not in ("paper", "code"):
         raise ConfigError(f"key 'loss.reference_sign': {cfg.loss.reference_sign!r} is not 'paper' or 'code'")
+    if cfg.model.scorer not in ("auto", "triton", "torch"):
+        raise ConfigError(f"key 'model.scorer': {cfg.model.scorer!r} is not 'auto', 'triton' or 'torch'")
     if cfg.model.dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"key 'model.dtype': {cfg.model.dtype!r} is not auto, bf16, fp16 or fp32")
     if cfg.model.num_embed_tokens < 1:

@@ -130,7 +130,7 @@ def load_tokenizer(path: str, k: int):
 
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
                gradient_checkpointing: bool = False, loss: dict | None = None, ds_config: dict | None = None,
-               lora: dict | None = None, decoder_bos: bool = False):
+               lora: dict | None = None, decoder_bos: bool = False, scorer: str = "auto"):
     """Return (AutoRegEmbedModel, tokenizer).
 
     encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).
@@ -164,7 +164,7 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
         encoder.gradient_checkpointing_enable(**gc)
         decoder.gradient_checkpointing_enable(**gc)
     model = AutoRegEmbedModel(encoder, decoder, k, **(loss or {}),
-                              decoder_bos_id=tokenizer.bos_token_id if decoder_bos else None)
+                              decoder_bos_id=tokenizer.bos_token_id if decoder_bos else None, scorer=scorer)
     model._ds_keepalive = keepalive
     return model, tokenizer
 

@@ -16,7 +16,8 @@ after the forward (under ZeRO-3 nothing holds it).  ``J`` is [M, D], the size of
 states it replaces in the saved tensors.  The LM head is frozen: there is no weight gradient.
 
 On CUDA the row statistics are a Triton kernel (``kernels.logit_rows``) and the GEMMs keep
-bf16/fp16 operands with fp32 logits; elsewhere the same steps run as PyTorch operations.
+bf16/fp16 operands with fp32 logits; elsewhere the same steps run as PyTorch operations
+(``scorer`` chooses, ``model.scorer`` in the config).
 """
 from __future__ import annotations
 
@@ -52,13 +53,22 @@ def torch_row_stats(logits: torch.Tensor, labels: torch.Tensor, dz: torch.Tensor
     return target, lse
 
 
-def row_stats(logits: torch.Tensor, labels: torch.Tensor, dz: torch.Tensor | None = None):
-    """``torch_row_stats``, as one Triton kernel on CUDA tensors."""
-    if logits.is_cuda:
-        from kernels.logit_rows import logit_row_stats
+SCORERS = ("auto", "triton", "torch")
 
-        return logit_row_stats(logits, labels, dz)
-    return torch_row_stats(logits, labels, dz)
+
+def row_stats_for(scorer: str, device: torch.device):
+    """The row-statistics function of ``scorer`` (``model.scorer``): auto is the Triton kernel on
+    CUDA and PyTorch elsewhere; triton on CPU tensors needs Triton's interpreter."""
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer {scorer!r} is not one of {SCORERS}")
+    if scorer == "torch" or (scorer == "auto" and device.type != "cuda"):
+        return torch_row_stats
+    from kernels.logit_rows import INTERPRETED, logit_row_stats
+
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError("scorer 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                         "before starting Python")
+    return logit_row_stats
 
 
 def chunk_rows(v: int, jacobian: bool, budget: int) -> int:
@@ -69,9 +79,10 @@ def chunk_rows(v: int, jacobian: bool, budget: int) -> int:
 
 
 def score_tokens(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, jacobian: bool,
-                 tile_budget_bytes: int = TILE_BUDGET_BYTES):
+                 tile_budget_bytes: int = TILE_BUDGET_BYTES, scorer: str = "auto"):
     """Return (log p(labels) fp32 [M], J [M, D] in hidden's dtype or None): the forward of
     ``token_logprobs``, chunk by chunk."""
+    row_stats = row_stats_for(scorer, hidden.device)
     m, v = hidden.shape[0], weight.shape[0]
     bad = (labels < 0) | (labels >= v)  # a negative label would index from the end without a word
     if m and bool(bad.any()):
@@ -100,30 +111,32 @@ class TokenLogprobs(torch.autograd.Function):
     """log p(y_t) per token; gradient w.r.t. hidden only (the LM head is frozen)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, tile_budget_bytes):
-        logp, jac = score_tokens(hidden, weight, labels, ctx.needs_input_grad[0], tile_budget_bytes)
+    def forward(ctx, hidden, weight, labels, tile_budget_bytes, scorer):
+        logp, jac = score_tokens(hidden, weight, labels, ctx.needs_input_grad[0], tile_budget_bytes, scorer)
         ctx.save_for_backward(jac)  # None when no gradient is needed
         return logp
 
     @staticmethod
     def backward(ctx, grad_out):
         (jac,) = ctx.saved_tensors
-        return (grad_out[:, None] * jac).to(jac.dtype), None, None, None
+        return (grad_out[:, None] * jac).to(jac.dtype), None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                   tile_budget_bytes: int = TILE_BUDGET_BYTES) -> torch.Tensor:
-    """log p(labels[t]) for each row of ``hidden`` [M, D]; returns fp32 [M]."""
+                   tile_budget_bytes: int = TILE_BUDGET_BYTES, scorer: str = "auto") -> torch.Tensor:
+    """log p(labels[t]) for each row of ``hidden`` [M, D]; returns fp32 [M].  ``scorer``: see
+    ``row_stats_for``."""
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [M, D] and labels [M]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     if lm_head_weight.dim() == 2 and lm_head_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"lm_head weight {tuple(lm_head_weight.shape)} does not match hidden size {hidden.shape[1]}")
     if lm_head_weight.requires_grad:
         raise ValueError("the LM head must be frozen: the fused scorer computes no weight gradient")
-    return TokenLogprobs.apply(hidden.contiguous(), lm_head_weight, labels.contiguous(), tile_budget_bytes)
+    return TokenLogprobs.apply(hidden.contiguous(), lm_head_weight, labels.contiguous(), tile_budget_bytes, scorer)
 
 
-def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                      scorer: str = "auto") -> torch.Tensor:
     """Summed log-likelihood of each sequence's labels.
 
     hidden: [S, T, D] decoder hidden states (position t predicts labels[:, t]);
@@ -136,6 +149,6 @@ def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
     keep = labels != IGNORE_INDEX
     segment = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[keep]
-    per_token = token_logprobs(hidden[keep], lm_head_weight, labels[keep])
+    per_token = token_logprobs(hidden[keep], lm_head_weight, labels[keep], scorer=scorer)
     out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
     return out.index_add(0, segment, per_token)

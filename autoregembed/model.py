@@ -36,9 +36,10 @@ class LogprobHead(nn.Module):
     backward; the decoder's lm_head module itself is never called.
     """
 
-    def __init__(self, decoder: nn.Module):
+    def __init__(self, decoder: nn.Module, scorer: str = "auto"):
         super().__init__()
         self._decoder = [decoder]  # a list keeps the decoder out of this module's parameters
+        self.scorer = scorer
         if hasattr(self.weight, "ds_id"):
             import deepspeed
 
@@ -49,19 +50,21 @@ class LogprobHead(nn.Module):
         return self._decoder[0].get_output_embeddings().weight
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return sequence_logprobs(hidden, self.weight, labels)
+        return sequence_logprobs(hidden, self.weight, labels, self.scorer)
 
 
 class AutoRegEmbedModel(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, k: int, beta: float = 0.1, tau: float = 0.1,
-                 reference_sign: str = "paper", detach_positive: bool = False, decoder_bos_id: int | None = None):
+                 reference_sign: str = "paper", detach_positive: bool = False, decoder_bos_id: int | None = None,
+                 scorer: str = "auto"):
         """encoder: a base transformer (e.g. LlamaModel) returning last_hidden_state.
         decoder: the frozen causal LM (its parameters are frozen here).
         decoder_bos_id: None, the method as published: the decoder reads [e_1..e_k ; target+EOS].
         A token id: the decoder reads that token first, [BOS ; e_1..e_k ; target+EOS]
         (``model.decoder_bos``).  Why: a pretrained LM parks attention on its first position
         (the attention sink); without a BOS, stage 1 on SmolLM2 collapsed the compressed tokens onto
-        one vector shared by every text far more often than with it (README, "Decoder BOS")."""
+        one vector shared by every text far more often than with it (README, "Decoder BOS").
+        scorer: who computes the LM head's softmax statistics (``logprobs.row_stats_for``)."""
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -70,7 +73,7 @@ class AutoRegEmbedModel(nn.Module):
         self.beta, self.tau, self.reference_sign, self.detach_positive = beta, tau, reference_sign, detach_positive
         for p in decoder.parameters():
             p.requires_grad_(False)
-        self.head = LogprobHead(decoder)
+        self.head = LogprobHead(decoder, scorer)
         cfg = decoder.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
             raise NotImplementedError(f"{cfg.model_type}: logit soft-capping/scaling is not supported by the fused scorer")

@@ -100,7 +100,7 @@ class Session:
                                                 resolve_attn(cfg.model.attn_implementation),
                                                 gradient_checkpointing=train and cfg.model.gradient_checkpointing,
                                                 loss=loss_settings(cfg), ds_config=self.ds, lora=lora,
-                                                decoder_bos=cfg.model.decoder_bos)
+                                                decoder_bos=cfg.model.decoder_bos, scorer=cfg.model.scorer)
         if norm_scale is not None:
             rescale_final_norm(self.model.encoder, norm_scale)
         self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,

@@ -242,7 +242,6 @@ def _step_flops(n_layer_params: int, head_params: int, enc_tokens: int, dec_toke
 
 def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str | None = None) -> list[dict]:
     from autoregembed import distributed as D
-    from autoregembed import logprobs
     from autoregembed.batches import stage1_batch, stage2_batch, to_device
     from autoregembed.config import load_config
     from autoregembed.data import load_rows
@@ -331,11 +330,8 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
         b = batch(0)
         with torch.no_grad():
             kernel_loss = s.engine(stage=stage, **b).item()
-            triton_rows, logprobs.row_stats = logprobs.row_stats, logprobs.torch_row_stats
-            try:
-                torch_loss = s.engine(stage=stage, **b).item()
-            finally:
-                logprobs.row_stats = triton_rows
+            s.engine.module.head.scorer = "torch"
+            torch_loss = s.engine(stage=stage, **b).item()
         name = _device_name(torch)
         peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         row = {"stage": stage, "layers": shape["layers"], "hidden": shape["hidden"], "vocab": shape["vocab"],

@@ -1,16 +1,8 @@
 """Triton kernels for AutoRegEmbed's decoder scoring.
 
-Importing this package without a CUDA device switches Triton to its interpreter
-(``TRITON_INTERPRET=1``) so the same kernels run, slowly but exactly, on CPU tensors.
-The switch must happen before ``@triton.jit`` runs, which is why it lives here.
+They run compiled on CUDA tensors and, with ``TRITON_INTERPRET=1`` set before this package is
+imported, in Triton's interpreter on CPU tensors (what the tests do on machines without a GPU).
 """
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from .logit_rows import logit_row_stats  # noqa: E402
+from .logit_rows import logit_row_stats
 
 __all__ = ["logit_row_stats"]

@@ -1,12 +1,12 @@
 """Compile the row kernel for an H100 (sm_90a) on any machine and report what the PTX says.
 
-    TRITON_INTERPRET=0 python -m kernels.hopper_ptx
+    python -m kernels.hopper_ptx
 
 Prints one JSON line per variant (with and without dZ): the widths of its global loads and
 stores (a memory-bound kernel must move 16 bytes per instruction), whether the exponentials
 use the hardware ``ex2.approx``, atomics, registers and spill bytes from ptxas.  Triton's wheel
-ships the ptxas it uses for sm_90, so no GPU or CUDA toolkit is needed.  Must run with the
-interpreter off (``kernels`` turns it on when imported without a CUDA device otherwise).
+ships the ptxas it uses for sm_90, so no GPU or CUDA toolkit is needed.  Refuses to run under
+``TRITON_INTERPRET=1`` (the interpreter replaces the compiler).
 """
 from __future__ import annotations
 

@@ -47,18 +47,16 @@ def test_scorer_matches_float64_at_llm_shapes(v, m, d, dtype):
     assert (hh.grad.double() - ref_grad).abs().max().item() <= grad_tol * max(scale, 1.0)
 
 
-@pytest.mark.parametrize("rows", ["triton", "torch"])
+@pytest.mark.parametrize("scorer", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_scorer_on_cuda_matches_float64(monkeypatch, dtype, rows):
+def test_scorer_on_cuda_matches_float64(dtype, scorer):
     """The scorer's CUDA branch (half-precision GEMMs with fp32 logits, bf16 dZ), with the Triton row
     kernel and with PyTorch's row operations, over several chunks with a partial last one."""
-    if rows == "torch":
-        monkeypatch.setattr(logprobs, "row_stats", logprobs.torch_row_stats)
     h, w, y = _problem(32000, 700, 1024, dtype, seed=1)
     g = torch.randn(700, device="cuda", dtype=torch.float64)
     ref_lp, ref_grad = _reference(h, w, y, g)
     hh = h.clone().requires_grad_()
-    lp = logprobs.token_logprobs(hh, w, y, tile_budget_bytes=256 * 32000 * 8)
+    lp = logprobs.token_logprobs(hh, w, y, tile_budget_bytes=256 * 32000 * 8, scorer=scorer)
     (lp * g.float()).sum().backward()
     tol = 2e-3 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(lp.double(), ref_lp, atol=tol, rtol=1e-4)
@@ -77,5 +75,4 @@ def test_sequence_logprobs_uses_the_row_kernel_on_cuda_and_agrees_with_pytorch_r
     monkeypatch.setattr(K, "logit_row_stats", lambda *a: calls.append(1) or real(*a))
     kernel = sequence_logprobs(hidden, w, labels)
     assert calls
-    monkeypatch.setattr(logprobs, "row_stats", logprobs.torch_row_stats)
-    torch.testing.assert_close(kernel, sequence_logprobs(hidden, w, labels), atol=2e-3, rtol=1e-5)
+    torch.testing.assert_close(kernel, sequence_logprobs(hidden, w, labels, scorer="torch"), atol=2e-3, rtol=1e-5)

@@ -76,6 +76,8 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
         load_config(None, ["stage1.max_steps=many"])
     with pytest.raises(ConfigError, match=r"key 'loss.reference_sign'"):
         load_config(None, ["loss.reference_sign=both"])
+    with pytest.raises(ConfigError, match=r"key 'model.scorer': 'cuda' is not 'auto', 'triton' or 'torch'"):
+        load_config(None, ["model.scorer=cuda"])
     cfg = load_config(None, ["stage2.learning_rate=1e-5", "loss.reference_sign=code", "data.max_negatives=3"])
     assert cfg.stage2.learning_rate == 1e-5 and cfg.loss.reference_sign == "code" and cfg.data.max_negatives == 3
 

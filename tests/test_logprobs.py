@@ -40,21 +40,21 @@ def _same_dtype_error(h, w, y, g, ref_lp, ref_grad):
     return (lp.double() - ref_lp).abs().max().item(), (hh.grad.double() - ref_grad).abs().max().item()
 
 
-def _triton_rows(monkeypatch):
-    """Route the scorer's row statistics through the Triton kernel (interpreted on CPU)."""
-    from kernels import logit_row_stats
+def _count_kernel_calls(monkeypatch):
+    import kernels.logit_rows as K
 
     calls = []
-    monkeypatch.setattr(logprobs, "row_stats", lambda *a: calls.append(1) or logit_row_stats(*a))
+    real = K.logit_row_stats
+    monkeypatch.setattr(K, "logit_row_stats", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
-@pytest.mark.parametrize("rows", ["torch", "triton"])
+@pytest.mark.parametrize("scorer", ["torch", "triton"])
 @pytest.mark.parametrize("peaked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_scorer_matches_float64(monkeypatch, peaked, rows, dtype):
+def test_scorer_matches_float64(monkeypatch, peaked, scorer, dtype):
     """Within twice PyTorch's own error in the same dtype; bf16 also rounds dZ and the Jacobian."""
-    calls = _triton_rows(monkeypatch) if rows == "triton" else None
+    calls = _count_kernel_calls(monkeypatch)
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     h, w, y = _problem(peaked=peaked, dtype=dtype)
     g = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(1))
@@ -62,13 +62,13 @@ def test_scorer_matches_float64(monkeypatch, peaked, rows, dtype):
     lp_err, grad_err = _same_dtype_error(h, w, y, g, ref_lp, ref_grad)
     hh = h.clone().requires_grad_()
     budget = 60 * w.shape[0] * 8  # 60 rows: 4 full chunks and a partial one (not a multiple of 64)
-    lp = token_logprobs(hh, w, y, tile_budget_bytes=budget)
+    lp = token_logprobs(hh, w, y, tile_budget_bytes=budget, scorer=scorer)
     (lp * g).sum().backward()
     assert lp.dtype == torch.float32
     assert (lp.double() - ref_lp).abs().max().item() <= 2 * lp_err + tol
     assert (hh.grad.double() - ref_grad).abs().max().item() <= 2 * grad_err + tol
     assert hh.grad.dtype == dtype
-    assert calls is None or len(calls) == 5
+    assert len(calls) == (5 if scorer == "triton" else 0)
     with torch.no_grad():  # without a gradient: the same values, no Jacobian
         torch.testing.assert_close(token_logprobs(h, w, y, tile_budget_bytes=budget), lp.detach(), rtol=0, atol=1e-5)
 
@@ -135,3 +135,21 @@ def test_labels_outside_the_vocabulary_are_refused():
         y[3] = bad
         with pytest.raises(ValueError, match=f"label {bad} is outside the vocabulary"):
             token_logprobs(h.to(DEVICE), w.to(DEVICE), y.to(DEVICE))
+
+
+def test_kernels_import_changes_no_environment_and_triton_on_cpu_needs_the_interpreter():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, torch\n"
+            "import kernels\n"
+            "assert 'TRITON_INTERPRET' not in os.environ, 'importing kernels set TRITON_INTERPRET'\n"
+            "from autoregembed.logprobs import token_logprobs\n"
+            "h, w, y = torch.randn(3, 4), torch.randn(10, 4), torch.zeros(3, dtype=torch.long)\n"
+            "token_logprobs(h, w, y)  # auto: PyTorch on CPU\n"
+            "token_logprobs(h, w, y, scorer='triton')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "needs Triton's interpreter: set TRITON_INTERPRET=1" in proc.stderr, proc.stderr
