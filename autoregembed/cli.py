@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+from importlib import resources
 import json
 import os
 import sys
 
-DEFAULT_DS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero3.json")
+DEFAULT_DS = str(resources.files("autoregembed.ds_configs") / "zero3.json")  # ds_configs/ in the repository
 
 
 def _add_run_args(p: argparse.ArgumentParser):

@@ -15,7 +15,7 @@ GEMMs in all instead of three (no recomputed logits), and the LM head is not nee
 after the forward (under ZeRO-3 nothing holds it).  ``J`` is [M, D], the size of the hidden
 states it replaces in the saved tensors.  The LM head is frozen: there is no weight gradient.
 
-On CUDA the row statistics are a Triton kernel (``kernels.logit_rows``) and the GEMMs keep
+On CUDA the row statistics are a Triton kernel (``autoregembed.kernels.logit_rows``) and the GEMMs keep
 bf16/fp16 operands with fp32 logits; elsewhere the same steps run as PyTorch operations
 (``scorer`` chooses, ``model.scorer`` in the config).
 """
@@ -63,7 +63,7 @@ def row_stats_for(scorer: str, device: torch.device):
         raise ValueError(f"scorer {scorer!r} is not one of {SCORERS}")
     if scorer == "torch" or (scorer == "auto" and device.type != "cuda"):
         return torch_row_stats
-    from kernels.logit_rows import INTERPRETED, logit_row_stats
+    from .kernels.logit_rows import INTERPRETED, logit_row_stats
 
     if device.type != "cuda" and not INTERPRETED:
         raise ValueError("scorer 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "

@@ -20,8 +20,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import reset_rss_peak, status_kb  # noqa: E402  (bench/memory.py)
+from memory import reset_rss_peak, status_kb  # bench/memory.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_GRID = [(32000, 8192, 2048), (32000, 16384, 576), (128256, 4096, 576), (128256, 2048, 2048)]
@@ -30,7 +29,6 @@ FULL_GRID = DEFAULT_GRID + [(32000, 16384, 4096), (128256, 16384, 4096)]
 
 def measure(method: str, v: int, m: int, d: int, backward: bool, repeats: int) -> dict:
     """Runs in the child process."""
-    sys.path.insert(0, ROOT)
     import torch
 
     from autoregembed.logprobs import token_logprobs

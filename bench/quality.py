@@ -33,9 +33,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

@@ -13,8 +13,6 @@ import sys
 import tempfile
 import zipfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from autoregembed.atomic import atomic_dir  # noqa: E402
 
 CACHE = os.environ.get("AUTOREGEMBED_CACHE", os.path.expanduser("~/.cache/autoregembed"))

@@ -22,8 +22,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from memory import peak_allocated_bytes, reset_rss_peak, rss_peak_resets, status_kb  # noqa: E402
 
@@ -117,7 +115,6 @@ def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -
 ZERO_CHILD = """
 import json, os, sys, warnings
 warnings.filterwarnings("ignore")
-sys.path.insert(0, {root!r})
 from autoregembed import distributed as D
 from autoregembed.config import load_config
 from autoregembed.trainer import train_stage

@@ -1,6 +1,6 @@
 """Compile the row kernel for an H100 (sm_90a) on any machine and report what the PTX says.
 
-    python -m kernels.hopper_ptx
+    python -m autoregembed.kernels.hopper_ptx
 
 Prints one JSON line per variant (with and without dZ): the widths of its global loads and
 stores (a memory-bound kernel must move 16 bytes per instruction), whether the exponentials

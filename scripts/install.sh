@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install autoregembed's requirements without ever replacing an installed torch.
 #
-#   bash scripts/install.sh            # what the README's first commands run
+#   bash scripts/install.sh            # what the README's first commands run (requirements, then
+#                                      # this checkout as an editable package)
 #   bash scripts/install.sh --dry-run  # show what pip would change, change nothing
 #
 # - torch already installed (e.g. the CUDA build on a GPU node): kept. pip is constrained to that
@@ -29,3 +30,6 @@ echo "torch==$v" > "$constraints"
        "requirements accept (see requirements.txt) the way you installed this one, then rerun" >&2
   exit 1
 }
+# this checkout itself, editable: kernels/ and ds_configs/ import as autoregembed.kernels and
+# autoregembed.ds_configs (pyproject.toml); the requirements above are its dependencies
+"$PY" -m pip install "${DRY[@]}" --no-deps --no-build-isolation -e .

@@ -9,8 +9,6 @@ import sys
 import warnings
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 
 from autoregembed import distributed as D  # noqa: E402

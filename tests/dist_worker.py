@@ -11,8 +11,6 @@ import warnings
 import torch
 
 warnings.filterwarnings("ignore", category=FutureWarning)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from autoregembed import distributed as D  # noqa: E402
 from autoregembed.config import load_config  # noqa: E402
 from autoregembed.trainer import score_references, train_stage  # noqa: E402

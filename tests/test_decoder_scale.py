@@ -76,7 +76,6 @@ def test_final_norm_is_found_through_peft_and_missing_norms_are_refused(tiny_bas
 SCRIPT = """
 import sys, warnings
 warnings.filterwarnings("ignore")
-sys.path.insert(0, {root!r})
 from autoregembed import distributed as D
 from autoregembed.config import load_config
 from autoregembed.trainer import train_stage

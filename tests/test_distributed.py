@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from conftest import child_env
+from dist_worker import TEXTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
@@ -95,13 +96,11 @@ def test_export_reloads_in_a_fresh_process_with_plain_transformers(run):
                 assert g.get_tensor(k).numel() > 0, k
     script = f"""
 import json, sys, torch
-sys.path.insert(0, {ROOT!r})
 from transformers import AutoModel, AutoTokenizer
 from autoregembed import Encoder
 from autoregembed.model import compressed_states, pool_embedding
 from autoregembed.tokenization import TextEncoder
-sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
-from dist_worker import TEXTS
+TEXTS = {TEXTS!r}
 meta = json.load(open({model_dir!r} + "/autoregembed.json"))
 model = AutoModel.from_pretrained({model_dir!r}).eval()
 te = TextEncoder(AutoTokenizer.from_pretrained({model_dir!r}), meta["num_embed_tokens"])

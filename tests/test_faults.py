@@ -31,7 +31,7 @@ def _train(out, *overrides, resume=False, script=None):
 def _patched_train(tmp_path, patch: str) -> str:
     """A train.py that first applies ``patch`` (code that breaks something on purpose)."""
     script = tmp_path / "patched_train.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n{patch}\n"
+    script.write_text(f"import sys\n{patch}\n"
                       "from autoregembed.cli import _add_run_args, run_training\nimport argparse\n"
                       "p = argparse.ArgumentParser()\n_add_run_args(p)\nsys.exit(run_training(p.parse_args()))\n")
     return str(script)

@@ -64,7 +64,7 @@ def test_scorer_on_cuda_matches_float64(dtype, scorer):
 
 
 def test_sequence_logprobs_uses_the_row_kernel_on_cuda_and_agrees_with_pytorch_rows(monkeypatch):
-    import kernels.logit_rows as K
+    import autoregembed.kernels.logit_rows as K
 
     h, w, _ = _problem(32000, 5 * 40, 512, torch.bfloat16, seed=2)
     hidden = h.view(5, 40, 512)

@@ -1,4 +1,4 @@
-"""The install script never replaces an installed torch (on a GPU node: the user's CUDA build)."""
+"""Installing: the script never replaces an installed torch (on a GPU node, the user's CUDA build); the wheel's layout."""
 import os
 import re
 import subprocess
@@ -15,3 +15,28 @@ def test_install_keeps_the_installed_torch():
     assert f"keeping the installed torch {torch.__version__}" in proc.stdout
     would = re.findall(r"Would install (.*)", proc.stdout)
     assert not any(re.search(r"\btorch-\d", line) for line in would), would
+
+
+def test_wheel_installs_kernels_and_ds_configs_inside_the_package(tmp_path):
+    """No top-level ``kernels`` (another distribution owns that name); the default DeepSpeed config
+    ships with the package, so ``autoregembed train`` finds it outside the repository."""
+    import sys
+    import zipfile
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", ROOT,
+                           "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("autoregembed-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "autoregembed/kernels/logit_rows.py" in names and "autoregembed/kernels/hopper_ptx.py" in names
+    assert "autoregembed/ds_configs/zero3.json" in names
+    assert not [n for n in names if n.startswith("kernels/") or n.startswith("ds_configs/")]
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import autoregembed.kernels, autoregembed.cli as c, os; "
+            "assert autoregembed.kernels.__file__.startswith(os.environ['SITE']); "
+            "assert c.DEFAULT_DS.startswith(os.environ['SITE']) and os.path.isfile(c.DEFAULT_DS)")
+    env = {**os.environ, "PYTHONPATH": str(site), "SITE": str(site), "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

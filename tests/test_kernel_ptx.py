@@ -21,7 +21,7 @@ def reports():
     except ImportError:
         pytest.skip("triton is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.hopper_ptx"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "autoregembed.kernels.hopper_ptx"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -41,7 +41,7 @@ def _same_dtype_error(h, w, y, g, ref_lp, ref_grad):
 
 
 def _count_kernel_calls(monkeypatch):
-    import kernels.logit_rows as K
+    import autoregembed.kernels.logit_rows as K
 
     calls = []
     real = K.logit_row_stats
@@ -84,7 +84,7 @@ def test_chunk_rows_fit_the_budget():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_row_kernel_matches_pytorch_rows(dtype):
     """Odd widths (a partial last block), the last vocabulary entry as a target, and large logits."""
-    from kernels import logit_row_stats
+    from autoregembed.kernels import logit_row_stats
 
     for c, v in [(1, 7), (37, 5000), (5, 9000)]:
         g = torch.Generator().manual_seed(v)
@@ -143,7 +143,7 @@ def test_kernels_import_changes_no_environment_and_triton_on_cpu_needs_the_inter
     import sys
 
     code = ("import os, torch\n"
-            "import kernels\n"
+            "import autoregembed.kernels\n"
             "assert 'TRITON_INTERPRET' not in os.environ, 'importing kernels set TRITON_INTERPRET'\n"
             "from autoregembed.logprobs import token_logprobs\n"
             "h, w, y = torch.randn(3, 4), torch.randn(10, 4), torch.zeros(3, dtype=torch.long)\n"

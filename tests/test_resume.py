@@ -14,7 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREAMBLE = """
 import json, sys, warnings
 warnings.filterwarnings("ignore")
-sys.path.insert(0, {root!r})
 from autoregembed import distributed as D
 from autoregembed.config import load_config
 from autoregembed.trainer import export_stage, train_stage
