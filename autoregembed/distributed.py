@@ -103,6 +103,15 @@ def barrier():
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (the others pass anything, e.g. None)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_gather_objects(obj) -> list:
     if not dist.is_initialized():
         return [obj]

@@ -5,13 +5,11 @@ returns a numpy array of L2-normalised embeddings (compare by cosine / dot produ
 """
 from __future__ import annotations
 
-import json
-import os
 
 import numpy as np
 import torch
 
-from .export import META_FILE
+from .export import ExportMeta
 from .loading import sdpa_without_cudnn
 from .model import compressed_states, pool_embedding
 from .tokenization import TextEncoder, prepare_tokenizer
@@ -29,21 +27,12 @@ class Encoder:
                         max_text_len: int | None = None):
         from transformers import AutoModel, AutoTokenizer
 
-        meta_path = os.path.join(path, META_FILE)
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{path}: not an autoregembed export (no {META_FILE})")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            meta["num_embed_tokens"], meta["instruction"]  # noqa: B018  (required keys)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{meta_path}: not a valid autoregembed export description ({e!r})") from None
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), meta["num_embed_tokens"])
+        meta = ExportMeta.read(path)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), meta.num_embed_tokens)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         sdpa_without_cudnn()  # Transformers' default attention is SDPA
         model = AutoModel.from_pretrained(path, dtype=dtype or "auto").to(device)
-        return cls(model, tokenizer, meta["num_embed_tokens"], meta["instruction"],
-                   max_text_len or meta.get("max_text_len", 512))
+        return cls(model, tokenizer, meta.num_embed_tokens, meta.instruction, max_text_len or meta.max_text_len)
 
     @torch.no_grad()
     def encode(self, sentences, batch_size: int = 32, instruction: str | None = None,

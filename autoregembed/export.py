@@ -10,6 +10,7 @@ plus one layer.  Written atomically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 
@@ -19,8 +20,43 @@ from safetensors.torch import save_file
 from . import distributed as D
 from .atomic import atomic_dir
 from .lora import exported_parameters
+from .tokenization import input_template
 
 META_FILE = "autoregembed.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportMeta:
+    """``autoregembed.json``: what an exported encoder needs to embed text (k, the instruction,
+    the text budget) and where it came from.  The one reader and writer of that file."""
+
+    num_embed_tokens: int
+    instruction: str
+    max_text_len: int = 512
+    stage: str | None = None
+    base_model: str | None = None
+    decoder_bos: bool = False  # provenance: what the decoder read in training
+
+    def write(self, folder: str):
+        record = {**dataclasses.asdict(self), "template": input_template(self.num_embed_tokens)}
+        with open(os.path.join(folder, META_FILE), "w") as f:
+            json.dump(record, f, indent=2)
+
+    @classmethod
+    def read(cls, folder: str) -> "ExportMeta":
+        path = os.path.join(folder, META_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{folder}: not an autoregembed export (no {META_FILE})")
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            known = {f.name for f in dataclasses.fields(cls)}
+            meta = cls(**{k: v for k, v in record.items() if k in known})
+            if not isinstance(meta.num_embed_tokens, int) or not isinstance(meta.instruction, str):
+                raise TypeError("num_embed_tokens must be an integer and instruction a string")
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a valid autoregembed export description ({e!r})") from None
+        return meta
 
 
 class _ShardWriter:
@@ -57,7 +93,7 @@ class _ShardWriter:
             json.dump(index, f, indent=2)
 
 
-def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: dict,
+def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: ExportMeta,
                    max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
     """Every rank must call this (the gathers are collective); rank 0 writes ``out_dir``."""
     is_writer = D.rank() == 0
@@ -80,7 +116,6 @@ def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: dict
             config.use_cache = False
             config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump(meta, f, indent=2)
+            meta.write(tmp)
     D.barrier()
     return out_dir

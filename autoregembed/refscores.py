@@ -5,13 +5,14 @@ row, see data.row_key), ``offsets`` [N+1] int64 and ``scores`` [sum(1+n_i)] floa
 row j: scores[offsets[j]] is the positive, the rest its negatives in order).  The
 metadata holds a fingerprint of everything that changes the scores (stage-1 weights,
 decoder weights, tokenizer, k, truncation lengths, decoder BOS); stage 2 refuses a file whose
-fingerprint differs from the one it computes.
+fingerprint differs from the one it computes, and a file of another format version.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import struct
 
 import torch
 from safetensors import safe_open
@@ -20,28 +21,51 @@ from safetensors.torch import save_file
 from .atomic import atomic_file
 from .data import row_key
 
+FORMAT = "autoregembed-reference-v2"  # v2: the sampled weight fingerprint
 _FINGERPRINT_FILES = (".safetensors", ".json", ".model", ".txt")
+_SAMPLES, _BLOCK, _SMALL_TENSOR = 64, 1 << 16, 1 << 20
 
 
 class ReferenceScoreError(RuntimeError):
     pass
 
 
+def _hash_safetensors(h, f, size: int):
+    """The header (names, dtypes, shapes), every tensor of at most 1 MiB (norms, biases: a change
+    to one of them alone would slip between samples) and 64 blocks spread over the data."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = f.read(n)
+    h.update(header)
+    start = 8 + n
+    for name, info in sorted(json.loads(header).items()):
+        if name != "__metadata__" and info["data_offsets"][1] - info["data_offsets"][0] <= _SMALL_TENSOR:
+            f.seek(start + info["data_offsets"][0])
+            h.update(f.read(info["data_offsets"][1] - info["data_offsets"][0]))
+    for i in range(_SAMPLES):
+        f.seek(start + i * max(0, size - start - _BLOCK) // (_SAMPLES - 1))
+        h.update(f.read(_BLOCK))
+
+
 def _hash_folder(h, folder: str):
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if os.path.isfile(path) and name.endswith(_FINGERPRINT_FILES):
-            h.update(name.encode())
+            size = os.path.getsize(path)
+            h.update(f"{name}:{size}".encode())
             with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
+                if name.endswith(".safetensors"):
+                    _hash_safetensors(h, f, size)
+                else:  # configs and tokenizer files: small, hashed whole
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
 
 
 def fingerprint(stage1_dir: str, decoder_dir: str, k: int, max_text_len: int, max_target_len: int,
                 decoder_bos: bool = False) -> str:
+    """What the scores depend on, read cheaply: a few MB per weight file however large the model
+    (hashing every byte of a 7B pair took minutes on every rank)."""
     h = hashlib.sha256()
-    # decoder_bos enters only when set, so files scored before the option existed still match
-    h.update(json.dumps([k, max_text_len, max_target_len] + ([True] if decoder_bos else [])).encode())
+    h.update(json.dumps([k, max_text_len, max_target_len, decoder_bos]).encode())
     _hash_folder(h, stage1_dir)
     if os.path.isdir(decoder_dir):
         _hash_folder(h, decoder_dir)
@@ -62,7 +86,7 @@ def save_scores(path: str, keys: list[bytes], scores: list[list[float]], fp: str
         "scores": torch.tensor([v for s in scores for v in s], dtype=torch.float32),
     }
     with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata={"fingerprint": fp, "format": "autoregembed-reference-v1"})
+        save_file(tensors, tmp, metadata={"fingerprint": fp, "format": FORMAT})
 
 
 class ReferenceScores:
@@ -74,6 +98,9 @@ class ReferenceScores:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
             keys, offsets, scores = f.get_tensor("keys"), f.get_tensor("offsets"), f.get_tensor("scores")
+        if meta.get("format") != FORMAT:
+            raise ReferenceScoreError(f"{path}: reference scores of format {meta.get('format', '?')}, this version "
+                                      f"reads {FORMAT}; recompute them with the 'reference' stage")
         if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
             raise ReferenceScoreError(
                 f"{path}: these reference scores were computed with a different stage-1 model, decoder, "

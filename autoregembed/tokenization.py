@@ -19,6 +19,11 @@ def embed_token_names(k: int) -> list[str]:
     return [f"<EMBED{i}>" for i in range(k)]
 
 
+def input_template(k: int) -> str:
+    """The encoder input as text, for readers of an export (``TextEncoder.encoder_ids`` builds it)."""
+    return "[BOS]{text}\n{instruction}\n" + "".join(embed_token_names(k))
+
+
 def prepare_tokenizer(tokenizer, k: int):
     """Add the k EMBED special tokens (idempotent) and make sure a pad token exists."""
     names = embed_token_names(k)

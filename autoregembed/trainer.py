@@ -24,7 +24,7 @@ from .config import Config, check_runtime
 from .data import StepSampler, load_rows, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .ds_config import build_ds_config, read_ds_config, zero_stage
-from .export import export_encoder
+from .export import ExportMeta, export_encoder
 from .loading import build_tiny_base, load_model, resolve_attn, resolve_dtype
 from .plan import Arch
 from .refscores import ReferenceScores, fingerprint, save_scores
@@ -53,9 +53,13 @@ def loss_settings(cfg: Config) -> dict:
 
 
 def reference_fingerprint(cfg: Config, decoder_dir: str) -> str:
-    """What reference scoring writes into the score file and stage 2 expects to find there."""
-    return fingerprint(cfg.stage1_model_dir, decoder_dir, cfg.model.num_embed_tokens, cfg.data.max_text_len,
-                       cfg.data.max_target_len, cfg.model.decoder_bos)
+    """What reference scoring writes into the score file and stage 2 expects to find there:
+    read on rank 0 before any model loads, the same string on every rank."""
+    fp = None
+    if D.rank() == 0:
+        fp = fingerprint(cfg.stage1_model_dir, decoder_dir, cfg.model.num_embed_tokens, cfg.data.max_text_len,
+                         cfg.data.max_target_len, cfg.model.decoder_bos)
+    return D.broadcast_object(fp)
 
 
 def _arch(path: str) -> Arch:
@@ -125,11 +129,9 @@ class Session:
         return self.engine.module.encoder
 
     def export(self, out_dir: str) -> str:
-        meta = {"num_embed_tokens": self.cfg.model.num_embed_tokens, "instruction": self.cfg.eval.instruction,
-                "max_text_len": self.cfg.data.max_text_len, "stage": self.stage, "base_model": self.cfg.model.base,
-                "decoder_bos": self.cfg.model.decoder_bos,  # provenance: what the decoder read in training
-                "template": "[BOS]{text}\\n{instruction}\\n" + "".join(f"<EMBED{i}>" for i in
-                                                                       range(self.cfg.model.num_embed_tokens))}
+        meta = ExportMeta(num_embed_tokens=self.cfg.model.num_embed_tokens, instruction=self.cfg.eval.instruction,
+                          max_text_len=self.cfg.data.max_text_len, stage=self.stage, base_model=self.cfg.model.base,
+                          decoder_bos=self.cfg.model.decoder_bos)
         export_encoder(self.encoder, self.tokenizer, out_dir, meta)
         log(f"{self.stage}: exported model to {out_dir}")
         return out_dir
@@ -287,6 +289,7 @@ def score_references(cfg: Config, ds_path) -> str | None:
     """Every rank scores its share of the stage-2 rows; rank 0 writes the file.  None: stopped
     on request before the end (PREEMPTED written; nothing partial is kept)."""
     rows = [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
+    fp = reference_fingerprint(cfg, prepare_base(cfg))
     s = Session(cfg, "reference", ds_path, cfg.stage1_model_dir, train=False)
     mine = rows[D.rank() :: D.world_size()]
     bs = cfg.stage2.micro_batch_size
@@ -312,7 +315,6 @@ def score_references(cfg: Config, ds_path) -> str | None:
     path = cfg.reference_scores_path
     if D.rank() == 0:
         merged = dict(kv for part in gathered for kv in part)
-        fp = reference_fingerprint(cfg, s.base)
         save_scores(path, list(merged), list(merged.values()), fp)
         log(f"reference: scored {len(merged)} rows -> {path}")
     D.barrier()

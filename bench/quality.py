@@ -41,7 +41,7 @@ from autoregembed.config import load_config  # noqa: E402
 from autoregembed.data import load_rows  # noqa: E402
 from autoregembed.encoder import Encoder  # noqa: E402
 from autoregembed.evaluate import read_sts, sts_eval  # noqa: E402
-from autoregembed.export import export_encoder  # noqa: E402
+from autoregembed.export import ExportMeta, export_encoder  # noqa: E402
 from autoregembed.loading import load_model  # noqa: E402
 from autoregembed.tokenization import TextEncoder  # noqa: E402
 from autoregembed.trainer import score_references, train_stage  # noqa: E402
@@ -83,9 +83,9 @@ def stage2_file(path: str, n_rows: int, instruction: str | None):
     return path
 
 
-def _meta(stage: str) -> dict:
+def _meta(stage: str) -> ExportMeta:
     """autoregembed.json for the exports this benchmark writes outside the trainer."""
-    return {"num_embed_tokens": K, "instruction": INSTRUCTION, "max_text_len": 64, "stage": stage}
+    return ExportMeta(num_embed_tokens=K, instruction=INSTRUCTION, max_text_len=64, stage=stage)
 
 
 class PromptEOL:

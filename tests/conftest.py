@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -16,6 +17,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (the OS picks it): for rendezvous and daemons,
+    so parallel or repeated runs never collide on a fixed number."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def child_env(**extra) -> dict:

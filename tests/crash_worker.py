@@ -32,6 +32,9 @@ cfg = load_config(None, [f"output_dir={out}", "model.tiny_hidden_size=32", f"sta
                          "stage1.micro_batch_size=4", "stage1.save_every=2", "stage1.keep_last=3",
                          "stage1.warmup_steps=2", *overrides])
 D.init_distributed()
+os.makedirs(os.path.join(out, "pids"), exist_ok=True)  # how test_crash.py finds the rank to kill
+with open(os.path.join(out, "pids", str(D.rank())), "w") as f:
+    f.write(str(os.getpid()))
 train_stage(cfg, "stage1", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                         "ds_configs", "zero3.json"), resume=True)
 D.shutdown()

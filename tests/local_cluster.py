@@ -1,7 +1,7 @@
 """A real Slurm (slurmctld + two slurmd emulating nodes n1/n2) and munge, on loopback, for tests.
 
-Installs Debian's packages when missing (bounded in time), starts the daemons under a
-temporary state folder and stops exactly the daemons it started.
+Needs the tools scripts/setup_cluster_tools.sh installs; starts the daemons under a temporary
+state folder and stops exactly the daemons it started (by their PID files).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 
-PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+from conftest import free_port
 
 CONF = """ClusterName=local
 SlurmctldHost=localhost(127.0.0.1)
@@ -57,25 +57,10 @@ def _run(cmd, timeout=60, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def ensure_installed(timeout: int = 420):
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise Unavailable("Slurm is not installed and cannot be installed here (needs root and apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        _run(["apt-get", "update", "-qq"], timeout=timeout, env=env)
-        r = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        raise Unavailable(f"installing {' '.join(PACKAGES)} took more than {timeout}s") from None
-    if r.returncode != 0:
-        raise Unavailable(f"apt-get install {' '.join(PACKAGES)} failed: {r.stderr[-500:]}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ensure_installed():
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(b)]
+    if missing:
+        raise Unavailable(f"{', '.join(missing)} not installed (scripts/setup_cluster_tools.sh installs them)")
 
 
 class LocalSlurm:
@@ -90,8 +75,8 @@ class LocalSlurm:
         for sub in ("state", "run", "log"):
             os.makedirs(os.path.join(self.state, sub), exist_ok=True)
         with open(self.conf, "w") as f:
-            f.write(CONF.format(state=self.state, host=socket.gethostname(), ctld_port=_free_port(),
-                                n1_port=_free_port(), n2_port=_free_port()))
+            f.write(CONF.format(state=self.state, host=socket.gethostname(), ctld_port=free_port(),
+                                n1_port=free_port(), n2_port=free_port()))
         self._start_munge()
         for cmd, pid in ((["slurmctld"], "slurmctld.pid"), (["slurmd", "-N", "n1"], "slurmd-n1.pid"),
                          (["slurmd", "-N", "n2"], "slurmd-n2.pid")):

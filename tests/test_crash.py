@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import child_env
+from conftest import child_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "crash_worker.py")
@@ -27,36 +27,37 @@ def _by_step(out):
     return {r["step"]: r["loss"] for r in records}
 
 
-def _straight(tmp_path, nproc, steps, port):
+def _straight(tmp_path, nproc, steps):
     out = str(tmp_path / f"straight{nproc}")
-    r = subprocess.run(_cmd(nproc, port, out, steps), env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(nproc, free_port(), out, steps), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return _by_step(out)
 
 
-def _worker_pids(parent_pid):
-    out = subprocess.run(["pgrep", "-f", WORKER], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if int(p) != parent_pid]
+def _worker_pids(out):
+    """The ranks' PIDs, from the files crash_worker.py writes at start (``<out>/pids/<rank>``)."""
+    folder = os.path.join(out, "pids")
+    return [int(open(os.path.join(folder, f)).read()) for f in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
 
 
 def test_sigkilled_rank_resumes_with_identical_losses(tmp_path):
     steps = 40
-    want = _straight(tmp_path, 2, steps, 29691)
+    want = _straight(tmp_path, 2, steps)
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(_cmd(2, 29692, out, steps), env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(2, free_port(), out, steps), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = os.path.join(out, "stage1", "metrics.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 9):
         time.sleep(0.05)
-    ranks = _worker_pids(proc.pid)
+    ranks = _worker_pids(out)
     assert ranks, "no worker processes found"
     os.kill(ranks[-1], signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0  # the job died
     died_at = len(open(metrics).readlines())
     assert died_at < steps
-    r = subprocess.run(_cmd(2, 29693, out, steps), env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(2, free_port(), out, steps), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = _by_step(out)
     assert sorted(got) == list(range(1, steps + 1))
@@ -66,16 +67,16 @@ def test_sigkilled_rank_resumes_with_identical_losses(tmp_path):
 
 def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     out = str(tmp_path / "crash")
-    r = subprocess.run(_cmd(1, 29694, out, 8, 4), env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(1, free_port(), out, 8, 4), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0  # killed inside the step-4 save
     ckpt = os.path.join(out, "stage1", "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read() == "step00000002"
     assert os.path.isdir(os.path.join(ckpt, "step00000004.partial"))  # the torn save, never pointed at
-    r = subprocess.run(_cmd(1, 29695, out, 8), env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(1, free_port(), out, 8), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "loaded checkpoint" in r.stdout + r.stderr and "step00000002 (step 2)" in r.stdout + r.stderr
     got = _by_step(out)
-    want = _straight(tmp_path, 1, 8, 29696)
+    want = _straight(tmp_path, 1, 8)
     for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
     assert not os.path.exists(os.path.join(ckpt, "step00000004.partial"))  # cleaned by the next save
@@ -83,15 +84,15 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
 
 def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     """Universal-checkpoint conversion; same global batch (accumulation doubled) -> same trajectory."""
-    want = _straight(tmp_path, 2, 8, 29697)
+    want = _straight(tmp_path, 2, 8)
     out = str(tmp_path / "shrink")
-    r = subprocess.run(_cmd(2, 29698, out, 8, 6), env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(2, free_port(), out, 8, 6), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0  # died while saving step 6: step 4 is the latest complete checkpoint
     ckpt = os.path.join(out, "stage1", "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read() == "step00000004"
-    wrong = subprocess.run(_cmd(1, 29699, out, 8), env=ENV, capture_output=True, text=True, timeout=300)
+    wrong = subprocess.run(_cmd(1, free_port(), out, 8), env=ENV, capture_output=True, text=True, timeout=300)
     assert wrong.returncode != 0 and "set gradient_accumulation_steps" in wrong.stderr + wrong.stdout
-    r = subprocess.run(_cmd(1, 29700, out, 8, "-", "stage1.gradient_accumulation_steps=2"), env=ENV,
+    r = subprocess.run(_cmd(1, free_port(), out, 8, "-", "stage1.gradient_accumulation_steps=2"), env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.isdir(os.path.join(ckpt, "universal", "step00000004"))

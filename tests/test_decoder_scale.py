@@ -16,7 +16,7 @@ from autoregembed.data import load_rows
 from autoregembed.decoder_scale import calibration_indices, final_norm, rescale_final_norm, scale_factors
 from autoregembed.model import AutoRegEmbedModel
 from autoregembed.tokenization import TextEncoder, prepare_tokenizer
-from conftest import child_env
+from conftest import child_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 5  # the trainer default, so the trainer's export reads the same way
@@ -96,7 +96,7 @@ def test_trainer_rescales_once_before_stage1_under_zero3(tmp_path, ranks):
     script.write_text(SCRIPT.format(root=ROOT))
     env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_port", str(29651 + ranks), str(script), out]
+           "--master_port", str(free_port()), str(script), out]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
 

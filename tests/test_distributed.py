@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 from safetensors import safe_open
-from conftest import child_env
+from conftest import child_env, free_port
 from dist_worker import TEXTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def run(tmp_path_factory, request):
     if request.param == "lora":
         overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3"]
     env = child_env()
-    port = str(29633 + request.param_index)
+    port = str(free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, WORKER, str(tmp), os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -297,3 +297,20 @@ def test_a_bad_row_fails_the_run_before_the_base_model_is_built(tmp_path):
                            "--set", f"data.stage1={bad}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"{bad}:2: missing field 'output'" in proc.stderr
     assert not (out / "base").exists()
+
+
+def test_export_description_round_trips_and_a_broken_one_names_its_file(tmp_path):
+    import json as _json
+
+    from autoregembed.export import META_FILE, ExportMeta
+
+    meta = ExportMeta(num_embed_tokens=3, instruction="Find it.", max_text_len=40, stage="stage2", decoder_bos=True)
+    meta.write(str(tmp_path))
+    assert ExportMeta.read(str(tmp_path)) == meta
+    written = _json.loads((tmp_path / META_FILE).read_text())
+    assert written["template"] == "[BOS]{text}\n{instruction}\n<EMBED0><EMBED1><EMBED2>"  # for readers without us
+    (tmp_path / META_FILE).write_text(_json.dumps({"instruction": "x"}))
+    with pytest.raises(ValueError, match=f"{tmp_path / META_FILE}: not a valid autoregembed export description"):
+        ExportMeta.read(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not an autoregembed export"):
+        ExportMeta.read(str(tmp_path / "elsewhere"))

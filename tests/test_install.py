@@ -20,10 +20,15 @@ def test_install_keeps_the_installed_torch():
 def test_wheel_installs_kernels_and_ds_configs_inside_the_package(tmp_path):
     """No top-level ``kernels`` (another distribution owns that name); the default DeepSpeed config
     ships with the package, so ``autoregembed train`` finds it outside the repository."""
+    import shutil
     import sys
     import zipfile
 
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", ROOT,
+    src = tmp_path / "src"  # a copy: setuptools writes build/ beside the sources
+    for part in ("autoregembed", "kernels", "ds_configs"):
+        shutil.copytree(os.path.join(ROOT, part), src / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), src)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
                            "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("autoregembed-*.whl")

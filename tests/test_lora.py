@@ -13,7 +13,7 @@ from safetensors import safe_open
 from autoregembed.batches import stage1_batch
 from autoregembed.config import ConfigError, load_config
 from autoregembed.encoder import Encoder
-from autoregembed.export import export_encoder
+from autoregembed.export import ExportMeta, export_encoder
 from autoregembed.loading import load_model
 from autoregembed.tokenization import TextEncoder
 
@@ -50,7 +50,7 @@ def test_only_adapters_train_and_the_export_is_the_merged_plain_model(tiny_base,
     assert np.abs(in_memory - before).max() > 1e-3, "training did not move the adapted encoder"
 
     base_dir, lora_dir = str(tmp_path / "plain"), str(tmp_path / "lora")
-    meta = {"num_embed_tokens": K, "instruction": "Retrieve semantically similar text.", "max_text_len": 32}
+    meta = ExportMeta(num_embed_tokens=K, instruction="Retrieve semantically similar text.", max_text_len=32)
     export_encoder(plain.encoder, tok, base_dir, meta)
     export_encoder(model.encoder, tok, lora_dir, meta)
     assert _exported_names(lora_dir) == _exported_names(base_dir)  # no adapter or base_layer names

@@ -35,11 +35,36 @@ def test_refuses_other_fingerprint_changed_rows_and_missing_file(tmp_path):
 
 
 def test_fingerprint_follows_weights_and_settings(tmp_path, tiny_base):
+    import glob
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     a = fingerprint(tiny_base, tiny_base, 5, 64, 64)
     assert a == fingerprint(tiny_base, tiny_base, 5, 64, 64)
     assert a != fingerprint(tiny_base, tiny_base, 4, 64, 64)
     assert a != fingerprint(tiny_base, tiny_base, 5, 32, 64)
     assert a != fingerprint(tiny_base, tiny_base, 5, 64, 64, decoder_bos=True)
+    copy = shutil.copytree(tiny_base, tmp_path / "copy")
+    assert fingerprint(str(copy), tiny_base, 5, 64, 64) == a  # content, not paths or times
+    (weights,) = glob.glob(str(copy / "*.safetensors"))
+    tensors = load_file(weights)
+    norm = next(k for k in tensors if k.endswith("norm.weight"))
+    tensors[norm] = tensors[norm].clone()
+    tensors[norm][3] += 1e-3  # one value of a small tensor
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert fingerprint(str(copy), tiny_base, 5, 64, 64) != a
+
+
+def test_refuses_scores_of_another_format_version(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "old.safetensors")
+    save_file({"keys": torch.zeros(1, 16, dtype=torch.uint8), "offsets": torch.tensor([0, 1]),
+               "scores": torch.zeros(1)}, path, metadata={"fingerprint": "fp", "format": "autoregembed-reference-v1"})
+    with pytest.raises(ReferenceScoreError, match="format autoregembed-reference-v1, this version reads .*v2; recompute"):
+        ReferenceScores(path, expected_fingerprint="fp")
 
 
 def test_check_all_names_the_first_unscored_row_and_counts_them(tmp_path):
