@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -106,8 +107,8 @@ def _saved_world_size(tag_dir: str) -> int:
     return len([n for n in os.listdir(tag_dir) if n.endswith("_optim_states.pt")])
 
 
-def _to_universal(ckpt_dir: str, tag: str) -> str:
-    """Convert (rank 0, once) a checkpoint to the universal format; returns its parent folder."""
+def _to_universal(ckpt_dir: str, tag: str):
+    """Convert (rank 0, once) a checkpoint to the universal format, into ``<ckpt_dir>/universal/<tag>``."""
     parent = os.path.join(ckpt_dir, "universal")
     out = os.path.join(parent, tag)
     if D.rank() == 0 and not os.path.isdir(out):
@@ -119,7 +120,6 @@ def _to_universal(ckpt_dir: str, tag: str) -> str:
             if r.returncode != 0:
                 raise CheckpointError(f"{ckpt_dir}/{tag}: universal checkpoint conversion failed:\n{r.stderr[-2000:]}")
     D.barrier()
-    return parent
 
 
 def save(engine, ckpt_dir: str, step: int, keep_last: int = 2, extra: dict | None = None):
@@ -158,9 +158,26 @@ def save(engine, ckpt_dir: str, step: int, keep_last: int = 2, extra: dict | Non
     D.barrier()
 
 
-def load_latest(engine, ckpt_dir: str, log=print) -> dict | None:
-    """Restore the newest complete checkpoint whose files match their manifest; returns its client
-    state (None if there is none).  ``log`` hears which one was loaded and what was skipped."""
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run resumes from, chosen before its engine is built: one saved by another
+    number of ranks loads through DeepSpeed's universal format, which is an engine setting
+    (``checkpoint.load_universal``, see ``ds_settings``)."""
+
+    ckpt_dir: str
+    tag: str
+    saved_world: int
+    universal: bool
+
+    def ds_settings(self) -> dict:
+        """What the engine's DeepSpeed config must contain to load this checkpoint."""
+        return {"checkpoint": {"load_universal": True}} if self.universal else {}
+
+
+def find_resume(ckpt_dir: str, log=print) -> Resume | None:
+    """The newest complete checkpoint whose files match their manifest (converted to the universal
+    format first when the rank count changed); None if there is none.  ``log`` hears what was
+    skipped.  Every rank must call this."""
     good, bad = loadable_tags(ckpt_dir)
     for why in bad:
         log(f"skipping checkpoint {ckpt_dir}/{why}")
@@ -171,25 +188,26 @@ def load_latest(engine, ckpt_dir: str, log=print) -> dict | None:
     if tag != latest_tag(ckpt_dir):
         log(f"{ckpt_dir}/latest names {latest_tag(ckpt_dir) or 'nothing loadable'}; loading {tag}, "
             f"the newest complete checkpoint")
-    state = _load(engine, ckpt_dir, tag)
-    log(f"loaded checkpoint {ckpt_dir}/{tag} (step {state['step']})")
-    return state
-
-
-def _load(engine, ckpt_dir: str, tag: str) -> dict:
-    load_dir = ckpt_dir
     saved_world = _saved_world_size(os.path.join(ckpt_dir, tag))
-    if saved_world != D.world_size():
-        load_dir = _to_universal(ckpt_dir, tag)
-        engine._config.load_universal_checkpoint = True
+    universal = saved_world != D.world_size()
+    if universal:
+        _to_universal(ckpt_dir, tag)
+    return Resume(ckpt_dir, tag, saved_world, universal)
+
+
+def load(engine, resume: Resume, log=print) -> dict:
+    """Restore ``resume`` into ``engine`` (built with ``resume.ds_settings()``); returns the client state."""
+    ckpt_dir, tag = resume.ckpt_dir, resume.tag
+    if engine.load_universal_checkpoint() != resume.universal:
+        raise CheckpointError(f"{ckpt_dir}/{tag}: the engine was not built with this checkpoint's ds_settings()")
+    load_dir = os.path.join(ckpt_dir, "universal") if resume.universal else ckpt_dir
+    saved_world = resume.saved_world
     try:
         _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=False,
                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{ckpt_dir}/{tag} cannot be read ({type(e).__name__}: {e}); move it aside to "
                               f"resume from the checkpoint before it") from e
-    finally:
-        engine._config.load_universal_checkpoint = False
     if client_state is None:
         raise CheckpointError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
     if client_state.get("global_batch", engine.train_batch_size()) != engine.train_batch_size():
@@ -198,4 +216,5 @@ def _load(engine, ckpt_dir: str, tag: str) -> dict:
             f"rank(s); now it is {engine.train_batch_size()} on {D.world_size()}: set gradient_accumulation_steps "
             f"so that micro_batch_size x gradient_accumulation_steps x world size = {client_state['global_batch']}")
     set_rng_state(client_state["rng"])
+    log(f"loaded checkpoint {ckpt_dir}/{tag} (step {client_state['step']})")
     return client_state

@@ -2,13 +2,11 @@
 the frozen decoder with the per-dimension magnitudes of the word embeddings it was trained on.
 
 Why: the decoder reads e_1..e_k where it normally reads word embeddings, but e are the encoder's
-last-layer states, taken after its final norm.  On SmolLM2-135M their RMS is ~15x that of the
-word embeddings (per dimension: median ~9x, up to ~160x on a few "massive activation"
-dimensions), and the untouched decoder given them does worse than given nothing at all (11.5 vs
-5.6 nats/token).  Adam moves the final-norm weight by about the learning rate per step, so plain
-fine-tuning spends thousands of steps undoing the mismatch before it can learn to compress.  Multiplying each
-dimension of that weight once, before stage 1, by rms_d(word embeddings) / rms_d(e) starts
-stage 1 at 6.7-7.2 nats/token instead (README "Real-model benchmarks" has what it does to training).
+last-layer states, taken after its final norm, often an order of magnitude larger per dimension;
+Adam moves the final-norm weight by about the learning rate per step, so plain fine-tuning spends
+thousands of steps undoing the mismatch before it learns to compress.  Multiplying each dimension
+of that weight once, before stage 1, by rms_d(word embeddings) / rms_d(e) removes it (measurements:
+docs/experiments.md, "Findings moved out of docstrings").
 
 The factors are measured through the model's own forward on a seeded sample of stage-1 rows, so they
 work under ZeRO-3 (the engine's hooks gather what each call needs), and every rank measures
@@ -49,9 +47,8 @@ def scale_factors(model, batches) -> torch.Tensor:
     """Per-dimension rms(decoder word embeddings) / rms(compressed states), fp32 [D].
 
     model: an ``AutoRegEmbedModel``; batches: stage-1 batches (``batches.stage1_batch``).
-    The word-embedding RMS is over the decoder's whole vocabulary.  (Weighting it by how often
-    the targets use each token gives ~2x smaller factors; in the one SmolLM2 pilot that tried
-    them, stage 1 was at 6.6 nats/token after 20 steps against 4.7 with these.)
+    The word-embedding RMS is over the decoder's whole vocabulary (a frequency-weighted RMS was
+    tried and trained worse: docs/experiments.md).
     """
     e_sq, n_e = None, 0
     for b in batches:

@@ -32,9 +32,8 @@ def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
 
 def mean_pairwise_cosine(emb: np.ndarray) -> float:
     """Mean cosine over all pairs of distinct rows of L2-normalised ``emb``: how much of every
-    embedding is one shared direction.  On SmolLM2 one way stage 1 fails is a collapse onto such a
-    direction (0.98, against 0.87-0.92 in runs scoring 40-59), which its reconstruction loss does not
-    show.  A normal value is no guarantee: another run scored 17 at 0.91."""
+    embedding is one shared direction.  Why: a collapse onto one direction is a failure the
+    reconstruction loss does not show (a normal value is no guarantee; docs/experiments.md)."""
     n = len(emb)
     if n < 2:
         raise ValueError("mean pairwise cosine needs at least 2 embeddings")

@@ -1,6 +1,7 @@
 """Building the encoder/decoder pair from disk, under ZeRO-3 partitioning when configured."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -128,24 +129,38 @@ def load_tokenizer(path: str, k: int):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path), k)
 
 
+@contextlib.contextmanager
+def hf_zero3_config(ds_config: dict):
+    """Within: Transformers knows the ZeRO-3 config, so ``from_pretrained`` builds partitioned models
+    (through ``zero.Init``).  After: it has forgotten it, or later ``from_pretrained`` calls in the
+    process (evaluation, the next stage) would build partitioned, empty models.  The config is a
+    global in Transformers; this is the one place that sets and clears it."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keepalive = HfDeepSpeedConfig(ds_config)  # Transformers holds it weakly: it lives while we hold it
+    try:
+        yield keepalive
+    finally:
+        unset_hf_deepspeed_config()
+
+
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
-               gradient_checkpointing: bool = False, loss: dict | None = None, ds_config: dict | None = None,
+               gradient_checkpointing: bool = False, loss: dict | None = None,
                lora: dict | None = None, decoder_bos: bool = False, scorer: str = "auto"):
     """Return (AutoRegEmbedModel, tokenizer).
 
     encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).
-    decoder_path: always the frozen base causal LM.  With ``ds_config`` at ZeRO stage 3 both
-    are constructed partitioned (HfDeepSpeedConfig routes from_pretrained through zero.Init).
+    decoder_path: always the frozen base causal LM.  Inside ``hf_zero3_config`` (ZeRO stage 3)
+    both are constructed partitioned.
     lora: ``add_lora`` keyword arguments when the encoder trains through LoRA adapters.
     decoder_bos: the decoder reads the tokenizer's BOS before the compressed tokens (model.py).
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
-    keepalive = None
-    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        keepalive = HfDeepSpeedConfig(ds_config)  # must stay alive while models are built
     tokenizer = load_tokenizer(encoder_path, k)
     kw = dict(dtype=dtype, attn_implementation=attn)
     decoder = AutoModelForCausalLM.from_pretrained(decoder_path, **kw)
@@ -165,6 +180,5 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
         decoder.gradient_checkpointing_enable(**gc)
     model = AutoRegEmbedModel(encoder, decoder, k, **(loss or {}),
                               decoder_bos_id=tokenizer.bos_token_id if decoder_bos else None, scorer=scorer)
-    model._ds_keepalive = keepalive
     return model, tokenizer
 

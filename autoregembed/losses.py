@@ -29,9 +29,8 @@ def alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, beta: float = 0.1, tau: flo
     ``detach_positive=True`` makes c_p a target: no gradient reaches the positive's own
     encoding.  Why: s1 is smallest (0.5) when c_q == c_p, and one way there is for every text to
     get the same compressed tokens.  As published the gradient lowers c_p towards c_q, which
-    is that way; when stage 1 reconstructs poorly (c_p not far above c_q, s1 not saturated) it
-    collapsed the embeddings on SmolLM2 (README, benchmark section).  Off by default: the paper
-    back-propagates through both.
+    is that way when stage 1 reconstructs poorly (c_p not far above c_q, s1 not saturated;
+    docs/experiments.md).  Off by default: the paper back-propagates through both.
     """
     if reference_sign not in ("paper", "code"):
         raise ValueError(f"reference_sign must be 'paper' or 'code', got {reference_sign!r}")

@@ -13,7 +13,7 @@ from torch import nn
 
 from .logprobs import sequence_logprobs
 from .losses import alignment_loss, compression_loss
-from .tokenization import decoder_labels
+from .tokenization import decoder_layout
 
 
 def compressed_states(last_hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,8 +62,8 @@ class AutoRegEmbedModel(nn.Module):
         decoder_bos_id: None, the method as published: the decoder reads [e_1..e_k ; target+EOS].
         A token id: the decoder reads that token first, [BOS ; e_1..e_k ; target+EOS]
         (``model.decoder_bos``).  Why: a pretrained LM parks attention on its first position
-        (the attention sink); without a BOS, stage 1 on SmolLM2 collapsed the compressed tokens onto
-        one vector shared by every text far more often than with it (README, "Decoder BOS").
+        (the attention sink); without a BOS, e_1 is pushed to become that sink, shared by every
+        text (docs/experiments.md).
         scorer: who computes the LM head's softmax statistics (``logprobs.row_stats_for``)."""
         super().__init__()
         self.encoder = encoder
@@ -87,16 +87,11 @@ class AutoRegEmbedModel(nn.Module):
 
     def score(self, compressed: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """Summed log p(target | compressed) per row, fp32 [S]; differentiable w.r.t. compressed only."""
-        n_bos = 0 if self.decoder_bos_id is None else 1
-        ids = F.pad(target_ids, (n_bos, 0), value=self.decoder_bos_id if n_bos else 0)  # one embedding call
-        tok = self.decoder.get_input_embeddings()(ids)
-        inputs = torch.cat([tok[:, :n_bos], compressed.to(tok.dtype), tok[:, n_bos:]], dim=1)
-        prefix = n_bos + compressed.shape[1]
-        ones = torch.ones((compressed.shape[0], prefix), dtype=target_mask.dtype, device=target_mask.device)
-        mask = torch.cat([ones, target_mask], dim=1)
-        hidden = self.decoder.get_decoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
-        labels = decoder_labels(target_ids, target_mask, prefix)
-        return self.head(hidden, labels)
+        lay = decoder_layout(target_ids, target_mask, compressed.shape[1], self.decoder_bos_id)
+        tok = self.decoder.get_input_embeddings()(lay.ids)
+        inputs = torch.cat([tok[:, : lay.n_bos], compressed.to(tok.dtype), tok[:, lay.n_bos :]], dim=1)
+        hidden = self.decoder.get_decoder()(inputs_embeds=inputs, attention_mask=lay.attention_mask).last_hidden_state
+        return self.head(hidden, lay.labels)
 
     def embed(self, input_ids, attention_mask) -> torch.Tensor:
         return pool_embedding(self.compress(input_ids, attention_mask))

@@ -2,9 +2,9 @@
 
 Encoder input:  [BOS] tok(text)[:budget] tok("\\n" + instruction + "\\n") <EMBED0>..<EMBED{k-1}>
                 right-padded, so the k EMBED tokens sit right after each row's last real token.
-Decoder target: tok(target)[:max_target_len] [EOS]; the decoder reads
-                [e_1..e_k ; word embeddings of target+EOS] and labels are -100 on the k
-                compressed positions, i.e. position k-1+t predicts target token t.
+Decoder input:  [BOS] e_1..e_k tok(target)[:max_target_len] [EOS] as embeddings, the BOS only with
+                ``model.decoder_bos`` (``decoder_layout``); labels are -100 on the prefix, i.e.
+                position prefix-1+t predicts target token t.
 """
 from __future__ import annotations
 
@@ -79,6 +79,25 @@ class TextEncoder:
     def encode_targets(self, targets: list[str]) -> dict:
         ids, mask = self.pad([self.target_ids(t) for t in targets])
         return {"target_ids": ids, "target_mask": mask}
+
+
+@dataclass
+class DecoderLayout:
+    """Where the compressed tokens go in the decoder's input, and what each position predicts."""
+
+    ids: torch.Tensor  # [BOS] + target ids: embedded in one call, e_1..e_k spliced in after n_bos
+    n_bos: int
+    attention_mask: torch.Tensor  # [S, n_bos + k + T]
+    labels: torch.Tensor  # [S, n_bos + k + T], IGNORE_INDEX where nothing is predicted
+
+
+def decoder_layout(target_ids: torch.Tensor, target_mask: torch.Tensor, k: int, bos_id: int | None) -> DecoderLayout:
+    """The decoder reads [BOS] e_1..e_k target+EOS (no BOS when ``bos_id`` is None)."""
+    n_bos = 0 if bos_id is None else 1
+    ids = torch.nn.functional.pad(target_ids, (n_bos, 0), value=bos_id if n_bos else 0)
+    prefix = n_bos + k
+    ones = torch.ones((target_ids.shape[0], prefix), dtype=target_mask.dtype, device=target_mask.device)
+    return DecoderLayout(ids, n_bos, torch.cat([ones, target_mask], dim=1), decoder_labels(target_ids, target_mask, prefix))
 
 
 def decoder_labels(target_ids: torch.Tensor, target_mask: torch.Tensor, k: int) -> torch.Tensor:

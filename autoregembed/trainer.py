@@ -8,6 +8,7 @@ eval      -> STS Spearman of an export
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -25,7 +26,7 @@ from .data import StepSampler, load_rows, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
-from .loading import build_tiny_base, load_model, resolve_attn, resolve_dtype
+from .loading import build_tiny_base, hf_zero3_config, load_model, resolve_attn, resolve_dtype
 from .plan import Arch
 from .refscores import ReferenceScores, fingerprint, save_scores
 from .runlock import RunLock, RunLockError
@@ -81,9 +82,10 @@ class Session:
     """One model on one DeepSpeed engine for one stage."""
 
     def __init__(self, cfg: Config, stage: str, ds_path, encoder_path: str, train: bool,
-                 norm_scale: torch.Tensor | None = None):
+                 norm_scale: torch.Tensor | None = None, resume: checkpoint.Resume | None = None):
         """norm_scale: per-dimension factors for the encoder's final norm, applied before the
-        optimizer copies the weights (see decoder_scale.py)."""
+        optimizer copies the weights (see decoder_scale.py).  resume: the checkpoint this engine
+        will load (its DeepSpeed settings enter the config)."""
         import deepspeed
 
         self.cfg, self.stage = cfg, stage
@@ -92,6 +94,8 @@ class Session:
         dtype = resolve_dtype(cfg.model.dtype)
         self.ds = build_ds_config(ds_path, self.optim, D.world_size(), _arch(self.base), dtype,
                                   D.local_world_size())
+        for key, value in (resume.ds_settings() if resume else {}).items():
+            self.ds[key] = {**self.ds.get(key, {}), **value}
         if not train and zero_stage(self.ds) in (1, 2):
             # ZeRO-1/2 shard only optimizer state and gradients, and DeepSpeed refuses them
             # without an optimizer: a forward-only session runs unsharded
@@ -100,10 +104,12 @@ class Session:
         m = cfg.model
         lora = (dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets)
                 if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
+        self._zero3 = contextlib.ExitStack()  # the session's lifetime: closed in close()
+        self._zero3.enter_context(hf_zero3_config(self.ds))
         self.model, self.tokenizer = load_model(encoder_path, self.base, cfg.model.num_embed_tokens, dtype,
                                                 resolve_attn(cfg.model.attn_implementation),
                                                 gradient_checkpointing=train and cfg.model.gradient_checkpointing,
-                                                loss=loss_settings(cfg), ds_config=self.ds, lora=lora,
+                                                loss=loss_settings(cfg), lora=lora,
                                                 decoder_bos=cfg.model.decoder_bos, scorer=cfg.model.scorer)
         if norm_scale is not None:
             rescale_final_norm(self.model.encoder, norm_scale)
@@ -137,13 +143,10 @@ class Session:
         return out_dir
 
     def close(self):
-        """Release the engine; also forget the ZeRO-3 config, or later from_pretrained calls
-        in this process (e.g. evaluation) would build partitioned models."""
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
+        """Release the engine and leave ``hf_zero3_config``."""
         self.engine.destroy()
         del self.engine, self.model
-        unset_hf_deepspeed_config()
+        self._zero3.close()
         gc.collect()
 
 
@@ -219,16 +222,16 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
         refs.check_all(rows, cfg.data.stage2)  # before any model loads
     if not resume:
         _set_aside_earlier_run(cfg, stage)
+    ckpt_dir = cfg.checkpoint_dir(stage)
+    resume_from = checkpoint.find_resume(ckpt_dir, log=lambda m: log(f"{stage}: {m}")) if resume else None
     s = Session(cfg, stage, ds_path, encoder_path, train=True,
-                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path, rows))
+                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path, rows), resume=resume_from)
     o = s.optim
     sampler = StepSampler(len(rows), o.micro_batch_size, o.gradient_accumulation_steps, D.world_size(), cfg.seed)
-    ckpt_dir = cfg.checkpoint_dir(stage)
     start = 0
     if resume:
-        state = checkpoint.load_latest(s.engine, ckpt_dir, log=lambda m: log(f"{stage}: {m}"))
-        if state is not None:
-            start = state["step"]
+        if resume_from is not None:
+            start = checkpoint.load(s.engine, resume_from, log=lambda m: log(f"{stage}: {m}"))["step"]
         _truncate_metrics(cfg, stage, start)
     end = o.max_steps if stop_after is None else min(o.max_steps, stop_after)
     stage_dir = cfg.stage_dir(stage)
@@ -275,10 +278,12 @@ def export_stage(cfg: Config, ds_path) -> str:
     """Consolidate the latest checkpoint of ``paths.export_from`` into its export folder."""
     stage = cfg.paths.export_from
     encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
-    s = Session(cfg, stage, ds_path, encoder_path, train=True,
-                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path))
-    if checkpoint.load_latest(s.engine, cfg.checkpoint_dir(stage), log=lambda m: log(f"export: {m}")) is None:
+    resume = checkpoint.find_resume(cfg.checkpoint_dir(stage), log=lambda m: log(f"export: {m}"))
+    if resume is None:
         raise FileNotFoundError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint to export")
+    s = Session(cfg, stage, ds_path, encoder_path, train=True,
+                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path), resume=resume)
+    checkpoint.load(s.engine, resume, log=lambda m: log(f"export: {m}"))
     out = s.export(cfg.export_dir(stage))
     s.close()
     return out

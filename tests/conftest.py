@@ -10,12 +10,15 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+TIERS = ("distributed", "cluster", "gpu")  # pyproject.toml; a test with none of them is "unit"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs a CUDA device (tests/test_kernel_ptx.py checks the kernels offline)")
     for item in items:
-        if "gpu" in item.keywords:
+        if not any(t in item.keywords for t in TIERS):
+            item.add_marker(pytest.mark.unit)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
 
 

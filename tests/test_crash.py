@@ -9,6 +9,8 @@ import time
 import pytest
 from conftest import child_env, free_port
 
+pytestmark = pytest.mark.distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "crash_worker.py")
 ENV = child_env()

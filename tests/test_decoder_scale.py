@@ -87,6 +87,7 @@ D.shutdown()
 """
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_trainer_rescales_once_before_stage1_under_zero3(tmp_path, ranks):
     """With a zero learning rate the exported stage-1 norm is the base norm times the factors

@@ -11,6 +11,8 @@ from safetensors import safe_open
 from conftest import child_env, free_port
 from dist_worker import TEXTS
 
+pytestmark = pytest.mark.distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
 

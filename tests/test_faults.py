@@ -12,6 +12,8 @@ import pytest
 
 from conftest import child_env
 
+pytestmark = pytest.mark.distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["stage1.micro_batch_size=4", "stage1.warmup_steps=0", "model.match_decoder_scale=false", "stage=stage1"]
 BASE = {}  # the session's tiny base model, shared by every run here (building one per run doubles the time)

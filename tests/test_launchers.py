@@ -12,6 +12,8 @@ import pytest
 from conftest import child_env, free_port
 from local_cluster import LocalSlurm, Unavailable
 
+pytestmark = pytest.mark.cluster
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The stage scripts ask for 8 GPUs and 64 CPUs per node; this 2-CPU loopback cluster has no GPUs
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]

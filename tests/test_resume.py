@@ -9,6 +9,8 @@ import torch
 
 from conftest import child_env
 
+pytestmark = pytest.mark.distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PREAMBLE = """

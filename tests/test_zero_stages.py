@@ -3,6 +3,9 @@ import os
 import subprocess
 import sys
 from conftest import child_env
+import pytest
+
+pytestmark = pytest.mark.distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
