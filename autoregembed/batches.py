@@ -1,43 +1,77 @@
-"""Rows -> model inputs for each stage (tokenisation follows tokenization.py)."""
+"""Rows -> typed model inputs, one type per kind of decoder pass (tokenisation follows tokenization.py).
+
+NamedTuples, so DeepSpeed's ZeRO-3 hooks see the tensors inside them (they walk tuples).
+"""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from .tokenization import TextEncoder
 
 
+class CompressionBatch(NamedTuple):
+    """Stage 1 (and the final-norm calibration): texts to compress and the targets to rebuild."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target_ids: torch.Tensor
+    target_mask: torch.Tensor
+
+
+class CandidateBatch(NamedTuple):
+    """Queries as encoder inputs; each query's positive and every negative as decoder targets
+    (``owner[i]``: the query of negative i).  Reference scoring scores exactly this."""
+
+    q_input_ids: torch.Tensor
+    q_attention_mask: torch.Tensor
+    pos_ids: torch.Tensor
+    pos_mask: torch.Tensor
+    neg_ids: torch.Tensor
+    neg_mask: torch.Tensor
+    owner: torch.Tensor
+
+
+class AlignmentBatch(NamedTuple):
+    """Stage 2: the candidates, the positives as encoder inputs too (for c_p), and the stage-1
+    reference values ref_c [B] and ref_r [N] of c_q and r."""
+
+    candidates: CandidateBatch
+    p_input_ids: torch.Tensor
+    p_attention_mask: torch.Tensor
+    ref_c: torch.Tensor
+    ref_r: torch.Tensor
+
+
 def limit_negatives(row: dict, max_negatives: int | None) -> dict:
     return row if max_negatives is None else {**row, "neg": row["neg"][:max_negatives]}
 
 
-def stage1_batch(rows: list[dict], te: TextEncoder) -> dict:
+def compression_batch(rows: list[dict], te: TextEncoder) -> CompressionBatch:
     enc = te.encode_inputs([r["context"] for r in rows], [r["instruction"] for r in rows])
-    return {**enc, **te.encode_targets([r["output"] for r in rows])}
+    tgt = te.encode_targets([r["output"] for r in rows])
+    return CompressionBatch(enc["input_ids"], enc["attention_mask"], tgt["target_ids"], tgt["target_mask"])
 
 
-def candidates_batch(rows: list[dict], te: TextEncoder, with_positive_inputs: bool) -> dict:
-    """Queries (and positives, for stage 2) as encoder inputs; every positive/negative as a target."""
+def candidate_batch(rows: list[dict], te: TextEncoder) -> CandidateBatch:
     q = te.encode_inputs([r["query"] for r in rows], [r["instruction"] for r in rows])
     pos = te.encode_targets([r["pos"] for r in rows])
     negs = te.encode_targets([n for r in rows for n in r["neg"]])
     owner = torch.tensor([i for i, r in enumerate(rows) for _ in r["neg"]], dtype=torch.long)
-    batch = {"q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
-             "p_input_ids": None, "p_attention_mask": None,
-             "pos_ids": pos["target_ids"], "pos_mask": pos["target_mask"],
-             "neg_ids": negs["target_ids"], "neg_mask": negs["target_mask"], "owner": owner}
-    if with_positive_inputs:
-        p = te.encode_inputs([r["pos"] for r in rows], [r["instruction"] for r in rows])
-        batch["p_input_ids"], batch["p_attention_mask"] = p["input_ids"], p["attention_mask"]
-    return batch
+    return CandidateBatch(q["input_ids"], q["attention_mask"], pos["target_ids"], pos["target_mask"],
+                          negs["target_ids"], negs["target_mask"], owner)
 
 
-def stage2_batch(rows: list[dict], te: TextEncoder, refs) -> dict:
-    batch = candidates_batch(rows, te, with_positive_inputs=True)
+def alignment_batch(rows: list[dict], te: TextEncoder, refs) -> AlignmentBatch:
+    """``refs.lookup(row)`` gives (ref log p(pos|e_q), [ref log p(neg_i|e_q)]) (refscores.ReferenceScores)."""
+    p = te.encode_inputs([r["pos"] for r in rows], [r["instruction"] for r in rows])
     looked_up = [refs.lookup(r) for r in rows]
-    batch["ref_c"] = torch.tensor([c for c, _ in looked_up], dtype=torch.float32)
-    batch["ref_r"] = torch.tensor([v for _, rs in looked_up for v in rs], dtype=torch.float32)
-    return batch
+    return AlignmentBatch(candidate_batch(rows, te), p["input_ids"], p["attention_mask"],
+                          torch.tensor([c for c, _ in looked_up], dtype=torch.float32),
+                          torch.tensor([v for _, rs in looked_up for v in rs], dtype=torch.float32))
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+def to_device(batch, device):
+    """The same batch type with every tensor on ``device``."""
+    return type(batch)(*(to_device(v, device) if isinstance(v, tuple) else v.to(device) for v in batch))

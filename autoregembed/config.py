@@ -141,8 +141,6 @@ class Config:
         """What ``stage`` runs, in order."""
         return ("stage1", "reference", "stage2", "eval") if self.stage == "pipeline" else (self.stage,)
 
-    def optim(self, stage: str) -> OptimConfig:
-        return self.stage2 if stage == "stage2" else self.stage1
 
 
 def _coerce(value, tp, key: str):
@@ -353,7 +351,7 @@ def check_runtime(cfg: Config, world_size: int):
         raise ConfigError(f"key 'paths.stage1_model': no stage-1 export at {cfg.stage1_model_dir}; run stage1 "
                           f"first or point paths.stage1_model at one")
     for name in ("stage1", "stage2"):
-        o = cfg.optim(name)
+        o = getattr(cfg, name)
         product = o.micro_batch_size * o.gradient_accumulation_steps * world_size
         if o.global_batch_size is not None and o.global_batch_size != product:
             raise ConfigError(

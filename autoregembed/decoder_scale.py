@@ -46,13 +46,13 @@ def calibration_indices(n_total: int, n_rows: int, seed: int) -> list[int]:
 def scale_factors(model, batches) -> torch.Tensor:
     """Per-dimension rms(decoder word embeddings) / rms(compressed states), fp32 [D].
 
-    model: an ``AutoRegEmbedModel``; batches: stage-1 batches (``batches.stage1_batch``).
+    model: an ``AutoRegEmbedModel``; batches: ``batches.CompressionBatch`` objects.
     The word-embedding RMS is over the decoder's whole vocabulary (a frequency-weighted RMS was
     tried and trained worse: docs/experiments.md).
     """
     e_sq, n_e = None, 0
     for b in batches:
-        e = model.compress(b["input_ids"], b["attention_mask"]).float().flatten(0, 1)
+        e = model.compress(b.input_ids, b.attention_mask).float().flatten(0, 1)
         e_sq = e.pow(2).sum(0) + (0 if e_sq is None else e_sq)
         n_e += e.shape[0]
     if not n_e:

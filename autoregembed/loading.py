@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from . import distributed as D
 from .atomic import atomic_dir
 from .data import records
 from .lora import add_lora
@@ -149,7 +150,7 @@ def hf_zero3_config(ds_config: dict):
 
 
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
-               gradient_checkpointing: bool = False, loss: dict | None = None,
+               gradient_checkpointing: bool = False,
                lora: dict | None = None, decoder_bos: bool = False, scorer: str = "auto"):
     """Return (AutoRegEmbedModel, tokenizer).
 
@@ -178,7 +179,17 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
         gc = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
         encoder.gradient_checkpointing_enable(**gc)
         decoder.gradient_checkpointing_enable(**gc)
-    model = AutoRegEmbedModel(encoder, decoder, k, **(loss or {}),
+    model = AutoRegEmbedModel(encoder, decoder, k,
                               decoder_bos_id=tokenizer.bos_token_id if decoder_bos else None, scorer=scorer)
     return model, tokenizer
+
+
+def prepare_base(cfg) -> str:
+    """The base causal LM folder; the tiny default is built (once, by rank 0) on first use."""
+    if cfg.model.base == "tiny":
+        if D.rank() == 0:
+            build_tiny_base(cfg.base_model_dir, [cfg.data.stage1, cfg.data.stage2],
+                            hidden_size=cfg.model.tiny_hidden_size, layers=cfg.model.tiny_layers, seed=cfg.seed)
+        D.barrier()
+    return cfg.base_model_dir
 

@@ -1,5 +1,11 @@
-"""AutoRegEmbed training objectives on per-sequence log-likelihoods."""
+"""AutoRegEmbed training objectives on per-sequence log-likelihoods.
+
+Each objective is a component: configured once from ``cfg.loss`` (the stage table, stages.py), then
+called on the model's result and the batch.  A new variant is one class here and one config key.
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -48,3 +54,30 @@ def alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, beta: float = 0.1, tau: flo
         raise ValueError("every query needs at least one negative")
     per_query = torch.zeros_like(c_q).index_add(0, owner, per_pair) / counts
     return per_query.mean()
+
+
+class CompressionLoss:
+    """Stage 1 on a ``model.Reconstruction``."""
+
+    def __call__(self, out, batch) -> torch.Tensor:
+        return compression_loss(out.logp, out.n_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentLoss:
+    """Stage 2 on ``model.CandidateScores`` and an ``AlignmentBatch`` (its reference values);
+    the settings are ``alignment_loss``'s."""
+
+    beta: float = 0.1
+    tau: float = 0.1
+    reference_sign: str = "paper"
+    detach_positive: bool = False
+
+    def __post_init__(self):
+        if self.reference_sign not in ("paper", "code"):
+            raise ValueError(f"reference_sign must be 'paper' or 'code', got {self.reference_sign!r}")
+
+    def __call__(self, out, batch) -> torch.Tensor:
+        return alignment_loss(out.c_q, out.c_p, out.r, out.owner, batch.ref_c, batch.ref_r, self.beta, self.tau,
+                              self.reference_sign, self.detach_positive)
+

@@ -7,12 +7,14 @@ hidden states go through ``sequence_logprobs`` (see logprobs.py).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import AlignmentBatch, CandidateBatch, CompressionBatch
 from .logprobs import sequence_logprobs
-from .losses import alignment_loss, compression_loss
 from .tokenization import decoder_layout
 
 
@@ -53,9 +55,27 @@ class LogprobHead(nn.Module):
         return sequence_logprobs(hidden, self.weight, labels, self.scorer)
 
 
+class Reconstruction(NamedTuple):
+    """Stage 1's result: summed log p(target | e) per row and the number of target tokens scored."""
+
+    logp: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+class CandidateScores(NamedTuple):
+    """c_q [B] = log p(pos | e_q), r [N] = log p(neg_i | e_q) with owner [N] the query of each
+    negative, and c_p [B] = log p(pos | e_pos) when the positives were encoded too (stage 2)."""
+
+    c_q: torch.Tensor
+    r: torch.Tensor
+    owner: torch.Tensor
+    c_p: torch.Tensor | None = None
+
+
 class AutoRegEmbedModel(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, k: int, beta: float = 0.1, tau: float = 0.1,
-                 reference_sign: str = "paper", detach_positive: bool = False, decoder_bos_id: int | None = None,
+    """Compresses and scores; the objectives live in losses.py and take this module's results."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, k: int, decoder_bos_id: int | None = None,
                  scorer: str = "auto"):
         """encoder: a base transformer (e.g. LlamaModel) returning last_hidden_state.
         decoder: the frozen causal LM (its parameters are frozen here).
@@ -70,7 +90,6 @@ class AutoRegEmbedModel(nn.Module):
         self.decoder = decoder
         self.k = k
         self.decoder_bos_id = decoder_bos_id
-        self.beta, self.tau, self.reference_sign, self.detach_positive = beta, tau, reference_sign, detach_positive
         for p in decoder.parameters():
             p.requires_grad_(False)
         self.head = LogprobHead(decoder, scorer)
@@ -96,50 +115,32 @@ class AutoRegEmbedModel(nn.Module):
     def embed(self, input_ids, attention_mask) -> torch.Tensor:
         return pool_embedding(self.compress(input_ids, attention_mask))
 
-    # ---- objectives (what the DeepSpeed engine calls) ----------------------------------
-    def forward(self, stage: str, **batch):
-        if stage == "stage1":
-            return self.stage1_loss(**batch)
-        if stage == "stage2":
-            return self.stage2_loss(**batch)
-        if stage == "reference":  # through the engine too, so ZeRO-3 prefetches as in training
-            return self.candidate_scores(**batch)
-        raise ValueError(f"unknown stage {stage!r}")
+    # ---- one forward per batch type (the engine calls this, so ZeRO-3 gathers and prefetches) --
+    def forward(self, batch: CompressionBatch | CandidateBatch | AlignmentBatch):
+        if isinstance(batch, CompressionBatch):
+            logp = self.score(self.compress(batch.input_ids, batch.attention_mask), batch.target_ids, batch.target_mask)
+            return Reconstruction(logp, batch.target_mask.sum())
+        if isinstance(batch, AlignmentBatch):
+            return self.candidate_scores(batch.candidates, (batch.p_input_ids, batch.p_attention_mask))
+        if isinstance(batch, CandidateBatch):
+            return self.candidate_scores(batch)
+        raise TypeError(f"no forward for a {type(batch).__name__}")
 
-    def stage1_loss(self, input_ids, attention_mask, target_ids, target_mask):
-        logp = self.score(self.compress(input_ids, attention_mask), target_ids, target_mask)
-        return compression_loss(logp, target_mask.sum())
-
-    def candidate_scores(self, q_input_ids, q_attention_mask, p_input_ids, p_attention_mask,
-                         pos_ids, pos_mask, neg_ids, neg_mask, owner):
-        """One encoder pass over queries+positives and one decoder pass over every candidate.
-
-        Returns c_q = log p(pos|e_q), c_p = log p(pos|e_pos) (None when no positives are
-        given) and r = log p(neg_i|e_q) for every negative.
-        """
-        b = q_input_ids.shape[0]
-        with_pos = p_input_ids is not None
-        if with_pos:
-            ids, mask = _stack_padded([q_input_ids, p_input_ids], [q_attention_mask, p_attention_mask])
+    def candidate_scores(self, batch: CandidateBatch, positives: tuple | None = None) -> CandidateScores:
+        """One encoder pass over the queries (and ``positives`` = (input_ids, attention_mask), when
+        given) and one decoder pass over every candidate."""
+        b = batch.q_input_ids.shape[0]
+        if positives is not None:
+            ids, mask = _stack_padded([batch.q_input_ids, positives[0]], [batch.q_attention_mask, positives[1]])
             comp = self.compress(ids, mask)
-            e_q, e_p = comp[:b], comp[b:]
+            e_q, conds = comp[:b], [comp[:b], comp[b:]]
         else:
-            e_q = self.compress(q_input_ids, q_attention_mask)
-        conds = [e_q] + ([e_p] if with_pos else []) + [e_q[owner]]
-        targets, tmasks = ([pos_ids] + ([pos_ids] if with_pos else []) + [neg_ids],
-                           [pos_mask] + ([pos_mask] if with_pos else []) + [neg_mask])
-        t_ids, t_mask = _stack_padded(targets, tmasks)
-        logp = self.score(torch.cat(conds), t_ids, t_mask)
-        c_q = logp[:b]
-        c_p = logp[b : 2 * b] if with_pos else None
-        return c_q, c_p, logp[(2 if with_pos else 1) * b :]
-
-    def stage2_loss(self, q_input_ids, q_attention_mask, p_input_ids, p_attention_mask,
-                    pos_ids, pos_mask, neg_ids, neg_mask, owner, ref_c, ref_r):
-        c_q, c_p, r = self.candidate_scores(q_input_ids, q_attention_mask, p_input_ids, p_attention_mask,
-                                            pos_ids, pos_mask, neg_ids, neg_mask, owner)
-        return alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, self.beta, self.tau, self.reference_sign,
-                              self.detach_positive)
+            e_q = self.compress(batch.q_input_ids, batch.q_attention_mask)
+            conds = [e_q]
+        n_pos = len(conds)  # the positive, given e_q (and e_p)
+        t_ids, t_mask = _stack_padded([batch.pos_ids] * n_pos + [batch.neg_ids], [batch.pos_mask] * n_pos + [batch.neg_mask])
+        logp = self.score(torch.cat(conds + [e_q[batch.owner]]), t_ids, t_mask)
+        return CandidateScores(logp[:b], logp[n_pos * b :], batch.owner, logp[b : 2 * b] if positives is not None else None)
 
 
 def _stack_padded(ids_list, mask_list):

@@ -9,7 +9,6 @@ eval      -> STS Spearman of an export
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import os
@@ -19,38 +18,24 @@ import torch
 
 from . import checkpoint, preemption
 from . import distributed as D
-from .batches import candidates_batch, limit_negatives, stage1_batch, stage2_batch, to_device
+from .batches import compression_batch, to_device
 from .atomic import atomic_write_text
 from .config import Config, check_runtime
-from .data import StepSampler, load_rows, row_key
+from .data import StepSampler, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
-from .loading import build_tiny_base, hf_zero3_config, load_model, resolve_attn, resolve_dtype
+from .loading import hf_zero3_config, load_model, prepare_base, resolve_attn, resolve_dtype
 from .plan import Arch
 from .refscores import ReferenceScores, fingerprint, save_scores
 from .runlock import RunLock, RunLockError
+from .stages import STAGES
 from .tokenization import TextEncoder
 
 
 def log(msg: str):
     if D.rank() == 0:
         print(f"[autoregembed] {msg}", flush=True)
-
-
-def prepare_base(cfg: Config) -> str:
-    """The base causal LM folder; the tiny default is built (once, by rank 0) on first use."""
-    if cfg.model.base == "tiny":
-        if D.rank() == 0:
-            build_tiny_base(cfg.base_model_dir, [cfg.data.stage1, cfg.data.stage2],
-                            hidden_size=cfg.model.tiny_hidden_size, layers=cfg.model.tiny_layers, seed=cfg.seed)
-        D.barrier()
-    return cfg.base_model_dir
-
-
-def loss_settings(cfg: Config) -> dict:
-    """The ``loss.*`` keys as AutoRegEmbedModel's keyword arguments."""
-    return dataclasses.asdict(cfg.loss)
 
 
 def reference_fingerprint(cfg: Config, decoder_dir: str) -> str:
@@ -90,7 +75,7 @@ class Session:
 
         self.cfg, self.stage = cfg, stage
         self.base = prepare_base(cfg)
-        self.optim = cfg.optim(stage)
+        self.optim = STAGES[stage].settings(cfg)
         dtype = resolve_dtype(cfg.model.dtype)
         self.ds = build_ds_config(ds_path, self.optim, D.world_size(), _arch(self.base), dtype,
                                   D.local_world_size())
@@ -109,7 +94,7 @@ class Session:
         self.model, self.tokenizer = load_model(encoder_path, self.base, cfg.model.num_embed_tokens, dtype,
                                                 resolve_attn(cfg.model.attn_implementation),
                                                 gradient_checkpointing=train and cfg.model.gradient_checkpointing,
-                                                loss=loss_settings(cfg), lora=lora,
+                                                lora=lora,
                                                 decoder_bos=cfg.model.decoder_bos, scorer=cfg.model.scorer)
         if norm_scale is not None:
             rescale_final_norm(self.model.encoder, norm_scale)
@@ -161,10 +146,11 @@ def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[di
     """Final-norm factors for stage 1, measured on ``n_rows`` of its rows drawn with the run's
     seed (not the first rows: files are often sorted by source), so every rank and every
     resumed run measures the same rows and gets the same factors."""
-    s = Session(cfg, "calibrate", ds_path, encoder_path, train=False)
+    s = Session(cfg, "stage1", ds_path, encoder_path, train=False)
     sample = [rows[i] for i in calibration_indices(len(rows), n_rows, cfg.seed)]
     bs = cfg.stage1.micro_batch_size
-    batches = (to_device(stage1_batch(sample[i : i + bs], s.text_encoder), s.device) for i in range(0, len(sample), bs))
+    batches = (to_device(compression_batch(sample[i : i + bs], s.text_encoder), s.device)
+               for i in range(0, len(sample), bs))
     factors = scale_factors(s.engine.module, batches)
     s.close()
     log(f"stage1: final-norm scale to the decoder's word embeddings: median {factors.median():.4g} "
@@ -176,9 +162,9 @@ def _norm_scale(cfg: Config, stage: str, ds_path, encoder_path: str, rows: list[
     """The stage-1 final-norm factors, or None.  Measured whenever a stage-1 engine is built,
     resumed or re-exported runs included: the same base and rows give the same factors, and a
     frozen norm (LoRA) is not in the checkpoint that then overwrites everything trainable."""
-    if stage != "stage1" or not cfg.model.match_decoder_scale:
+    if not STAGES[stage].rescales_norm or not cfg.model.match_decoder_scale:
         return None
-    return measure_decoder_scale(cfg, ds_path, encoder_path, rows or load_rows(cfg.data.stage1, stage=1))
+    return measure_decoder_scale(cfg, ds_path, encoder_path, rows or STAGES[stage].rows(cfg))
 
 
 def _set_aside_earlier_run(cfg: Config, stage: str):
@@ -209,17 +195,17 @@ def _truncate_metrics(cfg: Config, stage: str, step: int):
 
 def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_after: int | None = None,
                 on_done=None) -> str:
-    """Train stage1 or stage2; export at the end.  ``stop_after`` ends early (after a
+    """Train a training stage of ``STAGES``; export at the end.  ``stop_after`` ends early (after a
     checkpoint); ``on_done(session)`` runs on every rank before the engine is released."""
-    encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
+    st = STAGES[stage]
+    encoder_path = st.input_model(cfg)
+    rows = st.rows(cfg)
     refs = None
-    if stage == "stage1":
-        rows = load_rows(cfg.data.stage1, stage=1)
-    else:
-        rows = [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
+    if st.needs_references:
         fp = reference_fingerprint(cfg, prepare_base(cfg))
         refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
-        refs.check_all(rows, cfg.data.stage2)  # before any model loads
+        refs.check_all(rows, st.data_file(cfg))  # before any model loads
+    loss_fn = st.loss(cfg)
     if not resume:
         _set_aside_earlier_run(cfg, stage)
     ckpt_dir = cfg.checkpoint_dir(stage)
@@ -244,11 +230,8 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
         total = 0.0
         for micro in range(o.gradient_accumulation_steps):
             batch_rows = [rows[i] for i in sampler.indices(step, micro, D.rank())]
-            if stage == "stage1":
-                batch = stage1_batch(batch_rows, s.text_encoder)
-            else:
-                batch = stage2_batch(batch_rows, s.text_encoder, refs)
-            loss = s.engine(stage=stage, **to_device(batch, s.device))
+            batch = to_device(st.make_batch(batch_rows, s.text_encoder, refs), s.device)
+            loss = loss_fn(s.engine(batch), batch)
             s.engine.backward(loss)
             s.engine.step()
             total += loss.item() / o.gradient_accumulation_steps
@@ -277,7 +260,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
 def export_stage(cfg: Config, ds_path) -> str:
     """Consolidate the latest checkpoint of ``paths.export_from`` into its export folder."""
     stage = cfg.paths.export_from
-    encoder_path = prepare_base(cfg) if stage == "stage1" else cfg.stage1_model_dir
+    encoder_path = STAGES[stage].input_model(cfg)
     resume = checkpoint.find_resume(cfg.checkpoint_dir(stage), log=lambda m: log(f"export: {m}"))
     if resume is None:
         raise FileNotFoundError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint to export")
@@ -293,11 +276,12 @@ def export_stage(cfg: Config, ds_path) -> str:
 def score_references(cfg: Config, ds_path) -> str | None:
     """Every rank scores its share of the stage-2 rows; rank 0 writes the file.  None: stopped
     on request before the end (PREEMPTED written; nothing partial is kept)."""
-    rows = [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
+    st = STAGES["reference"]
+    rows = st.rows(cfg)
     fp = reference_fingerprint(cfg, prepare_base(cfg))
-    s = Session(cfg, "reference", ds_path, cfg.stage1_model_dir, train=False)
+    s = Session(cfg, st.name, ds_path, st.input_model(cfg), train=False)
     mine = rows[D.rank() :: D.world_size()]
-    bs = cfg.stage2.micro_batch_size
+    bs = s.optim.micro_batch_size
     n_batches = -(-len(rows) // (bs * D.world_size()))  # the same count on every rank (ZeRO-3 gathers are collective)
     results = []
     stage_dir = cfg.stage_dir("reference")
@@ -311,11 +295,10 @@ def score_references(cfg: Config, ds_path) -> str | None:
         chunk = mine[b * bs : (b + 1) * bs]
         real = len(chunk)
         chunk = chunk or rows[:1]  # a rank with nothing left still takes part in the collectives
-        batch = to_device(candidates_batch(chunk, s.text_encoder, with_positive_inputs=False), s.device)
-        c_q, _, r = s.engine(stage="reference", **batch)
-        owner = batch["owner"].tolist()
+        scores = s.engine(to_device(st.make_batch(chunk, s.text_encoder, None), s.device))
+        owner = scores.owner.tolist()
         for i, row in enumerate(chunk[:real]):
-            results.append((row_key(row), [c_q[i].item()] + [r[j].item() for j, o in enumerate(owner) if o == i]))
+            results.append((row_key(row), [scores.c_q[i].item()] + [scores.r[j].item() for j, o in enumerate(owner) if o == i]))
     gathered = D.all_gather_objects(results)
     path = cfg.reference_scores_path
     if D.rank() == 0:
@@ -340,10 +323,9 @@ def evaluate(cfg: Config, model_dir: str) -> float:
 def _validate_data(cfg: Config):
     """Every row the stages will read, checked (file:line:field) before any model is built; the
     tiny default's base model alone takes minutes to build."""
-    if "stage1" in cfg.stages():
-        load_rows(cfg.data.stage1, stage=1)
-    if {"reference", "stage2"} & set(cfg.stages()):
-        load_rows(cfg.data.stage2, stage=2)
+    for stage in cfg.stages():
+        if stage in STAGES:
+            STAGES[stage].rows(cfg)
 
 
 def _lock_output_dir(cfg: Config) -> RunLock | None:

@@ -239,7 +239,8 @@ def _step_flops(n_layer_params: int, head_params: int, enc_tokens: int, dec_toke
 
 def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str | None = None) -> list[dict]:
     from autoregembed import distributed as D
-    from autoregembed.batches import stage1_batch, stage2_batch, to_device
+    from autoregembed.batches import AlignmentBatch, to_device
+    from autoregembed.stages import STAGES
     from autoregembed.config import load_config
     from autoregembed.data import load_rows
     from autoregembed.plan import Arch
@@ -272,23 +273,23 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
     out = []
     for stage in ("stage1", "stage2"):
         s = Session(cfg, stage, ds, base, train=True)
-        mb = micro[stage]
+        st, mb = STAGES[stage], micro[stage]
+        loss_fn = st.loss(cfg)
 
         def batch(i):
             rows = (s1_rows if stage == "stage1" else s2_rows)[i * mb : (i + 1) * mb]
-            b = stage1_batch(rows, s.text_encoder) if stage == "stage1" else \
-                stage2_batch(rows, s.text_encoder, ConstantReferences())
-            return to_device(b, s.device)
+            return to_device(st.make_batch(rows, s.text_encoder, ConstantReferences()), s.device)
 
         def counts(b):
-            if stage == "stage1":
-                enc = int(b["attention_mask"].sum())
-                dec = int(b["target_mask"].sum()) + b["target_mask"].shape[0] * cfg.model.num_embed_tokens
-                return enc, dec, int(b["target_mask"].sum())
-            enc = int(b["q_attention_mask"].sum() + b["p_attention_mask"].sum())
-            n_seq = 2 * b["pos_mask"].shape[0] + b["neg_mask"].shape[0]
-            scored = int(2 * b["pos_mask"].sum() + b["neg_mask"].sum())
-            return enc, scored + n_seq * cfg.model.num_embed_tokens, scored
+            k = cfg.model.num_embed_tokens
+            if not isinstance(b, AlignmentBatch):
+                return int(b.attention_mask.sum()), int(b.target_mask.sum()) + b.target_mask.shape[0] * k, \
+                    int(b.target_mask.sum())
+            c = b.candidates
+            enc = int(c.q_attention_mask.sum() + b.p_attention_mask.sum())
+            n_seq = 2 * c.pos_mask.shape[0] + c.neg_mask.shape[0]
+            scored = int(2 * c.pos_mask.sum() + c.neg_mask.sum())
+            return enc, scored + n_seq * k, scored
 
         losses, flops, tokens = [], 0.0, 0
         warm = 1 if smoke else 2
@@ -299,7 +300,7 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
                 _sync(torch)
                 t0 = time.perf_counter()
             b = batch(i)
-            loss = s.engine(stage=stage, **b)
+            loss = loss_fn(s.engine(b), b)
             s.engine.backward(loss)
             s.engine.step()
             losses.append(loss.item())
@@ -315,7 +316,7 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
             with profile(activities=acts) as prof:
                 b = batch(warm + steps)
-                s.engine.backward(s.engine(stage=stage, **b))
+                s.engine.backward(loss_fn(s.engine(b), b))
                 s.engine.step()
                 _sync(torch)
             table = prof.key_averages()
@@ -326,9 +327,9 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
         # one batch, no update: the loss with the Triton row kernel vs with PyTorch's row operations
         b = batch(0)
         with torch.no_grad():
-            kernel_loss = s.engine(stage=stage, **b).item()
+            kernel_loss = loss_fn(s.engine(b), b).item()
             s.engine.module.head.scorer = "torch"
-            torch_loss = s.engine(stage=stage, **b).item()
+            torch_loss = loss_fn(s.engine(b), b).item()
         name = _device_name(torch)
         peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         row = {"stage": stage, "layers": shape["layers"], "hidden": shape["hidden"], "vocab": shape["vocab"],

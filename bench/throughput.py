@@ -49,18 +49,19 @@ def _rows(n_queries: int, negatives: int):
 def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -> dict:
     import torch
 
-    from autoregembed.batches import stage2_batch
+    from autoregembed.batches import alignment_batch
     from autoregembed.loading import load_model
+    from autoregembed.losses import AlignmentLoss
     from autoregembed.model import AutoRegEmbedModel
-    from autoregembed.tokenization import TextEncoder, decoder_labels
+    from autoregembed.tokenization import TextEncoder, decoder_layout
 
     class Naive(AutoRegEmbedModel):
         def score(self, compressed, target_ids, target_mask):
-            tok = self.decoder.get_input_embeddings()(target_ids)
-            ones = torch.ones(compressed.shape[:2], dtype=target_mask.dtype)
-            logits = self.decoder(inputs_embeds=torch.cat([compressed, tok], 1),
-                                  attention_mask=torch.cat([ones, target_mask], 1)).logits
-            labels = decoder_labels(target_ids, target_mask, self.k)
+            lay = decoder_layout(target_ids, target_mask, self.k, self.decoder_bos_id)
+            tok = self.decoder.get_input_embeddings()(lay.ids)
+            x = torch.cat([tok[:, : lay.n_bos], compressed, tok[:, lay.n_bos :]], 1)
+            logits = self.decoder(inputs_embeds=x, attention_mask=lay.attention_mask).logits
+            labels = lay.labels
             lp = torch.log_softmax(logits.float(), -1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
             return (lp * (labels != -100)).sum(1)
 
@@ -76,11 +77,12 @@ def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -
         def lookup(self, row):
             return -20.0, [-25.0] * len(row["neg"])
 
-    batch = stage2_batch(_rows(queries, negatives), te, Refs())
+    batch = alignment_batch(_rows(queries, negatives), te, Refs())
+    loss_fn = AlignmentLoss()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
 
     def loss_backward():
-        m.stage2_loss(**batch).backward()
+        loss_fn(m(batch), batch).backward()
 
     def step():
         loss_backward()
@@ -103,12 +105,12 @@ def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -
     opt.zero_grad(set_to_none=False)
     _, fwd_bwd_peak = peak_allocated_bytes(loss_backward)
     _, opt_peak = peak_allocated_bytes(opt.step)
-    tokens = int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum() + 2 * batch["pos_mask"].sum()
-                 + batch["neg_mask"].sum())
+    c = batch.candidates
+    tokens = int(c.q_attention_mask.sum() + batch.p_attention_mask.sum() + 2 * c.pos_mask.sum() + c.neg_mask.sum())
     return {"step_s": dt, "tokens_per_s": tokens / dt, "peak_allocated_bytes": allocated_peak,
             "peak_allocated_loss_backward_bytes": fwd_bwd_peak, "peak_allocated_optimizer_bytes": opt_peak,
             "peak_rss_bytes": rss_peak, "rss_peak_resets": resets,
-            "decoder_tokens": int(2 * batch["pos_mask"].sum() + batch["neg_mask"].sum()),
+            "decoder_tokens": int(2 * c.pos_mask.sum() + c.neg_mask.sum()),
             "vocab": m.decoder.get_output_embeddings().weight.shape[0]}
 
 

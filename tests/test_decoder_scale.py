@@ -10,7 +10,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from autoregembed.batches import stage1_batch
+from autoregembed.batches import compression_batch
 from autoregembed.config import Config
 from autoregembed.data import load_rows
 from autoregembed.decoder_scale import calibration_indices, final_norm, rescale_final_norm, scale_factors
@@ -33,7 +33,7 @@ def _model(path, decoder_path=None):
 def _batches(te, n_rows=128, bs=8):  # what the trainer measures on (micro batch 8)
     rows = load_rows(Config().data.stage1, stage=1)
     rows = [rows[i] for i in calibration_indices(len(rows), n_rows, Config().seed)]
-    return [stage1_batch(rows[i : i + bs], te) for i in range(0, len(rows), bs)]
+    return [compression_batch(rows[i : i + bs], te) for i in range(0, len(rows), bs)]
 
 
 @torch.no_grad()
@@ -43,8 +43,8 @@ def test_factors_are_the_rms_ratio_and_rescaling_makes_the_states_match(tiny_bas
     # by hand: every EMBED state; the decoder's whole word-embedding matrix
     states = []
     for b in batches:
-        hidden = model.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        for row, n in enumerate(b["attention_mask"].sum(1).tolist()):
+        hidden = model.encoder(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+        for row, n in enumerate(b.attention_mask.sum(1).tolist()):
             states.append(hidden[row, n - K : n])
     states, words = torch.cat(states), model.decoder.get_input_embeddings().weight
     expected = words.pow(2).mean(0).sqrt() / states.pow(2).mean(0).sqrt()

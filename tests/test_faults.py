@@ -224,14 +224,14 @@ def test_a_kill_during_export_keeps_the_previous_export_and_the_checkpoint(tmp_p
 
 SIGTERM_IN_REFERENCE = """
 import os, signal
-import autoregembed.trainer as trainer
-real, calls = trainer.candidates_batch, []
+import autoregembed.stages as stages
+real, calls = stages.candidate_batch, []
 def batch_then_term(*a, **kw):
     calls.append(1)
     if len(calls) == 2:  # the scheduler's SIGTERM arrives while the second batch is scored
         os.kill(os.getpid(), signal.SIGTERM)
     return real(*a, **kw)
-trainer.candidates_batch = batch_then_term
+stages.candidate_batch = batch_then_term
 """
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from autoregembed.batches import stage1_batch
+from autoregembed.batches import compression_batch
 from autoregembed.config import ConfigError, load_config
 from autoregembed.encoder import Encoder
 from autoregembed.export import ExportMeta, export_encoder
 from autoregembed.loading import load_model
+from autoregembed.losses import CompressionLoss
 from autoregembed.tokenization import TextEncoder
 
 K = 3
@@ -40,7 +41,8 @@ def test_only_adapters_train_and_the_export_is_the_merged_plain_model(tiny_base,
     rows = [{"context": t, "instruction": "Reconstruct the original text.", "output": t} for t in TEXTS]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):  # B starts at zero: train so that the merge has something to add
-        model(stage="stage1", **stage1_batch(rows, te)).backward()
+        batch = compression_batch(rows, te)
+        CompressionLoss()(model(batch), batch).backward()
         opt.step()
         opt.zero_grad()
     inputs = te.encode_inputs(TEXTS, ["Retrieve semantically similar text."] * len(TEXTS))

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from autoregembed.batches import candidates_batch, stage1_batch
+from autoregembed.batches import alignment_batch, compression_batch
+from autoregembed.losses import AlignmentLoss, CompressionLoss
 from autoregembed.model import AutoRegEmbedModel
 from autoregembed.tokenization import TextEncoder, prepare_tokenizer
 
@@ -36,11 +37,29 @@ def setup(tiny_base):
     return tok, encoder, decoder
 
 
-def _model(setup, sign, decoder_bos=False):
+def _model(setup, decoder_bos=False):
     tok, encoder, decoder = setup
     bos = tok.bos_token_id if decoder_bos else None
-    return (AutoRegEmbedModel(encoder, decoder, K, beta=0.1, tau=0.1, reference_sign=sign, decoder_bos_id=bos),
-            TextEncoder(tok, K))
+    return AutoRegEmbedModel(encoder, decoder, K, decoder_bos_id=bos), TextEncoder(tok, K)
+
+
+class _Refs:
+    """Reference scores for ROWS: ref_c per query and ref_r per negative, in row order."""
+
+    def __init__(self, ref_c, ref_r):
+        self.by_query = {r["query"]: (c, list(rs)) for r, c, rs in zip(ROWS, ref_c, ref_r)}
+
+    def lookup(self, row):
+        return self.by_query[row["query"]]
+
+
+def _constant_refs(c, r):
+    return _Refs([c] * len(ROWS), [[r] * len(row["neg"]) for row in ROWS])
+
+
+def _stage2_loss(model, te, refs, **loss_settings):
+    batch = alignment_batch(ROWS, te, refs)
+    return AlignmentLoss(**loss_settings)(model(batch), batch)
 
 
 def _compress_one(model, te, text, instruction):
@@ -66,15 +85,13 @@ def _grads(model):
 
 @pytest.mark.parametrize("sign,decoder_bos", [("paper", False), ("code", False), ("paper", True)])
 def test_stage2_loss_and_grads_match_hand_reference(setup, sign, decoder_bos):
-    model, te = _model(setup, sign, decoder_bos)
+    model, te = _model(setup, decoder_bos)
     g = torch.Generator().manual_seed(3)
     ref_c = (torch.randn(3, generator=g) * 5 - 20).tolist()
     ref_r = [(torch.randn(len(r["neg"]), generator=g) * 5 - 25).tolist() for r in ROWS]
 
     model.zero_grad()
-    batch = candidates_batch(ROWS, te, with_positive_inputs=True)
-    loss = model.stage2_loss(**batch, ref_c=torch.tensor(ref_c),
-                             ref_r=torch.tensor([v for rs in ref_r for v in rs]))
+    loss = _stage2_loss(model, te, _Refs(ref_c, ref_r), reference_sign=sign)
     loss.backward()
     got = _grads(model)
 
@@ -106,12 +123,10 @@ def test_stage2_loss_and_grads_match_hand_reference(setup, sign, decoder_bos):
 
 def test_reference_sign_changes_the_loss(setup):
     outs = []
+    model, te = _model(setup)
     for sign in ("paper", "code"):
-        model, te = _model(setup, sign)
-        batch = candidates_batch(ROWS, te, with_positive_inputs=True)
         with torch.no_grad():
-            outs.append(model.stage2_loss(**batch, ref_c=torch.full((3,), -10.0),
-                                          ref_r=torch.full((6,), -30.0)).item())
+            outs.append(_stage2_loss(model, te, _constant_refs(-10.0, -30.0), reference_sign=sign).item())
     assert outs[0] != pytest.approx(outs[1])
 
 
@@ -146,22 +161,20 @@ def test_detach_positive_keeps_the_loss_and_stops_the_gradient_into_c_p():
 
 
 def test_model_stage2_loss_detaches_the_positive_when_asked(setup):
-    """AutoRegEmbedModel(detach_positive=True) trains exactly as the loss with c_p held constant."""
+    """AlignmentLoss(detach_positive=True) trains exactly as the loss with c_p held constant."""
     from autoregembed.losses import alignment_loss
 
-    model, te = _model(setup, "paper")
-    batch = candidates_batch(ROWS, te, with_positive_inputs=True)
-    refs = dict(ref_c=torch.full((3,), -10.0), ref_r=torch.full((6,), -30.0))
+    model, te = _model(setup)
+    refs = _constant_refs(-10.0, -30.0)
     grads = {}
     for detach in (False, True):
-        model.detach_positive = detach
         model.encoder.zero_grad()
-        model.stage2_loss(**batch, **refs).backward()
+        _stage2_loss(model, te, refs, detach_positive=detach).backward()
         grads[detach] = _grads(model)
-    model.detach_positive = False
     model.encoder.zero_grad()
-    c_q, c_p, r = model.candidate_scores(**batch)
-    alignment_loss(c_q, c_p.detach(), r, batch["owner"], **refs).backward()
+    batch = alignment_batch(ROWS, te, refs)
+    out = model(batch)
+    alignment_loss(out.c_q, out.c_p.detach(), out.r, out.owner, batch.ref_c, batch.ref_r).backward()
     want = _grads(model)
     model.encoder.zero_grad()
     for n in want:
@@ -171,10 +184,11 @@ def test_model_stage2_loss_detaches_the_positive_when_asked(setup):
 
 @pytest.mark.parametrize("decoder_bos", [False, True])
 def test_stage1_loss_is_token_mean_cross_entropy(setup, decoder_bos):
-    model, te = _model(setup, "paper", decoder_bos)
+    model, te = _model(setup, decoder_bos)
     rows = [{"context": r["query"], "instruction": "Reconstruct.", "output": r["query"]} for r in ROWS]
     with torch.no_grad():
-        loss = model.stage1_loss(**stage1_batch(rows, te))
+        batch = compression_batch(rows, te)
+        loss = CompressionLoss()(model(batch), batch)
         total, n = 0.0, 0
         for r in rows:
             e = _compress_one(model, te, r["context"], r["instruction"])
@@ -187,21 +201,19 @@ def test_decoder_bos_changes_what_the_decoder_reads(setup):
     """The flag reaches the decoder: the loss moves (the tiny LM has no strong attention sink, so
     only by ~3e-4 nats/token here; float32 noise on it is ~1e-6)."""
     rows = [{"context": r["query"], "instruction": "Reconstruct.", "output": r["query"]} for r in ROWS]
-    (plain, te), (bos, _) = (_model(setup, "paper", flag) for flag in (False, True))
-    batch = stage1_batch(rows, te)
+    (plain, te), (bos, _) = (_model(setup, flag) for flag in (False, True))
+    batch = compression_batch(rows, te)
     with torch.no_grad():
-        assert abs(plain.stage1_loss(**batch).item() - bos.stage1_loss(**batch).item()) > 1e-4
+        assert abs(CompressionLoss()(plain(batch), batch).item() - CompressionLoss()(bos(batch), batch).item()) > 1e-4
 
 
 def test_decoder_never_runs_the_lm_head_and_stays_frozen(setup):
     """Training-time scoring goes through sequence_logprobs, not lm_head(...) over [S, T, V]."""
-    model, te = _model(setup, "paper")
+    model, te = _model(setup)
     called = []
     hook = model.decoder.get_output_embeddings().register_forward_hook(lambda *a: called.append(1))
     try:
-        batch = candidates_batch(ROWS, te, with_positive_inputs=True)
-        loss = model.stage2_loss(**batch, ref_c=torch.zeros(3), ref_r=torch.zeros(6))
-        loss.backward()
+        _stage2_loss(model, te, _constant_refs(0.0, 0.0)).backward()
     finally:
         hook.remove()
     assert not called
@@ -218,12 +230,13 @@ def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
     assert off.decoder_bos_id is None
 
 
-def test_config_reaches_the_model_loss_settings(tiny_base):
-    """loss.* keys arrive on the model the trainer builds (trainer.Session passes them to load_model)."""
+def test_config_reaches_the_stage_losses():
+    """loss.* keys configure stage 2's objective (the stage table builds it); stage 1 has none."""
     from autoregembed.config import load_config
-    from autoregembed.loading import load_model
-    from autoregembed.trainer import loss_settings
+    from autoregembed.stages import STAGES
 
     cfg = load_config(None, ["loss.detach_positive=true", "loss.reference_sign=code", "loss.beta=0.2"])
-    model, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa", loss=loss_settings(cfg))
-    assert (model.detach_positive, model.reference_sign, model.beta, model.tau) == (True, "code", 0.2, 0.1)
+    assert STAGES["stage2"].loss(cfg) == AlignmentLoss(beta=0.2, tau=0.1, reference_sign="code", detach_positive=True)
+    assert isinstance(STAGES["stage1"].loss(cfg), CompressionLoss) and STAGES["reference"].loss is None
+    with pytest.raises(ValueError, match="reference_sign must be 'paper' or 'code'"):
+        AlignmentLoss(reference_sign="both")

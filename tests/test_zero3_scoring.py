@@ -19,10 +19,12 @@ import deepspeed
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from autoregembed import distributed as D
-from autoregembed.batches import stage1_batch, to_device
+from autoregembed.batches import compression_batch, to_device
 from autoregembed.config import load_config
 from autoregembed.data import load_rows
-from autoregembed.trainer import Session, prepare_base, score_references
+from autoregembed.loading import prepare_base
+from autoregembed.losses import CompressionLoss
+from autoregembed.trainer import Session, score_references
 
 out, base, stage2 = sys.argv[1:4]
 zero3 = {root!r} + "/ds_configs/zero3.json"
@@ -35,7 +37,8 @@ report = {{}}
 s = Session(cfg, "stage1", zero3, prepare_base(cfg), train=True)
 head = s.engine.module.head.weight
 rows = load_rows(cfg.data.stage1, stage=1)[:4]
-loss = s.engine(stage="stage1", **to_device(stage1_batch(rows, s.text_encoder), s.device))
+batch = to_device(compression_batch(rows, s.text_encoder), s.device)
+loss = CompressionLoss()(s.engine(batch), batch)
 nodes, seen, todo = [], set(), [loss.grad_fn]
 while todo:
     n = todo.pop()
@@ -59,7 +62,7 @@ s.close()
 calls = []
 real = DeepSpeedEngine.forward
 def spy(self, *a, **kw):
-    calls.append(kw.get("stage"))
+    calls.append(type(a[0]).__name__)
     return real(self, *a, **kw)
 DeepSpeedEngine.forward = spy
 cfg.paths.stage1_model = prepare_base(cfg)
@@ -90,5 +93,5 @@ def test_lm_head_is_released_between_forward_and_backward_and_reference_uses_the
     assert r["head_released_after_forward"] and r["head_numel_after_forward"] == 0
     assert r["largest_saved_tensor"] < r["head_full_numel"]
     # 16 stage-2 rows at micro-batch 4 on one rank: 4 scoring calls, all through the engine
-    assert r["engine_forward_stages"] == ["reference"]
+    assert r["engine_forward_stages"] == ["CandidateBatch"]
     assert r["engine_forward_calls"] == 4
