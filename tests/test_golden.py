@@ -1,0 +1,39 @@
+"""The first stage-1 and stage-2 losses of the built-in tiny default, pinned: on one rank and on two
+ZeRO-3 ranks.  A change that moves them changes what the default job computes; if that is
+intended, say why in the commit and update the numbers (the failure message prints the new ones)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import child_env, free_port
+
+pytestmark = pytest.mark.distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_STEP = ["--set", "stage1.max_steps=1", "--set", "stage2.max_steps=1", "--set", "stage=pipeline"]
+GOLDEN = {  # ranks -> (first stage-1 loss, first stage-2 loss)
+    1: (5.603243827819824, 0.9977551102638245),
+    2: (5.500856637954712, 0.9515519142150879),
+}
+
+
+def _first_losses(out: str) -> tuple[float, float]:
+    def first(stage):
+        with open(os.path.join(out, stage, "metrics.jsonl")) as f:
+            return json.loads(f.readline())["loss"]
+
+    return first("stage1"), first("stage2")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_first_losses_of_the_default_job(tmp_path, ranks):
+    out = str(tmp_path / "run")
+    script = [os.path.join(ROOT, "train.py"), "--set", f"output_dir={out}", *ONE_STEP]
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                     "2", "--master_port", str(free_port())]
+    r = subprocess.run(launcher + script, env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    got = _first_losses(out)
+    assert got == pytest.approx(GOLDEN[ranks], rel=1e-4), f"first losses on {ranks} rank(s): {got}"
