@@ -66,6 +66,9 @@ class OptimConfig:
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     global_batch_size: typing.Optional[int] = None  # if set, must equal micro x accumulation x world size
+    # end this run after that many optimizer steps: a checkpoint is saved, nothing is exported, and
+    # --resume continues (e.g. to fit a job time limit); None: run to max_steps
+    stop_after: typing.Optional[int] = None
     gradient_clipping: float = 1.0
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_last: int = 2
@@ -287,8 +290,9 @@ def _check_values(cfg: Config):
         for k in ("learning_rate", "weight_decay", "gradient_clipping"):
             if not (_finite(getattr(o, k)) and getattr(o, k) >= 0):
                 raise ConfigError(f"key '{name}.{k}' must be a finite number >= 0, got {getattr(o, k)}")
-        if o.global_batch_size is not None and o.global_batch_size < 1:
-            raise ConfigError(f"key '{name}.global_batch_size' must be >= 1, got {o.global_batch_size}")
+        for k in ("global_batch_size", "stop_after"):
+            if getattr(o, k) is not None and getattr(o, k) < 1:
+                raise ConfigError(f"key '{name}.{k}' must be >= 1, got {getattr(o, k)}")
     for k in ("beta", "tau"):
         if not (_finite(getattr(cfg.loss, k)) and getattr(cfg.loss, k) > 0):
             raise ConfigError(f"key 'loss.{k}' must be a finite number > 0, got {getattr(cfg.loss, k)}")

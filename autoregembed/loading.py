@@ -171,10 +171,7 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
         encoder.resize_token_embeddings(len(tokenizer))
     if lora:
         add_lora(encoder, **lora)
-    for p in decoder.parameters():
-        p.requires_grad_(False)
     encoder.config.use_cache = False
-    decoder.eval()
     if gradient_checkpointing:
         gc = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
         encoder.gradient_checkpointing_enable(**gc)

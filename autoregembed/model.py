@@ -55,6 +55,20 @@ class LogprobHead(nn.Module):
         return sequence_logprobs(hidden, self.weight, labels, self.scorer)
 
 
+def _freeze(decoder: nn.Module):
+    """The decoder is frozen here and only here: no gradient to its weights, no dropout in any mode."""
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+    for name in [k for k, v in decoder.config.to_dict().items() if isinstance(v, float)]:
+        if name.endswith(("dropout", "pdrop")):
+            setattr(decoder.config, name, 0.0)
+    for m in decoder.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
 class Reconstruction(NamedTuple):
     """Stage 1's result: summed log p(target | e) per row and the number of target tokens scored."""
 
@@ -90,14 +104,19 @@ class AutoRegEmbedModel(nn.Module):
         self.decoder = decoder
         self.k = k
         self.decoder_bos_id = decoder_bos_id
-        for p in decoder.parameters():
-            p.requires_grad_(False)
+        _freeze(decoder)
         self.head = LogprobHead(decoder, scorer)
         cfg = decoder.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
             raise NotImplementedError(f"{cfg.model_type}: logit soft-capping/scaling is not supported by the fused scorer")
         if getattr(decoder.get_output_embeddings(), "bias", None) is not None:
             raise NotImplementedError("an LM head with a bias is not supported by the fused scorer")
+
+    def train(self, mode: bool = True):
+        """The frozen decoder follows ``mode`` like the encoder, deliberately: Transformers applies
+        gradient checkpointing only in training mode, and stage 2 keeps the decoder's activations
+        for 1 + N candidates per query.  ``_freeze`` zeroed its dropouts, so both modes compute the same."""
+        return super().train(mode)
 
     # ---- the two halves -------------------------------------------------------------
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

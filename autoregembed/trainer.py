@@ -9,6 +9,7 @@ eval      -> STS Spearman of an export
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -193,10 +194,20 @@ def _truncate_metrics(cfg: Config, stage: str, step: int):
     D.barrier()
 
 
-def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_after: int | None = None,
-                on_done=None) -> str:
-    """Train a training stage of ``STAGES``; export at the end.  ``stop_after`` ends early (after a
-    checkpoint); ``on_done(session)`` runs on every rank before the engine is released."""
+@dataclasses.dataclass(frozen=True)
+class StageResult:
+    """How a stage ended.  ``done``: it ran to the end and wrote ``artifact`` (an export, a score
+    file).  ``preempted``: a stop request was honoured (checkpoint saved, PREEMPTED written; the
+    requeued job continues).  ``stopped``: ``<stage>.stop_after`` steps were reached (checkpoint
+    saved, nothing exported; --resume continues)."""
+
+    status: str
+    artifact: str | None = None
+    score: float | None = None  # eval: STS Spearman x100
+
+
+def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> StageResult:
+    """Train a training stage of ``STAGES``; export at the end (``<stage>.stop_after``: see StageResult)."""
     st = STAGES[stage]
     encoder_path = st.input_model(cfg)
     rows = st.rows(cfg)
@@ -219,7 +230,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
         if resume_from is not None:
             start = checkpoint.load(s.engine, resume_from, log=lambda m: log(f"{stage}: {m}"))["step"]
         _truncate_metrics(cfg, stage, start)
-    end = o.max_steps if stop_after is None else min(o.max_steps, stop_after)
+    end = o.max_steps if o.stop_after is None else min(o.max_steps, o.stop_after)
     stage_dir = cfg.stage_dir(stage)
     preemption.install()
     preemption.clear_marker(stage_dir)
@@ -248,33 +259,40 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False, stop_aft
             preemption.honoured(stage_dir, str(step + 1))
             log(f"{stage}: stop requested; saved step {step + 1} to {ckpt_dir}, exiting for requeue")
             s.close()
-            return None
+            return StageResult("preempted")
     checkpoint.save(s.engine, ckpt_dir, end, o.keep_last)
-    out = s.export(cfg.export_dir(stage)) if end == o.max_steps else None
-    if on_done is not None:
-        on_done(s)
-    s.close()
-    return out
-
-
-def export_stage(cfg: Config, ds_path) -> str:
-    """Consolidate the latest checkpoint of ``paths.export_from`` into its export folder."""
-    stage = cfg.paths.export_from
-    encoder_path = STAGES[stage].input_model(cfg)
-    resume = checkpoint.find_resume(cfg.checkpoint_dir(stage), log=lambda m: log(f"export: {m}"))
-    if resume is None:
-        raise FileNotFoundError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint to export")
-    s = Session(cfg, stage, ds_path, encoder_path, train=True,
-                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path), resume=resume)
-    checkpoint.load(s.engine, resume, log=lambda m: log(f"export: {m}"))
+    if end < o.max_steps:
+        log(f"{stage}: {stage}.stop_after={o.stop_after} reached; saved step {end} to {ckpt_dir} (--resume continues)")
+        s.close()
+        return StageResult("stopped")
     out = s.export(cfg.export_dir(stage))
     s.close()
-    return out
+    return StageResult("done", out)
+
+
+def open_trained(cfg: Config, stage: str, ds_path) -> Session:
+    """A Session holding the latest complete checkpoint of a training stage (close it when done)."""
+    encoder_path = STAGES[stage].input_model(cfg)
+    resume = checkpoint.find_resume(cfg.checkpoint_dir(stage), log=lambda m: log(f"{stage}: {m}"))
+    if resume is None:
+        raise FileNotFoundError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint")
+    s = Session(cfg, stage, ds_path, encoder_path, train=True,
+                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path), resume=resume)
+    checkpoint.load(s.engine, resume, log=lambda m: log(f"{stage}: {m}"))
+    return s
+
+
+def export_stage(cfg: Config, ds_path) -> StageResult:
+    """Consolidate the latest checkpoint of ``paths.export_from`` into its export folder."""
+    s = open_trained(cfg, cfg.paths.export_from, ds_path)
+    out = s.export(cfg.export_dir(cfg.paths.export_from))
+    s.close()
+    return StageResult("done", out)
 
 
 @torch.no_grad()
-def score_references(cfg: Config, ds_path) -> str | None:
-    """Every rank scores its share of the stage-2 rows; rank 0 writes the file.  None: stopped
+def score_references(cfg: Config, ds_path) -> StageResult:
+    """Every rank scores its share of the stage-2 rows; rank 0 writes the file.  Preempted: stopped
     on request before the end (PREEMPTED written; nothing partial is kept)."""
     st = STAGES["reference"]
     rows = st.rows(cfg)
@@ -291,7 +309,7 @@ def score_references(cfg: Config, ds_path) -> str | None:
             preemption.honoured(stage_dir, "reference")
             log(f"reference: stop requested after {b} of {n_batches} batches; exiting for requeue")
             s.close()
-            return None
+            return StageResult("preempted")
         chunk = mine[b * bs : (b + 1) * bs]
         real = len(chunk)
         chunk = chunk or rows[:1]  # a rank with nothing left still takes part in the collectives
@@ -307,8 +325,7 @@ def score_references(cfg: Config, ds_path) -> str | None:
         log(f"reference: scored {len(merged)} rows -> {path}")
     D.barrier()
     s.close()
-    return path
-
+    return StageResult("done", path)
 
 def evaluate(cfg: Config, model_dir: str) -> float:
     from .encoder import Encoder
@@ -318,6 +335,23 @@ def evaluate(cfg: Config, model_dir: str) -> float:
     log(f"eval: STS Spearman x100 = {r['spearman']:.2f}, mean pairwise cosine {r['mean_cosine']:.3f} "
         f"({cfg.sts_file}, model {model_dir})")
     return r["spearman"]
+
+
+def evaluate_stage(cfg: Config) -> StageResult:
+    """STS of the export the run produced (``stage2`` in a pipeline, else ``paths.export_from``)."""
+    model_dir = cfg.export_dir("stage2" if cfg.stage == "pipeline" else cfg.paths.export_from)
+    score = evaluate(cfg, model_dir) if D.rank() == 0 else None
+    D.barrier()
+    return StageResult("done", score=score)
+
+
+RUNNERS = {  # what each value of cfg.stages() runs: (cfg, ds_path, resume) -> StageResult
+    "stage1": lambda cfg, ds, resume: train_stage(cfg, "stage1", ds, resume),
+    "stage2": lambda cfg, ds, resume: train_stage(cfg, "stage2", ds, resume),
+    "reference": lambda cfg, ds, resume: score_references(cfg, ds),
+    "export": lambda cfg, ds, resume: export_stage(cfg, ds),
+    "eval": lambda cfg, ds, resume: evaluate_stage(cfg),
+}
 
 
 def _validate_data(cfg: Config):
@@ -361,25 +395,18 @@ def _run_stages(cfg: Config, ds_path, resume: bool) -> dict:
     out = {}
     preemption.install()  # from the start: a request while a model loads must not be lost
     for stage in cfg.stages():
-        if stage in ("reference", "export", "eval") and preemption.requested(cfg.stage_dir(stage)):
+        checkpointed = stage in STAGES and STAGES[stage].trains  # these save and stop mid-stage
+        if not checkpointed and preemption.requested(cfg.stage_dir(stage)):
             preemption.honoured(cfg.stage_dir(stage), stage)
             log(f"{stage}: stop requested before it started; exiting for requeue")
             break
-        if stage in ("stage1", "stage2"):
-            out[stage] = train_stage(cfg, stage, ds_path, resume=resume)
-            if out[stage] is None:  # preempted: the checkpoint is saved, later stages must wait
-                break
-        elif stage == "reference":
-            out[stage] = score_references(cfg, ds_path)
-            if out[stage] is None:
-                break
-        elif stage == "export":
-            out[stage] = export_stage(cfg, ds_path)
-        elif stage == "eval":
-            model_dir = cfg.export_dir("stage2" if cfg.stage == "pipeline" else cfg.paths.export_from)
-            if D.rank() == 0:
-                out["sts_spearman"] = evaluate(cfg, model_dir)
-            D.barrier()
+        result = RUNNERS[stage](cfg, ds_path, resume)
+        if result.artifact is not None:
+            out[stage] = result.artifact
+        if result.score is not None:
+            out["sts_spearman"] = result.score
+        if result.status != "done":  # the checkpoint is saved; later stages must wait for this one
+            break
     if D.rank() == 0 and cfg.stage == "pipeline":
         for k, v in out.items():
             log(f"artifact {k}: {v}")

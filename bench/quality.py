@@ -219,18 +219,18 @@ def main():
     c_losses = None
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
     if "c" in args.arms or "d" in args.arms:
-        stage1_dir = timed("train (c) stage 1", lambda: train_stage(cfg, "stage1", ds))
+        stage1_dir = timed("train (c) stage 1", lambda: train_stage(cfg, "stage1", ds).artifact)
         results["(c) stage 1 only"] = scored("eval (c)", lambda: Encoder.from_pretrained(stage1_dir))
     if "d" in args.arms:
         timed("reference scores", lambda: score_references(cfg, ds))
-        stage2_dir = timed("train (d) stage 2", lambda: train_stage(cfg2, "stage2", ds))
+        stage2_dir = timed("train (d) stage 2", lambda: train_stage(cfg2, "stage2", ds).artifact)
         results["(d) stage 1 + stage 2"] = scored("eval (d)", lambda: Encoder.from_pretrained(stage2_dir))
         for n in stage2_seeds:  # the same stage-1 model and reference scores, another stage-2 seed
             cfg_n = load_config(None, stage2_overrides + [f"seed={n}",
                                                            f"output_dir={os.path.join(args.out, f'stage2-seed{n}')}",
                                                            f"paths.stage1_model={cfg.stage1_model_dir}",
                                                            f"paths.reference_scores={cfg.reference_scores_path}"])
-            dir_n = timed(f"train (d) stage 2, seed {n}", lambda: train_stage(cfg_n, "stage2", ds))
+            dir_n = timed(f"train (d) stage 2, seed {n}", lambda: train_stage(cfg_n, "stage2", ds).artifact)
             seeded[n] = scored(f"eval (d) stage-2 seed {n}", lambda: Encoder.from_pretrained(dir_n))
     D.shutdown()
 

@@ -13,7 +13,7 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 from autoregembed import distributed as D  # noqa: E402
 from autoregembed.config import load_config  # noqa: E402
-from autoregembed.trainer import score_references, train_stage  # noqa: E402
+from autoregembed.trainer import open_trained, score_references, train_stage  # noqa: E402
 
 TEXTS = ["a man is playing the guitar .", "two dogs run in a field", "the stock market fell today ."]
 
@@ -24,22 +24,24 @@ def main():
     D.init_distributed()
     report = {}
 
-    def inspect(stage):
-        def f(session):
-            module = session.engine.module
-            params = list(module.parameters())
-            batch = session.text_encoder.encode_inputs(TEXTS, [cfg.eval.instruction] * len(TEXTS))
-            with torch.no_grad():
-                emb = module.embed(**batch)
-            report[stage] = {"shard": sum(p.ds_tensor.numel() for p in params),
-                             "full": sum(p.ds_numel for p in params),
-                             "n_params": len(params), "embeddings": emb.tolist(),
-                             "trainable": [n for n, p in module.named_parameters() if p.requires_grad]}
-        return f
+    def inspect(stage):  # the trained engine, as its last checkpoint restores it
+        session = open_trained(cfg, stage, ds_path)
+        module = session.engine.module
+        params = list(module.parameters())
+        batch = session.text_encoder.encode_inputs(TEXTS, [cfg.eval.instruction] * len(TEXTS))
+        with torch.no_grad():
+            emb = module.embed(**batch)
+        report[stage] = {"shard": sum(p.ds_tensor.numel() for p in params),
+                         "full": sum(p.ds_numel for p in params),
+                         "n_params": len(params), "embeddings": emb.tolist(),
+                         "trainable": [n for n, p in module.named_parameters() if p.requires_grad]}
+        session.close()
 
-    train_stage(cfg, "stage1", ds_path, on_done=inspect("stage1"))
-    score_references(cfg, ds_path)
-    train_stage(cfg, "stage2", ds_path, on_done=inspect("stage2"))
+    for step in (lambda: train_stage(cfg, "stage1", ds_path), lambda: score_references(cfg, ds_path),
+                 lambda: train_stage(cfg, "stage2", ds_path)):
+        assert step().status == "done"
+    inspect("stage1")
+    inspect("stage2")
     with open(os.path.join(out_dir, f"report-rank{D.rank()}.json"), "w") as f:
         json.dump(report, f)
     D.shutdown()

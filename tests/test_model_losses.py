@@ -240,3 +240,20 @@ def test_config_reaches_the_stage_losses():
     assert isinstance(STAGES["stage1"].loss(cfg), CompressionLoss) and STAGES["reference"].loss is None
     with pytest.raises(ValueError, match="reference_sign must be 'paper' or 'code'"):
         AlignmentLoss(reference_sign="both")
+
+
+def test_the_decoder_is_frozen_and_computes_the_same_in_train_mode(tiny_base):
+    """engine.train() reaches the decoder (so Transformers checkpoints its layers); a decoder configured
+    with dropout must still compute in train mode exactly what it computes in eval mode."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    decoder = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32, attention_dropout=0.5)
+    model = AutoRegEmbedModel(AutoModel.from_pretrained(tiny_base, dtype=torch.float32), decoder, K).train()
+    assert decoder.training and not any(p.requires_grad for p in decoder.parameters())
+    x = torch.randn(2, 9, decoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        runs = [decoder.get_decoder()(inputs_embeds=x).last_hidden_state for _ in range(2)]
+        model.eval()
+        runs.append(decoder.get_decoder()(inputs_embeds=x).last_hidden_state)
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    torch.testing.assert_close(runs[0], runs[2], rtol=0, atol=0)

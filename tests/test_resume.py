@@ -27,8 +27,10 @@ ds = {root!r} + "/ds_configs/zero3.json"
 """
 TRAIN = PREAMBLE + """
 if stop_after:
-    train_stage(cfg, "stage1", ds, stop_after=stop_after)
-train_stage(cfg, "stage1", ds, resume=True)
+    cfg.stage1.stop_after = stop_after
+    assert train_stage(cfg, "stage1", ds).status == "stopped"
+    cfg.stage1.stop_after = None
+assert train_stage(cfg, "stage1", ds, resume=True).status == "done"
 D.shutdown()
 """
 EXPORT = PREAMBLE + """
