@@ -16,7 +16,7 @@ import yaml
 RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_STSB_DEV = os.path.join(PROJECT_ROOT, "..", "shared", "data", "stsb", "sts-dev.csv")
-STAGES = ("stage1", "reference", "stage2", "export", "eval", "pipeline")
+RUN_MODES = ("stage1", "reference", "stage2", "export", "eval", "pipeline")  # the values of `stage`
 
 
 class ConfigError(ValueError):
@@ -142,7 +142,12 @@ class Config:
 
     def stages(self) -> tuple[str, ...]:
         """What ``stage`` runs, in order."""
-        return ("stage1", "reference", "stage2", "eval") if self.stage == "pipeline" else (self.stage,)
+        return ("stage1", "reference", "stage2", "eval") if self.is_pipeline else (self.stage,)
+
+    @property
+    def is_pipeline(self) -> bool:
+        """``stage: pipeline``: every stage in order, evaluating stage 2's export."""
+        return self.stage == "pipeline"
 
 
 
@@ -261,8 +266,8 @@ def _finite(value: float) -> bool:
 
 
 def _check_values(cfg: Config):
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"key 'stage': {cfg.stage!r} is not one of {', '.join(STAGES)}")
+    if cfg.stage not in RUN_MODES:
+        raise ConfigError(f"key 'stage': {cfg.stage!r} is not one of {', '.join(RUN_MODES)}")
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"key 'device': {cfg.device!r} is not auto, cuda or cpu")
     if cfg.loss.reference_sign not in ("paper", "code"):
@@ -350,8 +355,8 @@ def check_runtime(cfg: Config, world_size: int):
     if needed["model.base"] and not os.path.isdir(cfg.model.base):
         _check_hub_model(cfg.model.base)
     reads_stage1 = ({"reference", "stage2"} & set(stages)
-                    or (cfg.stage == "export" and cfg.paths.export_from == "stage2"))
-    if cfg.stage != "pipeline" and reads_stage1 and not os.path.isdir(cfg.stage1_model_dir):
+                    or ("export" in stages and cfg.paths.export_from == "stage2"))
+    if not cfg.is_pipeline and reads_stage1 and not os.path.isdir(cfg.stage1_model_dir):
         raise ConfigError(f"key 'paths.stage1_model': no stage-1 export at {cfg.stage1_model_dir}; run stage1 "
                           f"first or point paths.stage1_model at one")
     for name in ("stage1", "stage2"):

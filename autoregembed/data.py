@@ -111,7 +111,7 @@ def records(source: str, split: str = "train"):
 
 def load_rows(source: str, stage: int, split: str = "train") -> list[dict]:
     """Validated rows of a stage-1 or stage-2 file (or hub dataset name)."""
-    fields = STAGE1_FIELDS if stage == 1 else STAGE2_FIELDS
+    fields = {1: STAGE1_FIELDS, 2: STAGE2_FIELDS}[stage]
     rows = [_check_row(obj, fields, where) for where, obj in records(source, split)]
     if not rows:
         raise DataError(f"{source}: no rows")

@@ -339,7 +339,7 @@ def evaluate(cfg: Config, model_dir: str) -> float:
 
 def evaluate_stage(cfg: Config) -> StageResult:
     """STS of the export the run produced (``stage2`` in a pipeline, else ``paths.export_from``)."""
-    model_dir = cfg.export_dir("stage2" if cfg.stage == "pipeline" else cfg.paths.export_from)
+    model_dir = cfg.export_dir("stage2" if cfg.is_pipeline else cfg.paths.export_from)
     score = evaluate(cfg, model_dir) if D.rank() == 0 else None
     D.barrier()
     return StageResult("done", score=score)
@@ -407,7 +407,7 @@ def _run_stages(cfg: Config, ds_path, resume: bool) -> dict:
             out["sts_spearman"] = result.score
         if result.status != "done":  # the checkpoint is saved; later stages must wait for this one
             break
-    if D.rank() == 0 and cfg.stage == "pipeline":
+    if D.rank() == 0 and cfg.is_pipeline:
         for k, v in out.items():
             log(f"artifact {k}: {v}")
     return out
