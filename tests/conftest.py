@@ -1,5 +1,7 @@
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,6 +36,23 @@ def child_env(**extra) -> dict:
     """Environment for the multi-process tests' children: CPU and gloo even on a GPU machine (two
     ranks cannot share one GPU under NCCL; the gpu-marked tests cover CUDA), one thread each."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def child_command(args: list, ranks: int | None = None) -> list:
+    """The command line of a Python child: ``python ARGS`` (a script, ``-c CODE`` or ``-m MODULE``
+    and their arguments), or with ``ranks`` the same under torch.distributed.run on a free port."""
+    if ranks is None:
+        return [sys.executable, *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+            str(free_port()), *map(str, args)]
+
+
+def run_child(args: list, ranks: int | None = None, env: dict | None = None, timeout: float = 300,
+              cwd: str = ROOT) -> subprocess.CompletedProcess:
+    """Every Python child of the tests starts here: ``child_command`` with ``child_env()`` (or
+    ``env``), from the repository root, output captured as text."""
+    return subprocess.run(child_command(args, ranks), env=child_env() if env is None else env, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

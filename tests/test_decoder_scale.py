@@ -1,8 +1,6 @@
 """Stage-1 initialisation that matches the compressed tokens to the decoder's word-embedding scale."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from autoregembed.data import load_rows
 from autoregembed.decoder_scale import calibration_indices, final_norm, rescale_final_norm, scale_factors
 from autoregembed.model import AutoRegEmbedModel
 from autoregembed.tokenization import TextEncoder, prepare_tokenizer
-from conftest import child_env, free_port
+from conftest import run_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 5  # the trainer default, so the trainer's export reads the same way
@@ -95,10 +93,7 @@ def test_trainer_rescales_once_before_stage1_under_zero3(tmp_path, ranks):
     out = str(tmp_path / "run")
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(root=ROOT))
-    env = child_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_port", str(free_port()), str(script), out]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_child([script, out], ranks=ranks)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
 
     base, export = os.path.join(out, "base"), os.path.join(out, "stage1", "model")

@@ -2,13 +2,11 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from safetensors import safe_open
-from conftest import child_env, free_port
+from conftest import run_child
 from dist_worker import TEXTS
 
 pytestmark = pytest.mark.distributed
@@ -42,10 +40,7 @@ def run(tmp_path_factory, request):
                  "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
     if request.param == "lora":
         overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3"]
-    env = child_env()
-    port = str(free_port())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, WORKER, str(tmp), os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reports = [json.load(open(tmp / f"report-rank{r}.json")) for r in range(2)]
     return out, reports, request.param
@@ -113,7 +108,7 @@ plain = pool_embedding(compressed_states(h, b["attention_mask"], meta["num_embed
 ours = Encoder.from_pretrained({model_dir!r}, device="cpu").encode(TEXTS, batch_size=2)
 print(json.dumps({{"plain": plain.tolist(), "ours": ours.tolist()}}))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = run_child(["-c", script])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     engine = np.array(reports[0]["stage2"]["embeddings"])

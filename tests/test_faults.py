@@ -4,13 +4,11 @@ import fcntl
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import run_child
 
 pytestmark = pytest.mark.distributed
 
@@ -26,8 +24,7 @@ def _shared_base(tiny_base):
 
 def _train(out, *overrides, resume=False, script=None):
     sets = [a for kv in [*TINY, f"model.base={BASE['path']}", f"output_dir={out}", *overrides] for a in ("--set", kv)]
-    cmd = [sys.executable, script or os.path.join(ROOT, "train.py"), *sets] + (["--resume"] if resume else [])
-    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return run_child([script or os.path.join(ROOT, "train.py"), *sets] + (["--resume"] if resume else []))
 
 
 def _patched_train(tmp_path, patch: str) -> str:
@@ -99,9 +96,8 @@ def test_blank_input_lines_keep_their_rows(earlier_run, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("a man plays the guitar\n\nthe stock market fell\n")
     npy = tmp_path / "emb.npy"
-    r = subprocess.run([sys.executable, "-m", "autoregembed.cli", "encode", "--model",
-                        os.path.join(earlier_run, "stage1", "model"), "--input", str(texts), "--output", str(npy)],
-                       env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = run_child(["-m", "autoregembed.cli", "encode", "--model", os.path.join(earlier_run, "stage1", "model"),
+                   "--input", texts, "--output", npy])
     assert r.returncode == 0, r.stderr[-3000:]
     emb = np.load(npy)
     assert emb.shape[0] == 3 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
@@ -109,9 +105,7 @@ def test_blank_input_lines_keep_their_rows(earlier_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(os.path.join(earlier_run, "stage1", "model"), broken)
     (broken / "autoregembed.json").write_text("{not json")
-    r = subprocess.run([sys.executable, "-m", "autoregembed.cli", "encode", "--model", str(broken), "--input",
-                        str(texts), "--output", str(npy)], env=child_env(), capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+    r = run_child(["-m", "autoregembed.cli", "encode", "--model", broken, "--input", texts, "--output", npy])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{broken / 'autoregembed.json'}: not a valid autoregembed export description" in r.stderr
 

@@ -3,11 +3,9 @@ ZeRO-3 ranks.  A change that moves them changes what the default job computes; i
 intended, say why in the commit and update the numbers (the failure message prints the new ones)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import child_env, free_port
+from conftest import run_child
 
 pytestmark = pytest.mark.distributed
 
@@ -30,10 +28,8 @@ def _first_losses(out: str) -> tuple[float, float]:
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_first_losses_of_the_default_job(tmp_path, ranks):
     out = str(tmp_path / "run")
-    script = [os.path.join(ROOT, "train.py"), "--set", f"output_dir={out}", *ONE_STEP]
-    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                     "2", "--master_port", str(free_port())]
-    r = subprocess.run(launcher + script, env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = run_child([os.path.join(ROOT, "train.py"), "--set", f"output_dir={out}", *ONE_STEP],
+                  ranks=None if ranks == 1 else ranks, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     got = _first_losses(out)
     assert got == pytest.approx(GOLDEN[ranks], rel=1e-4), f"first losses on {ranks} rank(s): {got}"

@@ -1,11 +1,9 @@
 """bench/gpu_check.py runs its every section on CPU at toy sizes, so the one GPU run can't fail on logic."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import child_env
+from conftest import run_child
 
 pytestmark = pytest.mark.distributed
 
@@ -14,8 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_check_smoke_writes_every_number(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--smoke", "--out", str(out)],
-                          env=child_env(), capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    proc = run_child([os.path.join(ROOT, "bench", "gpu_check.py"), "--smoke", "--out", out], timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["errors"] == {}

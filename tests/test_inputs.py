@@ -1,11 +1,10 @@
 """Bad data and bad configuration fail early, naming file, line and field (or key)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_child
 
 from autoregembed.config import ConfigError, check_runtime, load_config
 from autoregembed.data import DataError, StepSampler, load_rows
@@ -151,8 +150,8 @@ def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
     select_device("cpu", env)  # on purpose: GPUs hidden before CUDA is initialised
     assert env["CUDA_VISIBLE_DEVICES"] == ""
     # through the entry point: one line, before any model is built
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--set", "device=cuda",
-                           "--set", f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    proc = run_child([os.path.join(ROOT, "train.py"), "--set", "device=cuda", "--set", f"output_dir={tmp_path / 'run'}"],
+                     timeout=120)
     assert proc.returncode != 0 and "device=cuda asks for GPUs" in proc.stderr
     assert not (tmp_path / "run").exists()
 
@@ -202,8 +201,7 @@ def test_user_errors_are_one_line_with_status_2_before_anything_loads(tmp_path):
                        (["--deepspeed", str(tmp_path / "none.json")], "autoregembed: error: --deepspeed: no such file"),
                        (["--set", "model.base=nosuchorg/nosuchmodel"],
                         "autoregembed: error: key 'model.base': 'nosuchorg/nosuchmodel' is not a local folder")):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--set",
-                               f"output_dir={tmp_path / 'run'}", *args], capture_output=True, text=True, timeout=120)
+        proc = run_child([os.path.join(ROOT, "train.py"), "--set", f"output_dir={tmp_path / 'run'}", *args], timeout=120)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(want) and "Traceback" not in proc.stderr
         assert not (tmp_path / "run").exists()
@@ -293,8 +291,8 @@ def test_non_utf8_sts_file_names_its_line(tmp_path):
 def test_a_bad_row_fails_the_run_before_the_base_model_is_built(tmp_path):
     bad = _write(tmp_path, ['{"context": "a", "instruction": "i", "output": "a"}', '{"context": "b", "instruction": "i"}'])
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--set", f"output_dir={out}",
-                           "--set", f"data.stage1={bad}"], capture_output=True, text=True, timeout=120)
+    proc = run_child([os.path.join(ROOT, "train.py"), "--set", f"output_dir={out}", "--set", f"data.stage1={bad}"],
+                     timeout=120)
     assert proc.returncode == 2 and f"{bad}:2: missing field 'output'" in proc.stderr
     assert not (out / "base").exists()
 

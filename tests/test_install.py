@@ -21,15 +21,15 @@ def test_wheel_installs_kernels_and_ds_configs_inside_the_package(tmp_path):
     """No top-level ``kernels`` (another distribution owns that name); the default DeepSpeed config
     ships with the package, so ``autoregembed train`` finds it outside the repository."""
     import shutil
-    import sys
     import zipfile
+
+    from conftest import run_child
 
     src = tmp_path / "src"  # a copy: setuptools writes build/ beside the sources
     for part in ("autoregembed", "kernels", "ds_configs"):
         shutil.copytree(os.path.join(ROOT, part), src / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(os.path.join(ROOT, "pyproject.toml"), src)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
-                           "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = run_child(["-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", src, "-w", tmp_path])
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("autoregembed-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -42,6 +42,5 @@ def test_wheel_installs_kernels_and_ds_configs_inside_the_package(tmp_path):
             "assert autoregembed.kernels.__file__.startswith(os.environ['SITE']); "
             "assert c.DEFAULT_DS.startswith(os.environ['SITE']) and os.path.isfile(c.DEFAULT_DS)")
     env = {**os.environ, "PYTHONPATH": str(site), "SITE": str(site), "PYTHONSAFEPATH": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_child(["-c", code], env=env, timeout=120, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]

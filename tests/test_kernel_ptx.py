@@ -6,23 +6,16 @@ local-memory traffic and register spills.
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_child
 
 
 @pytest.fixture(scope="module")
 def reports():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pytest.skip("triton is not installed")
+    pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-m", "autoregembed.kernels.hopper_ptx"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_child(["-m", "autoregembed.kernels.hopper_ptx"], env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {r["kernel"]: r for r in rows}

@@ -139,8 +139,8 @@ def test_labels_outside_the_vocabulary_are_refused():
 
 def test_kernels_import_changes_no_environment_and_triton_on_cpu_needs_the_interpreter():
     import os
-    import subprocess
-    import sys
+
+    from conftest import run_child
 
     code = ("import os, torch\n"
             "import autoregembed.kernels\n"
@@ -150,6 +150,5 @@ def test_kernels_import_changes_no_environment_and_triton_on_cpu_needs_the_inter
             "token_logprobs(h, w, y)  # auto: PyTorch on CPU\n"
             "token_logprobs(h, w, y, scorer='triton')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    proc = run_child(["-c", code], env=env, timeout=120)
     assert proc.returncode == 1 and "needs Triton's interpreter: set TRITON_INTERPRET=1" in proc.stderr, proc.stderr

@@ -2,12 +2,10 @@
 the loss of both steps and the encoder's gradients of the first, within 1e-5."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import child_env, free_port
+from conftest import run_child
 from parity_worker import SETTINGS, ConstantReferences
 
 from autoregembed.batches import alignment_batch
@@ -26,9 +24,7 @@ def test_two_zero3_ranks_train_stage2_exactly_as_plain_pytorch(tmp_path, tiny_ba
     nli.write_text("".join(open(os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl")).readlines()[:8]))
     out = tmp_path / "run"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "tests", "parity_worker.py"), str(out), tiny_base, str(nli)]
-    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    r = run_child([os.path.join(ROOT, "tests", "parity_worker.py"), out, tiny_base, nli], ranks=2)
     assert r.returncode == 0, r.stderr[-3000:]
     zero3 = torch.load(out / "tensors.pt")
     zero3_losses = json.load(open(out / "losses.json"))["losses"]

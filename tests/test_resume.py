@@ -1,13 +1,11 @@
 """Checkpoints: an interrupted-then-resumed stage retraces the uninterrupted loss exactly."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import child_env
+from conftest import run_child
 
 pytestmark = pytest.mark.distributed
 
@@ -40,9 +38,7 @@ D.shutdown()
 
 
 def _python(script, out, stop_after, extra):
-    env = child_env()
-    proc = subprocess.run([sys.executable, "-c", script.format(root=ROOT), out, str(stop_after), *extra],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = run_child(["-c", script.format(root=ROOT), out, stop_after, *extra])
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

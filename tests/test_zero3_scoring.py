@@ -2,11 +2,9 @@
 scoring included) goes through the engine's forward, where DeepSpeed gathers and prefetches."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import child_env
+from conftest import run_child
 
 pytestmark = pytest.mark.distributed
 
@@ -82,8 +80,7 @@ def test_lm_head_is_released_between_forward_and_backward_and_reference_uses_the
     rows = open(os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl")).readlines()[:16]
     stage2 = tmp_path / "s2.jsonl"
     stage2.write_text("".join(rows))
-    proc = subprocess.run([sys.executable, str(script), str(out), tiny_base, str(stage2)], env=child_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_child([script, out, tiny_base, stage2])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     r = json.load(open(out / "report.json"))
     assert r["scorer_nodes"] == 1

@@ -1,8 +1,6 @@
 """The shipped DeepSpeed configs other than ZeRO-3 run the whole pipeline too."""
 import os
-import subprocess
-import sys
-from conftest import child_env
+from conftest import run_child
 import pytest
 
 pytestmark = pytest.mark.distributed
@@ -14,11 +12,9 @@ def test_zero2_pipeline_including_forward_only_sessions(tmp_path):
     """ZeRO-2 refuses an engine without an optimizer; the forward-only sessions (stage-1
     calibration, reference scoring) must still run."""
     out = str(tmp_path / "run")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json"),
-           "--set", f"output_dir={out}", "--set", "model.tiny_hidden_size=32", "--set", "stage1.max_steps=3",
-           "--set", "stage2.max_steps=3", "--set", "stage=pipeline"]
-    env = child_env()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    proc = run_child([os.path.join(ROOT, "train.py"), "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json"),
+                      "--set", f"output_dir={out}", "--set", "model.tiny_hidden_size=32", "--set", "stage1.max_steps=3",
+                      "--set", "stage2.max_steps=3", "--set", "stage=pipeline"], cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "final-norm scale" in proc.stdout
     assert os.path.exists(os.path.join(out, "reference", "scores.safetensors"))
