@@ -5,8 +5,10 @@ offload): per trainable parameter 2 bytes (bf16 weight) + 4 (fp32 gradient) + 12
 master weight, Adam m and v), partitioned over all GPUs under ZeRO-3, plus a gather
 buffer of 4 bytes x the largest layer.  The frozen decoder adds only its bf16 weights.
 Activations assume gradient checkpointing (every layer's input is kept, one layer is
-recomputed at a time).  Logits: the fused scorer keeps 8 bytes per scored token; the
-materialised alternative keeps bf16 logits, their fp32 log-softmax and its gradient.
+recomputed at a time).  LM head: our scorer keeps each scored token's Jacobian (bf16, hidden
+wide) and log-probability between forward and backward, plus one chunk of fp32 logits and bf16 dZ
+while it runs (logprobs.TILE_BUDGET_BYTES); the materialised alternative keeps bf16 logits, their
+fp32 log-softmax and its gradient for every scored token.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import json
 import os
 from dataclasses import dataclass
 
+from .logprobs import TILE_BUDGET_BYTES
+
 GB = 1e9
+SCORER_KEY = "LM head scorer (Jacobians, one chunk)"
 
 PRESETS = {  # (hidden, layers, intermediate, vocab, heads, kv_heads, tied)
     "llama-2-7b": (4096, 32, 11008, 32000, 32, 32, False),
@@ -87,10 +92,10 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     dec_tokens = dec_seqs * (k + max_len + 1)
     layer_work = 2 * (10 * arch.hidden + 3 * arch.intermediate)  # bytes per token while recomputing a layer
     out["activations (checkpointed)"] = (2 * arch.hidden * arch.layers + layer_work) * (enc_tokens + dec_tokens)
-    out["logits, fused scorer"] = 8 * dec_tokens
+    out[SCORER_KEY] = (2 * arch.hidden + 4) * dec_tokens + TILE_BUDGET_BYTES
     materialised = (2 + 4 + 4) * dec_tokens * arch.vocab
     return {"breakdown": out, "total": sum(out.values()), "materialised_logits": materialised,
-            "total_if_materialised": sum(out.values()) - out["logits, fused scorer"] + materialised,
+            "total_if_materialised": sum(out.values()) - out[SCORER_KEY] + materialised,
             "encoder_params": enc, "decoder_params": dec, "decoder_tokens": dec_tokens}
 
 
@@ -100,7 +105,7 @@ def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None) -> tuple[str, 
              f"frozen; {p['decoder_tokens']} decoder tokens per micro-batch", ""]
     for name, v in p["breakdown"].items():
         lines.append(f"  {name:<40} {v / GB:9.2f} GB")
-    lines.append(f"  {'total per GPU (fused scorer)':<40} {p['total'] / GB:9.2f} GB")
+    lines.append(f"  {'total per GPU (our scorer)':<40} {p['total'] / GB:9.2f} GB")
     lines.append(f"  {'  with materialised logits instead':<40} {p['total_if_materialised'] / GB:9.2f} GB "
                  f"(logits {p['materialised_logits'] / GB:.2f} GB)")
     fits = p["total"] <= gpu_mem_gb * GB

@@ -3,7 +3,7 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
 from autoregembed.cli import main
-from autoregembed.plan import Arch, plan
+from autoregembed.plan import SCORER_KEY, Arch, plan
 
 
 def test_llama2_7b_model_states_agree_with_deepspeed():
@@ -35,7 +35,7 @@ def test_fused_scorer_saves_the_logits_and_bad_plans_are_refused(capsys):
                  "--negatives", "15", "--max-len", "512"]) == 3
     assert "DOES NOT FIT" in capsys.readouterr().out
     p = plan(Arch.load("llama-3-8b"), 8, 3, 8, 15, 512)
-    assert p["materialised_logits"] > 100 * p["breakdown"]["logits, fused scorer"]
+    assert p["materialised_logits"] > 50 * p["breakdown"][SCORER_KEY]
     with pytest.raises(ValueError, match="preset"):
         Arch.load("no-such-model")
 
