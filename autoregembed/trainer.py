@@ -90,28 +90,28 @@ class Session:
         m = cfg.model
         lora = (dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets)
                 if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
-        self._zero3 = contextlib.ExitStack()  # the session's lifetime: closed in close()
-        self._zero3.enter_context(hf_zero3_config(self.ds))
-        self.model, self.tokenizer = load_model(encoder_path, self.base, cfg.model.num_embed_tokens, dtype,
-                                                resolve_attn(cfg.model.attn_implementation),
-                                                gradient_checkpointing=train and cfg.model.gradient_checkpointing,
-                                                lora=lora,
-                                                decoder_bos=cfg.model.decoder_bos, scorer=cfg.model.scorer)
-        if norm_scale is not None:
-            rescale_final_norm(self.model.encoder, norm_scale)
-        self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
-                                        cfg.data.max_text_len, cfg.data.max_target_len)
-        kwargs = {}
-        if train:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            if "optimizer" not in self.ds:
-                kwargs["optimizer"] = torch.optim.AdamW(trainable, lr=self.optim.learning_rate,
-                                                        weight_decay=self.optim.weight_decay)
-            else:
-                kwargs["model_parameters"] = trainable
-            kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, _warmup_linear(self.optim.warmup_steps, self.optim.max_steps))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, config=self.ds, **kwargs)
+        with contextlib.ExitStack() as zero3:  # held for the session's lifetime, closed at once on failure
+            zero3.enter_context(hf_zero3_config(self.ds))
+            self.model, self.tokenizer = load_model(
+                encoder_path, self.base, m.num_embed_tokens, dtype, resolve_attn(m.attn_implementation),
+                gradient_checkpointing=train and m.gradient_checkpointing, lora=lora, decoder_bos=m.decoder_bos,
+                scorer=m.scorer)
+            if norm_scale is not None:
+                rescale_final_norm(self.model.encoder, norm_scale)
+            self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
+                                            cfg.data.max_text_len, cfg.data.max_target_len)
+            kwargs = {}
+            if train:
+                trainable = [p for p in self.model.parameters() if p.requires_grad]
+                if "optimizer" not in self.ds:
+                    kwargs["optimizer"] = torch.optim.AdamW(trainable, lr=self.optim.learning_rate,
+                                                            weight_decay=self.optim.weight_decay)
+                else:
+                    kwargs["model_parameters"] = trainable
+                kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                    opt, _warmup_linear(self.optim.warmup_steps, self.optim.max_steps))
+            self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, config=self.ds, **kwargs)
+            self._zero3 = zero3.pop_all()  # closed in close()
         if not train:
             self.engine.eval()
         self.device = D.device()

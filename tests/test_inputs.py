@@ -312,3 +312,18 @@ def test_export_description_round_trips_and_a_broken_one_names_its_file(tmp_path
         ExportMeta.read(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not an autoregembed export"):
         ExportMeta.read(str(tmp_path / "elsewhere"))
+
+
+def test_a_session_that_fails_to_load_leaves_no_zero3_config_behind(tmp_path, tiny_base):
+    """Transformers' ZeRO-3 global is set only while a Session lives: a failed load must clear it, or
+    every later from_pretrained in the process would build partitioned, empty models."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from autoregembed.cli import DEFAULT_DS
+    from autoregembed.trainer import Session
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"model.base={tiny_base}"])
+    with pytest.raises(OSError) as failure:
+        Session(cfg, "stage1", DEFAULT_DS, str(tmp_path / "no-such-model"), train=True)
+    assert failure.tb is not None  # an error handler still holds the failed Session's frames here
+    assert not is_deepspeed_zero3_enabled()
