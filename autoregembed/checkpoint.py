@@ -107,9 +107,13 @@ def _saved_world_size(tag_dir: str) -> int:
     return len([n for n in os.listdir(tag_dir) if n.endswith("_optim_states.pt")])
 
 
+def _universal_dir(ckpt_dir: str) -> str:
+    return os.path.join(ckpt_dir, "universal")
+
+
 def _to_universal(ckpt_dir: str, tag: str):
     """Convert (rank 0, once) a checkpoint to the universal format, into ``<ckpt_dir>/universal/<tag>``."""
-    parent = os.path.join(ckpt_dir, "universal")
+    parent = _universal_dir(ckpt_dir)
     out = os.path.join(parent, tag)
     if D.rank() == 0 and not os.path.isdir(out):
         with atomic_dir(out) as tmp:
@@ -200,7 +204,7 @@ def load(engine, resume: Resume, log=print) -> dict:
     ckpt_dir, tag = resume.ckpt_dir, resume.tag
     if engine.load_universal_checkpoint() != resume.universal:
         raise CheckpointError(f"{ckpt_dir}/{tag}: the engine was not built with this checkpoint's ds_settings()")
-    load_dir = os.path.join(ckpt_dir, "universal") if resume.universal else ckpt_dir
+    load_dir = _universal_dir(ckpt_dir) if resume.universal else ckpt_dir
     saved_world = resume.saved_world
     try:
         _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=False,
