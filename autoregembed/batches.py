@@ -72,6 +72,17 @@ def alignment_batch(rows: list[dict], te: TextEncoder, refs) -> AlignmentBatch:
                           torch.tensor([v for _, rs in looked_up for v in rs], dtype=torch.float32))
 
 
+def token_count(batch) -> int:
+    """Non-padding tokens the batch feeds the encoder and the decoder (every ``*mask`` field)."""
+    total = 0
+    for name, value in zip(type(batch)._fields, batch):
+        if isinstance(value, tuple):
+            total += token_count(value)
+        elif name.endswith("mask"):
+            total += int(value.sum())
+    return total
+
+
 def to_device(batch, device):
     """The same batch type with every tensor on ``device``."""
     return type(batch)(*(to_device(v, device) if isinstance(v, tuple) else v.to(device) for v in batch))

@@ -39,13 +39,11 @@ def _fail(e: Exception) -> int:
 
 
 def run_training(args, stage: str | None = None) -> int:
-    import warnings
-
-    from . import distributed as D
+    from . import distributed as D, warnings_once
     from .config import load_config
     from .trainer import run
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings_once.install()
     overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
     try:
         cfg = load_config(args.config, overrides)  # config errors surface before any process group or model

@@ -98,6 +98,14 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # DeepSpeed's monitor writers, output under <output_dir>/<stage>/monitor (metrics.jsonl is always written)
+    tensorboard: bool = False
+    csv: bool = False
+    plot: bool = True  # a pipeline ends by writing <output_dir>/metrics.png (autoregembed plot)
+
+
+@dataclass
 class Config:
     stage: str = "pipeline"
     # auto: CUDA when present, else CPU | cuda: refuse to start without CUDA | cpu: ignore any GPU
@@ -111,6 +119,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     # Derived locations: one place that says where every artifact goes.
     def stage_dir(self, stage: str) -> str:

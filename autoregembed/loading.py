@@ -173,12 +173,21 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
         add_lora(encoder, **lora)
     encoder.config.use_cache = False
     if gradient_checkpointing:
-        gc = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        encoder.gradient_checkpointing_enable(**gc)
-        decoder.gradient_checkpointing_enable(**gc)
+        for m in (encoder, decoder):
+            enable_activation_checkpointing(m)
     model = AutoRegEmbedModel(encoder, decoder, k,
                               decoder_bos_id=tokenizer.bos_token_id if decoder_bos else None, scorer=scorer)
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model):
+    """Non-reentrant activation checkpointing (ZeRO-3's hooks need it), through Transformers'
+    current API where it has it (``gradient_checkpointing_enable`` is deprecated from 5.x)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def prepare_base(cfg) -> str:

@@ -19,15 +19,17 @@ import torch
 
 from . import checkpoint, preemption
 from . import distributed as D
-from .batches import compression_batch, to_device
-from .atomic import atomic_write_text
+from .batches import compression_batch, to_device, token_count
 from .config import Config, check_runtime
 from .data import StepSampler, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
+from .atomic import atomic_write_text
+from .monitor import StepMonitor, ds_monitor_settings, truncate_metrics
 from .loading import hf_zero3_config, load_model, prepare_base, resolve_attn, resolve_dtype
 from .plan import Arch
+from .plot import EVAL_RESULT, plot_run
 from .refscores import ReferenceScores, fingerprint, save_scores
 from .runlock import RunLock, RunLockError
 from .stages import STAGES
@@ -80,6 +82,9 @@ class Session:
         dtype = resolve_dtype(cfg.model.dtype)
         self.ds = build_ds_config(ds_path, self.optim, D.world_size(), _arch(self.base), dtype,
                                   D.local_world_size())
+        if train:
+            for key, value in ds_monitor_settings(cfg.monitor, cfg.stage_dir(stage), stage).items():
+                self.ds.setdefault(key, value)  # a writer the DeepSpeed JSON configures stays as it is
         for key, value in (resume.ds_settings() if resume else {}).items():
             self.ds[key] = {**self.ds.get(key, {}), **value}
         if not train and zero_stage(self.ds) in (1, 2):
@@ -136,11 +141,10 @@ class Session:
         gc.collect()
 
 
-def _log_metrics(cfg: Config, stage: str, record: dict):
-    if D.rank() == 0:
-        os.makedirs(cfg.stage_dir(stage), exist_ok=True)
-        with open(os.path.join(cfg.stage_dir(stage), "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+def _grad_norm(engine) -> float | None:
+    """The global gradient norm of the last optimizer step (before clipping), where DeepSpeed kept it."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
 
 
 def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[dict], n_rows: int = 128) -> torch.Tensor:
@@ -183,17 +187,6 @@ def _set_aside_earlier_run(cfg: Config, stage: str):
     D.barrier()
 
 
-def _truncate_metrics(cfg: Config, stage: str, step: int):
-    """After resuming at ``step``, metrics.jsonl keeps the records up to it: the steps logged after
-    that checkpoint (before the crash) are about to be logged again."""
-    path = os.path.join(cfg.stage_dir(stage), "metrics.jsonl")
-    if D.rank() == 0 and os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(lines))
-    D.barrier()
-
-
 @dataclasses.dataclass(frozen=True)
 class StageResult:
     """How a stage ended.  ``done``: it ran to the end and wrote ``artifact`` (an export, a score
@@ -219,7 +212,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     loss_fn = st.loss(cfg)
     if not resume:
         _set_aside_earlier_run(cfg, stage)
-    ckpt_dir = cfg.checkpoint_dir(stage)
+    ckpt_dir, stage_dir = cfg.checkpoint_dir(stage), cfg.stage_dir(stage)
     resume_from = checkpoint.find_resume(ckpt_dir, log=lambda m: log(f"{stage}: {m}")) if resume else None
     s = Session(cfg, stage, ds_path, encoder_path, train=True,
                 norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path, rows), resume=resume_from)
@@ -229,16 +222,15 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     if resume:
         if resume_from is not None:
             start = checkpoint.load(s.engine, resume_from, log=lambda m: log(f"{stage}: {m}"))["step"]
-        _truncate_metrics(cfg, stage, start)
+        truncate_metrics(stage_dir, start)
     end = o.max_steps if o.stop_after is None else min(o.max_steps, o.stop_after)
-    stage_dir = cfg.stage_dir(stage)
     preemption.install()
     preemption.clear_marker(stage_dir)
     D.barrier()
     s.engine.train()
-    t0 = time.time()
+    monitor = StepMonitor(stage, stage_dir, o.max_steps, start, end, o.log_every, s.engine, log)
     for step in range(start, end):
-        total = 0.0
+        total, tokens = 0.0, 0
         for micro in range(o.gradient_accumulation_steps):
             batch_rows = [rows[i] for i in sampler.indices(step, micro, D.rank())]
             batch = to_device(st.make_batch(batch_rows, s.text_encoder, refs), s.device)
@@ -246,12 +238,11 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
             s.engine.backward(loss)
             s.engine.step()
             total += loss.item() / o.gradient_accumulation_steps
+            tokens += token_count(batch)
         mean = D.mean_across_ranks(total)
         if not torch.isfinite(torch.tensor(mean)):
             raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")
-        _log_metrics(cfg, stage, {"step": step + 1, "loss": mean, "lr": s.scheduler.get_last_lr()[0]})
-        if (step + 1) % o.log_every == 0 or step + 1 == end:
-            log(f"{stage}: step {step + 1}/{o.max_steps} loss {mean:.4f} ({time.time() - t0:.1f}s)")
+        monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens)
         stop = step + 1 < end and preemption.requested(stage_dir)
         if stop or (o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end):
             checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
@@ -327,20 +318,26 @@ def score_references(cfg: Config, ds_path) -> StageResult:
     s.close()
     return StageResult("done", path)
 
-def evaluate(cfg: Config, model_dir: str) -> float:
+def evaluate(cfg: Config, model_dir: str) -> dict:
+    """STS of ``model_dir`` on ``cfg.sts_file``, as ``autoregembed eval`` prints it; also written
+    to ``<output_dir>/eval/result.json`` (read by ``autoregembed plot``)."""
     from .encoder import Encoder
     from .evaluate import sts_eval
 
     r = sts_eval(Encoder.from_pretrained(model_dir), cfg.sts_file, cfg.eval.batch_size)
+    result = {"model": model_dir, "sts": cfg.sts_file, "spearman_x100": round(r["spearman"], 2),
+              "mean_pairwise_cosine": round(r["mean_cosine"], 4)}
+    os.makedirs(cfg.stage_dir("eval"), exist_ok=True)
+    atomic_write_text(os.path.join(cfg.output_dir, EVAL_RESULT), json.dumps(result, indent=2) + "\n")
     log(f"eval: STS Spearman x100 = {r['spearman']:.2f}, mean pairwise cosine {r['mean_cosine']:.3f} "
         f"({cfg.sts_file}, model {model_dir})")
-    return r["spearman"]
+    return result
 
 
 def evaluate_stage(cfg: Config) -> StageResult:
     """STS of the export the run produced (``stage2`` in a pipeline, else ``paths.export_from``)."""
     model_dir = cfg.export_dir("stage2" if cfg.is_pipeline else cfg.paths.export_from)
-    score = evaluate(cfg, model_dir) if D.rank() == 0 else None
+    score = evaluate(cfg, model_dir)["spearman_x100"] if D.rank() == 0 else None
     D.barrier()
     return StageResult("done", score=score)
 
@@ -408,6 +405,8 @@ def _run_stages(cfg: Config, ds_path, resume: bool) -> dict:
         if result.status != "done":  # the checkpoint is saved; later stages must wait for this one
             break
     if D.rank() == 0 and cfg.is_pipeline:
+        if cfg.monitor.plot and "sts_spearman" in out:
+            out["plot"] = plot_run(cfg.output_dir)
         for k, v in out.items():
             log(f"artifact {k}: {v}")
     return out

@@ -1,0 +1,92 @@
+"""What a training stage reports per optimizer step: ``metrics.jsonl``, a progress line, and
+DeepSpeed's monitor (TensorBoard / CSV writers, off unless ``monitor.*`` turns them on).
+
+Every rank calls ``StepMonitor.step`` (the token count is summed across ranks); rank 0 writes.
+``metrics.jsonl`` holds one record per step, so a resumed run first cuts it back to its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from . import distributed as D
+from .atomic import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+MONITOR_DIR = "monitor"  # under the stage folder: DeepSpeed's TensorBoard / CSV output
+
+
+def ds_monitor_settings(monitor_cfg, stage_dir: str, stage: str) -> dict:
+    """DeepSpeed config sections for the writers ``monitor.tensorboard`` / ``monitor.csv`` enable."""
+    out = {}
+    for key, on in (("tensorboard", monitor_cfg.tensorboard), ("csv_monitor", monitor_cfg.csv)):
+        if on:
+            out[key] = {"enabled": True, "output_path": os.path.join(stage_dir, MONITOR_DIR), "job_name": stage}
+    return out
+
+
+def read_metrics(stage_dir: str) -> list[dict]:
+    path = os.path.join(stage_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(stage_dir: str, step: int):
+    """After resuming at ``step``, keep the records up to it: the steps logged after that
+    checkpoint (before the crash) are about to be logged again."""
+    path = os.path.join(stage_dir, METRICS_FILE)
+    if D.rank() == 0 and os.path.exists(path):
+        kept = [r for r in read_metrics(stage_dir) if r["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    D.barrier()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def progress_line(stage: str, r: dict, total: int, elapsed: float, eta: float) -> str:
+    grad = "n/a" if r.get("grad_norm") is None else f"{r['grad_norm']:.3g}"
+    return (f"{stage}: step {r['step']}/{total} loss {r['loss']:.4f} lr {r['lr']:.3g} grad norm {grad} "
+            f"{r['tokens_per_s']:,.0f} tok/s elapsed {_duration(elapsed)} eta {_duration(eta)}")
+
+
+class StepMonitor:
+    """One stage's step records.  ``engine``: DeepSpeed's, whose ``monitor`` receives the same
+    values as ``Train/<stage>/<name>`` when a writer is enabled."""
+
+    def __init__(self, stage: str, stage_dir: str, total_steps: int, start_step: int, last_step: int,
+                 log_every: int, engine=None, log=print):
+        self.stage, self.stage_dir, self.total, self.log_every = stage, stage_dir, total_steps, log_every
+        self.start, self.last, self.engine, self.log = start_step, last_step, engine, log
+        self.t0 = self.t_last = time.time()
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int) -> dict:
+        """Record optimizer step ``step`` (1-based); ``tokens``: this rank's non-padding tokens."""
+        tokens_all = D.mean_across_ranks(float(tokens)) * D.world_size()
+        now = time.time()
+        elapsed, done = now - self.t0, step - self.start
+        record = {"step": step, "loss": loss, "lr": lr,
+                  "grad_norm": None if grad_norm is None or not math.isfinite(grad_norm) else float(grad_norm),
+                  "tokens": int(tokens_all), "tokens_per_s": tokens_all / max(now - self.t_last, 1e-9),
+                  "elapsed_s": round(elapsed, 3)}
+        self.t_last = now
+        if D.rank() == 0:
+            os.makedirs(self.stage_dir, exist_ok=True)
+            with open(os.path.join(self.stage_dir, METRICS_FILE), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            monitor = getattr(self.engine, "monitor", None)
+            if monitor is not None and monitor.enabled:
+                monitor.write_events([(f"Train/{self.stage}/{k}", record[k], step)
+                                      for k in ("loss", "lr", "grad_norm", "tokens_per_s") if record[k] is not None])
+            if step % self.log_every == 0 or step == self.last:
+                eta = elapsed / max(done, 1) * (self.last - step)
+                self.log(progress_line(self.stage, record, self.total, elapsed, eta))
+        return record

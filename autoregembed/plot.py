@@ -1,0 +1,54 @@
+"""``autoregembed plot RUN_DIR``: loss, learning rate and gradient norm per training stage, as a PNG.
+
+Reads each stage's ``metrics.jsonl`` and, when the run evaluated, ``eval/result.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .atomic import atomic_file
+from .monitor import read_metrics
+from .stages import STAGES
+
+PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"))
+EVAL_RESULT = os.path.join("eval", "result.json")
+
+
+def plot_run(run_dir: str, out: str | None = None) -> str:
+    """Write the PNG (default ``RUN_DIR/metrics.png``) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    stages = {name: read_metrics(os.path.join(run_dir, name)) for name in STAGES if STAGES[name].trains}
+    stages = {name: recs for name, recs in stages.items() if recs}
+    if not stages:
+        raise ValueError(f"{run_dir}: no training metrics (no <stage>/metrics.jsonl with records)")
+    fig, axes = plt.subplots(len(PANELS), len(stages), figsize=(5 * len(stages), 2.6 * len(PANELS)),
+                             squeeze=False, sharex="col")
+    for col, (name, recs) in enumerate(stages.items()):
+        steps = [r["step"] for r in recs]
+        for row, (key, label) in enumerate(PANELS):
+            ax = axes[row][col]
+            values = [r.get(key) for r in recs]
+            points = [(s, v) for s, v in zip(steps, values) if v is not None]
+            if points:
+                ax.plot(*zip(*points), lw=1.2)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(name)
+        axes[-1][col].set_xlabel("optimizer step")
+    eval_path = os.path.join(run_dir, EVAL_RESULT)
+    if os.path.exists(eval_path):
+        with open(eval_path) as f:
+            r = json.load(f)
+        fig.suptitle(f"eval: STS Spearman x100 = {r['spearman_x100']:.2f} ({os.path.basename(r['sts'])})")
+    fig.tight_layout()
+    out = out or os.path.join(run_dir, "metrics.png")
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return out
