@@ -1,4 +1,5 @@
-"""Command line: ``autoregembed train | score-refs | export | encode | eval`` and ``train.py``."""
+"""Command line: ``autoregembed train | score-refs | export | encode | eval | plan | plot | data | mine``
+and ``train.py``."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,8 @@ def run_training(args, stage: str | None = None) -> int:
 
 
 def main(argv=None) -> int:
+    from .convert import CONVERTERS
+
     parser = argparse.ArgumentParser(prog="autoregembed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "run the configured stage (default: the whole pipeline)"),
@@ -71,10 +74,42 @@ def main(argv=None) -> int:
     enc.add_argument("--output", required=True, help=".npy file to write")
     enc.add_argument("--instruction", default=None)
     enc.add_argument("--batch-size", type=int, default=32)
-    ev = sub.add_parser("eval", help="STS Spearman x100 of an exported model")
+    ev = sub.add_parser("eval", help="STS Spearman x100 of an exported model, or MTEB tasks")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--sts", required=True, help="STS-B format file (tab-separated)")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sts", help="STS-B format file (tab-separated)")
+    what.add_argument("--mteb", metavar="TASKS", help="comma-separated MTEB task names, e.g. STS12,STS13,STSBenchmark")
+    ev.add_argument("--output", default="mteb-results", help="--mteb: folder for mteb's result files (default: %(default)s)")
     ev.add_argument("--batch-size", type=int, default=64)
+    pt = sub.add_parser("plot", help="PNG of loss, learning rate and gradient norm per stage of a run")
+    pt.add_argument("run_dir", help="a run's output_dir")
+    pt.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    data = sub.add_parser("data", help="check a training file, or convert a public layout into ours")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    ck = data_sub.add_parser("check", help="rows, errors (file:line), duplicates, negatives, token lengths")
+    ck.add_argument("file")
+    ck.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    ck.add_argument("--tokenizer", default=None,
+                    help="tokenizer folder or hub name (default: the config's base model, if it is on disk)")
+    ck.add_argument("--config", default=None, help="YAML run config: data.max_text_len / max_target_len")
+    ck.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ck.add_argument("--json", action="store_true", help="print the report as JSON")
+    cv = data_sub.add_parser("convert", help="SimCSE CSV, FlagEmbedding or authors' jsonl, plain text -> our rows")
+    cv.add_argument("--from", dest="kind", required=True, choices=sorted(CONVERTERS))
+    cv.add_argument("src")
+    cv.add_argument("out")
+    cv.add_argument("--instruction", default=None, help="for rows that carry none")
+    mn = sub.add_parser("mine", help="hard negatives from a model's own embeddings, as stage-2 rows")
+    mn.add_argument("--model", required=True, help="an exported model")
+    mn.add_argument("--queries", required=True, help="jsonl rows with query, pos, instruction")
+    mn.add_argument("--corpus", default=None,
+                    help="passages: .jsonl of {text} or plain lines (default: every pos and neg of --queries)")
+    mn.add_argument("--negatives", type=int, default=7)
+    mn.add_argument("--skip-top", type=int, default=0, help="ranks to skip before taking negatives")
+    mn.add_argument("--max-similarity", type=float, default=0.95,
+                    help="skip passages at least this close (cosine) to the positive")
+    mn.add_argument("--output", required=True, help="stage-2 jsonl to write")
+    mn.add_argument("--batch-size", type=int, default=64)
     pl = sub.add_parser("plan", help="per-GPU memory of a run; refuses plans that do not fit")
     pl.add_argument("--model", required=True, help="preset (llama-2-7b, ...) or a config.json / model folder")
     pl.add_argument("--gpus-per-node", type=int, default=8)
@@ -105,15 +140,79 @@ def main(argv=None) -> int:
     if args.command in ("train", "score-refs", "export"):
         stage = {"train": None, "score-refs": "reference", "export": "export"}[args.command]
         return run_training(args, stage)
+    from . import warnings_once
+
+    warnings_once.install()
+    tools = {"plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval, "eval": _encode_or_eval}
     try:
-        return _encode_or_eval(args)
+        return tools[args.command](args)
     except (ValueError, TypeError, OSError) as e:  # a bad file, folder or value given on the command line
         return _fail(e)
+
+
+def _plot(args) -> int:
+    from .plot import plot_run
+
+    print(json.dumps({"plot": plot_run(args.run_dir, args.output)}))
+    return 0
+
+
+def _data(args) -> int:
+    if args.data_command == "convert":
+        from .convert import convert
+
+        n, stage = convert(args.kind, args.src, args.out, args.instruction)
+        print(json.dumps({"output": args.out, "rows": n, "stage": stage}))
+        return 0
+    from .config import load_config
+    from .data_check import check_file
+
+    cfg = load_config(args.config, args.overrides)
+    tokenizer, source = None, args.tokenizer or cfg.base_model_dir
+    if args.tokenizer or os.path.isdir(source):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    report = check_file(args.file, args.stage, tokenizer, cfg.data.max_text_len, cfg.data.max_target_len)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(report.text())
+        if tokenizer is None:
+            print(f"  (token lengths skipped: no tokenizer at {source}; pass --tokenizer)")
+    return 1 if report.errors else 0
+
+
+def _mine(args) -> int:
+    from .data import write_jsonl
+    from .encoder import Encoder
+    from .mine import mine_negatives, read_corpus, read_queries
+
+    rows = read_queries(args.queries)  # bad input fails before the model loads
+    if args.corpus:
+        corpus = read_corpus(args.corpus)
+    else:
+        from .data import load_rows
+
+        corpus = list(dict.fromkeys(t for r in load_rows(args.queries, 2) for t in [r["pos"], *r["neg"]]))
+    mined = mine_negatives(Encoder.from_pretrained(args.model), rows, corpus, args.negatives, args.skip_top,
+                           args.max_similarity, args.batch_size)
+    write_jsonl(args.output, mined)
+    print(json.dumps({"output": args.output, "rows": len(mined), "skipped_rows": len(rows) - len(mined),
+                      "corpus": len(corpus)}))
+    return 0
 
 
 def _encode_or_eval(args) -> int:
     from .encoder import Encoder
 
+    if args.command == "eval" and args.mteb:
+        from .mteb_model import run_mteb
+
+        scores = run_mteb(args.model, [t.strip() for t in args.mteb.split(",") if t.strip()], args.output,
+                          args.batch_size)
+        print(json.dumps({"model": args.model, "results": args.output, "main_score_x100": scores}))
+        return 0
     model = Encoder.from_pretrained(args.model)
     if args.command == "encode":
         import numpy as np

@@ -18,6 +18,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .atomic import atomic_write_text
+
 
 class DataError(ValueError):
     """A malformed training row; the message names file, line (or record) and field."""
@@ -27,7 +29,7 @@ STAGE1_FIELDS = {"context": "text", "instruction": "instruction", "output": "tex
 STAGE2_FIELDS = {"query": "text", "pos": "text", "neg": "texts", "instruction": "instruction"}
 
 
-def _check_row(row, fields: dict, where: str) -> dict:
+def check_row(row, fields: dict, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     out = {}
@@ -70,21 +72,27 @@ def read_lines(path: str) -> list[str]:
     return [line.rstrip("\n") for line in io.StringIO(read_text(path), newline=None)]
 
 
-def _jsonl_records(path: str):
-    """(where, record) for each non-blank line, errors naming file and line."""
+def _jsonl_records(path: str, on_error=None):
+    """(where, record) for each non-blank line, errors naming file and line: raised, or passed to
+    ``on_error`` and the line skipped."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                                f"{e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+                error = DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                  f"{e.start + 1})")
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                    continue
+                except json.JSONDecodeError as e:
+                    error = DataError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})")
+            if on_error is None:
+                raise error
+            on_error(error)
 
 
 def _datasets_records(source: str, split: str):
@@ -99,23 +107,29 @@ def _datasets_records(source: str, split: str):
         yield f"{source}: record {i + 1}", r
 
 
-def records(source: str, split: str = "train"):
+def records(source: str, split: str = "train", on_error=None):
     """(where, raw record) of a .jsonl file (read here), or of a .json/.parquet file or hub dataset
-    (through ``datasets``): the one reader behind every data file, validated or not."""
+    (through ``datasets``): the one reader behind every data file, validated or not.  ``on_error``:
+    see _jsonl_records."""
     if source.endswith(".jsonl"):
         if not os.path.exists(source):
             raise DataError(f"{source}: no such file")
-        return _jsonl_records(source)
+        return _jsonl_records(source, on_error)
     return _datasets_records(source, split)
 
 
 def load_rows(source: str, stage: int, split: str = "train") -> list[dict]:
     """Validated rows of a stage-1 or stage-2 file (or hub dataset name)."""
     fields = {1: STAGE1_FIELDS, 2: STAGE2_FIELDS}[stage]
-    rows = [_check_row(obj, fields, where) for where, obj in records(source, split)]
+    rows = [check_row(obj, fields, where) for where, obj in records(source, split)]
     if not rows:
         raise DataError(f"{source}: no rows")
     return rows
+
+
+def write_jsonl(path: str, rows: list[dict]):
+    """Rows as JSON lines, written atomically (a converted or mined file is never half there)."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def row_key(row: dict) -> bytes:

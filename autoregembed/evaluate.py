@@ -43,10 +43,11 @@ def mean_pairwise_cosine(emb: np.ndarray) -> float:
 
 def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool = True) -> dict:
     """{"spearman": Spearman x100 of cosine vs gold, "mean_cosine": mean_pairwise_cosine of
-    the sentences' embeddings}."""
+    the sentences' embeddings}.  Embeddings are L2-normalised, so cosine is their dot product."""
     a, b, gold = read_sts(path)
     uniq = sorted(set(a) | set(b))
     emb = encoder.encode(uniq, batch_size=batch_size, show_progress_bar=show_progress_bar)
     pos = {s: i for i, s in enumerate(uniq)}
-    cos = np.sum(emb[[pos[s] for s in a]] * emb[[pos[s] for s in b]], axis=1)
+    emb64 = emb.astype(np.float64)  # float32 cosines tie by rounding, and Spearman ranks the ties arbitrarily
+    cos = np.sum(emb64[[pos[s] for s in a]] * emb64[[pos[s] for s in b]], axis=1)
     return {"spearman": float(spearmanr(cos, gold).statistic * 100), "mean_cosine": mean_pairwise_cosine(emb)}

@@ -1,8 +1,9 @@
 """Consolidate the (possibly ZeRO-3 sharded) encoder into a Hugging Face folder.
 
-The folder loads with plain ``transformers.AutoModel.from_pretrained`` and with
-``autoregembed.Encoder.from_pretrained``: sharded safetensors + index, config, the
-tokenizer with its EMBED tokens, and ``autoregembed.json`` (k and instructions).
+The folder loads with plain ``transformers.AutoModel.from_pretrained``, with
+``autoregembed.Encoder.from_pretrained`` and with ``sentence_transformers.SentenceTransformer``:
+sharded safetensors + index, config, the tokenizer with its EMBED tokens,
+``autoregembed.json`` (k and instructions) and the sentence-transformers modules (st_format.py).
 Parameters are gathered one at a time (a LoRA layer with its adapters, merged; see
 lora.py) and shards are flushed as they fill, so rank 0 never holds more than one shard
 plus one layer.  Written atomically.
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from . import distributed as D
 from .atomic import atomic_dir
 from .lora import exported_parameters
+from .st_format import write_sentence_transformers
 from .tokenization import input_template
 
 META_FILE = "autoregembed.json"
@@ -117,5 +119,7 @@ def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: Expo
             config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             meta.write(tmp)
+            write_sentence_transformers(tmp, tokenizer, meta.num_embed_tokens, meta.instruction,
+                                        meta.max_text_len, config.hidden_size)
     D.barrier()
     return out_dir

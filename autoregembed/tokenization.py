@@ -35,6 +35,7 @@ def prepare_tokenizer(tokenizer, k: int):
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer needs both a BOS and an EOS token")
     tokenizer.padding_side = "right"
+    tokenizer.model_max_length = int(1e30)  # TextEncoder applies the budgets; an export's own limit is for others
     return tokenizer
 
 

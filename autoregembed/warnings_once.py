@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import warnings
 
-_seen: set[tuple[type, str]] = set()
 _installed = False
 
 
-def install():
-    """Route warnings through a filter on (category, message): idempotent."""
-    global _installed
-    if _installed:
-        return
-    show = warnings.showwarning
+def show_once(show):
+    """``show`` (a ``warnings.showwarning``), called for the first of each (category, message)."""
+    seen: set[tuple[type, str]] = set()
 
-    def show_once(message, category, filename, lineno, file=None, line=None):
+    def wrapper(message, category, filename, lineno, file=None, line=None):
         key = (category, str(message))
-        if key in _seen:
-            return
-        _seen.add(key)
-        show(message, category, filename, lineno, file, line)
+        if key not in seen:
+            seen.add(key)
+            show(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show_once  # the filters still decide what is shown at all
-    _installed = True
+    return wrapper
+
+
+def install():
+    """Route this process's warnings through ``show_once``: idempotent."""
+    global _installed
+    if not _installed:
+        warnings.showwarning = show_once(warnings.showwarning)  # the filters still decide what is shown at all
+        _installed = True

@@ -64,3 +64,20 @@ def tiny_base(tmp_path_factory):
     cfg = Config()
     out = str(tmp_path_factory.mktemp("base") / "base")
     return build_tiny_base(out, [cfg.data.stage1, cfg.data.stage2], hidden_size=32, layers=2, pretrain_steps=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_base, tmp_path_factory):
+    """An export of the tiny base's encoder (untrained EMBED rows, seeded): what the inference
+    tools (Encoder, sentence-transformers, MTEB, mining) read."""
+    import torch
+
+    from autoregembed.export import ExportMeta, export_encoder
+    from autoregembed.loading import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_base, tiny_base, 5, torch.float32, "sdpa")
+    out = str(tmp_path_factory.mktemp("export") / "model")
+    export_encoder(model.encoder, tok, out, ExportMeta(num_embed_tokens=5, max_text_len=64,
+                                                       instruction="Retrieve semantically similar text."))
+    return out

@@ -43,7 +43,7 @@ def run(tmp_path_factory, request):
     proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reports = [json.load(open(tmp / f"report-rank{r}.json")) for r in range(2)]
-    return out, reports, request.param
+    return out, reports, request.param, proc.stdout + proc.stderr
 
 
 def _losses(out, stage):
@@ -56,6 +56,18 @@ def test_loss_is_finite_and_decreases_on_repeated_data(run, stage):
     assert len(losses) == {"stage1": 16, "stage2": 12}[stage]
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def test_each_step_reports_grad_norm_throughput_and_each_warning_once(run):
+    for stage in ("stage1", "stage2"):
+        records = [json.loads(line) for line in open(os.path.join(run[0], stage, "metrics.jsonl"))]
+        assert all(r["grad_norm"] > 0 and np.isfinite(r["grad_norm"]) for r in records)
+        assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in records)
+        assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
+    progress = [line for line in run[3].splitlines() if "tok/s" in line]
+    assert any(" step 16/16 loss " in line and " eta 0s" in line for line in progress), progress
+    warnings = [line for line in run[3].splitlines() if "Warning: " in line]
+    assert all(warnings.count(w) <= 2 for w in warnings), warnings  # once per rank at most
 
 
 def test_each_rank_holds_half_of_every_parameter(run):

@@ -1,0 +1,122 @@
+"""An exported model under MTEB 2's encoder protocol, with one instruction per task type.
+
+``encode(inputs: DataLoader, *, task_metadata, hf_split, hf_subset, prompt_type)``: the
+instruction goes into our template's instruction slot (text, then instruction, then the EMBED
+tokens), chosen by the most specific key of ``instructions`` that matches, in this order:
+``"<task name>-<query|document>"``, ``"<task name>"``, ``"<task type>-<query|document>"``,
+``"<task type>"``; else the export's own instruction (autoregembed.json).
+"""
+from __future__ import annotations
+
+import os
+
+import mteb
+import numpy as np
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+from .encoder import Encoder
+from .export import ExportMeta
+
+STS_INSTRUCTION = "Retrieve semantically similar text."
+# One instruction per task type (passages read the export's instruction unless a key names them).
+TASK_TYPE_INSTRUCTIONS = {
+    "STS": STS_INSTRUCTION,
+    "Summarization": STS_INSTRUCTION,
+    "PairClassification": STS_INSTRUCTION,
+    "BitextMining": STS_INSTRUCTION,
+    "Retrieval-query": "Given a query, retrieve relevant passages that answer the query.",
+    "Reranking-query": "Given a query, retrieve relevant documents.",
+    "Classification": "Classify the given text.",
+    "MultilabelClassification": "Classify the given text.",
+    "Clustering": "Identify the topic or theme of the given text.",
+}
+
+
+def model_meta(path: str, meta: ExportMeta, hidden_size: int, n_parameters: int) -> ModelMeta:
+    """MTEB's description of an export; results are filed under ``autoregembed/<folder name>``."""
+    return ModelMeta(
+        loader=None, name=f"autoregembed/{os.path.basename(os.path.abspath(path))}", revision="local",
+        release_date=None, languages=None, n_parameters=n_parameters, memory_usage_mb=None,
+        max_tokens=meta.max_text_len, embed_dim=hidden_size, license=None, open_weights=True,
+        public_training_code="https://arxiv.org/abs/2502.11401", public_training_data=None,
+        framework=["PyTorch", "Transformers", "safetensors", "Sentence Transformers"],
+        similarity_fn_name=ScoringFunction.COSINE, use_instructions=True, training_datasets=None,
+        adapted_from=meta.base_model, modalities=["text"])
+
+
+class AutoRegEmbedMTEB(AbsEncoder):
+    """``mteb.evaluate(AutoRegEmbedMTEB(path), tasks)``."""
+
+    def __init__(self, model_name: str, revision: str | None = None, *, device: str | None = None,
+                 instructions: dict[str, str] | None = None, batch_size: int = 32, **kwargs):
+        self.model = Encoder.from_pretrained(model_name, device=device)
+        self.export_meta = ExportMeta.read(model_name)
+        self.instructions = {**TASK_TYPE_INSTRUCTIONS, **(instructions or {})}
+        self.batch_size = batch_size
+        self.mteb_model_meta = model_meta(model_name, self.export_meta, self.model.model.config.hidden_size,
+                                          sum(p.numel() for p in self.model.model.parameters()))
+
+    def instruction_for(self, task_metadata, prompt_type=None) -> str:
+        side = f"-{prompt_type.value}" if prompt_type is not None else None
+        for key in (task_metadata.name, task_metadata.type):
+            if side and key + side in self.instructions:
+                return self.instructions[key + side]
+            if key in self.instructions:
+                return self.instructions[key]
+        return self.export_meta.instruction
+
+    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs):
+        """Float64 embeddings, so MTEB's cosines rank near-equal pairs by value, not by float32
+        rounding (and agree with ``autoregembed eval --sts``)."""
+        texts = [t for batch in inputs for t in batch["text"]]
+        emb = self.model.encode(texts, batch_size=kwargs.get("batch_size", self.batch_size),
+                                instruction=self.instruction_for(task_metadata, prompt_type),
+                                show_progress_bar=kwargs.get("show_progress_bar", False))
+        return emb.astype(np.float64)
+
+
+def local_sts_task(path: str, name: str = "LocalSTS"):
+    """An MTEB STS task over a local STS-B format file (evaluate.read_sts), evaluated as "test"."""
+    from datasets import Dataset, DatasetDict
+    from mteb.abstasks.sts import AbsTaskSTS
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    from .evaluate import read_sts
+
+    a, b, gold = read_sts(path)
+
+    class LocalSTS(AbsTaskSTS):
+        metadata = TaskMetadata(
+            name=name, description=f"STS pairs from {path}", reference=None,
+            dataset={"path": os.path.abspath(path), "revision": "local"}, type="STS", category="t2t",
+            modalities=["text"], eval_splits=["test"], eval_langs=["eng-Latn"], main_score="cosine_spearman",
+            date=None, domains=None, task_subtypes=None, license=None, annotations_creators=None,
+            dialect=None, sample_creation=None, bibtex_citation="")
+        min_score, max_score = float(gold.min()), float(gold.max())
+
+        def load_data(self, num_proc=None, **kwargs):
+            self.dataset = DatasetDict({"test": Dataset.from_dict(
+                {"sentence1": a, "sentence2": b, "score": [float(g) for g in gold]})})
+            self.data_loaded = True
+
+    return LocalSTS()
+
+
+def run_mteb(model_path: str, task_names: list[str], output_dir: str, batch_size: int = 32) -> dict:
+    """Run MTEB tasks and file mteb's result JSONs under ``output_dir``; returns {task name: main
+    score x100}.  A name that is a file is a local STS-B format file (``local_sts_task``)."""
+    from mteb.cache import ResultCache
+
+    local = [n for n in task_names if os.path.isfile(n)]
+    named = [n for n in task_names if n not in local]
+    tasks = [local_sts_task(p, "Local" + os.path.splitext(os.path.basename(p))[0]) for p in local]
+    for name in named:  # an unknown name fails here, before the model loads
+        try:
+            tasks += list(mteb.get_tasks(tasks=[name]))
+        except KeyError:
+            raise ValueError(f"--mteb: no MTEB task named {name!r} (and no such file)") from None
+    model = AutoRegEmbedMTEB(model_path, batch_size=batch_size)
+    result = mteb.evaluate(model, tasks, cache=ResultCache(output_dir), overwrite_strategy="always",
+                           show_progress_bar=False)
+    return {r.task_name: round(100 * r.get_score(), 2) for r in result.task_results}

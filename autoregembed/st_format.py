@@ -1,0 +1,98 @@
+"""The sentence-transformers layout of an export: ``SentenceTransformer(folder)`` embeds as
+``Encoder`` does, from sentence-transformers' own modules only (no ``trust_remote_code``).
+
+- The tokenizer's post-processor writes our template: [BOS] text "\\n" instruction "\\n"
+  <EMBED0>..<EMBED{k-1}>, with the export's instruction; ``model_max_length`` leaves the text
+  ``max_text_len`` tokens, as ``TextEncoder`` does.  (So ``tokenizer(text)`` on an export gives
+  the encoder's whole input; autoregembed itself always tokenizes with ``add_special_tokens=False``.)
+- Transformer -> WordWeights (1 on the EMBED tokens, 0 elsewhere) -> mean Pooling -> Normalize
+  is mean(e_1..e_k), L2-normalised: WordWeights zeroes every other state and supplies k as the
+  mean's denominator.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from .tokenization import TextEncoder, embed_token_names
+
+ST = "sentence_transformers."
+MODULES = [  # (folder, class) in order; "" is the export folder itself
+    ("", ST + "base.modules.transformer.Transformer"),
+    ("1_WordWeights", ST + "sentence_transformer.modules.word_weights.WordWeights"),
+    ("2_Pooling", ST + "sentence_transformer.modules.pooling.Pooling"),
+    ("3_Normalize", ST + "base.modules.normalize.Normalize"),
+]
+SUFFIX_TOKEN = "<autoregembed:instruction+embed>"  # names the template's suffix; never in the text
+
+
+def _write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def template_post_processor(tokenizer, k: int, instruction: str) -> dict:
+    """The ``post_processor`` entry of tokenizer.json that appends our template's suffix."""
+    te = TextEncoder(tokenizer, k)
+    bos = tokenizer.bos_token
+    suffix_ids = te.encoder_ids("", instruction)[1:]  # "\n" instruction "\n" + EMBED ids
+    suffix_tokens = tokenizer.convert_ids_to_tokens(suffix_ids)
+    return {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": SUFFIX_TOKEN, "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": SUFFIX_TOKEN, "type_id": 0}}],
+        "special_tokens": {
+            bos: {"id": bos, "ids": [tokenizer.bos_token_id], "tokens": [bos]},
+            SUFFIX_TOKEN: {"id": SUFFIX_TOKEN, "ids": suffix_ids, "tokens": suffix_tokens},
+        },
+    }
+
+
+def write_sentence_transformers(folder: str, tokenizer, k: int, instruction: str, max_text_len: int,
+                                hidden_size: int):
+    """Add the sentence-transformers files to an export ``folder`` that already holds the model,
+    tokenizer.json and tokenizer_config.json."""
+    tok_path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        raise ValueError(f"{folder}: no tokenizer.json (a fast tokenizer is needed for the "
+                         f"sentence-transformers layout)")
+    with open(tok_path) as f:
+        tok_json = json.load(f)
+    processor = template_post_processor(tokenizer, k, instruction)
+    tok_json["post_processor"] = processor
+    _write_json(tok_path, tok_json)
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        tok_cfg = json.load(f)
+    tok_cfg["model_max_length"] = 1 + max_text_len + len(processor["special_tokens"][SUFFIX_TOKEN]["ids"])
+    tok_cfg["padding_side"] = "right"  # the EMBED tokens sit right after each row's last real token
+    _write_json(cfg_path, tok_cfg)
+
+    _write_json(os.path.join(folder, "modules.json"),
+                [{"idx": i, "name": str(i), "path": path, "type": cls} for i, (path, cls) in enumerate(MODULES)])
+    _write_json(os.path.join(folder, "sentence_bert_config.json"),
+                {"transformer_task": "feature-extraction",
+                 "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+                 "module_output_name": "token_embeddings"})
+    _write_json(os.path.join(folder, "config_sentence_transformers.json"),
+                {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+                 "similarity_fn_name": "cosine"})
+
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    weights = set(embed_token_names(k))
+    ww = os.path.join(folder, MODULES[1][0])
+    os.makedirs(ww, exist_ok=True)
+    _write_json(os.path.join(ww, "config.json"),
+                {"vocab": vocab, "word_weights": {name: 1.0 for name in weights}, "unknown_word_weight": 0.0})
+    table = torch.tensor([[1.0 if t in weights else 0.0] for t in vocab])
+    save_file({"emb_layer.weight": table}, os.path.join(ww, "model.safetensors"))
+    pool = os.path.join(folder, MODULES[2][0])
+    os.makedirs(pool, exist_ok=True)
+    _write_json(os.path.join(pool, "config.json"),
+                {"embedding_dimension": hidden_size, "pooling_mode": "mean", "include_prompt": True})
+    os.makedirs(os.path.join(folder, MODULES[3][0]), exist_ok=True)

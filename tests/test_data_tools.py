@@ -1,0 +1,101 @@
+"""Bring-your-own data: ``data check``, ``data convert`` and ``mine`` on real rows."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from autoregembed.cli import main
+from autoregembed.config import RESOURCES
+from autoregembed.data import load_rows
+
+NLI = os.path.join(RESOURCES, "nli_sample.jsonl")
+
+
+def _last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_check_reports_rows_negatives_and_token_lengths(tiny_base, capsys):
+    from transformers import AutoTokenizer
+
+    assert main(["data", "check", NLI, "--stage", "2", "--tokenizer", tiny_base, "--json",
+                 "--set", "data.max_text_len=20", "--set", "data.max_target_len=10"]) == 0
+    r = _last_json(capsys)
+    rows = load_rows(NLI, 2)
+    assert r["rows"] == len(rows) and r["errors"] == 0 and r["duplicates"] == 0
+    assert r["negatives_per_row"] == {"min": 1, "median": 1.0, "max": 1}
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    lens = np.array([len(tok(x["query"], add_special_tokens=False)["input_ids"]) for x in rows])
+    assert r["tokens.query"]["max"] == lens.max() and r["tokens.query"]["p50"] == int(np.percentile(lens, 50))
+    assert r["tokens.query"]["truncated_at_max_text_len=20"] == pytest.approx((lens > 20).mean(), abs=1e-4)
+    assert set(r["tokens.pos"]) >= {"truncated_at_max_text_len=20", "truncated_at_max_target_len=10"}
+
+
+def test_check_lists_every_bad_row_by_line_and_exits_nonzero(tmp_path, capsys):
+    good = {"query": "a", "pos": "b", "neg": ["c", "d"], "instruction": "i"}
+    lines = [json.dumps({**good, "pos": ""}), "not json", json.dumps(good), json.dumps({"query": "a"}), json.dumps(good)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["data", "check", str(path), "--stage", "2"]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:1: field 'pos' is empty" in out
+    assert f"{path}:2: bad JSON" in out
+    assert f"{path}:4: missing field" in out
+    assert f"duplicate: {path}:5 repeats {path}:3" in out
+    assert "5 rows (stage 2), 3 errors, 1 duplicate rows" in out
+
+
+def test_convert_simcse_flagembedding_authors_and_text(tmp_path, capsys):
+    simcse = tmp_path / "nli.csv"
+    simcse.write_text('sent0,sent1,hard_neg\n"A man, outside.",A person is out.,Nobody is out.\n')
+    flag = tmp_path / "flag.jsonl"
+    flag.write_text(json.dumps({"query": "q", "pos": ["p1", "p2"], "neg": ["n1", "n2", "n3"], "prompt": "Find it."}) + "\n")
+    authors = tmp_path / "authors.jsonl"
+    authors.write_text(json.dumps({"query": "q", "pos": ["p1", "p2"], "neg": "n1"}) + "\n")
+    text = tmp_path / "corpus.txt"
+    text.write_text("first text\n\nsecond text\n")
+    expected = {
+        "simcse-csv": (simcse, 2, [{"query": "A man, outside.", "pos": "A person is out.", "neg": ["Nobody is out."]}]),
+        "flagembedding": (flag, 2, [{"query": "q", "pos": "p1", "neg": ["n1", "n2", "n3"], "instruction": "Find it."},
+                                    {"query": "q", "pos": "p2", "neg": ["n1", "n2", "n3"], "instruction": "Find it."}]),
+        "authors": (authors, 2, [{"query": "q", "pos": "p1", "neg": ["n1"], "instruction": "Mine."}]),
+        "text": (text, 1, [{"context": "first text", "output": "first text"}, {"context": "second text", "output": "second text"}]),
+    }
+    for kind, (src, stage, want) in expected.items():
+        out = tmp_path / f"{kind}.out.jsonl"
+        args = ["data", "convert", "--from", kind, str(src), str(out)] + (["--instruction", "Mine."] if kind == "authors" else [])
+        assert main(args) == 0, kind
+        assert _last_json(capsys)["rows"] == len(want)
+        got = load_rows(str(out), stage)  # what training reads
+        assert [{k: r[k] for k in w} for r, w in zip(got, want)] == want, kind
+
+
+def test_convert_refuses_a_csv_without_the_simcse_header(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert main(["data", "convert", "--from", "simcse-csv", str(bad), str(tmp_path / "o.jsonl")]) == 2
+    assert f"{bad}:1: expected a header with columns sent0, sent1, hard_neg" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_mine_takes_the_closest_passages_that_are_not_the_positive(tiny_export, tmp_path, capsys):
+    from autoregembed.encoder import Encoder
+
+    out = tmp_path / "mined.jsonl"
+    assert main(["mine", "--model", tiny_export, "--queries", NLI, "--negatives", "3",
+                 "--max-similarity", "0.999", "--output", str(out)]) == 0
+    report = _last_json(capsys)
+    rows, mined = load_rows(NLI, 2), load_rows(str(out), 2)
+    assert report["rows"] == len(mined) == len(rows)
+    corpus = list(dict.fromkeys(t for r in rows for t in [r["pos"], *r["neg"]]))
+    enc = Encoder.from_pretrained(tiny_export, device="cpu")
+    inst = rows[0]["instruction"]
+    c = enc.encode(corpus, instruction=inst).astype(np.float64)
+    for r, m in list(zip(rows, mined))[:20]:
+        assert (m["query"], m["pos"]) == (r["query"], r["pos"]) and 1 <= len(m["neg"]) <= 3
+        assert r["pos"] not in m["neg"] and r["query"] not in m["neg"]
+        q, p = (enc.encode([t], instruction=inst).astype(np.float64)[0] for t in (r["query"], r["pos"]))
+        allowed = [j for j in np.argsort(-(c @ q), kind="stable")
+                   if corpus[j] not in (r["query"], r["pos"]) and c[j] @ p < 0.999]
+        assert m["neg"] == [corpus[j] for j in allowed[:3]]  # fewer where the threshold leaves fewer

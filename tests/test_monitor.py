@@ -1,0 +1,90 @@
+"""Run monitoring: step records, the progress line, DeepSpeed's writers, the plot, warnings once."""
+import json
+import types
+import warnings
+
+import pytest
+
+from autoregembed.batches import compression_batch, token_count
+from autoregembed.monitor import StepMonitor, ds_monitor_settings, read_metrics, truncate_metrics
+from autoregembed.plot import plot_run
+from autoregembed.warnings_once import show_once
+
+
+class _Writer:
+    enabled = True
+
+    def __init__(self):
+        self.events = []
+
+    def write_events(self, events):
+        self.events += events
+
+
+def test_step_records_progress_line_and_monitor_events(tmp_path):
+    lines, writer = [], _Writer()
+    mon = StepMonitor("stage1", str(tmp_path), total_steps=10, start_step=2, last_step=6, log_every=2,
+                      engine=types.SimpleNamespace(monitor=writer), log=lines.append)
+    for step in range(3, 7):
+        mon.step(step, loss=1.0 / step, lr=1e-4, grad_norm=None if step == 3 else 0.5 * step, tokens=100)
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [3, 4, 5, 6]
+    assert records[0]["grad_norm"] is None and records[1]["grad_norm"] == 2.0
+    assert all(r["tokens"] == 100 and r["tokens_per_s"] > 0 for r in records)
+    assert len(lines) == 2  # steps 4 and 6 (the last of this run)
+    assert lines[-1].startswith("stage1: step 6/10 loss 0.1667 lr 0.0001 grad norm 3 ")
+    assert "tok/s" in lines[-1] and lines[-1].endswith("eta 0s")
+    tags = {tag for tag, _, _ in writer.events}
+    assert tags == {"Train/stage1/loss", "Train/stage1/lr", "Train/stage1/grad_norm", "Train/stage1/tokens_per_s"}
+    assert ("Train/stage1/grad_norm", 2.0, 4) in writer.events
+    truncate_metrics(str(tmp_path), 4)
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [3, 4]
+
+
+def test_ds_monitor_settings_follow_the_yaml(tmp_path):
+    on = types.SimpleNamespace(tensorboard=True, csv=False)
+    got = ds_monitor_settings(on, str(tmp_path / "stage1"), "stage1")
+    assert got == {"tensorboard": {"enabled": True, "output_path": str(tmp_path / "stage1" / "monitor"),
+                                   "job_name": "stage1"}}
+    assert ds_monitor_settings(types.SimpleNamespace(tensorboard=False, csv=False), "x", "stage1") == {}
+
+
+def test_token_count_is_the_unpadded_tokens_of_encoder_and_decoder(tiny_base):
+    from autoregembed.loading import load_tokenizer
+    from autoregembed.tokenization import TextEncoder
+
+    te = TextEncoder(load_tokenizer(tiny_base, 5), 5, 64, 64)
+    rows = [{"context": t, "instruction": "Reconstruct.", "output": t} for t in ("a b c", "a much longer text here")]
+    batch = compression_batch(rows, te)
+    want = sum(len(te.encoder_ids(r["context"], r["instruction"])) + len(te.target_ids(r["output"])) for r in rows)
+    assert token_count(batch) == want
+
+
+def test_plot_writes_a_png_of_each_training_stage(tmp_path):
+    for stage, n in (("stage1", 5), ("stage2", 3)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i, "loss": 1 / i, "lr": 1e-3, "grad_norm": None if i == 1 else 0.1 * i}) + "\n"
+            for i in range(1, n + 1)))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "result.json").write_text(json.dumps({"spearman_x100": 12.5, "sts": "/x/sts-dev.csv"}))
+    out = plot_run(str(tmp_path))
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no training metrics"):
+        plot_run(str(tmp_path / "eval"))
+
+
+def test_each_distinct_warning_is_shown_once():
+    shown = []
+    show = show_once(lambda message, category, *a, **k: shown.append((category, str(message))))
+    for _ in range(3):
+        show(FutureWarning("`reduce_scatter_tensor` is deprecated"), FutureWarning, "f.py", 1)
+        show(UserWarning("other"), UserWarning, "g.py", 2)
+    show(FutureWarning("another text"), FutureWarning, "f.py", 1)
+    assert shown == [(FutureWarning, "`reduce_scatter_tensor` is deprecated"), (UserWarning, "other"),
+                     (FutureWarning, "another text")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the filters still decide: an error stays an error
+        with pytest.raises(FutureWarning):
+            warnings.warn("x", FutureWarning)
