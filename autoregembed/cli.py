@@ -170,9 +170,9 @@ def _data(args) -> int:
     cfg = load_config(args.config, args.overrides)
     tokenizer, source = None, args.tokenizer or cfg.base_model_dir
     if args.tokenizer or os.path.isdir(source):
-        from transformers import AutoTokenizer
+        from .loading import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source, cfg.model.num_embed_tokens)  # as the run will tokenize
     report = check_file(args.file, args.stage, tokenizer, cfg.data.max_text_len, cfg.data.max_target_len)
     if args.json:
         print(json.dumps(report.as_dict()))

@@ -1,7 +1,8 @@
 """Inference on an exported model: ``Encoder.from_pretrained(path).encode(texts)``.
 
-Follows the MTEB encoder protocol: ``encode(sentences, batch_size=..., **kwargs)``
-returns a numpy array of L2-normalised embeddings (compare by cosine / dot product).
+``encode(sentences, batch_size=..., **kwargs)`` (sentence-transformers' and MTEB 1.x's call)
+returns a numpy array of L2-normalised embeddings (compare by cosine / dot product); MTEB 2 calls
+``mteb_model.AutoRegEmbedMTEB``, which wraps this.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class Encoder:
     @torch.no_grad()
     def encode(self, sentences, batch_size: int = 32, instruction: str | None = None,
                show_progress_bar: bool = False, convert_to_numpy: bool = True, **kwargs):
-        """Embeddings [len(sentences), D], L2-normalised.  Extra MTEB kwargs are accepted."""
+        """Embeddings [len(sentences), D], L2-normalised.  Extra keyword arguments are accepted and ignored."""
         if isinstance(sentences, str):
             sentences = [sentences]
         if not isinstance(batch_size, int) or batch_size < 1:

@@ -34,9 +34,11 @@ TASK_TYPE_INSTRUCTIONS = {
 
 
 def model_meta(path: str, meta: ExportMeta, hidden_size: int, n_parameters: int) -> ModelMeta:
-    """MTEB's description of an export; results are filed under ``autoregembed/<folder name>``."""
+    """MTEB's description of an export; results are filed under ``autoregembed/<run>-<stage>-model``
+    (the folder's last three path parts: every export's own folder is called ``model``)."""
+    name = "-".join(os.path.abspath(path).split(os.sep)[-3:])
     return ModelMeta(
-        loader=None, name=f"autoregembed/{os.path.basename(os.path.abspath(path))}", revision="local",
+        loader=None, name=f"autoregembed/{name}", revision="local",
         release_date=None, languages=None, n_parameters=n_parameters, memory_usage_mb=None,
         max_tokens=meta.max_text_len, embed_dim=hidden_size, license=None, open_weights=True,
         public_training_code="https://arxiv.org/abs/2502.11401", public_training_data=None,
@@ -110,7 +112,7 @@ def run_mteb(model_path: str, task_names: list[str], output_dir: str, batch_size
 
     local = [n for n in task_names if os.path.isfile(n)]
     named = [n for n in task_names if n not in local]
-    tasks = [local_sts_task(p, "Local" + os.path.splitext(os.path.basename(p))[0]) for p in local]
+    tasks = [local_sts_task(p, "LocalSTS-" + os.path.splitext(os.path.basename(p))[0]) for p in local]
     for name in named:  # an unknown name fails here, before the model loads
         try:
             tasks += list(mteb.get_tasks(tasks=[name]))

@@ -406,7 +406,10 @@ def _run_stages(cfg: Config, ds_path, resume: bool) -> dict:
             break
     if D.rank() == 0 and cfg.is_pipeline:
         if cfg.monitor.plot and "sts_spearman" in out:
-            out["plot"] = plot_run(cfg.output_dir)
+            try:
+                out["plot"] = plot_run(cfg.output_dir)
+            except ImportError as e:  # the run's results are complete; a missing plot library must not fail it
+                log(f"plot skipped ({e}); `pip install matplotlib`, then `autoregembed plot {cfg.output_dir}`")
         for k, v in out.items():
             log(f"artifact {k}: {v}")
     return out

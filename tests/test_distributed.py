@@ -95,7 +95,7 @@ def test_reference_scores_cover_every_row(run):
 
 
 def test_export_reloads_in_a_fresh_process_with_plain_transformers(run):
-    out, reports, _ = run
+    out, reports = run[:2]
     model_dir = os.path.join(out, "stage2", "model")
     files = glob.glob(os.path.join(model_dir, "*.safetensors"))
     assert files and os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))
