@@ -48,6 +48,14 @@ def limit_negatives(row: dict, max_negatives: int | None) -> dict:
     return row if max_negatives is None else {**row, "neg": row["neg"][:max_negatives]}
 
 
+def with_in_batch_negatives(rows: list[dict]) -> list[dict]:
+    """Each row's negatives extended by every other row's positive and negatives (its own first,
+    then in row order, each text once, never its own positive): B queries, up to B(1+N) candidates
+    each, all scored in one decoder pass."""
+    pool = list(dict.fromkeys(t for r in rows for t in [r["pos"], *r["neg"]]))
+    return [{**r, "neg": list(dict.fromkeys([*r["neg"], *(t for t in pool if t != r["pos"])]))} for r in rows]
+
+
 def compression_batch(rows: list[dict], te: TextEncoder) -> CompressionBatch:
     enc = te.encode_inputs([r["context"] for r in rows], [r["instruction"] for r in rows])
     tgt = te.encode_targets([r["output"] for r in rows])
@@ -64,12 +72,19 @@ def candidate_batch(rows: list[dict], te: TextEncoder) -> CandidateBatch:
 
 
 def alignment_batch(rows: list[dict], te: TextEncoder, refs) -> AlignmentBatch:
-    """``refs.lookup(row)`` gives (ref log p(pos|e_q), [ref log p(neg_i|e_q)]) (refscores.ReferenceScores)."""
+    """``refs.lookup(row)`` gives (ref log p(pos|e_q), [ref log p(neg_i|e_q)]) (refscores.ReferenceScores).
+    ``refs`` None: the reference values are NaN until ``refscores.online_references`` fills them
+    (a batch that skipped it yields a NaN loss, which stops the run)."""
     p = te.encode_inputs([r["pos"] for r in rows], [r["instruction"] for r in rows])
-    looked_up = [refs.lookup(r) for r in rows]
-    return AlignmentBatch(candidate_batch(rows, te), p["input_ids"], p["attention_mask"],
-                          torch.tensor([c for c, _ in looked_up], dtype=torch.float32),
-                          torch.tensor([v for _, rs in looked_up for v in rs], dtype=torch.float32))
+    candidates = candidate_batch(rows, te)
+    if refs is None:
+        nan = float("nan")
+        ref_c, ref_r = torch.full((len(rows),), nan), torch.full(candidates.owner.shape, nan)
+    else:
+        looked_up = [refs.lookup(r) for r in rows]
+        ref_c = torch.tensor([c for c, _ in looked_up], dtype=torch.float32)
+        ref_r = torch.tensor([v for _, rs in looked_up for v in rs], dtype=torch.float32)
+    return AlignmentBatch(candidates, p["input_ids"], p["attention_mask"], ref_c, ref_r)
 
 
 def token_count(batch) -> int:

@@ -12,6 +12,8 @@ its two adapter matrices together, one layer at a time.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 ADAPTER = "default"
@@ -32,6 +34,21 @@ def add_lora(encoder: torch.nn.Module, rank: int, alpha: float, dropout: float, 
     for name, p in encoder.named_parameters():
         p.requires_grad_("lora_" in name)
     return encoder
+
+
+@contextlib.contextmanager
+def adapters_disabled(encoder: torch.nn.Module):
+    """The encoder without its adapters: in stage 2 that is the merged stage-1 model, exactly."""
+    layers = list(_lora_layers(encoder).values())
+    if not layers:
+        raise ValueError("the encoder has no LoRA adapters to disable (model.lora_rank = 0)")
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield encoder
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)  # also restores the adapters' requires_grad
 
 
 def _lora_layers(encoder: torch.nn.Module) -> dict:

@@ -137,3 +137,20 @@ class ReferenceScores:
         if bad:
             i, e = bad[0]
             raise ReferenceScoreError(f"{source}: row {i + 1} (and {len(bad) - 1} more of {len(rows)}): {e}")
+
+
+def online_references(engine, batch):
+    """``batch`` (an AlignmentBatch) with ref_c / ref_r scored now, by the stage-2 model with its
+    LoRA adapters disabled: the stage-1 model, whatever the candidates (``loss.references=online``).
+    ``engine``: the DeepSpeed engine (every rank calls it: under ZeRO-3 the gathers are collectives)
+    or the bare model."""
+    from .lora import adapters_disabled
+
+    was_training = engine.training
+    engine.eval()  # as the reference stage scores: no dropout anywhere
+    try:
+        with torch.no_grad(), adapters_disabled(getattr(engine, "module", engine).encoder):
+            ref = engine(batch.candidates)
+    finally:
+        engine.train(was_training)
+    return batch._replace(ref_c=ref.c_q.float().detach(), ref_r=ref.r.float().detach())

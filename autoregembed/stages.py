@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from .batches import alignment_batch, candidate_batch, compression_batch, limit_negatives
+from .batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .config import Config, OptimConfig
 from .data import load_rows
 from .loading import prepare_base
@@ -24,9 +24,9 @@ class Stage:
     data_file: Callable[[Config], str]  # where the rows come from (named in errors)
     settings: Callable[[Config], OptimConfig]  # micro-batch size, optimiser, schedule, checkpoints
     input_model: Callable[[Config], str]  # the encoder it starts from
-    make_batch: Callable  # (rows, text_encoder, reference_scores or None) -> a batches.* type
+    make_batch: Callable  # (cfg, rows, text_encoder, reference_scores or None) -> a batches.* type
     loss: Callable[[Config], Callable] | None = None  # the objective component (losses.py)
-    needs_references: bool = False  # stage-1 reference scores enter its batches
+    needs_references: bool = False  # stage-1 reference values enter its batches (from the file, or online)
     rescales_norm: bool = False  # the final-norm calibration before training (decoder_scale.py)
 
 
@@ -34,16 +34,25 @@ def _stage2_rows(cfg: Config) -> list[dict]:
     return [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
 
 
+def _alignment_batch(cfg: Config, rows: list[dict], te, refs):
+    return alignment_batch(with_in_batch_negatives(rows) if cfg.loss.in_batch_negatives else rows, te, refs)
+
+
+def _alignment_loss(cfg: Config) -> AlignmentLoss:
+    names = {f.name for f in dataclasses.fields(AlignmentLoss)}
+    return AlignmentLoss(**{k: v for k, v in dataclasses.asdict(cfg.loss).items() if k in names})
+
+
 STAGES = {
     "stage1": Stage("stage1", trains=True, rows=lambda cfg: load_rows(cfg.data.stage1, stage=1),
                     data_file=lambda cfg: cfg.data.stage1, settings=lambda cfg: cfg.stage1, input_model=prepare_base,
-                    make_batch=lambda rows, te, refs: compression_batch(rows, te),
+                    make_batch=lambda cfg, rows, te, refs: compression_batch(rows, te),
                     loss=lambda cfg: CompressionLoss(), rescales_norm=True),
     "reference": Stage("reference", trains=False, rows=_stage2_rows, data_file=lambda cfg: cfg.data.stage2,
                        settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
-                       make_batch=lambda rows, te, refs: candidate_batch(rows, te)),
+                       make_batch=lambda cfg, rows, te, refs: candidate_batch(rows, te)),
     "stage2": Stage("stage2", trains=True, rows=_stage2_rows, data_file=lambda cfg: cfg.data.stage2,
                     settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
-                    make_batch=alignment_batch, loss=lambda cfg: AlignmentLoss(**dataclasses.asdict(cfg.loss)),
+                    make_batch=_alignment_batch, loss=_alignment_loss,
                     needs_references=True),
 }

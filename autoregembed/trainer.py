@@ -30,7 +30,7 @@ from .monitor import StepMonitor, ds_monitor_settings, truncate_metrics
 from .loading import hf_zero3_config, load_model, prepare_base, resolve_attn, resolve_dtype
 from .plan import Arch
 from .plot import EVAL_RESULT, plot_run
-from .refscores import ReferenceScores, fingerprint, save_scores
+from .refscores import ReferenceScores, fingerprint, online_references, save_scores
 from .runlock import RunLock, RunLockError
 from .stages import STAGES
 from .tokenization import TextEncoder
@@ -205,7 +205,8 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     encoder_path = st.input_model(cfg)
     rows = st.rows(cfg)
     refs = None
-    if st.needs_references:
+    online = st.needs_references and cfg.loss.references == "online"
+    if st.needs_references and not online:
         fp = reference_fingerprint(cfg, prepare_base(cfg))
         refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
         refs.check_all(rows, st.data_file(cfg))  # before any model loads
@@ -233,7 +234,9 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
         total, tokens = 0.0, 0
         for micro in range(o.gradient_accumulation_steps):
             batch_rows = [rows[i] for i in sampler.indices(step, micro, D.rank())]
-            batch = to_device(st.make_batch(batch_rows, s.text_encoder, refs), s.device)
+            batch = to_device(st.make_batch(cfg, batch_rows, s.text_encoder, refs), s.device)
+            if online:
+                batch = online_references(s.engine, batch)
             loss = loss_fn(s.engine(batch), batch)
             s.engine.backward(loss)
             s.engine.step()
@@ -304,7 +307,7 @@ def score_references(cfg: Config, ds_path) -> StageResult:
         chunk = mine[b * bs : (b + 1) * bs]
         real = len(chunk)
         chunk = chunk or rows[:1]  # a rank with nothing left still takes part in the collectives
-        scores = s.engine(to_device(st.make_batch(chunk, s.text_encoder, None), s.device))
+        scores = s.engine(to_device(st.make_batch(cfg, chunk, s.text_encoder, None), s.device))
         owner = scores.owner.tolist()
         for i, row in enumerate(chunk[:real]):
             results.append((row_key(row), [scores.c_q[i].item()] + [scores.r[j].item() for j, o in enumerate(owner) if o == i]))

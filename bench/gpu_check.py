@@ -274,7 +274,7 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
 
         def batch(i):
             rows = (s1_rows if stage == "stage1" else s2_rows)[i * mb : (i + 1) * mb]
-            return to_device(st.make_batch(rows, s.text_encoder, ConstantReferences()), s.device)
+            return to_device(st.make_batch(s.cfg, rows, s.text_encoder, ConstantReferences()), s.device)
 
         def counts(b):
             k = cfg.model.num_embed_tokens
