@@ -227,11 +227,9 @@ def _encode_or_eval(args) -> int:
                 np.save(f, emb)
         print(json.dumps({"output": args.output, "shape": list(emb.shape)}))
         return 0
-    from .evaluate import sts_eval
+    from .evaluate import sts_report
 
-    r = sts_eval(model, args.sts, args.batch_size)
-    print(json.dumps({"model": args.model, "sts": args.sts, "spearman_x100": round(r["spearman"], 2),
-                      "mean_pairwise_cosine": round(r["mean_cosine"], 4)}))
+    print(json.dumps(sts_report(model, args.model, args.sts, args.batch_size)))
     return 0
 
 

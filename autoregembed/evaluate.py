@@ -51,3 +51,10 @@ def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool =
     emb64 = emb.astype(np.float64)  # float32 cosines tie by rounding, and Spearman ranks the ties arbitrarily
     cos = np.sum(emb64[[pos[s] for s in a]] * emb64[[pos[s] for s in b]], axis=1)
     return {"spearman": float(spearmanr(cos, gold).statistic * 100), "mean_cosine": mean_pairwise_cosine(emb)}
+
+
+def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progress_bar: bool = True) -> dict:
+    """What ``autoregembed eval --sts`` prints and a pipeline writes to eval/result.json."""
+    r = sts_eval(encoder, path, batch_size, show_progress_bar)
+    return {"model": model, "sts": path, "spearman_x100": round(r["spearman"], 2),
+            "mean_pairwise_cosine": round(r["mean_cosine"], 4)}

@@ -19,15 +19,15 @@ import torch
 
 from . import checkpoint, preemption
 from . import distributed as D
+from .atomic import atomic_write_text
 from .batches import compression_batch, to_device, token_count
 from .config import Config, check_runtime
 from .data import StepSampler, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
-from .atomic import atomic_write_text
-from .monitor import StepMonitor, ds_monitor_settings, truncate_metrics
 from .loading import hf_zero3_config, load_model, prepare_base, resolve_attn, resolve_dtype
+from .monitor import StepMonitor, ds_monitor_settings, truncate_metrics
 from .plan import Arch
 from .plot import EVAL_RESULT, plot_run
 from .refscores import ReferenceScores, fingerprint, online_references, save_scores
@@ -325,14 +325,13 @@ def evaluate(cfg: Config, model_dir: str) -> dict:
     """STS of ``model_dir`` on ``cfg.sts_file``, as ``autoregembed eval`` prints it; also written
     to ``<output_dir>/eval/result.json`` (read by ``autoregembed plot``)."""
     from .encoder import Encoder
-    from .evaluate import sts_eval
+    from .evaluate import sts_report
 
-    r = sts_eval(Encoder.from_pretrained(model_dir), cfg.sts_file, cfg.eval.batch_size)
-    result = {"model": model_dir, "sts": cfg.sts_file, "spearman_x100": round(r["spearman"], 2),
-              "mean_pairwise_cosine": round(r["mean_cosine"], 4)}
+    result = sts_report(Encoder.from_pretrained(model_dir), model_dir, cfg.sts_file, cfg.eval.batch_size)
     os.makedirs(cfg.stage_dir("eval"), exist_ok=True)
     atomic_write_text(os.path.join(cfg.output_dir, EVAL_RESULT), json.dumps(result, indent=2) + "\n")
-    log(f"eval: STS Spearman x100 = {r['spearman']:.2f}, mean pairwise cosine {r['mean_cosine']:.3f} "
+    log(f"eval: STS Spearman x100 = {result['spearman_x100']:.2f}, mean pairwise cosine "
+        f"{result['mean_pairwise_cosine']:.3f} "
         f"({cfg.sts_file}, model {model_dir})")
     return result
 
