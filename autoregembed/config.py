@@ -82,7 +82,8 @@ class LossConfig:
     reference_sign: str = "paper"  # paper: subtract the reference margin (as in DPO); code: add it (authors' release)
     detach_positive: bool = False  # true: no gradient through c_p = log p(pos|e_pos) (losses.alignment_loss says why)
     # true: each query's negatives are its own plus every other row's positive and negatives in the
-    # micro-batch, all scored in the one decoder pass (batches.with_in_batch_negatives); needs references=online
+    # micro-batch, all scored in the one decoder pass (batches.with_in_batch_negatives); with
+    # references=file the reference stage scores exactly the pairs stage 2's schedule forms
     in_batch_negatives: bool = False
     # file: the reference stage scores each row's own negatives into a file (paths.reference_scores);
     # online: stage 2 scores them itself with its LoRA adapters disabled (= the stage-1 model), no file
@@ -294,9 +295,6 @@ def _check_values(cfg: Config):
     if cfg.loss.references == "online" and cfg.model.lora_rank == 0:
         raise ConfigError("key 'loss.references': 'online' needs LoRA in stage 2 (model.lora_rank > 0): the "
                           "stage-1 model is then the stage-2 model with its adapters disabled")
-    if cfg.loss.in_batch_negatives and cfg.loss.references != "online":
-        raise ConfigError("key 'loss.in_batch_negatives': needs loss.references=online (the score file holds "
-                          "each row's own negatives only)")
     if cfg.model.scorer not in ("auto", "triton", "torch"):
         raise ConfigError(f"key 'model.scorer': {cfg.model.scorer!r} is not 'auto', 'triton' or 'torch'")
     if cfg.model.dtype not in ("auto", "bf16", "fp16", "fp32"):

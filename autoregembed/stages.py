@@ -11,7 +11,8 @@ from typing import Callable
 
 from .batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .config import Config, OptimConfig
-from .data import load_rows
+from . import distributed as D
+from .data import StepSampler, load_rows, row_key
 from .loading import prepare_base
 from .losses import AlignmentLoss, CompressionLoss
 
@@ -27,11 +28,31 @@ class Stage:
     make_batch: Callable  # (cfg, rows, text_encoder, reference_scores or None) -> a batches.* type
     loss: Callable[[Config], Callable] | None = None  # the objective component (losses.py)
     needs_references: bool = False  # stage-1 reference values enter its batches (from the file, or online)
+    # the rows, as its batches will hold them, that the reference file must cover (needs_references)
+    reference_rows: Callable[[Config, list[dict]], list[dict]] | None = None
     rescales_norm: bool = False  # the final-norm calibration before training (decoder_scale.py)
 
 
 def _stage2_rows(cfg: Config) -> list[dict]:
     return [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
+
+
+def scheduled_rows(cfg: Config, rows: list[dict]) -> list[dict]:
+    """The stage-2 rows as its batches will hold them: the rows themselves, or with
+    ``loss.in_batch_negatives`` every micro-batch of its schedule (a pure function of the seed, the
+    step, the batch settings and the number of ranks: data.StepSampler) with its in-batch negatives,
+    each distinct row once.  What the reference stage scores and stage 2 looks up."""
+    if not cfg.loss.in_batch_negatives:
+        return rows
+    o = cfg.stage2
+    sampler = StepSampler(len(rows), o.micro_batch_size, o.gradient_accumulation_steps, D.world_size(), cfg.seed)
+    out = {}
+    for step in range(o.max_steps):
+        for micro in range(o.gradient_accumulation_steps):
+            for rank in range(D.world_size()):
+                for row in with_in_batch_negatives([rows[i] for i in sampler.indices(step, micro, rank)]):
+                    out.setdefault(row_key(row), row)
+    return list(out.values())
 
 
 def _alignment_batch(cfg: Config, rows: list[dict], te, refs):
@@ -48,11 +69,12 @@ STAGES = {
                     data_file=lambda cfg: cfg.data.stage1, settings=lambda cfg: cfg.stage1, input_model=prepare_base,
                     make_batch=lambda cfg, rows, te, refs: compression_batch(rows, te),
                     loss=lambda cfg: CompressionLoss(), rescales_norm=True),
-    "reference": Stage("reference", trains=False, rows=_stage2_rows, data_file=lambda cfg: cfg.data.stage2,
+    "reference": Stage("reference", trains=False, rows=lambda cfg: scheduled_rows(cfg, _stage2_rows(cfg)),
+                       data_file=lambda cfg: cfg.data.stage2,
                        settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
                        make_batch=lambda cfg, rows, te, refs: candidate_batch(rows, te)),
     "stage2": Stage("stage2", trains=True, rows=_stage2_rows, data_file=lambda cfg: cfg.data.stage2,
                     settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
                     make_batch=_alignment_batch, loss=_alignment_loss,
-                    needs_references=True),
+                    needs_references=True, reference_rows=scheduled_rows),
 }

@@ -209,7 +209,10 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     if st.needs_references and not online:
         fp = reference_fingerprint(cfg, prepare_base(cfg))
         refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
-        refs.check_all(rows, st.data_file(cfg))  # before any model loads
+        source = st.data_file(cfg) + (" (in-batch pairs: seed, stage2.max_steps, micro_batch_size, "
+                                      "gradient_accumulation_steps and the rank count must be the reference "
+                                      "stage's)" if cfg.loss.in_batch_negatives else "")
+        refs.check_all(st.reference_rows(cfg, rows), source)  # before any model loads
     loss_fn = st.loss(cfg)
     if not resume:
         _set_aside_earlier_run(cfg, stage)

@@ -93,7 +93,6 @@ def test_option_off_builds_the_same_batch_as_before():
 
 @pytest.mark.parametrize("overrides,key", [
     (["loss.references=online"], "loss.references"),
-    (["loss.in_batch_negatives=true"], "loss.in_batch_negatives"),
     (["loss.references=offline"], "loss.references"),
 ])
 def test_online_and_in_batch_settings_are_checked(overrides, key):
@@ -101,17 +100,42 @@ def test_online_and_in_batch_settings_are_checked(overrides, key):
         load_config(None, overrides)
 
 
-def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, tmp_path):
+def test_scheduled_rows_are_every_micro_batch_with_its_in_batch_negatives():
+    from autoregembed.data import StepSampler
+    from autoregembed.stages import scheduled_rows
+
+    cfg = load_config(None, ["loss.in_batch_negatives=true", "stage2.micro_batch_size=2", "stage2.max_steps=3"])
+    got = scheduled_rows(cfg, ROWS)
+    sampler = StepSampler(len(ROWS), 2, 1, 1, cfg.seed)
+    want = [r for step in range(3) for r in with_in_batch_negatives([ROWS[i] for i in sampler.indices(step, 0, 0)])]
+    assert {json_key(r) for r in got} == {json_key(r) for r in want}
+    assert len(got) == len({json_key(r) for r in want})  # each distinct row once
+    assert scheduled_rows(Config(), ROWS) is ROWS  # without in-batch negatives: the rows themselves
+
+
+def json_key(row):
+    import json
+
+    return json.dumps(row, sort_keys=True)
+
+
+@pytest.mark.parametrize("in_batch", [False, True], ids=["own-negatives", "in-batch"])
+def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, tmp_path, in_batch):
     """Stage 2's model with its (trained) adapters disabled scores exactly as the stage-1 export that
-    the reference stage reads, and the batch carries those scores as its reference values."""
+    the reference stage reads, and the batch carries those scores as its reference values; with
+    in-batch negatives the reference stage scores the pairs of stage 2's schedule."""
     from autoregembed.data import row_key
     from autoregembed.export import ExportMeta, export_encoder
     from autoregembed.loading import load_model
     from autoregembed.losses import AlignmentLoss
     from autoregembed.refscores import ReferenceScores, online_references, save_scores
+    from autoregembed.stages import scheduled_rows
     from autoregembed.tokenization import TextEncoder
 
     k, lora = 5, dict(rank=4, alpha=8.0, dropout=0.0, targets="all-linear")
+    cfg = load_config(None, [f"loss.in_batch_negatives={str(in_batch).lower()}", "stage2.micro_batch_size=2",
+                             "stage2.max_steps=2"])
+    make_batch = STAGES["stage2"].make_batch
     torch.manual_seed(0)
     stage1, tok = load_model(tiny_base, tiny_base, k, torch.float32, "sdpa")
     stage1_dir = str(tmp_path / "stage1")
@@ -121,26 +145,37 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
     te = TextEncoder(tok, k, 32, 32)
     rows = [{"query": q, "pos": p, "neg": n, "instruction": "Retrieve semantically similar text."} for q, p, n in [
         ("a man is playing a guitar .", "a man plays the guitar .", ["a woman is slicing an onion .", "a dog runs ."]),
-        ("the cat sleeps on the mat .", "a cat is sleeping .", ["the market fell sharply today ."])]]
+        ("the cat sleeps on the mat .", "a cat is sleeping .", ["the market fell sharply today ."]),
+        ("two kids play in the snow .", "children are playing outside .", ["a plane takes off ."])]]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):  # move the adapters away from zero, so disabling them matters
-        batch = online_references(model, alignment_batch(rows, te, None))
+        batch = online_references(model, make_batch(cfg, rows[:2], te, None))
         AlignmentLoss()(model(batch), batch).backward()
         opt.step()
         opt.zero_grad()
 
+    to_score = scheduled_rows(cfg, rows)  # what the reference stage scores
     with torch.no_grad():
-        file_scores = reference.eval()(candidate_batch(rows, te))
-        live = model.eval()(candidate_batch(rows, te))
+        file_scores = reference.eval()(candidate_batch(to_score, te))
+        live = model.eval()(candidate_batch(to_score, te))
     assert (live.c_q - file_scores.c_q).abs().max() > 1e-4  # the adapters do change the scores
-    per_row = [[file_scores.c_q[i].item()] + file_scores.r[file_scores.owner == i].tolist() for i in range(len(rows))]
+    per_row = [[file_scores.c_q[i].item()] + file_scores.r[file_scores.owner == i].tolist()
+               for i in range(len(to_score))]
     path = str(tmp_path / "scores.safetensors")
-    save_scores(path, [row_key(r) for r in rows], per_row, "fp")
-    from_file = alignment_batch(rows, te, ReferenceScores(path, expected_fingerprint="fp"))
-    model.train()
-    online = online_references(model, alignment_batch(rows, te, None))
-    assert model.training  # restored
-    torch.testing.assert_close(online.ref_c, from_file.ref_c, atol=1e-5, rtol=0)
-    torch.testing.assert_close(online.ref_r, from_file.ref_r, atol=1e-5, rtol=0)
+    save_scores(path, [row_key(r) for r in to_score], per_row, "fp")
+    refs = ReferenceScores(path, expected_fingerprint="fp")
+    from autoregembed.data import StepSampler
+
+    sampler = StepSampler(len(rows), 2, 1, 1, cfg.seed)
+    for step in range(2):  # each micro-batch stage 2 will form
+        micro = [rows[i] for i in sampler.indices(step, 0, 0)]
+        from_file = make_batch(cfg, micro, te, refs)
+        model.train()
+        online = online_references(model, make_batch(cfg, micro, te, None))
+        assert model.training  # restored
+        formed = with_in_batch_negatives(micro) if in_batch else micro
+        assert len(online.ref_r) == sum(len(r["neg"]) for r in formed)
+        torch.testing.assert_close(online.ref_c, from_file.ref_c, atol=1e-5, rtol=0)
+        torch.testing.assert_close(online.ref_r, from_file.ref_r, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(online.candidates.owner.numpy(), from_file.candidates.owner.numpy())
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)  # adapters train again
-    np.testing.assert_array_equal(online.candidates.owner.numpy(), from_file.candidates.owner.numpy())
