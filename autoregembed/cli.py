@@ -188,13 +188,11 @@ def _mine(args) -> int:
     from .encoder import Encoder
     from .mine import mine_negatives, read_corpus, read_queries
 
-    rows = read_queries(args.queries)  # bad input fails before the model loads
+    rows = read_queries(args.queries, with_negatives=args.corpus is None)  # bad input fails before the model loads
     if args.corpus:
         corpus = read_corpus(args.corpus)
     else:
-        from .data import load_rows
-
-        corpus = list(dict.fromkeys(t for r in load_rows(args.queries, 2) for t in [r["pos"], *r["neg"]]))
+        corpus = list(dict.fromkeys(t for r in rows for t in [r["pos"], *r["neg"]]))
     mined = mine_negatives(Encoder.from_pretrained(args.model), rows, corpus, args.negatives, args.skip_top,
                            args.max_similarity, args.batch_size)
     write_jsonl(args.output, mined)

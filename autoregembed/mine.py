@@ -13,9 +13,10 @@ import numpy as np
 from .data import DataError, STAGE2_FIELDS, check_row, read_lines, records
 
 
-def read_queries(path: str) -> list[dict]:
-    """Rows with query, pos and instruction (any ``neg`` is ignored: it is what gets mined)."""
-    fields = {k: v for k, v in STAGE2_FIELDS.items() if k != "neg"}
+def read_queries(path: str, with_negatives: bool = False) -> list[dict]:
+    """Rows with query, pos and instruction; any ``neg`` is what gets mined, and is read (and
+    required) only ``with_negatives``: the default corpus is every pos and neg of the file."""
+    fields = STAGE2_FIELDS if with_negatives else {k: v for k, v in STAGE2_FIELDS.items() if k != "neg"}
     rows = [check_row(rec, fields, where) for where, rec in records(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
