@@ -7,7 +7,7 @@ half A (every run is appended to bench/results/quality_tuning.jsonl, nothing els
 seed of ``--seeds`` (its own stage 1 too) and is reported as mean ± standard deviation.
 
     python bench/quality.py --split tune --arms cd --seeds 42             # try a setting on half A
-    python bench/quality.py --split report                                # the table, ~3 h on 2 cores
+    python bench/quality.py --split report --arms abcde                   # the table, ~2.5 h on 2 cores
     python bench/quality.py --split report --stage1-corpus general+stsb   # the STS-B-text ablation
     python bench/quality.py --split tune --arms c --stage1-entailment     # stage 1 beyond autoencoding
 
@@ -187,9 +187,9 @@ def main():
                     help="the decoder reads [e_1..e_k ; target] as published (model.decoder_bos=false)")
     ap.add_argument("--no-detach-positive", action="store_true",
                     help="stage 2 back-propagates through c_p = log p(pos|e_pos) as published")
-    ap.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero3.json"),
-                    help="DeepSpeed config for (c)-(f); with one process ZeRO-2 runs a stage-1 step in "
-                         "6.1 s instead of ZeRO-3's 9.4 s (nothing to shard, no per-layer gathers)")
+    ap.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero2.json"),
+                    help="DeepSpeed config for (c)-(f).  With one process ZeRO-2 gives the same losses as "
+                         "ZeRO-3 (nothing to shard) without its per-layer gathers")
     ap.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M-Instruct, bench/real_model.py)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
@@ -225,6 +225,8 @@ def main():
     def scored(arm, seed, encoder_fn):
         r = timed(f"eval {arm} seed {seed}", lambda: sts_eval(encoder_fn(), sts, show_progress_bar=False))
         scores.setdefault(arm, {})[seed] = r
+        with open(os.path.join(args.out, "record.json"), "w") as f:  # a run cut short keeps what it measured
+            json.dump(_record(args, base, scores, first_last, timings)[0], f, indent=2)
 
     common = [f"model.base={base}", f"model.num_embed_tokens={K}", "model.dtype=fp32",
               "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
@@ -239,6 +241,13 @@ def main():
     ds = args.deepspeed
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
     first_last = {}
+    if "a" in args.arms:  # training-free: no seed
+        base_embed = os.path.join(args.out, "base-embed")
+        m, tok = load_model(base, base, K, torch.float32, "sdpa")
+        export_encoder(m.encoder, tok, base_embed, _meta("base"))
+        del m
+        scored(ARM_NAMES["a"][0], None, lambda: Encoder.from_pretrained(base_embed))
+        scored(ARM_NAMES["a"][1], None, lambda: PromptEOL(base))
     for seed in seeds:
         out = os.path.join(args.out, f"seed{seed}")
         cfg = load_config(None, common + [f"seed={seed}", f"output_dir={out}"])
@@ -253,6 +262,12 @@ def main():
                   f"output_dir={out}-inbatch"],
             "f": ["model.lora_rank=0", f"stage2.learning_rate={args.full_ft_lr}", f"output_dir={out}-fullft"],
         }
+        if "b" in args.arms:
+            c_dir, c_losses = timed(f"train (b) seed {seed}", lambda: contrastive(
+                base, load_rows(s2, stage=2), contrastive_steps, args.batch // 2, args.contrastive_lr,
+                os.path.join(out, "contrastive"), seed))
+            scored(ARM_NAMES["b"][0], seed, lambda: Encoder.from_pretrained(c_dir))
+            first_last[f"(b) seed {seed}"] = [round(c_losses[0], 4), round(c_losses[-1], 4)]
         if set(args.arms) & set("cdef"):
             stage1_dir = timed(f"train (c) seed {seed}", lambda: train_stage(cfg, "stage1", ds).artifact)
             scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir))
@@ -265,28 +280,33 @@ def main():
                 model_dir = timed(f"train ({letter}) seed {seed}", lambda: train_stage(cfg2, "stage2", ds).artifact)
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir))
                 first_last[f"({letter}) stage 2 seed {seed}"] = _first_last(cfg2, "stage2")
-        if "b" in args.arms:
-            c_dir, c_losses = timed(f"train (b) seed {seed}", lambda: contrastive(
-                base, load_rows(s2, stage=2), contrastive_steps, args.batch // 2, args.contrastive_lr,
-                os.path.join(out, "contrastive"), seed))
-            scored(ARM_NAMES["b"][0], seed, lambda: Encoder.from_pretrained(c_dir))
-            first_last[f"(b) seed {seed}"] = [round(c_losses[0], 4), round(c_losses[-1], 4)]
     D.shutdown()
-    if "a" in args.arms:  # training-free: no seed
-        base_embed = os.path.join(args.out, "base-embed")
-        m, tok = load_model(base, base, K, torch.float32, "sdpa")
-        export_encoder(m.encoder, tok, base_embed, _meta("base"))
-        del m
-        scored(ARM_NAMES["a"][0], None, lambda: Encoder.from_pretrained(base_embed))
-        scored(ARM_NAMES["a"][1], None, lambda: PromptEOL(base))
 
-    order = [n for letter in "abcdef" for n in ARM_NAMES[letter] if n in scores]
-    summary = {n: _mean_std([r["spearman"] for r in scores[n].values()]) for n in order}
-    model_name = "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
-    print(f"\nSTS-B dev half '{args.split}' ({model_name}, CPU), Spearman x100, mean ± std over seeds")
+    record, summary, order = _record(args, base, scores, first_last, timings)
+    print(f"\nSTS-B dev half '{args.split}' ({record['model']}, CPU), Spearman x100, mean ± std over seeds")
     for n in order:
         per_seed = ", ".join(f"{s}: {r['spearman']:.2f}" for s, r in scores[n].items())
         print(f"  {n:<34} {summary[n][0]:6.2f} ± {summary[n][1]:.2f}   ({per_seed})")
+    if args.split == "tune":  # every tried setting is kept, with its tuning-split score
+        with open(os.path.join(args.results, "quality_tuning.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"appended to {args.results}/quality_tuning.jsonl")
+        return
+    if not set("abcde") <= set(args.arms):
+        print("--split report without all of arms a-e: results not written (the table compares them)")
+        return
+    with open(os.path.join(args.results, "quality.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    plot(summary, order, f"{record['model']}: {args.stage1_steps}+{args.stage2_steps} steps, {len(seeds)} seeds, "
+         f"stage 1 on {args.stage1_corpus}", os.path.join(args.results, "quality.png"))
+    print(f"wrote {args.results}/quality.json and quality.png; total {sum(timings.values()) / 60:.1f} min")
+
+
+def _record(args, base, scores, first_last, timings) -> tuple[dict, dict, list[str]]:
+    """The run's record (as written to the results), the per-arm (mean, std) and the arms' order."""
+    order = [n for letter in "abcdef" for n in ARM_NAMES[letter] if n in scores]
+    summary = {n: _mean_std([r["spearman"] for r in scores[n].values()]) for n in order}
+    model_name = "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
     record = {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
               "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "results", "split")},
@@ -296,19 +316,7 @@ def main():
               "mean_pairwise_cosine": {n: {str(s): round(r["mean_cosine"], 4) for s, r in scores[n].items()}
                                        for n in order},
               "loss_first_last": first_last, "seconds": timings}
-    if args.split == "tune":  # every tried setting is kept, with its tuning-split score
-        with open(os.path.join(args.results, "quality_tuning.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"appended to {args.results}/quality_tuning.jsonl")
-        return
-    if set(args.arms) != set(ARM_NAMES):
-        print("--split report with only some arms: results not written (the table compares them all)")
-        return
-    with open(os.path.join(args.results, "quality.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    plot(summary, order, f"{model_name}: {args.stage1_steps}+{args.stage2_steps} steps, {len(seeds)} seeds, "
-         f"stage 1 on {args.stage1_corpus}", os.path.join(args.results, "quality.png"))
-    print(f"wrote {args.results}/quality.json and quality.png; total {sum(timings.values()) / 60:.1f} min")
+    return record, summary, order
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
