@@ -1,15 +1,17 @@
 """AutoRegEmbed vs its baselines on a real LLM (SmolLM2-135M-Instruct), STS-B dev, on CPU.
 
 Protocol: settings are chosen on a tuning split and the report split is scored only for the final
-settings.  STS-B dev is split by a fixed seeded permutation into two halves: ``--split tune`` scores
+settings.  Every run keeps its record, updated after each scored arm, in
+bench/results/quality_runs/<split>-<start time>.json: a run cut short keeps what it measured.  STS-B dev is split by a fixed seeded permutation into two halves: ``--split tune`` scores
 half A (every run is appended to bench/results/quality_tuning.jsonl, nothing else is written),
 ``--split report`` scores half B and writes bench/results/quality.{json,png}.  Each arm runs for every
 seed of ``--seeds`` (its own stage 1 too) and is reported as mean ± standard deviation.
 
     python bench/quality.py --split tune --arms cd --seeds 42             # try a setting on half A
-    python bench/quality.py --split report --arms abcde                   # the table, ~2.5 h on 2 cores
+    python bench/quality.py --split report --arms abcde                   # the table, ~3.5 h on 2 cores
     python bench/quality.py --split report --stage1-corpus general+stsb   # the STS-B-text ablation
     python bench/quality.py --split tune --arms c --stage1-entailment     # stage 1 beyond autoencoding
+    python bench/quality.py --merge bench/results/quality_runs/report-*.json  # seeds run apart, one table
 
 Arms (same base model, same instruction, same pooling unless stated):
   (a) base model: mean of the k EMBED hidden states; and last-token PromptEOL (training-free floor)
@@ -43,6 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from autoregembed import distributed as D  # noqa: E402
+from autoregembed.atomic import atomic_write_text  # noqa: E402
 from autoregembed.config import load_config  # noqa: E402
 from autoregembed.data import load_rows, read_lines, write_jsonl  # noqa: E402
 from autoregembed.encoder import Encoder  # noqa: E402
@@ -188,12 +191,15 @@ def main():
     ap.add_argument("--no-detach-positive", action="store_true",
                     help="stage 2 back-propagates through c_p = log p(pos|e_pos) as published")
     ap.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero2.json"),
-                    help="DeepSpeed config for (c)-(f).  With one process ZeRO-2 gives the same losses as "
-                         "ZeRO-3 (nothing to shard) without its per-layer gathers")
+                    help="DeepSpeed config for (c)-(f); on one process ZeRO-2 and ZeRO-3 give the same losses")
     ap.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M-Instruct, bench/real_model.py)")
+    ap.add_argument("--merge", nargs="+", metavar="RECORD",
+                    help="combine the records of runs on other seeds (same settings) and publish; trains nothing")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
+    if args.merge:
+        return publish(merge_records(args.merge), args.results)
     try:  # the chart is drawn at the very end: fail now, not after hours of work
         import matplotlib  # noqa: F401
     except ImportError:
@@ -205,7 +211,8 @@ def main():
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     shutil.rmtree(args.out, ignore_errors=True)  # a fresh run every time (the benchmark's own scratch folder)
     os.makedirs(args.out)
-    os.makedirs(args.results, exist_ok=True)
+    os.makedirs(os.path.join(args.results, "quality_runs"), exist_ok=True)
+    record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     sts = dev_halves(args.out)[args.split]
     read_sts(sts)
     s1 = stage1_file(os.path.join(args.out, "stage1.jsonl"), args.stage1_corpus, args.stage1_entailment)
@@ -225,8 +232,7 @@ def main():
     def scored(arm, seed, encoder_fn):
         r = timed(f"eval {arm} seed {seed}", lambda: sts_eval(encoder_fn(), sts, show_progress_bar=False))
         scores.setdefault(arm, {})[seed] = r
-        with open(os.path.join(args.out, "record.json"), "w") as f:  # a run cut short keeps what it measured
-            json.dump(_record(args, base, scores, first_last, timings)[0], f, indent=2)
+        atomic_write_text(record_path, json.dumps(_record(args, base, scores, timings, first_last), indent=2))
 
     common = [f"model.base={base}", f"model.num_embed_tokens={K}", "model.dtype=fp32",
               "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
@@ -243,6 +249,7 @@ def main():
     first_last = {}
     if "a" in args.arms:  # training-free: no seed
         base_embed = os.path.join(args.out, "base-embed")
+        torch.manual_seed(0)  # the new EMBED rows are drawn at random: the same draw in every run
         m, tok = load_model(base, base, K, torch.float32, "sdpa")
         export_encoder(m.encoder, tok, base_embed, _meta("base"))
         del m
@@ -282,41 +289,90 @@ def main():
                 first_last[f"({letter}) stage 2 seed {seed}"] = _first_last(cfg2, "stage2")
     D.shutdown()
 
-    record, summary, order = _record(args, base, scores, first_last, timings)
-    print(f"\nSTS-B dev half '{args.split}' ({record['model']}, CPU), Spearman x100, mean ± std over seeds")
-    for n in order:
-        per_seed = ", ".join(f"{s}: {r['spearman']:.2f}" for s, r in scores[n].items())
-        print(f"  {n:<34} {summary[n][0]:6.2f} ± {summary[n][1]:.2f}   ({per_seed})")
-    if args.split == "tune":  # every tried setting is kept, with its tuning-split score
-        with open(os.path.join(args.results, "quality_tuning.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"appended to {args.results}/quality_tuning.jsonl")
-        return
-    if not set("abcde") <= set(args.arms):
-        print("--split report without all of arms a-e: results not written (the table compares them)")
-        return
-    with open(os.path.join(args.results, "quality.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    plot(summary, order, f"{record['model']}: {args.stage1_steps}+{args.stage2_steps} steps, {len(seeds)} seeds, "
-         f"stage 1 on {args.stage1_corpus}", os.path.join(args.results, "quality.png"))
-    print(f"wrote {args.results}/quality.json and quality.png; total {sum(timings.values()) / 60:.1f} min")
+    publish(_record(args, base, scores, timings, first_last), args.results)
 
 
-def _record(args, base, scores, first_last, timings) -> tuple[dict, dict, list[str]]:
-    """The run's record (as written to the results), the per-arm (mean, std) and the arms' order."""
-    order = [n for letter in "abcdef" for n in ARM_NAMES[letter] if n in scores]
-    summary = {n: _mean_std([r["spearman"] for r in scores[n].values()]) for n in order}
+def _record(args, base, scores, timings, first_last) -> dict:
+    """The run's record: settings, Spearman x100 per arm (mean, std, per seed), timings."""
     model_name = "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
-    record = {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
-              "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "results", "split")},
-              "spearman_x100": {n: {"mean": round(summary[n][0], 2), "std": round(summary[n][1], 2),
-                                    "per_seed": {str(s): round(r["spearman"], 2) for s, r in scores[n].items()}}
-                                for n in order},
-              "mean_pairwise_cosine": {n: {str(s): round(r["mean_cosine"], 4) for s, r in scores[n].items()}
-                                       for n in order},
-              "loss_first_last": first_last, "seconds": timings}
-    return record, summary, order
+    return {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
+            "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "results", "split", "merge")},
+            "spearman_x100": _summary({n: {str(s): round(r["spearman"], 2) for s, r in v.items()}
+                                       for n, v in sorted(scores.items(), key=lambda kv: _arm_order(kv[0]))}),
+            "mean_pairwise_cosine": {n: {str(s): round(r["mean_cosine"], 4) for s, r in v.items()}
+                                     for n, v in scores.items()},
+            "loss_first_last": first_last, "seconds": timings}
+
+
+def _arm_order(name: str) -> int:
+    return [n for names in ARM_NAMES.values() for n in names].index(name)
+
+
+def _summary(per_seed: dict) -> dict:
+    """arm -> {seed: score} as arm -> {mean, std, per_seed}."""
+    return {n: dict(zip(("mean", "std"), (round(x, 2) for x in _mean_std(list(v.values())))), per_seed=v)
+            for n, v in per_seed.items()}
+
+
+def merge_records(paths: list[str]) -> dict:
+    """One record from runs of the same model, split and settings on different seeds (a report run
+    split across machines or sessions): the per-seed values are pooled
+    and the means recomputed.  An arm measured twice for one seed must give the same value (training
+    is seeded and deterministic on CPU), else the merge is refused."""
+    records = [json.load(open(p)) for p in paths]
+
+    def key(r):
+        return r["model"], r["split"], {k: v for k, v in r["settings"].items() if k not in ("seeds", "arms")}
+
+    per_seed, cosine, merged = {}, {}, {"seconds": {}, "loss_first_last": {}}
+    for path, r in zip(paths, records):
+        if key(r) != key(records[0]):
+            sys.exit(f"{path}: not the same model, split and settings as {paths[0]}; not merged")
+        for n, v in r["spearman_x100"].items():
+            for seed, x in v["per_seed"].items():
+                if per_seed.get(n, {}).get(seed, x) != x:  # a rerun of a seed must reproduce it
+                    sys.exit(f"{path}: {n} seed {seed} is {x}, {per_seed[n][seed]} in an earlier file; not merged")
+                per_seed.setdefault(n, {})[seed] = x
+                cosine.setdefault(n, {})[seed] = r["mean_pairwise_cosine"][n][seed]
+        for field in ("seconds", "loss_first_last"):
+            merged[field].update(r[field])
+    first = records[0]
+    seeds = list(dict.fromkeys(s for r in records for s in r["settings"]["seeds"].split(",")))
+    arms = "".join(sorted(set("".join(r["settings"]["arms"] for r in records))))
+    return {**first, **merged, "date": max(r["date"] for r in records),
+            "commit": ",".join(dict.fromkeys(r["commit"] for r in records)),
+            "command": " && ".join(r["command"] for r in records) + " && python bench/quality.py --merge " + " ".join(paths),
+            "settings": {**first["settings"], "seeds": ",".join(seeds), "arms": arms},
+            "spearman_x100": _summary(dict(sorted(per_seed.items(), key=lambda kv: _arm_order(kv[0])))),
+            "mean_pairwise_cosine": cosine}
+
+
+def publish(record: dict, results: str):
+    """Print the table.  Tuning split: append the record to quality_tuning.jsonl (every tried setting
+    is kept, with its score).  Report split: write quality.json and quality.png, only when every one of
+    arms (a)-(e) is in it (the table compares them)."""
+    table = record["spearman_x100"]
+    print(f"\nSTS-B dev half '{record['split']}' ({record['model']}, CPU), Spearman x100, mean ± std over seeds")
+    for n, v in table.items():
+        per_seed = ", ".join(f"{s}: {x:.2f}" for s, x in v["per_seed"].items())
+        print(f"  {n:<34} {v['mean']:6.2f} ± {v['std']:.2f}   ({per_seed})")
+    if record["split"] == "tune":
+        with open(os.path.join(results, "quality_tuning.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"appended to {results}/quality_tuning.jsonl")
+        return
+    missing = [a for a in "abcde" if not any(n.startswith(f"({a})") for n in table)]
+    if missing:
+        print(f"--split report without arm(s) {', '.join(missing)}: results not written (the table compares them); "
+              "runs on other seeds or arms can be combined with --merge")
+        return
+    with open(os.path.join(results, "quality.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    st = record["settings"]
+    plot(table, f"{record['model']}: {st['stage1_steps']}+{st['stage2_steps']} steps, "
+         f"{len(st['seeds'].split(','))} seeds, stage 1 on {st['stage1_corpus']}", os.path.join(results, "quality.png"))
+    print(f"wrote {results}/quality.json and quality.png; total {sum(record['seconds'].values()) / 60:.1f} min")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -339,7 +395,7 @@ def _first_last(cfg, stage: str, n: int = 5) -> list[float]:
     return [round(sum(losses[:n]) / n, 4), round(sum(losses[-n:]) / n, 4)]
 
 
-def plot(summary: dict, order: list[str], title: str, path: str):
+def plot(table: dict, title: str, path: str):
     """Mean Spearman per arm, the error bar one standard deviation over seeds."""
     import matplotlib
 
@@ -347,15 +403,15 @@ def plot(summary: dict, order: list[str], title: str, path: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    names = order[::-1]
+    names = list(table)[::-1]
+    mean, std = [table[n]["mean"] for n in names], [table[n]["std"] for n in names]
     ours = ("(c)", "(d)", "(e)", "(f)")
-    ax.barh(names, [summary[n][0] for n in names], xerr=[summary[n][1] for n in names], capsize=3,
-            color=["#dd8452" if n.startswith(ours) else "#4c72b0" for n in names])
-    ax.set_xlim(0, max(m + sd for m, sd in summary.values()) + 10)  # room for the value labels
+    ax.barh(names, mean, xerr=std, capsize=3, color=["#dd8452" if n.startswith(ours) else "#4c72b0" for n in names])
+    ax.set_xlim(0, max(m + sd for m, sd in zip(mean, std)) + 10)  # room for the value labels
     ax.set_xlabel("STS-B dev (report half) Spearman x100")
     ax.set_title(title, fontsize=9)
-    for i, n in enumerate(names):
-        ax.text(summary[n][0] + summary[n][1] + 0.5, i, f"{summary[n][0]:.1f} ± {summary[n][1]:.1f}", va="center")
+    for i, (m, sd) in enumerate(zip(mean, std)):
+        ax.text(m + sd + 0.5, i, f"{m:.1f} ± {sd:.1f}", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -30,7 +30,8 @@ def _repeated_data(tmp_path):
 
 @pytest.fixture(scope="module", params=["full", "lora"])
 def run(tmp_path_factory, request):
-    """The whole pipeline on 2 ranks, fully fine-tuned and through LoRA adapters (merged on export)."""
+    """The whole pipeline on 2 ranks: fully fine-tuned with a reference-score file, and through LoRA
+    adapters (merged on export) with in-batch negatives and online reference scores."""
     tmp = tmp_path_factory.mktemp(f"dist-{request.param}")
     s1, s2 = _repeated_data(tmp)
     out = str(tmp / "run")
@@ -39,7 +40,8 @@ def run(tmp_path_factory, request):
                  "stage1.learning_rate=3e-3", "stage2.max_steps=12", "stage2.micro_batch_size=4",
                  "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
     if request.param == "lora":
-        overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3"]
+        overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3",
+                      "loss.references=online", "loss.in_batch_negatives=true"]
     proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reports = [json.load(open(tmp / f"report-rank{r}.json")) for r in range(2)]
@@ -86,12 +88,15 @@ def test_only_the_encoder_trains_and_with_lora_only_its_adapters(run):
         assert all(".lora_" in n for n in names) == (run[2] == "lora"), names[:5]
 
 
-def test_reference_scores_cover_every_row(run):
+def test_reference_scores_cover_every_row_or_none_are_written_online(run):
     from autoregembed.refscores import ReferenceScores
 
     out = run[0]
-    refs = ReferenceScores(os.path.join(out, "reference", "scores.safetensors"))
-    assert len(refs) == 8
+    path = os.path.join(out, "reference", "scores.safetensors")
+    if run[2] == "lora":  # loss.references=online: the adapters-off forward, no file
+        assert not os.path.exists(os.path.join(out, "reference"))
+        return
+    assert len(ReferenceScores(path)) == 8
 
 
 def test_export_reloads_in_a_fresh_process_with_plain_transformers(run):
