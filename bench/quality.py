@@ -1,11 +1,12 @@
 """AutoRegEmbed vs its baselines on a real LLM (SmolLM2-135M-Instruct), STS-B dev, on CPU.
 
 Protocol: settings are chosen on a tuning split and the report split is scored only for the final
-settings.  Every run keeps its record, updated after each scored arm, in
-bench/results/quality_runs/<split>-<start time>.json: a run cut short keeps what it measured.  STS-B dev is split by a fixed seeded permutation into two halves: ``--split tune`` scores
-half A (every run is appended to bench/results/quality_tuning.jsonl, nothing else is written),
+settings.  STS-B dev is split by a fixed seeded permutation into two halves: ``--split tune`` scores
+half A (every finished run is appended to bench/results/quality_tuning.jsonl),
 ``--split report`` scores half B and writes bench/results/quality.{json,png}.  Each arm runs for every
-seed of ``--seeds`` (its own stage 1 too) and is reported as mean ± standard deviation.
+seed of ``--seeds`` (its own stage 1 too) and is reported as mean ± standard deviation.  Every run
+keeps its record, rewritten after each scored arm, in bench/results/quality_runs/ (a run cut short
+keeps what it measured); ``--merge`` publishes runs made on separate seeds as one table.
 
     python bench/quality.py --split tune --arms cd --seeds 42             # try a setting on half A
     python bench/quality.py --split report --arms abcde                   # the table, ~3.5 h on 2 cores
@@ -212,7 +213,7 @@ def main():
     shutil.rmtree(args.out, ignore_errors=True)  # a fresh run every time (the benchmark's own scratch folder)
     os.makedirs(args.out)
     os.makedirs(os.path.join(args.results, "quality_runs"), exist_ok=True)
-    record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
     sts = dev_halves(args.out)[args.split]
     read_sts(sts)
     s1 = stage1_file(os.path.join(args.out, "stage1.jsonl"), args.stage1_corpus, args.stage1_entailment)
@@ -317,8 +318,7 @@ def _summary(per_seed: dict) -> dict:
 
 def merge_records(paths: list[str]) -> dict:
     """One record from runs of the same model, split and settings on different seeds (a report run
-    split across machines or sessions): the per-seed values are pooled
-    and the means recomputed.  An arm measured twice for one seed must give the same value (training
+    split across machines or sessions): the per-seed values are pooled and the means recomputed.  An arm measured twice for one seed must give the same value (training
     is seeded and deterministic on CPU), else the merge is refused."""
     records = [json.load(open(p)) for p in paths]
 
@@ -367,8 +367,7 @@ def publish(record: dict, results: str):
         print(f"--split report without arm(s) {', '.join(missing)}: results not written (the table compares them); "
               "runs on other seeds or arms can be combined with --merge")
         return
-    with open(os.path.join(results, "quality.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    atomic_write_text(os.path.join(results, "quality.json"), json.dumps(record, indent=2))
     st = record["settings"]
     plot(table, f"{record['model']}: {st['stage1_steps']}+{st['stage2_steps']} steps, "
          f"{len(st['seeds'].split(','))} seeds, stage 1 on {st['stage1_corpus']}", os.path.join(results, "quality.png"))
