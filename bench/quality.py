@@ -318,8 +318,9 @@ def _summary(per_seed: dict) -> dict:
 
 def merge_records(paths: list[str]) -> dict:
     """One record from runs of the same model, split and settings on different seeds (a report run
-    split across machines or sessions): the per-seed values are pooled and the means recomputed.  An arm measured twice for one seed must give the same value (training
-    is seeded and deterministic on CPU), else the merge is refused."""
+    split across machines or sessions): the per-seed values are pooled and the means recomputed.
+    An arm measured twice for one seed must give the same value (training is seeded and
+    deterministic on CPU), else the merge is refused."""
     records = [json.load(open(p)) for p in paths]
 
     def key(r):
