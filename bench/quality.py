@@ -53,6 +53,7 @@ from autoregembed.encoder import Encoder  # noqa: E402
 from autoregembed.evaluate import read_sts, sts_eval  # noqa: E402
 from autoregembed.export import ExportMeta, export_encoder  # noqa: E402
 from autoregembed.loading import load_model  # noqa: E402
+from autoregembed.runlock import RunLock  # noqa: E402
 from autoregembed.tokenization import TextEncoder  # noqa: E402
 from autoregembed.trainer import score_references, train_stage  # noqa: E402
 
@@ -210,8 +211,7 @@ def main():
 
     base = args.base or smollm2_dir()
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    shutil.rmtree(args.out, ignore_errors=True)  # a fresh run every time (the benchmark's own scratch folder)
-    os.makedirs(args.out)
+    scratch = fresh_scratch(args.out)  # held until the process exits
     os.makedirs(os.path.join(args.results, "quality_runs"), exist_ok=True)
     record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
     sts = dev_halves(args.out)[args.split]
@@ -291,6 +291,18 @@ def main():
     D.shutdown()
 
     publish(_record(args, base, scores, timings, first_last), args.results)
+    scratch.release()
+
+
+def fresh_scratch(out: str) -> RunLock:
+    """Empty the benchmark's scratch folder for a fresh run, under its run lock: a second run given the
+    same ``--out`` is refused instead of deleting the models the first is training and scoring."""
+    lock = RunLock(out).acquire()
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if path != lock.path:
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    return lock
 
 
 def _record(args, base, scores, timings, first_last) -> dict:
@@ -298,12 +310,22 @@ def _record(args, base, scores, timings, first_last) -> dict:
     model_name = "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
     return {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "results", "split", "merge")},
+            "settings": _settings(vars(args)),
             "spearman_x100": _summary({n: {str(s): round(r["spearman"], 2) for s, r in v.items()}
                                        for n, v in sorted(scores.items(), key=lambda kv: _arm_order(kv[0]))}),
             "mean_pairwise_cosine": {n: {str(s): round(r["mean_cosine"], 4) for s, r in v.items()}
                                      for n, v in scores.items()},
             "loss_first_last": first_last, "seconds": timings}
+
+
+def _settings(options: dict) -> dict:
+    """The options that decide a run's scores; the DeepSpeed config named relative to the checkout, so
+    that records made in different checkouts of the repository compare equal."""
+    kept = {k: v for k, v in options.items() if k not in ("out", "results", "split", "merge")}
+    ds = os.path.abspath(kept["deepspeed"])
+    if ds.startswith(ROOT + os.sep):
+        kept["deepspeed"] = os.path.relpath(ds, ROOT)
+    return kept
 
 
 def _arm_order(name: str) -> int:
@@ -324,7 +346,7 @@ def merge_records(paths: list[str]) -> dict:
     records = [json.load(open(p)) for p in paths]
 
     def key(r):
-        return r["model"], r["split"], {k: v for k, v in r["settings"].items() if k not in ("seeds", "arms")}
+        return r["model"], r["split"], {k: v for k, v in _settings(r["settings"]).items() if k not in ("seeds", "arms")}
 
     per_seed, cosine, merged = {}, {}, {"seconds": {}, "loss_first_last": {}}
     for path, r in zip(paths, records):
@@ -344,7 +366,7 @@ def merge_records(paths: list[str]) -> dict:
     return {**first, **merged, "date": max(r["date"] for r in records),
             "commit": ",".join(dict.fromkeys(r["commit"] for r in records)),
             "command": " && ".join(r["command"] for r in records) + " && python bench/quality.py --merge " + " ".join(paths),
-            "settings": {**first["settings"], "seeds": ",".join(seeds), "arms": arms},
+            "settings": {**_settings(first["settings"]), "seeds": ",".join(seeds), "arms": arms},
             "spearman_x100": _summary(dict(sorted(per_seed.items(), key=lambda kv: _arm_order(kv[0])))),
             "mean_pairwise_cosine": cosine}
 

@@ -1,0 +1,68 @@
+"""bench/quality.py's bookkeeping: merging runs made on separate seeds, and its scratch folder's lock."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from autoregembed.runlock import RunLockError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("quality_bench", os.path.join(ROOT, "bench", "quality.py"))
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+
+B, C = "(b) contrastive (InfoNCE)", "(c) stage 1 only"
+
+
+def _record(tmp_path, name, seeds, arms, scores, deepspeed="ds_configs/zero2.json", **settings):
+    """A run record as bench/quality.py writes it; ``scores``: arm -> {seed: spearman}."""
+    record = {"model": "m", "split": "report", "date": "2026-11-26", "commit": name, "command": f"run {name}",
+              "settings": {"seeds": seeds, "arms": arms, "deepspeed": deepspeed, "stage1_steps": 50, **settings},
+              "spearman_x100": quality._summary(scores),
+              "mean_pairwise_cosine": {n: {s: 0.5 for s in v} for n, v in scores.items()},
+              "loss_first_last": {f"{name}": [1.0, 0.5]}, "seconds": {f"train {name}": 1.0}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(record))
+    return str(path)
+
+
+def test_merge_pools_seeds_and_recomputes_mean_and_spread(tmp_path):
+    one = _record(tmp_path, "r1", "42,1", "abc", {B: {"42": 78.0, "1": 80.0}, C: {"42": 60.0, "1": 50.0}})
+    two = _record(tmp_path, "r2", "2", "bc", {B: {"2": 79.0}, C: {"2": 70.0}},
+                  deepspeed=os.path.join(ROOT, "ds_configs", "zero2.json"))  # the same file, named absolutely
+    merged = quality.merge_records([one, two])
+    assert merged["spearman_x100"][B] == {"mean": 79.0, "std": 1.0, "per_seed": {"42": 78.0, "1": 80.0, "2": 79.0}}
+    assert merged["spearman_x100"][C]["mean"] == 60.0 and merged["spearman_x100"][C]["std"] == 10.0
+    assert merged["settings"]["seeds"] == "42,1,2" and merged["settings"]["arms"] == "abc"
+    assert merged["commit"] == "r1,r2" and set(merged["seconds"]) == {"train r1", "train r2"}
+    assert list(merged["spearman_x100"]) == [B, C]  # the table's arm order
+
+
+def test_merge_refuses_other_settings_and_a_seed_that_scores_differently_twice(tmp_path):
+    one = _record(tmp_path, "r1", "42", "b", {B: {"42": 78.0}})
+    other = _record(tmp_path, "r2", "1", "b", {B: {"1": 78.0}}, stage1_steps=60)
+    with pytest.raises(SystemExit, match="r2.json: not the same model, split and settings"):
+        quality.merge_records([one, other])
+    again = _record(tmp_path, "r3", "42", "b", {B: {"42": 77.5}})
+    with pytest.raises(SystemExit, match=r"r3.json: \(b\) contrastive \(InfoNCE\) seed 42 is 77.5, 78.0"):
+        quality.merge_records([one, again])
+    same = _record(tmp_path, "r4", "42", "b", {B: {"42": 78.0}})  # a rerun that reproduces is pooled
+    assert quality.merge_records([one, same])["spearman_x100"][B]["per_seed"] == {"42": 78.0}
+
+
+def test_scratch_is_emptied_under_a_lock_a_second_run_cannot_take(tmp_path):
+    out = tmp_path / "quality"
+    (out / "seed42" / "stage1").mkdir(parents=True)
+    (out / "stage1.jsonl").write_text("{}\n")
+    lock = quality.fresh_scratch(str(out))
+    try:
+        assert os.listdir(out) == [".lock"]
+        (out / "seed1").mkdir()  # the first run's work
+        with pytest.raises(RunLockError, match="is in use by PID"):
+            quality.fresh_scratch(str(out))
+        assert (out / "seed1").is_dir()  # the refused run deleted nothing
+    finally:
+        lock.release()
+    quality.fresh_scratch(str(out)).release()  # free again once the first run ends
+    assert os.listdir(out) == [".lock"]
