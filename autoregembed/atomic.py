@@ -7,6 +7,8 @@ shared cluster can read exports, score files and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
 import shutil
 import tempfile
@@ -24,12 +26,21 @@ def _as_if_created_plainly(path: str, is_dir: bool):
 
 @contextlib.contextmanager
 def atomic_dir(final: str):
-    """Yield a temporary folder next to ``final``; on success it replaces ``final`` in one rename."""
+    """Yield a temporary folder next to ``final``; on success it replaces ``final`` in one rename.
+
+    The writer holds an flock on ``<temporary>.lock`` until it is done, so a later call can tell a
+    dead writer's leftovers (a SIGKILL skips every cleanup) from a live one's: those are removed, and
+    a replacement cut between its two renames is rolled back to the previous ``final``."""
     parent = os.path.dirname(os.path.abspath(final)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
-    _as_if_created_plainly(tmp, is_dir=True)
+    _recover(final)
+    fd, lock_path = tempfile.mkstemp(prefix=os.path.basename(final) + ".tmp-", suffix=".lock", dir=parent)
+    lock = os.fdopen(fd, "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # before the folder exists: no moment shows it unguarded
+    tmp = lock_path[: -len(".lock")]
     try:
+        os.mkdir(tmp)
+        _as_if_created_plainly(tmp, is_dir=True)
         yield tmp
         if os.path.exists(final):
             old = tempfile.mkdtemp(prefix=os.path.basename(final) + ".old-", dir=parent)
@@ -41,6 +52,35 @@ def atomic_dir(final: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock_path)
+        lock.close()
+
+
+def _recover(final: str):
+    """Remove the temporaries of dead ``atomic_dir`` writers of ``final``; when none is alive, put a
+    previous ``final`` set aside by an interrupted replacement back (the newest, if several) and
+    remove the superseded ones."""
+    parent, name = os.path.dirname(os.path.abspath(final)) or ".", os.path.basename(final)
+    alive = False
+    for lock_path in glob.glob(os.path.join(glob.escape(parent), glob.escape(name) + ".tmp-*.lock")):
+        with open(lock_path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its writer is alive (or the filesystem has no flock: keep it)
+                alive = True
+                continue
+            shutil.rmtree(lock_path[: -len(".lock")], ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):  # its writer finished and removed it meanwhile
+                os.remove(lock_path)
+    if alive:
+        return
+    old = sorted(glob.glob(os.path.join(glob.escape(parent), glob.escape(name) + ".old-*")), key=os.path.getmtime)
+    if old and not os.path.exists(final) and os.path.isdir(os.path.join(old[-1], "x")):
+        os.rename(os.path.join(old[-1], "x"), final)
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def atomic_write_text(path: str, text: str):

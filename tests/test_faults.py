@@ -214,6 +214,7 @@ def test_a_kill_during_export_keeps_the_previous_export_and_the_checkpoint(tmp_p
     r = _train(out, "stage1.max_steps=2", "stage=export", "paths.export_from=stage1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert snapshot() == before and "loaded checkpoint" in r.stdout
+    assert not [n for n in os.listdir(os.path.join(out, "stage1")) if ".tmp-" in n]  # the killed export's leftovers swept
 
 
 SIGTERM_IN_REFERENCE = """

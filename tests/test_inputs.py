@@ -266,6 +266,55 @@ def test_written_files_follow_the_umask(tmp_path):
     assert oct((tmp_path / "d").stat().st_mode & 0o777) == oct(0o755)
 
 
+WRITER_KILLED_INSIDE = """
+import os, signal, sys, time
+from autoregembed.atomic import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    open(os.path.join(tmp, "half-written"), "w").close()
+    print("inside", flush=True)
+    time.sleep(60)  # SIGKILLed here: no cleanup runs
+"""
+
+
+def test_atomic_dir_sweeps_a_killed_writers_leftovers_and_spares_a_live_ones(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from autoregembed.atomic import atomic_dir
+
+    final = str(tmp_path / "model")
+    with atomic_dir(final) as tmp:
+        open(os.path.join(tmp, "v1"), "w").close()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER_KILLED_INSIDE, final], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert writer.stdout.readline() == "inside\n"
+        leftovers = sorted(n for n in os.listdir(tmp_path) if n != "model")
+        assert len(leftovers) == 2 and leftovers[1] == leftovers[0] + ".lock"
+        with atomic_dir(final) as tmp:  # the other writer is alive: its folder is left alone
+            open(os.path.join(tmp, "v2"), "w").close()
+        assert sorted(n for n in os.listdir(tmp_path) if n != "model") == leftovers
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    with atomic_dir(final) as tmp:
+        open(os.path.join(tmp, "v3"), "w").close()
+    assert os.listdir(tmp_path) == ["model"] and os.listdir(final) == ["v3"]
+
+
+def test_atomic_dir_puts_back_a_previous_result_an_interrupted_replacement_set_aside(tmp_path):
+    from autoregembed.atomic import atomic_dir
+
+    final = tmp_path / "model"
+    (tmp_path / "model.old-abc" / "x").mkdir(parents=True)  # killed between its two renames
+    (tmp_path / "model.old-abc" / "x" / "weights").write_text("v1")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_dir(str(final)):
+            raise RuntimeError("disk full")
+    assert os.listdir(tmp_path) == ["model"] and (final / "weights").read_text() == "v1"
+
+
 def test_tiny_base_reads_data_like_the_loader_and_refuses_a_changed_size(tmp_path):
     from autoregembed.loading import build_tiny_base
 
