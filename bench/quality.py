@@ -230,7 +230,7 @@ def main():
         print(f"[quality] {name}: {value if not isinstance(value, tuple) else value[0]} ({timings[name]} s)", flush=True)
         return value
 
-    def scored(arm, seed, encoder_fn):
+    def scored(arm, seed, encoder_fn):  # the arm's losses are in first_last before this writes the record
         r = timed(f"eval {arm} seed {seed}", lambda: sts_eval(encoder_fn(), sts, show_progress_bar=False))
         scores.setdefault(arm, {})[seed] = r
         atomic_write_text(record_path, json.dumps(_record(args, base, scores, timings, first_last), indent=2))
@@ -274,20 +274,20 @@ def main():
             c_dir, c_losses = timed(f"train (b) seed {seed}", lambda: contrastive(
                 base, load_rows(s2, stage=2), contrastive_steps, args.batch // 2, args.contrastive_lr,
                 os.path.join(out, "contrastive"), seed))
-            scored(ARM_NAMES["b"][0], seed, lambda: Encoder.from_pretrained(c_dir))
             first_last[f"(b) seed {seed}"] = [round(c_losses[0], 4), round(c_losses[-1], 4)]
+            scored(ARM_NAMES["b"][0], seed, lambda: Encoder.from_pretrained(c_dir))
         if set(args.arms) & set("cdef"):
             stage1_dir = timed(f"train (c) seed {seed}", lambda: train_stage(cfg, "stage1", ds).artifact)
-            scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir))
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")
+            scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir))
         if set(args.arms) & set("df"):
             timed(f"reference scores seed {seed}", lambda: score_references(cfg, ds))
         for letter, extra in stage2_arms.items():
             if letter in args.arms:
                 cfg2 = load_config(None, common + after + extra)
                 model_dir = timed(f"train ({letter}) seed {seed}", lambda: train_stage(cfg2, "stage2", ds).artifact)
-                scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir))
                 first_last[f"({letter}) stage 2 seed {seed}"] = _first_last(cfg2, "stage2")
+                scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir))
     D.shutdown()
 
     publish(_record(args, base, scores, timings, first_last), args.results)
