@@ -418,7 +418,8 @@ def _first_last(cfg, stage: str, n: int = 5) -> list[float]:
 
 
 def plot(table: dict, title: str, path: str):
-    """Mean Spearman per arm, the error bar one standard deviation over seeds."""
+    """Mean Spearman per arm, the error bar one standard deviation over seeds; an arm run on fewer
+    seeds than the others says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -429,11 +430,14 @@ def plot(table: dict, title: str, path: str):
     mean, std = [table[n]["mean"] for n in names], [table[n]["std"] for n in names]
     ours = ("(c)", "(d)", "(e)", "(f)")
     ax.barh(names, mean, xerr=std, capsize=3, color=["#dd8452" if n.startswith(ours) else "#4c72b0" for n in names])
-    ax.set_xlim(0, max(m + sd for m, sd in zip(mean, std)) + 10)  # room for the value labels
+    ax.set_xlim(0, max(m + sd for m, sd in zip(mean, std)) + 25)  # room for the value labels
     ax.set_xlabel("STS-B dev (report half) Spearman x100")
     ax.set_title(title, fontsize=9)
-    for i, (m, sd) in enumerate(zip(mean, std)):
-        ax.text(m + sd + 0.5, i, f"{m:.1f} ± {sd:.1f}", va="center")
+    seeds = [list(table[n]["per_seed"]) for n in names]
+    most = max(len(s) for s in seeds)
+    for i, (m, sd, s) in enumerate(zip(mean, std, seeds)):
+        note = "training-free" if s == ["None"] else "" if len(s) == most else f"{len(s)} of {most} seeds"
+        ax.text(m + sd + 0.5, i, f"{m:.1f} ± {sd:.1f}" + (f" ({note})" if note else ""), va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
