@@ -212,6 +212,7 @@ def main():
     base = args.base or smollm2_dir()
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     scratch = fresh_scratch(args.out)  # held until the process exits
+    commit = _commit()  # the code this process runs: HEAD may move while it does
     os.makedirs(os.path.join(args.results, "quality_runs"), exist_ok=True)
     record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
     sts = dev_halves(args.out)[args.split]
@@ -233,7 +234,7 @@ def main():
     def scored(arm, seed, encoder_fn):  # the arm's losses are in first_last before this writes the record
         r = timed(f"eval {arm} seed {seed}", lambda: sts_eval(encoder_fn(), sts, show_progress_bar=False))
         scores.setdefault(arm, {})[seed] = r
-        atomic_write_text(record_path, json.dumps(_record(args, base, scores, timings, first_last), indent=2))
+        atomic_write_text(record_path, json.dumps(_record(args, base, commit, scores, timings, first_last), indent=2))
 
     common = [f"model.base={base}", f"model.num_embed_tokens={K}", "model.dtype=fp32",
               "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
@@ -290,7 +291,7 @@ def main():
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir))
     D.shutdown()
 
-    publish(_record(args, base, scores, timings, first_last), args.results)
+    publish(_record(args, base, commit, scores, timings, first_last), args.results)
     scratch.release()
 
 
@@ -305,10 +306,10 @@ def fresh_scratch(out: str) -> RunLock:
     return lock
 
 
-def _record(args, base, scores, timings, first_last) -> dict:
+def _record(args, base, commit, scores, timings, first_last) -> dict:
     """The run's record: settings, Spearman x100 per arm (mean, std, per seed), timings."""
     model_name = "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
-    return {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
+    return {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": commit,
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
             "settings": _settings(vars(args)),
             "spearman_x100": _summary({n: {str(s): round(r["spearman"], 2) for s, r in v.items()}
@@ -404,10 +405,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _commit() -> str:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it."""
     import subprocess
 
-    r = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
+    def git(*a):
+        return subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _first_last(cfg, stage: str, n: int = 5) -> list[float]:
