@@ -301,8 +301,12 @@ def fresh_scratch(out: str) -> RunLock:
     lock = RunLock(out).acquire()
     for name in os.listdir(out):
         path = os.path.join(out, name)
-        if path != lock.path:
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        if path == lock.path:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
     return lock
 
 
