@@ -279,15 +279,16 @@ with atomic_dir(sys.argv[1]) as tmp:
 def test_atomic_dir_sweeps_a_killed_writers_leftovers_and_spares_a_live_ones(tmp_path):
     import signal
     import subprocess
-    import sys
+
+    from conftest import ROOT, child_command, child_env
 
     from autoregembed.atomic import atomic_dir
 
     final = str(tmp_path / "model")
     with atomic_dir(final) as tmp:
         open(os.path.join(tmp, "v1"), "w").close()
-    writer = subprocess.Popen([sys.executable, "-c", WRITER_KILLED_INSIDE, final], stdout=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    writer = subprocess.Popen(child_command(["-c", WRITER_KILLED_INSIDE, final]), env=child_env(),
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert writer.stdout.readline() == "inside\n"
         leftovers = sorted(n for n in os.listdir(tmp_path) if n != "model")
