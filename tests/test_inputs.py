@@ -266,6 +266,21 @@ def test_written_files_follow_the_umask(tmp_path):
     assert oct((tmp_path / "d").stat().st_mode & 0o777) == oct(0o755)
 
 
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_partial_copy(tmp_path, monkeypatch):
+    from autoregembed.atomic import atomic_write_text
+
+    path = tmp_path / "record.json"
+    atomic_write_text(str(path), "old")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(str(path), "new")
+    assert os.listdir(tmp_path) == ["record.json"] and path.read_text() == "old"
+
+
 WRITER_KILLED_INSIDE = """
 import os, signal, sys, time
 from autoregembed.atomic import atomic_dir
