@@ -4,15 +4,13 @@
 #
 # The machine has torch, triton, transformers, peft and safetensors but no deepspeed, liger-kernel
 # or cut-cross-entropy and no network: build their wheels here first with bench/gpu_wheels.sh
-# (into .whl/, git-ignored) and take .whl along; they are installed into /tmp/site.
+# (into .whl/, git-ignored) and take .whl along. bench/install_carried.sh installs them and this
+# checkout into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+PYTHON=$PY bash bench/install_carried.sh /tmp/site || exit 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-bench/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

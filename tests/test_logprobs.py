@@ -84,7 +84,7 @@ def test_chunk_rows_fit_the_budget():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_row_kernel_matches_pytorch_rows(dtype):
     """Odd widths (a partial last block), the last vocabulary entry as a target, and large logits."""
-    from autoregembed.kernels import logit_row_stats
+    from autoregembed.kernels.logit_rows import logit_row_stats
 
     for c, v in [(1, 7), (37, 5000), (5, 9000)]:
         g = torch.Generator().manual_seed(v)

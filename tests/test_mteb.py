@@ -18,7 +18,7 @@ def test_mteb_on_a_local_sts_task_equals_eval_sts(tiny_export, tmp_path, capsys)
     assert main(["eval", "--model", tiny_export, "--sts", STS]) == 0
     ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["spearman_x100"]
     (name, score), = mteb_score.items()
-    assert score == pytest.approx(ours, abs=0.006)  # both rounded to 2 decimals
+    assert score == pytest.approx(ours, abs=0.0101)  # each rounded to 2 decimals: equal values may differ by 0.01
     result_files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f == f"{name}.json"]
     assert len(result_files) == 1  # mteb's own result file, under the model's name
     record = json.load(open(result_files[0]))
