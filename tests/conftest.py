@@ -66,6 +66,24 @@ def tiny_base(tmp_path_factory):
     return build_tiny_base(out, [cfg.data.stage1, cfg.data.stage2], hidden_size=32, layers=2, pretrain_steps=30)
 
 
+TINY_BASE = {}  # {"path": ...} once the default_tiny_base fixture ran, for helpers that start children
+
+
+@pytest.fixture(scope="session")
+def default_tiny_base(tmp_path_factory):
+    """Exactly what a run with ``model.tiny_hidden_size=32`` builds for itself, built once per session
+    and given to the training children as ``model.base`` (building one in every child doubled the
+    suite's time)."""
+    from autoregembed.config import Config
+    from autoregembed.loading import build_tiny_base
+
+    cfg = Config()
+    out = str(tmp_path_factory.mktemp("default-base") / "base")
+    TINY_BASE["path"] = build_tiny_base(out, [cfg.data.stage1, cfg.data.stage2], hidden_size=32,
+                                        layers=cfg.model.tiny_layers, seed=cfg.seed)
+    return TINY_BASE["path"]
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tiny_base, tmp_path_factory):
     """An export of the tiny base's encoder (untrained EMBED rows, seeded): what the inference

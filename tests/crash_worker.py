@@ -1,4 +1,4 @@
-"""Stage-1 run used by test_crash.py: `crash_worker.py OUT MAX_STEPS [CRASH_IN_SAVE_AT|-] [KEY=VALUE ...]`.
+"""Stage-1 run used by test_crash.py: `crash_worker.py OUT BASE MAX_STEPS [CRASH_IN_SAVE_AT|-] [KEY=VALUE ...]`.
 
 With CRASH_IN_SAVE_AT=N the process SIGKILLs itself right after DeepSpeed has written the
 step-N checkpoint shards and before that checkpoint is committed (renamed, `latest`).
@@ -15,9 +15,9 @@ from autoregembed import distributed as D  # noqa: E402
 from autoregembed.config import load_config  # noqa: E402
 from autoregembed.trainer import train_stage  # noqa: E402
 
-out, max_steps = sys.argv[1], int(sys.argv[2])
-crash_at = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None
-overrides = sys.argv[4:]
+out, base, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+crash_at = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None
+overrides = sys.argv[5:]
 if crash_at is not None:
     real_save = DeepSpeedEngine.save_checkpoint
 
@@ -28,7 +28,7 @@ if crash_at is not None:
         return result
 
     DeepSpeedEngine.save_checkpoint = save_then_die
-cfg = load_config(None, [f"output_dir={out}", "model.tiny_hidden_size=32", f"stage1.max_steps={max_steps}",
+cfg = load_config(None, [f"output_dir={out}", f"model.base={base}", f"stage1.max_steps={max_steps}",
                          "stage1.micro_batch_size=4", "stage1.save_every=2", "stage1.keep_last=3",
                          "stage1.warmup_steps=2", *overrides])
 D.init_distributed()

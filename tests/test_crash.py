@@ -6,14 +6,16 @@ import subprocess
 import time
 
 import pytest
-from conftest import child_command, child_env, run_child
+from conftest import TINY_BASE, child_command, child_env, run_child
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_base")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "crash_worker.py")
 
 
+def _worker(out, *args):
+    return [WORKER, out, TINY_BASE["path"], *args]
 
 
 def _by_step(out):
@@ -26,7 +28,7 @@ def _by_step(out):
 
 def _straight(tmp_path, nproc, steps):
     out = str(tmp_path / f"straight{nproc}")
-    r = run_child([WORKER, out, steps], ranks=nproc)
+    r = run_child(_worker(out, steps), ranks=nproc)
     assert r.returncode == 0, r.stderr[-3000:]
     return _by_step(out)
 
@@ -41,7 +43,7 @@ def test_sigkilled_rank_resumes_with_identical_losses(tmp_path):
     steps = 40
     want = _straight(tmp_path, 2, steps)
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(child_command([WORKER, out, steps], ranks=2), env=child_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(child_command(_worker(out, steps), ranks=2), env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = os.path.join(out, "stage1", "metrics.jsonl")
     deadline = time.time() + 240
@@ -54,7 +56,7 @@ def test_sigkilled_rank_resumes_with_identical_losses(tmp_path):
     assert proc.returncode != 0  # the job died
     died_at = len(open(metrics).readlines())
     assert died_at < steps
-    r = run_child([WORKER, out, steps], ranks=2)
+    r = run_child(_worker(out, steps), ranks=2)
     assert r.returncode == 0, r.stderr[-3000:]
     got = _by_step(out)
     assert sorted(got) == list(range(1, steps + 1))
@@ -64,12 +66,12 @@ def test_sigkilled_rank_resumes_with_identical_losses(tmp_path):
 
 def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     out = str(tmp_path / "crash")
-    r = run_child([WORKER, out, 8, 4], ranks=1)
+    r = run_child(_worker(out, 8, 4), ranks=1)
     assert r.returncode != 0  # killed inside the step-4 save
     ckpt = os.path.join(out, "stage1", "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read() == "step00000002"
     assert os.path.isdir(os.path.join(ckpt, "step00000004.partial"))  # the torn save, never pointed at
-    r = run_child([WORKER, out, 8], ranks=1)
+    r = run_child(_worker(out, 8), ranks=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "loaded checkpoint" in r.stdout + r.stderr and "step00000002 (step 2)" in r.stdout + r.stderr
     got = _by_step(out)
@@ -83,13 +85,13 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     """Universal-checkpoint conversion; same global batch (accumulation doubled) -> same trajectory."""
     want = _straight(tmp_path, 2, 8)
     out = str(tmp_path / "shrink")
-    r = run_child([WORKER, out, 8, 6], ranks=2)
+    r = run_child(_worker(out, 8, 6), ranks=2)
     assert r.returncode != 0  # died while saving step 6: step 4 is the latest complete checkpoint
     ckpt = os.path.join(out, "stage1", "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read() == "step00000004"
-    wrong = run_child([WORKER, out, 8], ranks=1)
+    wrong = run_child(_worker(out, 8), ranks=1)
     assert wrong.returncode != 0 and "set gradient_accumulation_steps" in wrong.stderr + wrong.stdout
-    r = run_child([WORKER, out, 8, "-", "stage1.gradient_accumulation_steps=2"], ranks=1)
+    r = run_child(_worker(out, 8, "-", "stage1.gradient_accumulation_steps=2"), ranks=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.isdir(os.path.join(ckpt, "universal", "step00000004"))
     got = _by_step(out)

@@ -77,7 +77,7 @@ warnings.filterwarnings("ignore")
 from autoregembed import distributed as D
 from autoregembed.config import load_config
 from autoregembed.trainer import train_stage
-cfg = load_config(None, ["output_dir=" + sys.argv[1], "model.tiny_hidden_size=32", "stage1.max_steps=1",
+cfg = load_config(None, ["output_dir=" + sys.argv[1], "model.base=" + sys.argv[2], "stage1.max_steps=1",
                          "stage1.micro_batch_size=8", "stage1.learning_rate=0", "stage1.warmup_steps=0"])
 D.init_distributed()
 train_stage(cfg, "stage1", {root!r} + "/ds_configs/zero3.json")
@@ -87,16 +87,16 @@ D.shutdown()
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_trainer_rescales_once_before_stage1_under_zero3(tmp_path, ranks):
+def test_trainer_rescales_once_before_stage1_under_zero3(tmp_path, ranks, default_tiny_base):
     """With a zero learning rate the exported stage-1 norm is the base norm times the factors
     measured (outside DeepSpeed) on the trainer's 128 calibration rows, on one rank and on two."""
     out = str(tmp_path / "run")
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(root=ROOT))
-    proc = run_child([script, out], ranks=ranks)
+    proc = run_child([script, out, default_tiny_base], ranks=ranks)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
 
-    base, export = os.path.join(out, "base"), os.path.join(out, "stage1", "model")
+    base, export = default_tiny_base, os.path.join(out, "stage1", "model")
     index = json.load(open(os.path.join(export, "model.safetensors.index.json")))["weight_map"]
     with safe_open(os.path.join(export, index["norm.weight"]), "pt") as f:
         exported = f.get_tensor("norm.weight")

@@ -8,22 +8,16 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_child
+from conftest import TINY_BASE, run_child
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_base")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["stage1.micro_batch_size=4", "stage1.warmup_steps=0", "model.match_decoder_scale=false", "stage=stage1"]
-BASE = {}  # the session's tiny base model, shared by every run here (building one per run doubles the time)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _shared_base(tiny_base):
-    BASE["path"] = tiny_base
 
 
 def _train(out, *overrides, resume=False, script=None):
-    sets = [a for kv in [*TINY, f"model.base={BASE['path']}", f"output_dir={out}", *overrides] for a in ("--set", kv)]
+    sets = [a for kv in [*TINY, f"model.base={TINY_BASE['path']}", f"output_dir={out}", *overrides] for a in ("--set", kv)]
     return run_child([script or os.path.join(ROOT, "train.py"), *sets] + (["--resume"] if resume else []))
 
 

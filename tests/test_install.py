@@ -39,10 +39,10 @@ def test_nothing_in_the_checkout_shadows_an_installed_distribution():
     assert not clashes, f"top-level names in the repository root shadow installed distributions: {clashes}"
 
 
-def test_processes_started_in_the_root_import_the_installed_distributions(tmp_path):
-    """``python train.py`` and ``python -c`` in the root put the root first on sys.path: transformers
-    must still get Hugging Face's ``kernels`` (a transformers 5.2x dependency), and the default job
-    must get through its first steps."""
+def test_processes_started_in_the_root_import_the_installed_distributions():
+    """``python -c`` in the root puts the root first on sys.path: transformers must still get Hugging
+    Face's ``kernels`` (a transformers 5.2x dependency). (``python train.py`` from the root, the
+    default job's first steps, runs in tests/test_golden.py.)"""
     code = ("import os, kernels, transformers.activations; "
             "print(os.path.dirname(os.path.dirname(kernels.__file__)))")
     proc = run_child(["-c", code], timeout=120)
@@ -53,11 +53,6 @@ def test_processes_started_in_the_root_import_the_installed_distributions(tmp_pa
         pass  # an older transformers without it: nothing can shadow it, the import above still ran
     else:
         assert proc.stdout.strip() != ROOT, proc.stdout
-    out = tmp_path / "run"
-    proc = run_child(["train.py", "--set", "stage=stage1", "--set", "stage1.stop_after=2",
-                      "--set", f"output_dir={out}"], timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "stage1: step 2/" in proc.stdout + proc.stderr
 
 
 def test_the_lock_pins_every_requirement_within_its_range():

@@ -9,15 +9,19 @@ import time
 
 import pytest
 
-from conftest import child_env, free_port
+from conftest import TINY_BASE, child_env, free_port
 from local_cluster import LocalSlurm, Unavailable
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("default_tiny_base")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The stage scripts ask for 8 GPUs and 64 CPUs per node; this 2-CPU loopback cluster has no GPUs
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]
-TINY = ["--set", "model.tiny_hidden_size=32", "--set", "stage1.micro_batch_size=4", "--set", "stage2.micro_batch_size=4"]
+
+
+def _tiny():
+    return ["--set", f"model.base={TINY_BASE['path']}", "--set", "stage1.micro_batch_size=4",
+            "--set", "stage2.micro_batch_size=4"]
 
 
 def _losses(out, stage):
@@ -31,7 +35,7 @@ def test_mpirun_two_ranks(tmp_path):
                     OMPI_MCA_btl_tcp_if_include="lo", OMPI_MCA_btl="self,vader", MASTER_PORT=str(free_port()))
     cmd = ["mpirun", "-np", "2", "--oversubscribe", "-x", "PATH", "-x", "OMP_NUM_THREADS", "-x", "MASTER_PORT",
            sys.executable, os.path.join(ROOT, "train.py"), "--set", "stage=stage1", "--set", f"output_dir={out}",
-           "--set", "stage1.max_steps=2", *TINY]
+           "--set", "stage1.max_steps=2", *_tiny()]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert [m["step"] for m in _losses(out, "stage1")] == [1, 2]
@@ -68,7 +72,7 @@ def test_slurm_job_without_gpus_stops_unless_cpu_is_asked_for(slurm, tmp_path):
 
 def test_slurm_pipeline_runs_all_four_stages(slurm, tmp_path):
     out = str(tmp_path / "run")
-    extra = ["--set", f"output_dir={out}", "--set", "stage1.max_steps=4", "--set", "stage2.max_steps=3", *TINY]
+    extra = ["--set", f"output_dir={out}", "--set", "stage1.max_steps=4", "--set", "stage2.max_steps=3", *_tiny()]
     r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "pipeline.sh"), *CPU_JOB, f"--output={tmp_path}/%x-%j.out"],
                        env=_submit_env(slurm, extra), capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
@@ -88,7 +92,7 @@ def test_slurm_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
     for name in ("straight", "preempted"):
         out = str(tmp_path / name)
         extra = ["--set", f"output_dir={out}", "--set", f"stage1.max_steps={steps}", "--set", "stage1.warmup_steps=5",
-                 *TINY]
+                 *_tiny()]
         env = _submit_env(slurm, extra)
         r = subprocess.run(["sbatch", "--parsable", *CPU_JOB, f"--output={tmp_path}/{name}-%j.out",
                             os.path.join(ROOT, "slurm", "stage1.sh")], env=env, capture_output=True, text=True,

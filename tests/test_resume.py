@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from conftest import run_child
+from conftest import TINY_BASE, run_child
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_base")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ from autoregembed import distributed as D
 from autoregembed.config import load_config
 from autoregembed.trainer import export_stage, train_stage
 out, stop_after, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-cfg = load_config(None, ["output_dir=" + out, "model.tiny_hidden_size=32", "stage1.max_steps=6",
+cfg = load_config(None, ["output_dir=" + out, "stage1.max_steps=6",
                          "stage1.micro_batch_size=4", "stage1.warmup_steps=2", "stage1.keep_last=1", *extra])
 D.init_distributed()
 ds = {root!r} + "/ds_configs/zero3.json"
@@ -38,7 +38,7 @@ D.shutdown()
 
 
 def _python(script, out, stop_after, extra):
-    proc = run_child(["-c", script.format(root=ROOT), out, stop_after, *extra])
+    proc = run_child(["-c", script.format(root=ROOT), out, stop_after, f"model.base={TINY_BASE['path']}", *extra])
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

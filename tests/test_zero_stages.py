@@ -8,12 +8,12 @@ pytestmark = pytest.mark.distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_zero2_pipeline_including_forward_only_sessions(tmp_path):
+def test_zero2_pipeline_including_forward_only_sessions(tmp_path, default_tiny_base):
     """ZeRO-2 refuses an engine without an optimizer; the forward-only sessions (stage-1
     calibration, reference scoring) must still run."""
     out = str(tmp_path / "run")
     proc = run_child([os.path.join(ROOT, "train.py"), "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json"),
-                      "--set", f"output_dir={out}", "--set", "model.tiny_hidden_size=32", "--set", "stage1.max_steps=3",
+                      "--set", f"output_dir={out}", "--set", f"model.base={default_tiny_base}", "--set", "stage1.max_steps=3",
                       "--set", "stage2.max_steps=3", "--set", "stage=pipeline"], cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "final-norm scale" in proc.stdout
