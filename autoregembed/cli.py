@@ -1,4 +1,4 @@
-"""Command line: ``autoregembed train | score-refs | export | encode | eval | plan | plot | data | mine``
+"""Command line: ``autoregembed train | score-refs | export | encode | eval | reconstruct | plan | plot | data | mine``
 and ``train.py``."""
 from __future__ import annotations
 
@@ -110,6 +110,16 @@ def main(argv=None) -> int:
                     help="skip passages at least this close (cosine) to the positive")
     mn.add_argument("--output", required=True, help="stage-2 jsonl to write")
     mn.add_argument("--batch-size", type=int, default=64)
+    rc = sub.add_parser("reconstruct", help="regenerate texts from their compressed tokens with the frozen decoder")
+    rc.add_argument("--model", required=True, help="an export folder")
+    rc.add_argument("--decoder", default=None, help="the frozen base causal LM (default: the export's base model)")
+    rc_in = rc.add_mutually_exclusive_group(required=True)
+    rc_in.add_argument("--input", help="a text file, one text per line")
+    rc_in.add_argument("--text", action="append", help="a text (repeatable)")
+    rc.add_argument("--limit", type=int, default=None, help="the first N texts of --input")
+    rc.add_argument("--instruction", default=None, help="default: the export's")
+    rc.add_argument("--max-new-tokens", type=int, default=64)
+    rc.add_argument("--output", default=None, help="also write one JSON line per text here")
     pl = sub.add_parser("plan", help="per-GPU memory of a run; refuses plans that do not fit")
     pl.add_argument("--model", required=True, help="preset (llama-2-7b, ...) or a config.json / model folder")
     pl.add_argument("--gpus-per-node", type=int, default=8)
@@ -143,7 +153,8 @@ def main(argv=None) -> int:
     from . import warnings_once
 
     warnings_once.install()
-    tools = {"plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval, "eval": _encode_or_eval}
+    tools = {"plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval, "eval": _encode_or_eval,
+             "reconstruct": _reconstruct}
     try:
         return tools[args.command](args)
     except (ValueError, TypeError, OSError) as e:  # a bad file, folder or value given on the command line
@@ -198,6 +209,31 @@ def _mine(args) -> int:
     write_jsonl(args.output, mined)
     print(json.dumps({"output": args.output, "rows": len(mined), "skipped_rows": len(rows) - len(mined),
                       "corpus": len(corpus)}))
+    return 0
+
+
+def _reconstruct(args) -> int:
+    import torch
+
+    from .data import read_lines, write_jsonl
+    from .encoder import Encoder
+    from .export import ExportMeta
+    from .reconstruct import decoder_path, load_decoder, reconstruct, summary
+
+    if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--max-new-tokens and --limit must be >= 1")
+    texts = args.text or [t for t in read_lines(args.input) if t.strip()][: args.limit]
+    if not texts:
+        raise ValueError(f"{args.input}: no texts")
+    decoder = decoder_path(args.model, args.decoder)  # bad paths fail before a model loads
+    encoder = Encoder.from_pretrained(args.model, dtype=torch.float32)
+    results = reconstruct(encoder, load_decoder(decoder, next(encoder.model.parameters()).device), texts,
+                          args.instruction, ExportMeta.read(args.model).decoder_bos, args.max_new_tokens)
+    for r in results:
+        print(f"original:    {r['text']}\nregenerated: {r['regenerated']}\ntoken accuracy {r['token_accuracy']:.3f}\n")
+    if args.output:
+        write_jsonl(args.output, results)
+    print(json.dumps({"model": args.model, "decoder": decoder, **summary(results)}))
     return 0
 
 

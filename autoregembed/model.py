@@ -76,6 +76,23 @@ class Reconstruction(NamedTuple):
     n_tokens: torch.Tensor
 
 
+class InformationProbe(NamedTuple):
+    """A stage-1 batch to score without gradient twice: with each row's own compressed tokens and
+    with their mean over the batch (one vector for every text)."""
+
+    batch: CompressionBatch
+
+
+class InformationGap(NamedTuple):
+    """Summed log p(target | e) per row with the row's own e (``own``) and with the batch mean of e
+    (``shared``). What own gains over shared is the information e carries about its own text;
+    the rest of stage 1's gain over the bare decoder is a prefix that fits every text."""
+
+    own: torch.Tensor
+    shared: torch.Tensor
+    n_tokens: torch.Tensor
+
+
 class CandidateScores(NamedTuple):
     """c_q [B] = log p(pos | e_q), r [N] = log p(neg_i | e_q) with owner [N] the query of each
     negative, and c_p [B] = log p(pos | e_pos) when the positives were encoded too (stage 2)."""
@@ -139,11 +156,21 @@ class AutoRegEmbedModel(nn.Module):
         if isinstance(batch, CompressionBatch):
             logp = self.score(self.compress(batch.input_ids, batch.attention_mask), batch.target_ids, batch.target_mask)
             return Reconstruction(logp, batch.target_mask.sum())
+        if isinstance(batch, InformationProbe):
+            return self.information_gap(batch.batch)
         if isinstance(batch, AlignmentBatch):
             return self.candidate_scores(batch.candidates, (batch.p_input_ids, batch.p_attention_mask))
         if isinstance(batch, CandidateBatch):
             return self.candidate_scores(batch)
         raise TypeError(f"no forward for a {type(batch).__name__}")
+
+    @torch.no_grad()
+    def information_gap(self, batch: CompressionBatch) -> InformationGap:
+        e = self.compress(batch.input_ids, batch.attention_mask)
+        shared = e.mean(dim=0, keepdim=True).expand_as(e)
+        both = self.score(torch.cat([e, shared]), batch.target_ids.repeat(2, 1), batch.target_mask.repeat(2, 1))
+        n = e.shape[0]
+        return InformationGap(both[:n], both[n:], batch.target_mask.sum())
 
     def candidate_scores(self, batch: CandidateBatch, positives: tuple | None = None) -> CandidateScores:
         """One encoder pass over the queries (and ``positives`` = (input_ids, attention_mask), when

@@ -54,7 +54,8 @@ def _duration(seconds: float) -> str:
 
 def progress_line(stage: str, r: dict, total: int, elapsed: float, eta: float) -> str:
     grad = "n/a" if r.get("grad_norm") is None else f"{r['grad_norm']:.3g}"
-    return (f"{stage}: step {r['step']}/{total} loss {r['loss']:.4f} lr {r['lr']:.3g} grad norm {grad} "
+    gap = f" info gap {r['info_gap']:.3f} nats/tok" if "info_gap" in r else ""
+    return (f"{stage}: step {r['step']}/{total} loss {r['loss']:.4f}{gap} lr {r['lr']:.3g} grad norm {grad} "
             f"{r['tokens_per_s']:,.0f} tok/s elapsed {_duration(elapsed)} eta {_duration(eta)}")
 
 
@@ -68,15 +69,17 @@ class StepMonitor:
         self.start, self.last, self.engine, self.log = start_step, last_step, engine, log
         self.t0 = self.t_last = time.time()
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int) -> dict:
-        """Record optimizer step ``step`` (1-based); ``tokens``: this rank's non-padding tokens."""
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int,
+             extra: dict | None = None) -> dict:
+        """Record optimizer step ``step`` (1-based); ``tokens``: this rank's non-padding tokens;
+        ``extra``: more values for this step's record (a stage's probe, diagnostics.py)."""
         tokens_all = D.mean_across_ranks(float(tokens)) * D.world_size()
         now = time.time()
         elapsed, done = now - self.t0, step - self.start
         record = {"step": step, "loss": loss, "lr": lr,
                   "grad_norm": None if grad_norm is None or not math.isfinite(grad_norm) else float(grad_norm),
                   "tokens": int(tokens_all), "tokens_per_s": tokens_all / max(now - self.t_last, 1e-9),
-                  "elapsed_s": round(elapsed, 3)}
+                  "elapsed_s": round(elapsed, 3), **(extra or {})}
         self.t_last = now
         if D.rank() == 0:
             os.makedirs(self.stage_dir, exist_ok=True)
@@ -85,7 +88,8 @@ class StepMonitor:
             monitor = getattr(self.engine, "monitor", None)
             if monitor is not None and monitor.enabled:
                 monitor.write_events([(f"Train/{self.stage}/{k}", record[k], step)
-                                      for k in ("loss", "lr", "grad_norm", "tokens_per_s") if record[k] is not None])
+                                      for k in ("loss", "lr", "grad_norm", "tokens_per_s", *(extra or {}))
+                                      if record[k] is not None])
             if step % self.log_every == 0 or step == self.last:
                 eta = elapsed / max(done, 1) * (self.last - step)
                 self.log(progress_line(self.stage, record, self.total, elapsed, eta))

@@ -11,7 +11,8 @@ from .atomic import atomic_file
 from .monitor import read_metrics
 from .stages import STAGES
 
-PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"))
+PANELS = (("loss", "loss"), ("info_gap", "information gap\n(nats/token)"), ("lr", "learning rate"),
+          ("grad_norm", "gradient norm"))
 EVAL_RESULT = os.path.join("eval", "result.json")
 
 
@@ -35,7 +36,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
             values = [r.get(key) for r in recs]
             points = [(s, v) for s, v in zip(steps, values) if v is not None]
             if points:
-                ax.plot(*zip(*points), lw=1.2)
+                ax.plot(*zip(*points), lw=1.2, marker="." if len(points) < 30 else None)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             if row == 0:

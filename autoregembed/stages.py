@@ -13,6 +13,7 @@ from .batches import alignment_batch, candidate_batch, compression_batch, limit_
 from .config import Config, OptimConfig
 from . import distributed as D
 from .data import StepSampler, load_rows, row_key
+from .diagnostics import information_gap
 from .loading import prepare_base
 from .losses import AlignmentLoss, CompressionLoss
 
@@ -31,6 +32,8 @@ class Stage:
     # the rows, as its batches will hold them, that the reference file must cover (needs_references)
     reference_rows: Callable[[Config, list[dict]], list[dict]] | None = None
     rescales_norm: bool = False  # the final-norm calibration before training (decoder_scale.py)
+    # (engine, batch) -> extra metrics, measured without gradient at every logged step (diagnostics.py)
+    probe: Callable | None = None
 
 
 def _stage2_rows(cfg: Config) -> list[dict]:
@@ -68,7 +71,7 @@ STAGES = {
     "stage1": Stage("stage1", trains=True, rows=lambda cfg: load_rows(cfg.data.stage1, stage=1),
                     data_file=lambda cfg: cfg.data.stage1, settings=lambda cfg: cfg.stage1, input_model=prepare_base,
                     make_batch=lambda cfg, rows, te, refs: compression_batch(rows, te),
-                    loss=lambda cfg: CompressionLoss(), rescales_norm=True),
+                    loss=lambda cfg: CompressionLoss(), rescales_norm=True, probe=information_gap),
     "reference": Stage("reference", trains=False, rows=lambda cfg: scheduled_rows(cfg, _stage2_rows(cfg)),
                        data_file=lambda cfg: cfg.data.stage2,
                        settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,

@@ -24,6 +24,7 @@ from .batches import compression_batch, to_device, token_count
 from .config import Config, check_runtime
 from .data import StepSampler, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
+from .diagnostics import HealthWatch
 from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
 from .loading import hf_zero3_config, load_model, prepare_base, resolve_attn, resolve_dtype
@@ -233,6 +234,12 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     D.barrier()
     s.engine.train()
     monitor = StepMonitor(stage, stage_dir, o.max_steps, start, end, o.log_every, s.engine, log)
+    watch = HealthWatch(stage, o.warmup_steps, log)
+    probe = st.probe
+    if probe is not None and o.micro_batch_size < 2:
+        log(f"{stage}: micro_batch_size 1: no information gap (it compares a text's compressed tokens "
+            f"with the micro-batch mean of them)")
+        probe = None
     for step in range(start, end):
         total, tokens = 0.0, 0
         for micro in range(o.gradient_accumulation_steps):
@@ -248,7 +255,11 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
         mean = D.mean_across_ranks(total)
         if not torch.isfinite(torch.tensor(mean)):
             raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")
-        monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens)
+        extra = None
+        if probe is not None and ((step + 1) % o.log_every == 0 or step + 1 == end):
+            with torch.no_grad():
+                extra = probe(s.engine, batch)  # the step's last micro-batch, after the update
+        watch.update(monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens, extra))
         stop = step + 1 < end and preemption.requested(stage_dir)
         if stop or (o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end):
             checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
@@ -258,6 +269,8 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
             s.close()
             return StageResult("preempted")
     checkpoint.save(s.engine, ckpt_dir, end, o.keep_last)
+    if watch.summary():
+        log(f"{stage}: {watch.summary()}")
     if end < o.max_steps:
         log(f"{stage}: {stage}.stop_after={o.stop_after} reached; saved step {end} to {ckpt_dir} (--resume continues)")
         s.close()

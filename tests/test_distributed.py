@@ -29,14 +29,14 @@ def _repeated_data(tmp_path):
 
 
 @pytest.fixture(scope="module", params=["full", "lora"])
-def run(tmp_path_factory, request):
+def run(tmp_path_factory, request, default_tiny_base):
     """The whole pipeline on 2 ranks: fully fine-tuned with a reference-score file, and through LoRA
     adapters (merged on export) with in-batch negatives and online reference scores."""
     tmp = tmp_path_factory.mktemp(f"dist-{request.param}")
     s1, s2 = _repeated_data(tmp)
     out = str(tmp / "run")
     overrides = [f"output_dir={out}", f"data.stage1={s1}", f"data.stage2={s2}",
-                 "model.tiny_hidden_size=32", "stage1.max_steps=16", "stage1.micro_batch_size=4",
+                 f"model.base={default_tiny_base}", "stage1.max_steps=16", "stage1.micro_batch_size=4",
                  "stage1.learning_rate=3e-3", "stage2.max_steps=12", "stage2.micro_batch_size=4",
                  "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
     if request.param == "lora":
@@ -68,6 +68,12 @@ def test_each_step_reports_grad_norm_throughput_and_each_warning_once(run):
         assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
     progress = [line for line in run[3].splitlines() if "tok/s" in line]
     assert any(" step 16/16 loss " in line and " eta 0s" in line for line in progress), progress
+    # stage 1's information gap at each logged step (10 and the last), summed over both ranks
+    gaps = {r["step"]: r for r in map(json.loads, open(os.path.join(run[0], "stage1", "metrics.jsonl")))
+            if "info_gap" in r}
+    assert sorted(gaps) == [10, 16] and all(np.isfinite(r["info_gap"]) and r["loss_shared"] > 0 for r in gaps.values())
+    assert any("info gap" in line and " step 16/16 " in line for line in progress), progress
+    assert "stage1: information gap " in run[3] and " at step 16" in run[3]
     warnings = [line for line in run[3].splitlines() if "Warning: " in line]
     assert all(warnings.count(w) <= 2 for w in warnings), warnings  # once per rank at most
 

@@ -1,0 +1,66 @@
+"""Signals beside the loss that say whether a stage learns what it should, and warnings when not.
+
+Stage 1's loss cannot tell compression from collapse: most of its early gain is a prefix that fits
+every text, so a collapsed run and a compressing one reach the same loss. The **information gap**
+can: the decoder's loss with the micro-batch mean of the compressed tokens (one vector for every
+text) minus its loss with each text's own, in nats per target token (and per text). It is what the
+compressed tokens carry about their own text; near zero, the embedding cannot tell texts apart.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import distributed as D
+from .model import InformationProbe
+
+GAP_FLOOR = 0.05  # nats/token: below this after warm-up the compressed tokens carry ~nothing of their text
+DEAD_GRAD_NORM = 1e-8  # a gradient norm this small for DEAD_STEPS steps in a row: training has died
+DEAD_STEPS = 3
+
+
+def information_gap(engine, batch) -> dict:
+    """One no-grad engine forward of ``batch`` (a CompressionBatch) on every rank, summed over ranks:
+    ``loss_shared`` (nats/token with the batch-mean compressed tokens), ``info_gap`` (nats/token)
+    and ``info_gap_text`` (nats/text)."""
+    out = engine(InformationProbe(batch))
+    sums = torch.stack([out.own.sum(), out.shared.sum(), out.n_tokens.float(), torch.tensor(float(len(out.own)))])
+    own, shared, tokens, texts = (D.mean_across_ranks(float(v)) * D.world_size() for v in sums.cpu())
+    tokens, texts = max(tokens, 1.0), max(texts, 1.0)
+    return {"loss_shared": -shared / tokens, "info_gap": (own - shared) / tokens, "info_gap_text": (own - shared) / texts}
+
+
+class HealthWatch:
+    """Reads each step's record and says, once each, when a stage has stopped learning what it should:
+    gradients that vanished (a dead model would otherwise be exported with exit 0 and no word), and
+    a stage-1 information gap still near zero once warm-up is over."""
+
+    def __init__(self, stage: str, warmup_steps: int, log):
+        self.stage, self.warmup, self.log = stage, warmup_steps, log
+        self.tiny_grads, self.warned, self.last_gap = 0, set(), None
+
+    def update(self, record: dict):
+        grad = record.get("grad_norm")
+        self.tiny_grads = self.tiny_grads + 1 if grad is not None and grad < DEAD_GRAD_NORM else 0
+        if self.tiny_grads >= DEAD_STEPS:
+            self._warn("dead", f"WARNING: gradient norm {grad:.3g} for {self.tiny_grads} steps up to step "
+                               f"{record['step']}: training has died (learning rate too high without clipping?); "
+                               f"the export will be the model as it is now")
+        if "info_gap" in record:
+            self.last_gap = (record["step"], record["info_gap"], record["info_gap_text"])
+            if record["step"] > self.warmup and record["info_gap"] < GAP_FLOOR:
+                self._warn("gap", f"WARNING: information gap {record['info_gap']:.3f} nats/token at step "
+                                  f"{record['step']}: the compressed tokens carry almost nothing of their own text "
+                                  f"(the loss is falling through a prefix shared by every text)")
+
+    def summary(self) -> str | None:
+        """The last information gap measured, for the stage's closing line."""
+        if self.last_gap is None:
+            return None
+        step, tok, text = self.last_gap
+        low = " (below %.2g: not compressing)" % GAP_FLOOR if tok < GAP_FLOOR else ""
+        return f"information gap {tok:.3f} nats/token, {text:.2f} nats/text at step {step}{low}"
+
+    def _warn(self, kind: str, msg: str):
+        if kind not in self.warned:
+            self.warned.add(kind)
+            self.log(f"{self.stage}: {msg}")

@@ -1,0 +1,102 @@
+"""``autoregembed reconstruct``: what an embedding remembers of its text.
+
+The frozen decoder (the export's base model) reads a text's k compressed tokens exactly as in
+training (``tokenization.decoder_layout``) and (1) regenerates the text greedily from them alone,
+(2) predicts each token of the text given the true tokens before it: the token accuracy is the
+share of those predictions that are right. A model that compresses regenerates recognisable text;
+one whose compressed tokens are a shared prefix writes the same generic sentence for every input.
+"""
+from __future__ import annotations
+
+import torch
+
+from .encoder import Encoder
+from .model import compressed_states
+from .tokenization import IGNORE_INDEX, decoder_layout
+
+
+def decoder_path(export_dir: str, given: str | None) -> str:
+    """The frozen decoder of an export: ``given``, else the base model its metadata names (the
+    built-in tiny base is the ``base`` folder of the run that exported it)."""
+    import os
+
+    from .export import ExportMeta
+
+    if given:
+        return given
+    base = ExportMeta.read(export_dir).base_model
+    if base == "tiny":
+        base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(export_dir))), "base")
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"{export_dir}: its tiny base model is not at {base}; pass --decoder")
+    if not base:
+        raise ValueError(f"{export_dir}: the export does not name its base model; pass --decoder")
+    return base
+
+
+def load_decoder(path: str, device):
+    from transformers import AutoModelForCausalLM
+
+    decoder = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    decoder.config.use_cache = True
+    return decoder
+
+
+@torch.no_grad()
+def teacher_forced_hits(decoder, e: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+                        bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: how many target tokens (EOS included) the decoder's argmax predicts right given e and
+    the true tokens before them, and how many it predicts. The layout is training's."""
+    embed = decoder.get_input_embeddings()
+    lay = decoder_layout(target_ids, target_mask, e.shape[1], bos_id)
+    tok = embed(lay.ids)
+    inputs = torch.cat([tok[:, : lay.n_bos], e.to(tok.dtype), tok[:, lay.n_bos :]], dim=1)
+    logits = decoder(inputs_embeds=inputs, attention_mask=lay.attention_mask).logits
+    scored = lay.labels != IGNORE_INDEX
+    return ((logits.argmax(-1) == lay.labels) & scored).sum(1), scored.sum(1)
+
+
+@torch.no_grad()
+def regenerate(decoder, e: torch.Tensor, bos_id: int | None, eos_id: int, pad_id: int,
+               max_new_tokens: int) -> torch.Tensor:
+    """Greedy token ids [S, <= max_new_tokens] from [BOS] e_1..e_k alone (rows end at EOS, then pad)."""
+    embed = decoder.get_input_embeddings()
+    prefix = e.to(embed.weight.dtype)
+    if bos_id is not None:
+        prefix = torch.cat([embed(torch.full((e.shape[0], 1), bos_id, device=e.device)), prefix], dim=1)
+    ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=e.device)
+    return decoder.generate(inputs_embeds=prefix, attention_mask=ones, max_new_tokens=max_new_tokens,
+                            do_sample=False, num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id)
+
+
+@torch.no_grad()
+def reconstruct(encoder: Encoder, decoder, texts: list[str], instruction: str | None = None,
+                decoder_bos: bool = False, max_new_tokens: int = 64, batch_size: int = 8) -> list[dict]:
+    """One dict per text: ``text``, ``regenerated`` (greedy, from the compressed tokens alone),
+    ``token_accuracy`` (teacher-forced argmax over the text's tokens and EOS) and ``tokens``."""
+    te, tok = encoder.text_encoder, encoder.text_encoder.tokenizer
+    instruction = encoder.instruction if instruction is None else instruction
+    device = next(decoder.parameters()).device
+    bos = tok.bos_token_id if decoder_bos else None
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        enc = te.encode_inputs(chunk, [instruction] * len(chunk))
+        mask = enc["attention_mask"].to(device)
+        hidden = encoder.model(input_ids=enc["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        e = compressed_states(hidden, mask, encoder.k)
+        tgt = te.encode_targets(chunk)
+        right, scored = teacher_forced_hits(decoder, e, tgt["target_ids"].to(device), tgt["target_mask"].to(device), bos)
+        generated = regenerate(decoder, e, bos, tok.eos_token_id, tok.pad_token_id, max_new_tokens)
+        for i, text in enumerate(chunk):
+            out.append({"text": text, "regenerated": tok.decode(generated[i], skip_special_tokens=True).strip(),
+                        "token_accuracy": int(right[i]) / max(int(scored[i]), 1), "tokens": int(scored[i])})
+    return out
+
+
+def summary(results: list[dict]) -> dict:
+    """Token accuracy over all tokens, and the share of texts regenerated exactly."""
+    tokens = sum(r["tokens"] for r in results)
+    return {"texts": len(results),
+            "token_accuracy": sum(r["token_accuracy"] * r["tokens"] for r in results) / max(tokens, 1),
+            "exact": sum(r["regenerated"] == r["text"].strip() for r in results) / max(len(results), 1)}
