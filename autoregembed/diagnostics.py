@@ -32,10 +32,12 @@ def information_gap(engine, batch) -> dict:
 class HealthWatch:
     """Reads each step's record and says, once each, when a stage has stopped learning what it should:
     gradients that vanished (a dead model would otherwise be exported with exit 0 and no word), and
-    a stage-1 information gap still near zero once warm-up is over."""
+    a stage-1 information gap still near zero past warm-up and half the run (compression can start
+    late: on a 135M model it appeared between steps 16 and 50 of 50)."""
 
-    def __init__(self, stage: str, warmup_steps: int, log):
-        self.stage, self.warmup, self.log = stage, warmup_steps, log
+    def __init__(self, stage: str, warmup_steps: int, total_steps: int, log):
+        self.stage, self.log = stage, log
+        self.gap_from = max(warmup_steps, total_steps // 2)  # the first step a near-zero gap is warned about
         self.tiny_grads, self.warned, self.last_gap = 0, set(), None
 
     def update(self, record: dict):
@@ -47,7 +49,7 @@ class HealthWatch:
                                f"the export will be the model as it is now")
         if "info_gap" in record:
             self.last_gap = (record["step"], record["info_gap"], record["info_gap_text"])
-            if record["step"] > self.warmup and record["info_gap"] < GAP_FLOOR:
+            if record["step"] > self.gap_from and record["info_gap"] < GAP_FLOOR:
                 self._warn("gap", f"WARNING: information gap {record['info_gap']:.3f} nats/token at step "
                                   f"{record['step']}: the compressed tokens carry almost nothing of their own text "
                                   f"(the loss is falling through a prefix shared by every text)")
@@ -57,8 +59,8 @@ class HealthWatch:
         if self.last_gap is None:
             return None
         step, tok, text = self.last_gap
-        low = " (below %.2g: not compressing)" % GAP_FLOOR if tok < GAP_FLOOR else ""
-        return f"information gap {tok:.3f} nats/token, {text:.2f} nats/text at step {step}{low}"
+        gap = f"information gap {tok:.3f} nats/token, {text:.2f} nats/text at step {step}"
+        return f"WARNING: {gap}, below {GAP_FLOOR:g}: not compressing" if tok < GAP_FLOOR else gap
 
     def _warn(self, kind: str, msg: str):
         if kind not in self.warned:

@@ -37,6 +37,10 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
             points = [(s, v) for s, v in zip(steps, values) if v is not None]
             if points:
                 ax.plot(*zip(*points), lw=1.2, marker="." if len(points) < 30 else None)
+            else:  # e.g. the information gap, which only stage 1 measures
+                ax.text(0.5, 0.5, "not measured in this stage", ha="center", va="center", transform=ax.transAxes,
+                        color="gray")
+                ax.set_yticks([])
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             if row == 0:

@@ -234,7 +234,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     D.barrier()
     s.engine.train()
     monitor = StepMonitor(stage, stage_dir, o.max_steps, start, end, o.log_every, s.engine, log)
-    watch = HealthWatch(stage, o.warmup_steps, log)
+    watch = HealthWatch(stage, o.warmup_steps, o.max_steps, log)
     probe = st.probe
     if probe is not None and o.micro_batch_size < 2:
         log(f"{stage}: micro_batch_size 1: no information gap (it compares a text's compressed tokens "

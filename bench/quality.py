@@ -234,7 +234,7 @@ def main():
     def scored(arm, seed, encoder_fn):  # the arm's losses are in first_last before this writes the record
         r = timed(f"eval {arm} seed {seed}", lambda: sts_eval(encoder_fn(), sts, show_progress_bar=False))
         scores.setdefault(arm, {})[seed] = r
-        atomic_write_text(record_path, json.dumps(_record(args, base, commit, scores, timings, first_last), indent=2))
+        atomic_write_text(record_path, json.dumps(_record(args, base, commit, scores, timings, first_last, gaps), indent=2))
 
     common = [f"model.base={base}", f"model.num_embed_tokens={K}", "model.dtype=fp32",
               "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
@@ -248,10 +248,12 @@ def main():
                    f"{stage}.learning_rate={lr}", f"{stage}.warmup_steps={max(1, steps // 5)}"]
     ds = args.deepspeed
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
-    first_last = {}
+    first_last, gaps = {}, {}
     if "a" in args.arms:  # training-free: no seed
         base_embed = os.path.join(args.out, "base-embed")
-        torch.manual_seed(0)  # the new EMBED rows are drawn at random: the same draw in every run
+        # resize_token_embeddings gives the new EMBED rows the vocabulary mean (its draw has 1e-9 of the
+        # vocabulary's covariance: equal to 5e-5 relative whatever the seed); seeded all the same
+        torch.manual_seed(0)
         m, tok = load_model(base, base, K, torch.float32, "sdpa")
         export_encoder(m.encoder, tok, base_embed, _meta("base"))
         del m
@@ -280,6 +282,8 @@ def main():
         if set(args.arms) & set("cdef"):
             stage1_dir = timed(f"train (c) seed {seed}", lambda: train_stage(cfg, "stage1", ds).artifact)
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")
+            gaps[f"stage1 seed {seed}"] = _last_gap(cfg)
+            print(f"[quality] stage1 seed {seed}: information gap {gaps[f'stage1 seed {seed}']}", flush=True)
             scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir))
         if set(args.arms) & set("df"):
             timed(f"reference scores seed {seed}", lambda: score_references(cfg, ds))
@@ -291,7 +295,7 @@ def main():
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir))
     D.shutdown()
 
-    publish(_record(args, base, commit, scores, timings, first_last), args.results)
+    publish(_record(args, base, commit, scores, timings, first_last, gaps), args.results)
     scratch.release()
 
 
@@ -310,8 +314,9 @@ def fresh_scratch(out: str) -> RunLock:
     return lock
 
 
-def _record(args, base, commit, scores, timings, first_last) -> dict:
-    """The run's record: settings, Spearman x100 per arm (mean, std, per seed), timings."""
+def _record(args, base, commit, scores, timings, first_last, gaps) -> dict:
+    """The run's record: settings, Spearman x100 per arm (mean, std, per seed), stage 1's information
+    gap at its last step, timings."""
     model_name = "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
     return {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": commit,
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
@@ -320,7 +325,7 @@ def _record(args, base, commit, scores, timings, first_last) -> dict:
                                        for n, v in sorted(scores.items(), key=lambda kv: _arm_order(kv[0]))}),
             "mean_pairwise_cosine": {n: {str(s): round(r["mean_cosine"], 4) for s, r in v.items()}
                                      for n, v in scores.items()},
-            "loss_first_last": first_last, "seconds": timings}
+            "loss_first_last": first_last, "info_gap": gaps, "seconds": timings}
 
 
 def _settings(options: dict) -> dict:
@@ -353,7 +358,7 @@ def merge_records(paths: list[str]) -> dict:
     def key(r):
         return r["model"], r["split"], {k: v for k, v in _settings(r["settings"]).items() if k not in ("seeds", "arms")}
 
-    per_seed, cosine, merged = {}, {}, {"seconds": {}, "loss_first_last": {}}
+    per_seed, cosine, merged = {}, {}, {"seconds": {}, "loss_first_last": {}, "info_gap": {}}
     for path, r in zip(paths, records):
         if key(r) != key(records[0]):
             sys.exit(f"{path}: not the same model, split and settings as {paths[0]}; not merged")
@@ -363,8 +368,8 @@ def merge_records(paths: list[str]) -> dict:
                     sys.exit(f"{path}: {n} seed {seed} is {x}, {per_seed[n][seed]} in an earlier file; not merged")
                 per_seed.setdefault(n, {})[seed] = x
                 cosine.setdefault(n, {})[seed] = r["mean_pairwise_cosine"][n][seed]
-        for field in ("seconds", "loss_first_last"):
-            merged[field].update(r[field])
+        for field in ("seconds", "loss_first_last", "info_gap"):
+            merged[field].update(r.get(field, {}))  # records before 2026-12-04 have no info_gap
     first = records[0]
     seeds = list(dict.fromkeys(s for r in records for s in r["settings"]["seeds"].split(",")))
     arms = "".join(sorted(set("".join(r["settings"]["arms"] for r in records))))
@@ -385,6 +390,9 @@ def publish(record: dict, results: str):
     for n, v in table.items():
         per_seed = ", ".join(f"{s}: {x:.2f}" for s, x in v["per_seed"].items())
         print(f"  {n:<34} {v['mean']:6.2f} ± {v['std']:.2f}   ({per_seed})")
+    for n, g in record.get("info_gap", {}).items():
+        print(f"  {n} information gap at step {g['step']}: {g['nats_per_token']:.3f} nats/token, "
+              f"{g['nats_per_text']:.2f} nats/text")
     if record["split"] == "tune":
         with open(os.path.join(results, "quality_tuning.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -424,6 +432,14 @@ def _first_last(cfg, stage: str, n: int = 5) -> list[float]:
     with open(os.path.join(cfg.stage_dir(stage), "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f]
     return [round(sum(losses[:n]) / n, 4), round(sum(losses[-n:]) / n, 4)]
+
+
+def _last_gap(cfg) -> dict:
+    """Stage 1's information gap at its last logged step (diagnostics.py), from its metrics.jsonl."""
+    with open(os.path.join(cfg.stage_dir("stage1"), "metrics.jsonl")) as f:
+        last = [r for r in map(json.loads, f) if "info_gap" in r][-1]
+    return {"step": last["step"], "nats_per_token": round(last["info_gap"], 4),
+            "nats_per_text": round(last["info_gap_text"], 3), "loss_shared": round(last["loss_shared"], 4)}
 
 
 def plot(table: dict, title: str, path: str):

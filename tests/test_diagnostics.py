@@ -53,8 +53,8 @@ def test_the_gap_is_zero_when_every_text_gets_the_same_compressed_tokens(model_a
 
 def test_health_watch_warns_once_about_dead_gradients_and_a_gap_that_stays_near_zero():
     said = []
-    watch = HealthWatch("stage1", warmup_steps=5, log=said.append)
-    watch.update({"step": 3, "grad_norm": 1.0, "info_gap": 0.0, "info_gap_text": 0.0})  # in warm-up: no word
+    watch = HealthWatch("stage1", warmup_steps=5, total_steps=16, log=said.append)
+    watch.update({"step": 8, "grad_norm": 1.0, "info_gap": 0.0, "info_gap_text": 0.0})  # first half: no word yet
     assert not said
     for step in range(4, 8):
         watch.update({"step": step, "grad_norm": 0.0})
@@ -62,7 +62,8 @@ def test_health_watch_warns_once_about_dead_gradients_and_a_gap_that_stays_near_
     watch.update({"step": 10, "grad_norm": 2.0, "info_gap": GAP_FLOOR / 2, "info_gap_text": 0.4})
     watch.update({"step": 20, "grad_norm": 2.0, "info_gap": GAP_FLOOR / 3, "info_gap_text": 0.3})
     assert len(said) == 2 and "information gap 0.025 nats/token at step 10" in said[1]
-    assert watch.summary() == "information gap 0.017 nats/token, 0.30 nats/text at step 20 (below 0.05: not compressing)"
+    assert watch.summary() == ("WARNING: information gap 0.017 nats/token, 0.30 nats/text at step 20, below 0.05: "
+                               "not compressing")
     watch.update({"step": 30, "grad_norm": 2.0, "info_gap": 1.2, "info_gap_text": 9.6})
     assert watch.summary() == "information gap 1.200 nats/token, 9.60 nats/text at step 30" and len(said) == 2
 

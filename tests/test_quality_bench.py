@@ -21,7 +21,8 @@ def _record(tmp_path, name, seeds, arms, scores, deepspeed="ds_configs/zero2.jso
               "settings": {"seeds": seeds, "arms": arms, "deepspeed": deepspeed, "stage1_steps": 50, **settings},
               "spearman_x100": quality._summary(scores),
               "mean_pairwise_cosine": {n: {s: 0.5 for s in v} for n, v in scores.items()},
-              "loss_first_last": {f"{name}": [1.0, 0.5]}, "seconds": {f"train {name}": 1.0}}
+              "loss_first_last": {f"{name}": [1.0, 0.5]}, "seconds": {f"train {name}": 1.0},
+              "info_gap": {f"stage1 {name}": {"step": 50, "nats_per_token": 0.3, "nats_per_text": 4.0}}}
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(record))
     return str(path)
@@ -36,6 +37,7 @@ def test_merge_pools_seeds_and_recomputes_mean_and_spread(tmp_path):
     assert merged["spearman_x100"][C]["mean"] == 60.0 and merged["spearman_x100"][C]["std"] == 10.0
     assert merged["settings"]["seeds"] == "42,1,2" and merged["settings"]["arms"] == "abc"
     assert merged["commit"] == "r1,r2" and set(merged["seconds"]) == {"train r1", "train r2"}
+    assert set(merged["info_gap"]) == {"stage1 r1", "stage1 r2"}
     assert list(merged["spearman_x100"]) == [B, C]  # the table's arm order
 
 
