@@ -20,6 +20,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "${PYTHON:-python3}" -m venv "$work/venv" || exit 1
 PY=$work/venv/bin/python
+export PATH="$work/venv/bin:$PATH" VIRTUAL_ENV="$work/venv"  # what the tests start as `python` is the venv's too
 echo "[refresh_lock] installing the newest allowed versions into $work/venv"
 if ! PYTHON=$PY bash scripts/install.sh --unlocked > "$work/install.log" 2>&1; then
   tail -n 20 "$work/install.log"; exit 1

@@ -91,7 +91,7 @@ def test_lock_constraints_leave_an_installed_torch_and_what_it_requires_alone():
 
 def test_install_keeps_the_installed_torch():
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "install.sh"), "--dry-run"],
-                          capture_output=True, text=True, timeout=300)
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"keeping the installed torch {torch.__version__}" in proc.stdout
     assert "installing the tested versions from requirements.lock" in proc.stdout
