@@ -18,6 +18,7 @@ class CompressionBatch(NamedTuple):
     attention_mask: torch.Tensor
     target_ids: torch.Tensor
     target_mask: torch.Tensor
+    contrast: bool = False  # also score each target with the previous row's compressed tokens (loss.stage1_contrast)
 
 
 class CandidateBatch(NamedTuple):
@@ -56,10 +57,10 @@ def with_in_batch_negatives(rows: list[dict]) -> list[dict]:
     return [{**r, "neg": list(dict.fromkeys([*r["neg"], *(t for t in pool if t != r["pos"])]))} for r in rows]
 
 
-def compression_batch(rows: list[dict], te: TextEncoder) -> CompressionBatch:
+def compression_batch(rows: list[dict], te: TextEncoder, contrast: bool = False) -> CompressionBatch:
     enc = te.encode_inputs([r["context"] for r in rows], [r["instruction"] for r in rows])
     tgt = te.encode_targets([r["output"] for r in rows])
-    return CompressionBatch(enc["input_ids"], enc["attention_mask"], tgt["target_ids"], tgt["target_mask"])
+    return CompressionBatch(enc["input_ids"], enc["attention_mask"], tgt["target_ids"], tgt["target_mask"], contrast)
 
 
 def candidate_batch(rows: list[dict], te: TextEncoder) -> CandidateBatch:
@@ -99,5 +100,6 @@ def token_count(batch) -> int:
 
 
 def to_device(batch, device):
-    """The same batch type with every tensor on ``device``."""
-    return type(batch)(*(to_device(v, device) if isinstance(v, tuple) else v.to(device) for v in batch))
+    """The same batch type with every tensor on ``device`` (other fields as they are)."""
+    return type(batch)(*(to_device(v, device) if isinstance(v, tuple) else v.to(device) if torch.is_tensor(v) else v
+                         for v in batch))

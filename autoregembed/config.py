@@ -88,6 +88,11 @@ class LossConfig:
     # file: the reference stage scores each row's own negatives into a file (paths.reference_scores);
     # online: stage 2 scores them itself with its LoRA adapters disabled (= the stage-1 model), no file
     references: str = "file"
+    # stage 1: weight of an in-batch contrast added to the reconstruction loss (0: the authors' loss).
+    # Each target is also scored with the previous row's compressed tokens, and
+    # softplus(-(own - other) per token) rewards compressed tokens that fit their own text better than
+    # another's (losses.CompressionLoss); one more decoder pass over the micro-batch
+    stage1_contrast: float = 0.0
 
 
 @dataclass
@@ -324,6 +329,11 @@ def _check_values(cfg: Config):
     for k in ("beta", "tau"):
         if not (_finite(getattr(cfg.loss, k)) and getattr(cfg.loss, k) > 0):
             raise ConfigError(f"key 'loss.{k}' must be a finite number > 0, got {getattr(cfg.loss, k)}")
+    if not (_finite(cfg.loss.stage1_contrast) and cfg.loss.stage1_contrast >= 0):
+        raise ConfigError(f"key 'loss.stage1_contrast' must be a finite number >= 0, got {cfg.loss.stage1_contrast}")
+    if cfg.loss.stage1_contrast > 0 and cfg.stage1.micro_batch_size < 2:
+        raise ConfigError("key 'loss.stage1_contrast': the contrast scores each target with another row's compressed "
+                          "tokens, so stage1.micro_batch_size must be >= 2")
     for k in ("max_text_len", "max_target_len"):
         if getattr(cfg.data, k) < 1:
             raise ConfigError(f"key 'data.{k}' must be >= 1, got {getattr(cfg.data, k)}")

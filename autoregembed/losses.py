@@ -56,11 +56,26 @@ def alignment_loss(c_q, c_p, r, owner, ref_c, ref_r, beta: float = 0.1, tau: flo
     return per_query.mean()
 
 
+def compression_contrast(logp: torch.Tensor, logp_other: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """mean_i softplus(-(log p(t_i | e_i) - log p(t_i | e_other)) / tokens_i): low when each text's
+    compressed tokens fit it better, per token, than another text's do. Why: the reconstruction loss
+    alone is mostly lowered by a prefix every text shares (diagnostics.py), which this does not reward."""
+    tokens = target_mask.sum(dim=1).clamp(min=1)
+    return F.softplus(-(logp - logp_other) / tokens).mean()
+
+
+@dataclasses.dataclass(frozen=True)
 class CompressionLoss:
-    """Stage 1 on a ``model.Reconstruction``."""
+    """Stage 1 on a ``model.Reconstruction``; ``contrast`` > 0 adds that weight of
+    ``compression_contrast`` (the batch must be built with ``contrast=True``)."""
+
+    contrast: float = 0.0
 
     def __call__(self, out, batch) -> torch.Tensor:
-        return compression_loss(out.logp, out.n_tokens)
+        loss = compression_loss(out.logp, out.n_tokens)
+        if self.contrast:
+            loss = loss + self.contrast * compression_contrast(out.logp, out.logp_other, batch.target_mask)
+        return loss
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,10 +70,12 @@ def _freeze(decoder: nn.Module):
 
 
 class Reconstruction(NamedTuple):
-    """Stage 1's result: summed log p(target | e) per row and the number of target tokens scored."""
+    """Stage 1's result: summed log p(target | e) per row and the number of target tokens scored;
+    with a contrast batch also log p(target_i | e_{i-1}), each target given the previous row's e."""
 
     logp: torch.Tensor
     n_tokens: torch.Tensor
+    logp_other: torch.Tensor | None = None
 
 
 class InformationProbe(NamedTuple):
@@ -154,8 +156,13 @@ class AutoRegEmbedModel(nn.Module):
     # ---- one forward per batch type (the engine calls this, so ZeRO-3 gathers and prefetches) --
     def forward(self, batch: CompressionBatch | CandidateBatch | AlignmentBatch):
         if isinstance(batch, CompressionBatch):
-            logp = self.score(self.compress(batch.input_ids, batch.attention_mask), batch.target_ids, batch.target_mask)
-            return Reconstruction(logp, batch.target_mask.sum())
+            e = self.compress(batch.input_ids, batch.attention_mask)
+            if not batch.contrast:
+                return Reconstruction(self.score(e, batch.target_ids, batch.target_mask), batch.target_mask.sum())
+            n = e.shape[0]  # one decoder pass: own e, then the previous row's
+            both = self.score(torch.cat([e, e.roll(1, dims=0)]), batch.target_ids.repeat(2, 1),
+                              batch.target_mask.repeat(2, 1))
+            return Reconstruction(both[:n], batch.target_mask.sum(), both[n:])
         if isinstance(batch, InformationProbe):
             return self.information_gap(batch.batch)
         if isinstance(batch, AlignmentBatch):

@@ -70,8 +70,9 @@ def _alignment_loss(cfg: Config) -> AlignmentLoss:
 STAGES = {
     "stage1": Stage("stage1", trains=True, rows=lambda cfg: load_rows(cfg.data.stage1, stage=1),
                     data_file=lambda cfg: cfg.data.stage1, settings=lambda cfg: cfg.stage1, input_model=prepare_base,
-                    make_batch=lambda cfg, rows, te, refs: compression_batch(rows, te),
-                    loss=lambda cfg: CompressionLoss(), rescales_norm=True, probe=information_gap),
+                    make_batch=lambda cfg, rows, te, refs: compression_batch(rows, te, cfg.loss.stage1_contrast > 0),
+                    loss=lambda cfg: CompressionLoss(cfg.loss.stage1_contrast), rescales_norm=True,
+                    probe=information_gap),
     "reference": Stage("reference", trains=False, rows=lambda cfg: scheduled_rows(cfg, _stage2_rows(cfg)),
                        data_file=lambda cfg: cfg.data.stage2,
                        settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,

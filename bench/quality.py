@@ -182,6 +182,8 @@ def main():
     ap.add_argument("--row-instructions", action="store_true",
                     help="(b) and (d)-(f) train with the NLI rows' own instruction, not the evaluation's")
     ap.add_argument("--stage1-lr", type=float, default=1e-4)
+    ap.add_argument("--stage1-contrast", type=float, default=0.0,
+                    help="loss.stage1_contrast: weight of the in-batch contrast in stage 1 (0: the authors' loss)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-lora-rank", type=int, default=16, help="LoRA rank of (d) and (e)")
     ap.add_argument("--full-ft-lr", type=float, default=1e-5, help="(f): the authors' stage-2 learning rate")
@@ -241,7 +243,7 @@ def main():
               f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
               "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
               f"model.match_decoder_scale={not args.no_decoder_scale}", f"model.decoder_bos={not args.no_decoder_bos}",
-              f"loss.detach_positive={not args.no_detach_positive}"]
+              f"loss.detach_positive={not args.no_detach_positive}", f"loss.stage1_contrast={args.stage1_contrast}"]
     for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),
                                     ("stage2", args.stage2_steps, args.batch // 2, args.stage2_lr)):
         common += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
@@ -331,7 +333,8 @@ def _record(args, base, commit, scores, timings, first_last, gaps) -> dict:
 def _settings(options: dict) -> dict:
     """The options that decide a run's scores; the DeepSpeed config named relative to the checkout, so
     that records made in different checkouts of the repository compare equal."""
-    kept = {k: v for k, v in options.items() if k not in ("out", "results", "split", "merge")}
+    kept = {"stage1_contrast": 0.0,  # records before the option existed ran without it
+            **{k: v for k, v in options.items() if k not in ("out", "results", "split", "merge")}}
     ds = os.path.abspath(kept["deepspeed"])
     if ds.startswith(ROOT + os.sep):
         kept["deepspeed"] = os.path.relpath(ds, ROOT)

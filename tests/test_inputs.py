@@ -167,6 +167,7 @@ def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
     ("stage1.global_batch_size=0", r"'stage1.global_batch_size' must be >= 1"),
     ("loss.tau=0", r"'loss.tau' must be a finite number > 0"),
     ("loss.beta=-0.1", r"'loss.beta' must be a finite number > 0"),
+    ("loss.stage1_contrast=-1", r"'loss.stage1_contrast' must be a finite number >= 0"),
     ("data.max_text_len=0", r"'data.max_text_len' must be >= 1"),
     ("data.max_target_len=-5", r"'data.max_target_len' must be >= 1"),
     ("data.max_negatives=0", r"'data.max_negatives' must be >= 1"),
@@ -179,6 +180,12 @@ def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
 def test_bad_values_name_their_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [override])
+
+
+def test_stage1_contrast_needs_two_rows_per_micro_batch():
+    with pytest.raises(ConfigError, match=r"'loss.stage1_contrast'.*stage1.micro_batch_size must be >= 2"):
+        load_config(None, ["loss.stage1_contrast=1", "stage1.micro_batch_size=1"])
+    assert load_config(None, ["loss.stage1_contrast=1", "stage1.micro_batch_size=2"]).loss.stage1_contrast == 1
 
 
 def test_string_keys_take_the_raw_text_and_paths_expand(monkeypatch, tmp_path):

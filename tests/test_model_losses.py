@@ -197,6 +197,31 @@ def test_stage1_loss_is_token_mean_cross_entropy(setup, decoder_bos):
     assert loss.item() == pytest.approx(-total / n, rel=1e-5)
 
 
+@pytest.mark.parametrize("decoder_bos", [False, True])
+def test_stage1_contrast_adds_the_per_token_margin_over_the_previous_rows_tokens(setup, decoder_bos):
+    """loss = CE + w * mean_i softplus(-(log p(t_i|e_i) - log p(t_i|e_{i-1})) / |t_i|), every value
+    computed row by row here; with contrast off the batch computes the plain loss."""
+    import torch.nn.functional as F
+
+    model, te = _model(setup, decoder_bos)
+    rows = [{"context": r["query"], "instruction": "Reconstruct.", "output": r["query"]} for r in ROWS]
+    with torch.no_grad():
+        batch = compression_batch(rows, te, contrast=True)
+        out = model(batch)
+        loss = CompressionLoss(contrast=0.5)(out, batch)
+        e = [_compress_one(model, te, r["context"], r["instruction"]) for r in rows]
+        own = [_logp_one(model, te, e[i], r["output"]).item() for i, r in enumerate(rows)]
+        other = [_logp_one(model, te, e[i - 1], r["output"]).item() for i, r in enumerate(rows)]
+    n = [len(te.target_ids(r["output"])) for r in rows]
+    margin = torch.tensor([(o - x) / k for o, x, k in zip(own, other, n)])
+    want = -sum(own) / sum(n) + 0.5 * F.softplus(-margin).mean().item()
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert out.logp.tolist() == pytest.approx(own, rel=1e-5)
+    plain = compression_batch(rows, te)
+    with torch.no_grad():
+        assert CompressionLoss()(model(plain), plain).item() == pytest.approx(-sum(own) / sum(n), rel=1e-5)
+
+
 def test_decoder_bos_changes_what_the_decoder_reads(setup):
     """The flag reaches the decoder: the loss moves (the tiny LM has no strong attention sink, so
     only by ~3e-4 nats/token here; float32 noise on it is ~1e-6)."""
