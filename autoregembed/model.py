@@ -159,10 +159,8 @@ class AutoRegEmbedModel(nn.Module):
             e = self.compress(batch.input_ids, batch.attention_mask)
             if not batch.contrast:
                 return Reconstruction(self.score(e, batch.target_ids, batch.target_mask), batch.target_mask.sum())
-            n = e.shape[0]  # one decoder pass: own e, then the previous row's
-            both = self.score(torch.cat([e, e.roll(1, dims=0)]), batch.target_ids.repeat(2, 1),
-                              batch.target_mask.repeat(2, 1))
-            return Reconstruction(both[:n], batch.target_mask.sum(), both[n:])
+            own, other = self._score_pair(e, e.roll(1, dims=0), batch)  # other: the previous row's e
+            return Reconstruction(own, batch.target_mask.sum(), other)
         if isinstance(batch, InformationProbe):
             return self.information_gap(batch.batch)
         if isinstance(batch, AlignmentBatch):
@@ -174,10 +172,13 @@ class AutoRegEmbedModel(nn.Module):
     @torch.no_grad()
     def information_gap(self, batch: CompressionBatch) -> InformationGap:
         e = self.compress(batch.input_ids, batch.attention_mask)
-        shared = e.mean(dim=0, keepdim=True).expand_as(e)
-        both = self.score(torch.cat([e, shared]), batch.target_ids.repeat(2, 1), batch.target_mask.repeat(2, 1))
-        n = e.shape[0]
-        return InformationGap(both[:n], both[n:], batch.target_mask.sum())
+        own, shared = self._score_pair(e, e.mean(dim=0, keepdim=True).expand_as(e), batch)
+        return InformationGap(own, shared, batch.target_mask.sum())
+
+    def _score_pair(self, e: torch.Tensor, other: torch.Tensor, batch: CompressionBatch):
+        """Summed log p(target_i | e_i) and log p(target_i | other_i) per row, in one decoder pass."""
+        both = self.score(torch.cat([e, other]), batch.target_ids.repeat(2, 1), batch.target_mask.repeat(2, 1))
+        return both[: e.shape[0]], both[e.shape[0] :]
 
     def candidate_scores(self, batch: CandidateBatch, positives: tuple | None = None) -> CandidateScores:
         """One encoder pass over the queries (and ``positives`` = (input_ids, attention_mask), when
