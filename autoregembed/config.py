@@ -107,6 +107,9 @@ class EvalConfig:
     sts_file: str = "auto"  # auto: ../shared STS-B dev when present, else the bundled sample
     instruction: str = "Retrieve semantically similar text."  # default instruction stored with exports
     batch_size: int = 64
+    # every N optimizer steps of a training stage, STS Spearman of the model in training on sts_file
+    # (sts_spearman in metrics.jsonl, the progress line and the plot): a collapse seen while it happens; 0: off
+    every: int = 0
 
 
 @dataclass
@@ -341,6 +344,8 @@ def _check_values(cfg: Config):
         raise ConfigError(f"key 'data.max_negatives' must be >= 1 (or null: all), got {cfg.data.max_negatives}")
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"key 'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
+    if cfg.eval.every < 0:
+        raise ConfigError(f"key 'eval.every' must be >= 0 (0: off), got {cfg.eval.every}")
     if cfg.model.tiny_hidden_size < 4 or cfg.model.tiny_hidden_size % 4 or cfg.model.tiny_layers < 1:
         raise ConfigError("keys 'model.tiny_hidden_size' (a multiple of 4: 4 attention heads) and "
                           "'model.tiny_layers' must be >= 1")

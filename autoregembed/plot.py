@@ -11,8 +11,8 @@ from .atomic import atomic_file
 from .monitor import read_metrics
 from .stages import STAGES
 
-PANELS = (("loss", "loss"), ("info_gap", "information gap\n(nats/token)"), ("lr", "learning rate"),
-          ("grad_norm", "gradient norm"))
+PANELS = (("loss", "loss"), ("info_gap", "information gap\n(nats/token)"),
+          ("sts_spearman", "STS Spearman x100\n(eval.every)"), ("lr", "learning rate"), ("grad_norm", "gradient norm"))
 EVAL_RESULT = os.path.join("eval", "result.json")
 
 
@@ -27,11 +27,13 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     stages = {name: recs for name, recs in stages.items() if recs}
     if not stages:
         raise ValueError(f"{run_dir}: no training metrics (no <stage>/metrics.jsonl with records)")
-    fig, axes = plt.subplots(len(PANELS), len(stages), figsize=(5 * len(stages), 2.6 * len(PANELS)),
+    panels = [(key, label) for key, label in PANELS  # a quantity no stage measured gets no row
+              if any(r.get(key) is not None for recs in stages.values() for r in recs)]
+    fig, axes = plt.subplots(len(panels), len(stages), figsize=(5 * len(stages), 2.6 * len(panels)),
                              squeeze=False, sharex="col")
     for col, (name, recs) in enumerate(stages.items()):
         steps = [r["step"] for r in recs]
-        for row, (key, label) in enumerate(PANELS):
+        for row, (key, label) in enumerate(panels):
             ax = axes[row][col]
             values = [r.get(key) for r in recs]
             points = [(s, v) for s, v in zip(steps, values) if v is not None]

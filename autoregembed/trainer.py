@@ -24,7 +24,7 @@ from .batches import compression_batch, to_device, token_count
 from .config import Config, check_runtime
 from .data import StepSampler, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
-from .diagnostics import HealthWatch
+from .diagnostics import HealthWatch, sts_during_training
 from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
 from .loading import hf_zero3_config, load_model, prepare_base, resolve_attn, resolve_dtype
@@ -255,10 +255,13 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
         mean = D.mean_across_ranks(total)
         if not torch.isfinite(torch.tensor(mean)):
             raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")
-        extra = None
+        extra = {}
         if probe is not None and ((step + 1) % o.log_every == 0 or step + 1 == end):
             with torch.no_grad():
-                extra = probe(s.engine, batch)  # the step's last micro-batch, after the update
+                extra.update(probe(s.engine, batch))  # the step's last micro-batch, after the update
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+            extra.update(sts_during_training(s.engine, s.text_encoder, cfg.eval.instruction, cfg.sts_file,
+                                             cfg.eval.batch_size, s.device))
         watch.update(monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens, extra))
         stop = step + 1 < end and preemption.requested(stage_dir)
         if stop or (o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end):

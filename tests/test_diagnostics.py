@@ -51,6 +51,29 @@ def test_the_gap_is_zero_when_every_text_gets_the_same_compressed_tokens(model_a
     assert got["info_gap"] == pytest.approx(0, abs=1e-5) and got["info_gap_text"] == pytest.approx(0, abs=1e-4)
 
 
+def test_sts_during_training_equals_the_encoder_of_the_same_weights(model_and_te):
+    """eval.every reads the model in training the way an export is read: same embeddings, same score;
+    the engine is left in training mode."""
+    import os
+    from types import SimpleNamespace
+
+    from autoregembed.diagnostics import sts_during_training
+    from autoregembed.encoder import Encoder
+    from autoregembed.evaluate import sts_eval
+
+    model, te = model_and_te
+    sts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "autoregembed", "resources",
+                       "sts_dev_sample.csv")
+    engine = SimpleNamespace(module=model, eval=model.eval, train=model.train)
+    got = sts_during_training(engine, te, "Retrieve semantically similar text.", sts, 16, "cpu")
+    assert model.training
+    want = sts_eval(Encoder(model.encoder, te.tokenizer, K, "Retrieve semantically similar text.", 64), sts, 16,
+                    show_progress_bar=False)
+    # the Encoder batches by length, so padding differs: float noise that can swap near-tied ranks
+    assert got["sts_spearman"] == pytest.approx(want["spearman"], abs=0.05)
+    assert got["sts_mean_cosine"] == pytest.approx(want["mean_cosine"], abs=1e-5)
+
+
 def test_health_watch_warns_once_about_dead_gradients_and_a_gap_that_stays_near_zero():
     said = []
     watch = HealthWatch("stage1", warmup_steps=5, total_steps=16, log=said.append)

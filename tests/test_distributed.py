@@ -39,6 +39,8 @@ def run(tmp_path_factory, request, default_tiny_base):
                  f"model.base={default_tiny_base}", "stage1.max_steps=16", "stage1.micro_batch_size=4",
                  "stage1.learning_rate=3e-3", "stage2.max_steps=12", "stage2.micro_batch_size=4",
                  "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
+    if request.param == "full":  # STS of the model in training, twice per stage
+        overrides += ["eval.every=8", f"eval.sts_file={os.path.join(ROOT, 'autoregembed', 'resources', 'sts_dev_sample.csv')}"]
     if request.param == "lora":
         overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3",
                       "loss.references=online", "loss.in_batch_negatives=true"]
@@ -74,6 +76,12 @@ def test_each_step_reports_grad_norm_throughput_and_each_warning_once(run):
     assert sorted(gaps) == [10, 16] and all(np.isfinite(r["info_gap"]) and r["loss_shared"] > 0 for r in gaps.values())
     assert any("info gap" in line and " step 16/16 " in line for line in progress), progress
     assert "stage1: information gap " in run[3] and " at step 16" in run[3]
+    if run[2] == "full":  # eval.every=8
+        for stage in ("stage1", "stage2"):
+            sts = {r["step"]: r["sts_spearman"] for r in map(json.loads, open(os.path.join(run[0], stage, "metrics.jsonl")))
+                   if "sts_spearman" in r}
+            assert sorted(sts) == [8, 16] if stage == "stage1" else [8], (stage, sts)
+            assert all(-100 <= v <= 100 for v in sts.values())
     warnings = [line for line in run[3].splitlines() if "Warning: " in line]
     assert all(warnings.count(w) <= 2 for w in warnings), warnings  # once per rank at most
 
