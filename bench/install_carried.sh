@@ -16,6 +16,10 @@ pip_install() { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-c
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   pip_install "$WHEELS"/*.whl
 fi
-# the checkout, built here (no isolation: the image's setuptools) and installed like any wheel
-pip_install --no-build-isolation .
+# the checkout, built from a copy (setuptools writes build/ and *.egg-info beside the sources, and an
+# egg-info in the root would read as a second autoregembed distribution) with the image's setuptools
+src=$(mktemp -d)
+trap 'rm -rf "$src"' EXIT
+cp -a autoregembed kernels ds_configs pyproject.toml "$src"/
+pip_install --no-build-isolation "$src"
 echo "[install_carried] installed into $TARGET: $(ls "$TARGET" | grep -v -c dist-info) package(s)"
