@@ -25,7 +25,7 @@ def information_gap(engine, batch) -> dict:
     ``loss_shared`` (nats/token with the batch-mean compressed tokens), ``info_gap`` (nats/token)
     and ``info_gap_text`` (nats/text)."""
     out = engine(InformationProbe(batch))
-    sums = torch.stack([out.own.sum(), out.shared.sum(), out.n_tokens.float(), torch.tensor(float(len(out.own)))])
+    sums = torch.stack([out.own.sum(), out.shared.sum(), out.n_tokens.float(), out.own.new_tensor(float(len(out.own)))])
     own, shared, tokens, texts = (D.mean_across_ranks(float(v)) * D.world_size() for v in sums.cpu())
     tokens, texts = max(tokens, 1.0), max(texts, 1.0)
     return {"loss_shared": -shared / tokens, "info_gap": (own - shared) / tokens, "info_gap_text": (own - shared) / texts}

@@ -8,6 +8,8 @@ one whose compressed tokens are a shared prefix writes the same generic sentence
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .encoder import Encoder
@@ -18,8 +20,6 @@ from .tokenization import IGNORE_INDEX, decoder_layout
 def decoder_path(export_dir: str, given: str | None) -> str:
     """The frozen decoder of an export: ``given``, else the base model its metadata names (the
     built-in tiny base is the ``base`` folder of the run that exported it)."""
-    import os
-
     from .export import ExportMeta
 
     if given:
