@@ -15,18 +15,23 @@ from . import distributed as D
 from .evaluate import sts_eval
 from .model import InformationProbe
 
+PROBE_ROWS = 64  # stage-1 rows the information gap is measured on: the same seeded rows at every step
 GAP_FLOOR = 0.05  # nats/token: below this after warm-up the compressed tokens carry ~nothing of their text
 DEAD_GRAD_NORM = 1e-8  # a gradient norm this small for DEAD_STEPS steps in a row: training has died
 DEAD_STEPS = 3
 
 
-def information_gap(engine, batch) -> dict:
-    """One no-grad engine forward of ``batch`` (a CompressionBatch) on every rank, summed over ranks:
+def information_gap(engine, batches: list) -> dict:
+    """No-grad engine forwards of ``batches`` (CompressionBatch objects: the same probe rows at every
+    step, so steps and seeds compare), the shared tokens being each batch's mean, averaged over ranks:
     ``loss_shared`` (nats/token with the batch-mean compressed tokens), ``info_gap`` (nats/token)
     and ``info_gap_text`` (nats/text)."""
-    out = engine(InformationProbe(batch))
-    sums = torch.stack([out.own.sum(), out.shared.sum(), out.n_tokens.float(), out.own.new_tensor(float(len(out.own)))])
-    own, shared, tokens, texts = (D.mean_across_ranks(float(v)) * D.world_size() for v in sums.cpu())
+    sums = 0
+    for batch in batches:
+        out = engine(InformationProbe(batch))
+        sums = sums + torch.stack([out.own.sum(), out.shared.sum(), out.n_tokens.float(),
+                                   out.own.new_tensor(float(len(out.own)))])
+    own, shared, tokens, texts = (D.mean_across_ranks(float(v)) for v in sums.cpu())
     tokens, texts = max(tokens, 1.0), max(texts, 1.0)
     return {"loss_shared": -shared / tokens, "info_gap": (own - shared) / tokens, "info_gap_text": (own - shared) / texts}
 

@@ -71,15 +71,16 @@ class StepMonitor:
         self.t0 = self.t_last = time.time()
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int,
-             extra: dict | None = None) -> dict:
+             extra: dict | None = None, extra_s: float = 0.0) -> dict:
         """Record optimizer step ``step`` (1-based); ``tokens``: this rank's non-padding tokens;
-        ``extra``: more values for this step's record (a stage's probe, diagnostics.py)."""
+        ``extra``: more values for this step's record (a stage's probe, diagnostics.py), measured in
+        ``extra_s`` seconds that tokens/s leaves out (the elapsed time and the eta keep them)."""
         tokens_all = D.mean_across_ranks(float(tokens)) * D.world_size()
         now = time.time()
         elapsed, done = now - self.t0, step - self.start
         record = {"step": step, "loss": loss, "lr": lr,
                   "grad_norm": None if grad_norm is None or not math.isfinite(grad_norm) else float(grad_norm),
-                  "tokens": int(tokens_all), "tokens_per_s": tokens_all / max(now - self.t_last, 1e-9),
+                  "tokens": int(tokens_all), "tokens_per_s": tokens_all / max(now - self.t_last - extra_s, 1e-9),
                   "elapsed_s": round(elapsed, 3), **(extra or {})}
         self.t_last = now
         if D.rank() == 0:

@@ -24,7 +24,7 @@ from .batches import compression_batch, to_device, token_count
 from .config import Config, check_runtime
 from .data import StepSampler, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
-from .diagnostics import HealthWatch, sts_during_training
+from .diagnostics import PROBE_ROWS, HealthWatch, sts_during_training
 from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
 from .loading import hf_zero3_config, load_model, prepare_base, resolve_attn, resolve_dtype
@@ -240,6 +240,10 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
         log(f"{stage}: micro_batch_size 1: no information gap (it compares a text's compressed tokens "
             f"with the micro-batch mean of them)")
         probe = None
+    if probe is not None:  # the same seeded rows at every step, on every rank
+        sample = [rows[i] for i in calibration_indices(len(rows), PROBE_ROWS, cfg.seed)]
+        probe_batches = [to_device(st.make_batch(cfg, sample[i : i + o.micro_batch_size], s.text_encoder, None),
+                                   s.device) for i in range(0, len(sample), o.micro_batch_size)]
     for step in range(start, end):
         total, tokens = 0.0, 0
         for micro in range(o.gradient_accumulation_steps):
@@ -255,14 +259,15 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
         mean = D.mean_across_ranks(total)
         if not torch.isfinite(torch.tensor(mean)):
             raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")
-        extra = {}
+        extra, t_extra = {}, time.time()
         if probe is not None and ((step + 1) % o.log_every == 0 or step + 1 == end):
             with torch.no_grad():
-                extra.update(probe(s.engine, batch))  # the step's last micro-batch, after the update
+                extra.update(probe(s.engine, probe_batches))  # after the step's update
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             extra.update(sts_during_training(s.engine, s.text_encoder, cfg.eval.instruction, cfg.sts_file,
                                              cfg.eval.batch_size, s.device))
-        watch.update(monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens, extra))
+        watch.update(monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens, extra,
+                                  time.time() - t_extra))
         stop = step + 1 < end and preemption.requested(stage_dir)
         if stop or (o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end):
             checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)

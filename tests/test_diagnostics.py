@@ -33,7 +33,7 @@ def test_information_gap_against_scoring_each_text_with_its_own_and_with_the_mea
     scale = model.decoder.get_input_embeddings().weight.std()
     e = torch.randn(len(TEXTS), K, model.decoder.config.hidden_size, generator=torch.Generator().manual_seed(0)) * scale * 3
     monkeypatch.setattr(model, "compress", lambda ids, mask: e)  # compressed tokens far apart: a gap far above rounding
-    got = information_gap(model, batch)  # the module stands in for the engine: same forward
+    got = information_gap(model, [batch])  # the module stands in for the engine: same forward
     with torch.no_grad():
         own = model.score(e, batch.target_ids, batch.target_mask)
         mean = (e[0] + e[1] + e[2]) / 3
@@ -47,7 +47,7 @@ def test_information_gap_against_scoring_each_text_with_its_own_and_with_the_mea
 
 def test_the_gap_is_zero_when_every_text_gets_the_same_compressed_tokens(model_and_te):
     model, te = model_and_te
-    got = information_gap(model, _batch(te, [TEXTS[0]] * 3))
+    got = information_gap(model, [_batch(te, [TEXTS[0]] * 3), _batch(te, [TEXTS[1]] * 2)])
     assert got["info_gap"] == pytest.approx(0, abs=1e-5) and got["info_gap_text"] == pytest.approx(0, abs=1e-4)
 
 

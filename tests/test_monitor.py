@@ -41,6 +41,21 @@ def test_step_records_progress_line_and_monitor_events(tmp_path):
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [3, 4]
 
 
+def test_extra_values_reach_the_record_line_and_writer_and_their_seconds_leave_tokens_per_s(tmp_path, monkeypatch):
+    import autoregembed.monitor as M
+
+    clock = iter([100.0, 110.0])  # the monitor's start, then the step: 10 s of which 8 s went to a probe
+    monkeypatch.setattr(M.time, "time", lambda: next(clock))
+    lines, writer = [], _Writer()
+    mon = StepMonitor("stage1", str(tmp_path), total_steps=1, start_step=0, last_step=1, log_every=1,
+                      engine=types.SimpleNamespace(monitor=writer), log=lines.append)
+    r = mon.step(1, 1.0, 1e-4, 1.0, tokens=400, extra={"info_gap": 0.25, "sts_spearman": 61.5}, extra_s=8.0)
+    assert r["tokens_per_s"] == pytest.approx(200.0) and r["elapsed_s"] == 10.0
+    assert read_metrics(str(tmp_path))[0]["info_gap"] == 0.25
+    assert " info gap 0.250 nats/tok STS 61.50 " in lines[0]
+    assert ("Train/stage1/info_gap", 0.25, 1) in writer.events and ("Train/stage1/sts_spearman", 61.5, 1) in writer.events
+
+
 def test_ds_monitor_settings_follow_the_yaml(tmp_path):
     on = types.SimpleNamespace(tensorboard=True, csv=False)
     got = ds_monitor_settings(on, str(tmp_path / "stage1"), "stage1")
