@@ -8,10 +8,10 @@ compressed tokens carry about their own text; near zero, the embedding cannot te
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from . import distributed as D
+from .encoder import Encoder
 from .evaluate import sts_eval
 from .model import InformationProbe
 
@@ -36,31 +36,15 @@ def information_gap(engine, batches: list) -> dict:
     return {"loss_shared": -shared / tokens, "info_gap": (own - shared) / tokens, "info_gap_text": (own - shared) / texts}
 
 
-class TrainingEncoder:
-    """The model being trained as ``evaluate.sts_eval``'s encoder. Every rank encodes every batch:
-    under ZeRO-3 each forward gathers parameters from all ranks, so all must run it."""
-
-    def __init__(self, engine, text_encoder, instruction: str, device):
-        self.engine, self.te, self.instruction, self.device = engine, text_encoder, instruction, device
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 64, show_progress_bar: bool = False) -> np.ndarray:
-        module = self.engine.module
-        out = []
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start : start + batch_size]
-            enc = self.te.encode_inputs(chunk, [self.instruction] * len(chunk))
-            out.append(module.embed(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)).float().cpu())
-        return torch.cat(out).numpy()
-
-
-def sts_during_training(engine, text_encoder, instruction: str, sts_file: str, batch_size: int, device) -> dict:
-    """STS Spearman x100 and mean pairwise cosine of the model as it is now (``eval.every``), in eval
-    mode, on every rank; back in training mode after."""
+def sts_during_training(engine, text_encoder, instruction: str, sts_file: str, batch_size: int) -> dict:
+    """STS Spearman x100 and mean pairwise cosine of the model as it is now (``eval.every``), read as an
+    export is read (``Encoder`` over the engine's encoder), in eval mode; back in training mode after.
+    Every rank encodes every text: under ZeRO-3 each forward gathers parameters from all ranks."""
+    module = engine.module
     engine.eval()
     try:
-        r = sts_eval(TrainingEncoder(engine, text_encoder, instruction, device), sts_file, batch_size,
-                     show_progress_bar=False)
+        encoder = Encoder(module.encoder, text_encoder.tokenizer, module.k, instruction, text_encoder.max_text_len)
+        r = sts_eval(encoder, sts_file, batch_size, show_progress_bar=False)
     finally:
         engine.train()
     return {"sts_spearman": r["spearman"], "sts_mean_cosine": r["mean_cosine"]}

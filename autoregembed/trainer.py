@@ -265,7 +265,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
                 extra.update(probe(s.engine, probe_batches))  # after the step's update
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             extra.update(sts_during_training(s.engine, s.text_encoder, cfg.eval.instruction, cfg.sts_file,
-                                             cfg.eval.batch_size, s.device))
+                                             cfg.eval.batch_size))
         watch.update(monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens, extra,
                                   time.time() - t_extra))
         stop = step + 1 < end and preemption.requested(stage_dir)
