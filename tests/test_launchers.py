@@ -15,8 +15,9 @@ from local_cluster import LocalSlurm, Unavailable
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("default_tiny_base")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The stage scripts ask for 8 GPUs and 64 CPUs per node; this 2-CPU loopback cluster has no GPUs
-CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]
+# The stage scripts ask for whole nodes with 8 GPUs and 64 CPUs; this 2-CPU loopback cluster has no
+# GPUs, and its two nodes must hold two jobs at once (--oversubscribe overrides the scripts' --exclusive)
+CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe"]
 
 
 def _tiny():
@@ -68,6 +69,14 @@ def test_slurm_job_without_gpus_stops_unless_cpu_is_asked_for(slurm, tmp_path):
     states = slurm.wait([job], timeout=120)
     log = open(glob.glob(f"{tmp_path}/nogpu-*.out")[0]).read()
     assert states[job] == "FAILED" and "no GPUs allocated to this job" in log, (states, log)
+    # a GPU job without CONFIG would train the tiny test settings on every GPU: refused
+    r = subprocess.run(["sbatch", "--parsable", *CPU_JOB, f"--output={tmp_path}/noconfig-%j.out",
+                        os.path.join(ROOT, "slurm", "stage1.sh")], env={**env, "GPUS_PER_NODE": "1", "DEVICE": "cuda"},
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    job = r.stdout.strip().split(";")[0]
+    states = slurm.wait([job], timeout=120)
+    log = open(glob.glob(f"{tmp_path}/noconfig-*.out")[0]).read()
+    assert states[job] == "FAILED" and "CONFIG is not set" in log, (states, log)
 
 
 def test_slurm_pipeline_runs_all_four_stages(slurm, tmp_path):
@@ -100,25 +109,27 @@ def test_slurm_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
         assert r.returncode == 0, r.stderr
         runs[name] = (out, r.stdout.strip().split(";")[0])
     out, job = runs["preempted"]
-    # signal once training is under way; the bound is generous because both jobs start at once on
-    # 2 cores (in one full-suite run, start-up took over 240 s)
-    deadline = time.time() + 480
-    while time.time() < deadline:
-        path = os.path.join(out, "stage1", "metrics.jsonl")
-        if os.path.exists(path) and len(open(path).readlines()) >= 5:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("stage 1 never started")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, check=True, timeout=30)
+    path = os.path.join(out, "stage1", "metrics.jsonl")
+
+    def signal_at(logged, args):  # once that many steps are logged; the bound is generous because both
+        deadline = time.time() + 480  # jobs run at once on 2 cores (start-up took over 240 s in one run)
+        while time.time() < deadline:
+            if os.path.exists(path) and len(open(path).readlines()) >= logged:
+                return subprocess.run(["scancel", *args, job], env=slurm.env, check=True, timeout=30)
+            time.sleep(0.2)
+        pytest.fail(f"stage 1 never logged {logged} steps")
+
+    # the time limit's warning to the batch shell, then, once the requeued run has resumed, SIGTERM to
+    # the job's steps (torchrun and the ranks; srun, in the batch step, would kill the ranks at once)
+    signal_at(5, ["--signal=USR1", "--batch"])
+    signal_at(25, ["--signal=TERM"])
     states = slurm.wait([runs["straight"][1], job], timeout=480)
     log = open(glob.glob(f"{tmp_path}/preempted-*.out")[0]).read()
     assert states[job] == "COMPLETED", log[-3000:]
-    assert int(slurm.job(job)["Restarts"]) == 1, log[-3000:]
-    assert "requeueing job" in log
+    assert int(slurm.job(job)["Restarts"]) == 2, log[-3000:]
+    stops = [int(part.split(";")[0]) for part in log.split("[slurm] stage1 saved step ")[1:]]
+    assert len(stops) == 2 and 5 <= stops[0] < stops[1] < steps, stops
     saved = [m["step"] for m in _losses(out, "stage1")]
-    stop = int(log.split("[slurm] stage1 saved step ")[1].split(";")[0])
-    assert 5 <= stop < steps
-    assert saved == list(range(1, stop + 1)) + list(range(stop + 1, steps + 1))  # resumed after the checkpoint
+    assert saved == list(range(1, steps + 1))  # each run resumed right after the previous one's checkpoint
     final = {name: _losses(o, "stage1")[-1]["loss"] for name, (o, _) in runs.items()}
     assert final["preempted"] == pytest.approx(final["straight"], rel=1e-6), final
