@@ -76,10 +76,12 @@ def init_distributed():
         return
     import deepspeed
 
+    if torch.cuda.is_available():
+        # before the process group: NCCL binds each rank's communicator to the current device, and a
+        # rank that starts on GPU 0 leaves a context there on every rank of the node
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def rank() -> int:
