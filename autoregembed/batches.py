@@ -1,6 +1,9 @@
 """Rows -> typed model inputs, one type per kind of decoder pass (tokenisation follows tokenization.py).
 
-NamedTuples, so DeepSpeed's ZeRO-3 hooks see the tensors inside them (they walk tuples).
+NamedTuples, so DeepSpeed's ZeRO-3 hooks see the tensors inside them (they walk tuples).  Each
+carries the number of target tokens it scores as a host integer, counted while the masks are
+still on the CPU: the decoder pass then compacts the scored positions without reading a count
+back from the GPU (a synchronisation per micro-step).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ class CompressionBatch(NamedTuple):
     target_ids: torch.Tensor
     target_mask: torch.Tensor
     contrast: bool = False  # also score each target with the previous row's compressed tokens (loss.stage1_contrast)
+    target_tokens: int | None = None  # target_mask.sum(), counted on the host (see scored_tokens)
 
 
 class CandidateBatch(NamedTuple):
@@ -32,6 +36,8 @@ class CandidateBatch(NamedTuple):
     neg_ids: torch.Tensor
     neg_mask: torch.Tensor
     owner: torch.Tensor
+    pos_tokens: int | None = None  # pos_mask.sum() and neg_mask.sum(), counted on the host
+    neg_tokens: int | None = None
 
 
 class AlignmentBatch(NamedTuple):
@@ -60,7 +66,8 @@ def with_in_batch_negatives(rows: list[dict]) -> list[dict]:
 def compression_batch(rows: list[dict], te: TextEncoder, contrast: bool = False) -> CompressionBatch:
     enc = te.encode_inputs([r["context"] for r in rows], [r["instruction"] for r in rows])
     tgt = te.encode_targets([r["output"] for r in rows])
-    return CompressionBatch(enc["input_ids"], enc["attention_mask"], tgt["target_ids"], tgt["target_mask"], contrast)
+    return CompressionBatch(enc["input_ids"], enc["attention_mask"], tgt["target_ids"], tgt["target_mask"], contrast,
+                            int(tgt["target_mask"].sum()))
 
 
 def candidate_batch(rows: list[dict], te: TextEncoder) -> CandidateBatch:
@@ -69,7 +76,8 @@ def candidate_batch(rows: list[dict], te: TextEncoder) -> CandidateBatch:
     negs = te.encode_targets([n for r in rows for n in r["neg"]])
     owner = torch.tensor([i for i, r in enumerate(rows) for _ in r["neg"]], dtype=torch.long)
     return CandidateBatch(q["input_ids"], q["attention_mask"], pos["target_ids"], pos["target_mask"],
-                          negs["target_ids"], negs["target_mask"], owner)
+                          negs["target_ids"], negs["target_mask"], owner, int(pos["target_mask"].sum()),
+                          int(negs["target_mask"].sum()))
 
 
 def alignment_batch(rows: list[dict], te: TextEncoder, refs) -> AlignmentBatch:
@@ -100,6 +108,14 @@ def token_count(batch) -> int:
 
 
 def to_device(batch, device):
-    """The same batch type with every tensor on ``device`` (other fields as they are)."""
-    return type(batch)(*(to_device(v, device) if isinstance(v, tuple) else v.to(device) if torch.is_tensor(v) else v
+    """The same batch type with every tensor on ``device`` (other fields as they are).  To a GPU
+    through pinned memory without waiting: the host goes on to the next batch while it copies."""
+    device = torch.device(device)
+
+    def move(t):
+        if device.type != "cuda":
+            return t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
+
+    return type(batch)(*(to_device(v, device) if isinstance(v, tuple) else move(v) if torch.is_tensor(v) else v
                          for v in batch))

@@ -71,11 +71,28 @@ def row_stats_for(scorer: str, device: torch.device):
     return logit_row_stats
 
 
-def chunk_rows(v: int, jacobian: bool, budget: int) -> int:
+GEMM_TILE = 128  # rows and columns of one output tile of a tensor-core GEMM
+
+
+def chunk_rows(v: int, jacobian: bool, budget: int, d: int = 0, sms: int = 0) -> int:
     """Tokens per chunk: fp32 logits (+ a dZ tile of 4 bytes at most) within ``budget``; a
-    multiple of 64 when more than 64 fit (GEMM tile size), at least one token."""
+    multiple of 64 when more than 64 fit (GEMM tile size), at least one token.
+
+    With ``sms`` (the GPU's multiprocessor count) and the hidden size ``d``, a chunk that needs
+    the Jacobian also holds enough rows for its second GEMM, dZ [rows, V] @ W [V, d], to give
+    every multiprocessor an output tile: that GEMM's output is only rows x d, and at V=128k the
+    byte budget alone leaves 256 rows, 64 tiles of 128 x 128 for 132 SMs.  The budget then
+    grows to what those rows need."""
     rows = budget // (v * (8 if jacobian else 4))
-    return max(1, rows // 64 * 64 if rows >= 64 else rows)
+    rows = max(1, rows // 64 * 64 if rows >= 64 else rows)
+    if jacobian and sms and d:
+        tiles_per_block = max(1, d // GEMM_TILE)  # output tiles of GEMM_TILE rows
+        rows = max(rows, -(-sms // tiles_per_block) * GEMM_TILE)
+    return rows
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def score_tokens(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, jacobian: bool,
@@ -85,12 +102,14 @@ def score_tokens(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     row_stats = row_stats_for(scorer, hidden.device)
     m, v = hidden.shape[0], weight.shape[0]
     bad = (labels < 0) | (labels >= v)  # a negative label would index from the end without a word
-    if m and bool(bad.any()):
+    if m and labels.is_cuda:  # checked on the device, without waiting for it
+        torch._assert_async(~bad.any(), f"a label is outside the vocabulary [0, {v})")
+    elif m and bool(bad.any()):
         raise ValueError(f"label {labels[bad][0].item()} is outside the vocabulary [0, {v})")
     logp = torch.empty(m, dtype=torch.float32, device=hidden.device)
     jac = torch.empty_like(hidden) if jacobian else None
     half_gemm = hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
-    chunk = chunk_rows(v, jacobian, tile_budget_bytes)
+    chunk = chunk_rows(v, jacobian, tile_budget_bytes, hidden.shape[1], _multiprocessors(hidden.device))
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
         logits = _fp32_product(hidden[s:e], weight.T)
@@ -118,8 +137,12 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """g_t * J_t, scaled in place in J's dtype: an fp32 product would be a second [M, D]
+        tensor twice J's size in bf16 (256 MiB at M=16k, D=4096).  J is not needed afterwards;
+        a second backward through the same graph (retain_graph) is refused by autograd's
+        version check, never silently wrong."""
         (jac,) = ctx.saved_tensors
-        return (grad_out[:, None] * jac).to(jac.dtype), None, None, None, None
+        return jac.mul_(grad_out.to(jac.dtype)[:, None]), None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
@@ -136,19 +159,26 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
 
 
 def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                      scorer: str = "auto") -> torch.Tensor:
+                      scorer: str = "auto", n_scored: int | None = None) -> torch.Tensor:
     """Summed log-likelihood of each sequence's labels.
 
     hidden: [S, T, D] decoder hidden states (position t predicts labels[:, t]);
     labels: [S, T] with ``IGNORE_INDEX`` where nothing is scored.  Only scored positions
     reach the LM head: they are packed into one [M, D] batch (one kernel launch for
     every query x candidate) and summed back per sequence with a segment index.
-    Returns fp32 [S].
+    n_scored: M, when the caller knows it on the host (batches.py); the packing then never
+    waits for the device (a boolean mask's size is only known after a read-back), and a wrong
+    count fails the device-side check.  Returns fp32 [S].
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
-    keep = labels != IGNORE_INDEX
-    segment = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[keep]
-    per_token = token_logprobs(hidden[keep], lm_head_weight, labels[keep], scorer=scorer)
+    keep = (labels != IGNORE_INDEX).flatten()
+    if n_scored is None:
+        flat = keep.nonzero()[:, 0]
+    else:
+        torch._assert_async(keep.sum() == n_scored, f"{n_scored} scored tokens expected")
+        flat = torch.nonzero_static(keep, size=n_scored)[:, 0]
+    per_token = token_logprobs(hidden.flatten(0, 1).index_select(0, flat), lm_head_weight,
+                               labels.flatten().index_select(0, flat), scorer=scorer)
     out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
-    return out.index_add(0, segment, per_token)
+    return out.index_add(0, flat // labels.shape[1], per_token)

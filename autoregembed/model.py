@@ -1,8 +1,10 @@
 """The AutoRegEmbed module: a trainable encoder that writes k compressed tokens and a
 frozen decoder that scores text conditioned on them.
 
-The whole module is what DeepSpeed wraps, so both halves are sharded under ZeRO-3; only the
-encoder's parameters are trainable.  The decoder never produces full logits: its last
+The module is what DeepSpeed wraps; only the encoder's parameters are trainable.  The frozen
+decoder is either a registered submodule (sharded with the encoder under ZeRO-3:
+``model.shard_decoder``) or held outside the module's parameters, whole on every device, where
+no ZeRO hook gathers weights that never get a gradient.  The decoder never produces full logits: its last
 hidden states go through ``sequence_logprobs`` (see logprobs.py).
 """
 from __future__ import annotations
@@ -51,8 +53,8 @@ class LogprobHead(nn.Module):
     def weight(self) -> torch.Tensor:
         return self._decoder[0].get_output_embeddings().weight
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return sequence_logprobs(hidden, self.weight, labels, self.scorer)
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, n_scored: int | None = None) -> torch.Tensor:
+        return sequence_logprobs(hidden, self.weight, labels, self.scorer, n_scored)
 
 
 def _freeze(decoder: nn.Module):
@@ -109,7 +111,7 @@ class AutoRegEmbedModel(nn.Module):
     """Compresses and scores; the objectives live in losses.py and take this module's results."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, k: int, decoder_bos_id: int | None = None,
-                 scorer: str = "auto"):
+                 scorer: str = "auto", decoder_in_module: bool = True):
         """encoder: a base transformer (e.g. LlamaModel) returning last_hidden_state.
         decoder: the frozen causal LM (its parameters are frozen here).
         decoder_bos_id: None, the method as published: the decoder reads [e_1..e_k ; target+EOS].
@@ -117,10 +119,16 @@ class AutoRegEmbedModel(nn.Module):
         (``model.decoder_bos``).  Why: a pretrained LM parks attention on its first position
         (the attention sink); without a BOS, e_1 is pushed to become that sink, shared by every
         text (docs/experiments.md).
-        scorer: who computes the LM head's softmax statistics (``logprobs.row_stats_for``)."""
+        scorer: who computes the LM head's softmax statistics (``logprobs.row_stats_for``).
+        decoder_in_module: false keeps the decoder out of ``parameters()``, ``state_dict()``,
+        ``.to()`` and DeepSpeed's view (the caller places it on its device); ``train()`` still
+        reaches it."""
         super().__init__()
         self.encoder = encoder
-        self.decoder = decoder
+        if decoder_in_module:
+            self.decoder = decoder
+        else:
+            object.__setattr__(self, "decoder", decoder)  # an attribute, not a registered submodule
         self.k = k
         self.decoder_bos_id = decoder_bos_id
         _freeze(decoder)
@@ -135,20 +143,25 @@ class AutoRegEmbedModel(nn.Module):
         """The frozen decoder follows ``mode`` like the encoder, deliberately: Transformers applies
         gradient checkpointing only in training mode, and stage 2 keeps the decoder's activations
         for 1 + N candidates per query.  ``_freeze`` zeroed its dropouts, so both modes compute the same."""
-        return super().train(mode)
+        super().train(mode)
+        if "decoder" not in self._modules:
+            self.decoder.train(mode)
+        return self
 
     # ---- the two halves -------------------------------------------------------------
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return compressed_states(hidden, attention_mask, self.k)
 
-    def score(self, compressed: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        """Summed log p(target | compressed) per row, fp32 [S]; differentiable w.r.t. compressed only."""
+    def score(self, compressed: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+              n_scored: int | None = None) -> torch.Tensor:
+        """Summed log p(target | compressed) per row, fp32 [S]; differentiable w.r.t. compressed only.
+        n_scored: target_mask.sum() as a host integer, when the batch carries it (batches.py)."""
         lay = decoder_layout(target_ids, target_mask, compressed.shape[1], self.decoder_bos_id)
         tok = self.decoder.get_input_embeddings()(lay.ids)
         inputs = torch.cat([tok[:, : lay.n_bos], compressed.to(tok.dtype), tok[:, lay.n_bos :]], dim=1)
         hidden = self.decoder.get_decoder()(inputs_embeds=inputs, attention_mask=lay.attention_mask).last_hidden_state
-        return self.head(hidden, lay.labels)
+        return self.head(hidden, lay.labels, n_scored)
 
     def embed(self, input_ids, attention_mask) -> torch.Tensor:
         return pool_embedding(self.compress(input_ids, attention_mask))
@@ -158,7 +171,8 @@ class AutoRegEmbedModel(nn.Module):
         if isinstance(batch, CompressionBatch):
             e = self.compress(batch.input_ids, batch.attention_mask)
             if not batch.contrast:
-                return Reconstruction(self.score(e, batch.target_ids, batch.target_mask), batch.target_mask.sum())
+                return Reconstruction(self.score(e, batch.target_ids, batch.target_mask, batch.target_tokens),
+                                      batch.target_mask.sum())
             own, other = self._score_pair(e, e.roll(1, dims=0), batch)  # other: the previous row's e
             return Reconstruction(own, batch.target_mask.sum(), other)
         if isinstance(batch, InformationProbe):
@@ -177,7 +191,8 @@ class AutoRegEmbedModel(nn.Module):
 
     def _score_pair(self, e: torch.Tensor, other: torch.Tensor, batch: CompressionBatch):
         """Summed log p(target_i | e_i) and log p(target_i | other_i) per row, in one decoder pass."""
-        both = self.score(torch.cat([e, other]), batch.target_ids.repeat(2, 1), batch.target_mask.repeat(2, 1))
+        n = None if batch.target_tokens is None else 2 * batch.target_tokens
+        both = self.score(torch.cat([e, other]), batch.target_ids.repeat(2, 1), batch.target_mask.repeat(2, 1), n)
         return both[: e.shape[0]], both[e.shape[0] :]
 
     def candidate_scores(self, batch: CandidateBatch, positives: tuple | None = None) -> CandidateScores:
@@ -193,7 +208,8 @@ class AutoRegEmbedModel(nn.Module):
             conds = [e_q]
         n_pos = len(conds)  # the positive, given e_q (and e_p)
         t_ids, t_mask = _stack_padded([batch.pos_ids] * n_pos + [batch.neg_ids], [batch.pos_mask] * n_pos + [batch.neg_mask])
-        logp = self.score(torch.cat(conds + [e_q[batch.owner]]), t_ids, t_mask)
+        n = None if batch.pos_tokens is None else n_pos * batch.pos_tokens + batch.neg_tokens
+        logp = self.score(torch.cat(conds + [e_q[batch.owner]]), t_ids, t_mask, n)
         return CandidateScores(logp[:b], logp[n_pos * b :], batch.owner, logp[b : 2 * b] if positives is not None else None)
 
 

@@ -7,7 +7,8 @@ buffer of 4 bytes x the largest layer.  The frozen decoder adds only its bf16 we
 Activations assume gradient checkpointing (every layer's input is kept, one layer is
 recomputed at a time).  LM head: our scorer keeps each scored token's Jacobian (bf16, hidden
 wide) and log-probability between forward and backward, plus one chunk of fp32 logits and bf16 dZ
-while it runs (logprobs.TILE_BUDGET_BYTES); the materialised alternative keeps bf16 logits, their
+while it runs (logprobs.chunk_rows: TILE_BUDGET_BYTES, or more rows at large vocabularies so that
+an H100's 132 multiprocessors each get a tile); the materialised alternative keeps bf16 logits, their
 fp32 log-softmax and its gradient for every scored token.
 """
 from __future__ import annotations
@@ -16,10 +17,11 @@ import json
 import os
 from dataclasses import dataclass
 
-from .logprobs import TILE_BUDGET_BYTES
+from .logprobs import TILE_BUDGET_BYTES, chunk_rows
 
 GB = 1e9
 SCORER_KEY = "LM head scorer (Jacobians, one chunk)"
+PLAN_SMS = 132  # H100 SXM multiprocessors: the scorer's chunk is sized to cover them
 
 PRESETS = {  # (hidden, layers, intermediate, vocab, heads, kv_heads, tied)
     "llama-2-7b": (4096, 32, 11008, 32000, 32, 32, False),
@@ -74,7 +76,10 @@ class Arch:
         return max((self.vocab + extra_tokens) * self.hidden, self.hidden * self.intermediate)
 
 
-def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max_len: int, k: int = 5) -> dict:
+def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max_len: int, k: int = 5,
+         shard_decoder: bool = False) -> dict:
+    """shard_decoder: the frozen decoder partitioned under ZeRO-3 (model.shard_decoder), else whole
+    on every GPU."""
     if zero not in (2, 3):
         raise ValueError("--zero must be 2 or 3")
     enc = arch.params(extra_tokens=k, with_head=False)  # the encoder is the base transformer, no LM head
@@ -82,7 +87,7 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     shard = gpus if zero == 3 else 1
     out = {
         "encoder parameters (bf16)": 2 * enc / shard,
-        "decoder parameters (bf16, frozen)": 2 * dec / shard,
+        "decoder parameters (bf16, frozen)": 2 * dec / (shard if shard_decoder else 1),
         "gradients (fp32)": 4 * enc / gpus,
         "optimizer (fp32 master + Adam m, v)": 12 * enc / gpus,
         "gather buffer (largest layer)": 4 * arch.largest_layer(k) if zero == 3 else 0,
@@ -92,15 +97,17 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     dec_tokens = dec_seqs * (k + max_len + 1)
     layer_work = 2 * (10 * arch.hidden + 3 * arch.intermediate)  # bytes per token while recomputing a layer
     out["activations (checkpointed)"] = (2 * arch.hidden * arch.layers + layer_work) * (enc_tokens + dec_tokens)
-    out[SCORER_KEY] = (2 * arch.hidden + 4) * dec_tokens + TILE_BUDGET_BYTES
+    chunk = chunk_rows(arch.vocab, True, TILE_BUDGET_BYTES, arch.hidden, PLAN_SMS) * arch.vocab * 8
+    out[SCORER_KEY] = (2 * arch.hidden + 4) * dec_tokens + chunk
     materialised = (2 + 4 + 4) * dec_tokens * arch.vocab
     return {"breakdown": out, "total": sum(out.values()), "materialised_logits": materialised,
             "total_if_materialised": sum(out.values()) - out[SCORER_KEY] + materialised,
             "encoder_params": enc, "decoder_params": dec, "decoder_tokens": dec_tokens}
 
 
-def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None) -> tuple[str, bool]:
-    """The printed plan; ``zero2``: the same run under ZeRO-2, to recommend it when it fits."""
+def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None, sharded: dict | None = None) -> tuple[str, bool]:
+    """The printed plan; ``zero2``: the same run under ZeRO-2, to recommend it when it fits;
+    ``sharded``: the same run with the decoder partitioned, to recommend it when only it fits."""
     lines = [f"encoder {p['encoder_params'] / 1e9:.2f}B trainable params, decoder {p['decoder_params'] / 1e9:.2f}B "
              f"frozen; {p['decoder_tokens']} decoder tokens per micro-batch", ""]
     for name, v in p["breakdown"].items():
@@ -110,9 +117,14 @@ def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None) -> tuple[str, 
                  f"(logits {p['materialised_logits'] / GB:.2f} GB)")
     fits = p["total"] <= gpu_mem_gb * GB
     lines.append("")
-    lines.append(f"fits in {gpu_mem_gb:g} GB" if fits else
-                 f"DOES NOT FIT: {p['total'] / GB:.2f} GB > {gpu_mem_gb:g} GB per GPU; lower --micro-batch, "
-                 f"--negatives or --max-len, or add GPUs")
+    if not fits and sharded is not None and sharded["total"] <= gpu_mem_gb * GB:
+        lines.append(f"DOES NOT FIT with the decoder whole on every GPU ({p['total'] / GB:.2f} GB); partitioned "
+                     f"with the encoder it fits ({sharded['total'] / GB:.2f} GB): --set model.shard_decoder=true "
+                     f"(--shard-decoder here)")
+    else:
+        lines.append(f"fits in {gpu_mem_gb:g} GB" if fits else
+                     f"DOES NOT FIT: {p['total'] / GB:.2f} GB > {gpu_mem_gb:g} GB per GPU; lower --micro-batch, "
+                     f"--negatives or --max-len, or add GPUs")
     if zero2 is not None and zero2["total"] <= gpu_mem_gb * GB:
         lines.append(f"ZeRO-2 fits too ({zero2['total'] / GB:.2f} GB per GPU): prefer ds_configs/zero2.json. It keeps "
                      f"whole bf16 weights on every GPU and skips ZeRO-3's all-gather of every layer in each forward "

@@ -79,6 +79,38 @@ def test_chunk_rows_fit_the_budget():
     assert chunk_rows(32000, jacobian=True, budget=256 << 20) == 1024  # 1048 fit, rounded to 64
     assert chunk_rows(32000, jacobian=False, budget=256 << 20) == 2048  # logits only: twice as many
     assert chunk_rows(151936, jacobian=True, budget=1000) == 1  # never zero
+    # on a GPU, the Jacobian GEMM's output (rows x d) covers every multiprocessor at least once:
+    # at V=128k the budget gives 256 rows, 64 tiles of 128 x 128 for 132 SMs -> 5 x 128 rows
+    assert chunk_rows(128256, jacobian=True, budget=256 << 20) == 256
+    assert chunk_rows(128256, jacobian=True, budget=256 << 20, d=4096, sms=132) == 640
+    assert chunk_rows(32000, jacobian=True, budget=256 << 20, d=4096, sms=132) == 1024  # already enough
+    assert chunk_rows(128256, jacobian=False, budget=256 << 20, d=4096, sms=132) == 512  # no second GEMM
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_scales_the_saved_jacobian_in_place(dtype):
+    """The gradient handed back is the saved Jacobian's own storage (no [M, D] temporary, fp32 or
+    otherwise), with the reference values; a second backward through it is refused."""
+    h, w, y = _problem(m=150, v=40, d=24, dtype=dtype)
+    g = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(3))
+    ref_lp, ref_grad = _reference(h, w, y, g)
+    saved = []
+
+    def pack(t):
+        saved.append(t.data_ptr())
+        return t
+
+    hh = h.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp = token_logprobs(hh, w, y)
+    (lp * g).sum().backward()
+    assert saved and hh.grad.data_ptr() == saved[-1]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (hh.grad.double() - ref_grad).abs().max().item() <= tol * max(1.0, ref_grad.abs().max().item())
+    again = token_logprobs(h.clone().requires_grad_(), w, y).sum()
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        again.backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,6 +151,33 @@ def test_sequence_sums_skip_ignored_positions():
     assert out[3].item() == 0.0
     out.sum().backward()
     assert hidden.grad[~keep].abs().max().item() == 0.0  # ignored positions get no gradient
+    # with the count known on the host (as batches carry it): the same values and gradients
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    counted = sequence_logprobs(hidden, w, labels, n_scored=int(keep.sum()))
+    torch.testing.assert_close(counted, out, rtol=0, atol=0)
+    counted.sum().backward()
+    torch.testing.assert_close(hidden.grad, grad, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="scored tokens expected"):  # a wrong count is caught, not truncated
+        sequence_logprobs(hidden, w, labels, n_scored=int(keep.sum()) - 1)
+
+
+def test_batches_count_their_target_tokens_on_the_host(tiny_base):
+    from transformers import AutoTokenizer
+
+    from autoregembed.batches import alignment_batch, compression_batch, token_count, to_device
+    from autoregembed.tokenization import TextEncoder, prepare_tokenizer
+
+    te = TextEncoder(prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_base), 3), 3)
+    rows = [{"context": "a b c d", "instruction": "i", "output": "a b c d", "query": "q one", "pos": "p one two",
+             "neg": ["n", "n two three four"]}, {"context": "e", "instruction": "i", "output": "e f",
+                                                  "query": "q", "pos": "p", "neg": ["m"]}]
+    c = compression_batch(rows, te)
+    assert c.target_tokens == int(c.target_mask.sum()) and isinstance(c.target_tokens, int)
+    a = alignment_batch(rows, te, None).candidates
+    assert (a.pos_tokens, a.neg_tokens) == (int(a.pos_mask.sum()), int(a.neg_mask.sum()))
+    moved = to_device(c, "cpu")
+    assert moved.target_tokens == c.target_tokens and token_count(moved) == token_count(c)
 
 
 def test_bad_shapes_are_rejected():
