@@ -149,34 +149,44 @@ def hf_zero3_config(ds_config: dict):
         unset_hf_deepspeed_config()
 
 
+def load_frozen_decoder(path: str, dtype: torch.dtype, attn: str, gradient_checkpointing: bool = False):
+    """The frozen base causal LM, as the decoder of training and scoring (frozen by the model)."""
+    from transformers import AutoModelForCausalLM
+
+    decoder = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    decoder.config.use_cache = False
+    if gradient_checkpointing:
+        enable_activation_checkpointing(decoder)
+    return decoder
+
+
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
                gradient_checkpointing: bool = False,
-               lora: dict | None = None, decoder_bos: bool = False, scorer: str = "auto"):
+               lora: dict | None = None, decoder_bos: bool = False, scorer: str = "auto",
+               outside_decoder=None):
     """Return (AutoRegEmbedModel, tokenizer).
 
     encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).
     decoder_path: always the frozen base causal LM.  Inside ``hf_zero3_config`` (ZeRO stage 3)
-    both are constructed partitioned.
+    both are constructed partitioned, unless ``outside_decoder`` (from ``load_frozen_decoder``,
+    loaded outside it) is given: the model then holds it without registering it (model.py).
     lora: ``add_lora`` keyword arguments when the encoder trains through LoRA adapters.
     decoder_bos: the decoder reads the tokenizer's BOS before the compressed tokens (model.py).
     """
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel
 
     tokenizer = load_tokenizer(encoder_path, k)
-    kw = dict(dtype=dtype, attn_implementation=attn)
-    decoder = AutoModelForCausalLM.from_pretrained(decoder_path, **kw)
-    decoder.config.use_cache = False
-    encoder = AutoModel.from_pretrained(encoder_path, **kw)
+    decoder = outside_decoder or load_frozen_decoder(decoder_path, dtype, attn, gradient_checkpointing)
+    encoder = AutoModel.from_pretrained(encoder_path, dtype=dtype, attn_implementation=attn)
     if encoder.get_input_embeddings().num_embeddings < len(tokenizer):
         encoder.resize_token_embeddings(len(tokenizer))
     if lora:
         add_lora(encoder, **lora)
     encoder.config.use_cache = False
     if gradient_checkpointing:
-        for m in (encoder, decoder):
-            enable_activation_checkpointing(m)
-    model = AutoRegEmbedModel(encoder, decoder, k,
-                              decoder_bos_id=tokenizer.bos_token_id if decoder_bos else None, scorer=scorer)
+        enable_activation_checkpointing(encoder)
+    model = AutoRegEmbedModel(encoder, decoder, k, decoder_bos_id=tokenizer.bos_token_id if decoder_bos else None,
+                              scorer=scorer, decoder_in_module=outside_decoder is None)
     return model, tokenizer
 
 

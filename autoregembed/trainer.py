@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import math
 import os
 import time
 
@@ -27,7 +28,7 @@ from .decoder_scale import calibration_indices, rescale_final_norm, scale_factor
 from .diagnostics import PROBE_ROWS, HealthWatch, sts_during_training
 from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
-from .loading import hf_zero3_config, load_model, prepare_base, resolve_attn, resolve_dtype
+from .loading import hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype
 from .monitor import StepMonitor, ds_monitor_settings, truncate_metrics
 from .plan import Arch
 from .plot import EVAL_RESULT, plot_run
@@ -58,13 +59,27 @@ def _arch(path: str) -> Arch:
     return Arch.from_config(AutoConfig.from_pretrained(path).to_dict())
 
 
-def _warmup_linear(warmup: int, total: int):
+def lr_factor(schedule: str, warmup: int, total: int):
+    """The learning-rate multiplier at each step (``LambdaLR``): linear warm-up over ``warmup``
+    steps, then ``schedule`` (config.LR_SCHEDULES) from 1 to 0 at ``total``, or constant."""
     def f(step):
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
+        left = max(0.0, (total - step) / max(1, total - warmup))  # 1 -> 0 after the warm-up
+        if schedule == "constant":
+            return 1.0
+        return left if schedule == "linear" else 0.5 * (1 - math.cos(math.pi * left))
 
     return f
+
+
+def client_adamw(params, optim, on_cuda: bool) -> torch.optim.AdamW:
+    """The AdamW DeepSpeed wraps when its JSON names no optimizer (a JSON that offloads the
+    optimizer names DeepSpeed's own).  On CUDA it is the fused kernel: one launch over all
+    tensors, where foreach issues several per parameter group; on CPU the foreach one, whose
+    rounding the recorded CPU results were measured with."""
+    return torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay,
+                             fused=True if on_cuda else None)
 
 
 class Session:
@@ -96,12 +111,15 @@ class Session:
         m = cfg.model
         lora = (dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets)
                 if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
+        attn, checkpointing = resolve_attn(m.attn_implementation), train and m.gradient_checkpointing
+        # loaded before ZeRO-3's config is set, so it is built whole (model.shard_decoder)
+        outside = (None if m.shard_decoder and zero_stage(self.ds) == 3 else
+                   load_frozen_decoder(self.base, dtype, attn, checkpointing).to(D.device()))
         with contextlib.ExitStack() as zero3:  # held for the session's lifetime, closed at once on failure
             zero3.enter_context(hf_zero3_config(self.ds))
             self.model, self.tokenizer = load_model(
-                encoder_path, self.base, m.num_embed_tokens, dtype, resolve_attn(m.attn_implementation),
-                gradient_checkpointing=train and m.gradient_checkpointing, lora=lora, decoder_bos=m.decoder_bos,
-                scorer=m.scorer)
+                encoder_path, self.base, m.num_embed_tokens, dtype, attn, gradient_checkpointing=checkpointing,
+                lora=lora, decoder_bos=m.decoder_bos, scorer=m.scorer, outside_decoder=outside)
             if norm_scale is not None:
                 rescale_final_norm(self.model.encoder, norm_scale)
             self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
@@ -110,12 +128,11 @@ class Session:
             if train:
                 trainable = [p for p in self.model.parameters() if p.requires_grad]
                 if "optimizer" not in self.ds:
-                    kwargs["optimizer"] = torch.optim.AdamW(trainable, lr=self.optim.learning_rate,
-                                                            weight_decay=self.optim.weight_decay)
+                    kwargs["optimizer"] = client_adamw(trainable, self.optim, torch.cuda.is_available())
                 else:
                     kwargs["model_parameters"] = trainable
                 kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                    opt, _warmup_linear(self.optim.warmup_steps, self.optim.max_steps))
+                    opt, lr_factor(self.optim.lr_schedule, self.optim.warmup_steps, self.optim.max_steps))
             self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, config=self.ds, **kwargs)
             self._zero3 = zero3.pop_all()  # closed in close()
         if not train:
@@ -245,18 +262,19 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
         probe_batches = [to_device(st.make_batch(cfg, sample[i : i + o.micro_batch_size], s.text_encoder, None),
                                    s.device) for i in range(0, len(sample), o.micro_batch_size)]
     for step in range(start, end):
-        total, tokens = 0.0, 0
+        total, tokens = 0.0, 0  # the loss stays on the device until the step is over: one read-back a step
         for micro in range(o.gradient_accumulation_steps):
             batch_rows = [rows[i] for i in sampler.indices(step, micro, D.rank())]
-            batch = to_device(st.make_batch(cfg, batch_rows, s.text_encoder, refs), s.device)
+            batch = st.make_batch(cfg, batch_rows, s.text_encoder, refs)
+            tokens += token_count(batch)  # on the host, before the copy
+            batch = to_device(batch, s.device)
             if online:
                 batch = online_references(s.engine, batch)
             loss = loss_fn(s.engine(batch), batch)
             s.engine.backward(loss)
             s.engine.step()
-            total += loss.item() / o.gradient_accumulation_steps
-            tokens += token_count(batch)
-        mean = D.mean_across_ranks(total)
+            total = total + loss.detach() / o.gradient_accumulation_steps
+        mean = D.mean_across_ranks(float(total))
         if not torch.isfinite(torch.tensor(mean)):
             raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")
         extra, t_extra = {}, time.time()

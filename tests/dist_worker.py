@@ -34,7 +34,9 @@ def main():
         report[stage] = {"shard": sum(p.ds_tensor.numel() for p in params),
                          "full": sum(p.ds_numel for p in params),
                          "n_params": len(params), "embeddings": emb.tolist(),
-                         "trainable": [n for n, p in module.named_parameters() if p.requires_grad]}
+                         "trainable": [n for n, p in module.named_parameters() if p.requires_grad],
+                         "decoder_partitioned": [hasattr(p, "ds_id") for p in module.decoder.parameters()],
+                         "decoder_in_module": any(n.startswith("decoder.") for n, _ in module.named_parameters())}
         session.close()
 
     steps = {"stage1": lambda: train_stage(cfg, "stage1", ds_path),

@@ -42,9 +42,9 @@ def run(tmp_path_factory, request, default_tiny_base):
                  "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
     if request.param == "full":  # STS of the model in training, twice per stage
         overrides += ["eval.every=8", f"eval.sts_file={os.path.join(ROOT, 'autoregembed', 'resources', 'sts_dev_sample.csv')}"]
-    if request.param == "lora":
+    if request.param == "lora":  # and the frozen decoder partitioned with the encoder
         overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3",
-                      "loss.references=online", "loss.in_batch_negatives=true"]
+                      "loss.references=online", "loss.in_batch_negatives=true", "model.shard_decoder=true"]
     proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reports = [json.load(open(tmp / f"report-rank{r}.json")) for r in range(2)]
@@ -94,6 +94,14 @@ def test_each_rank_holds_half_of_every_parameter(run):
         for r in per_rank:
             # each parameter is split in two, padded to an even length
             assert full / 2 <= r["shard"] <= full / 2 + r["n_params"], (r["shard"], full)
+
+
+def test_the_frozen_decoder_is_whole_outside_the_engine_unless_sharded(run):
+    sharded = run[2] == "lora"  # model.shard_decoder=true there
+    for stage in ("stage1", "stage2"):
+        for r in run[1]:
+            assert r[stage]["decoder_partitioned"] and set(r[stage]["decoder_partitioned"]) == {sharded}
+            assert r[stage]["decoder_in_module"] == sharded
 
 
 def test_only_the_encoder_trains_and_with_lora_only_its_adapters(run):

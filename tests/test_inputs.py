@@ -168,6 +168,7 @@ def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
     ("loss.tau=0", r"'loss.tau' must be a finite number > 0"),
     ("loss.beta=-0.1", r"'loss.beta' must be a finite number > 0"),
     ("loss.stage1_contrast=-1", r"'loss.stage1_contrast' must be a finite number >= 0"),
+    ("stage1.lr_schedule=step", r"'stage1.lr_schedule': 'step' is not one of linear, cosine, constant"),
     ("data.max_text_len=0", r"'data.max_text_len' must be >= 1"),
     ("data.max_target_len=-5", r"'data.max_target_len' must be >= 1"),
     ("data.max_negatives=0", r"'data.max_negatives' must be >= 1"),
@@ -180,6 +181,16 @@ def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
 def test_bad_values_name_their_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [override])
+
+
+def test_lr_schedules_warm_up_then_decay_or_hold():
+    from autoregembed.trainer import lr_factor
+
+    for schedule, after in (("linear", [1.0, 0.75, 0.5, 0.25, 0.0]), ("constant", [1.0] * 5),
+                            ("cosine", [1.0, 0.8536, 0.5, 0.1464, 0.0])):
+        f = lr_factor(schedule, warmup=3, total=7)
+        assert [f(s) for s in range(3)] == [0.25, 0.5, 0.75], schedule  # the same warm-up
+        assert [round(f(s), 4) for s in range(3, 8)] == after, schedule
 
 
 def test_stage1_contrast_needs_two_rows_per_micro_batch():

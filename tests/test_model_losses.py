@@ -246,6 +246,30 @@ def test_decoder_never_runs_the_lm_head_and_stays_frozen(setup):
     assert any(p.grad is not None for p in model.encoder.parameters())
 
 
+def test_a_decoder_held_outside_the_module_scores_the_same_and_is_hidden_from_the_engine(setup):
+    """model.shard_decoder=false: DeepSpeed sees only the encoder (parameters, state_dict, .to),
+    train()/eval() still reach the decoder, and every value and gradient is the same."""
+    tok, encoder, decoder = setup
+    inside = AutoRegEmbedModel(encoder, decoder, K)
+    outside = AutoRegEmbedModel(encoder, decoder, K, decoder_in_module=False)
+    names = [n for n, _ in outside.named_parameters()]
+    assert names and all(n.startswith("encoder.") for n in names) and "decoder" not in outside._modules
+    assert not any(k.startswith("decoder.") for k in outside.state_dict())
+    assert any(n.startswith("decoder.") for n, _ in inside.named_parameters())
+    outside.eval()
+    assert not decoder.training
+    outside.train()
+    assert decoder.training
+    te = TextEncoder(tok, K)
+    grads = []
+    for model in (inside, outside):
+        model.zero_grad()
+        _stage2_loss(model, te, _constant_refs(-5.0, -9.0)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.encoder.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    encoder.zero_grad()
+
+
 def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
     from autoregembed.loading import load_model
 

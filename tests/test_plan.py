@@ -45,3 +45,16 @@ def test_planner_says_when_zero2_is_the_better_choice(capsys):
     assert "ZeRO-2 fits too" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-2-13b", "--gpus-per-node", "8"]) == 0
     assert "ZeRO-3 is the right choice" in capsys.readouterr().out
+
+
+def test_the_decoder_is_whole_per_gpu_unless_sharded_and_the_planner_says_when_sharding_is_needed(capsys):
+    arch = Arch.load("llama-2-13b")
+    whole = plan(arch, 8, 3, 1, 1, 128)["breakdown"]["decoder parameters (bf16, frozen)"]
+    sharded = plan(arch, 8, 3, 1, 1, 128, shard_decoder=True)["breakdown"]["decoder parameters (bf16, frozen)"]
+    assert whole == pytest.approx(2 * arch.params()) and sharded == pytest.approx(whole / 8)
+    # LLaMA-2-13B on 8 x 40 GB: with its 26 GB decoder whole it needs 56 GB, partitioned 33 GB
+    assert main(["plan", "--model", "llama-2-13b", "--gpus-per-node", "8", "--gpu-mem-gb", "40", "--max-len", "128",
+                 "--micro-batch", "1"]) == 3
+    assert "--set model.shard_decoder=true" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-2-13b", "--gpus-per-node", "8", "--gpu-mem-gb", "40", "--max-len", "128",
+                 "--micro-batch", "1", "--shard-decoder"]) == 0

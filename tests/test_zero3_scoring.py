@@ -1,5 +1,6 @@
-"""Under ZeRO-3 the LM head is resident only while it is used, and every decoder pass (reference
-scoring included) goes through the engine's forward, where DeepSpeed gathers and prefetches."""
+"""Under ZeRO-3 with the decoder partitioned (model.shard_decoder) the LM head is resident only while
+it is used, and every decoder pass (reference scoring included) goes through the engine's forward,
+where DeepSpeed gathers and prefetches."""
 import json
 import os
 
@@ -27,7 +28,7 @@ from autoregembed.trainer import Session, score_references
 out, base, stage2 = sys.argv[1:4]
 zero3 = {root!r} + "/ds_configs/zero3.json"
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "data.stage2=" + stage2,
-                         "model.match_decoder_scale=false", "stage2.micro_batch_size=4"])
+                         "model.match_decoder_scale=false", "stage2.micro_batch_size=4", "model.shard_decoder=true"])
 D.init_distributed()
 report = {{}}
 
