@@ -76,3 +76,21 @@ def test_sequence_logprobs_uses_the_row_kernel_on_cuda_and_agrees_with_pytorch_r
     kernel = sequence_logprobs(hidden, w, labels)
     assert calls
     torch.testing.assert_close(kernel, sequence_logprobs(hidden, w, labels, scorer="torch"), atol=2e-3, rtol=1e-5)
+
+
+def test_the_trainers_adamw_is_fused_on_cuda_and_steps_like_foreach():
+    from autoregembed.config import OptimConfig
+    from autoregembed.trainer import client_adamw
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    fused = [torch.nn.Parameter(torch.randn(1000, device="cuda", generator=g))]
+    plain = [torch.nn.Parameter(fused[0].detach().clone())]
+    o = OptimConfig(learning_rate=1e-3, weight_decay=0.01)
+    opts = [client_adamw(fused, o, on_cuda=True), torch.optim.AdamW(plain, lr=1e-3, weight_decay=0.01, foreach=True)]
+    assert opts[0].defaults["fused"] is True
+    for _ in range(3):
+        grad = torch.randn(1000, device="cuda", generator=g)
+        for p, opt in zip((fused[0], plain[0]), opts):
+            p.grad = grad.clone()
+            opt.step()
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)

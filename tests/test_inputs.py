@@ -193,6 +193,17 @@ def test_lr_schedules_warm_up_then_decay_or_hold():
         assert [round(f(s), 4) for s in range(3, 8)] == after, schedule
 
 
+def test_the_client_optimizer_is_fused_only_on_cuda():
+    from autoregembed.config import OptimConfig
+    from autoregembed.trainer import client_adamw
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    o = OptimConfig(learning_rate=0.01, weight_decay=0.1)
+    cpu = client_adamw(params, o, on_cuda=False)
+    assert not cpu.defaults["fused"] and cpu.defaults["lr"] == 0.01 and cpu.defaults["weight_decay"] == 0.1
+    assert client_adamw(params, o, on_cuda=True).defaults["fused"] is True
+
+
 def test_stage1_contrast_needs_two_rows_per_micro_batch():
     with pytest.raises(ConfigError, match=r"'loss.stage1_contrast'.*stage1.micro_batch_size must be >= 2"):
         load_config(None, ["loss.stage1_contrast=1", "stage1.micro_batch_size=1"])
