@@ -31,7 +31,12 @@ class ModelConfig:
     base: str = "tiny"  # "tiny": a small LLaMA built from a config (the CPU default); else an HF folder or hub name
     num_embed_tokens: int = 5
     dtype: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | bf16 | fp16 | fp32
-    attn_implementation: str = "auto"  # auto: flash_attention_2 when installed, else sdpa
+    # auto: flash_attention_2 when installed; on CUDA without it and with packing, PyTorch's varlen
+    # flash kernel (packing.VARLEN); else sdpa
+    attn_implementation: str = "auto"
+    # run every encoder and decoder pass padding-free, the rows packed into one sequence
+    # (packing.py); null: on CUDA only (on CPU the packed reference attention is O(tokens^2))
+    packing: typing.Optional[bool] = None
     # who computes the LM head's softmax statistics: auto (Triton on CUDA, PyTorch elsewhere) |
     # triton (on CPU only under TRITON_INTERPRET=1) | torch
     scorer: str = "auto"

@@ -12,6 +12,7 @@ from .atomic import atomic_dir
 from .data import records
 from .lora import add_lora
 from .model import AutoRegEmbedModel
+from .packing import VARLEN, register_varlen
 from .tokenization import prepare_tokenizer
 
 
@@ -23,16 +24,24 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def resolve_attn(name: str) -> str:
-    """flash_attention_2 when the package and a GPU are there, else PyTorch SDPA (see
-    ``sdpa_without_cudnn``)."""
+def resolve_packing(packing: bool | None) -> bool:
+    """model.packing: null is on where a GPU is (packing.py)."""
+    return torch.cuda.is_available() if packing is None else packing
+
+
+def resolve_attn(name: str, packed: bool = False) -> str:
+    """auto: flash_attention_2 when the package and a GPU are there; on a GPU without it, packed
+    passes run PyTorch's varlen flash kernel (packing.VARLEN) and padded ones SDPA (see
+    ``sdpa_without_cudnn``); on CPU, SDPA."""
     if name == "auto":
         try:
             import flash_attn  # noqa: F401
 
             name = "flash_attention_2" if torch.cuda.is_available() else "sdpa"
         except ImportError:
-            name = "sdpa"
+            name = VARLEN if packed and torch.cuda.is_available() else "sdpa"
+    if name == VARLEN:
+        register_varlen()
     if name == "sdpa":
         sdpa_without_cudnn()
     return name
@@ -163,7 +172,7 @@ def load_frozen_decoder(path: str, dtype: torch.dtype, attn: str, gradient_check
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
                gradient_checkpointing: bool = False,
                lora: dict | None = None, decoder_bos: bool = False, scorer: str = "auto",
-               outside_decoder=None):
+               outside_decoder=None, packed: bool = False):
     """Return (AutoRegEmbedModel, tokenizer).
 
     encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).
@@ -172,6 +181,7 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
     loaded outside it) is given: the model then holds it without registering it (model.py).
     lora: ``add_lora`` keyword arguments when the encoder trains through LoRA adapters.
     decoder_bos: the decoder reads the tokenizer's BOS before the compressed tokens (model.py).
+    packed: padding-free passes (packing.py; ``attn`` must then be one that packs: resolve_attn).
     """
     from transformers import AutoModel
 
@@ -186,7 +196,7 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
     if gradient_checkpointing:
         enable_activation_checkpointing(encoder)
     model = AutoRegEmbedModel(encoder, decoder, k, decoder_bos_id=tokenizer.bos_token_id if decoder_bos else None,
-                              scorer=scorer, decoder_in_module=outside_decoder is None)
+                              scorer=scorer, decoder_in_module=outside_decoder is None, packed=packed)
     return model, tokenizer
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .batches import AlignmentBatch, CandidateBatch, CompressionBatch
 from .logprobs import sequence_logprobs
+from .packing import Packing
 from .tokenization import decoder_layout
 
 
@@ -111,7 +112,7 @@ class AutoRegEmbedModel(nn.Module):
     """Compresses and scores; the objectives live in losses.py and take this module's results."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, k: int, decoder_bos_id: int | None = None,
-                 scorer: str = "auto", decoder_in_module: bool = True):
+                 scorer: str = "auto", decoder_in_module: bool = True, packed: bool = False):
         """encoder: a base transformer (e.g. LlamaModel) returning last_hidden_state.
         decoder: the frozen causal LM (its parameters are frozen here).
         decoder_bos_id: None, the method as published: the decoder reads [e_1..e_k ; target+EOS].
@@ -122,9 +123,11 @@ class AutoRegEmbedModel(nn.Module):
         scorer: who computes the LM head's softmax statistics (``logprobs.row_stats_for``).
         decoder_in_module: false keeps the decoder out of ``parameters()``, ``state_dict()``,
         ``.to()`` and DeepSpeed's view (the caller places it on its device); ``train()`` still
-        reaches it."""
+        reaches it.
+        packed: every encoder and decoder pass runs padding-free (packing.py); the same values."""
         super().__init__()
         self.encoder = encoder
+        self.packed = packed
         if decoder_in_module:
             self.decoder = decoder
         else:
@@ -150,8 +153,13 @@ class AutoRegEmbedModel(nn.Module):
 
     # ---- the two halves -------------------------------------------------------------
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return compressed_states(hidden, attention_mask, self.k)
+        if not self.packed:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return compressed_states(hidden, attention_mask, self.k)
+        p = Packing.of(attention_mask)
+        hidden = self.encoder(input_ids=p.pack(input_ids), **p.attention_kwargs()).last_hidden_state[0]
+        ends = p.cu_seqlens[1:].long()  # each row's EMBED tokens are its last k
+        return hidden[ends[:, None] - self.k + torch.arange(self.k, device=ends.device)]
 
     def score(self, compressed: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
               n_scored: int | None = None) -> torch.Tensor:
@@ -160,7 +168,12 @@ class AutoRegEmbedModel(nn.Module):
         lay = decoder_layout(target_ids, target_mask, compressed.shape[1], self.decoder_bos_id)
         tok = self.decoder.get_input_embeddings()(lay.ids)
         inputs = torch.cat([tok[:, : lay.n_bos], compressed.to(tok.dtype), tok[:, lay.n_bos :]], dim=1)
-        hidden = self.decoder.get_decoder()(inputs_embeds=inputs, attention_mask=lay.attention_mask).last_hidden_state
+        if self.packed:
+            p = Packing.of(lay.attention_mask)
+            packed = self.decoder.get_decoder()(inputs_embeds=p.pack(inputs), **p.attention_kwargs()).last_hidden_state
+            hidden = p.unpack(packed, inputs.shape[:2])
+        else:
+            hidden = self.decoder.get_decoder()(inputs_embeds=inputs, attention_mask=lay.attention_mask).last_hidden_state
         return self.head(hidden, lay.labels, n_scored)
 
     def embed(self, input_ids, attention_mask) -> torch.Tensor:

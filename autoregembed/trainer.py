@@ -28,7 +28,8 @@ from .decoder_scale import calibration_indices, rescale_final_norm, scale_factor
 from .diagnostics import PROBE_ROWS, HealthWatch, sts_during_training
 from .ds_config import build_ds_config, read_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
-from .loading import hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype
+from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype,
+                      resolve_packing)
 from .monitor import StepMonitor, ds_monitor_settings, truncate_metrics
 from .plan import Arch
 from .plot import EVAL_RESULT, plot_run
@@ -111,7 +112,8 @@ class Session:
         m = cfg.model
         lora = (dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets)
                 if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
-        attn, checkpointing = resolve_attn(m.attn_implementation), train and m.gradient_checkpointing
+        packed = resolve_packing(m.packing)
+        attn, checkpointing = resolve_attn(m.attn_implementation, packed), train and m.gradient_checkpointing
         # loaded before ZeRO-3's config is set, so it is built whole (model.shard_decoder)
         outside = (None if m.shard_decoder and zero_stage(self.ds) == 3 else
                    load_frozen_decoder(self.base, dtype, attn, checkpointing).to(D.device()))
@@ -119,7 +121,7 @@ class Session:
             zero3.enter_context(hf_zero3_config(self.ds))
             self.model, self.tokenizer = load_model(
                 encoder_path, self.base, m.num_embed_tokens, dtype, attn, gradient_checkpointing=checkpointing,
-                lora=lora, decoder_bos=m.decoder_bos, scorer=m.scorer, outside_decoder=outside)
+                lora=lora, decoder_bos=m.decoder_bos, scorer=m.scorer, outside_decoder=outside, packed=packed)
             if norm_scale is not None:
                 rescale_final_norm(self.model.encoder, norm_scale)
             self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,

@@ -42,9 +42,10 @@ def run(tmp_path_factory, request, default_tiny_base):
                  "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
     if request.param == "full":  # STS of the model in training, twice per stage
         overrides += ["eval.every=8", f"eval.sts_file={os.path.join(ROOT, 'autoregembed', 'resources', 'sts_dev_sample.csv')}"]
-    if request.param == "lora":  # and the frozen decoder partitioned with the encoder
+    if request.param == "lora":  # and the frozen decoder partitioned with the encoder, every pass packed
         overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3",
-                      "loss.references=online", "loss.in_batch_negatives=true", "model.shard_decoder=true"]
+                      "loss.references=online", "loss.in_batch_negatives=true", "model.shard_decoder=true",
+                      "model.packing=true"]
     proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reports = [json.load(open(tmp / f"report-rank{r}.json")) for r in range(2)]

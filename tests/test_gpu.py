@@ -94,3 +94,32 @@ def test_the_trainers_adamw_is_fused_on_cuda_and_steps_like_foreach():
             p.grad = grad.clone()
             opt.step()
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_passes_run_a_flash_kernel_and_match_padded_sdpa(tiny_base):
+    """On CUDA, model.packing with attn auto (no flash-attn: torch's varlen flash kernel) gives the
+    padded SDPA pass's loss within bf16 rounding, and the profiler sees a flash kernel run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from autoregembed.batches import compression_batch, to_device
+    from autoregembed.loading import load_model, resolve_attn
+    from autoregembed.losses import CompressionLoss
+    from autoregembed.tokenization import TextEncoder
+
+    attn = resolve_attn("auto", packed=True)
+    padded, tok = load_model(tiny_base, tiny_base, 3, torch.bfloat16, "sdpa")
+    packed, _ = load_model(tiny_base, tiny_base, 3, torch.bfloat16, attn, packed=True)
+    packed.encoder.load_state_dict(padded.encoder.state_dict())
+    rows = [{"context": t, "instruction": "Reconstruct the original text.", "output": t}
+            for t in ["a man plays a guitar on the stage tonight .", "cats", "stocks fell sharply today ."]]
+    batch = to_device(compression_batch(rows, TextEncoder(tok, 3)), "cuda")
+    losses = []
+    for model in (padded.cuda(), packed.cuda()):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            losses.append(CompressionLoss()(model(batch), batch))
+            losses[-1].backward()
+        torch.cuda.synchronize()
+        if model is packed:
+            kernels = {e.key.lower() for e in prof.key_averages()}
+            assert any("flash" in k for k in kernels), sorted(kernels)[:40]
+    torch.testing.assert_close(losses[1].float(), losses[0].float(), rtol=2e-2, atol=2e-2)

@@ -1,0 +1,81 @@
+"""Padding-free passes: a right-padded batch [S, L] run as one packed sequence of its real tokens.
+
+Each row keeps its own positions (0, 1, ... restarting per row) and attends only within itself,
+so every value equals the padded pass's; no layer spends work on padding (on ragged stage-2
+batches, a third to half of the tokens).  Attention gets the row boundaries as cumulative
+lengths (``cu_seq_lens_q/k``, ``max_length_q/k``, Transformers' flash-attention keywords):
+
+- ``flash_attention_2`` (flash-attn installed) reads them directly;
+- ``VARLEN`` (registered here) is PyTorch's own variable-length flash kernel,
+  ``torch.nn.attention.varlen``, on CUDA where flash-attn is not installed;
+- ``sdpa`` / ``eager`` (CPU, the reference path) ignore them and build a block-diagonal causal
+  mask from the restarting positions, which is O(T^2): correct, and only there for checking.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+VARLEN = "autoregembed_varlen"  # attn_implementation name of torch's varlen flash kernel
+
+
+class Packing(NamedTuple):
+    """Where a padded batch's real tokens go in the packed sequence, and its row boundaries."""
+
+    index: torch.Tensor  # [T] flat positions (in S x L order) of the real tokens
+    position_ids: torch.Tensor  # [1, T]
+    cu_seqlens: torch.Tensor  # [S + 1] int32
+    max_len: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, lengths: list[int] | None = None) -> "Packing":
+        """From a right-padded attention mask [S, L]; ``lengths`` (its row sums) when the caller
+        has them on the host, else they are read back from the device once."""
+        lengths = mask.sum(1).tolist() if lengths is None else lengths
+        dev = mask.device
+        width = mask.shape[1]
+        lens = torch.tensor(lengths, dtype=torch.long)
+        starts = torch.arange(len(lengths)) * width
+        index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.tolist(), lengths)]) if lengths else \
+            torch.zeros(0, dtype=torch.long)
+        positions = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        return cls(index.to(dev), positions[None].to(dev), cu.to(dev), max(lengths, default=0))
+
+    def attention_kwargs(self) -> dict:
+        return {"position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                "max_length_q": self.max_len, "max_length_k": self.max_len}
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[S, L, ...] -> [1, T, ...]: the real tokens, row after row."""
+        return padded.flatten(0, 1).index_select(0, self.index)[None]
+
+    def unpack(self, packed: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """[1, T, ...] -> [S, L, ...] with zeros where the padding was (gradients flow back)."""
+        out = packed.new_zeros((shape[0] * shape[1], *packed.shape[2:]))
+        return out.index_copy(0, self.index, packed[0]).view(*shape[:2], *packed.shape[2:])
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Transformers attention function (query [1, H, T, Dh], key/value [1, Hkv, T, Dh]) over a packed
+    sequence, causal within each row: ``torch.nn.attention.varlen.varlen_attn`` with the row
+    boundaries the model forward received.  Returns ([1, T, H, Dh], None) like Transformers' own."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if query.shape[0] != 1 or "cu_seq_lens_q" not in kwargs:
+        raise ValueError(f"attn_implementation {VARLEN!r} runs packed sequences only (batch 1 with cu_seq_lens_q)")
+    if dropout:
+        raise ValueError(f"attn_implementation {VARLEN!r} has no dropout")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, Dh]
+    out = varlen_attn(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
+                      kwargs["max_length_k"], scale=scaling, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+    return out[None], None
+
+
+def register_varlen():
+    """Make ``VARLEN`` a valid ``attn_implementation`` (idempotent); it needs no mask."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
