@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
   "transformers", transformers.__version__, "deepspeed", deepspeed.__version__)' 2>&1 | tail -n 1
 # each step under its own limit: a hang in one leaves the others' results (gpu.json is rewritten per
 # section); the measurements first, as they are what a run on a lent machine is for
-timeout "${CHECK_LIMIT_S:-300}" "$PY" bench/gpu_check.py "$@"
+timeout "${CHECK_LIMIT_S:-330}" "$PY" bench/gpu_check.py "$@"
 check_rc=$?
 cp bench/results/gpu.json "$OUT/" 2>/dev/null
 timeout "${TESTS_LIMIT_S:-150}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1

@@ -17,9 +17,24 @@ def test_gpu_check_smoke_writes_every_number(tmp_path):
     r = json.loads(out.read_text())
     assert r["errors"] == {}
     assert [(k["impl"], k["ok"]) for k in r["kernels"]] == [("ours", True)] * 2  # vs float64, two shapes
+    assert [row["distribution"] for row in r["timing"]] == ["flat", "peaked"] * 2
     for row in r["timing"]:
         assert {"matmul_1", "matmul_2", "ours", "ours_fb", "naive", "naive_fb"} <= set(row["ms"])
-        assert row["peak_MB"]["ours_fb"] >= 0 and row["ours_fwd_over_matmul"] > 0
-    assert [t["stage"] for t in r["trainer"]] == ["stage1", "stage2"]
+        assert row["peak_MB"]["ours_fb"] >= 0 and row["ours_fwd_nograd_over_matmul"] > 0
+        for arm in ("ours", "naive"):  # every arm against float64
+            assert row["errors"][arm]["grad_rel"] < 1e-5 and row["errors"][arm]["logprob_abs"] < 1e-4
+    flat, peaked = r["timing"][:2]
+    assert peaked["largest_probability_median"] > 2 * flat["largest_probability_median"]
+    variants = [(t["stage"], t["lengths"], t["packed"]) for t in r["trainer"]]
+    assert variants == [(st, ln, pk) for st in ("stage1", "stage2") for ln in ("full", "ragged") for pk in (True, False)]
     for t in r["trainer"]:
-        assert t["loss_ok"] and t["tokens_per_s"] > 0 and len(t["losses"]) == 2
+        assert t["tokens_per_s"] > 0 and len(t["losses"]) == 2 and t["hardware_tflops"] > 0
+        assert t["loss_ok"] if t["lengths"] == "full" else "loss" not in t  # vs the CPU fp32 padded path
+        assert (t["padding_fraction"] > 0.05) == (t["lengths"] == "ragged") and t["padding_fraction"] >= 0
+    packed = {(t["stage"], t["lengths"]): t for t in r["trainer"] if t["packed"]}
+    for t in r["trainer"]:
+        if not t["packed"]:  # the same rows: the same losses, packed or not; padded runs more FLOPs on ragged rows
+            p = packed[t["stage"], t["lengths"]]
+            assert t["losses"] == pytest.approx(p["losses"], rel=1e-4)
+            ratio = lambda row: row["hardware_tflops"] / row["model_tflops"]  # noqa: E731
+            assert ratio(t) > ratio(p) * 1.05 if t["lengths"] == "ragged" else ratio(t) == pytest.approx(ratio(p))
