@@ -22,7 +22,8 @@ class CompressionBatch(NamedTuple):
     target_ids: torch.Tensor
     target_mask: torch.Tensor
     contrast: bool = False  # also score each target with the previous row's compressed tokens (loss.stage1_contrast)
-    target_tokens: int | None = None  # target_mask.sum(), counted on the host (see scored_tokens)
+    target_tokens: int | None = None  # target_mask.sum() and attention_mask.sum(), counted on the host
+    input_tokens: int | None = None
 
 
 class CandidateBatch(NamedTuple):
@@ -36,8 +37,9 @@ class CandidateBatch(NamedTuple):
     neg_ids: torch.Tensor
     neg_mask: torch.Tensor
     owner: torch.Tensor
-    pos_tokens: int | None = None  # pos_mask.sum() and neg_mask.sum(), counted on the host
+    pos_tokens: int | None = None  # pos_mask.sum(), neg_mask.sum() and q_attention_mask.sum(), on the host
     neg_tokens: int | None = None
+    q_tokens: int | None = None
 
 
 class AlignmentBatch(NamedTuple):
@@ -49,6 +51,7 @@ class AlignmentBatch(NamedTuple):
     p_attention_mask: torch.Tensor
     ref_c: torch.Tensor
     ref_r: torch.Tensor
+    p_tokens: int | None = None  # p_attention_mask.sum(), counted on the host
 
 
 def limit_negatives(row: dict, max_negatives: int | None) -> dict:
@@ -67,7 +70,7 @@ def compression_batch(rows: list[dict], te: TextEncoder, contrast: bool = False)
     enc = te.encode_inputs([r["context"] for r in rows], [r["instruction"] for r in rows])
     tgt = te.encode_targets([r["output"] for r in rows])
     return CompressionBatch(enc["input_ids"], enc["attention_mask"], tgt["target_ids"], tgt["target_mask"], contrast,
-                            int(tgt["target_mask"].sum()))
+                            int(tgt["target_mask"].sum()), int(enc["attention_mask"].sum()))
 
 
 def candidate_batch(rows: list[dict], te: TextEncoder) -> CandidateBatch:
@@ -77,7 +80,7 @@ def candidate_batch(rows: list[dict], te: TextEncoder) -> CandidateBatch:
     owner = torch.tensor([i for i, r in enumerate(rows) for _ in r["neg"]], dtype=torch.long)
     return CandidateBatch(q["input_ids"], q["attention_mask"], pos["target_ids"], pos["target_mask"],
                           negs["target_ids"], negs["target_mask"], owner, int(pos["target_mask"].sum()),
-                          int(negs["target_mask"].sum()))
+                          int(negs["target_mask"].sum()), int(q["attention_mask"].sum()))
 
 
 def alignment_batch(rows: list[dict], te: TextEncoder, refs) -> AlignmentBatch:
@@ -93,7 +96,7 @@ def alignment_batch(rows: list[dict], te: TextEncoder, refs) -> AlignmentBatch:
         looked_up = [refs.lookup(r) for r in rows]
         ref_c = torch.tensor([c for c, _ in looked_up], dtype=torch.float32)
         ref_r = torch.tensor([v for _, rs in looked_up for v in rs], dtype=torch.float32)
-    return AlignmentBatch(candidates, p["input_ids"], p["attention_mask"], ref_c, ref_r)
+    return AlignmentBatch(candidates, p["input_ids"], p["attention_mask"], ref_c, ref_r, int(p["attention_mask"].sum()))
 
 
 def token_count(batch) -> int:

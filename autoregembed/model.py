@@ -152,11 +152,12 @@ class AutoRegEmbedModel(nn.Module):
         return self
 
     # ---- the two halves -------------------------------------------------------------
-    def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_tokens: int | None = None) -> torch.Tensor:
+        """e_1..e_k [B, k, D]; n_tokens: attention_mask.sum() as a host integer, when the batch carries it."""
         if not self.packed:
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return compressed_states(hidden, attention_mask, self.k)
-        p = Packing.of(attention_mask)
+        p = Packing.of(attention_mask, n_tokens)
         hidden = self.encoder(input_ids=p.pack(input_ids), **p.attention_kwargs()).last_hidden_state[0]
         ends = p.cu_seqlens[1:].long()  # each row's EMBED tokens are its last k
         return hidden[ends[:, None] - self.k + torch.arange(self.k, device=ends.device)]
@@ -168,8 +169,9 @@ class AutoRegEmbedModel(nn.Module):
         lay = decoder_layout(target_ids, target_mask, compressed.shape[1], self.decoder_bos_id)
         tok = self.decoder.get_input_embeddings()(lay.ids)
         inputs = torch.cat([tok[:, : lay.n_bos], compressed.to(tok.dtype), tok[:, lay.n_bos :]], dim=1)
-        if self.packed:
-            p = Packing.of(lay.attention_mask)
+        if self.packed:  # every row reads its n_bos + k prefix positions and its target
+            prefix = lay.n_bos + compressed.shape[1]
+            p = Packing.of(lay.attention_mask, None if n_scored is None else n_scored + len(lay.ids) * prefix)
             packed = self.decoder.get_decoder()(inputs_embeds=p.pack(inputs), **p.attention_kwargs()).last_hidden_state
             hidden = p.unpack(packed, inputs.shape[:2])
         else:
@@ -182,7 +184,7 @@ class AutoRegEmbedModel(nn.Module):
     # ---- one forward per batch type (the engine calls this, so ZeRO-3 gathers and prefetches) --
     def forward(self, batch: CompressionBatch | CandidateBatch | AlignmentBatch):
         if isinstance(batch, CompressionBatch):
-            e = self.compress(batch.input_ids, batch.attention_mask)
+            e = self.compress(batch.input_ids, batch.attention_mask, batch.input_tokens)
             if not batch.contrast:
                 return Reconstruction(self.score(e, batch.target_ids, batch.target_mask, batch.target_tokens),
                                       batch.target_mask.sum())
@@ -191,14 +193,14 @@ class AutoRegEmbedModel(nn.Module):
         if isinstance(batch, InformationProbe):
             return self.information_gap(batch.batch)
         if isinstance(batch, AlignmentBatch):
-            return self.candidate_scores(batch.candidates, (batch.p_input_ids, batch.p_attention_mask))
+            return self.candidate_scores(batch.candidates, (batch.p_input_ids, batch.p_attention_mask, batch.p_tokens))
         if isinstance(batch, CandidateBatch):
             return self.candidate_scores(batch)
         raise TypeError(f"no forward for a {type(batch).__name__}")
 
     @torch.no_grad()
     def information_gap(self, batch: CompressionBatch) -> InformationGap:
-        e = self.compress(batch.input_ids, batch.attention_mask)
+        e = self.compress(batch.input_ids, batch.attention_mask, batch.input_tokens)
         own, shared = self._score_pair(e, e.mean(dim=0, keepdim=True).expand_as(e), batch)
         return InformationGap(own, shared, batch.target_mask.sum())
 
@@ -209,15 +211,16 @@ class AutoRegEmbedModel(nn.Module):
         return both[: e.shape[0]], both[e.shape[0] :]
 
     def candidate_scores(self, batch: CandidateBatch, positives: tuple | None = None) -> CandidateScores:
-        """One encoder pass over the queries (and ``positives`` = (input_ids, attention_mask), when
-        given) and one decoder pass over every candidate."""
+        """One encoder pass over the queries (and ``positives`` = (input_ids, attention_mask, their
+        token count or None), when given) and one decoder pass over every candidate."""
         b = batch.q_input_ids.shape[0]
         if positives is not None:
             ids, mask = _stack_padded([batch.q_input_ids, positives[0]], [batch.q_attention_mask, positives[1]])
-            comp = self.compress(ids, mask)
+            known = batch.q_tokens is not None and positives[2] is not None
+            comp = self.compress(ids, mask, batch.q_tokens + positives[2] if known else None)
             e_q, conds = comp[:b], [comp[:b], comp[b:]]
         else:
-            e_q = self.compress(batch.q_input_ids, batch.q_attention_mask)
+            e_q = self.compress(batch.q_input_ids, batch.q_attention_mask, batch.q_tokens)
             conds = [e_q]
         n_pos = len(conds)  # the positive, given e_q (and e_p)
         t_ids, t_mask = _stack_padded([batch.pos_ids] * n_pos + [batch.neg_ids], [batch.pos_mask] * n_pos + [batch.neg_mask])

@@ -29,20 +29,21 @@ class Packing(NamedTuple):
     max_len: int
 
     @classmethod
-    def of(cls, mask: torch.Tensor, lengths: list[int] | None = None) -> "Packing":
-        """From a right-padded attention mask [S, L]; ``lengths`` (its row sums) when the caller
-        has them on the host, else they are read back from the device once."""
-        lengths = mask.sum(1).tolist() if lengths is None else lengths
-        dev = mask.device
-        width = mask.shape[1]
-        lens = torch.tensor(lengths, dtype=torch.long)
-        starts = torch.arange(len(lengths)) * width
-        index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.tolist(), lengths)]) if lengths else \
-            torch.zeros(0, dtype=torch.long)
-        positions = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lens, 0)
-        return cls(index.to(dev), positions[None].to(dev), cu.to(dev), max(lengths, default=0))
+    def of(cls, mask: torch.Tensor, total: int | None = None) -> "Packing":
+        """From a right-padded attention mask [S, L], on its device.  ``total``: mask.sum() when the
+        caller knows it on the host (batches.py), so nothing is read back from the device (else
+        it is, once).  ``max_len`` is the padded width L, an upper bound, which is all the varlen
+        kernels need it for (their grid)."""
+        flat = mask.flatten().bool()
+        if total is None:
+            total = int(flat.sum())
+        else:  # a wrong count would silently drop or repeat tokens: checked on the device
+            torch._assert_async(flat.sum() == total, f"{total} tokens expected in the packed batch")
+        index = torch.nonzero_static(flat, size=total)[:, 0]
+        cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
+        cu[1:] = torch.cumsum(mask.sum(1), 0)
+        # right padding: a real token's position in its row is its column
+        return cls(index, (index % mask.shape[1])[None], cu, mask.shape[1])
 
     def attention_kwargs(self) -> dict:
         return {"position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,

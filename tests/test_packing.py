@@ -73,6 +73,9 @@ def test_packing_puts_each_rows_tokens_in_order_with_restarting_positions():
     assert torch.equal(back, x * mask[..., None])  # padding comes back as zeros
     back.sum().backward()
     assert torch.equal(x.grad[..., 0], mask.float())
+    assert torch.equal(Packing.of(mask, total=8).index, p.index)  # the host's count: the same packing
+    with pytest.raises(RuntimeError, match="8 tokens expected"):
+        Packing.of(mask[:, :3], total=8)
 
 
 def test_packed_passes_match_padded_ones_with_sdpa(tiny_base):
