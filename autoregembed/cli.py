@@ -130,6 +130,8 @@ def main(argv=None) -> int:
     pl.add_argument("--max-len", type=int, default=512)
     pl.add_argument("--num-embed-tokens", type=int, default=5)
     pl.add_argument("--gpu-mem-gb", type=float, default=80)
+    pl.add_argument("--no-decoder-checkpointing", action="store_true",
+                    help="the decoder keeps its activations (model.decoder_checkpointing=false)")
     pl.add_argument("--shard-decoder", action="store_true",
                     help="the frozen decoder partitioned under ZeRO-3 (model.shard_decoder); default: whole per GPU")
     args = parser.parse_args(argv)
@@ -144,9 +146,12 @@ def main(argv=None) -> int:
             parser.error("--negatives must be >= 0 and --gpu-mem-gb > 0")
         arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
         shape = (args.micro_batch, args.negatives, args.max_len, args.num_embed_tokens)
-        p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder)
-        text, fits = report(p, args.gpu_mem_gb, plan(arch, gpus, 2, *shape) if args.zero == 3 else None,
-                            plan(arch, gpus, 3, *shape, shard_decoder=True) if args.zero == 3 else None)
+        ckpt = not args.no_decoder_checkpointing
+        p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, decoder_checkpointing=ckpt)
+        text, fits = report(p, args.gpu_mem_gb,
+                            plan(arch, gpus, 2, *shape, decoder_checkpointing=ckpt) if args.zero == 3 else None,
+                            plan(arch, gpus, 3, *shape, shard_decoder=True, decoder_checkpointing=ckpt)
+                            if args.zero == 3 else None)
         print(text)
         return 0 if fits else 3
 

@@ -41,6 +41,10 @@ class ModelConfig:
     # triton (on CPU only under TRITON_INTERPRET=1) | torch
     scorer: str = "auto"
     gradient_checkpointing: bool = True
+    # the frozen decoder's own activation checkpointing (null: as gradient_checkpointing); off saves
+    # recomputing its forward (+50% of its FLOPs) where the memory allows (`autoregembed plan
+    # --no-decoder-checkpointing` says whether it does)
+    decoder_checkpointing: typing.Optional[bool] = None
     # before stage 1, rescale the encoder's final norm so the compressed tokens have the decoder's
     # word-embedding RMS per dimension (decoder_scale.py); false: the authors' setup, unscaled
     match_decoder_scale: bool = True

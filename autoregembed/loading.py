@@ -172,7 +172,7 @@ def load_frozen_decoder(path: str, dtype: torch.dtype, attn: str, gradient_check
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
                gradient_checkpointing: bool = False,
                lora: dict | None = None, decoder_bos: bool = False, scorer: str = "auto",
-               outside_decoder=None, packed: bool = False):
+               outside_decoder=None, packed: bool = False, decoder_checkpointing: bool | None = None):
     """Return (AutoRegEmbedModel, tokenizer).
 
     encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).
@@ -182,11 +182,13 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
     lora: ``add_lora`` keyword arguments when the encoder trains through LoRA adapters.
     decoder_bos: the decoder reads the tokenizer's BOS before the compressed tokens (model.py).
     packed: padding-free passes (packing.py; ``attn`` must then be one that packs: resolve_attn).
+    decoder_checkpointing: the decoder's activation checkpointing (None: ``gradient_checkpointing``).
     """
     from transformers import AutoModel
 
     tokenizer = load_tokenizer(encoder_path, k)
-    decoder = outside_decoder or load_frozen_decoder(decoder_path, dtype, attn, gradient_checkpointing)
+    decoder = outside_decoder or load_frozen_decoder(
+        decoder_path, dtype, attn, gradient_checkpointing if decoder_checkpointing is None else decoder_checkpointing)
     encoder = AutoModel.from_pretrained(encoder_path, dtype=dtype, attn_implementation=attn)
     if encoder.get_input_embeddings().num_embeddings < len(tokenizer):
         encoder.resize_token_embeddings(len(tokenizer))

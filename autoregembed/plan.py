@@ -77,9 +77,10 @@ class Arch:
 
 
 def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max_len: int, k: int = 5,
-         shard_decoder: bool = False) -> dict:
+         shard_decoder: bool = False, decoder_checkpointing: bool = True) -> dict:
     """shard_decoder: the frozen decoder partitioned under ZeRO-3 (model.shard_decoder), else whole
-    on every GPU."""
+    on every GPU.  decoder_checkpointing false: the decoder keeps every layer's activations for
+    the backward instead of recomputing them (model.decoder_checkpointing)."""
     if zero not in (2, 3):
         raise ValueError("--zero must be 2 or 3")
     enc = arch.params(extra_tokens=k, with_head=False)  # the encoder is the base transformer, no LM head
@@ -96,7 +97,10 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     dec_seqs = micro_batch * (2 + negatives)  # pos|e_q, pos|e_pos, neg_i|e_q
     dec_tokens = dec_seqs * (k + max_len + 1)
     layer_work = 2 * (10 * arch.hidden + 3 * arch.intermediate)  # bytes per token while recomputing a layer
-    out["activations (checkpointed)"] = (2 * arch.hidden * arch.layers + layer_work) * (enc_tokens + dec_tokens)
+    checkpointed = 2 * arch.hidden * arch.layers + layer_work  # bytes per token: layer inputs + one layer's work
+    out["activations (checkpointed)"] = checkpointed * (enc_tokens + (dec_tokens if decoder_checkpointing else 0))
+    if not decoder_checkpointing:
+        out["decoder activations (kept)"] = layer_work * arch.layers * dec_tokens
     chunk = chunk_rows(arch.vocab, True, TILE_BUDGET_BYTES, arch.hidden, PLAN_SMS) * arch.vocab * 8
     out[SCORER_KEY] = (2 * arch.hidden + 4) * dec_tokens + chunk
     materialised = (2 + 4 + 4) * dec_tokens * arch.vocab
@@ -124,7 +128,9 @@ def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None, sharded: dict 
     else:
         lines.append(f"fits in {gpu_mem_gb:g} GB" if fits else
                      f"DOES NOT FIT: {p['total'] / GB:.2f} GB > {gpu_mem_gb:g} GB per GPU; lower --micro-batch, "
-                     f"--negatives or --max-len, or add GPUs")
+                     f"--negatives or --max-len, or add GPUs"
+                     + ("; or recompute the decoder (drop --no-decoder-checkpointing)"
+                        if "decoder activations (kept)" in p["breakdown"] else ""))
     if zero2 is not None and zero2["total"] <= gpu_mem_gb * GB:
         lines.append(f"ZeRO-2 fits too ({zero2['total'] / GB:.2f} GB per GPU): prefer ds_configs/zero2.json. It keeps "
                      f"whole bf16 weights on every GPU and skips ZeRO-3's all-gather of every layer in each forward "

@@ -114,14 +114,17 @@ class Session:
                 if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
         packed = resolve_packing(m.packing)
         attn, checkpointing = resolve_attn(m.attn_implementation, packed), train and m.gradient_checkpointing
+        dec_checkpointing = train and (m.gradient_checkpointing if m.decoder_checkpointing is None
+                                       else m.decoder_checkpointing)
         # loaded before ZeRO-3's config is set, so it is built whole (model.shard_decoder)
         outside = (None if m.shard_decoder and zero_stage(self.ds) == 3 else
-                   load_frozen_decoder(self.base, dtype, attn, checkpointing).to(D.device()))
+                   load_frozen_decoder(self.base, dtype, attn, dec_checkpointing).to(D.device()))
         with contextlib.ExitStack() as zero3:  # held for the session's lifetime, closed at once on failure
             zero3.enter_context(hf_zero3_config(self.ds))
             self.model, self.tokenizer = load_model(
                 encoder_path, self.base, m.num_embed_tokens, dtype, attn, gradient_checkpointing=checkpointing,
-                lora=lora, decoder_bos=m.decoder_bos, scorer=m.scorer, outside_decoder=outside, packed=packed)
+                lora=lora, decoder_bos=m.decoder_bos, scorer=m.scorer, outside_decoder=outside, packed=packed,
+                decoder_checkpointing=dec_checkpointing)
             if norm_scale is not None:
                 rescale_final_norm(self.model.encoder, norm_scale)
             self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,

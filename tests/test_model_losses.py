@@ -270,6 +270,16 @@ def test_a_decoder_held_outside_the_module_scores_the_same_and_is_hidden_from_th
     encoder.zero_grad()
 
 
+def test_the_decoders_checkpointing_is_its_own_choice(tiny_base):
+    from autoregembed.loading import load_model
+
+    both, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa", gradient_checkpointing=True)
+    assert both.encoder.is_gradient_checkpointing and both.decoder.is_gradient_checkpointing
+    enc_only, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa", gradient_checkpointing=True,
+                             decoder_checkpointing=False)
+    assert enc_only.encoder.is_gradient_checkpointing and not enc_only.decoder.is_gradient_checkpointing
+
+
 def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
     from autoregembed.loading import load_model
 

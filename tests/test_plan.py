@@ -58,3 +58,14 @@ def test_the_decoder_is_whole_per_gpu_unless_sharded_and_the_planner_says_when_s
     assert "--set model.shard_decoder=true" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-2-13b", "--gpus-per-node", "8", "--gpu-mem-gb", "40", "--max-len", "128",
                  "--micro-batch", "1", "--shard-decoder"]) == 0
+
+
+def test_keeping_the_decoders_activations_costs_what_its_recompute_saved():
+    arch = Arch.load("llama-2-7b")
+    kept = plan(arch, 8, 3, 4, 7, 512, decoder_checkpointing=False)["breakdown"]
+    recomputed = plan(arch, 8, 3, 4, 7, 512)["breakdown"]
+    dec_tokens = 4 * (2 + 7) * (5 + 512 + 1)
+    layer_work = 2 * (10 * arch.hidden + 3 * arch.intermediate)
+    assert kept["decoder activations (kept)"] == layer_work * arch.layers * dec_tokens
+    assert "decoder activations (kept)" not in recomputed
+    assert kept["activations (checkpointed)"] < recomputed["activations (checkpointed)"]
