@@ -21,6 +21,8 @@ bf16/fp16 operands with fp32 logits; elsewhere the same steps run as PyTorch ope
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 IGNORE_INDEX = -100
@@ -31,14 +33,45 @@ TILE_BUDGET_BYTES = 256 << 20  # fp32 logits (+ dZ) of one token chunk
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (recent torch)
 
 
-def _fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32.  On CUDA, bf16/fp16 operands stay half precision (tensor cores) and only
-    the output is fp32; elsewhere (CPU has no fast half GEMM) they are upcast first."""
+ROW_ALIGN = 16  # elements: rows of the logits and dZ start at multiples of this (16-byte vector access)
+
+
+def padded_rows(rows: int, v: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised [rows, v] tensor whose row stride is v rounded up to ``ROW_ALIGN``: with an
+    odd vocabulary (GPT-2's 50257) contiguous rows would start misaligned and the row kernel
+    could only use scalar loads.  Contiguous when v is already a multiple."""
+    width = -(-v // ROW_ALIGN) * ROW_ALIGN
+    return torch.empty(rows, width, dtype=dtype, device=device)[:, :v]
+
+
+def _fp32_product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b in fp32 (into ``out`` when given, which may have padded rows).  On CUDA, bf16/fp16
+    operands stay half precision (tensor cores) and only the output is fp32; elsewhere (CPU has no
+    fast half GEMM) they are upcast first."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        if _MM_OUT_DTYPE:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.mm(a, b).float()  # fp32 accumulation, rounded to bf16 once: older torch only
-    return a.float() @ b.float()
+        if not _MM_OUT_DTYPE:
+            product = torch.mm(a, b).float()  # fp32 accumulation, rounded to bf16 once: older torch only
+        elif out is not None and _strided_out_dtype_works(a.device):
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        else:
+            product = torch.mm(a, b, out_dtype=torch.float32)
+        return product if out is None else out.copy_(product)
+    if out is None:
+        return a.float() @ b.float()
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+@functools.cache
+def _strided_out_dtype_works(device: torch.device) -> bool:
+    """Whether this torch writes a half x half -> fp32 GEMM straight into padded rows (cuBLAS's ldc);
+    else the scorer copies (one more pass over the logits, still cheaper than scalar row loads)."""
+    a = torch.ones(3, 5, dtype=torch.bfloat16, device=device)
+    out = padded_rows(3, 7, torch.float32, device)
+    try:
+        got = torch.mm(a, a.new_ones(5, 7), out_dtype=torch.float32, out=out)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return got.data_ptr() == out.data_ptr() and bool((out == 5).all())
 
 
 def torch_row_stats(logits: torch.Tensor, labels: torch.Tensor, dz: torch.Tensor | None = None):
@@ -110,11 +143,14 @@ def score_tokens(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     jac = torch.empty_like(hidden) if jacobian else None
     half_gemm = hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
     chunk = chunk_rows(v, jacobian, tile_budget_bytes, hidden.shape[1], _multiprocessors(hidden.device))
+    odd = v % ROW_ALIGN != 0  # rows padded to aligned strides; aligned vocabularies take plain tensors
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
-        logits = _fp32_product(hidden[s:e], weight.T)
-        dz = torch.empty(logits.shape, dtype=hidden.dtype if half_gemm else torch.float32,
-                         device=hidden.device) if jacobian else None
+        logits = _fp32_product(hidden[s:e], weight.T,
+                               padded_rows(e - s, v, torch.float32, hidden.device) if odd else None)
+        dz_dtype = hidden.dtype if half_gemm else torch.float32
+        dz = (padded_rows(e - s, v, dz_dtype, hidden.device) if odd else
+              torch.empty(logits.shape, dtype=dz_dtype, device=hidden.device)) if jacobian else None
         target, lse = row_stats(logits, labels[s:e], dz)
         del logits
         logp[s:e] = target - lse

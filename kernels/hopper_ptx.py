@@ -28,19 +28,22 @@ _SIGNATURE = {"Z": "*fp32", "Y": "*i64", "LSE": "*fp32", "TGT": "*fp32", "DZ": "
 _ALIGNED = ("Z", "DZ", "V", "stride_z", "stride_dz")  # as Triton specialises them for LLM vocabularies
 
 
-def compile_sm90(grad: bool) -> "triton.compiler.CompiledKernel":
-    """The row kernel as launched for bf16 dZ, compiled for sm_90a."""
+def compile_sm90(grad: bool, aligned_vocab: bool = True) -> "triton.compiler.CompiledKernel":
+    """The row kernel as launched for bf16 dZ, compiled for sm_90a; ``aligned_vocab`` False: as
+    Triton specialises it for a vocabulary not divisible by 16 (GPT-2's 50257), whose rows the
+    scorer lays out with padded strides (logprobs.padded_rows)."""
     names = list(_SIGNATURE)
+    aligned = _ALIGNED if aligned_vocab else tuple(n for n in _ALIGNED if n != "V")
     src = ASTSource(K._rows_kernel, _SIGNATURE,
                     constexprs={(names.index("BLOCK"),): K.BLOCK, (names.index("GRAD"),): grad},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED})
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": K.NUM_WARPS})
 
 
 def _ptxas_report(ptx: str) -> dict:
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
-    if not os.path.exists(ptxas):  # older wheels name the sm_90 assembler plainly
-        ptxas = os.path.join(os.path.dirname(ptxas), "ptxas")
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path  # the assembler Triton's runtime runs for sm_90 (which one varies by release)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
@@ -55,9 +58,11 @@ def summarise(ptx: str) -> dict:
     """What a GPU engineer reads first in the PTX of a memory-bound row kernel."""
     loads = re.findall(r"\bld\.global(?:\.[a-z_]+)*?(?:\.(v[248]))?\.([bfsu]\d+)", ptx)
     stores = re.findall(r"\bst\.global(?:\.[a-z_]+)*?(?:\.(v[248]))?\.([bfsu]\d+)", ptx)
+    count = lambda found: {k: [f"{v or 'v1'}.{t}" for v, t in found].count(k)  # noqa: E731
+                           for k in sorted({f"{v or 'v1'}.{t}" for v, t in found})}
     return {
-        "loads": sorted({f"{v or 'v1'}.{t}" for v, t in loads}),
-        "stores": sorted({f"{v or 'v1'}.{t}" for v, t in stores}),
+        "loads": count(loads),  # instruction kind -> how many in the PTX
+        "stores": count(stores),
         "ex2_approx": len(re.findall(r"\bex2\.approx", ptx)),
         "atomics": len(re.findall(r"\b(?:atom|red)\.global", ptx)),
         "local": len(re.findall(r"\b(?:ld|st)\.local", ptx)),
@@ -66,11 +71,12 @@ def summarise(ptx: str) -> dict:
 
 def report() -> list[dict]:
     out = []
-    for grad in (False, True):
-        compiled = compile_sm90(grad)
-        ptx = compiled.asm["ptx"]
-        out.append({"kernel": "rows+dz" if grad else "rows", "block": K.BLOCK, "warps": K.NUM_WARPS,
-                    **summarise(ptx), **_ptxas_report(ptx)})
+    for aligned in (True, False):
+        for grad in (False, True):
+            compiled = compile_sm90(grad, aligned)
+            ptx = compiled.asm["ptx"]
+            out.append({"kernel": ("rows+dz" if grad else "rows") + ("" if aligned else " odd-V"), "block": K.BLOCK,
+                        "warps": K.NUM_WARPS, **summarise(ptx), **_ptxas_report(ptx)})
     return out
 
 

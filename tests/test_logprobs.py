@@ -211,3 +211,26 @@ def test_kernels_import_changes_no_environment_and_triton_on_cpu_needs_the_inter
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = run_child(["-c", code], env=env, timeout=120)
     assert proc.returncode == 1 and "needs Triton's interpreter: set TRITON_INTERPRET=1" in proc.stderr, proc.stderr
+
+
+def test_an_odd_vocabulary_gets_rows_with_aligned_strides(monkeypatch):
+    """V=507: the logits and dZ handed to the row statistics start every row 16 elements aligned
+    (what keeps the GPU kernel's loads 16 bytes wide), and the values are unchanged."""
+    h, w, y = _problem(m=40, v=507, d=24)
+    strides = []
+
+    def recording(logits, labels, dz=None):
+        strides.append((logits.stride(0), None if dz is None else dz.stride(0)))
+        return logprobs.torch_row_stats(logits, labels, dz)
+
+    monkeypatch.setattr(logprobs, "row_stats_for", lambda scorer, device: recording)
+    hh = h.clone().requires_grad_()
+    lp = token_logprobs(hh, w, y)
+    lp.sum().backward()
+    assert strides == [(512, 512)]
+    monkeypatch.undo()
+    h2 = h.clone().requires_grad_()
+    ref = token_logprobs(h2, w, y, scorer="torch")
+    ref.sum().backward()
+    torch.testing.assert_close(lp, ref, rtol=0, atol=0)
+    torch.testing.assert_close(hh.grad, h2.grad, rtol=0, atol=0)
