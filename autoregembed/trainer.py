@@ -33,6 +33,7 @@ from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_
 from .monitor import StepMonitor, ds_monitor_settings, truncate_metrics
 from .plan import Arch
 from .plot import EVAL_RESULT, plot_run
+from .prefetch import Prefetcher
 from .refscores import ReferenceScores, fingerprint, online_references, save_scores
 from .runlock import RunLock, RunLockError
 from .stages import STAGES
@@ -266,39 +267,45 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
         sample = [rows[i] for i in calibration_indices(len(rows), PROBE_ROWS, cfg.seed)]
         probe_batches = [to_device(st.make_batch(cfg, sample[i : i + o.micro_batch_size], s.text_encoder, None),
                                    s.device) for i in range(0, len(sample), o.micro_batch_size)]
-    for step in range(start, end):
-        total, tokens = 0.0, 0  # the loss stays on the device until the step is over: one read-back a step
-        for micro in range(o.gradient_accumulation_steps):
-            batch_rows = [rows[i] for i in sampler.indices(step, micro, D.rank())]
-            batch = st.make_batch(cfg, batch_rows, s.text_encoder, refs)
-            tokens += token_count(batch)  # on the host, before the copy
-            batch = to_device(batch, s.device)
-            if online:
-                batch = online_references(s.engine, batch)
-            loss = loss_fn(s.engine(batch), batch)
-            s.engine.backward(loss)
-            s.engine.step()
-            total = total + loss.detach() / o.gradient_accumulation_steps
-        mean = D.mean_across_ranks(float(total))
-        if not torch.isfinite(torch.tensor(mean)):
-            raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")
-        extra, t_extra = {}, time.time()
-        if probe is not None and ((step + 1) % o.log_every == 0 or step + 1 == end):
-            with torch.no_grad():
-                extra.update(probe(s.engine, probe_batches))  # after the step's update
-        if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
-            extra.update(sts_during_training(s.engine, s.text_encoder, cfg.eval.instruction, cfg.sts_file,
-                                             cfg.eval.batch_size))
-        watch.update(monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens, extra,
-                                  time.time() - t_extra))
-        stop = step + 1 < end and preemption.requested(stage_dir)
-        if stop or (o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end):
-            checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
-        if stop:
-            preemption.honoured(stage_dir, str(step + 1))
-            log(f"{stage}: stop requested; saved step {step + 1} to {ckpt_dir}, exiting for requeue")
-            s.close()
-            return StageResult("preempted")
+    def build(key):  # on the prefetch thread: rows -> tokens -> typed batch, and its tokens counted on the host
+        batch = st.make_batch(cfg, [rows[i] for i in sampler.indices(*key, D.rank())], s.text_encoder, refs)
+        return token_count(batch), batch
+
+    keys = ((step, micro) for step in range(start, end) for micro in range(o.gradient_accumulation_steps))
+    with Prefetcher(build, keys) as batches:  # closed on every way out: a stop, an error, the end
+        upcoming = iter(batches)
+        for step in range(start, end):
+            total, tokens = 0.0, 0  # the loss stays on the device until the step is over: one read-back a step
+            for micro in range(o.gradient_accumulation_steps):
+                _, (n, batch) = next(upcoming)
+                tokens += n
+                batch = to_device(batch, s.device)
+                if online:
+                    batch = online_references(s.engine, batch)
+                loss = loss_fn(s.engine(batch), batch)
+                s.engine.backward(loss)
+                s.engine.step()
+                total = total + loss.detach() / o.gradient_accumulation_steps
+            mean = D.mean_across_ranks(float(total))
+            if not torch.isfinite(torch.tensor(mean)):
+                raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")
+            extra, t_extra = {}, time.time()
+            if probe is not None and ((step + 1) % o.log_every == 0 or step + 1 == end):
+                with torch.no_grad():
+                    extra.update(probe(s.engine, probe_batches))  # after the step's update
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+                extra.update(sts_during_training(s.engine, s.text_encoder, cfg.eval.instruction, cfg.sts_file,
+                                                 cfg.eval.batch_size))
+            watch.update(monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens, extra,
+                                      time.time() - t_extra))
+            stop = step + 1 < end and preemption.requested(stage_dir)
+            if stop or (o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end):
+                checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
+            if stop:
+                preemption.honoured(stage_dir, str(step + 1))
+                log(f"{stage}: stop requested; saved step {step + 1} to {ckpt_dir}, exiting for requeue")
+                s.close()
+                return StageResult("preempted")
     checkpoint.save(s.engine, ckpt_dir, end, o.keep_last)
     if watch.summary():
         log(f"{stage}: {watch.summary()}")

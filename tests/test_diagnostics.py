@@ -32,7 +32,7 @@ def test_information_gap_against_scoring_each_text_with_its_own_and_with_the_mea
     batch = _batch(te, TEXTS)
     scale = model.decoder.get_input_embeddings().weight.std()
     e = torch.randn(len(TEXTS), K, model.decoder.config.hidden_size, generator=torch.Generator().manual_seed(0)) * scale * 3
-    monkeypatch.setattr(model, "compress", lambda ids, mask: e)  # compressed tokens far apart: a gap far above rounding
+    monkeypatch.setattr(model, "compress", lambda ids, mask, n_tokens=None: e)  # compressed tokens far apart: a gap far above rounding
     got = information_gap(model, [batch])  # the module stands in for the engine: same forward
     with torch.no_grad():
         own = model.score(e, batch.target_ids, batch.target_mask)
