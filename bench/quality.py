@@ -70,7 +70,7 @@ def _nli_rows() -> list[dict]:
     return load_rows(os.path.join(SHARED, "nli", "medi_nli.jsonl"), stage=2)
 
 
-def stage1_file(path: str, corpus: str, entailment: bool, n_sts: int = 3000) -> str:
+def stage1_file(path: str, corpus: str, entailment: bool, instruction: str = AUTOENCODE, n_sts: int = 3000) -> str:
     """Stage-1 rows.  ``corpus``: "general" autoencodes the NLI sentences (MNLI/SNLI genres, none
     from STS-B); "general+stsb" adds ``n_sts`` STS-B train sentences, drawn from the genres and
     sources of the dev pairs the table reports (the ablation).  ``entailment`` mixes in rows that
@@ -81,7 +81,7 @@ def stage1_file(path: str, corpus: str, entailment: bool, n_sts: int = 3000) -> 
         with open(os.path.join(SHARED, "stsb", "sts-train.csv"), encoding="utf-8") as f:
             sts = [r[c] for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if len(r) >= 7 for c in (5, 6)]
         sents = random.Random(0).sample(sts, n_sts) + sents
-    rows = [{"context": t, "instruction": AUTOENCODE, "output": t} for t in dict.fromkeys(sents)]
+    rows = [{"context": t, "instruction": instruction, "output": t} for t in dict.fromkeys(sents)]
     if entailment:
         rows += [{"context": r["query"], "instruction": ENTAIL, "output": r["pos"]} for r in nli]
         random.Random(1).shuffle(rows)
@@ -181,9 +181,13 @@ def main():
     ap.add_argument("--nli-rows", type=int, default=240, help="NLI triplets (b) and (d)-(f) train on")
     ap.add_argument("--row-instructions", action="store_true",
                     help="(b) and (d)-(f) train with the NLI rows' own instruction, not the evaluation's")
+    ap.add_argument("--stage1-instruction", default=AUTOENCODE, help="the autoencoding rows' instruction")
     ap.add_argument("--stage1-lr", type=float, default=1e-4)
     ap.add_argument("--stage1-contrast", type=float, default=0.0,
                     help="loss.stage1_contrast: weight of the in-batch contrast in stage 1 (0: the authors' loss)")
+    ap.add_argument("--stage1-schedule", choices=("linear", "cosine", "constant"), default="linear",
+                    help="stage1.lr_schedule after the warm-up")
+    ap.add_argument("--stage1-lora-rank", type=int, default=0, help="LoRA rank of stage 1 (0: full fine-tune)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-lora-rank", type=int, default=16, help="LoRA rank of (d) and (e)")
     ap.add_argument("--full-ft-lr", type=float, default=1e-5, help="(f): the authors' stage-2 learning rate")
@@ -219,7 +223,8 @@ def main():
     record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
     sts = dev_halves(args.out)[args.split]
     read_sts(sts)
-    s1 = stage1_file(os.path.join(args.out, "stage1.jsonl"), args.stage1_corpus, args.stage1_entailment)
+    s1 = stage1_file(os.path.join(args.out, "stage1.jsonl"), args.stage1_corpus, args.stage1_entailment,
+                     args.stage1_instruction)
     s2 = stage2_file(os.path.join(args.out, "stage2.jsonl"), args.nli_rows,
                      None if args.row_instructions else INSTRUCTION)
     scores = {}  # arm name -> {seed: sts_eval dict}
@@ -243,7 +248,8 @@ def main():
               f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
               "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
               f"model.match_decoder_scale={not args.no_decoder_scale}", f"model.decoder_bos={not args.no_decoder_bos}",
-              f"loss.detach_positive={not args.no_detach_positive}", f"loss.stage1_contrast={args.stage1_contrast}"]
+              f"loss.detach_positive={not args.no_detach_positive}", f"loss.stage1_contrast={args.stage1_contrast}",
+              f"stage1.lr_schedule={args.stage1_schedule}"]
     for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),
                                     ("stage2", args.stage2_steps, args.batch // 2, args.stage2_lr)):
         common += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
@@ -263,7 +269,7 @@ def main():
         scored(ARM_NAMES["a"][1], None, lambda: PromptEOL(base))
     for seed in seeds:
         out = os.path.join(args.out, f"seed{seed}")
-        cfg = load_config(None, common + [f"seed={seed}", f"output_dir={out}"])
+        cfg = load_config(None, common + [f"seed={seed}", f"output_dir={out}", f"model.lora_rank={args.stage1_lora_rank}"])
         after = [f"seed={seed}", f"paths.stage1_model={cfg.stage1_model_dir}",
                  f"paths.reference_scores={cfg.reference_scores_path}"]  # stage-2 arms read (c)'s model
         lora = f"model.lora_rank={args.stage2_lora_rank}"
@@ -333,7 +339,8 @@ def _record(args, base, commit, scores, timings, first_last, gaps) -> dict:
 def _settings(options: dict) -> dict:
     """The options that decide a run's scores; the DeepSpeed config named relative to the checkout, so
     that records made in different checkouts of the repository compare equal."""
-    kept = {"stage1_contrast": 0.0,  # records before the option existed ran without it
+    kept = {"stage1_contrast": 0.0, "stage1_schedule": "linear", "stage1_lora_rank": 0,  # records before the options existed ran without them
+            "stage1_instruction": AUTOENCODE,
             **{k: v for k, v in options.items() if k not in ("out", "results", "split", "merge")}}
     ds = os.path.abspath(kept["deepspeed"])
     if ds.startswith(ROOT + os.sep):
