@@ -31,6 +31,7 @@ import torch
 
 from . import distributed as D
 from .atomic import atomic_dir, atomic_write_text
+from .errors import UserError
 
 _TAG = re.compile(r"^step(\d{8})$")
 
@@ -38,7 +39,7 @@ _TAG = re.compile(r"^step(\d{8})$")
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or read; the message names the folder."""
 
 

@@ -21,22 +21,20 @@ def _add_run_args(p: argparse.ArgumentParser):
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def _user_errors() -> tuple:
-    """Errors in what the user gave us (config, data, files, folders): one line, exit status 2.
-    Anything else is a bug and keeps its traceback."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .refscores import ReferenceScoreError
-    from .runlock import RunLockError
+def _reporting_user_errors(command) -> int:
+    """Run ``command()``; a user error (errors.py) is printed as one line and exits 2, anything
+    else is a bug and keeps its traceback."""
+    from .errors import user_message
 
-    return ConfigError, DataError, ReferenceScoreError, CheckpointError, RunLockError
-
-
-def _fail(e: Exception) -> int:
-    if os.environ.get("RANK", "0") == "0":  # every rank hits the same error: say it once
-        print(f"autoregembed: error: {e}", file=sys.stderr, flush=True)
-    return 2
+    try:
+        return command()
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # every rank hits the same error: say it once
+            print(f"autoregembed: error: {message}", file=sys.stderr, flush=True)
+        return 2
 
 
 def run_training(args, stage: str | None = None) -> int:
@@ -46,7 +44,8 @@ def run_training(args, stage: str | None = None) -> int:
 
     warnings_once.install()
     overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
-    try:
+
+    def train() -> int:
         cfg = load_config(args.config, overrides)  # config errors surface before any process group or model
         D.select_device(cfg.device)
         D.init_distributed()
@@ -54,9 +53,9 @@ def run_training(args, stage: str | None = None) -> int:
             run(cfg, args.deepspeed, resume=args.resume)
         finally:
             D.shutdown()
-    except _user_errors() as e:
-        return _fail(e)
-    return 0
+        return 0
+
+    return _reporting_user_errors(train)
 
 
 def main(argv=None) -> int:
@@ -137,24 +136,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "plan":
-        from .plan import Arch, plan, report
-
         for name in ("gpus_per_node", "nodes", "micro_batch", "max_len", "num_embed_tokens"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.negatives < 0 or args.gpu_mem_gb <= 0:
             parser.error("--negatives must be >= 0 and --gpu-mem-gb > 0")
-        arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
-        shape = (args.micro_batch, args.negatives, args.max_len, args.num_embed_tokens)
-        ckpt = not args.no_decoder_checkpointing
-        p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, decoder_checkpointing=ckpt)
-        text, fits = report(p, args.gpu_mem_gb,
-                            plan(arch, gpus, 2, *shape, decoder_checkpointing=ckpt) if args.zero == 3 else None,
-                            plan(arch, gpus, 3, *shape, shard_decoder=True, decoder_checkpointing=ckpt)
-                            if args.zero == 3 else None)
-        print(text)
-        return 0 if fits else 3
-
+        return _reporting_user_errors(lambda: _plan(args))
     if args.command in ("train", "score-refs", "export"):
         stage = {"train": None, "score-refs": "reference", "export": "export"}[args.command]
         return run_training(args, stage)
@@ -163,10 +150,22 @@ def main(argv=None) -> int:
     warnings_once.install()
     tools = {"plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval, "eval": _encode_or_eval,
              "reconstruct": _reconstruct}
-    try:
-        return tools[args.command](args)
-    except (ValueError, TypeError, OSError) as e:  # a bad file, folder or value given on the command line
-        return _fail(e)
+    return _reporting_user_errors(lambda: tools[args.command](args))
+
+
+def _plan(args) -> int:
+    from .plan import Arch, plan, report
+
+    arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
+    shape = (args.micro_batch, args.negatives, args.max_len, args.num_embed_tokens)
+    ckpt = not args.no_decoder_checkpointing
+    p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, decoder_checkpointing=ckpt)
+    text, fits = report(p, args.gpu_mem_gb,
+                        plan(arch, gpus, 2, *shape, decoder_checkpointing=ckpt) if args.zero == 3 else None,
+                        plan(arch, gpus, 3, *shape, shard_decoder=True, decoder_checkpointing=ckpt)
+                        if args.zero == 3 else None)
+    print(text)
+    return 0 if fits else 3
 
 
 def _plot(args) -> int:
@@ -225,14 +224,15 @@ def _reconstruct(args) -> int:
 
     from .data import read_lines, write_jsonl
     from .encoder import Encoder
+    from .errors import InputError
     from .export import ExportMeta
     from .reconstruct import decoder_path, load_decoder, reconstruct, summary
 
     if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
-        raise ValueError("--max-new-tokens and --limit must be >= 1")
+        raise InputError("--max-new-tokens and --limit must be >= 1")
     texts = args.text or [t for t in read_lines(args.input) if t.strip()][: args.limit]
     if not texts:
-        raise ValueError(f"{args.input}: no texts")
+        raise InputError(f"{args.input}: no texts")
     decoder = decoder_path(args.model, args.decoder)  # bad paths fail before a model loads
     encoder = Encoder.from_pretrained(args.model, dtype=torch.float32)
     results = reconstruct(encoder, load_decoder(decoder, next(encoder.model.parameters()).device), texts,

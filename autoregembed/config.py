@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .errors import InputError
+
 RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_STSB_DEV = os.path.join(PROJECT_ROOT, "..", "shared", "data", "stsb", "sts-dev.csv")
@@ -22,7 +24,7 @@ RUN_MODES = ("stage1", "reference", "stage2", "export", "eval", "pipeline")  # t
 LR_SCHEDULES = ("linear", "cosine", "constant")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem; the message names the offending key."""
 
 
@@ -248,10 +250,16 @@ def load_config(path: typing.Optional[str] = None, overrides: typing.Sequence[st
     """Read a YAML file (or the built-in default when None) and apply ``key=value`` overrides."""
     tree = {}
     if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"--config: no such file {path}")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: {path} is a folder, not a YAML file" if os.path.isdir(path)
+                              else f"--config: no such file {path}")
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}" if mark is not None else path
+                raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:
@@ -345,6 +353,8 @@ def _check_values(cfg: Config):
         for k in ("learning_rate", "weight_decay", "gradient_clipping"):
             if not (_finite(getattr(o, k)) and getattr(o, k) >= 0):
                 raise ConfigError(f"key '{name}.{k}' must be a finite number >= 0, got {getattr(o, k)}")
+        if o.learning_rate == 0:  # a stage that cannot learn would run, and export its start, with exit 0
+            raise ConfigError(f"key '{name}.learning_rate' must be > 0: at 0 the stage trains nothing")
         if o.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"key '{name}.lr_schedule': {o.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         for k in ("global_batch_size", "stop_after"):
@@ -418,6 +428,16 @@ def check_runtime(cfg: Config, world_size: int):
     if not cfg.is_pipeline and reads_stage1 and not os.path.isdir(cfg.stage1_model_dir):
         raise ConfigError(f"key 'paths.stage1_model': no stage-1 export at {cfg.stage1_model_dir}; run stage1 "
                           f"first or point paths.stage1_model at one")
+    source = cfg.paths.export_from
+    if cfg.stage == "export":
+        from .checkpoint import complete_tags
+
+        if not complete_tags(cfg.checkpoint_dir(source)):
+            raise ConfigError(f"key 'paths.export_from' = {source}: no complete checkpoint in "
+                              f"{cfg.checkpoint_dir(source)}; train {source} into this output_dir first")
+    if cfg.stage == "eval" and not os.path.isfile(os.path.join(cfg.export_dir(source), "autoregembed.json")):
+        raise ConfigError(f"key 'paths.export_from' = {source}: no export at {cfg.export_dir(source)} to "
+                          f"evaluate; run stage={source} (or stage=export) into this output_dir first")
     for name in ("stage1", "stage2"):
         o = getattr(cfg, name)
         product = o.micro_batch_size * o.gradient_accumulation_steps * world_size

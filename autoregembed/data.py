@@ -19,9 +19,10 @@ from functools import lru_cache
 import numpy as np
 
 from .atomic import atomic_write_text
+from .errors import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A malformed training row; the message names file, line (or record) and field."""
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
+from .errors import InputError
 
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 
@@ -33,7 +34,7 @@ def final_norm(encoder: nn.Module) -> nn.Module:
         module = getattr(base, name, None)
         if isinstance(module, nn.Module) and isinstance(getattr(module, "weight", None), torch.Tensor):
             return module
-    raise ValueError(f"{type(base).__name__} has no final norm with a weight (looked for "
+    raise InputError(f"{type(base).__name__} has no final norm with a weight (looked for "
                      f"{', '.join(_FINAL_NORM_NAMES)}); set model.match_decoder_scale=false")
 
 
@@ -56,7 +57,7 @@ def scale_factors(model, batches) -> torch.Tensor:
         e_sq = e.pow(2).sum(0) + (0 if e_sq is None else e_sq)
         n_e += e.shape[0]
     if not n_e:
-        raise ValueError("decoder scale: no stage-1 rows to measure on")
+        raise InputError("decoder scale: no stage-1 rows to measure on")
     weight = model.decoder.get_input_embeddings().weight
     with D.gathered([weight]):
         word_rms = weight.float().pow(2).mean(0).sqrt()
@@ -70,6 +71,6 @@ def rescale_final_norm(encoder: nn.Module, factors: torch.Tensor):
     weight = final_norm(encoder).weight
     with D.gathered([weight], modifier_rank=0):
         if weight.shape != factors.shape:
-            raise ValueError(f"decoder scale: final norm has shape {tuple(weight.shape)}, "
+            raise InputError(f"decoder scale: final norm has shape {tuple(weight.shape)}, "
                              f"factors {tuple(factors.shape)}")
         weight.data.copy_((weight.data.float() * factors.to(weight.device)).to(weight.dtype))

@@ -40,8 +40,9 @@ def read_ds_config(path: str | dict) -> tuple[dict, str]:
     if isinstance(path, dict):
         ds, name = copy.deepcopy(path), "<dict>"
     else:
-        if not os.path.exists(path):
-            raise ConfigError(f"--deepspeed: no such file {path}")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--deepspeed: {path} is a folder, not a DeepSpeed JSON file" if os.path.isdir(path)
+                              else f"--deepspeed: no such file {path}")
         with open(path) as f:
             try:
                 ds = json.load(f)
@@ -84,7 +85,33 @@ def build_ds_config(path: str | dict, optim: OptimConfig, world_size: int, arch:
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
         raise ConfigError(f"{name}: cannot resolve \"auto\" for {', '.join(leftover)}")
+    validate(ds, name)
     return ds
+
+
+def validate(ds: dict, name: str):
+    """DeepSpeed's own parse of a resolved config (its pydantic sections), so a value DeepSpeed
+    refuses (``zero_optimization.stage: 7``) fails as a ConfigError before any model loads, not in
+    ``deepspeed.initialize`` minutes later.  The batch product is ours (``_fill`` checked it against
+    the world size): it is left out, as DeepSpeed's world size here may not be the run's yet."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parsed = copy.deepcopy(ds)
+    parsed.pop("train_batch_size", None)
+    try:
+        DeepSpeedConfig(parsed)
+    except Exception as e:  # pydantic's ValidationError, DeepSpeed's asserts and ValueErrors
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic" not in line]
+        raise ConfigError(f"{name}: DeepSpeed refuses it: {'; '.join(lines) or type(e).__name__}") from None
+
+
+def check_early(path: str | dict, optims: dict, world_size: int, arch: Arch, dtype: torch.dtype) -> None:
+    """Resolve and validate the DeepSpeed file for each training stage's optimiser settings
+    (``optims``: stage -> OptimConfig) before anything loads: contradictions with the YAML and
+    values DeepSpeed refuses are reported now.  ``arch`` only sizes the bucket "auto"s."""
+    read_ds_config(path)
+    for optim in optims.values():
+        build_ds_config(path, optim, world_size, arch, dtype)
 
 
 def _walk(d, prefix=""):

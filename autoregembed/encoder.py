@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import InputError
 from .export import ExportMeta
 from .loading import sdpa_without_cudnn
 from .model import compressed_states, pool_embedding
@@ -29,7 +30,9 @@ class Encoder:
         from transformers import AutoModel, AutoTokenizer
 
         meta = ExportMeta.read(path)
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), meta.num_embed_tokens)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        meta.check_tokenizer(path, tokenizer)
+        tokenizer = prepare_tokenizer(tokenizer, meta.num_embed_tokens)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         sdpa_without_cudnn()  # Transformers' default attention is SDPA
         model = AutoModel.from_pretrained(path, dtype=dtype or "auto").to(device)
@@ -42,7 +45,7 @@ class Encoder:
         if isinstance(sentences, str):
             sentences = [sentences]
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         bad = next((i for i, s in enumerate(sentences) if not isinstance(s, str)), None)
         if bad is not None:
             raise TypeError(f"sentences[{bad}] is {type(sentences[bad]).__name__}, not str")

@@ -7,6 +7,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from .data import read_lines
+from .errors import InputError
 
 
 def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -16,17 +17,17 @@ def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
         if not row:
             continue
         if len(row) < 7:
-            raise ValueError(f"{path}:{lineno}: expected at least 7 tab-separated fields, got {len(row)}")
+            raise InputError(f"{path}:{lineno}: expected at least 7 tab-separated fields, got {len(row)}")
         try:
             gold.append(float(row[4]))
         except ValueError:
-            raise ValueError(f"{path}:{lineno}: field 'score' is not a number: {row[4]!r}") from None
+            raise InputError(f"{path}:{lineno}: field 'score' is not a number: {row[4]!r}") from None
         a.append(row[5])
         b.append(row[6])
     if not gold:
-        raise ValueError(f"{path}: no rows")
+        raise InputError(f"{path}: no rows")
     if len(set(gold)) < 2:
-        raise ValueError(f"{path}: every gold score is {gold[0]}; Spearman correlation needs at least two values")
+        raise InputError(f"{path}: every gold score is {gold[0]}; Spearman correlation needs at least two values")
     return a, b, np.asarray(gold)
 
 
@@ -36,7 +37,7 @@ def mean_pairwise_cosine(emb: np.ndarray) -> float:
     reconstruction loss does not show (a normal value is no guarantee; docs/experiments.md)."""
     n = len(emb)
     if n < 2:
-        raise ValueError("mean pairwise cosine needs at least 2 embeddings")
+        raise InputError("mean pairwise cosine needs at least 2 embeddings")
     total = emb.astype(np.float64).sum(axis=0)
     return float((total @ total - n) / (n * (n - 1)))  # sum over i != j of e_i.e_j, rows have norm 1
 

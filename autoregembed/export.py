@@ -16,13 +16,15 @@ import json
 import os
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from . import distributed as D
 from .atomic import atomic_dir
+from .errors import InputError, MissingInputError, StorageError, UserError
 from .lora import exported_parameters
 from .st_format import write_sentence_transformers
-from .tokenization import input_template
+from .tokenization import embed_token_names, input_template
 
 META_FILE = "autoregembed.json"
 
@@ -48,7 +50,7 @@ class ExportMeta:
     def read(cls, folder: str) -> "ExportMeta":
         path = os.path.join(folder, META_FILE)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{folder}: not an autoregembed export (no {META_FILE})")
+            raise MissingInputError(f"{folder}: not an autoregembed export (no {META_FILE})")
         try:
             with open(path) as f:
                 record = json.load(f)
@@ -56,9 +58,20 @@ class ExportMeta:
             meta = cls(**{k: v for k, v in record.items() if k in known})
             if not isinstance(meta.num_embed_tokens, int) or not isinstance(meta.instruction, str):
                 raise TypeError("num_embed_tokens must be an integer and instruction a string")
+            if meta.num_embed_tokens < 1:
+                raise ValueError(f"num_embed_tokens must be >= 1, got {meta.num_embed_tokens}")
         except (ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: not a valid autoregembed export description ({e!r})") from None
+            raise InputError(f"{path}: not a valid autoregembed export description ({e})") from None
         return meta
+
+    def check_tokenizer(self, folder: str, tokenizer):
+        """The export's tokenizer must hold the k EMBED tokens its description names: a k that
+        disagrees would add rows the model does not have (or read the wrong positions)."""
+        vocab = tokenizer.get_vocab()
+        have = sum(1 for name in embed_token_names(self.num_embed_tokens + 1) if name in vocab)
+        if have != self.num_embed_tokens:
+            raise InputError(f"{os.path.join(folder, META_FILE)}: num_embed_tokens = {self.num_embed_tokens} but the "
+                             f"export's tokenizer has {have} EMBED tokens")
 
 
 class _ShardWriter:
@@ -99,6 +112,18 @@ def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: Expo
                    max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
     """Every rank must call this (the gathers are collective); rank 0 writes ``out_dir``."""
     is_writer = D.rank() == 0
+    try:
+        _write_export(encoder, tokenizer, out_dir, meta, max_shard_bytes, dtype, is_writer)
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only folder: atomic_dir kept the old export
+        if isinstance(e, UserError):
+            raise
+        raise StorageError(f"{out_dir}: writing the export failed ({e}); any earlier export there is "
+                           f"intact") from e
+    D.barrier()
+    return out_dir
+
+
+def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_bytes: int, dtype, is_writer: bool):
     ctx = atomic_dir(out_dir) if is_writer else contextlib.nullcontext()
     with ctx as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes) if is_writer else None
@@ -121,5 +146,3 @@ def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: Expo
             meta.write(tmp)
             write_sentence_transformers(tmp, tokenizer, meta.num_embed_tokens, meta.instruction,
                                         meta.max_text_len, config.hidden_size)
-    D.barrier()
-    return out_dir

@@ -25,6 +25,8 @@ import functools
 
 import torch
 
+from .errors import InputError
+
 IGNORE_INDEX = -100
 
 TILE_BUDGET_BYTES = 256 << 20  # fp32 logits (+ dZ) of one token chunk
@@ -93,13 +95,13 @@ def row_stats_for(scorer: str, device: torch.device):
     """The row-statistics function of ``scorer`` (``model.scorer``): auto is the Triton kernel on
     CUDA and PyTorch elsewhere; triton on CPU tensors needs Triton's interpreter."""
     if scorer not in SCORERS:
-        raise ValueError(f"scorer {scorer!r} is not one of {SCORERS}")
+        raise InputError(f"scorer {scorer!r} is not one of {SCORERS}")
     if scorer == "torch" or (scorer == "auto" and device.type != "cuda"):
         return torch_row_stats
     from .kernels.logit_rows import INTERPRETED, logit_row_stats
 
     if device.type != "cuda" and not INTERPRETED:
-        raise ValueError("scorer 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+        raise InputError("scorer 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
                          "before starting Python")
     return logit_row_stats
 

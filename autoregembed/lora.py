@@ -16,6 +16,8 @@ import contextlib
 
 import torch
 
+from .errors import InputError
+
 ADAPTER = "default"
 
 
@@ -30,7 +32,7 @@ def add_lora(encoder: torch.nn.Module, rank: int, alpha: float, dropout: float, 
     try:
         inject_adapter_in_model(config, encoder, adapter_name=ADAPTER)
     except ValueError as e:  # peft's message does not name our key
-        raise ValueError(f"model.lora_targets={targets!r}: {e}") from None
+        raise InputError(f"model.lora_targets={targets!r}: {e}") from None
     for name, p in encoder.named_parameters():
         p.requires_grad_("lora_" in name)
     return encoder
@@ -41,7 +43,7 @@ def adapters_disabled(encoder: torch.nn.Module):
     """The encoder without its adapters: in stage 2 that is the merged stage-1 model, exactly."""
     layers = list(_lora_layers(encoder).values())
     if not layers:
-        raise ValueError("the encoder has no LoRA adapters to disable (model.lora_rank = 0)")
+        raise InputError("the encoder has no LoRA adapters to disable (model.lora_rank = 0)")
     for layer in layers:
         layer.enable_adapters(False)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .data import DataError, STAGE2_FIELDS, check_row, read_lines, records
+from .errors import InputError
 
 
 def read_queries(path: str, with_negatives: bool = False) -> list[dict]:
@@ -43,7 +44,7 @@ def mine_negatives(encoder, rows: list[dict], corpus: list[str], negatives: int,
                    max_similarity: float = 0.95, batch_size: int = 64) -> list[dict]:
     """Stage-2 rows with ``negatives`` mined negatives each (fewer when the corpus runs out)."""
     if negatives < 1:
-        raise ValueError(f"negatives must be >= 1, got {negatives}")
+        raise InputError(f"negatives must be >= 1, got {negatives}")
     out: dict[int, dict] = {}
     for instruction in dict.fromkeys(r["instruction"] for r in rows):
         index = [i for i, r in enumerate(rows) if r["instruction"] == instruction]

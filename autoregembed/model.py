@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import AlignmentBatch, CandidateBatch, CompressionBatch
+from .errors import InputError
 from .logprobs import sequence_logprobs
 from .packing import Packing
 from .tokenization import decoder_layout
@@ -138,9 +139,10 @@ class AutoRegEmbedModel(nn.Module):
         self.head = LogprobHead(decoder, scorer)
         cfg = decoder.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-            raise NotImplementedError(f"{cfg.model_type}: logit soft-capping/scaling is not supported by the fused scorer")
+            raise InputError(f"key 'model.base': {cfg.model_type} scales or soft-caps its logits, which the fused "
+                             f"scorer does not support")
         if getattr(decoder.get_output_embeddings(), "bias", None) is not None:
-            raise NotImplementedError("an LM head with a bias is not supported by the fused scorer")
+            raise InputError("key 'model.base': an LM head with a bias is not supported by the fused scorer")
 
     def train(self, mode: bool = True):
         """The frozen decoder follows ``mode`` like the encoder, deliberately: Transformers applies

@@ -16,6 +16,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from .encoder import Encoder
+from .errors import InputError
 from .export import ExportMeta
 
 STS_INSTRUCTION = "Retrieve semantically similar text."
@@ -117,7 +118,7 @@ def run_mteb(model_path: str, task_names: list[str], output_dir: str, batch_size
         try:
             tasks += list(mteb.get_tasks(tasks=[name]))
         except KeyError:
-            raise ValueError(f"--mteb: no MTEB task named {name!r} (and no such file)") from None
+            raise InputError(f"--mteb: no MTEB task named {name!r} (and no such file)") from None
     model = AutoRegEmbedMTEB(model_path, batch_size=batch_size)
     result = mteb.evaluate(model, tasks, cache=ResultCache(output_dir), overwrite_strategy="always",
                            show_progress_bar=False)

@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from .errors import InputError
 from .logprobs import TILE_BUDGET_BYTES, chunk_rows
 
 GB = 1e9
@@ -49,7 +50,7 @@ class Arch:
             return cls(*PRESETS[name_or_path.lower()])
         path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
         if not os.path.exists(path):
-            raise ValueError(f"--model: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
+            raise InputError(f"--model: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
                              f"nor a config.json / model folder")
         with open(path) as f:
             return cls.from_config(json.load(f))
@@ -82,7 +83,7 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     on every GPU.  decoder_checkpointing false: the decoder keeps every layer's activations for
     the backward instead of recomputing them (model.decoder_checkpointing)."""
     if zero not in (2, 3):
-        raise ValueError("--zero must be 2 or 3")
+        raise InputError("--zero must be 2 or 3")
     enc = arch.params(extra_tokens=k, with_head=False)  # the encoder is the base transformer, no LM head
     dec = arch.params()
     shard = gpus if zero == 3 else 1

@@ -8,6 +8,7 @@ import json
 import os
 
 from .atomic import atomic_file
+from .errors import InputError
 from .monitor import read_metrics
 from .stages import STAGES
 
@@ -26,7 +27,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     stages = {name: read_metrics(os.path.join(run_dir, name)) for name in STAGES if STAGES[name].trains}
     stages = {name: recs for name, recs in stages.items() if recs}
     if not stages:
-        raise ValueError(f"{run_dir}: no training metrics (no <stage>/metrics.jsonl with records)")
+        raise InputError(f"{run_dir}: no training metrics (no <stage>/metrics.jsonl with records)")
     panels = [(key, label) for key, label in PANELS  # a quantity no stage measured gets no row
               if any(r.get(key) is not None for recs in stages.values() for r in recs)]
     fig, axes = plt.subplots(len(panels), len(stages), figsize=(5 * len(stages), 2.6 * len(panels)),

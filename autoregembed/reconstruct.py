@@ -13,6 +13,7 @@ import os
 import torch
 
 from .encoder import Encoder
+from .errors import InputError, MissingInputError
 from .model import compressed_states
 from .tokenization import IGNORE_INDEX, decoder_layout
 
@@ -28,9 +29,9 @@ def decoder_path(export_dir: str, given: str | None) -> str:
     if base == "tiny":
         base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(export_dir))), "base")
         if not os.path.isdir(base):
-            raise FileNotFoundError(f"{export_dir}: its tiny base model is not at {base}; pass --decoder")
+            raise MissingInputError(f"{export_dir}: its tiny base model is not at {base}; pass --decoder")
     if not base:
-        raise ValueError(f"{export_dir}: the export does not name its base model; pass --decoder")
+        raise InputError(f"{export_dir}: the export does not name its base model; pass --decoder")
     return base
 
 

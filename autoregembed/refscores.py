@@ -20,14 +20,15 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_file
 from .data import row_key
+from .errors import UserError
 
 FORMAT = "autoregembed-reference-v2"  # v2: the sampled weight fingerprint
 _FINGERPRINT_FILES = (".safetensors", ".json", ".model", ".txt")
 _SAMPLES, _BLOCK, _SMALL_TENSOR = 64, 1 << 16, 1 << 20
 
 
-class ReferenceScoreError(RuntimeError):
-    pass
+class ReferenceScoreError(UserError, RuntimeError):
+    """A reference score file that is missing, corrupt, stale or does not cover the data."""
 
 
 def _hash_safetensors(h, f, size: int):

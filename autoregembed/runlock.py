@@ -11,8 +11,10 @@ import os
 import socket
 import time
 
+from .errors import UserError
 
-class RunLockError(RuntimeError):
+
+class RunLockError(UserError, RuntimeError):
     """Another run holds the output folder."""
 
 

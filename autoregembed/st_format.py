@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .tokenization import TextEncoder, embed_token_names
+from .errors import InputError
 
 ST = "sentence_transformers."
 MODULES = [  # (folder, class) in order; "" is the export folder itself
@@ -59,7 +60,7 @@ def write_sentence_transformers(folder: str, tokenizer, k: int, instruction: str
     tokenizer.json and tokenizer_config.json."""
     tok_path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(tok_path):
-        raise ValueError(f"{folder}: no tokenizer.json (a fast tokenizer is needed for the "
+        raise InputError(f"{folder}: no tokenizer.json (a fast tokenizer is needed for the "
                          f"sentence-transformers layout)")
     with open(tok_path) as f:
         tok_json = json.load(f)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .logprobs import IGNORE_INDEX
+from .errors import InputError
 
 
 def embed_token_names(k: int) -> list[str]:
@@ -33,7 +34,7 @@ def prepare_tokenizer(tokenizer, k: int):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer needs both a BOS and an EOS token")
+        raise InputError("the tokenizer needs both a BOS and an EOS token")
     tokenizer.padding_side = "right"
     tokenizer.model_max_length = int(1e30)  # TextEncoder applies the budgets; an export's own limit is for others
     return tokenizer

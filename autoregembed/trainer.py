@@ -26,7 +26,7 @@ from .config import Config, check_runtime
 from .data import StepSampler, row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .diagnostics import PROBE_ROWS, HealthWatch, sts_during_training
-from .ds_config import build_ds_config, read_ds_config, zero_stage
+from .ds_config import build_ds_config, check_early, zero_stage
 from .export import ExportMeta, export_encoder
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype,
                       resolve_packing)
@@ -59,6 +59,13 @@ def _arch(path: str) -> Arch:
     from transformers import AutoConfig
 
     return Arch.from_config(AutoConfig.from_pretrained(path).to_dict())
+
+
+def _early_arch(cfg: Config) -> Arch:
+    """The base's shapes when its config is on disk, else a small preset (only ZeRO's bucket "auto"s
+    depend on it, and the engine's config is resolved again with the real one)."""
+    path = os.path.join(cfg.model.base, "config.json")
+    return Arch.load(cfg.model.base if os.path.exists(path) else "smollm2-135m")
 
 
 def lr_factor(schedule: str, warmup: int, total: int):
@@ -323,7 +330,7 @@ def open_trained(cfg: Config, stage: str, ds_path) -> Session:
     encoder_path = STAGES[stage].input_model(cfg)
     resume = checkpoint.find_resume(cfg.checkpoint_dir(stage), log=lambda m: log(f"{stage}: {m}"))
     if resume is None:
-        raise FileNotFoundError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint")
+        raise checkpoint.CheckpointError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint")
     s = Session(cfg, stage, ds_path, encoder_path, train=True,
                 norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path), resume=resume)
     checkpoint.load(s.engine, resume, log=lambda m: log(f"{stage}: {m}"))
@@ -431,7 +438,9 @@ def _lock_output_dir(cfg: Config) -> RunLock | None:
 def run(cfg: Config, ds_path, resume: bool = False) -> dict:
     """Run ``cfg.stage`` (or the whole pipeline); returns where each artifact went."""
     check_runtime(cfg, D.world_size())
-    read_ds_config(ds_path)  # a bad --deepspeed file fails now, not after the base model is built
+    # a bad --deepspeed file fails now, not after the base model is built
+    check_early(ds_path, {s: STAGES[s].settings(cfg) for s in cfg.stages() if s in STAGES}, D.world_size(),
+                _early_arch(cfg), resolve_dtype(cfg.model.dtype))
     _validate_data(cfg)
     lock = _lock_output_dir(cfg)
     try:

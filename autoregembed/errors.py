@@ -1,0 +1,36 @@
+"""The one error contract: a ``UserError`` is a problem the user can fix (a config key, a file, a
+folder, a value on the command line, the disk); every command prints it as one line and exits 2.
+Anything else is a bug in autoregembed and keeps its traceback.
+
+Why one base: a typo must not look like a crash, and a crash must not look like a typo.
+Each class also derives from the builtin a caller would expect (ValueError, OSError, ...), so
+code that catches those keeps working.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Something the user gave us or our environment is wrong; the message names the key, file or folder."""
+
+
+class InputError(UserError, ValueError):
+    """A bad value: on the command line, in a file the user named, or in a model they chose."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder the user named (or an earlier stage should have written) is not there."""
+
+
+class StorageError(UserError, OSError):
+    """Writing an output failed (a full disk, a read-only folder); what was there before is intact."""
+
+
+def user_message(e: BaseException) -> str | None:
+    """The one line a command prints for ``e``, or None when ``e`` is a bug (its traceback is owed).
+    An OSError that names its file (missing, a folder, no permission, no space) is the user's
+    environment, not our code, so it counts as a user error too."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return None

@@ -1,0 +1,192 @@
+"""The error contract (errors.py): what the user can fix is a UserError, printed as one line with
+exit status 2 before anything loads; a bug keeps its traceback."""
+import ast
+import builtins
+import importlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import run_child
+
+from autoregembed.config import ConfigError, check_runtime, load_config
+from autoregembed.ds_config import check_early, read_ds_config
+from autoregembed.errors import InputError, StorageError, UserError, user_message
+from autoregembed.plan import Arch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "autoregembed")
+PATHLIKE = ("path", "file", "folder", "dir", "input", "output", "source", "model")
+
+
+def _raises():
+    """(module, line, class expression, message literal parts, first formatted name) of every
+    ``raise X(<message>)`` in the package."""
+    for name in sorted(os.listdir(PACKAGE)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(PACKAGE, name)).read())
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args):
+                continue
+            msg = node.exc.args[0]
+            if isinstance(msg, ast.Constant) and isinstance(msg.value, str):
+                parts, first = [msg.value], None
+            elif isinstance(msg, ast.JoinedStr):
+                parts = [v.value for v in msg.values if isinstance(v, ast.Constant)]
+                head = msg.values[0]
+                first = ast.unparse(head.value) if isinstance(head, ast.FormattedValue) else None
+                if first is not None and not (len(msg.values) > 1 and isinstance(msg.values[1], ast.Constant)
+                                              and msg.values[1].value.startswith(":")):
+                    first = None  # only "{path}: ..." names a file
+            else:
+                continue
+            yield name[:-3], node.lineno, ast.unparse(node.exc.func), "".join(parts), first
+
+
+def _resolve(module: str, expr: str):
+    """The class a raise names: the module's own name (``checkpoint.CheckpointError`` too), one of
+    errors.py's (imported inside a function), or a builtin."""
+    obj = importlib.import_module(f"autoregembed.{module}")
+    for part in expr.split("."):
+        if not hasattr(obj, part):
+            errors = importlib.import_module("autoregembed.errors")
+            return getattr(errors, expr, None) or getattr(builtins, expr, None)
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_every_raise_that_names_a_key_a_file_or_an_option_is_a_user_error():
+    """A message that names a config key ("key '...'"), a command-line option ("--x") or a file
+    ("{path}: ...") is addressed to the user, so its class must be a UserError: the CLI prints it
+    as one line instead of a traceback."""
+    checked, wrong = 0, []
+    for module, line, expr, text, first in _raises():
+        names_key = "key '" in text or text.startswith("--")
+        names_file = first is not None and any(w in first.lower() for w in PATHLIKE)
+        if not (names_key or names_file):
+            continue
+        checked += 1
+        cls = _resolve(module, expr)
+        if not (isinstance(cls, type) and issubclass(cls, UserError)):
+            wrong.append(f"autoregembed/{module}.py:{line}: raise {expr}(...)")
+    assert checked > 40  # the scan finds the messages it is about
+    assert not wrong, "user-facing errors that are not UserErrors:\n" + "\n".join(wrong)
+
+
+def test_user_message_says_one_line_for_user_errors_and_nothing_for_bugs(tmp_path):
+    assert user_message(ConfigError("key 'x': bad")) == "key 'x': bad"
+    try:
+        open(tmp_path / "missing.txt")
+    except OSError as e:  # the OS names the file: the user's environment, not our code
+        assert user_message(e) == f"{tmp_path / 'missing.txt'}: No such file or directory"
+    assert user_message(TypeError("unsupported operand")) is None
+    assert user_message(ValueError("a bug's ValueError")) is None
+    assert user_message(OSError("no file named")) is None
+
+
+def test_config_and_deepspeed_files_that_are_folders_or_malformed_name_themselves(tmp_path):
+    with pytest.raises(ConfigError, match=f"--config: {tmp_path} is a folder"):
+        load_config(str(tmp_path))
+    with pytest.raises(ConfigError, match=f"--deepspeed: {tmp_path} is a folder"):
+        read_ds_config(str(tmp_path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage1:\n  max_steps: 3\n  micro_batch_size: [1, 2\n")
+    with pytest.raises(ConfigError, match=f"{bad}:[34]: not valid YAML"):
+        load_config(str(bad))
+
+
+def test_a_value_deepspeed_refuses_fails_before_the_engine(tmp_path):
+    ds = json.load(open(os.path.join(ROOT, "ds_configs", "zero3.json")))
+    ds["zero_optimization"]["stage"] = 7
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = load_config(None, [])
+    with pytest.raises(ConfigError, match=f"{path}: DeepSpeed refuses it: .*stage"):
+        check_early(str(path), {"stage1": cfg.stage1}, 1, Arch.load("smollm2-135m"), torch.float32)
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json", "zero3_multinode.json"):  # the shipped ones pass
+        check_early(os.path.join(ROOT, "ds_configs", name), {"stage1": cfg.stage1, "stage2": cfg.stage2}, 2,
+                    Arch.load("smollm2-135m"), torch.float32)
+
+
+def test_export_and_eval_without_their_input_are_refused_up_front(tmp_path):
+    for stage, pattern in (("export", "no complete checkpoint in"), ("eval", "no export at")):
+        cfg = load_config(None, [f"output_dir={tmp_path}", f"stage={stage}", "paths.export_from=stage1"])
+        with pytest.raises(ConfigError, match=f"key 'paths.export_from' = stage1: {pattern}"):
+            check_runtime(cfg, 1)
+
+
+def test_a_learning_rate_of_zero_is_refused():
+    with pytest.raises(ConfigError, match=r"key 'stage2.learning_rate' must be > 0"):
+        load_config(None, ["stage2.learning_rate=0"])
+
+
+def test_plan_with_an_unknown_model_is_one_line(capsys):
+    from autoregembed.cli import main
+
+    assert main(["plan", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("autoregembed: error: --model: 'no-such-model' is neither")
+
+
+def test_a_bug_in_a_tool_keeps_its_traceback(monkeypatch, tmp_path):
+    from autoregembed import cli
+
+    def broken(args):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr(cli, "_plot", broken)
+    with pytest.raises(TypeError):
+        cli.main(["plot", str(tmp_path)])
+
+
+@pytest.mark.parametrize("k,pattern", [(0, "num_embed_tokens must be >= 1"),
+                                       (7, "num_embed_tokens = 7 but the export's tokenizer has 5 EMBED tokens")])
+def test_an_export_whose_description_disagrees_with_its_tokenizer_is_refused(tiny_export, tmp_path, k, pattern):
+    from autoregembed.encoder import Encoder
+    from autoregembed.export import META_FILE
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_export, copy)
+    meta = json.loads((copy / META_FILE).read_text())
+    (copy / META_FILE).write_text(json.dumps({**meta, "num_embed_tokens": k}))
+    with pytest.raises(InputError, match=pattern):
+        Encoder.from_pretrained(str(copy), device="cpu")
+
+
+def test_a_full_disk_during_export_is_a_user_error_and_keeps_the_old_export(tiny_base, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from autoregembed import export
+    from autoregembed.loading import load_model
+
+    model, tok = load_model(tiny_base, tiny_base, 5, torch.float32, "sdpa")
+    out = str(tmp_path / "model")
+    meta = export.ExportMeta(num_embed_tokens=5, instruction="i", max_text_len=32)
+    export.export_encoder(model.encoder, tok, out, meta)
+    before = sorted(os.listdir(out))
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(export, "save_file", full)
+    with pytest.raises(StorageError, match=f"{out}: writing the export failed .*StorageFull.*intact"):
+        export.export_encoder(model.encoder, tok, out, meta)
+    assert sorted(os.listdir(out)) == before
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary folder left beside it
+
+
+def test_new_user_errors_reach_the_command_line_as_one_line_before_anything_loads(tmp_path):
+    ds = json.load(open(os.path.join(ROOT, "ds_configs", "zero3.json")))
+    ds["zero_optimization"]["stage"] = 7
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    (tmp_path / "bad.yaml").write_text("stage1: [\n")
+    for args, want in ((["--deepspeed", str(tmp_path / "ds.json")], f"{tmp_path / 'ds.json'}: DeepSpeed refuses it"),
+                       (["--config", str(tmp_path / "bad.yaml")], f"{tmp_path / 'bad.yaml'}:2: not valid YAML")):
+        proc = run_child([os.path.join(ROOT, "train.py"), "--set", f"output_dir={tmp_path / 'run'}", *args], timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"autoregembed: error: {want}") and "Traceback" not in proc.stderr, last
+        assert not (tmp_path / "run").exists()
