@@ -1,8 +1,9 @@
 """Atomic writes: a reader sees the old file/folder or the complete new one, never a partial one.
 
 The temporary files and folders that become the result get the permissions a plain ``open`` or
-``mkdir`` would give under the user's umask (``tempfile`` makes them owner-only), so teammates on a
-shared cluster can read exports, score files and checkpoints.
+``mkdir`` would give under the user's umask (``tempfile`` makes them owner-only, and so does the
+safetensors writer, which replaces the file it is given), so teammates on a shared cluster can read
+exports, score files and checkpoints: the modes are set again on everything just before it is published.
 """
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ def _as_if_created_plainly(path: str, is_dir: bool):
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _tree_as_if_created_plainly(root: str):
+    for folder, dirs, files in os.walk(root):
+        _as_if_created_plainly(folder, is_dir=True)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                _as_if_created_plainly(path, is_dir=False)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str):
     """Yield a temporary folder next to ``final``; on success it replaces ``final`` in one rename.
@@ -42,6 +52,7 @@ def atomic_dir(final: str):
         os.mkdir(tmp)
         _as_if_created_plainly(tmp, is_dir=True)
         yield tmp
+        _tree_as_if_created_plainly(tmp)
         if os.path.exists(final):
             old = tempfile.mkdtemp(prefix=os.path.basename(final) + ".old-", dir=parent)
             os.rename(final, os.path.join(old, "x"))
@@ -110,6 +121,7 @@ def atomic_file(path: str):
     _as_if_created_plainly(tmp, is_dir=False)
     try:
         yield tmp
+        _as_if_created_plainly(tmp, is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -279,6 +279,8 @@ def test_plan_refuses_impossible_shapes(capsys):
 
 
 def test_written_files_follow_the_umask(tmp_path):
+    from safetensors.torch import save_file
+
     from autoregembed.atomic import atomic_dir, atomic_file, atomic_write_text
 
     old = os.umask(0o022)
@@ -286,13 +288,17 @@ def test_written_files_follow_the_umask(tmp_path):
         atomic_write_text(str(tmp_path / "a.txt"), "x")
         with atomic_file(str(tmp_path / "b.bin")) as tmp:
             open(tmp, "wb").close()
+        with atomic_file(str(tmp_path / "c.safetensors")) as tmp:  # safetensors replaces the file, mode 0600
+            save_file({"x": torch.zeros(2)}, tmp)
         with atomic_dir(str(tmp_path / "d")) as tmp:
-            pass
+            os.mkdir(os.path.join(tmp, "sub"))
+            save_file({"x": torch.zeros(2)}, os.path.join(tmp, "sub", "w.safetensors"))
     finally:
         os.umask(old)
-    assert oct((tmp_path / "a.txt").stat().st_mode & 0o777) == oct(0o644)
-    assert oct((tmp_path / "b.bin").stat().st_mode & 0o777) == oct(0o644)
-    assert oct((tmp_path / "d").stat().st_mode & 0o777) == oct(0o755)
+    for name in ("a.txt", "b.bin", "c.safetensors", "d/sub/w.safetensors"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o644), name
+    for name in ("d", "d/sub"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o755), name
 
 
 def test_a_full_disk_keeps_the_old_file_and_leaves_no_partial_copy(tmp_path, monkeypatch):
