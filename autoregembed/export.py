@@ -40,6 +40,7 @@ class ExportMeta:
     stage: str | None = None
     base_model: str | None = None
     decoder_bos: bool = False  # provenance: what the decoder read in training
+    training: dict | None = None  # provenance for the model card: data files, steps, optimiser, loss
 
     def write(self, folder: str):
         record = {**dataclasses.asdict(self), "template": input_template(self.num_embed_tokens)}
@@ -146,3 +147,7 @@ def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_
             meta.write(tmp)
             write_sentence_transformers(tmp, tokenizer, meta.num_embed_tokens, meta.instruction,
                                         meta.max_text_len, config.hidden_size)
+            from .model_card import CARD_FILE, card_text  # it reads ExportMeta: imported here, not at the top
+
+            with open(os.path.join(tmp, CARD_FILE), "w", encoding="utf-8") as f:
+                f.write(card_text(out_dir, meta))

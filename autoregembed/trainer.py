@@ -159,10 +159,24 @@ class Session:
     def export(self, out_dir: str) -> str:
         meta = ExportMeta(num_embed_tokens=self.cfg.model.num_embed_tokens, instruction=self.cfg.eval.instruction,
                           max_text_len=self.cfg.data.max_text_len, stage=self.stage, base_model=self.cfg.model.base,
-                          decoder_bos=self.cfg.model.decoder_bos)
+                          decoder_bos=self.cfg.model.decoder_bos, training=self._provenance())
         export_encoder(self.encoder, self.tokenizer, out_dir, meta)
         log(f"{self.stage}: exported model to {out_dir}")
         return out_dir
+
+    def _provenance(self) -> dict:
+        """How this stage trained, as the model card states it."""
+        o, cfg = self.optim, self.cfg
+        data = [cfg.data.stage1] if self.stage == "stage1" else [cfg.data.stage2]
+        out = {"stage": self.stage, "data": data, "steps": o.max_steps,
+               "batch": f"{o.micro_batch_size} x {o.gradient_accumulation_steps} accumulation x {D.world_size()} ranks",
+               "learning rate": f"{o.learning_rate} ({o.lr_schedule}, {o.warmup_steps} warm-up steps)",
+               "parameters": f"LoRA rank {cfg.model.lora_rank}" if cfg.model.lora_rank else "full fine-tune"}
+        if self.stage == "stage2":
+            loss = cfg.loss
+            out["loss"] = {"beta": loss.beta, "tau": loss.tau, "reference_sign": loss.reference_sign,
+                           "references": loss.references, "in_batch_negatives": loss.in_batch_negatives}
+        return out
 
     def close(self):
         """Release the engine and leave ``hf_zero3_config``."""
@@ -387,8 +401,10 @@ def evaluate(cfg: Config, model_dir: str) -> dict:
     to ``<output_dir>/eval/result.json`` (read by ``autoregembed plot``)."""
     from .encoder import Encoder
     from .evaluate import sts_report
+    from .model_card import write_model_card
 
     result = sts_report(Encoder.from_pretrained(model_dir), model_dir, cfg.sts_file, cfg.eval.batch_size)
+    write_model_card(model_dir, result)  # the card shows what the run measured
     os.makedirs(cfg.stage_dir("eval"), exist_ok=True)
     atomic_write_text(os.path.join(cfg.output_dir, EVAL_RESULT), json.dumps(result, indent=2) + "\n")
     log(f"eval: STS Spearman x100 = {result['spearman_x100']:.2f}, mean pairwise cosine "

@@ -88,6 +88,14 @@ def test_each_step_reports_grad_norm_throughput_and_each_warning_once(run):
     assert all(warnings.count(w) <= 2 for w in warnings), warnings  # once per rank at most
 
 
+def test_each_export_carries_a_card_that_says_how_it_trained(run):
+    for stage, steps in (("stage1", 16), ("stage2", 12)):
+        card = open(os.path.join(run[0], stage, "model", "README.md")).read()
+        assert "pipeline_tag: sentence-similarity" in card and f"- steps: {steps}\n" in card, card
+        assert "x 2 ranks" in card and f"- stage: {stage}\n" in card
+        assert ("LoRA rank 8" in card) == (run[2] == "lora")
+
+
 def test_each_rank_holds_half_of_every_parameter(run):
     for stage in ("stage1", "stage2"):
         per_rank = [r[stage] for r in run[1]]

@@ -1,0 +1,132 @@
+"""The export's model card (``README.md``): Hub metadata, usage that runs as written, how it was
+trained and what it scored.  Rendered from ``autoregembed.json`` alone (``ExportMeta``, whose
+``training`` field the trainer fills), so it can be written again when a result arrives.
+
+Why: an export is what people publish; without a card the Hub shows no usage, no base model, no
+license and no sentence-similarity widget.
+"""
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from .atomic import atomic_write_text
+from .export import ExportMeta
+
+CARD_FILE = "README.md"
+EXAMPLE = ["A man is playing a guitar.", "Someone is playing an instrument.", "The stock market fell sharply today."]
+
+
+def base_license(base: str | None) -> str:
+    """The base model's license, from the metadata of its own card (a local folder's README.md, or
+    the Hub cache's copy); "other" when none is found, so nobody is told a license it does not have."""
+    if not base:
+        return "other"
+    path = os.path.join(base, CARD_FILE)
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(base, CARD_FILE, local_files_only=True)
+        except Exception:  # not a hub id, not cached, no hub library: nothing to read
+            return "other"
+    front = _front_matter(open(path, encoding="utf-8").read())
+    value = front.get("license")
+    return value if isinstance(value, str) and value else "other"
+
+
+def _front_matter(text: str) -> dict:
+    if not text.startswith("---\n"):
+        return {}
+    end = text.find("\n---", 4)
+    try:
+        data = yaml.safe_load(text[4:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _hub_id(name: str | None) -> str | None:
+    """``org/name`` when ``name`` reads as a Hub id rather than a local path."""
+    if not name or os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
+        return None
+    parts = name.split("/")
+    return name if len(parts) == 2 and all(parts) else None
+
+
+def card_text(folder: str, meta: ExportMeta, results: dict | None = None) -> str:
+    """The card for the export in ``folder`` (its path appears in the usage code, which runs as written)."""
+    training = meta.training or {}
+    base = meta.base_model
+    metadata = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
+                "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity", "autoregembed"],
+                "license": base_license(base)}
+    if _hub_id(base):
+        metadata["base_model"] = _hub_id(base)
+    datasets = [d for d in (_hub_id(x) for x in training.get("data", [])) if d]
+    if datasets:
+        metadata["datasets"] = datasets
+    k, name = meta.num_embed_tokens, _title(folder)
+    template = f"[BOS]{{text}}\\n{meta.instruction}\\n" + "".join(f"<EMBED{i}>" for i in range(k))
+    lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
+             f"A text-embedding model trained with [AutoRegEmbed](https://arxiv.org/abs/2502.11401)"
+             + (f" from `{base}`" if base else "") + f" ({meta.stage or 'untrained'} export). The model reads",
+             f"`{template}` and its embedding is the mean of the last-layer states of the {k} EMBED tokens,",
+             "L2-normalised; compare embeddings by cosine similarity.", "",
+             "## Usage", "", "sentence-transformers (the instruction and EMBED tokens are in the tokenizer's template):",
+             "", "```python", "from sentence_transformers import SentenceTransformer", "",
+             f"model = SentenceTransformer({folder!r})", f"sentences = {EXAMPLE!r}",
+             "embeddings = model.encode(sentences)", "print(model.similarity(embeddings, embeddings))", "```", "",
+             "autoregembed's own encoder (`instruction=` overrides the one trained with):", "",
+             "```python", "from autoregembed import Encoder", "", f"model = Encoder.from_pretrained({folder!r})",
+             f"sentences = {EXAMPLE!r}", "embeddings = model.encode(sentences)  # L2-normalised rows",
+             "print(embeddings @ embeddings.T)", "```", "", "transformers alone:", "", "```python", "import torch",
+             "from transformers import AutoModel, AutoTokenizer", "",
+             f"tokenizer = AutoTokenizer.from_pretrained({folder!r})  # appends the instruction and the EMBED tokens",
+             f"model = AutoModel.from_pretrained({folder!r}).eval()", f"sentences = {EXAMPLE!r}",
+             "batch = tokenizer(sentences, padding=True, truncation=True, return_tensors=\"pt\")",
+             "with torch.no_grad():",
+             "    hidden = model(input_ids=batch[\"input_ids\"], attention_mask=batch[\"attention_mask\"]).last_hidden_state",
+             "ends = batch[\"attention_mask\"].sum(dim=1)  # right padding: each row ends with its EMBED tokens",
+             f"embeddings = torch.stack([hidden[i, end - {k} : end].mean(dim=0) for i, end in enumerate(ends)])",
+             "embeddings = torch.nn.functional.normalize(embeddings, dim=-1)", "print(embeddings @ embeddings.T)",
+             "```", "", "## Training", ""]
+    if training:
+        lines += [f"- {key}: {_value(value)}" for key, value in training.items()]
+    else:
+        lines.append("Not recorded (exported outside the trainer).")
+    lines += [f"- embedding tokens k: {k}", f"- instruction: `{meta.instruction}`",
+              f"- text budget: {meta.max_text_len} tokens", "", "## Evaluation", ""]
+    if results:
+        lines += ["| data | Spearman x100 | mean pairwise cosine |", "| --- | --- | --- |",
+                  f"| {os.path.basename(results.get('sts', 'STS'))} | {results['spearman_x100']:.2f} | "
+                  f"{results.get('mean_pairwise_cosine', float('nan')):.3f} |"]
+    else:
+        lines.append("Not evaluated yet (`autoregembed eval --model <folder> --sts <file>` or `--mteb <tasks>`).")
+    return "\n".join(lines) + "\n"
+
+
+def _title(folder: str) -> str:
+    """The folder's name; a trainer export (``<run>/<stage>/model``) is called ``<run>-<stage>``."""
+    path = os.path.abspath(folder)
+    if os.path.basename(path) == "model":
+        stage_dir = os.path.dirname(path)
+        return f"{os.path.basename(os.path.dirname(stage_dir))}-{os.path.basename(stage_dir)}"
+    return os.path.basename(path)
+
+
+def _value(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(f"`{os.path.basename(str(v))}`" for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def write_model_card(folder: str, results: dict | None = None) -> str:
+    """(Re)write ``folder``'s README.md from its autoregembed.json (and ``results``, an
+    ``evaluate.sts_report``); returns its path."""
+    path = os.path.join(folder, CARD_FILE)
+    atomic_write_text(path, card_text(folder, ExportMeta.read(folder), results))
+    return path

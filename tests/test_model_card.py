@@ -1,0 +1,81 @@
+"""Every export carries a model card that renders: Hub metadata, usage code that runs as written
+and gives the model's embeddings, how it trained and what it scored."""
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from autoregembed.model_card import CARD_FILE, EXAMPLE, base_license, write_model_card
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _front_matter_and_body(text):
+    assert text.startswith("---\n")
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+def test_the_card_renders_and_its_usage_code_embeds_as_the_encoder_does(tiny_export, tmp_path):
+    import torch
+
+    from autoregembed.encoder import Encoder
+
+    model = tmp_path / "my-embedder"
+    shutil.copytree(tiny_export, model)
+    write_model_card(str(model))  # the copy's card names the copy's folder
+    meta, body = _front_matter_and_body((model / CARD_FILE).read_text())
+    assert meta["library_name"] == "sentence-transformers" and meta["pipeline_tag"] == "sentence-similarity"
+    assert meta["license"] == "other"  # the tiny base's card names none: no license is invented
+    assert "# my-embedder" in body.splitlines()
+    blocks = re.findall(r"```python\n(.*?)```", body, re.S)
+    assert len(blocks) == 3  # sentence-transformers, autoregembed, transformers
+    want = Encoder.from_pretrained(str(model), device="cpu").encode(EXAMPLE)
+    for code in blocks:
+        scope = {}
+        exec(compile(code, "card", "exec"), scope)  # as a reader would paste it
+        got = scope["embeddings"]
+        got = got.numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_the_license_is_read_from_the_base_models_own_card(tmp_path):
+    (tmp_path / CARD_FILE).write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# base\n")
+    assert base_license(str(tmp_path)) == "apache-2.0"
+    (tmp_path / CARD_FILE).write_text("# a card without metadata\n")
+    assert base_license(str(tmp_path)) == "other"
+    assert base_license(None) == "other"
+
+
+def test_an_evaluation_rewrites_the_card_with_its_result(tiny_export, tmp_path):
+    from autoregembed.config import load_config
+    from autoregembed.trainer import evaluate
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_export, model)
+    assert "Not evaluated yet" in (model / CARD_FILE).read_text()
+    sts = os.path.join(ROOT, "autoregembed", "resources", "sts_dev_sample.csv")
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"eval.sts_file={sts}"])
+    result = evaluate(cfg, str(model))
+    card = (model / CARD_FILE).read_text()
+    assert f"| sts_dev_sample.csv | {result['spearman_x100']:.2f} | {result['mean_pairwise_cosine']:.3f} |" in card
+    assert oct((model / CARD_FILE).stat().st_mode & 0o044) == oct(0o044)  # readable by the group and others
+
+
+@pytest.mark.parametrize("base,hub", [("HuggingFaceTB/SmolLM2-135M", True), ("/data/models/llama", False)])
+def test_base_model_metadata_names_hub_ids_only(tiny_export, tmp_path, base, hub):
+    import json
+
+    from autoregembed.export import META_FILE
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_export, model)
+    meta = json.loads((model / META_FILE).read_text())
+    (model / META_FILE).write_text(json.dumps({**meta, "base_model": base,
+                                               "training": {"stage": "stage2", "data": ["/d/nli.jsonl"], "steps": 7}}))
+    front, body = _front_matter_and_body(open(write_model_card(str(model))).read())
+    assert (front.get("base_model") == base) == hub and "datasets" not in front  # a local file is no Hub dataset
+    assert "- steps: 7" in body and "- data: `nli.jsonl`" in body
