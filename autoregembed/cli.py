@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     data = sub.add_parser("data", help="check a training file, or convert a public layout into ours")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     ck = data_sub.add_parser("check", help="rows, errors (file:line), duplicates, negatives, token lengths")
-    ck.add_argument("file")
+    ck.add_argument("file", nargs="*", help="files, folders or hub datasets (default: the config's data.stage1 / "
+                    "data.stage2 sources, with their column mappings and instructions)")
     ck.add_argument("--stage", type=int, choices=(1, 2), required=True)
     ck.add_argument("--tokenizer", default=None,
                     help="tokenizer folder or hub name (default: the config's base model, if it is on disk)")
@@ -191,14 +192,15 @@ def _data(args) -> int:
         from .loading import load_tokenizer
 
         tokenizer = load_tokenizer(source, cfg.model.num_embed_tokens)  # as the run will tokenize
-    report = check_file(args.file, args.stage, tokenizer, cfg.data.max_text_len, cfg.data.max_target_len)
+    reports = [check_file(f, args.stage, tokenizer, cfg.data.max_text_len, cfg.data.max_target_len)
+               for f in args.file or cfg.sources(args.stage)]  # default: the run's sources, mapped as it reads them
     if args.json:
-        print(json.dumps(report.as_dict()))
+        print(json.dumps(reports[0].as_dict() if len(reports) == 1 else {"sources": [r.as_dict() for r in reports]}))
     else:
-        print(report.text())
+        print("\n".join(r.text() for r in reports))
         if tokenizer is None:
             print(f"  (token lengths skipped: no tokenizer at {source}; pass --tokenizer)")
-    return 1 if report.errors else 0
+    return 1 if any(r.errors for r in reports) else 0
 
 
 def _mine(args) -> int:

@@ -68,9 +68,21 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a stage (``data.stage1`` / ``data.stage2`` as a list of these)."""
+
+    path: str = ""  # .jsonl/.json/.parquet file, a save_to_disk or shard folder, or a hub dataset name
+    weight: typing.Optional[float] = None  # its share of each epoch's rows; null: its size (give all or none)
+    columns: typing.Dict[str, str] = field(default_factory=dict)  # our field -> its column, e.g. {query: anchor}
+    instruction: typing.Optional[str] = None  # for rows that carry none
+
+
+@dataclass
 class DataConfig:
-    stage1: str = os.path.join(RESOURCES, "stage1_sample.jsonl")
-    stage2: str = os.path.join(RESOURCES, "nli_sample.jsonl")
+    # a file, folder or hub dataset; several separated by commas; or a list of SourceConfig mappings
+    stage1: typing.Union[str, typing.List[SourceConfig]] = os.path.join(RESOURCES, "stage1_sample.jsonl")
+    stage2: typing.Union[str, typing.List[SourceConfig]] = os.path.join(RESOURCES, "nli_sample.jsonl")
+    same_source_batches: bool = False  # every micro-batch from one source (data.MixtureSampler)
     max_text_len: int = 64
     max_target_len: int = 64
     max_negatives: typing.Optional[int] = None  # None: every negative of a row is scored
@@ -185,6 +197,15 @@ class Config:
             return self.eval.sts_file
         return SHARED_STSB_DEV if os.path.exists(SHARED_STSB_DEV) else os.path.join(RESOURCES, "sts_dev_sample.csv")
 
+    def sources(self, stage: int) -> list[SourceConfig]:
+        """The datasets of stage 1 or 2: ``data.stageN`` as a list (a string with commas that is no
+        existing path names several)."""
+        value = self.data.stage1 if stage == 1 else self.data.stage2
+        if isinstance(value, list):
+            return value
+        parts = value.split(",") if "," in value and not os.path.exists(value) else [value]
+        return [SourceConfig(path=p.strip()) for p in parts if p.strip()]
+
     def stages(self) -> tuple[str, ...]:
         """What ``stage`` runs, in order."""
         if not self.is_pipeline:
@@ -200,10 +221,24 @@ class Config:
 
 def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or str | list of sources
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) > 1:
+            tp = next((a for a in args if (typing.get_origin(a) or a) is type(value)), args[0])
+            origin = typing.get_origin(tp)
+        else:
+            (tp,) = args
+            origin = typing.get_origin(tp)
+    if origin is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_build(item, v, f"{key}[{i}].") if dataclasses.is_dataclass(item) else _coerce(v, item, f"{key}[{i}]")
+                for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {_coerce(k, str, f"{key} key"): _coerce(v, str, f"{key}.{k}") for k, v in value.items()}
+    if origin in (list, dict):
+        raise ConfigError(f"key '{key}': expected a {'list' if origin is list else 'mapping'}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
@@ -312,13 +347,38 @@ def _expand_paths(cfg: Config):
         value = getattr(node, name)
         if isinstance(value, str):
             setattr(node, name, os.path.expandvars(os.path.expanduser(value)))
+        elif isinstance(value, list):  # data sources
+            for source in value:
+                source.path = os.path.expandvars(os.path.expanduser(source.path))
 
 
 def _finite(value: float) -> bool:
     return value == value and value not in (float("inf"), float("-inf"))
 
 
+def _check_sources(cfg: Config):
+    from .data import STAGE1_FIELDS, STAGE2_FIELDS
+
+    for stage, fields in ((1, STAGE1_FIELDS), (2, STAGE2_FIELDS)):
+        sources, key = cfg.sources(stage), f"data.stage{stage}"
+        if not sources:
+            raise ConfigError(f"key '{key}': no data source given")
+        for i, s in enumerate(sources):
+            where = f"{key}[{i}]" if isinstance(getattr(cfg.data, f"stage{stage}"), list) else key
+            if not s.path:
+                raise ConfigError(f"key '{where}.path' is missing")
+            unknown = sorted(set(s.columns) - set(fields))
+            if unknown:
+                raise ConfigError(f"key '{where}.columns': {', '.join(unknown)} is not a field of stage-{stage} rows "
+                                  f"({', '.join(fields)})")
+            if s.weight is not None and not (_finite(s.weight) and s.weight > 0):
+                raise ConfigError(f"key '{where}.weight' must be a finite number > 0, got {s.weight}")
+        if len({s.weight is None for s in sources}) > 1:
+            raise ConfigError(f"key '{key}': give every source a weight or none (their shares are relative)")
+
+
 def _check_values(cfg: Config):
+    _check_sources(cfg)
     if cfg.stage not in RUN_MODES:
         raise ConfigError(f"key 'stage': {cfg.stage!r} is not one of {', '.join(RUN_MODES)}")
     if cfg.device not in ("auto", "cuda", "cpu"):
@@ -412,10 +472,9 @@ def check_runtime(cfg: Config, world_size: int):
     """Checks that need the launch environment; run on every rank before any model loads."""
     stages = cfg.stages()
     needed = {"model.base": cfg.model.base if cfg.model.base != "tiny" else None}
-    if "stage1" in stages:
-        needed["data.stage1"] = cfg.data.stage1
-    if {"reference", "stage2"} & set(stages):
-        needed["data.stage2"] = cfg.data.stage2
+    for n, reads in ((1, "stage1" in stages), (2, bool({"reference", "stage2"} & set(stages)))):
+        for i, source in enumerate(cfg.sources(n) if reads else []):
+            needed[f"data.stage{n}" + (f"[{i}]" if isinstance(getattr(cfg.data, f"stage{n}"), list) else "")] = source.path
     if "eval" in stages:
         needed["eval.sts_file"] = cfg.sts_file
     for key, path in needed.items():

@@ -4,11 +4,15 @@ Stage-1 rows: {context, instruction, output}.
 Stage-2 rows: {query, pos, neg: str | list[str], instruction}; ``neg`` is normalised to a list.
 
 Local .jsonl files are parsed here line by line so that a malformed row is reported with
-its file and line; .json, .parquet and hub datasets go through ``datasets`` and are
-reported by record number.
+its file and line; .json, .parquet, folders (``save_to_disk`` output, Parquet or JSON shards) and
+hub datasets go through ``datasets`` and are reported by record number.
+
+A stage reads one or several sources (config ``SourceConfig``: path, weight, column mapping,
+default instruction); ``MixtureSampler`` draws their rows in fixed shares.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -96,6 +100,35 @@ def _jsonl_records(path: str, on_error=None):
             on_error(error)
 
 
+def _folder_records(folder: str, split: str, on_error=None):
+    """A ``datasets`` ``save_to_disk`` folder, or a folder of .parquet / .jsonl / .json shards."""
+    import datasets
+
+    if any(os.path.exists(os.path.join(folder, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(folder)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{folder}: no split '{split}' (it has {', '.join(ds)})")
+            ds = ds[split]
+        for i, r in enumerate(ds):
+            yield f"{folder}: record {i + 1}", r
+        return
+    for ext in ("parquet", "jsonl", "json"):
+        shards = sorted(glob.glob(os.path.join(glob.escape(folder), f"*.{ext}")))
+        if shards:
+            break
+    else:
+        raise DataError(f"{folder}: a folder with no dataset in it (no save_to_disk files, no .parquet, .jsonl "
+                        f"or .json shards)")
+    if ext == "jsonl":  # our own reader: errors name file and line
+        for shard in shards:
+            yield from _jsonl_records(shard, on_error)
+        return
+    ds = datasets.load_dataset(ext, data_files=shards, split="train")
+    for i, r in enumerate(ds):
+        yield f"{folder}: record {i + 1}", r
+
+
 def _datasets_records(source: str, split: str):
     import datasets
 
@@ -112,6 +145,8 @@ def records(source: str, split: str = "train", on_error=None):
     """(where, raw record) of a .jsonl file (read here), or of a .json/.parquet file or hub dataset
     (through ``datasets``): the one reader behind every data file, validated or not.  ``on_error``:
     see _jsonl_records."""
+    if os.path.isdir(source):
+        return _folder_records(source, split, on_error)
     if source.endswith(".jsonl"):
         if not os.path.exists(source):
             raise DataError(f"{source}: no such file")
@@ -119,13 +154,50 @@ def records(source: str, split: str = "train", on_error=None):
     return _datasets_records(source, split)
 
 
-def load_rows(source: str, stage: int, split: str = "train") -> list[dict]:
-    """Validated rows of a stage-1 or stage-2 file (or hub dataset name)."""
+def source_path(source) -> str:
+    return source if isinstance(source, str) else source.path
+
+
+def source_records(source, split: str = "train", on_error=None):
+    """``records`` of a source (a path, or a ``SourceConfig``) with its column mapping (ours <- its
+    column) and default instruction applied, so that ``check_row`` sees our field names."""
+    columns = {} if isinstance(source, str) else dict(source.columns or {})
+    default = None if isinstance(source, str) else source.instruction
+    for where, rec in records(source_path(source), split, on_error):
+        if isinstance(rec, dict) and (columns or default is not None):
+            original, rec = rec, dict(rec)
+            for ours, theirs in columns.items():
+                if theirs not in original:
+                    raise DataError(f"{where}: missing column '{theirs}' (mapped to '{ours}'; it has "
+                                    f"{', '.join(map(str, original))})")
+                rec[ours] = original[theirs]
+            if default is not None and rec.get("instruction") is None:
+                rec["instruction"] = default
+        yield where, rec
+
+
+def load_rows(source, stage: int, split: str = "train") -> list[dict]:
+    """Validated rows of a stage-1 or stage-2 source: a file, folder or hub dataset name, or a
+    ``SourceConfig`` (its column mapping and default instruction applied)."""
     fields = {1: STAGE1_FIELDS, 2: STAGE2_FIELDS}[stage]
-    rows = [check_row(obj, fields, where) for where, obj in records(source, split)]
+    rows = [check_row(obj, fields, where) for where, obj in source_records(source, split)]
     if not rows:
-        raise DataError(f"{source}: no rows")
+        raise DataError(f"{source_path(source)}: no rows")
     return rows
+
+
+class SourceRows(list):
+    """The rows of several sources, one after another; ``sizes``: how many each gave (the sampler's
+    shares are per source)."""
+
+    def __init__(self, rows=(), sizes=()):
+        super().__init__(rows)
+        self.sizes = tuple(sizes) or (len(self),)
+
+
+def load_sources(sources: list, stage: int) -> SourceRows:
+    per_source = [load_rows(s, stage) for s in sources]
+    return SourceRows([r for rows in per_source for r in rows], [len(rows) for rows in per_source])
 
 
 def write_jsonl(path: str, rows: list[dict]):
@@ -168,3 +240,72 @@ class StepSampler:
             epoch, i = divmod(pos, self.num_rows)
             out.append(int(self._perm(epoch)[i]))
         return out
+
+
+@dataclass(frozen=True)
+class MixtureSampler:
+    """``StepSampler``'s contract (rows per rank and step as a pure function of (seed, step)) over
+    several sources given one after another (``sizes``), in fixed shares.
+
+    Each epoch holds n_i rows of source i: its size, or with ``weights`` that share of all the
+    rows; each source is read in its own endless stream of permutations, so an epoch's rows are a
+    pure function of the epoch.  The epoch is shuffled, or with ``same_source`` cut into
+    micro-batches of one source each (in-batch negatives from another task would be false
+    negatives) whose order is shuffled; n_i is then rounded up to whole micro-batches.
+    """
+
+    sizes: tuple
+    weights: tuple | None
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+    same_source: bool = False
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def quotas(self) -> tuple:
+        total = sum(self.sizes)
+        if self.weights is None:
+            n = list(self.sizes)
+        else:
+            n = [max(1, round(w / sum(self.weights) * total)) for w in self.weights]
+        if self.same_source:
+            mb = self.micro_batch_size
+            n = [-(-x // mb) * mb for x in n]
+        return tuple(n)
+
+    def _stream(self, source: int, start: int, count: int) -> np.ndarray:
+        size, out = self.sizes[source], []
+        for e in range(start // size, (start + count - 1) // size + 1):
+            perm = np.random.default_rng([self.seed, source + 1, e]).permutation(size)
+            lo, hi = max(start, e * size) - e * size, min(start + count, (e + 1) * size) - e * size
+            out.append(perm[lo:hi])
+        return np.concatenate(out) + sum(self.sizes[:source])
+
+    @lru_cache(maxsize=4)
+    def epoch(self, e: int) -> np.ndarray:
+        parts = [self._stream(i, e * n, n) for i, n in enumerate(self.quotas)]
+        rng = np.random.default_rng([self.seed, 0, e])
+        if not self.same_source:
+            return np.concatenate(parts)[rng.permutation(sum(self.quotas))]
+        chunks = [p[j : j + self.micro_batch_size] for p in parts for j in range(0, len(p), self.micro_batch_size)]
+        return np.concatenate([chunks[i] for i in rng.permutation(len(chunks))])
+
+    def indices(self, step: int, micro_step: int, rank: int) -> list[int]:
+        start = step * self.global_batch + (micro_step * self.world_size + rank) * self.micro_batch_size
+        length = sum(self.quotas)
+        return [int(self.epoch(pos // length)[pos % length]) for pos in range(start, start + self.micro_batch_size)]
+
+
+def sampler_for(sizes: tuple, weights: tuple | None, micro_batch_size: int, grad_accum: int, world_size: int,
+                seed: int, same_source: bool = False):
+    """The stage's sampler: one source without ``same_source`` keeps ``StepSampler``'s order exactly
+    (runs and checkpoints made before mixtures existed resume unchanged)."""
+    if len(sizes) == 1 and not same_source:
+        return StepSampler(sizes[0], micro_batch_size, grad_accum, world_size, seed)
+    return MixtureSampler(tuple(sizes), None if weights is None else tuple(weights), micro_batch_size, grad_accum,
+                          world_size, seed, same_source)

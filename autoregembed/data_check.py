@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import STAGE1_FIELDS, STAGE2_FIELDS, DataError, check_row, records
+from .data import STAGE1_FIELDS, STAGE2_FIELDS, DataError, check_row, source_path, source_records
 
 MAX_LISTED = 20  # errors listed in full; the rest are counted
 # the budgets each field's tokens are cut at: encoder inputs at max_text_len, decoder targets at
@@ -64,11 +64,12 @@ class Report:
         return "\n".join(lines)
 
 
-def check_file(source: str, stage: int, tokenizer=None, max_text_len: int = 512, max_target_len: int = 512,
+def check_file(source, stage: int, tokenizer=None, max_text_len: int = 512, max_target_len: int = 512,
                split: str = "train") -> Report:
-    """Read every row of ``source``; ``tokenizer`` (optional) measures lengths in tokens."""
+    """Read every row of ``source`` (a path, or a config ``SourceConfig`` with its column mapping and
+    default instruction); ``tokenizer`` (optional) measures lengths in tokens."""
     fields = {1: STAGE1_FIELDS, 2: STAGE2_FIELDS}[stage]
-    report = Report(source, stage)
+    report = Report(source_path(source), stage)
     first_seen: dict[str, str] = {}
     budgets = {"max_text_len": max_text_len, "max_target_len": max_target_len}
     texts: dict[str, list[str]] = {name: [] for name in BUDGETS[stage]}
@@ -76,7 +77,7 @@ def check_file(source: str, stage: int, tokenizer=None, max_text_len: int = 512,
         report.rows += 1
         report.errors.append(str(e))
 
-    for where, obj in records(source, split, on_error=unreadable):
+    for where, obj in source_records(source, split, on_error=unreadable):
         report.rows += 1
         try:
             row = check_row(obj, fields, where)
@@ -93,7 +94,7 @@ def check_file(source: str, stage: int, tokenizer=None, max_text_len: int = 512,
         for name in texts:
             texts[name].extend(row[name] if isinstance(row[name], list) else [row[name]])
     if report.rows == 0 and not report.errors:
-        report.errors.append(f"{source}: no rows")
+        report.errors.append(f"{source_path(source)}: no rows")
     if tokenizer is not None:
         for name, values in texts.items():
             if values:

@@ -216,7 +216,7 @@ def prepare_base(cfg) -> str:
     """The base causal LM folder; the tiny default is built (once, by rank 0) on first use."""
     if cfg.model.base == "tiny":
         if D.rank() == 0:
-            build_tiny_base(cfg.base_model_dir, [cfg.data.stage1, cfg.data.stage2],
+            build_tiny_base(cfg.base_model_dir, [s.path for n in (1, 2) for s in cfg.sources(n)],
                             hidden_size=cfg.model.tiny_hidden_size, layers=cfg.model.tiny_layers, seed=cfg.seed)
         D.barrier()
     return cfg.base_model_dir

@@ -12,7 +12,7 @@ from typing import Callable
 from .batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .config import Config, OptimConfig
 from . import distributed as D
-from .data import StepSampler, load_rows, row_key
+from .data import SourceRows, load_sources, row_key, sampler_for
 from .diagnostics import information_gap
 from .loading import prepare_base
 from .losses import AlignmentLoss, CompressionLoss
@@ -22,8 +22,8 @@ from .losses import AlignmentLoss, CompressionLoss
 class Stage:
     name: str
     trains: bool
-    rows: Callable[[Config], list[dict]]  # its data, validated (data.load_rows)
-    data_file: Callable[[Config], str]  # where the rows come from (named in errors)
+    data: int  # which rows it reads: stage-1 (1) or stage-2 (2), from cfg.sources(data)
+    rows: Callable[[Config], list[dict]]  # its data, validated (data.load_sources)
     settings: Callable[[Config], OptimConfig]  # micro-batch size, optimiser, schedule, checkpoints
     input_model: Callable[[Config], str]  # the encoder it starts from
     make_batch: Callable  # (cfg, rows, text_encoder, reference_scores or None) -> a batches.* type
@@ -36,8 +36,23 @@ class Stage:
     probe: Callable | None = None
 
 
-def _stage2_rows(cfg: Config) -> list[dict]:
-    return [limit_negatives(r, cfg.data.max_negatives) for r in load_rows(cfg.data.stage2, stage=2)]
+def _stage2_rows(cfg: Config) -> SourceRows:
+    rows = load_sources(cfg.sources(2), stage=2)
+    return SourceRows([limit_negatives(r, cfg.data.max_negatives) for r in rows], rows.sizes)
+
+
+def data_files(cfg: Config, stage: str) -> str:
+    """Where a stage's rows come from, for messages."""
+    return ", ".join(s.path for s in cfg.sources(STAGES[stage].data))
+
+
+def sampler(cfg: Config, stage: str, rows: SourceRows):
+    """Which rows each rank reads at each step (data.sampler_for): a pure function of the seed,
+    the step, the batch settings, the sources' sizes and weights and the number of ranks."""
+    o, sources = STAGES[stage].settings(cfg), cfg.sources(STAGES[stage].data)
+    weights = None if sources[0].weight is None else [s.weight for s in sources]
+    return sampler_for(getattr(rows, "sizes", (len(rows),)), weights, o.micro_batch_size,
+                       o.gradient_accumulation_steps, D.world_size(), cfg.seed, cfg.data.same_source_batches)
 
 
 def scheduled_rows(cfg: Config, rows: list[dict]) -> list[dict]:
@@ -48,12 +63,12 @@ def scheduled_rows(cfg: Config, rows: list[dict]) -> list[dict]:
     if not cfg.loss.in_batch_negatives:
         return rows
     o = cfg.stage2
-    sampler = StepSampler(len(rows), o.micro_batch_size, o.gradient_accumulation_steps, D.world_size(), cfg.seed)
+    order = sampler(cfg, "stage2", rows)
     out = {}
     for step in range(o.max_steps):
         for micro in range(o.gradient_accumulation_steps):
             for rank in range(D.world_size()):
-                for row in with_in_batch_negatives([rows[i] for i in sampler.indices(step, micro, rank)]):
+                for row in with_in_batch_negatives([rows[i] for i in order.indices(step, micro, rank)]):
                     out.setdefault(row_key(row), row)
     return list(out.values())
 
@@ -68,16 +83,15 @@ def _alignment_loss(cfg: Config) -> AlignmentLoss:
 
 
 STAGES = {
-    "stage1": Stage("stage1", trains=True, rows=lambda cfg: load_rows(cfg.data.stage1, stage=1),
-                    data_file=lambda cfg: cfg.data.stage1, settings=lambda cfg: cfg.stage1, input_model=prepare_base,
+    "stage1": Stage("stage1", trains=True, data=1, rows=lambda cfg: load_sources(cfg.sources(1), stage=1),
+                    settings=lambda cfg: cfg.stage1, input_model=prepare_base,
                     make_batch=lambda cfg, rows, te, refs: compression_batch(rows, te, cfg.loss.stage1_contrast > 0),
                     loss=lambda cfg: CompressionLoss(cfg.loss.stage1_contrast), rescales_norm=True,
                     probe=information_gap),
-    "reference": Stage("reference", trains=False, rows=lambda cfg: scheduled_rows(cfg, _stage2_rows(cfg)),
-                       data_file=lambda cfg: cfg.data.stage2,
+    "reference": Stage("reference", trains=False, data=2, rows=lambda cfg: scheduled_rows(cfg, _stage2_rows(cfg)),
                        settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
                        make_batch=lambda cfg, rows, te, refs: candidate_batch(rows, te)),
-    "stage2": Stage("stage2", trains=True, rows=_stage2_rows, data_file=lambda cfg: cfg.data.stage2,
+    "stage2": Stage("stage2", trains=True, data=2, rows=_stage2_rows,
                     settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
                     make_batch=_alignment_batch, loss=_alignment_loss,
                     needs_references=True, reference_rows=scheduled_rows),

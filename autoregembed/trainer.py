@@ -23,7 +23,7 @@ from . import distributed as D
 from .atomic import atomic_write_text
 from .batches import compression_batch, to_device, token_count
 from .config import Config, check_runtime
-from .data import StepSampler, row_key
+from .data import row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .diagnostics import PROBE_ROWS, HealthWatch, sts_during_training
 from .ds_config import build_ds_config, check_early, zero_stage
@@ -36,7 +36,7 @@ from .plot import EVAL_RESULT, plot_run
 from .prefetch import Prefetcher
 from .refscores import ReferenceScores, fingerprint, online_references, save_scores
 from .runlock import RunLock, RunLockError
-from .stages import STAGES
+from .stages import STAGES, data_files, sampler as stage_sampler
 from .tokenization import TextEncoder
 
 
@@ -167,7 +167,7 @@ class Session:
     def _provenance(self) -> dict:
         """How this stage trained, as the model card states it."""
         o, cfg = self.optim, self.cfg
-        data = [cfg.data.stage1] if self.stage == "stage1" else [cfg.data.stage2]
+        data = [s.path for s in cfg.sources(STAGES[self.stage].data)]
         out = {"stage": self.stage, "data": data, "steps": o.max_steps,
                "batch": f"{o.micro_batch_size} x {o.gradient_accumulation_steps} accumulation x {D.world_size()} ranks",
                "learning rate": f"{o.learning_rate} ({o.lr_schedule}, {o.warmup_steps} warm-up steps)",
@@ -254,7 +254,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     if st.needs_references and not online:
         fp = reference_fingerprint(cfg, prepare_base(cfg))
         refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
-        source = st.data_file(cfg) + (" (in-batch pairs: seed, stage2.max_steps, micro_batch_size, "
+        source = data_files(cfg, stage) + (" (in-batch pairs: seed, stage2.max_steps, micro_batch_size, "
                                       "gradient_accumulation_steps and the rank count must be the reference "
                                       "stage's)" if cfg.loss.in_batch_negatives else "")
         refs.check_all(st.reference_rows(cfg, rows), source)  # before any model loads
@@ -266,7 +266,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     s = Session(cfg, stage, ds_path, encoder_path, train=True,
                 norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path, rows), resume=resume_from)
     o = s.optim
-    sampler = StepSampler(len(rows), o.micro_batch_size, o.gradient_accumulation_steps, D.world_size(), cfg.seed)
+    sampler = stage_sampler(cfg, stage, rows)
     start = 0
     if resume:
         if resume_from is not None:
