@@ -7,7 +7,8 @@
   instruction?} -> stage-2 rows; as the authors' code reads it, only the first positive is kept.
 - ``text``: one text per line -> stage-1 autoencoding rows {context = output = line}.
 
-Rows without an instruction get ``--instruction``.  Every written row passes the stage's own
+Rows without an instruction get ``--instruction`` (SimCSE NLI and plain text have defaults; FlagEmbedding and
+the authors' layout, which may hold any task, do not: a row without one is refused).  Every written row passes the stage's own
 validation (data.load_rows); the output is written atomically.
 """
 from __future__ import annotations
@@ -77,10 +78,10 @@ def from_text(path: str, instruction: str) -> list[dict]:
     return [{"context": t, "instruction": instruction, "output": t} for t in read_lines(path) if t.strip()]
 
 
-CONVERTERS = {  # name -> (reader, stage, default instruction)
+CONVERTERS = {  # name -> (reader, stage, default instruction; None: the data may be any task, so none)
     "simcse-csv": (from_simcse_csv, 2, STAGE2_INSTRUCTION),
-    "flagembedding": (from_flagembedding, 2, STAGE2_INSTRUCTION),
-    "authors": (from_authors, 2, STAGE2_INSTRUCTION),
+    "flagembedding": (from_flagembedding, 2, None),
+    "authors": (from_authors, 2, None),
     "text": (from_text, 1, STAGE1_INSTRUCTION),
 }
 
@@ -91,6 +92,9 @@ def convert(kind: str, src: str, out: str, instruction: str | None = None) -> tu
     rows = reader(src, instruction or default)
     fields = STAGE1_FIELDS if stage == 1 else STAGE2_FIELDS
     for i, row in enumerate(rows, 1):
+        if row.get("instruction") is None:  # retrieval data must not be given the NLI instruction silently
+            raise DataError(f"{src}: converted row {i} carries no instruction and --from {kind} has no default "
+                            f"(its data may be any task); pass --instruction")
         check_row(row, fields, f"{src}: converted row {i}")  # an empty text etc. is refused here, not in training
     if not rows:
         raise DataError(f"{src}: no rows")

@@ -99,3 +99,13 @@ def test_mine_takes_the_closest_passages_that_are_not_the_positive(tiny_export, 
         allowed = [j for j in np.argsort(-(c @ q), kind="stable")
                    if corpus[j] not in (r["query"], r["pos"]) and c[j] @ p < 0.999]
         assert m["neg"] == [corpus[j] for j in allowed[:3]]  # fewer where the threshold leaves fewer
+
+
+def test_convert_gives_retrieval_data_no_instruction_it_did_not_ask_for(tmp_path, capsys):
+    src = tmp_path / "authors.jsonl"
+    src.write_text(json.dumps({"query": "q", "pos": ["p1"], "neg": "n1"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    assert main(["data", "convert", "--from", "authors", str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "converted row 1 carries no instruction and --from authors has no default" in err and "--instruction" in err
+    assert not out.exists()
