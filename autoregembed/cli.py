@@ -214,7 +214,7 @@ def _mine(args) -> int:
     else:
         corpus = list(dict.fromkeys(t for r in rows for t in [r["pos"], *r["neg"]]))
     mined = mine_negatives(Encoder.from_pretrained(args.model), rows, corpus, args.negatives, args.skip_top,
-                           args.max_similarity, args.batch_size)
+                           args.max_similarity, args.batch_size, show_progress_bar=True)
     write_jsonl(args.output, mined)
     print(json.dumps({"output": args.output, "rows": len(mined), "skipped_rows": len(rows) - len(mined),
                       "corpus": len(corpus)}))

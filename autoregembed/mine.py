@@ -40,27 +40,50 @@ def read_corpus(path: str) -> list[str]:
     return corpus
 
 
+QUERY_CHUNK = 1024  # queries scored against the whole corpus at once: memory is chunk x corpus, not rows x corpus
+
+
+def _ranked(sims: np.ndarray, pool: int) -> np.ndarray:
+    """Corpus indices by falling similarity (ties by index, as a stable sort), the first ``pool`` of
+    them and every index tied with the last; all of them when the pool covers the corpus."""
+    if pool >= len(sims):
+        return np.argsort(-sims, kind="stable")
+    threshold = np.partition(sims, len(sims) - pool)[len(sims) - pool]
+    top = np.nonzero(sims >= threshold)[0]
+    return top[np.argsort(-sims[top], kind="stable")]
+
+
 def mine_negatives(encoder, rows: list[dict], corpus: list[str], negatives: int, skip_top: int = 0,
-                   max_similarity: float = 0.95, batch_size: int = 64) -> list[dict]:
-    """Stage-2 rows with ``negatives`` mined negatives each (fewer when the corpus runs out)."""
+                   max_similarity: float = 0.95, batch_size: int = 64, show_progress_bar: bool = False) -> list[dict]:
+    """Stage-2 rows with ``negatives`` mined negatives each (fewer when the corpus runs out): the
+    most similar passages after the first ``skip_top``, never the query or positive, never one whose
+    similarity to the positive reaches ``max_similarity`` (a likely false negative)."""
     if negatives < 1:
         raise InputError(f"negatives must be >= 1, got {negatives}")
     out: dict[int, dict] = {}
     for instruction in dict.fromkeys(r["instruction"] for r in rows):
         index = [i for i, r in enumerate(rows) if r["instruction"] == instruction]
         group = [rows[i] for i in index]
-        enc = lambda texts: encoder.encode(texts, batch_size=batch_size, instruction=instruction).astype(np.float64)
+        enc = lambda texts: encoder.encode(texts, batch_size=batch_size, instruction=instruction,
+                                           show_progress_bar=show_progress_bar).astype(np.float64)
         c = enc(corpus)
         q, p = enc([r["query"] for r in group]), enc([r["pos"] for r in group])
-        sims, to_pos = q @ c.T, p @ c.T
-        for i, r in enumerate(group):
-            chosen = []
-            for rank, j in enumerate(np.argsort(-sims[i], kind="stable")):
-                if len(chosen) == negatives:
-                    break
-                if rank < skip_top or corpus[j] in (r["query"], r["pos"]) or to_pos[i, j] >= max_similarity:
-                    continue
-                chosen.append(corpus[j])
-            if chosen:
-                out[index[i]] = {"query": r["query"], "pos": r["pos"], "neg": chosen, "instruction": instruction}
+        for start in range(0, len(group), QUERY_CHUNK):
+            sims = q[start : start + QUERY_CHUNK] @ c.T
+            for i in range(start, min(start + QUERY_CHUNK, len(group))):
+                r, pool, chosen = group[i], 4 * (skip_top + negatives) + 16, []
+                while True:  # a pool filtered out too far is widened, so the result is the full sort's
+                    ranked = _ranked(sims[i - start], pool)
+                    chosen = []
+                    for rank, j in enumerate(ranked):
+                        if len(chosen) == negatives:
+                            break
+                        if rank < skip_top or corpus[j] in (r["query"], r["pos"]) or p[i] @ c[j] >= max_similarity:
+                            continue
+                        chosen.append(corpus[j])
+                    if len(chosen) == negatives or len(ranked) == len(corpus):
+                        break
+                    pool *= 4
+                if chosen:
+                    out[index[i]] = {"query": r["query"], "pos": r["pos"], "neg": chosen, "instruction": instruction}
     return [out[i] for i in sorted(out)]  # the input's order

@@ -109,3 +109,29 @@ def test_convert_gives_retrieval_data_no_instruction_it_did_not_ask_for(tmp_path
     err = capsys.readouterr().err
     assert "converted row 1 carries no instruction and --from authors has no default" in err and "--instruction" in err
     assert not out.exists()
+
+
+def test_mining_in_query_chunks_with_a_widening_pool_equals_the_full_sort(monkeypatch):
+    """Memory is chunk x corpus: a few queries at a time against the corpus, each walking a pool of its
+    top passages that is widened when the filters empty it; the result is the full ranking's."""
+    from autoregembed import mine
+
+    rng = np.random.default_rng(0)
+    corpus = [f"passage {i}" for i in range(300)]
+    vectors = {t: v / np.linalg.norm(v) for t, v in zip(corpus + [f"q{i}" for i in range(10)] + [f"p{i}" for i in range(10)],
+                                                        rng.normal(size=(320, 8)))}
+    vectors.update({corpus[i]: vectors[corpus[i - 1]] for i in range(1, 300, 7)})  # exact ties
+
+    class Fixed:
+        def encode(self, texts, **kw):
+            return np.stack([vectors[t] for t in texts]).astype(np.float32)
+
+    rows = [{"query": f"q{i}", "pos": f"p{i}", "neg": ["x"], "instruction": "i"} for i in range(10)]
+    monkeypatch.setattr(mine, "QUERY_CHUNK", 3)
+    got = mine.mine_negatives(Fixed(), rows, corpus, negatives=5, skip_top=2, max_similarity=0.2)
+    c = Fixed().encode(corpus).astype(np.float64)
+    for r, m in zip(rows, got):
+        q, p = (Fixed().encode([t]).astype(np.float64)[0] for t in (r["query"], r["pos"]))
+        order = np.argsort(-(c @ q), kind="stable")
+        want = [corpus[j] for rank, j in enumerate(order) if rank >= 2 and c[j] @ p < 0.2][:5]
+        assert m["neg"] == want
