@@ -150,6 +150,10 @@ class MonitorConfig:
     # DeepSpeed's monitor writers, output under <output_dir>/<stage>/monitor (metrics.jsonl is always written)
     tensorboard: bool = False
     csv: bool = False
+    # Weights & Biases (monitor.WandbRun): one run per training stage, named <output_dir name>-<stage>,
+    # grouped by the output_dir's name, its files under <output_dir>/<stage>/wandb (WANDB_MODE=offline works)
+    wandb: bool = False
+    wandb_project: str = "autoregembed"
     plot: bool = True  # a pipeline ends by writing <output_dir>/metrics.png (autoregembed plot)
 
 
@@ -480,6 +484,11 @@ def check_runtime(cfg: Config, world_size: int):
     for key, path in needed.items():
         if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"key '{key}': no such file or folder {path}")
+    if cfg.monitor.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("key 'monitor.wandb': wandb is not installed (pip install wandb)") from None
     if needed["model.base"] and not os.path.isdir(cfg.model.base):
         _check_hub_model(cfg.model.base)
     reads_stage1 = ({"reference", "stage2"} & set(stages)

@@ -27,6 +27,36 @@ def ds_monitor_settings(monitor_cfg, stage_dir: str, stage: str) -> dict:
     return out
 
 
+class WandbRun:
+    """``monitor.wandb``: one Weights & Biases run per training stage, on rank 0, holding every step
+    record (what metrics.jsonl holds) at its optimizer step.  Our own writer, not DeepSpeed's: that
+    one logs its learning rate at the sample count as W&B's step, after which W&B drops every value
+    logged at an optimizer step (steps must not go back)."""
+
+    def __init__(self, monitor_cfg, stage_dir: str, stage: str, config: dict):
+        import wandb
+
+        run = os.path.basename(os.path.dirname(os.path.abspath(stage_dir)))
+        os.makedirs(stage_dir, exist_ok=True)
+        self.stage = stage
+        self.run = wandb.init(project=monitor_cfg.wandb_project, group=run,
+                              name=os.environ.get("WANDB_NAME") or f"{run}-{stage}",
+                              dir=os.environ.get("WANDB_DIR") or stage_dir, config=config)
+
+    def log(self, record: dict):
+        self.run.log({f"{self.stage}/{k}": v for k, v in record.items() if k != "step" and v is not None},
+                     step=record["step"])
+
+
+def finish_wandb():
+    """End this process's W&B run (a stage's), so the next stage starts its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def read_metrics(stage_dir: str) -> list[dict]:
     path = os.path.join(stage_dir, METRICS_FILE)
     if not os.path.exists(path):
@@ -62,12 +92,12 @@ def progress_line(stage: str, r: dict, total: int, elapsed: float, eta: float) -
 
 class StepMonitor:
     """One stage's step records.  ``engine``: DeepSpeed's, whose ``monitor`` receives the same
-    values as ``Train/<stage>/<name>`` when a writer is enabled."""
+    values as ``Train/<stage>/<name>`` when a writer is enabled; ``wandb``: a WandbRun (rank 0)."""
 
     def __init__(self, stage: str, stage_dir: str, total_steps: int, start_step: int, last_step: int,
-                 log_every: int, engine=None, log=print):
+                 log_every: int, engine=None, log=print, wandb: WandbRun | None = None):
         self.stage, self.stage_dir, self.total, self.log_every = stage, stage_dir, total_steps, log_every
-        self.start, self.last, self.engine, self.log = start_step, last_step, engine, log
+        self.start, self.last, self.engine, self.log, self.wandb = start_step, last_step, engine, log, wandb
         self.t0 = self.t_last = time.time()
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int,
@@ -92,6 +122,8 @@ class StepMonitor:
                 monitor.write_events([(f"Train/{self.stage}/{k}", record[k], step)
                                       for k in ("loss", "lr", "grad_norm", "tokens_per_s", *(extra or {}))
                                       if record[k] is not None])
+            if self.wandb is not None:
+                self.wandb.log(record)
             if step % self.log_every == 0 or step == self.last:
                 eta = elapsed / max(done, 1) * (self.last - step)
                 self.log(progress_line(self.stage, record, self.total, elapsed, eta))

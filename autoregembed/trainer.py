@@ -30,7 +30,7 @@ from .ds_config import build_ds_config, check_early, zero_stage
 from .export import ExportMeta, export_encoder
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype,
                       resolve_packing)
-from .monitor import StepMonitor, ds_monitor_settings, truncate_metrics
+from .monitor import StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, truncate_metrics
 from .plan import Arch
 from .plot import EVAL_RESULT, plot_run
 from .prefetch import Prefetcher
@@ -180,6 +180,7 @@ class Session:
 
     def close(self):
         """Release the engine and leave ``hf_zero3_config``."""
+        finish_wandb()
         self.engine.destroy()
         del self.engine, self.model
         self._zero3.close()
@@ -277,7 +278,9 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     preemption.clear_marker(stage_dir)
     D.barrier()
     s.engine.train()
-    monitor = StepMonitor(stage, stage_dir, o.max_steps, start, end, o.log_every, s.engine, log)
+    wandb = (WandbRun(cfg.monitor, stage_dir, stage, dataclasses.asdict(cfg))
+             if cfg.monitor.wandb and D.rank() == 0 else None)
+    monitor = StepMonitor(stage, stage_dir, o.max_steps, start, end, o.log_every, s.engine, log, wandb)
     watch = HealthWatch(stage, o.warmup_steps, o.max_steps, log)
     probe = st.probe
     if probe is not None and o.micro_batch_size < 2:
