@@ -18,11 +18,11 @@ CARD_FILE = "README.md"
 EXAMPLE = ["A man is playing a guitar.", "Someone is playing an instrument.", "The stock market fell sharply today."]
 
 
-def base_license(base: str | None) -> str:
-    """The base model's license, from the metadata of its own card (a local folder's README.md, or
-    the Hub cache's copy); "other" when none is found, so nobody is told a license it does not have."""
+def base_card_metadata(base: str | None) -> dict:
+    """The metadata block of the base model's own card (a local folder's README.md, or the Hub
+    cache's copy); {} when there is none."""
     if not base:
-        return "other"
+        return {}
     path = os.path.join(base, CARD_FILE)
     if not os.path.isfile(path):
         try:
@@ -30,9 +30,14 @@ def base_license(base: str | None) -> str:
 
             path = hf_hub_download(base, CARD_FILE, local_files_only=True)
         except Exception:  # not a hub id, not cached, no hub library: nothing to read
-            return "other"
-    front = _front_matter(open(path, encoding="utf-8").read())
-    value = front.get("license")
+            return {}
+    return _front_matter(open(path, encoding="utf-8").read())
+
+
+def base_license(base: str | None) -> str:
+    """The base model's license; "other" when its card names none, so nobody is told a license it
+    does not have."""
+    value = base_card_metadata(base).get("license")
     return value if isinstance(value, str) and value else "other"
 
 

@@ -8,6 +8,7 @@ tokens), chosen by the most specific key of ``instructions`` that matches, in th
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import mteb
@@ -17,7 +18,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from .encoder import Encoder
 from .errors import InputError
-from .export import ExportMeta
+from .export import META_FILE, ExportMeta
 
 STS_INSTRUCTION = "Retrieve semantically similar text."
 # One instruction per task type (passages read the export's instruction unless a key names them).
@@ -34,17 +35,35 @@ TASK_TYPE_INSTRUCTIONS = {
 }
 
 
-def model_meta(path: str, meta: ExportMeta, hidden_size: int, n_parameters: int) -> ModelMeta:
+LANGUAGES = {"en": "eng-Latn", "zh": "zho-Hans", "de": "deu-Latn", "fr": "fra-Latn", "es": "spa-Latn",
+             "it": "ita-Latn", "pt": "por-Latn", "ru": "rus-Cyrl", "ja": "jpn-Jpan", "ko": "kor-Hang", "ar": "arb-Arab"}
+
+
+def model_meta(path: str, meta: ExportMeta, hidden_size: int, n_parameters: int, bytes_per_parameter: int = 4,
+               n_embedding_parameters: int | None = None) -> ModelMeta:
     """MTEB's description of an export; results are filed under ``autoregembed/<run>-<stage>-model``
-    (the folder's last three path parts: every export's own folder is called ``model``)."""
+    (the folder's last three path parts: every export's own folder is called ``model``).  License
+    and languages come from the base model's own card; the release date is the export's; the
+    training datasets are the files the stage read (none of them an MTEB task's name)."""
+    from .model_card import base_card_metadata, base_license
+
     name = "-".join(os.path.abspath(path).split(os.sep)[-3:])
+    languages = base_card_metadata(meta.base_model).get("language") or []
+    languages = [LANGUAGES[x] for x in ([languages] if isinstance(languages, str) else languages) if x in LANGUAGES]
+    released = datetime.date.fromtimestamp(os.path.getmtime(os.path.join(path, META_FILE))).isoformat()
+    data = (meta.training or {}).get("data", [])
+    license = base_license(meta.base_model)
     return ModelMeta(
         loader=None, name=f"autoregembed/{name}", revision="local",
-        release_date=None, languages=None, n_parameters=n_parameters, memory_usage_mb=None,
-        max_tokens=meta.max_text_len, embed_dim=hidden_size, license=None, open_weights=True,
-        public_training_code="https://arxiv.org/abs/2502.11401", public_training_data=None,
+        release_date=released, languages=languages or None, n_parameters=n_parameters,
+        n_embedding_parameters=n_embedding_parameters,
+        memory_usage_mb=round(n_parameters * bytes_per_parameter / 2**20, 1),
+        max_tokens=meta.max_text_len, embed_dim=hidden_size,
+        license="not specified" if license == "other" else license, open_weights=True,
+        public_training_code="https://arxiv.org/abs/2502.11401", public_training_data=False,
         framework=["PyTorch", "Transformers", "safetensors", "Sentence Transformers"],
-        similarity_fn_name=ScoringFunction.COSINE, use_instructions=True, training_datasets=None,
+        similarity_fn_name=ScoringFunction.COSINE, use_instructions=True,
+        training_datasets={os.path.basename(str(d)) for d in data},
         adapted_from=meta.base_model, modalities=["text"])
 
 
@@ -58,7 +77,9 @@ class AutoRegEmbedMTEB(AbsEncoder):
         self.instructions = {**TASK_TYPE_INSTRUCTIONS, **(instructions or {})}
         self.batch_size = batch_size
         self.mteb_model_meta = model_meta(model_name, self.export_meta, self.model.model.config.hidden_size,
-                                          sum(p.numel() for p in self.model.model.parameters()))
+                                          sum(p.numel() for p in self.model.model.parameters()),
+                                          next(self.model.model.parameters()).element_size(),
+                                          self.model.model.get_input_embeddings().weight.numel())
 
     def instruction_for(self, task_metadata, prompt_type=None) -> str:
         side = f"-{prompt_type.value}" if prompt_type is not None else None

@@ -43,3 +43,29 @@ def test_instruction_is_chosen_by_task_then_type_then_the_exports_own(tiny_expor
 def test_unknown_mteb_task_is_one_line_before_the_model_loads(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nothing"), "--mteb", "NoSuchTask"]) == 2
     assert "no MTEB task named 'NoSuchTask'" in capsys.readouterr().err
+
+
+def test_model_meta_is_complete_and_read_from_the_base_models_card(tiny_export, tmp_path):
+    import datetime
+    import json
+    import shutil
+
+    from autoregembed.export import META_FILE
+    from autoregembed.mteb_model import AutoRegEmbedMTEB
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage:\n- en\n---\n")
+    model_dir = tmp_path / "run" / "stage2" / "model"
+    shutil.copytree(tiny_export, model_dir)
+    meta = json.loads((model_dir / META_FILE).read_text())
+    (model_dir / META_FILE).write_text(json.dumps({**meta, "base_model": str(base),
+                                                   "training": {"data": ["/d/nli.jsonl", "/d/msmarco"]}}))
+    m = AutoRegEmbedMTEB(str(model_dir)).mteb_model_meta
+    assert m.name == "autoregembed/run-stage2-model" and m.license == "apache-2.0" and m.languages == ["eng-Latn"]
+    assert m.release_date == datetime.date.today().isoformat() and m.training_datasets == {"nli.jsonl", "msmarco"}
+    assert m.memory_usage_mb == round(m.n_parameters * 4 / 2**20, 1) and m.adapted_from == str(base)
+    described = ("release_date", "languages", "n_parameters", "n_embedding_parameters", "memory_usage_mb", "max_tokens",
+                 "embed_dim", "license", "open_weights", "public_training_code", "public_training_data", "framework",
+                 "similarity_fn_name", "use_instructions", "training_datasets", "adapted_from", "modalities")
+    assert [k for k in described if getattr(m, k) is None] == []
