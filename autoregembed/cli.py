@@ -1,4 +1,4 @@
-"""Command line: ``autoregembed train | score-refs | export | encode | eval | reconstruct | plan | plot | data | mine``
+"""Command line: ``autoregembed train | score-refs | export | encode | eval | reconstruct | push | plan | plot | data | mine``
 and ``train.py``."""
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def main(argv=None) -> int:
     what.add_argument("--mteb", metavar="TASKS", help="comma-separated MTEB task names, e.g. STS12,STS13,STSBenchmark")
     ev.add_argument("--output", default="mteb-results", help="--mteb: folder for mteb's result files (default: %(default)s)")
     ev.add_argument("--batch-size", type=int, default=64)
+    pu = sub.add_parser("push", help="an export to a Hugging Face Hub model repository (one commit, a card for the repo)")
+    pu.add_argument("--model", required=True, help="the export folder")
+    pu.add_argument("--repo", required=True, help="owner/name; created if it does not exist")
+    pu.add_argument("--private", action="store_true")
+    pu.add_argument("--revision", default=None, help="branch (default: main)")
+    pu.add_argument("--token", default=None, help="default: HF_TOKEN or the cached login")
     pt = sub.add_parser("plot", help="PNG of loss, learning rate and gradient norm per stage of a run")
     pt.add_argument("run_dir", help="a run's output_dir")
     pt.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
 
     warnings_once.install()
     tools = {"plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval, "eval": _encode_or_eval,
-             "reconstruct": _reconstruct}
+             "reconstruct": _reconstruct, "push": _push}
     return _reporting_user_errors(lambda: tools[args.command](args))
 
 
@@ -167,6 +173,14 @@ def _plan(args) -> int:
                         if args.zero == 3 else None)
     print(text)
     return 0 if fits else 3
+
+
+def _push(args) -> int:
+    from .push import push
+
+    url = push(args.model, args.repo, private=args.private, revision=args.revision, token=args.token)
+    print(json.dumps({"model": args.model, "repo": args.repo, "commit": url}))
+    return 0
 
 
 def _plot(args) -> int:

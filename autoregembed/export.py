@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from . import distributed as D
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_write_text
 from .errors import InputError, MissingInputError, StorageError, UserError
 from .lora import exported_parameters
 from .st_format import write_sentence_transformers
@@ -41,11 +41,11 @@ class ExportMeta:
     base_model: str | None = None
     decoder_bos: bool = False  # provenance: what the decoder read in training
     training: dict | None = None  # provenance for the model card: data files, steps, optimiser, loss
+    evaluation: dict | None = None  # the last STS result of this export (evaluate.sts_report), for the card
 
     def write(self, folder: str):
         record = {**dataclasses.asdict(self), "template": input_template(self.num_embed_tokens)}
-        with open(os.path.join(folder, META_FILE), "w") as f:
-            json.dump(record, f, indent=2)
+        atomic_write_text(os.path.join(folder, META_FILE), json.dumps(record, indent=2))  # also rewritten in place
 
     @classmethod
     def read(cls, folder: str) -> "ExportMeta":

@@ -7,6 +7,7 @@ license and no sentence-similarity widget.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import yaml
@@ -60,8 +61,10 @@ def _hub_id(name: str | None) -> str | None:
     return name if len(parts) == 2 and all(parts) else None
 
 
-def card_text(folder: str, meta: ExportMeta, results: dict | None = None) -> str:
-    """The card for the export in ``folder`` (its path appears in the usage code, which runs as written)."""
+def card_text(folder: str, meta: ExportMeta) -> str:
+    """The card for the export in ``folder``: a path, or the Hub repository id it is pushed to (it
+    appears in the usage code, which runs as written)."""
+    results = meta.evaluation
     training = meta.training or {}
     base = meta.base_model
     metadata = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
@@ -130,8 +133,12 @@ def _value(value) -> str:
 
 
 def write_model_card(folder: str, results: dict | None = None) -> str:
-    """(Re)write ``folder``'s README.md from its autoregembed.json (and ``results``, an
-    ``evaluate.sts_report``); returns its path."""
+    """(Re)write ``folder``'s README.md from its autoregembed.json; ``results`` (an
+    ``evaluate.sts_report``) are recorded there first, so a later card (``push``) shows them too."""
+    meta = ExportMeta.read(folder)
+    if results is not None:
+        meta = dataclasses.replace(meta, evaluation=results)
+        meta.write(folder)
     path = os.path.join(folder, CARD_FILE)
-    atomic_write_text(path, card_text(folder, ExportMeta.read(folder), results))
+    atomic_write_text(path, card_text(folder, meta))
     return path
