@@ -23,6 +23,7 @@ from . import distributed as D
 from .atomic import atomic_dir, atomic_write_text
 from .errors import InputError, MissingInputError, StorageError, UserError
 from .lora import exported_parameters
+from .monitor import Progress
 from .st_format import write_sentence_transformers
 from .tokenization import embed_token_names, input_template
 
@@ -128,7 +129,10 @@ def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_
     ctx = atomic_dir(out_dir) if is_writer else contextlib.nullcontext()
     with ctx as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes) if is_writer else None
-        for name, params, full in exported_parameters(encoder):
+        tensors = list(exported_parameters(encoder))
+        progress = Progress(f"export {os.path.basename(os.path.dirname(os.path.abspath(out_dir)))}", len(tensors),
+                            "tensors", lambda m: print(f"[autoregembed] {m}", flush=True))
+        for n, (name, params, full) in enumerate(tensors, 1):
             with D.gathered(params):
                 if is_writer:
                     t = full()
@@ -136,6 +140,7 @@ def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_
                     if t.numel() == 0:
                         raise RuntimeError(f"export: parameter {name} is empty after gathering")
                     writer.add(name, t)
+            progress.update(n)
         if is_writer:
             writer.finish()
             config = encoder.config

@@ -27,6 +27,25 @@ def ds_monitor_settings(monitor_cfg, stage_dir: str, stage: str) -> dict:
     return out
 
 
+class Progress:
+    """A long loop's progress line (done/total, rate, elapsed, eta) every ``every_s`` seconds and at
+    the end, on rank 0: for work that has no training steps (reference scoring, export)."""
+
+    def __init__(self, name: str, total: int, unit: str, log=print, every_s: float = 30.0, clock=time.monotonic):
+        self.name, self.total, self.unit, self.log, self.every_s, self.clock = name, total, unit, log, every_s, clock
+        self.t0 = self.t_last = clock()
+
+    def update(self, done: int):
+        now = self.clock()
+        if D.rank() != 0 or (now - self.t_last < self.every_s and done < self.total):
+            return
+        self.t_last, elapsed = now, now - self.t0
+        rate = done / max(elapsed, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        self.log(f"{self.name}: {done}/{self.total} {self.unit} ({rate:,.1f}/s) elapsed {_duration(elapsed)} "
+                 f"eta {_duration(eta)}")
+
+
 class WandbRun:
     """``monitor.wandb``: one Weights & Biases run per training stage, on rank 0, holding every step
     record (what metrics.jsonl holds) at its optimizer step.  Our own writer, not DeepSpeed's: that

@@ -30,7 +30,7 @@ from .ds_config import build_ds_config, check_early, zero_stage
 from .export import ExportMeta, export_encoder
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype,
                       resolve_packing)
-from .monitor import StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, truncate_metrics
+from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, truncate_metrics
 from .plan import Arch
 from .plot import EVAL_RESULT, plot_run
 from .prefetch import Prefetcher
@@ -376,6 +376,7 @@ def score_references(cfg: Config, ds_path) -> StageResult:
     results = []
     stage_dir = cfg.stage_dir("reference")
     preemption.clear_marker(stage_dir)
+    progress = Progress("reference", n_batches, "batches", log)
     for b in range(n_batches):
         if preemption.requested(stage_dir):  # nothing partial is kept: the stage reruns after requeue
             preemption.honoured(stage_dir, "reference")
@@ -389,6 +390,7 @@ def score_references(cfg: Config, ds_path) -> StageResult:
         owner = scores.owner.tolist()
         for i, row in enumerate(chunk[:real]):
             results.append((row_key(row), [scores.c_q[i].item()] + [scores.r[j].item() for j, o in enumerate(owner) if o == i]))
+        progress.update(b + 1)
     gathered = D.all_gather_objects(results)
     path = cfg.reference_scores_path
     if D.rank() == 0:

@@ -159,3 +159,16 @@ def test_weights_and_biases_offline_gets_one_run_per_stage_with_the_step_records
             history[items["_step"]] = items
     for record in read_metrics(str(out / "stage1")):
         assert history[record["step"]]["stage1/loss"] == pytest.approx(record["loss"])
+
+
+def test_progress_reports_rate_and_eta_at_intervals_and_at_the_end():
+    from autoregembed.monitor import Progress
+
+    now, lines = [0.0], []
+    p = Progress("reference", 100, "batches", lines.append, every_s=30, clock=lambda: now[0])
+    for done, t in ((10, 10.0), (20, 40.0), (50, 50.0), (80, 80.0), (100, 100.0)):
+        now[0] = t
+        p.update(done)
+    assert lines == ["reference: 20/100 batches (0.5/s) elapsed 40s eta 2m40s",
+                     "reference: 80/100 batches (1.0/s) elapsed 1m20s eta 20s",
+                     "reference: 100/100 batches (1.0/s) elapsed 1m40s eta 0s"]
