@@ -58,11 +58,12 @@ def limit_negatives(row: dict, max_negatives: int | None) -> dict:
     return row if max_negatives is None else {**row, "neg": row["neg"][:max_negatives]}
 
 
-def with_in_batch_negatives(rows: list[dict]) -> list[dict]:
+def with_in_batch_negatives(rows: list[dict], pool_rows: list[dict] | None = None) -> list[dict]:
     """Each row's negatives extended by every other row's positive and negatives (its own first,
     then in row order, each text once, never its own positive): B queries, up to B(1+N) candidates
-    each, all scored in one decoder pass."""
-    pool = list(dict.fromkeys(t for r in rows for t in [r["pos"], *r["neg"]]))
+    each, all scored in one decoder pass.  ``pool_rows``: the rows whose texts are the pool (every
+    rank's micro-batch, with cross-device negatives); default ``rows``."""
+    pool = list(dict.fromkeys(t for r in (rows if pool_rows is None else pool_rows) for t in [r["pos"], *r["neg"]]))
     return [{**r, "neg": list(dict.fromkeys([*r["neg"], *(t for t in pool if t != r["pos"])]))} for r in rows]
 
 

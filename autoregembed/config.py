@@ -118,6 +118,10 @@ class LossConfig:
     # micro-batch, all scored in the one decoder pass (batches.with_in_batch_negatives); with
     # references=file the reference stage scores exactly the pairs stage 2's schedule forms
     in_batch_negatives: bool = False
+    # with in_batch_negatives: the pool is every rank's micro-batch, not only this rank's, so the
+    # negatives grow with the world size (the sampler is a pure function of the step, so each rank
+    # forms the other ranks' rows itself: nothing is communicated)
+    cross_device_negatives: bool = False
     # file: the reference stage scores each row's own negatives into a file (paths.reference_scores);
     # online: stage 2 scores them itself with its LoRA adapters disabled (= the stage-1 model), no file
     references: str = "file"
@@ -387,6 +391,8 @@ def _check_values(cfg: Config):
         raise ConfigError(f"key 'stage': {cfg.stage!r} is not one of {', '.join(RUN_MODES)}")
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"key 'device': {cfg.device!r} is not auto, cuda or cpu")
+    if cfg.loss.cross_device_negatives and not cfg.loss.in_batch_negatives:
+        raise ConfigError("key 'loss.cross_device_negatives' needs loss.in_batch_negatives=true (it widens their pool)")
     if cfg.loss.reference_sign not in ("paper", "code"):
         raise ConfigError(f"key 'loss.reference_sign': {cfg.loss.reference_sign!r} is not 'paper' or 'code'")
     if cfg.loss.references not in ("file", "online"):

@@ -34,6 +34,7 @@ class Stage:
     rescales_norm: bool = False  # the final-norm calibration before training (decoder_scale.py)
     # (engine, batch) -> extra metrics, measured without gradient at every logged step (diagnostics.py)
     probe: Callable | None = None
+    forms_pairs: bool = False  # its micro-batches get in-batch negatives (loss.in_batch_negatives): step_rows
 
 
 def _stage2_rows(cfg: Config) -> SourceRows:
@@ -55,6 +56,18 @@ def sampler(cfg: Config, stage: str, rows: SourceRows):
                        o.gradient_accumulation_steps, D.world_size(), cfg.seed, cfg.data.same_source_batches)
 
 
+def step_rows(cfg: Config, stage: str, rows: list[dict], order, step: int, micro: int, rank: int) -> list[dict]:
+    """The rows ``rank`` reads at (step, micro), with their in-batch negatives when the stage forms
+    pairs and ``loss.in_batch_negatives``: from its own micro-batch, or with
+    ``loss.cross_device_negatives`` from every rank's (the sampler gives each rank all of them)."""
+    mine = [rows[i] for i in order.indices(step, micro, rank)]
+    if not (STAGES[stage].forms_pairs and cfg.loss.in_batch_negatives):
+        return mine
+    if not cfg.loss.cross_device_negatives:
+        return with_in_batch_negatives(mine)
+    return with_in_batch_negatives(mine, [rows[i] for r in range(D.world_size()) for i in order.indices(step, micro, r)])
+
+
 def scheduled_rows(cfg: Config, rows: list[dict]) -> list[dict]:
     """The stage-2 rows as its batches will hold them: the rows themselves, or with
     ``loss.in_batch_negatives`` every micro-batch of its schedule (a pure function of the seed, the
@@ -68,13 +81,9 @@ def scheduled_rows(cfg: Config, rows: list[dict]) -> list[dict]:
     for step in range(o.max_steps):
         for micro in range(o.gradient_accumulation_steps):
             for rank in range(D.world_size()):
-                for row in with_in_batch_negatives([rows[i] for i in order.indices(step, micro, rank)]):
+                for row in step_rows(cfg, "stage2", rows, order, step, micro, rank):
                     out.setdefault(row_key(row), row)
     return list(out.values())
-
-
-def _alignment_batch(cfg: Config, rows: list[dict], te, refs):
-    return alignment_batch(with_in_batch_negatives(rows) if cfg.loss.in_batch_negatives else rows, te, refs)
 
 
 def _alignment_loss(cfg: Config) -> AlignmentLoss:
@@ -93,6 +102,6 @@ STAGES = {
                        make_batch=lambda cfg, rows, te, refs: candidate_batch(rows, te)),
     "stage2": Stage("stage2", trains=True, data=2, rows=_stage2_rows,
                     settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
-                    make_batch=_alignment_batch, loss=_alignment_loss,
-                    needs_references=True, reference_rows=scheduled_rows),
+                    make_batch=lambda cfg, rows, te, refs: alignment_batch(rows, te, refs), loss=_alignment_loss,
+                    needs_references=True, reference_rows=scheduled_rows, forms_pairs=True),
 }

@@ -36,7 +36,7 @@ from .plot import EVAL_RESULT, plot_run
 from .prefetch import Prefetcher
 from .refscores import ReferenceScores, fingerprint, online_references, save_scores
 from .runlock import RunLock, RunLockError
-from .stages import STAGES, data_files, sampler as stage_sampler
+from .stages import STAGES, data_files, sampler as stage_sampler, step_rows
 from .tokenization import TextEncoder
 
 
@@ -175,7 +175,8 @@ class Session:
         if self.stage == "stage2":
             loss = cfg.loss
             out["loss"] = {"beta": loss.beta, "tau": loss.tau, "reference_sign": loss.reference_sign,
-                           "references": loss.references, "in_batch_negatives": loss.in_batch_negatives}
+                           "references": loss.references, "in_batch_negatives": loss.in_batch_negatives,
+                           "cross_device_negatives": loss.cross_device_negatives}
         return out
 
     def close(self):
@@ -292,7 +293,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
         probe_batches = [to_device(st.make_batch(cfg, sample[i : i + o.micro_batch_size], s.text_encoder, None),
                                    s.device) for i in range(0, len(sample), o.micro_batch_size)]
     def build(key):  # on the prefetch thread: rows -> tokens -> typed batch, and its tokens counted on the host
-        batch = st.make_batch(cfg, [rows[i] for i in sampler.indices(*key, D.rank())], s.text_encoder, refs)
+        batch = st.make_batch(cfg, step_rows(cfg, stage, rows, sampler, *key, D.rank()), s.text_encoder, refs)
         return token_count(batch), batch
 
     keys = ((step, micro) for step in range(start, end) for micro in range(o.gradient_accumulation_steps))

@@ -164,3 +164,27 @@ print(json.dumps({{"plain": plain.tolist(), "ours": ours.tolist()}}))
     for name in ("plain", "ours"):
         cos = np.sum(np.array(got[name]) * engine, axis=1)
         assert cos.min() > 0.9999, (name, cos)
+
+
+def test_cross_device_negatives_on_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path, default_tiny_base,
+                                                                                       tiny_export):
+    """loss.cross_device_negatives on 2 gloo ranks of 3 rows each: every query is scored against all 6
+    rows' texts, so the run is one process with micro-batches of 6 and in-batch negatives: the same
+    candidates, the same mean loss, the same gradients, hence the same losses at every step."""
+    _, s2 = _repeated_data(tmp_path)
+    common = ["stage=stage2", f"model.base={default_tiny_base}", f"paths.stage1_model={tiny_export}",
+              f"data.stage2={s2}", "model.lora_rank=4", "model.lora_dropout=0.0", "loss.references=online",
+              "loss.in_batch_negatives=true", "stage2.max_steps=3", "stage2.warmup_steps=0",
+              "stage2.learning_rate=5e-3", "model.dtype=fp32"]
+    losses = {}
+    for name, ranks, extra in (("two", 2, ["stage2.micro_batch_size=3", "loss.cross_device_negatives=true"]),
+                               ("one", 1, ["stage2.micro_batch_size=6"])):
+        out = tmp_path / name
+        args = [os.path.join(ROOT, "train.py"), "--deepspeed", os.path.join(ROOT, "ds_configs", "zero3.json"),
+                *[a for kv in [f"output_dir={out}", *common, *extra] for a in ("--set", kv)]]
+        proc = run_child(args, ranks=ranks, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        losses[name] = _losses(str(out), "stage2")
+    np.testing.assert_allclose(losses["two"], losses["one"], rtol=2e-4)
+    card = open(tmp_path / "two" / "stage2" / "model" / "README.md").read()
+    assert "cross_device_negatives=True" in card

@@ -9,7 +9,8 @@ import torch
 from autoregembed.batches import alignment_batch, candidate_batch, with_in_batch_negatives
 from autoregembed.config import Config, ConfigError, load_config
 from autoregembed.losses import alignment_loss
-from autoregembed.stages import STAGES
+from autoregembed.data import StepSampler
+from autoregembed.stages import STAGES, step_rows
 
 ROWS = [{"query": f"query {i}", "pos": f"pos {i}", "neg": [f"neg {i}.{j}" for j in range(n)], "instruction": "I."}
         for i, n in enumerate([1, 3, 2, 1])]
@@ -85,7 +86,8 @@ def test_option_off_builds_the_same_batch_as_before():
     for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
         assert torch.equal(x, y) if torch.is_tensor(x) else x == y
     on = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, in_batch_negatives=True, references="online"))
-    batch = STAGES["stage2"].make_batch(on, ROWS, te, None)
+    order = StepSampler(len(ROWS), len(ROWS), 1, 1, 0)
+    batch = STAGES["stage2"].make_batch(on, step_rows(on, "stage2", ROWS, order, 0, 0, 0), te, None)
     assert len(batch.candidates.owner) == sum(len(r["neg"]) for r in with_in_batch_negatives(ROWS))
     assert torch.isnan(batch.ref_c).all() and torch.isnan(batch.ref_r).all()  # until online_references fills them
     assert "reference" in cfg.stages() and "reference" not in on.stages()
@@ -149,7 +151,8 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
         ("two kids play in the snow .", "children are playing outside .", ["a plane takes off ."])]]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):  # move the adapters away from zero, so disabling them matters
-        batch = online_references(model, make_batch(cfg, rows[:2], te, None))
+        batch = online_references(model, make_batch(cfg, with_in_batch_negatives(rows[:2]) if in_batch else rows[:2],
+                                                    te, None))
         AlignmentLoss()(model(batch), batch).backward()
         opt.step()
         opt.zero_grad()
@@ -168,14 +171,33 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
 
     sampler = StepSampler(len(rows), 2, 1, 1, cfg.seed)
     for step in range(2):  # each micro-batch stage 2 will form
-        micro = [rows[i] for i in sampler.indices(step, 0, 0)]
+        micro = step_rows(cfg, "stage2", rows, sampler, step, 0, 0)  # as stage 2 forms it
         from_file = make_batch(cfg, micro, te, refs)
         model.train()
         online = online_references(model, make_batch(cfg, micro, te, None))
         assert model.training  # restored
-        formed = with_in_batch_negatives(micro) if in_batch else micro
-        assert len(online.ref_r) == sum(len(r["neg"]) for r in formed)
+        assert len(online.ref_r) == sum(len(r["neg"]) for r in micro)
         torch.testing.assert_close(online.ref_c, from_file.ref_c, atol=1e-5, rtol=0)
         torch.testing.assert_close(online.ref_r, from_file.ref_r, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(online.candidates.owner.numpy(), from_file.candidates.owner.numpy())
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)  # adapters train again
+
+
+def test_cross_device_negatives_pool_every_ranks_micro_batch(monkeypatch):
+    """With loss.cross_device_negatives each rank's queries also get the other ranks' texts, formed
+    from the sampler alone: on 2 ranks of B rows each, exactly what one rank of 2B rows forms."""
+    from autoregembed import distributed as D
+
+    rows = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"n{i}"], "instruction": "i"} for i in range(12)]
+    cfg = load_config(None, ["loss.in_batch_negatives=true", "loss.cross_device_negatives=true"])
+    two = StepSampler(len(rows), 3, 1, 2, cfg.seed)
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    got = [r for rank in range(2) for r in step_rows(cfg, "stage2", rows, two, 1, 0, rank)]
+    monkeypatch.setattr(D, "world_size", lambda: 1)
+    want = step_rows(cfg, "stage2", rows, StepSampler(len(rows), 6, 1, 1, cfg.seed), 1, 0, 0)
+    assert got == want and all(len(r["neg"]) == 1 + 2 * 5 for r in got)  # own + the 5 other rows' pos and neg
+    local = load_config(None, ["loss.in_batch_negatives=true"])
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    assert all(len(r["neg"]) == 1 + 2 * 2 for r in step_rows(local, "stage2", rows, two, 1, 0, 0))
+    with pytest.raises(ConfigError, match="loss.cross_device_negatives' needs loss.in_batch_negatives"):
+        load_config(None, ["loss.cross_device_negatives=true"])
