@@ -246,6 +246,21 @@ class StageResult:
     score: float | None = None  # eval: STS Spearman x100
 
 
+def micro_step(engine, batch, loss_fn, online: bool = False, after_backward=None) -> torch.Tensor:
+    """One micro-batch of training, the one every trainer path runs (stages, parity test, benchmarks):
+    its online reference values (``online``), forward, loss, backward and DeepSpeed's step, which
+    updates the weights at the accumulation boundary.  ``after_backward(engine)`` runs between backward
+    and step (gradients are whole then).  Returns the loss, detached, on the device."""
+    if online:
+        batch = online_references(engine, batch)
+    loss = loss_fn(engine(batch), batch)
+    engine.backward(loss)
+    if after_backward is not None:
+        after_backward(engine)
+    engine.step()
+    return loss.detach()
+
+
 def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> StageResult:
     """Train a training stage of ``STAGES``; export at the end (``<stage>.stop_after``: see StageResult)."""
     st = STAGES[stage]
@@ -304,13 +319,8 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
             for micro in range(o.gradient_accumulation_steps):
                 _, (n, batch) = next(upcoming)
                 tokens += n
-                batch = to_device(batch, s.device)
-                if online:
-                    batch = online_references(s.engine, batch)
-                loss = loss_fn(s.engine(batch), batch)
-                s.engine.backward(loss)
-                s.engine.step()
-                total = total + loss.detach() / o.gradient_accumulation_steps
+                loss = micro_step(s.engine, to_device(batch, s.device), loss_fn, online)
+                total = total + loss / o.gradient_accumulation_steps
             mean = D.mean_across_ranks(float(total))
             if not torch.isfinite(torch.tensor(mean)):
                 raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")

@@ -337,7 +337,7 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
     from autoregembed.plan import Arch
     from autoregembed.stages import STAGES
     from autoregembed.tokenization import TextEncoder
-    from autoregembed.trainer import Session
+    from autoregembed.trainer import Session, micro_step
 
     shape = dict(hidden=64, intermediate=128, heads=4, layers=2, vocab=4096) if smoke else \
         dict(hidden=4096, intermediate=11008, heads=32, layers=4, vocab=32000)
@@ -420,11 +420,7 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
                     if i >= warm:
                         for key, v in _token_counts(b, k, int(cfg.model.decoder_bos)).items():
                             counts[key] = counts.get(key, 0) + v
-                    b = to_device(b, s.device)
-                    loss = loss_fn(s.engine(b), b)
-                    s.engine.backward(loss)
-                    s.engine.step()
-                    losses.append(loss)
+                    losses.append(micro_step(s.engine, to_device(b, s.device), loss_fn))
                 _sync(torch)
                 dt = time.perf_counter() - t0
                 enc_hw, dec_hw = ((counts["enc_real"], counts["dec_real"]) if packed else
@@ -438,9 +434,7 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
 
                     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
                     with profile(activities=acts) as prof:
-                        b = to_device(batch(warm + steps), s.device)
-                        s.engine.backward(loss_fn(s.engine(b), b))
-                        s.engine.step()
+                        micro_step(s.engine, to_device(batch(warm + steps), s.device), loss_fn)
                         _sync(torch)
                     table = prof.key_averages()
                     kernels = sorted({e.key for e in table if any(a in e.key.lower() for a in ATTENTION_KERNELS)})

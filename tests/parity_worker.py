@@ -17,7 +17,7 @@ from autoregembed.batches import alignment_batch, to_device  # noqa: E402
 from autoregembed.cli import DEFAULT_DS  # noqa: E402
 from autoregembed.config import load_config  # noqa: E402
 from autoregembed.data import load_rows  # noqa: E402
-from autoregembed.trainer import Session  # noqa: E402
+from autoregembed.trainer import Session, micro_step  # noqa: E402
 from autoregembed.stages import STAGES  # noqa: E402
 
 SETTINGS = ["model.match_decoder_scale=false", "stage2.micro_batch_size=2", "stage2.warmup_steps=0",
@@ -42,11 +42,12 @@ if __name__ == "__main__":
     for step in range(2):
         mine = rows[4 * step + 2 * D.rank() : 4 * step + 2 * D.rank() + 2]
         batch = to_device(alignment_batch(mine, s.text_encoder, ConstantReferences()), s.device)
-        loss = loss_fn(s.engine(batch), batch)
-        s.engine.backward(loss)
-        if step == 0:
-            grads = {n: safe_get_full_grad(p).clone() for n, p in enc.named_parameters() if p.requires_grad}
-        s.engine.step()
+
+        def keep_grads(engine, first=step == 0):
+            if first:
+                grads.update({n: safe_get_full_grad(p).clone() for n, p in enc.named_parameters() if p.requires_grad})
+
+        loss = micro_step(s.engine, batch, loss_fn, after_backward=keep_grads)  # the trainer's own step
         losses.append(D.mean_across_ranks(loss.item()))
     if D.rank() == 0:
         torch.save({"initial": initial, "grads": grads}, f"{out}/tensors.pt")
