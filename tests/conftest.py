@@ -99,3 +99,30 @@ def tiny_export(tiny_base, tmp_path_factory):
     export_encoder(model.encoder, tok, out, ExportMeta(num_embed_tokens=5, max_text_len=64,
                                                        instruction="Retrieve semantically similar text."))
     return out
+
+
+def wandb_records(path: str) -> list:
+    """The protobuf records of an offline run's .wandb file (a LevelDB-style log: 32 KiB blocks of
+    records with 7-byte headers, after a 7-byte file header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, out, buf, pos = open(path, "rb").read(), [], b"", 7
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:  # the rest of the block is padding
+            pos += left
+            continue
+        buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+            buf = b""
+    return out

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 from safetensors import safe_open
-from conftest import run_child
+from conftest import child_env, run_child
 from dist_worker import TEXTS
 
 pytestmark = pytest.mark.distributed
@@ -40,13 +40,15 @@ def run(tmp_path_factory, request, default_tiny_base):
                  f"model.base={default_tiny_base}", "stage1.max_steps=16", "stage1.micro_batch_size=4",
                  "stage1.learning_rate=3e-3", "stage2.max_steps=12", "stage2.micro_batch_size=4",
                  "stage2.learning_rate=2e-3", "stage1.warmup_steps=0", "stage2.warmup_steps=0"]
-    if request.param == "full":  # STS of the model in training, twice per stage
-        overrides += ["eval.every=8", f"eval.sts_file={os.path.join(ROOT, 'autoregembed', 'resources', 'sts_dev_sample.csv')}"]
+    if request.param == "full":  # STS of the model in training, twice per stage; W&B (offline) from rank 0
+        overrides += ["eval.every=8", f"eval.sts_file={os.path.join(ROOT, 'autoregembed', 'resources', 'sts_dev_sample.csv')}",
+                      "monitor.wandb=true", "monitor.wandb_project=tests"]
     if request.param == "lora":  # and the frozen decoder partitioned with the encoder, every pass packed
         overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3",
                       "loss.references=online", "loss.in_batch_negatives=true", "model.shard_decoder=true",
                       "model.packing=true"]
-    proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600)
+    proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600,
+                     env=child_env(WANDB_MODE="offline", WANDB_SILENT="true"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reports = [json.load(open(tmp / f"report-rank{r}.json")) for r in range(2)]
     return out, reports, request.param, proc.stdout + proc.stderr
@@ -86,6 +88,27 @@ def test_each_step_reports_grad_norm_throughput_and_each_warning_once(run):
             assert all(-100 <= v <= 100 for v in sts.values())
     warnings = [line for line in run[3].splitlines() if "Warning: " in line]
     assert all(warnings.count(w) <= 2 for w in warnings), warnings  # once per rank at most
+
+
+def test_weights_and_biases_gets_one_run_per_stage_with_every_step_record(run):
+    """monitor.wandb, W&B offline (no network): each training stage's run, named <run>-<stage>, under
+    <output_dir>/<stage>/wandb, holds every step record at its optimizer step, from rank 0 only."""
+    from conftest import wandb_records
+
+    if run[2] != "full":
+        pytest.skip("W&B is on in the full-fine-tune run")
+    for stage in ("stage1", "stage2"):
+        (path,) = glob.glob(os.path.join(run[0], stage, "wandb", "offline-run-*", "run-*.wandb"))
+        records = wandb_records(path)
+        (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert (meta.display_name, meta.project, meta.run_group) == (f"run-{stage}", "tests", "run")
+        history = {}
+        for r in records:
+            if r.WhichOneof("record_type") == "history":
+                items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+                history[items["_step"]] = items
+        for record in map(json.loads, open(os.path.join(run[0], stage, "metrics.jsonl"))):
+            assert history[record["step"]][f"{stage}/loss"] == pytest.approx(record["loss"])
 
 
 def test_each_export_carries_a_card_that_says_how_it_trained(run):

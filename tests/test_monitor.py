@@ -105,62 +105,6 @@ def test_each_distinct_warning_is_shown_once():
             warnings.warn("x", FutureWarning)
 
 
-def _wandb_records(path: str) -> list:
-    """The protobuf records of an offline run's .wandb file (a LevelDB-style log: 32 KiB blocks of
-    records with 7-byte headers, after a 7-byte file header)."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data, out, buf, pos = open(path, "rb").read(), [], b"", 7
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if length == 0 and kind == 0:  # the rest of the block is padding
-            pos += left
-            continue
-        buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):  # a full record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(buf)
-            out.append(record)
-            buf = b""
-    return out
-
-
-def test_weights_and_biases_offline_gets_one_run_per_stage_with_the_step_records(tmp_path, default_tiny_base):
-    """monitor.wandb, W&B in offline mode (no network): the stage's run is named <run>-<stage>, lives
-    under <output_dir>/<stage>/wandb, and holds every step record at its optimizer step."""
-    import glob
-    import os
-
-    from conftest import child_env, run_child
-
-    pytest.importorskip("wandb")  # a requirement (requirements.txt); its absence is an install bug
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "myrun"
-    proc = run_child([os.path.join(root, "train.py"), "--set", f"output_dir={out}", "--set", f"model.base={default_tiny_base}",
-                      "--set", "stage=stage1", "--set", "stage1.max_steps=3", "--set", "stage1.micro_batch_size=4",
-                      "--set", "monitor.wandb=true", "--set", "monitor.wandb_project=tests"],
-                     env=child_env(WANDB_MODE="offline", WANDB_SILENT="true"), timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    (path,) = glob.glob(str(out / "stage1" / "wandb" / "offline-run-*" / "run-*.wandb"))
-    records = _wandb_records(path)
-    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert (run.display_name, run.project, run.run_group) == ("myrun-stage1", "tests", "myrun")
-    history = {}
-    for r in records:
-        if r.WhichOneof("record_type") == "history":
-            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-            history[items["_step"]] = items
-    for record in read_metrics(str(out / "stage1")):
-        assert history[record["step"]]["stage1/loss"] == pytest.approx(record["loss"])
-
-
 def test_progress_reports_rate_and_eta_at_intervals_and_at_the_end():
     from autoregembed.monitor import Progress
 
