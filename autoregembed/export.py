@@ -131,7 +131,7 @@ def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_
         writer = _ShardWriter(tmp, max_shard_bytes) if is_writer else None
         tensors = list(exported_parameters(encoder))
         progress = Progress(f"export {os.path.basename(os.path.dirname(os.path.abspath(out_dir)))}", len(tensors),
-                            "tensors", lambda m: print(f"[autoregembed] {m}", flush=True))
+                            "tensors")
         for n, (name, params, full) in enumerate(tensors, 1):
             with D.gathered(params):
                 if is_writer:

@@ -18,6 +18,12 @@ METRICS_FILE = "metrics.jsonl"
 MONITOR_DIR = "monitor"  # under the stage folder: DeepSpeed's TensorBoard / CSV output
 
 
+def log(msg: str):
+    """The trainer's one output line format, printed by rank 0."""
+    if D.rank() == 0:
+        print(f"[autoregembed] {msg}", flush=True)
+
+
 def ds_monitor_settings(monitor_cfg, stage_dir: str, stage: str) -> dict:
     """DeepSpeed config sections for the writers ``monitor.tensorboard`` / ``monitor.csv`` enable."""
     out = {}
@@ -31,7 +37,7 @@ class Progress:
     """A long loop's progress line (done/total, rate, elapsed, eta) every ``every_s`` seconds and at
     the end, on rank 0: for work that has no training steps (reference scoring, export)."""
 
-    def __init__(self, name: str, total: int, unit: str, log=print, every_s: float = 30.0, clock=time.monotonic):
+    def __init__(self, name: str, total: int, unit: str, log=log, every_s: float = 30.0, clock=time.monotonic):
         self.name, self.total, self.unit, self.log, self.every_s, self.clock = name, total, unit, log, every_s, clock
         self.t0 = self.t_last = clock()
 

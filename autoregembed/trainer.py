@@ -30,7 +30,7 @@ from .ds_config import build_ds_config, check_early, zero_stage
 from .export import ExportMeta, export_encoder
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype,
                       resolve_packing)
-from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, truncate_metrics
+from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, log, truncate_metrics
 from .plan import Arch
 from .plot import EVAL_RESULT, plot_run
 from .prefetch import Prefetcher
@@ -38,11 +38,6 @@ from .refscores import ReferenceScores, fingerprint, online_references, save_sco
 from .runlock import RunLock, RunLockError
 from .stages import STAGES, data_files, sampler as stage_sampler, step_rows
 from .tokenization import TextEncoder
-
-
-def log(msg: str):
-    if D.rank() == 0:
-        print(f"[autoregembed] {msg}", flush=True)
 
 
 def reference_fingerprint(cfg: Config, decoder_dir: str) -> str:
@@ -387,7 +382,7 @@ def score_references(cfg: Config, ds_path) -> StageResult:
     results = []
     stage_dir = cfg.stage_dir("reference")
     preemption.clear_marker(stage_dir)
-    progress = Progress("reference", n_batches, "batches", log)
+    progress = Progress("reference", n_batches, "batches")
     for b in range(n_batches):
         if preemption.requested(stage_dir):  # nothing partial is kept: the stage reruns after requeue
             preemption.honoured(stage_dir, "reference")
