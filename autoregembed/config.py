@@ -233,12 +233,8 @@ def _coerce(value, tp, key: str):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        if len(args) > 1:
-            tp = next((a for a in args if (typing.get_origin(a) or a) is type(value)), args[0])
-            origin = typing.get_origin(tp)
-        else:
-            (tp,) = args
-            origin = typing.get_origin(tp)
+        tp = next((a for a in args if (typing.get_origin(a) or a) is type(value)), args[0])
+        origin = typing.get_origin(tp)
     if origin is list and isinstance(value, list):
         (item,) = typing.get_args(tp)
         return [_build(item, v, f"{key}[{i}].") if dataclasses.is_dataclass(item) else _coerce(v, item, f"{key}[{i}]")
