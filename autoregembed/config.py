@@ -54,6 +54,12 @@ class ModelConfig:
     # become one; model.py); false: the decoder input as published. Stage 1, reference scores
     # and stage 2 must agree (the reference-score fingerprint includes it)
     decoder_bos: bool = False
+    # stage 1: the frozen decoder reads n learned vectors, the same for every text, between e_1..e_k
+    # and the target, fitted before stage 1 to what fits every text (shared_prefix.py); they travel
+    # with the stage-1 export to reference scores and stage 2. 0: the decoder input as published
+    shared_prefix: int = 0
+    shared_prefix_steps: int = 100  # Adam steps of the fit, over the decoder-scale sample's micro-batches
+    shared_prefix_lr: float = 1e-2
     # where the frozen decoder lives under ZeRO-3: false, whole on every GPU outside the DeepSpeed
     # engine (no all-gather of weights that never get a gradient, in every forward, backward and
     # recompute; 13.5 GB at 7B in bf16); true, partitioned inside the engine with the encoder,
@@ -446,6 +452,14 @@ def _check_values(cfg: Config):
     if cfg.model.tiny_hidden_size < 4 or cfg.model.tiny_hidden_size % 4 or cfg.model.tiny_layers < 1:
         raise ConfigError("keys 'model.tiny_hidden_size' (a multiple of 4: 4 attention heads) and "
                           "'model.tiny_layers' must be >= 1")
+    m = cfg.model
+    if m.shared_prefix < 0 or m.shared_prefix_steps < 0 or not (_finite(m.shared_prefix_lr) and m.shared_prefix_lr > 0):
+        raise ConfigError("keys 'model.shared_prefix' and 'model.shared_prefix_steps' must be >= 0 and "
+                          f"'model.shared_prefix_lr' a finite number > 0, got {m.shared_prefix}, "
+                          f"{m.shared_prefix_steps}, {m.shared_prefix_lr}")
+    if m.shared_prefix and m.shard_decoder:
+        raise ConfigError("key 'model.shared_prefix': it is fitted through a whole decoder, not one partitioned "
+                          "under ZeRO-3; set model.shard_decoder=false")
     if not (_finite(cfg.model.lora_alpha) and cfg.model.lora_alpha >= 0):
         raise ConfigError(f"key 'model.lora_alpha' must be a finite number >= 0, got {cfg.model.lora_alpha}")
 

@@ -24,6 +24,7 @@ from .atomic import atomic_dir, atomic_write_text
 from .errors import InputError, MissingInputError, StorageError, UserError
 from .lora import exported_parameters
 from .monitor import Progress
+from .shared_prefix import write_prefix
 from .st_format import write_sentence_transformers
 from .tokenization import embed_token_names, input_template
 
@@ -41,6 +42,7 @@ class ExportMeta:
     stage: str | None = None
     base_model: str | None = None
     decoder_bos: bool = False  # provenance: what the decoder read in training
+    shared_prefix: int = 0  # vectors of the decoder's shared prefix, in shared_prefix.PREFIX_FILE beside the model
     training: dict | None = None  # provenance for the model card: data files, steps, optimiser, loss
     evaluation: dict | None = None  # the last STS result of this export (evaluate.sts_report), for the card
 
@@ -111,11 +113,13 @@ class _ShardWriter:
 
 
 def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: ExportMeta,
-                   max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
-    """Every rank must call this (the gathers are collective); rank 0 writes ``out_dir``."""
+                   max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None,
+                   shared_prefix: torch.Tensor | None = None):
+    """Every rank must call this (the gathers are collective); rank 0 writes ``out_dir``, with the
+    decoder's ``shared_prefix`` (shared_prefix.py) when the model was trained with one."""
     is_writer = D.rank() == 0
     try:
-        _write_export(encoder, tokenizer, out_dir, meta, max_shard_bytes, dtype, is_writer)
+        _write_export(encoder, tokenizer, out_dir, meta, max_shard_bytes, dtype, is_writer, shared_prefix)
     except (OSError, SafetensorError) as e:  # a full disk, a read-only folder: atomic_dir kept the old export
         if isinstance(e, UserError):
             raise
@@ -125,7 +129,8 @@ def export_encoder(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: Expo
     return out_dir
 
 
-def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_bytes: int, dtype, is_writer: bool):
+def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_bytes: int, dtype, is_writer: bool,
+                  shared_prefix: torch.Tensor | None):
     ctx = atomic_dir(out_dir) if is_writer else contextlib.nullcontext()
     with ctx as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes) if is_writer else None
@@ -150,6 +155,8 @@ def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_
             config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             meta.write(tmp)
+            if shared_prefix is not None:
+                write_prefix(tmp, shared_prefix)
             write_sentence_transformers(tmp, tokenizer, meta.num_embed_tokens, meta.instruction,
                                         meta.max_text_len, config.hidden_size)
             from .model_card import CARD_FILE, card_text  # it reads ExportMeta: imported here, not at the top

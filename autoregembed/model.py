@@ -19,6 +19,7 @@ from .batches import AlignmentBatch, CandidateBatch, CompressionBatch
 from .errors import InputError
 from .logprobs import sequence_logprobs
 from .packing import Packing
+from .shared_prefix import with_shared_prefix
 from .tokenization import decoder_layout
 
 
@@ -135,6 +136,7 @@ class AutoRegEmbedModel(nn.Module):
             object.__setattr__(self, "decoder", decoder)  # an attribute, not a registered submodule
         self.k = k
         self.decoder_bos_id = decoder_bos_id
+        self.shared_prefix: torch.Tensor | None = None  # model.shared_prefix (shared_prefix.py), set by its owner
         _freeze(decoder)
         self.head = LogprobHead(decoder, scorer)
         cfg = decoder.config
@@ -168,6 +170,7 @@ class AutoRegEmbedModel(nn.Module):
               n_scored: int | None = None) -> torch.Tensor:
         """Summed log p(target | compressed) per row, fp32 [S]; differentiable w.r.t. compressed only.
         n_scored: target_mask.sum() as a host integer, when the batch carries it (batches.py)."""
+        compressed = with_shared_prefix(compressed, self.shared_prefix)
         lay = decoder_layout(target_ids, target_mask, compressed.shape[1], self.decoder_bos_id)
         tok = self.decoder.get_input_embeddings()(lay.ids)
         inputs = torch.cat([tok[:, : lay.n_bos], compressed.to(tok.dtype), tok[:, lay.n_bos :]], dim=1)

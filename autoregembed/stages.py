@@ -32,6 +32,7 @@ class Stage:
     # the rows, as its batches will hold them, that the reference file must cover (needs_references)
     reference_rows: Callable[[Config, list[dict]], list[dict]] | None = None
     rescales_norm: bool = False  # the final-norm calibration before training (decoder_scale.py)
+    fits_shared_prefix: bool = False  # with model.shared_prefix, its fit before training (shared_prefix.py)
     # (engine, batch) -> extra metrics, measured without gradient at every logged step (diagnostics.py)
     probe: Callable | None = None
     forms_pairs: bool = False  # its micro-batches get in-batch negatives (loss.in_batch_negatives): step_rows
@@ -96,7 +97,7 @@ STAGES = {
                     settings=lambda cfg: cfg.stage1, input_model=prepare_base,
                     make_batch=lambda cfg, rows, te, refs: compression_batch(rows, te, cfg.loss.stage1_contrast > 0),
                     loss=lambda cfg: CompressionLoss(cfg.loss.stage1_contrast), rescales_norm=True,
-                    probe=information_gap),
+                    fits_shared_prefix=True, probe=information_gap),
     "reference": Stage("reference", trains=False, data=2, rows=lambda cfg: scheduled_rows(cfg, _stage2_rows(cfg)),
                        settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
                        make_batch=lambda cfg, rows, te, refs: candidate_batch(rows, te)),

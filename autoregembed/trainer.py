@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, preemption
 from . import distributed as D
-from .atomic import atomic_write_text
+from .atomic import atomic_file, atomic_write_text
 from .batches import compression_batch, to_device, token_count
 from .config import Config, check_runtime
 from .data import row_key
@@ -36,6 +36,7 @@ from .plot import EVAL_RESULT, plot_run
 from .prefetch import Prefetcher
 from .refscores import ReferenceScores, fingerprint, online_references, save_scores
 from .runlock import RunLock, RunLockError
+from .shared_prefix import PREFIX_FILE, fit_shared_prefix, read_prefix, write_prefix
 from .stages import STAGES, data_files, sampler as stage_sampler, step_rows
 from .tokenization import TextEncoder
 
@@ -130,6 +131,8 @@ class Session:
                 decoder_checkpointing=dec_checkpointing)
             if norm_scale is not None:
                 rescale_final_norm(self.model.encoder, norm_scale)
+            if os.path.isdir(encoder_path):  # a stage-1 export brings the decoder's shared prefix along
+                self.model.shared_prefix = read_prefix(encoder_path)
             self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
                                             cfg.data.max_text_len, cfg.data.max_target_len)
             kwargs = {}
@@ -154,8 +157,9 @@ class Session:
     def export(self, out_dir: str) -> str:
         meta = ExportMeta(num_embed_tokens=self.cfg.model.num_embed_tokens, instruction=self.cfg.eval.instruction,
                           max_text_len=self.cfg.data.max_text_len, stage=self.stage, base_model=self.cfg.model.base,
-                          decoder_bos=self.cfg.model.decoder_bos, training=self._provenance())
-        export_encoder(self.encoder, self.tokenizer, out_dir, meta)
+                          decoder_bos=self.cfg.model.decoder_bos, training=self._provenance(),
+                          shared_prefix=0 if self.model.shared_prefix is None else len(self.model.shared_prefix))
+        export_encoder(self.encoder, self.tokenizer, out_dir, meta, shared_prefix=self.model.shared_prefix)
         log(f"{self.stage}: exported model to {out_dir}")
         return out_dir
 
@@ -203,6 +207,30 @@ def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[di
     log(f"stage1: final-norm scale to the decoder's word embeddings: median {factors.median():.4g} "
         f"(min {factors.min():.4g}, max {factors.max():.4g})")
     return factors
+
+
+def stage_shared_prefix(cfg: Config, stage: str, s: Session, rows: list[dict], resume: bool) -> torch.Tensor:
+    """The shared prefix stage 1 trains with (shared_prefix.py): the one in the stage folder when
+    resuming, else fitted on the decoder-scale sample with the encoder as it starts.  Every rank
+    fits (the encoder's passes are collective under ZeRO-3); rank 0's result is used and kept."""
+    path = os.path.join(cfg.stage_dir(stage), PREFIX_FILE)
+    if resume and os.path.exists(path):
+        return read_prefix(cfg.stage_dir(stage))
+    m, bs = cfg.model, cfg.stage1.micro_batch_size
+    sample = [rows[i] for i in calibration_indices(len(rows), 128, cfg.seed)]
+    batches = [to_device(compression_batch(sample[i : i + bs], s.text_encoder), s.device)
+               for i in range(0, len(sample), bs)]
+    prefix, before, after = fit_shared_prefix(s.engine.module, batches, m.shared_prefix, m.shared_prefix_steps,
+                                              m.shared_prefix_lr)
+    prefix = D.broadcast_object(prefix.cpu()).to(s.device)
+    if D.rank() == 0:
+        os.makedirs(cfg.stage_dir(stage), exist_ok=True)
+        with atomic_file(path) as tmp:
+            write_prefix(os.path.dirname(tmp), prefix, os.path.basename(tmp))
+    D.barrier()
+    log(f"{stage}: shared prefix of {m.shared_prefix} vectors fitted in {m.shared_prefix_steps} steps: decoder "
+        f"loss {before:.4f} -> {after:.4f} nats/token with every text's e in place (written to {path})")
+    return prefix
 
 
 def _norm_scale(cfg: Config, stage: str, ds_path, encoder_path: str, rows: list[dict] | None = None):
@@ -277,6 +305,8 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     resume_from = checkpoint.find_resume(ckpt_dir, log=lambda m: log(f"{stage}: {m}")) if resume else None
     s = Session(cfg, stage, ds_path, encoder_path, train=True,
                 norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path, rows), resume=resume_from)
+    if st.fits_shared_prefix and cfg.model.shared_prefix:
+        s.model.shared_prefix = stage_shared_prefix(cfg, stage, s, rows, resume)
     o = s.optim
     sampler = stage_sampler(cfg, stage, rows)
     start = 0
@@ -357,6 +387,12 @@ def open_trained(cfg: Config, stage: str, ds_path) -> Session:
     s = Session(cfg, stage, ds_path, encoder_path, train=True,
                 norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path), resume=resume)
     checkpoint.load(s.engine, resume, log=lambda m: log(f"{stage}: {m}"))
+    if STAGES[stage].fits_shared_prefix and cfg.model.shared_prefix:
+        s.model.shared_prefix = read_prefix(cfg.stage_dir(stage))
+        if s.model.shared_prefix is None:
+            s.close()
+            raise checkpoint.CheckpointError(f"{cfg.stage_dir(stage)}: no {PREFIX_FILE} beside the checkpoints of a "
+                                             f"run with model.shared_prefix={cfg.model.shared_prefix}")
     return s
 
 
