@@ -243,6 +243,7 @@ def _reconstruct(args) -> int:
     from .errors import InputError
     from .export import ExportMeta
     from .reconstruct import decoder_path, load_decoder, reconstruct, summary
+    from .shared_prefix import read_prefix
 
     if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise InputError("--max-new-tokens and --limit must be >= 1")
@@ -252,7 +253,8 @@ def _reconstruct(args) -> int:
     decoder = decoder_path(args.model, args.decoder)  # bad paths fail before a model loads
     encoder = Encoder.from_pretrained(args.model, dtype=torch.float32)
     results = reconstruct(encoder, load_decoder(decoder, next(encoder.model.parameters()).device), texts,
-                          args.instruction, ExportMeta.read(args.model).decoder_bos, args.max_new_tokens)
+                          args.instruction, ExportMeta.read(args.model).decoder_bos, args.max_new_tokens,
+                          shared_prefix=read_prefix(args.model))
     for r in results:
         print(f"original:    {r['text']}\nregenerated: {r['regenerated']}\ntoken accuracy {r['token_accuracy']:.3f}\n")
     if args.output:

@@ -15,6 +15,7 @@ import torch
 from .encoder import Encoder
 from .errors import InputError, MissingInputError
 from .model import compressed_states
+from .shared_prefix import with_shared_prefix
 from .tokenization import IGNORE_INDEX, decoder_layout
 
 
@@ -72,7 +73,8 @@ def regenerate(decoder, e: torch.Tensor, bos_id: int | None, eos_id: int, pad_id
 
 @torch.no_grad()
 def reconstruct(encoder: Encoder, decoder, texts: list[str], instruction: str | None = None,
-                decoder_bos: bool = False, max_new_tokens: int = 64, batch_size: int = 8) -> list[dict]:
+                decoder_bos: bool = False, max_new_tokens: int = 64, batch_size: int = 8,
+                shared_prefix: torch.Tensor | None = None) -> list[dict]:
     """One dict per text: ``text``, ``regenerated`` (greedy, from the compressed tokens alone),
     ``token_accuracy`` (teacher-forced argmax over the text's tokens and EOS) and ``tokens``."""
     te, tok = encoder.text_encoder, encoder.text_encoder.tokenizer
@@ -85,7 +87,7 @@ def reconstruct(encoder: Encoder, decoder, texts: list[str], instruction: str | 
         enc = te.encode_inputs(chunk, [instruction] * len(chunk))
         mask = enc["attention_mask"].to(device)
         hidden = encoder.model(input_ids=enc["input_ids"].to(device), attention_mask=mask).last_hidden_state
-        e = compressed_states(hidden, mask, encoder.k)
+        e = with_shared_prefix(compressed_states(hidden, mask, encoder.k), shared_prefix)  # as the decoder read it
         tgt = te.encode_targets(chunk)
         right, scored = teacher_forced_hits(decoder, e, tgt["target_ids"].to(device), tgt["target_mask"].to(device), bos)
         generated = regenerate(decoder, e, bos, tok.eos_token_id, tok.pad_token_id, max_new_tokens)

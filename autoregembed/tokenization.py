@@ -3,7 +3,8 @@
 Encoder input:  [BOS] tok(text)[:budget] tok("\\n" + instruction + "\\n") <EMBED0>..<EMBED{k-1}>
                 right-padded, so the k EMBED tokens sit right after each row's last real token.
 Decoder input:  [BOS] e_1..e_k tok(target)[:max_target_len] [EOS] as embeddings, the BOS only with
-                ``model.decoder_bos`` (``decoder_layout``); labels are -100 on the prefix, i.e.
+                ``model.decoder_bos`` (``decoder_layout``), and with ``model.shared_prefix`` the
+                shared vectors after e_k (shared_prefix.py); labels are -100 on the prefix, i.e.
                 position prefix-1+t predicts target token t.
 """
 from __future__ import annotations

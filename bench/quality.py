@@ -190,6 +190,7 @@ def main():
     ap.add_argument("--stage1-lora-rank", type=int, default=0, help="LoRA rank of stage 1 (0: full fine-tune)")
     ap.add_argument("--stage1-shared-prefix", type=int, default=0,
                     help="model.shared_prefix: learned vectors the decoder reads between e and the target (0: none)")
+    ap.add_argument("--stage1-shared-prefix-steps", type=int, default=100, help="model.shared_prefix_steps")
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-lora-rank", type=int, default=16, help="LoRA rank of (d) and (e)")
     ap.add_argument("--full-ft-lr", type=float, default=1e-5, help="(f): the authors' stage-2 learning rate")
@@ -251,7 +252,8 @@ def main():
               "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
               f"model.match_decoder_scale={not args.no_decoder_scale}", f"model.decoder_bos={not args.no_decoder_bos}",
               f"loss.detach_positive={not args.no_detach_positive}", f"loss.stage1_contrast={args.stage1_contrast}",
-              f"stage1.lr_schedule={args.stage1_schedule}", f"model.shared_prefix={args.stage1_shared_prefix}"]
+              f"stage1.lr_schedule={args.stage1_schedule}", f"model.shared_prefix={args.stage1_shared_prefix}",
+              f"model.shared_prefix_steps={args.stage1_shared_prefix_steps}"]
     for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),
                                     ("stage2", args.stage2_steps, args.batch // 2, args.stage2_lr)):
         common += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
@@ -342,7 +344,7 @@ def _settings(options: dict) -> dict:
     """The options that decide a run's scores; the DeepSpeed config named relative to the checkout, so
     that records made in different checkouts of the repository compare equal."""
     kept = {"stage1_contrast": 0.0, "stage1_schedule": "linear", "stage1_lora_rank": 0,  # records before the options existed ran without them
-            "stage1_shared_prefix": 0,
+            "stage1_shared_prefix": 0, "stage1_shared_prefix_steps": 100,
             "stage1_instruction": AUTOENCODE,
             **{k: v for k, v in options.items() if k not in ("out", "results", "split", "merge")}}
     ds = os.path.abspath(kept["deepspeed"])
