@@ -149,6 +149,10 @@ class PathsConfig:
 class EvalConfig:
     sts_file: str = "auto"  # auto: ../shared STS-B dev when present, else the bundled sample
     instruction: str = "Retrieve semantically similar text."  # default instruction stored with exports
+    # what encode_query / encode_document (sentence-transformers, Encoder) and MTEB's query and
+    # passage sides use (instructions.py); null: eval.instruction
+    query_instruction: typing.Optional[str] = None
+    document_instruction: typing.Optional[str] = None
     batch_size: int = 64
     # every N optimizer steps of a training stage, STS Spearman of the model in training on sts_file
     # (sts_spearman in metrics.jsonl, the progress line and the plot): a collapse seen while it happens; 0: off

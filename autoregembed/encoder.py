@@ -12,16 +12,21 @@ import torch
 
 from .errors import InputError
 from .export import ExportMeta
+from .instructions import prompts as export_prompts
 from .loading import sdpa_without_cudnn
 from .model import compressed_states, pool_embedding
 from .tokenization import TextEncoder, prepare_tokenizer
 
 
 class Encoder:
-    def __init__(self, model, tokenizer, k: int, instruction: str, max_text_len: int = 512):
+    def __init__(self, model, tokenizer, k: int, instruction: str, max_text_len: int = 512,
+                 prompts: dict[str, str] | None = None):
+        """prompts: the export's instruction table (instructions.py); "query" and "document" are
+        what ``encode_query`` and ``encode_document`` use."""
         self.model = model.eval()
         self.k = k
         self.instruction = instruction
+        self.prompts = {"query": instruction, "document": instruction, **(prompts or {})}
         self.text_encoder = TextEncoder(tokenizer, k, max_text_len=max_text_len)
 
     @classmethod
@@ -36,7 +41,16 @@ class Encoder:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         sdpa_without_cudnn()  # Transformers' default attention is SDPA
         model = AutoModel.from_pretrained(path, dtype=dtype or "auto").to(device)
-        return cls(model, tokenizer, meta.num_embed_tokens, meta.instruction, max_text_len or meta.max_text_len)
+        return cls(model, tokenizer, meta.num_embed_tokens, meta.instruction, max_text_len or meta.max_text_len,
+                   export_prompts(meta))
+
+    def encode_query(self, sentences, **kwargs):
+        """``encode`` with the export's query instruction (sentence-transformers' ``encode_query``)."""
+        return self.encode(sentences, **{"instruction": self.prompts["query"], **kwargs})
+
+    def encode_document(self, sentences, **kwargs):
+        """``encode`` with the export's document instruction (sentence-transformers' ``encode_document``)."""
+        return self.encode(sentences, **{"instruction": self.prompts["document"], **kwargs})
 
     @torch.no_grad()
     def encode(self, sentences, batch_size: int = 32, instruction: str | None = None,

@@ -37,11 +37,13 @@ class ExportMeta:
     the text budget) and where it came from.  The one reader and writer of that file."""
 
     num_embed_tokens: int
-    instruction: str
+    instruction: str  # the default; instructions.prompts(meta) is the export's whole table
     max_text_len: int = 512
     stage: str | None = None
     base_model: str | None = None
     decoder_bos: bool = False  # provenance: what the decoder read in training
+    query_instruction: str | None = None  # encode_query's instruction (None: ``instruction``)
+    document_instruction: str | None = None  # encode_document's instruction (None: ``instruction``)
     shared_prefix: int = 0  # vectors of the decoder's shared prefix, in shared_prefix.PREFIX_FILE beside the model
     training: dict | None = None  # provenance for the model card: data files, steps, optimiser, loss
     evaluation: dict | None = None  # the last STS result of this export (evaluate.sts_report), for the card
@@ -62,6 +64,8 @@ class ExportMeta:
             meta = cls(**{k: v for k, v in record.items() if k in known})
             if not isinstance(meta.num_embed_tokens, int) or not isinstance(meta.instruction, str):
                 raise TypeError("num_embed_tokens must be an integer and instruction a string")
+            if not all(isinstance(x, (str, type(None))) for x in (meta.query_instruction, meta.document_instruction)):
+                raise TypeError("query_instruction and document_instruction must be strings or null")
             if meta.num_embed_tokens < 1:
                 raise ValueError(f"num_embed_tokens must be >= 1, got {meta.num_embed_tokens}")
         except (ValueError, TypeError, AttributeError) as e:
@@ -157,8 +161,7 @@ def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_
             meta.write(tmp)
             if shared_prefix is not None:
                 write_prefix(tmp, shared_prefix)
-            write_sentence_transformers(tmp, tokenizer, meta.num_embed_tokens, meta.instruction,
-                                        meta.max_text_len, config.hidden_size)
+            write_sentence_transformers(tmp, tokenizer, meta, config.hidden_size)
             from .model_card import CARD_FILE, card_text  # it reads ExportMeta: imported here, not at the top
 
             with open(os.path.join(tmp, CARD_FILE), "w", encoding="utf-8") as f:

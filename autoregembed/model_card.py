@@ -14,6 +14,7 @@ import yaml
 
 from .atomic import atomic_write_text
 from .export import ExportMeta
+from .instructions import prompts
 
 CARD_FILE = "README.md"
 EXAMPLE = ["A man is playing a guitar.", "Someone is playing an instrument.", "The stock market fell sharply today."]
@@ -75,7 +76,7 @@ def card_text(folder: str, meta: ExportMeta) -> str:
     datasets = [d for d in (_hub_id(x) for x in training.get("data", [])) if d]
     if datasets:
         metadata["datasets"] = datasets
-    k, name = meta.num_embed_tokens, _title(folder)
+    k, name, table = meta.num_embed_tokens, _title(folder), prompts(meta)
     template = f"[BOS]{{text}}\\n{meta.instruction}\\n" + "".join(f"<EMBED{i}>" for i in range(k))
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
              f"A text-embedding model trained with [AutoRegEmbed](https://arxiv.org/abs/2502.11401)"
@@ -85,10 +86,15 @@ def card_text(folder: str, meta: ExportMeta) -> str:
              "## Usage", "", "sentence-transformers (the instruction and EMBED tokens are in the tokenizer's template):",
              "", "```python", "from sentence_transformers import SentenceTransformer", "",
              f"model = SentenceTransformer({folder!r})", f"sentences = {EXAMPLE!r}",
-             "embeddings = model.encode(sentences)", "print(model.similarity(embeddings, embeddings))", "```", "",
+             "embeddings = model.encode(sentences)", "print(model.similarity(embeddings, embeddings))",
+             f"queries = model.encode_query(sentences)  # instruction: {table['query']}",
+             f"documents = model.encode_document(sentences)  # instruction: {table['document']}", "```", "",
+             "A serving stack must run the `1_WordWeights` module: it keeps only the EMBED tokens' states for the",
+             "mean. One that skips it and pools every token computes different embeddings without a word.", "",
              "autoregembed's own encoder (`instruction=` overrides the one trained with):", "",
              "```python", "from autoregembed import Encoder", "", f"model = Encoder.from_pretrained({folder!r})",
              f"sentences = {EXAMPLE!r}", "embeddings = model.encode(sentences)  # L2-normalised rows",
+             "queries = model.encode_query(sentences)  # also encode_document",
              "print(embeddings @ embeddings.T)", "```", "", "transformers alone:", "", "```python", "import torch",
              "from transformers import AutoModel, AutoTokenizer", "",
              f"tokenizer = AutoTokenizer.from_pretrained({folder!r})  # appends the instruction and the EMBED tokens",
@@ -104,7 +110,8 @@ def card_text(folder: str, meta: ExportMeta) -> str:
         lines += [f"- {key}: {_value(value)}" for key, value in training.items()]
     else:
         lines.append("Not recorded (exported outside the trainer).")
-    lines += [f"- embedding tokens k: {k}", f"- instruction: `{meta.instruction}`",
+    lines += [f"- embedding tokens k: {k}", f"- instruction: `{meta.instruction}` (queries: `{table['query']}`, "
+              f"documents: `{table['document']}`)",
               f"- text budget: {meta.max_text_len} tokens", "", "## Evaluation", ""]
     if results:
         lines += ["| data | Spearman x100 | mean pairwise cosine |", "| --- | --- | --- |",

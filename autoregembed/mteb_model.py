@@ -2,9 +2,8 @@
 
 ``encode(inputs: DataLoader, *, task_metadata, hf_split, hf_subset, prompt_type)``: the
 instruction goes into our template's instruction slot (text, then instruction, then the EMBED
-tokens), chosen by the most specific key of ``instructions`` that matches, in this order:
-``"<task name>-<query|document>"``, ``"<task name>"``, ``"<task type>-<query|document>"``,
-``"<task type>"``; else the export's own instruction (autoregembed.json).
+tokens), chosen from the export's table (instructions.py, updated with ``instructions``) in MTEB's
+order, the order MTEB's sentence-transformers wrapper uses on the same table.
 """
 from __future__ import annotations
 
@@ -19,21 +18,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from .encoder import Encoder
 from .errors import InputError
 from .export import META_FILE, ExportMeta
-
-STS_INSTRUCTION = "Retrieve semantically similar text."
-# One instruction per task type (passages read the export's instruction unless a key names them).
-TASK_TYPE_INSTRUCTIONS = {
-    "STS": STS_INSTRUCTION,
-    "Summarization": STS_INSTRUCTION,
-    "PairClassification": STS_INSTRUCTION,
-    "BitextMining": STS_INSTRUCTION,
-    "Retrieval-query": "Given a query, retrieve relevant passages that answer the query.",
-    "Reranking-query": "Given a query, retrieve relevant documents.",
-    "Classification": "Classify the given text.",
-    "MultilabelClassification": "Classify the given text.",
-    "Clustering": "Identify the topic or theme of the given text.",
-}
-
+from .instructions import instruction_for, prompts
 
 LANGUAGES = {"en": "eng-Latn", "zh": "zho-Hans", "de": "deu-Latn", "fr": "fra-Latn", "es": "spa-Latn",
              "it": "ita-Latn", "pt": "por-Latn", "ru": "rus-Cyrl", "ja": "jpn-Jpan", "ko": "kor-Hang", "ar": "arb-Arab"}
@@ -74,7 +59,7 @@ class AutoRegEmbedMTEB(AbsEncoder):
                  instructions: dict[str, str] | None = None, batch_size: int = 32, **kwargs):
         self.model = Encoder.from_pretrained(model_name, device=device)
         self.export_meta = ExportMeta.read(model_name)
-        self.instructions = {**TASK_TYPE_INSTRUCTIONS, **(instructions or {})}
+        self.instructions = {**prompts(self.export_meta), **(instructions or {})}
         self.batch_size = batch_size
         self.mteb_model_meta = model_meta(model_name, self.export_meta, self.model.model.config.hidden_size,
                                           sum(p.numel() for p in self.model.model.parameters()),
@@ -82,13 +67,8 @@ class AutoRegEmbedMTEB(AbsEncoder):
                                           self.model.model.get_input_embeddings().weight.numel())
 
     def instruction_for(self, task_metadata, prompt_type=None) -> str:
-        side = f"-{prompt_type.value}" if prompt_type is not None else None
-        for key in (task_metadata.name, task_metadata.type):
-            if side and key + side in self.instructions:
-                return self.instructions[key + side]
-            if key in self.instructions:
-                return self.instructions[key]
-        return self.export_meta.instruction
+        return instruction_for(self.instructions, self.export_meta.instruction, task_metadata.name, task_metadata.type,
+                               None if prompt_type is None else prompt_type.value)
 
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs):
         """Float64 embeddings, so MTEB's cosines rank near-equal pairs by value, not by float32

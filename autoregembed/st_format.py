@@ -1,10 +1,19 @@
 """The sentence-transformers layout of an export: ``SentenceTransformer(folder)`` embeds as
 ``Encoder`` does, from sentence-transformers' own modules only (no ``trust_remote_code``).
 
-- The tokenizer's post-processor writes our template: [BOS] text "\\n" instruction "\\n"
-  <EMBED0>..<EMBED{k-1}>, with the export's instruction; ``model_max_length`` leaves the text
-  ``max_text_len`` tokens, as ``TextEncoder`` does.  (So ``tokenizer(text)`` on an export gives
-  the encoder's whole input; autoregembed itself always tokenizes with ``add_special_tokens=False``.)
+- The tokenizer's chat template writes our template: [BOS] text "\\n" instruction "\\n"
+  <EMBED0>..<EMBED{k-1}>, the instruction being a system message when there is one (a
+  sentence-transformers prompt, ``encode(..., prompt=...)``, or a ``prompts`` entry by name),
+  else the export's query / document instruction for ``task="query"`` / ``"document"``
+  (``encode_query`` / ``encode_document``), else its instruction.  ``prompts`` holds the export's
+  whole table (instructions.py), so MTEB through sentence-transformers picks what
+  ``AutoRegEmbedMTEB`` picks.  sentence-transformers truncates the rendered sequence to
+  ``model_max_length`` (``query_length`` / ``document_length`` for those tasks) and restores the
+  template's tail: with the export's instructions the text keeps ``max_text_len`` tokens, as
+  ``TextEncoder`` does; under a prompt of another length it keeps that much more or less.
+- The tokenizer's post-processor writes the same template with the export's instruction, for users of
+  transformers alone: ``tokenizer(text)`` gives the encoder's whole input (autoregembed itself always
+  tokenizes with ``add_special_tokens=False``, as the chat template does).
 - Transformer -> WordWeights (1 on the EMBED tokens, 0 elsewhere) -> mean Pooling -> Normalize
   is mean(e_1..e_k), L2-normalised: WordWeights zeroes every other state and supplies k as the
   mean's denominator.
@@ -17,8 +26,9 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .tokenization import TextEncoder, embed_token_names
 from .errors import InputError
+from .instructions import prompts
+from .tokenization import TextEncoder, embed_token_names
 
 ST = "sentence_transformers."
 MODULES = [  # (folder, class) in order; "" is the export folder itself
@@ -54,10 +64,24 @@ def template_post_processor(tokenizer, k: int, instruction: str) -> dict:
     }
 
 
-def write_sentence_transformers(folder: str, tokenizer, k: int, instruction: str, max_text_len: int,
-                                hidden_size: int):
+def chat_template(k: int, instruction: str, query_instruction: str, document_instruction: str) -> str:
+    """The Jinja template (see the module docstring); the instructions are JSON string literals, which
+    Jinja reads as its own."""
+    q, d, i = (json.dumps(x) for x in (query_instruction, document_instruction, instruction))
+    return ("{% set ns = namespace(i=none) %}"
+            "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.i = m['content'] %}{% endif %}{% endfor %}"
+            "{% if ns.i is none %}{% if task is defined and task == 'query' %}{% set ns.i = " + q + " %}"
+            "{% elif task is defined and task == 'document' %}{% set ns.i = " + d + " %}"
+            "{% else %}{% set ns.i = " + i + " %}{% endif %}{% endif %}"
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+            "{{ '\\n' + ns.i + '\\n' }}" + "".join(embed_token_names(k)))
+
+
+def write_sentence_transformers(folder: str, tokenizer, meta, hidden_size: int):
     """Add the sentence-transformers files to an export ``folder`` that already holds the model,
-    tokenizer.json and tokenizer_config.json."""
+    tokenizer.json and tokenizer_config.json (``meta``: its ``ExportMeta``)."""
+    k, instruction, max_text_len = meta.num_embed_tokens, meta.instruction, meta.max_text_len
+    table = prompts(meta)
     tok_path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise InputError(f"{folder}: no tokenizer.json (a fast tokenizer is needed for the "
@@ -70,18 +94,24 @@ def write_sentence_transformers(folder: str, tokenizer, k: int, instruction: str
     cfg_path = os.path.join(folder, "tokenizer_config.json")
     with open(cfg_path) as f:
         tok_cfg = json.load(f)
-    tok_cfg["model_max_length"] = 1 + max_text_len + len(processor["special_tokens"][SUFFIX_TOKEN]["ids"])
+    te = TextEncoder(tokenizer, k)
+    length = lambda instr: len(te.encoder_ids("", instr)) + max_text_len  # noqa: E731  BOS + text budget + tail
+    tok_cfg["model_max_length"] = length(instruction)
     tok_cfg["padding_side"] = "right"  # the EMBED tokens sit right after each row's last real token
+    tok_cfg["chat_template"] = chat_template(k, instruction, table["query"], table["document"])
     _write_json(cfg_path, tok_cfg)
 
     _write_json(os.path.join(folder, "modules.json"),
                 [{"idx": i, "name": str(i), "path": path, "type": cls} for i, (path, cls) in enumerate(MODULES)])
     _write_json(os.path.join(folder, "sentence_bert_config.json"),
                 {"transformer_task": "feature-extraction",
-                 "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+                 # the text keeps max_text_len tokens under encode_query / encode_document too
+                 "query_length": length(table["query"]), "document_length": length(table["document"]),
+                 "modality_config": {m: {"method": "forward", "method_output_name": "last_hidden_state"}
+                                     for m in ("text", "message")},  # text is rendered as a message
                  "module_output_name": "token_embeddings"})
     _write_json(os.path.join(folder, "config_sentence_transformers.json"),
-                {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+                {"model_type": "SentenceTransformer", "prompts": table, "default_prompt_name": None,
                  "similarity_fn_name": "cosine"})
 
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))

@@ -155,7 +155,9 @@ class Session:
         return self.engine.module.encoder
 
     def export(self, out_dir: str) -> str:
-        meta = ExportMeta(num_embed_tokens=self.cfg.model.num_embed_tokens, instruction=self.cfg.eval.instruction,
+        ev = self.cfg.eval
+        meta = ExportMeta(num_embed_tokens=self.cfg.model.num_embed_tokens, instruction=ev.instruction,
+                          query_instruction=ev.query_instruction, document_instruction=ev.document_instruction,
                           max_text_len=self.cfg.data.max_text_len, stage=self.stage, base_model=self.cfg.model.base,
                           decoder_bos=self.cfg.model.decoder_bos, training=self._provenance(),
                           shared_prefix=0 if self.model.shared_prefix is None else len(self.model.shared_prefix))

@@ -32,3 +32,61 @@ def test_sentence_transformers_embeddings_are_unit_and_distinct(tiny_export):
     emb = SentenceTransformer(tiny_export, device="cpu").encode(TEXTS)
     assert np.linalg.norm(emb, axis=1) == pytest.approx(np.ones(len(TEXTS)), abs=1e-5)
     assert np.abs(emb[0] - emb[3]).max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def qd_export(tiny_base, tmp_path_factory):
+    """An export with its own query and document instructions."""
+    import torch
+
+    from autoregembed.export import ExportMeta, export_encoder
+    from autoregembed.loading import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_base, tiny_base, 5, torch.float32, "sdpa")
+    out = str(tmp_path_factory.mktemp("qd") / "model")
+    export_encoder(model.encoder, tok, out, ExportMeta(
+        num_embed_tokens=5, max_text_len=64, instruction="Retrieve semantically similar text.",
+        query_instruction='Given a "question", find its answer.', document_instruction="Represent the passage."))
+    return out
+
+
+def test_encode_query_and_encode_document_use_the_exports_instructions(qd_export):
+    """sentence-transformers' own query/document/prompt mechanisms put the instruction in our
+    template's slot: each equals Encoder with that instruction, and query != document."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(qd_export, device="cpu")
+    ours = Encoder.from_pretrained(qd_export, device="cpu")
+    q, d = st.encode_query(TEXTS), st.encode_document(TEXTS)
+    np.testing.assert_allclose(q, ours.encode(TEXTS, instruction='Given a "question", find its answer.'), atol=1e-5)
+    np.testing.assert_allclose(q, ours.encode_query(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(d, ours.encode_document(TEXTS), atol=1e-5)
+    assert np.abs(q - d).max() > 1e-3
+    np.testing.assert_allclose(st.encode(TEXTS), ours.encode(TEXTS), atol=1e-5)  # no task: the instruction
+    short = TEXTS[:2] + TEXTS[3:]  # any prompt within the text budget (a prompt of another length moves it)
+    np.testing.assert_allclose(st.encode(short, prompt="Find it."), ours.encode(short, instruction="Find it."),
+                               atol=1e-5)
+    np.testing.assert_allclose(st.encode(short, prompt_name="Clustering"),
+                               ours.encode(short, instruction="Identify the topic or theme of the given text."),
+                               atol=1e-5)
+
+
+def test_mteb_through_sentence_transformers_picks_our_instructions(qd_export):
+    """MTEB's sentence-transformers wrapper and AutoRegEmbedMTEB resolve the same table the same way."""
+    import types
+
+    from mteb.models.abs_encoder import get_prompt_name
+    from mteb.types import PromptType
+    from sentence_transformers import SentenceTransformer
+
+    from autoregembed.mteb_model import AutoRegEmbedMTEB
+
+    st, ours = SentenceTransformer(qd_export, device="cpu"), AutoRegEmbedMTEB(qd_export)
+    for name, type_, side in [("STS12", "STS", None), ("NFCorpus", "Retrieval", PromptType.query),
+                              ("NFCorpus", "Retrieval", PromptType.document), ("X", "Classification", None),
+                              ("Y", "Unknown", PromptType.query), ("Z", "Unknown", None)]:
+        meta = types.SimpleNamespace(name=name, type=type_)
+        key = get_prompt_name(st.prompts, meta, side)
+        via_st = st.prompts[key] if key else ours.export_meta.instruction
+        assert ours.instruction_for(meta, side) == via_st, (name, side)
