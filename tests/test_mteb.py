@@ -69,3 +69,22 @@ def test_model_meta_is_complete_and_read_from_the_base_models_card(tiny_export, 
                  "embed_dim", "license", "open_weights", "public_training_code", "public_training_data", "framework",
                  "similarity_fn_name", "use_instructions", "training_datasets", "adapted_from", "modalities")
     assert [k for k in described if getattr(m, k) is None] == []
+
+
+def test_mteb_through_sentence_transformers_scores_as_our_wrapper(tiny_export, tmp_path):
+    """The same local task, run by MTEB on SentenceTransformer(export) (MTEB's own wrapper, the export's
+    prompts) and on AutoRegEmbedMTEB: the same Spearman, as reported (x100, two decimals)."""
+    import mteb
+    from mteb.cache import ResultCache
+    from sentence_transformers import SentenceTransformer
+
+    from autoregembed.mteb_model import AutoRegEmbedMTEB, local_sts_task
+
+    scores = []
+    for i, model in enumerate([SentenceTransformer(tiny_export, device="cpu"), AutoRegEmbedMTEB(tiny_export)]):
+        result = mteb.evaluate(model, [local_sts_task(STS)], cache=ResultCache(str(tmp_path / str(i))),
+                               overwrite_strategy="always", show_progress_bar=False)
+        scores.append(result.task_results[0].get_score())
+    # equal to 1e-4: MTEB takes sentence-transformers' float32 embeddings as they are, ours as float64
+    # (AutoRegEmbedMTEB.encode), and the tiny model's near-equal cosines rank by rounding (4e-5 here)
+    assert scores[0] == pytest.approx(scores[1], abs=1e-4), scores
