@@ -88,7 +88,7 @@ def alignment_batch(rows: list[dict], te: TextEncoder, refs) -> AlignmentBatch:
     """``refs.lookup(row)`` gives (ref log p(pos|e_q), [ref log p(neg_i|e_q)]) (refscores.ReferenceScores).
     ``refs`` None: the reference values are NaN until ``refscores.online_references`` fills them
     (a batch that skipped it yields a NaN loss, which stops the run)."""
-    p = te.encode_inputs([r["pos"] for r in rows], [r["instruction"] for r in rows])
+    p = te.encode_inputs([r["pos"] for r in rows], [r.get("document_instruction") or r["instruction"] for r in rows])
     candidates = candidate_batch(rows, te)
     if refs is None:
         nan = float("nan")

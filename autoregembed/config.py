@@ -81,6 +81,7 @@ class SourceConfig:
     weight: typing.Optional[float] = None  # its share of each epoch's rows; null: its size (give all or none)
     columns: typing.Dict[str, str] = field(default_factory=dict)  # our field -> its column, e.g. {query: anchor}
     instruction: typing.Optional[str] = None  # for rows that carry none
+    document_instruction: typing.Optional[str] = None  # stage 2: the positive's, for rows that carry none
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Training rows: loading, validation with file/line/field errors, and deterministic batching.
 
 Stage-1 rows: {context, instruction, output}.
-Stage-2 rows: {query, pos, neg: str | list[str], instruction}; ``neg`` is normalised to a list.
+Stage-2 rows: {query, pos, neg: str | list[str], instruction, document_instruction?}; ``neg`` is
+normalised to a list; the optional ``document_instruction`` is what the positive is encoded with (for
+c_p = log p(pos|e_pos)) where documents take another instruction than queries (default: ``instruction``).
 
 Local .jsonl files are parsed here line by line so that a malformed row is reported with
 its file and line; .json, .parquet, folders (``save_to_disk`` output, Parquet or JSON shards) and
@@ -31,7 +33,8 @@ class DataError(InputError):
 
 
 STAGE1_FIELDS = {"context": "text", "instruction": "instruction", "output": "text"}
-STAGE2_FIELDS = {"query": "text", "pos": "text", "neg": "texts", "instruction": "instruction"}
+STAGE2_FIELDS = {"query": "text", "pos": "text", "neg": "texts", "instruction": "instruction",
+                 "document_instruction": "instruction?"}  # a kind ending in "?": the field may be absent
 
 
 def check_row(row, fields: dict, where: str) -> dict:
@@ -40,6 +43,8 @@ def check_row(row, fields: dict, where: str) -> dict:
     out = {}
     for name, kind in fields.items():
         if name not in row or row[name] is None:
+            if kind.endswith("?"):
+                continue
             raise DataError(f"{where}: missing field '{name}'")
         value = row[name]
         if kind == "texts":
@@ -160,19 +165,21 @@ def source_path(source) -> str:
 
 def source_records(source, split: str = "train", on_error=None):
     """``records`` of a source (a path, or a ``SourceConfig``) with its column mapping (ours <- its
-    column) and default instruction applied, so that ``check_row`` sees our field names."""
+    column) and default instructions applied, so that ``check_row`` sees our field names."""
     columns = {} if isinstance(source, str) else dict(source.columns or {})
-    default = None if isinstance(source, str) else source.instruction
+    defaults = {} if isinstance(source, str) else {k: v for k, v in (("instruction", source.instruction), (
+        "document_instruction", source.document_instruction)) if v is not None}
     for where, rec in records(source_path(source), split, on_error):
-        if isinstance(rec, dict) and (columns or default is not None):
+        if isinstance(rec, dict) and (columns or defaults):
             original, rec = rec, dict(rec)
             for ours, theirs in columns.items():
                 if theirs not in original:
                     raise DataError(f"{where}: missing column '{theirs}' (mapped to '{ours}'; it has "
                                     f"{', '.join(map(str, original))})")
                 rec[ours] = original[theirs]
-            if default is not None and rec.get("instruction") is None:
-                rec["instruction"] = default
+            for name, value in defaults.items():
+                if rec.get(name) is None:
+                    rec[name] = value
         yield where, rec
 
 

@@ -133,3 +133,33 @@ def test_a_stage2_run_trains_from_three_sources_and_data_check_reports_each(tmp_
     assert len(losses) == 3 and all(np.isfinite(losses))
     card = open(tmp_path / "run" / "stage2" / "model" / "README.md").read()
     assert "- data: `a.jsonl`, `parquet`, `saved`" in card
+
+
+def test_a_document_instruction_encodes_the_positive_and_is_optional(tmp_path, tiny_export):
+    """Rows (or a source's default) may give the positive its own instruction: stage 2 encodes the
+    positive with it (c_p) and the query with ``instruction``; reference keys do not change."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from autoregembed.batches import alignment_batch
+    from autoregembed.data import row_key
+    from autoregembed.tokenization import TextEncoder, prepare_tokenizer
+
+    path = tmp_path / "rows.jsonl"
+    rows = [{"query": "a cat sits", "pos": "a cat is sitting", "neg": "a dog runs", "instruction": "Q."},
+            {"query": "rain falls", "pos": "it rains", "neg": ["sun shines"], "instruction": "Q.",
+             "document_instruction": "Own."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_rows(SourceConfig(path=str(path), document_instruction="Doc."), stage=2)
+    assert [r.get("document_instruction") for r in loaded] == ["Doc.", "Own."]
+    assert "document_instruction" not in load_rows(str(path), stage=2)[0]
+    assert row_key(loaded[0]) == row_key(load_rows(str(path), stage=2)[0])
+
+    te = TextEncoder(prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_export), 5), 5)
+    batch = alignment_batch(loaded, te, None)
+    want = te.encode_inputs([r["pos"] for r in rows], ["Doc.", "Own."])
+    assert torch.equal(batch.p_input_ids, want["input_ids"])
+    assert torch.equal(batch.candidates.q_input_ids, te.encode_inputs([r["query"] for r in rows], ["Q.", "Q."])["input_ids"])
+    path.write_text(json.dumps({**rows[0], "document_instruction": 3}) + "\n")
+    with pytest.raises(DataError, match="document_instruction"):
+        load_rows(str(path), stage=2)
