@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -69,12 +71,38 @@ def select_device(requested: str, environ=os.environ):
         raise ConfigError(f"{source} asks for GPUs but {why}; set device=cpu to run on CPU on purpose")
 
 
+STALE_LOCK_S = 600  # building DeepSpeed's CPU shared-memory op takes about a minute
+
+
+def clear_stale_extension_lock(name: str = "deepspeed_shm_comm", max_age_s: float = STALE_LOCK_S) -> str | None:
+    """Remove ``<torch extensions>/<name>/lock`` when it is older than ``max_age_s``; returns its path if so.
+
+    Why: torch's extension loader takes that lock on every load, and DeepSpeed loads its shared-memory
+    op whenever it starts on CPU; a process killed while holding it (a job or test timeout) leaves it
+    behind, and every later start waits on it forever without a word.  No build lasts ten minutes."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = os.path.join(_get_build_directory(name, False), "lock")
+        if time.time() - os.path.getmtime(lock) < max_age_s:
+            return None
+        os.remove(lock)
+    except (ImportError, OSError):  # no such lock (the usual case), or a torch without the helper
+        return None
+    print(f"[autoregembed] removed {lock}, a lock left by a process that died while loading DeepSpeed's "
+          f"CPU communication op (every later start would have waited on it)", file=sys.stderr, flush=True)
+    return lock
+
+
 def init_distributed():
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
     os.environ.update(launch_env())
     if dist.is_initialized():
         return
     import deepspeed
+
+    if not torch.cuda.is_available():
+        clear_stale_extension_lock()
 
     if torch.cuda.is_available():
         # before the process group: NCCL binds each rank's communicator to the current device, and a
