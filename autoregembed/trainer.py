@@ -195,16 +195,21 @@ def _grad_norm(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
-def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[dict], n_rows: int = 128) -> torch.Tensor:
-    """Final-norm factors for stage 1, measured on ``n_rows`` of its rows drawn with the run's
-    seed (not the first rows: files are often sorted by source), so every rank and every
-    resumed run measures the same rows and gets the same factors."""
-    s = Session(cfg, "stage1", ds_path, encoder_path, train=False)
+def calibration_batches(cfg: Config, s: Session, rows: list[dict], n_rows: int = 128) -> list:
+    """Stage-1 micro-batches of ``n_rows`` rows drawn with the run's seed (not the first rows: files are
+    often sorted by source), on the session's device: what the decoder scale is measured on and the
+    shared prefix fitted on, the same rows on every rank and in every resumed run."""
     sample = [rows[i] for i in calibration_indices(len(rows), n_rows, cfg.seed)]
     bs = cfg.stage1.micro_batch_size
-    batches = (to_device(compression_batch(sample[i : i + bs], s.text_encoder), s.device)
-               for i in range(0, len(sample), bs))
-    factors = scale_factors(s.engine.module, batches)
+    return [to_device(compression_batch(sample[i : i + bs], s.text_encoder), s.device)
+            for i in range(0, len(sample), bs)]
+
+
+def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[dict], n_rows: int = 128) -> torch.Tensor:
+    """Final-norm factors for stage 1, measured on ``calibration_batches``, so every rank and every
+    resumed run gets the same factors."""
+    s = Session(cfg, "stage1", ds_path, encoder_path, train=False)
+    factors = scale_factors(s.engine.module, calibration_batches(cfg, s, rows, n_rows))
     s.close()
     log(f"stage1: final-norm scale to the decoder's word embeddings: median {factors.median():.4g} "
         f"(min {factors.min():.4g}, max {factors.max():.4g})")
@@ -213,17 +218,14 @@ def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[di
 
 def stage_shared_prefix(cfg: Config, stage: str, s: Session, rows: list[dict], resume: bool) -> torch.Tensor:
     """The shared prefix stage 1 trains with (shared_prefix.py): the one in the stage folder when
-    resuming, else fitted on the decoder-scale sample with the encoder as it starts.  Every rank
+    resuming, else fitted on ``calibration_batches`` with the encoder as it starts.  Every rank
     fits (the encoder's passes are collective under ZeRO-3); rank 0's result is used and kept."""
     path = os.path.join(cfg.stage_dir(stage), PREFIX_FILE)
     if resume and os.path.exists(path):
         return read_prefix(cfg.stage_dir(stage))
-    m, bs = cfg.model, cfg.stage1.micro_batch_size
-    sample = [rows[i] for i in calibration_indices(len(rows), 128, cfg.seed)]
-    batches = [to_device(compression_batch(sample[i : i + bs], s.text_encoder), s.device)
-               for i in range(0, len(sample), bs)]
-    prefix, before, after = fit_shared_prefix(s.engine.module, batches, m.shared_prefix, m.shared_prefix_steps,
-                                              m.shared_prefix_lr)
+    m = cfg.model
+    prefix, before, after = fit_shared_prefix(s.engine.module, calibration_batches(cfg, s, rows), m.shared_prefix,
+                                              m.shared_prefix_steps, m.shared_prefix_lr)
     prefix = D.broadcast_object(prefix.cpu()).to(s.device)
     if D.rank() == 0:
         os.makedirs(cfg.stage_dir(stage), exist_ok=True)
