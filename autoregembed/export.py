@@ -24,7 +24,7 @@ from .atomic import atomic_dir, atomic_write_text
 from .errors import InputError, MissingInputError, StorageError, UserError
 from .lora import exported_parameters
 from .monitor import Progress
-from .shared_prefix import write_prefix
+from .shared_prefix import PREFIX_FILE, write_prefix
 from .st_format import write_sentence_transformers
 from .tokenization import embed_token_names, input_template
 
@@ -160,7 +160,7 @@ def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_
             tokenizer.save_pretrained(tmp)
             meta.write(tmp)
             if shared_prefix is not None:
-                write_prefix(tmp, shared_prefix)
+                write_prefix(os.path.join(tmp, PREFIX_FILE), shared_prefix)
             write_sentence_transformers(tmp, tokenizer, meta, config.hidden_size)
             from .model_card import CARD_FILE, card_text  # it reads ExportMeta: imported here, not at the top
 

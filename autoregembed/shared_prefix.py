@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import InputError
+from .losses import compression_loss
 
 PREFIX_FILE = "shared_prefix.safetensors"
 
@@ -55,8 +56,8 @@ def fit_shared_prefix(model, batches: list, n: int, steps: int, lr: float) -> tu
     opt = torch.optim.Adam([prefix], lr=lr)
 
     def loss_on(b, e):
-        logp = model.score(with_shared_prefix(e, prefix), b.target_ids, b.target_mask)
-        return -logp.sum() / b.target_mask.sum().clamp(min=1)
+        return compression_loss(model.score(with_shared_prefix(e, prefix), b.target_ids, b.target_mask),
+                                b.target_mask.sum())
 
     def mean_loss():
         with torch.no_grad():
@@ -72,9 +73,9 @@ def fit_shared_prefix(model, batches: list, n: int, steps: int, lr: float) -> tu
     return prefix.detach(), before, mean_loss()
 
 
-def write_prefix(folder: str, prefix: torch.Tensor, name: str = PREFIX_FILE):
-    """Write P into ``folder`` (an export being built, or a stage folder for --resume)."""
-    save_file({"shared_prefix": prefix.detach().float().cpu().contiguous()}, os.path.join(folder, name))
+def write_prefix(path: str, prefix: torch.Tensor):
+    """Write P to ``path`` (PREFIX_FILE in an export being built, or a stage folder's temporary file)."""
+    save_file({"shared_prefix": prefix.detach().float().cpu().contiguous()}, path)
 
 
 def read_prefix(folder: str) -> torch.Tensor | None:

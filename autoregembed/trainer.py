@@ -230,7 +230,7 @@ def stage_shared_prefix(cfg: Config, stage: str, s: Session, rows: list[dict], r
     if D.rank() == 0:
         os.makedirs(cfg.stage_dir(stage), exist_ok=True)
         with atomic_file(path) as tmp:
-            write_prefix(os.path.dirname(tmp), prefix, os.path.basename(tmp))
+            write_prefix(tmp, prefix)
     D.barrier()
     log(f"{stage}: shared prefix of {m.shared_prefix} vectors fitted in {m.shared_prefix_steps} steps: decoder "
         f"loss {before:.4f} -> {after:.4f} nats/token with every text's e in place (written to {path})")
