@@ -1,5 +1,5 @@
-"""Command line: ``autoregembed train | score-refs | export | encode | eval | reconstruct | push | plan | plot | data | mine``
-and ``train.py``."""
+"""Command line: ``autoregembed train | score-refs | export | stages | encode | eval | reconstruct | push | plan |
+plot | data | mine`` and ``train.py``."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +40,7 @@ def _reporting_user_errors(command) -> int:
 def run_training(args, stage: str | None = None) -> int:
     from . import distributed as D, warnings_once
     from .config import load_config
-    from .trainer import run
+    from .pipeline import run
 
     warnings_once.install()
     overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
@@ -86,6 +86,9 @@ def main(argv=None) -> int:
     pu.add_argument("--private", action="store_true")
     pu.add_argument("--revision", default=None, help="branch (default: main)")
     pu.add_argument("--token", default=None, help="default: HF_TOKEN or the cached login")
+    sg = sub.add_parser("stages", help="the stages `stage: pipeline` runs with a config, in order, one per line")
+    _add_run_args(sg)  # the arguments of train.py (slurm/pipeline.sh passes a job's EXTRA_ARGS); --set, --config count
+    sg.add_argument("--all", action="store_true", help="every stage (each a value of `stage`), with what it does")
     pt = sub.add_parser("plot", help="PNG of loss, learning rate and gradient norm per stage of a run")
     pt.add_argument("run_dir", help="a run's output_dir")
     pt.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
@@ -155,8 +158,8 @@ def main(argv=None) -> int:
     from . import warnings_once
 
     warnings_once.install()
-    tools = {"plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval, "eval": _encode_or_eval,
-             "reconstruct": _reconstruct, "push": _push}
+    tools = {"stages": _stages, "plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval,
+             "eval": _encode_or_eval, "reconstruct": _reconstruct, "push": _push}
     return _reporting_user_errors(lambda: tools[args.command](args))
 
 
@@ -183,10 +186,25 @@ def _push(args) -> int:
     return 0
 
 
+def _stages(args) -> int:
+    from .config import load_config
+    from .stages import PIPELINE, planned
+
+    if args.all:
+        for s in PIPELINE:
+            print(f"{s.name:<10} {(s.__doc__ or '').split(chr(10))[0]}")
+        return 0
+    cfg = load_config(args.config, list(args.overrides) + ["stage=pipeline"])
+    for s in planned(cfg):
+        print(s.name)
+    return 0
+
+
 def _plot(args) -> int:
     from .plot import plot_run
+    from .stages import TRAINING
 
-    print(json.dumps({"plot": plot_run(args.run_dir, args.output)}))
+    print(json.dumps({"plot": plot_run(args.run_dir, TRAINING, args.output)}))
     return 0
 
 
@@ -220,13 +238,10 @@ def _data(args) -> int:
 def _mine(args) -> int:
     from .data import write_jsonl
     from .encoder import Encoder
-    from .mine import mine_negatives, read_corpus, read_queries
+    from .mine import default_corpus, mine_negatives, read_corpus, read_queries
 
     rows = read_queries(args.queries, with_negatives=args.corpus is None)  # bad input fails before the model loads
-    if args.corpus:
-        corpus = read_corpus(args.corpus)
-    else:
-        corpus = list(dict.fromkeys(t for r in rows for t in [r["pos"], *r["neg"]]))
+    corpus = read_corpus(args.corpus) if args.corpus else default_corpus(rows)
     mined = mine_negatives(Encoder.from_pretrained(args.model), rows, corpus, args.negatives, args.skip_top,
                            args.max_similarity, args.batch_size, show_progress_bar=True)
     write_jsonl(args.output, mined)

@@ -18,7 +18,6 @@ from .errors import InputError
 RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_STSB_DEV = os.path.join(PROJECT_ROOT, "..", "shared", "data", "stsb", "sts-dev.csv")
-RUN_MODES = ("stage1", "reference", "stage2", "export", "eval", "pipeline")  # the values of `stage`
 
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -72,6 +71,32 @@ class ModelConfig:
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
 
+    def check(self, key: str):
+        """Its values, each error naming ``key.<field>`` (as every section's ``check``)."""
+        if self.scorer not in ("auto", "triton", "torch"):
+            raise ConfigError(f"key '{key}.scorer': {self.scorer!r} is not 'auto', 'triton' or 'torch'")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"key '{key}.dtype': {self.dtype!r} is not auto, bf16, fp16 or fp32")
+        if self.num_embed_tokens < 1:
+            raise ConfigError(f"key '{key}.num_embed_tokens' must be >= 1")
+        if self.lora_rank < 0:
+            raise ConfigError(f"key '{key}.lora_rank' must be >= 0 (0: full fine-tune)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"key '{key}.lora_dropout' must be in [0, 1)")
+        if not (_finite(self.lora_alpha) and self.lora_alpha >= 0):
+            raise ConfigError(f"key '{key}.lora_alpha' must be a finite number >= 0, got {self.lora_alpha}")
+        if self.tiny_hidden_size < 4 or self.tiny_hidden_size % 4 or self.tiny_layers < 1:
+            raise ConfigError(f"keys '{key}.tiny_hidden_size' (a multiple of 4: 4 attention heads) and "
+                              f"'{key}.tiny_layers' must be >= 1")
+        if self.shared_prefix < 0 or self.shared_prefix_steps < 0 or not (_finite(self.shared_prefix_lr)
+                                                                          and self.shared_prefix_lr > 0):
+            raise ConfigError(f"keys '{key}.shared_prefix' and '{key}.shared_prefix_steps' must be >= 0 and "
+                              f"'{key}.shared_prefix_lr' a finite number > 0, got {self.shared_prefix}, "
+                              f"{self.shared_prefix_steps}, {self.shared_prefix_lr}")
+        if self.shared_prefix and self.shard_decoder:
+            raise ConfigError(f"key '{key}.shared_prefix': it is fitted through a whole decoder, not one partitioned "
+                              f"under ZeRO-3; set {key}.shard_decoder=false")
+
 
 @dataclass
 class SourceConfig:
@@ -94,6 +119,40 @@ class DataConfig:
     max_target_len: int = 64
     max_negatives: typing.Optional[int] = None  # None: every negative of a row is scored
 
+    def sources(self, stage: int) -> list[SourceConfig]:
+        """The datasets of stage 1 or 2: ``stageN`` as a list (a string with commas that is no
+        existing path names several)."""
+        value = self.stage1 if stage == 1 else self.stage2
+        if isinstance(value, list):
+            return value
+        parts = value.split(",") if "," in value and not os.path.exists(value) else [value]
+        return [SourceConfig(path=p.strip()) for p in parts if p.strip()]
+
+    def check(self, key: str):
+        from .data import STAGE1_FIELDS, STAGE2_FIELDS
+
+        for stage, fields in ((1, STAGE1_FIELDS), (2, STAGE2_FIELDS)):
+            sources, skey = self.sources(stage), f"{key}.stage{stage}"
+            if not sources:
+                raise ConfigError(f"key '{skey}': no data source given")
+            for i, s in enumerate(sources):
+                where = f"{skey}[{i}]" if isinstance(getattr(self, f"stage{stage}"), list) else skey
+                if not s.path:
+                    raise ConfigError(f"key '{where}.path' is missing")
+                unknown = sorted(set(s.columns) - set(fields))
+                if unknown:
+                    raise ConfigError(f"key '{where}.columns': {', '.join(unknown)} is not a field of stage-{stage} "
+                                      f"rows ({', '.join(fields)})")
+                if s.weight is not None and not (_finite(s.weight) and s.weight > 0):
+                    raise ConfigError(f"key '{where}.weight' must be a finite number > 0, got {s.weight}")
+            if len({s.weight is None for s in sources}) > 1:
+                raise ConfigError(f"key '{skey}': give every source a weight or none (their shares are relative)")
+        for k in ("max_text_len", "max_target_len"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"key '{key}.{k}' must be >= 1, got {getattr(self, k)}")
+        if self.max_negatives is not None and self.max_negatives < 1:
+            raise ConfigError(f"key '{key}.max_negatives' must be >= 1 (or null: all), got {self.max_negatives}")
+
 
 @dataclass
 class OptimConfig:
@@ -113,6 +172,24 @@ class OptimConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_last: int = 2
     log_every: int = 10
+
+    def check(self, key: str):
+        for k in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"key '{key}.{k}' must be >= 1, got {getattr(self, k)}")
+        for k in ("warmup_steps", "save_every", "keep_last"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"key '{key}.{k}' must be >= 0, got {getattr(self, k)}")
+        for k in ("learning_rate", "weight_decay", "gradient_clipping"):
+            if not (_finite(getattr(self, k)) and getattr(self, k) >= 0):
+                raise ConfigError(f"key '{key}.{k}' must be a finite number >= 0, got {getattr(self, k)}")
+        if self.learning_rate == 0:  # a stage that cannot learn would run, and export its start, with exit 0
+            raise ConfigError(f"key '{key}.learning_rate' must be > 0: at 0 the stage trains nothing")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"key '{key}.lr_schedule': {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        for k in ("global_batch_size", "stop_after"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ConfigError(f"key '{key}.{k}' must be >= 1, got {getattr(self, k)}")
 
 
 @dataclass
@@ -138,6 +215,20 @@ class LossConfig:
     # another's (losses.CompressionLoss); one more decoder pass over the micro-batch
     stage1_contrast: float = 0.0
 
+    def check(self, key: str):
+        if self.cross_device_negatives and not self.in_batch_negatives:
+            raise ConfigError(f"key '{key}.cross_device_negatives' needs {key}.in_batch_negatives=true (it widens "
+                              f"their pool)")
+        if self.reference_sign not in ("paper", "code"):
+            raise ConfigError(f"key '{key}.reference_sign': {self.reference_sign!r} is not 'paper' or 'code'")
+        if self.references not in ("file", "online"):
+            raise ConfigError(f"key '{key}.references': {self.references!r} is not 'file' or 'online'")
+        for k in ("beta", "tau"):
+            if not (_finite(getattr(self, k)) and getattr(self, k) > 0):
+                raise ConfigError(f"key '{key}.{k}' must be a finite number > 0, got {getattr(self, k)}")
+        if not (_finite(self.stage1_contrast) and self.stage1_contrast >= 0):
+            raise ConfigError(f"key '{key}.stage1_contrast' must be a finite number >= 0, got {self.stage1_contrast}")
+
 
 @dataclass
 class PathsConfig:
@@ -158,6 +249,31 @@ class EvalConfig:
     # every N optimizer steps of a training stage, STS Spearman of the model in training on sts_file
     # (sts_spearman in metrics.jsonl, the progress line and the plot): a collapse seen while it happens; 0: off
     every: int = 0
+
+    def check(self, key: str):
+        if self.batch_size < 1:
+            raise ConfigError(f"key '{key}.batch_size' must be >= 1, got {self.batch_size}")
+        if self.every < 0:
+            raise ConfigError(f"key '{key}.every' must be >= 0 (0: off), got {self.every}")
+
+
+@dataclass
+class MineConfig:
+    """The optional ``mine`` stage (stages.Mine): hard negatives for every stage-2 row from the
+    stage-1 model's embeddings (mine.py), written under <output_dir>/mine/; reference scores and
+    stage 2 then train on the mined rows."""
+
+    enabled: bool = False
+    negatives: int = 7  # per row (fewer where a source runs out of passages)
+    skip_top: int = 0  # ranks skipped before taking negatives
+    max_similarity: float = 0.95  # passages at least this close (cosine) to the positive are likely positives
+    batch_size: int = 64
+
+    def check(self, key: str):
+        if self.negatives < 1 or self.skip_top < 0 or self.batch_size < 1 or not 0 < self.max_similarity <= 1:
+            raise ConfigError(f"keys '{key}.negatives' and '{key}.batch_size' must be >= 1, '{key}.skip_top' >= 0 "
+                              f"and '{key}.max_similarity' in (0, 1], got {self.negatives}, {self.batch_size}, "
+                              f"{self.skip_top}, {self.max_similarity}")
 
 
 @dataclass
@@ -185,6 +301,7 @@ class Config:
     stage2: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=2e-4, max_steps=40))
     loss: LossConfig = field(default_factory=LossConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
@@ -217,19 +334,23 @@ class Config:
         return SHARED_STSB_DEV if os.path.exists(SHARED_STSB_DEV) else os.path.join(RESOURCES, "sts_dev_sample.csv")
 
     def sources(self, stage: int) -> list[SourceConfig]:
-        """The datasets of stage 1 or 2: ``data.stageN`` as a list (a string with commas that is no
-        existing path names several)."""
-        value = self.data.stage1 if stage == 1 else self.data.stage2
-        if isinstance(value, list):
-            return value
-        parts = value.split(",") if "," in value and not os.path.exists(value) else [value]
-        return [SourceConfig(path=p.strip()) for p in parts if p.strip()]
+        """The datasets of stage 1 or 2 (``DataConfig.sources``)."""
+        return self.data.sources(stage)
 
-    def stages(self) -> tuple[str, ...]:
-        """What ``stage`` runs, in order."""
-        if not self.is_pipeline:
-            return (self.stage,)
-        return ("stage1",) + (("reference",) if self.loss.references == "file" else ()) + ("stage2", "eval")
+    def check(self):
+        """Every section's own ``check``, then the rules that tie two sections together."""
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"key 'device': {self.device!r} is not auto, cuda or cpu")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "check"):
+                section.check(f.name)
+        if self.loss.references == "online" and self.model.lora_rank == 0:
+            raise ConfigError("key 'loss.references': 'online' needs LoRA in stage 2 (model.lora_rank > 0): the "
+                              "stage-1 model is then the stage-2 model with its adapters disabled")
+        if self.loss.stage1_contrast > 0 and self.stage1.micro_batch_size < 2:
+            raise ConfigError("key 'loss.stage1_contrast': the contrast scores each target with another row's "
+                              "compressed tokens, so stage1.micro_batch_size must be >= 2")
 
     @property
     def is_pipeline(self) -> bool:
@@ -319,7 +440,7 @@ def load_config(path: typing.Optional[str] = None, overrides: typing.Sequence[st
         _set_dotted(tree, k.strip(), _parse_override(k.strip(), v))
     cfg = _build(Config, tree, "")
     _expand_paths(cfg)
-    _check_values(cfg)
+    cfg.check()
     return cfg
 
 
@@ -371,105 +492,7 @@ def _finite(value: float) -> bool:
     return value == value and value not in (float("inf"), float("-inf"))
 
 
-def _check_sources(cfg: Config):
-    from .data import STAGE1_FIELDS, STAGE2_FIELDS
-
-    for stage, fields in ((1, STAGE1_FIELDS), (2, STAGE2_FIELDS)):
-        sources, key = cfg.sources(stage), f"data.stage{stage}"
-        if not sources:
-            raise ConfigError(f"key '{key}': no data source given")
-        for i, s in enumerate(sources):
-            where = f"{key}[{i}]" if isinstance(getattr(cfg.data, f"stage{stage}"), list) else key
-            if not s.path:
-                raise ConfigError(f"key '{where}.path' is missing")
-            unknown = sorted(set(s.columns) - set(fields))
-            if unknown:
-                raise ConfigError(f"key '{where}.columns': {', '.join(unknown)} is not a field of stage-{stage} rows "
-                                  f"({', '.join(fields)})")
-            if s.weight is not None and not (_finite(s.weight) and s.weight > 0):
-                raise ConfigError(f"key '{where}.weight' must be a finite number > 0, got {s.weight}")
-        if len({s.weight is None for s in sources}) > 1:
-            raise ConfigError(f"key '{key}': give every source a weight or none (their shares are relative)")
-
-
-def _check_values(cfg: Config):
-    _check_sources(cfg)
-    if cfg.stage not in RUN_MODES:
-        raise ConfigError(f"key 'stage': {cfg.stage!r} is not one of {', '.join(RUN_MODES)}")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"key 'device': {cfg.device!r} is not auto, cuda or cpu")
-    if cfg.loss.cross_device_negatives and not cfg.loss.in_batch_negatives:
-        raise ConfigError("key 'loss.cross_device_negatives' needs loss.in_batch_negatives=true (it widens their pool)")
-    if cfg.loss.reference_sign not in ("paper", "code"):
-        raise ConfigError(f"key 'loss.reference_sign': {cfg.loss.reference_sign!r} is not 'paper' or 'code'")
-    if cfg.loss.references not in ("file", "online"):
-        raise ConfigError(f"key 'loss.references': {cfg.loss.references!r} is not 'file' or 'online'")
-    if cfg.loss.references == "online" and cfg.model.lora_rank == 0:
-        raise ConfigError("key 'loss.references': 'online' needs LoRA in stage 2 (model.lora_rank > 0): the "
-                          "stage-1 model is then the stage-2 model with its adapters disabled")
-    if cfg.model.scorer not in ("auto", "triton", "torch"):
-        raise ConfigError(f"key 'model.scorer': {cfg.model.scorer!r} is not 'auto', 'triton' or 'torch'")
-    if cfg.model.dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"key 'model.dtype': {cfg.model.dtype!r} is not auto, bf16, fp16 or fp32")
-    if cfg.model.num_embed_tokens < 1:
-        raise ConfigError("key 'model.num_embed_tokens' must be >= 1")
-    if cfg.model.lora_rank < 0:
-        raise ConfigError("key 'model.lora_rank' must be >= 0 (0: full fine-tune)")
-    if not 0.0 <= cfg.model.lora_dropout < 1.0:
-        raise ConfigError("key 'model.lora_dropout' must be in [0, 1)")
-    if cfg.paths.export_from not in ("stage1", "stage2"):
-        raise ConfigError(f"key 'paths.export_from': {cfg.paths.export_from!r} is not stage1 or stage2")
-    for name in ("stage1", "stage2"):
-        o = getattr(cfg, name)
-        for k in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
-            if getattr(o, k) < 1:
-                raise ConfigError(f"key '{name}.{k}' must be >= 1, got {getattr(o, k)}")
-        for k in ("warmup_steps", "save_every", "keep_last"):
-            if getattr(o, k) < 0:
-                raise ConfigError(f"key '{name}.{k}' must be >= 0, got {getattr(o, k)}")
-        for k in ("learning_rate", "weight_decay", "gradient_clipping"):
-            if not (_finite(getattr(o, k)) and getattr(o, k) >= 0):
-                raise ConfigError(f"key '{name}.{k}' must be a finite number >= 0, got {getattr(o, k)}")
-        if o.learning_rate == 0:  # a stage that cannot learn would run, and export its start, with exit 0
-            raise ConfigError(f"key '{name}.learning_rate' must be > 0: at 0 the stage trains nothing")
-        if o.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"key '{name}.lr_schedule': {o.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
-        for k in ("global_batch_size", "stop_after"):
-            if getattr(o, k) is not None and getattr(o, k) < 1:
-                raise ConfigError(f"key '{name}.{k}' must be >= 1, got {getattr(o, k)}")
-    for k in ("beta", "tau"):
-        if not (_finite(getattr(cfg.loss, k)) and getattr(cfg.loss, k) > 0):
-            raise ConfigError(f"key 'loss.{k}' must be a finite number > 0, got {getattr(cfg.loss, k)}")
-    if not (_finite(cfg.loss.stage1_contrast) and cfg.loss.stage1_contrast >= 0):
-        raise ConfigError(f"key 'loss.stage1_contrast' must be a finite number >= 0, got {cfg.loss.stage1_contrast}")
-    if cfg.loss.stage1_contrast > 0 and cfg.stage1.micro_batch_size < 2:
-        raise ConfigError("key 'loss.stage1_contrast': the contrast scores each target with another row's compressed "
-                          "tokens, so stage1.micro_batch_size must be >= 2")
-    for k in ("max_text_len", "max_target_len"):
-        if getattr(cfg.data, k) < 1:
-            raise ConfigError(f"key 'data.{k}' must be >= 1, got {getattr(cfg.data, k)}")
-    if cfg.data.max_negatives is not None and cfg.data.max_negatives < 1:
-        raise ConfigError(f"key 'data.max_negatives' must be >= 1 (or null: all), got {cfg.data.max_negatives}")
-    if cfg.eval.batch_size < 1:
-        raise ConfigError(f"key 'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
-    if cfg.eval.every < 0:
-        raise ConfigError(f"key 'eval.every' must be >= 0 (0: off), got {cfg.eval.every}")
-    if cfg.model.tiny_hidden_size < 4 or cfg.model.tiny_hidden_size % 4 or cfg.model.tiny_layers < 1:
-        raise ConfigError("keys 'model.tiny_hidden_size' (a multiple of 4: 4 attention heads) and "
-                          "'model.tiny_layers' must be >= 1")
-    m = cfg.model
-    if m.shared_prefix < 0 or m.shared_prefix_steps < 0 or not (_finite(m.shared_prefix_lr) and m.shared_prefix_lr > 0):
-        raise ConfigError("keys 'model.shared_prefix' and 'model.shared_prefix_steps' must be >= 0 and "
-                          f"'model.shared_prefix_lr' a finite number > 0, got {m.shared_prefix}, "
-                          f"{m.shared_prefix_steps}, {m.shared_prefix_lr}")
-    if m.shared_prefix and m.shard_decoder:
-        raise ConfigError("key 'model.shared_prefix': it is fitted through a whole decoder, not one partitioned "
-                          "under ZeRO-3; set model.shard_decoder=false")
-    if not (_finite(cfg.model.lora_alpha) and cfg.model.lora_alpha >= 0):
-        raise ConfigError(f"key 'model.lora_alpha' must be a finite number >= 0, got {cfg.model.lora_alpha}")
-
-
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path.endswith((".jsonl", ".json", ".parquet", ".csv"))
 
 
@@ -494,39 +517,18 @@ def _check_hub_model(name: str):
 
 
 def check_runtime(cfg: Config, world_size: int):
-    """Checks that need the launch environment; run on every rank before any model loads."""
-    stages = cfg.stages()
-    needed = {"model.base": cfg.model.base if cfg.model.base != "tiny" else None}
-    for n, reads in ((1, "stage1" in stages), (2, bool({"reference", "stage2"} & set(stages)))):
-        for i, source in enumerate(cfg.sources(n) if reads else []):
-            needed[f"data.stage{n}" + (f"[{i}]" if isinstance(getattr(cfg.data, f"stage{n}"), list) else "")] = source.path
-    if "eval" in stages:
-        needed["eval.sts_file"] = cfg.sts_file
-    for key, path in needed.items():
-        if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
-            raise ConfigError(f"key '{key}': no such file or folder {path}")
+    """Checks that need the launch environment; run on every rank before any model loads (what each
+    stage reads is its own check: stages.check_stages)."""
     if cfg.monitor.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise ConfigError("key 'monitor.wandb': wandb is not installed (pip install wandb)") from None
-    if needed["model.base"] and not os.path.isdir(cfg.model.base):
-        _check_hub_model(cfg.model.base)
-    reads_stage1 = ({"reference", "stage2"} & set(stages)
-                    or ("export" in stages and cfg.paths.export_from == "stage2"))
-    if not cfg.is_pipeline and reads_stage1 and not os.path.isdir(cfg.stage1_model_dir):
-        raise ConfigError(f"key 'paths.stage1_model': no stage-1 export at {cfg.stage1_model_dir}; run stage1 "
-                          f"first or point paths.stage1_model at one")
-    source = cfg.paths.export_from
-    if cfg.stage == "export":
-        from .checkpoint import complete_tags
-
-        if not complete_tags(cfg.checkpoint_dir(source)):
-            raise ConfigError(f"key 'paths.export_from' = {source}: no complete checkpoint in "
-                              f"{cfg.checkpoint_dir(source)}; train {source} into this output_dir first")
-    if cfg.stage == "eval" and not os.path.isfile(os.path.join(cfg.export_dir(source), "autoregembed.json")):
-        raise ConfigError(f"key 'paths.export_from' = {source}: no export at {cfg.export_dir(source)} to "
-                          f"evaluate; run stage={source} (or stage=export) into this output_dir first")
+    base = cfg.model.base  # every stage loads it: the frozen decoder
+    if base != "tiny" and looks_local(base) and not os.path.exists(os.path.expanduser(base)):
+        raise ConfigError(f"key 'model.base': no such file or folder {base}")
+    if base != "tiny" and not os.path.isdir(base):
+        _check_hub_model(base)
     for name in ("stage1", "stage2"):
         o = getattr(cfg, name)
         product = o.micro_batch_size * o.gradient_accumulation_steps * world_size

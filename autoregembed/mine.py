@@ -40,6 +40,12 @@ def read_corpus(path: str) -> list[str]:
     return corpus
 
 
+def default_corpus(rows: list[dict]) -> list[str]:
+    """Every positive and negative of the rows, each once, in order: what is mined from when no
+    corpus is given."""
+    return list(dict.fromkeys(t for r in rows for t in [r["pos"], *r["neg"]]))
+
+
 QUERY_CHUNK = 1024  # queries scored against the whole corpus at once: memory is chunk x corpus, not rows x corpus
 
 
@@ -85,5 +91,5 @@ def mine_negatives(encoder, rows: list[dict], corpus: list[str], negatives: int,
                         break
                     pool *= 4
                 if chosen:
-                    out[index[i]] = {"query": r["query"], "pos": r["pos"], "neg": chosen, "instruction": instruction}
+                    out[index[i]] = {**r, "neg": chosen}  # its other fields (a document instruction) kept
     return [out[i] for i in sorted(out)]  # the input's order

@@ -10,21 +10,21 @@ import os
 from .atomic import atomic_file
 from .errors import InputError
 from .monitor import read_metrics
-from .stages import STAGES
 
 PANELS = (("loss", "loss"), ("info_gap", "information gap\n(nats/token)"),
           ("sts_spearman", "STS Spearman x100\n(eval.every)"), ("lr", "learning rate"), ("grad_norm", "gradient norm"))
 EVAL_RESULT = os.path.join("eval", "result.json")
 
 
-def plot_run(run_dir: str, out: str | None = None) -> str:
-    """Write the PNG (default ``RUN_DIR/metrics.png``) and return its path."""
+def plot_run(run_dir: str, stages: tuple[str, ...], out: str | None = None) -> str:
+    """Write the PNG (default ``RUN_DIR/metrics.png``) and return its path; ``stages``: the training
+    stages, in order (stages.TRAINING), one column each where it wrote metrics."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
     import matplotlib.pyplot as plt
 
-    stages = {name: read_metrics(os.path.join(run_dir, name)) for name in STAGES if STAGES[name].trains}
+    stages = {name: read_metrics(os.path.join(run_dir, name)) for name in stages}
     stages = {name: recs for name, recs in stages.items() if recs}
     if not stages:
         raise InputError(f"{run_dir}: no training metrics (no <stage>/metrics.jsonl with records)")

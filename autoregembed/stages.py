@@ -1,72 +1,424 @@
-"""The stages that run a model, declared once: what each reads, starts from, batches and minimises.
+"""Every stage of a run, declared once as an object: what it reads, what it writes, what it checks
+before any model loads, and how it runs.
 
-The trainer's loop is the same for every training stage (rows -> batch -> engine forward ->
-loss); what differs between stages is a row of this table.  ``export`` and ``eval`` read exports
-and need no entry.
+``PIPELINE`` is the one list: the run modes (``stage: <name>``), ``stage: pipeline``'s order,
+the up-front checks, the plot's panels, ``autoregembed stages`` and the Slurm chain
+(slurm/pipeline.sh) all derive from it.  A new stage is a class here and an entry in
+``PIPELINE``; the machinery it runs on (DeepSpeed sessions, the training loop) is trainer.py's.
+
+Why objects: each stage's inputs may be written by an earlier stage of the same run (the mined
+rows, the stage-1 export), so the up-front checks must know which stage writes what.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import os
 
-from .batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
-from .config import Config, OptimConfig
 from . import distributed as D
-from .data import SourceRows, load_sources, row_key, sampler_for
+from .batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
+from .checkpoint import complete_tags
+from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
+from .data import SourceRows, load_rows, load_sources, row_key, sampler_for, write_jsonl
 from .diagnostics import information_gap
 from .loading import prepare_base
 from .losses import AlignmentLoss, CompressionLoss
+from .monitor import log
+from .trainer import StageResult, evaluate, export_stage, score_references, train_stage
 
 
-@dataclasses.dataclass(frozen=True)
 class Stage:
-    name: str
-    trains: bool
-    data: int  # which rows it reads: stage-1 (1) or stage-2 (2), from cfg.sources(data)
-    rows: Callable[[Config], list[dict]]  # its data, validated (data.load_sources)
-    settings: Callable[[Config], OptimConfig]  # micro-batch size, optimiser, schedule, checkpoints
-    input_model: Callable[[Config], str]  # the encoder it starts from
-    make_batch: Callable  # (cfg, rows, text_encoder, reference_scores or None) -> a batches.* type
-    loss: Callable[[Config], Callable] | None = None  # the objective component (losses.py)
-    needs_references: bool = False  # stage-1 reference values enter its batches (from the file, or online)
-    # the rows, as its batches will hold them, that the reference file must cover (needs_references)
-    reference_rows: Callable[[Config, list[dict]], list[dict]] | None = None
-    rescales_norm: bool = False  # the final-norm calibration before training (decoder_scale.py)
-    fits_shared_prefix: bool = False  # with model.shared_prefix, its fit before training (shared_prefix.py)
-    # (engine, batch) -> extra metrics, measured without gradient at every logged step (diagnostics.py)
-    probe: Callable | None = None
-    forms_pairs: bool = False  # its micro-batches get in-batch negatives (loss.in_batch_negatives): step_rows
+    """A step of a run.  ``run`` returns a trainer.StageResult; ``needs`` and ``writes`` let the
+    pipeline check, before any model loads, every input that no earlier stage of the run writes."""
+
+    name: str = ""
+    trains = False  # saves checkpoints, can stop mid-stage on a stop request, continues with --resume
+    data = 0  # which user sources it reads rows from (cfg.sources): 1, 2, or 0 for none
+
+    def in_pipeline(self, cfg: Config) -> bool:
+        """Whether ``stage: pipeline`` runs it."""
+        return True
+
+    def settings(self, cfg: Config) -> OptimConfig | None:
+        """The batch and optimiser settings of the DeepSpeed engine it builds (None: it builds none)."""
+        return None
+
+    def needs(self, cfg: Config) -> dict[str, str]:
+        """Files and folders it reads, by the config key that names them."""
+        return {}
+
+    def writes(self, cfg: Config) -> list[str]:
+        """The files and folders it produces (a later stage's ``needs`` may name them)."""
+        return []
+
+    def sources(self, cfg: Config) -> list[SourceConfig]:
+        """The datasets its rows come from."""
+        return cfg.sources(self.data) if self.data else []
+
+    def check_rows(self, cfg: Config):
+        """Read and validate its rows (file:line:field errors) before any model loads."""
+
+    def check(self, cfg: Config, earlier: list[str]):
+        """Up-front checks; ``earlier``: what the stages before it in this run write, and the sources
+        they have already validated (rows are read once, however many stages read them)."""
+        for key, path in self.needs(cfg).items():
+            if path in earlier:
+                continue
+            if path and looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+                raise ConfigError(self.missing(key, path))
+        if not any(s.path in earlier for s in self.sources(cfg)):
+            self.check_rows(cfg)
+
+    def missing(self, key: str, path: str) -> str:
+        """The message for an input that is not there."""
+        return f"key '{key}': no such file or folder {path}"
+
+    def run(self, cfg: Config, ds_path, resume: bool) -> StageResult:
+        raise NotImplementedError
 
 
-def _stage2_rows(cfg: Config) -> SourceRows:
-    rows = load_sources(cfg.sources(2), stage=2)
-    return SourceRows([limit_negatives(r, cfg.data.max_negatives) for r in rows], rows.sizes)
+def _source_keys(cfg: Config, n: int) -> dict[str, str]:
+    listed = isinstance(getattr(cfg.data, f"stage{n}"), list)
+    return {f"data.stage{n}" + (f"[{i}]" if listed else ""): s.path for i, s in enumerate(cfg.sources(n))}
 
 
-def data_files(cfg: Config, stage: str) -> str:
-    """Where a stage's rows come from, for messages."""
-    return ", ".join(s.path for s in cfg.sources(STAGES[stage].data))
+class TrainingStage(Stage):
+    """A stage that trains the encoder: rows -> typed batch (batches.py) -> engine -> loss, the loop
+    of trainer.train_stage, exported to ``<output_dir>/<name>/model`` at the end."""
+
+    trains = True
+    needs_references = False  # stage-1 reference values enter its batches (from the file, or online)
+    rescales_norm = False  # the final-norm calibration before training (decoder_scale.py)
+    fits_shared_prefix = False  # with model.shared_prefix, its fit before training (shared_prefix.py)
+    forms_pairs = False  # its micro-batches get in-batch negatives (loss.in_batch_negatives): step_rows
+    probe = None  # (engine, batches) -> extra metrics at every logged step, without gradient (diagnostics.py)
+
+    def settings(self, cfg: Config) -> OptimConfig:
+        """Micro-batch size, optimiser, schedule, checkpoints: its own config section."""
+        return getattr(cfg, self.name)
+
+    def input_model(self, cfg: Config) -> str:
+        """The encoder it starts from."""
+        raise NotImplementedError
+
+    def rows(self, cfg: Config) -> SourceRows:
+        return load_sources(self.sources(cfg), stage=self.data)
+
+    def check_rows(self, cfg: Config):
+        self.rows(cfg)
+
+    def make_batch(self, cfg: Config, rows: list[dict], text_encoder, references):
+        raise NotImplementedError
+
+    def loss(self, cfg: Config):
+        raise NotImplementedError
+
+    def loss_settings(self, cfg: Config) -> dict:
+        """What the model card says about its loss."""
+        return {}
+
+    def writes(self, cfg: Config) -> list[str]:
+        return [cfg.export_dir(self.name)]
+
+    def sampler(self, cfg: Config, rows: SourceRows):
+        """Which rows each rank reads at each step (data.sampler_for): a pure function of the seed,
+        the step, the batch settings, the sources' sizes and weights and the number of ranks."""
+        o, sources = self.settings(cfg), self.sources(cfg)
+        weights = None if sources[0].weight is None else [s.weight for s in sources]
+        return sampler_for(getattr(rows, "sizes", (len(rows),)), weights, o.micro_batch_size,
+                           o.gradient_accumulation_steps, D.world_size(), cfg.seed, cfg.data.same_source_batches)
+
+    def step_rows(self, cfg: Config, rows: list[dict], order, step: int, micro: int, rank: int) -> list[dict]:
+        """The rows ``rank`` reads at (step, micro), with their in-batch negatives when the stage forms
+        pairs and ``loss.in_batch_negatives``: from its own micro-batch, or with
+        ``loss.cross_device_negatives`` from every rank's (the sampler gives each rank all of them)."""
+        mine = [rows[i] for i in order.indices(step, micro, rank)]
+        if not (self.forms_pairs and cfg.loss.in_batch_negatives):
+            return mine
+        if not cfg.loss.cross_device_negatives:
+            return with_in_batch_negatives(mine)
+        return with_in_batch_negatives(mine, [rows[i] for r in range(D.world_size())
+                                              for i in order.indices(step, micro, r)])
+
+    def run(self, cfg: Config, ds_path, resume: bool) -> StageResult:
+        return train_stage(cfg, self, ds_path, resume)
 
 
-def sampler(cfg: Config, stage: str, rows: SourceRows):
-    """Which rows each rank reads at each step (data.sampler_for): a pure function of the seed,
-    the step, the batch settings, the sources' sizes and weights and the number of ranks."""
-    o, sources = STAGES[stage].settings(cfg), cfg.sources(STAGES[stage].data)
-    weights = None if sources[0].weight is None else [s.weight for s in sources]
-    return sampler_for(getattr(rows, "sizes", (len(rows),)), weights, o.micro_batch_size,
-                       o.gradient_accumulation_steps, D.world_size(), cfg.seed, cfg.data.same_source_batches)
+class Stage1(TrainingStage):
+    """Information compression: the frozen decoder reconstructs each target from e_1..e_k."""
+
+    name, data = "stage1", 1
+    rescales_norm = fits_shared_prefix = True
+    probe = staticmethod(information_gap)
+
+    def input_model(self, cfg):
+        return prepare_base(cfg)
+
+    def needs(self, cfg):
+        return _source_keys(cfg, 1)
+
+    def make_batch(self, cfg, rows, text_encoder, references):
+        return compression_batch(rows, text_encoder, cfg.loss.stage1_contrast > 0)
+
+    def loss(self, cfg):
+        return CompressionLoss(cfg.loss.stage1_contrast)
 
 
-def step_rows(cfg: Config, stage: str, rows: list[dict], order, step: int, micro: int, rank: int) -> list[dict]:
-    """The rows ``rank`` reads at (step, micro), with their in-batch negatives when the stage forms
-    pairs and ``loss.in_batch_negatives``: from its own micro-batch, or with
-    ``loss.cross_device_negatives`` from every rank's (the sampler gives each rank all of them)."""
-    mine = [rows[i] for i in order.indices(step, micro, rank)]
-    if not (STAGES[stage].forms_pairs and cfg.loss.in_batch_negatives):
-        return mine
-    if not cfg.loss.cross_device_negatives:
-        return with_in_batch_negatives(mine)
-    return with_in_batch_negatives(mine, [rows[i] for r in range(D.world_size()) for i in order.indices(step, micro, r)])
+class Stage2Rows:
+    """What reads the stage-2 rows (mine, reference, stage 2): the user's sources, or with
+    ``mine.enabled`` the mined copies of them (one file per source, weights kept)."""
+
+    data = 2
+
+    def sources(self, cfg: Config) -> list[SourceConfig]:
+        if not cfg.mine.enabled:
+            return cfg.sources(2)
+        return [SourceConfig(path=path, weight=s.weight, document_instruction=s.document_instruction)
+                for s, path in zip(cfg.sources(2), MINE.outputs(cfg))]
+
+    def stage2_rows(self, cfg: Config) -> SourceRows:
+        rows = load_sources(self.sources(cfg), stage=2)
+        return SourceRows([limit_negatives(r, cfg.data.max_negatives) for r in rows], rows.sizes)
+
+    def needs(self, cfg: Config) -> dict[str, str]:
+        if not cfg.mine.enabled:
+            return _source_keys(cfg, 2)
+        return {f"the mined rows of {s.path} (mine.enabled)": path
+                for s, path in zip(cfg.sources(2), MINE.outputs(cfg))}
+
+    def missing(self, key, path):
+        if "mine.enabled" in key:
+            return f"{key}: no such file {path}; run stage=mine first (or set mine.enabled=false)"
+        return super().missing(key, path)
+
+
+class NeedsStage1:
+    """A stage that starts from the stage-1 export."""
+
+    def needs_stage1(self, cfg: Config) -> dict[str, str]:
+        return {"paths.stage1_model": cfg.stage1_model_dir}
+
+    def missing(self, key, path):
+        if key == "paths.stage1_model":
+            return (f"key 'paths.stage1_model': no stage-1 export at {path}; run stage1 first or point "
+                    f"paths.stage1_model at one")
+        return super().missing(key, path)
+
+
+class Mine(NeedsStage1, Stage2Rows, Stage):
+    """Hard negatives for the stage-2 rows, mined with the stage-1 model (optional: mine.enabled).
+
+    For each source, its rows with their negatives replaced by the passages of the source most similar
+    to the query (mine.py), written to ``<output_dir>/mine/``; reference scores and stage 2 then read
+    the mined rows.  Rank 0 mines, the other ranks wait (a barrier: mind the process group's timeout
+    with a large corpus)."""
+
+    name = "mine"
+
+    def in_pipeline(self, cfg):
+        return cfg.mine.enabled
+
+    def outputs(self, cfg: Config) -> list[str]:
+        return [os.path.join(cfg.stage_dir(self.name), f"{i}-{os.path.basename(os.path.normpath(s.path))}"
+                             + ("" if s.path.endswith(".jsonl") else ".jsonl"))
+                for i, s in enumerate(cfg.sources(2))]
+
+    def needs(self, cfg):
+        return {**self.needs_stage1(cfg), **_source_keys(cfg, 2)}
+
+    def sources(self, cfg):
+        return cfg.sources(2)  # what it reads is the user's rows, whatever mine.enabled says
+
+    def writes(self, cfg):
+        return self.outputs(cfg)
+
+    def check_rows(self, cfg):
+        for s in cfg.sources(2):
+            load_rows(s, stage=2)
+
+    def run(self, cfg, ds_path, resume):
+        from .encoder import Encoder
+        from .mine import default_corpus, mine_negatives
+
+        outputs = self.outputs(cfg)
+        if D.rank() == 0:
+            m = cfg.mine
+            encoder = Encoder.from_pretrained(cfg.stage1_model_dir, device=D.device())
+            for source, path in zip(cfg.sources(2), outputs):
+                rows = load_rows(source, stage=2)
+                mined = mine_negatives(encoder, rows, default_corpus(rows), m.negatives, m.skip_top,
+                                       m.max_similarity, m.batch_size)
+                write_jsonl(path, mined)
+                log(f"mine: {len(mined)} of {len(rows)} rows of {source.path} with {m.negatives} mined "
+                    f"negatives each -> {path}")
+        D.barrier()
+        return StageResult("done", ",".join(outputs))
+
+
+class Reference(NeedsStage1, Stage2Rows, Stage):
+    """Reference scores of every stage-2 row by the stage-1 model, into a file keyed by row content.
+
+    Not run with ``loss.references: online`` (stage 2 then scores them itself)."""
+
+    name = "reference"
+
+    def in_pipeline(self, cfg):
+        return cfg.loss.references == "file"
+
+    def settings(self, cfg):
+        return cfg.stage2  # it scores stage 2's batches, at stage 2's micro-batch size
+
+    def input_model(self, cfg):
+        return cfg.stage1_model_dir
+
+    def needs(self, cfg):
+        return {**self.needs_stage1(cfg), **super().needs(cfg)}
+
+    def writes(self, cfg):
+        return [cfg.reference_scores_path]
+
+    def rows(self, cfg):
+        """The stage-2 rows as stage 2's batches will hold them (``scheduled_rows``)."""
+        return scheduled_rows(cfg, self.stage2_rows(cfg))
+
+    def check_rows(self, cfg):
+        self.stage2_rows(cfg)
+
+    def make_batch(self, cfg, rows, text_encoder, references):
+        return candidate_batch(rows, text_encoder)
+
+    def run(self, cfg, ds_path, resume):
+        return score_references(cfg, self, ds_path)
+
+
+class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
+    """Conditional distribution alignment, from the stage-1 model (losses.AlignmentLoss)."""
+
+    name = "stage2"
+    needs_references = forms_pairs = True
+
+    def input_model(self, cfg):
+        return cfg.stage1_model_dir
+
+    def rows(self, cfg):
+        return self.stage2_rows(cfg)
+
+    def needs(self, cfg):
+        refs = {"paths.reference_scores": cfg.reference_scores_path} if cfg.loss.references == "file" else {}
+        return {**self.needs_stage1(cfg), **super().needs(cfg), **refs}
+
+    def missing(self, key, path):
+        if key == "paths.reference_scores":
+            return (f"key 'paths.reference_scores': no reference scores at {path}; run stage=reference first "
+                    f"(or set loss.references=online)")
+        return super().missing(key, path)
+
+    def reference_rows(self, cfg: Config, rows: list[dict]) -> list[dict]:
+        """The rows, as its batches will hold them, that the reference file must cover."""
+        return scheduled_rows(cfg, rows)
+
+    def make_batch(self, cfg, rows, text_encoder, references):
+        return alignment_batch(rows, text_encoder, references)
+
+    def loss(self, cfg):
+        names = {f.name for f in dataclasses.fields(AlignmentLoss)}
+        return AlignmentLoss(**{k: v for k, v in dataclasses.asdict(cfg.loss).items() if k in names})
+
+    def loss_settings(self, cfg):
+        loss = cfg.loss
+        return {"beta": loss.beta, "tau": loss.tau, "reference_sign": loss.reference_sign,
+                "references": loss.references, "in_batch_negatives": loss.in_batch_negatives,
+                "cross_device_negatives": loss.cross_device_negatives}
+
+
+def export_source(cfg: Config) -> str:
+    """``paths.export_from``: the training stage whose checkpoint or export ``export`` and ``eval`` read."""
+    if cfg.paths.export_from not in TRAINING:
+        raise ConfigError(f"key 'paths.export_from': {cfg.paths.export_from!r} is not one of {', '.join(TRAINING)}")
+    return cfg.paths.export_from
+
+
+class Export(Stage):
+    """The latest checkpoint of paths.export_from, consolidated into its export folder.
+
+    Training stages export at their end; this is for a checkpoint a stop or a crash left behind."""
+
+    name = "export"
+
+    def in_pipeline(self, cfg):
+        return False
+
+    def check(self, cfg, earlier):
+        source = export_source(cfg)
+        if not complete_tags(cfg.checkpoint_dir(source)):
+            raise ConfigError(f"key 'paths.export_from' = {source}: no complete checkpoint in "
+                              f"{cfg.checkpoint_dir(source)}; train {source} into this output_dir first")
+        super().check(cfg, earlier)
+
+    def needs(self, cfg):  # a stage-2 session is built on the stage-1 export (its shared prefix, its tokenizer)
+        return STAGE2.needs_stage1(cfg) if export_source(cfg) == STAGE2.name else {}
+
+    def missing(self, key, path):
+        return STAGE2.missing(key, path)
+
+    def writes(self, cfg):
+        return [cfg.export_dir(cfg.paths.export_from)]
+
+    def run(self, cfg, ds_path, resume):
+        return export_stage(cfg, STAGES[export_source(cfg)], ds_path)
+
+
+class Eval(Stage):
+    """STS Spearman of the run's export on eval.sts_file.
+
+    Stage 2's export in a pipeline, else ``paths.export_from``'s; written to
+    ``<output_dir>/eval/result.json`` and the export's model card."""
+
+    name = "eval"
+
+    def model_dir(self, cfg: Config) -> str:
+        return cfg.export_dir(STAGE2.name if cfg.is_pipeline else export_source(cfg))
+
+    def needs(self, cfg):
+        return {"eval.sts_file": cfg.sts_file}
+
+    def check(self, cfg, earlier):
+        super().check(cfg, earlier)
+        model = self.model_dir(cfg)
+        if model not in earlier and not os.path.isfile(os.path.join(model, "autoregembed.json")):
+            raise ConfigError(f"key 'paths.export_from' = {cfg.paths.export_from}: no export at {model} to "
+                              f"evaluate; run stage={cfg.paths.export_from} (or stage=export) into this "
+                              f"output_dir first")
+
+    def run(self, cfg, ds_path, resume):
+        score = evaluate(cfg, self.model_dir(cfg))["spearman_x100"] if D.rank() == 0 else None
+        D.barrier()
+        return StageResult("done", score=score)
+
+
+STAGE1, MINE, REFERENCE, STAGE2, EXPORT, EVAL = Stage1(), Mine(), Reference(), Stage2(), Export(), Eval()
+PIPELINE = (STAGE1, MINE, REFERENCE, STAGE2, EXPORT, EVAL)  # the order in which a pipeline runs them
+STAGES = {s.name: s for s in PIPELINE}
+TRAINING = tuple(s.name for s in PIPELINE if s.trains)
+RUN_MODES = (*STAGES, "pipeline")  # the values of `stage`
+
+
+def planned(cfg: Config) -> list[Stage]:
+    """What ``stage`` runs, in order: one stage, or every stage of ``PIPELINE`` that is in the pipeline."""
+    if cfg.stage == "pipeline":
+        return [s for s in PIPELINE if s.in_pipeline(cfg)]
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"key 'stage': {cfg.stage!r} is not one of {', '.join(RUN_MODES)}")
+    return [STAGES[cfg.stage]]
+
+
+def check_stages(cfg: Config) -> list[Stage]:
+    """Every planned stage's up-front checks, each skipping what an earlier stage of the run writes
+    or has already validated (reference scoring and stage 2 read the same stage-2 rows)."""
+    stages, earlier = planned(cfg), []
+    for stage in stages:
+        stage.check(cfg, earlier)
+        earlier += stage.writes(cfg) + [s.path for s in stage.sources(cfg)]
+    return stages
 
 
 def scheduled_rows(cfg: Config, rows: list[dict]) -> list[dict]:
@@ -77,32 +429,11 @@ def scheduled_rows(cfg: Config, rows: list[dict]) -> list[dict]:
     if not cfg.loss.in_batch_negatives:
         return rows
     o = cfg.stage2
-    order = sampler(cfg, "stage2", rows)
+    order = STAGE2.sampler(cfg, rows)
     out = {}
     for step in range(o.max_steps):
         for micro in range(o.gradient_accumulation_steps):
             for rank in range(D.world_size()):
-                for row in step_rows(cfg, "stage2", rows, order, step, micro, rank):
+                for row in STAGE2.step_rows(cfg, rows, order, step, micro, rank):
                     out.setdefault(row_key(row), row)
     return list(out.values())
-
-
-def _alignment_loss(cfg: Config) -> AlignmentLoss:
-    names = {f.name for f in dataclasses.fields(AlignmentLoss)}
-    return AlignmentLoss(**{k: v for k, v in dataclasses.asdict(cfg.loss).items() if k in names})
-
-
-STAGES = {
-    "stage1": Stage("stage1", trains=True, data=1, rows=lambda cfg: load_sources(cfg.sources(1), stage=1),
-                    settings=lambda cfg: cfg.stage1, input_model=prepare_base,
-                    make_batch=lambda cfg, rows, te, refs: compression_batch(rows, te, cfg.loss.stage1_contrast > 0),
-                    loss=lambda cfg: CompressionLoss(cfg.loss.stage1_contrast), rescales_norm=True,
-                    fits_shared_prefix=True, probe=information_gap),
-    "reference": Stage("reference", trains=False, data=2, rows=lambda cfg: scheduled_rows(cfg, _stage2_rows(cfg)),
-                       settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
-                       make_batch=lambda cfg, rows, te, refs: candidate_batch(rows, te)),
-    "stage2": Stage("stage2", trains=True, data=2, rows=_stage2_rows,
-                    settings=lambda cfg: cfg.stage2, input_model=lambda cfg: cfg.stage1_model_dir,
-                    make_batch=lambda cfg, rows, te, refs: alignment_batch(rows, te, refs), loss=_alignment_loss,
-                    needs_references=True, reference_rows=scheduled_rows, forms_pairs=True),
-}

@@ -1,10 +1,7 @@
-"""The stages of an AutoRegEmbed run on a DeepSpeed engine, and the pipeline that chains them.
-
-stage1    -> trains the encoder to compress (decoder frozen), exports <out>/stage1/model
-reference -> scores every stage-2 row with the stage-1 model, writes reference scores
-stage2    -> conditional distribution alignment from the stage-1 model, exports <out>/stage2/model
-export    -> re-exports a stage's latest checkpoint
-eval      -> STS Spearman of an export
+"""The machinery stages run on: a model on a DeepSpeed engine (``Session``), the training loop every
+training stage runs (``train_stage``, one ``micro_step`` at a time), reference scoring, export and
+evaluation.  Each function takes the stage object (stages.py) that says what it reads and
+minimises; the pipeline that chains the stages is pipeline.py.
 """
 from __future__ import annotations
 
@@ -22,22 +19,20 @@ from . import checkpoint, preemption
 from . import distributed as D
 from .atomic import atomic_file, atomic_write_text
 from .batches import compression_batch, to_device, token_count
-from .config import Config, check_runtime
+from .config import Config
 from .data import row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .diagnostics import PROBE_ROWS, HealthWatch, sts_during_training
-from .ds_config import build_ds_config, check_early, zero_stage
+from .ds_config import build_ds_config, zero_stage
 from .export import ExportMeta, export_encoder
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype,
                       resolve_packing)
 from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, log, truncate_metrics
 from .plan import Arch
-from .plot import EVAL_RESULT, plot_run
+from .plot import EVAL_RESULT
 from .prefetch import Prefetcher
 from .refscores import ReferenceScores, fingerprint, online_references, save_scores
-from .runlock import RunLock, RunLockError
 from .shared_prefix import PREFIX_FILE, fit_shared_prefix, read_prefix, write_prefix
-from .stages import STAGES, data_files, sampler as stage_sampler, step_rows
 from .tokenization import TextEncoder
 
 
@@ -55,13 +50,6 @@ def _arch(path: str) -> Arch:
     from transformers import AutoConfig
 
     return Arch.from_config(AutoConfig.from_pretrained(path).to_dict())
-
-
-def _early_arch(cfg: Config) -> Arch:
-    """The base's shapes when its config is on disk, else a small preset (only ZeRO's bucket "auto"s
-    depend on it, and the engine's config is resolved again with the real one)."""
-    path = os.path.join(cfg.model.base, "config.json")
-    return Arch.load(cfg.model.base if os.path.exists(path) else "smollm2-135m")
 
 
 def lr_factor(schedule: str, warmup: int, total: int):
@@ -88,23 +76,23 @@ def client_adamw(params, optim, on_cuda: bool) -> torch.optim.AdamW:
 
 
 class Session:
-    """One model on one DeepSpeed engine for one stage."""
+    """One model on one DeepSpeed engine for one stage (a stages.Stage with ``settings``)."""
 
-    def __init__(self, cfg: Config, stage: str, ds_path, encoder_path: str, train: bool,
+    def __init__(self, cfg: Config, stage, ds_path, encoder_path: str, train: bool,
                  norm_scale: torch.Tensor | None = None, resume: checkpoint.Resume | None = None):
         """norm_scale: per-dimension factors for the encoder's final norm, applied before the
         optimizer copies the weights (see decoder_scale.py).  resume: the checkpoint this engine
         will load (its DeepSpeed settings enter the config)."""
         import deepspeed
 
-        self.cfg, self.stage = cfg, stage
+        self.cfg, self.spec, self.stage = cfg, stage, stage.name  # the stages.Stage, and its name (folders, logs)
         self.base = prepare_base(cfg)
-        self.optim = STAGES[stage].settings(cfg)
+        self.optim = stage.settings(cfg)
         dtype = resolve_dtype(cfg.model.dtype)
         self.ds = build_ds_config(ds_path, self.optim, D.world_size(), _arch(self.base), dtype,
                                   D.local_world_size())
         if train:
-            for key, value in ds_monitor_settings(cfg.monitor, cfg.stage_dir(stage), stage).items():
+            for key, value in ds_monitor_settings(cfg.monitor, cfg.stage_dir(self.stage), self.stage).items():
                 self.ds.setdefault(key, value)  # a writer the DeepSpeed JSON configures stays as it is
         for key, value in (resume.ds_settings() if resume else {}).items():
             self.ds[key] = {**self.ds.get(key, {}), **value}
@@ -168,16 +156,13 @@ class Session:
     def _provenance(self) -> dict:
         """How this stage trained, as the model card states it."""
         o, cfg = self.optim, self.cfg
-        data = [s.path for s in cfg.sources(STAGES[self.stage].data)]
+        data = [s.path for s in self.spec.sources(cfg)]
         out = {"stage": self.stage, "data": data, "steps": o.max_steps,
                "batch": f"{o.micro_batch_size} x {o.gradient_accumulation_steps} accumulation x {D.world_size()} ranks",
                "learning rate": f"{o.learning_rate} ({o.lr_schedule}, {o.warmup_steps} warm-up steps)",
                "parameters": f"LoRA rank {cfg.model.lora_rank}" if cfg.model.lora_rank else "full fine-tune"}
-        if self.stage == "stage2":
-            loss = cfg.loss
-            out["loss"] = {"beta": loss.beta, "tau": loss.tau, "reference_sign": loss.reference_sign,
-                           "references": loss.references, "in_batch_negatives": loss.in_batch_negatives,
-                           "cross_device_negatives": loss.cross_device_negatives}
+        if self.spec.loss_settings(cfg):
+            out["loss"] = self.spec.loss_settings(cfg)
         return out
 
     def close(self):
@@ -205,21 +190,23 @@ def calibration_batches(cfg: Config, s: Session, rows: list[dict], n_rows: int =
             for i in range(0, len(sample), bs)]
 
 
-def measure_decoder_scale(cfg: Config, ds_path, encoder_path: str, rows: list[dict], n_rows: int = 128) -> torch.Tensor:
+def measure_decoder_scale(cfg: Config, stage, ds_path, encoder_path: str, rows: list[dict],
+                          n_rows: int = 128) -> torch.Tensor:
     """Final-norm factors for stage 1, measured on ``calibration_batches``, so every rank and every
     resumed run gets the same factors."""
-    s = Session(cfg, "stage1", ds_path, encoder_path, train=False)
+    s = Session(cfg, stage, ds_path, encoder_path, train=False)
     factors = scale_factors(s.engine.module, calibration_batches(cfg, s, rows, n_rows))
     s.close()
-    log(f"stage1: final-norm scale to the decoder's word embeddings: median {factors.median():.4g} "
+    log(f"{stage.name}: final-norm scale to the decoder's word embeddings: median {factors.median():.4g} "
         f"(min {factors.min():.4g}, max {factors.max():.4g})")
     return factors
 
 
-def stage_shared_prefix(cfg: Config, stage: str, s: Session, rows: list[dict], resume: bool) -> torch.Tensor:
+def stage_shared_prefix(cfg: Config, s: Session, rows: list[dict], resume: bool) -> torch.Tensor:
     """The shared prefix stage 1 trains with (shared_prefix.py): the one in the stage folder when
     resuming, else fitted on ``calibration_batches`` with the encoder as it starts.  Every rank
     fits (the encoder's passes are collective under ZeRO-3); rank 0's result is used and kept."""
+    stage = s.stage
     path = os.path.join(cfg.stage_dir(stage), PREFIX_FILE)
     if resume and os.path.exists(path):
         return read_prefix(cfg.stage_dir(stage))
@@ -237,13 +224,13 @@ def stage_shared_prefix(cfg: Config, stage: str, s: Session, rows: list[dict], r
     return prefix
 
 
-def _norm_scale(cfg: Config, stage: str, ds_path, encoder_path: str, rows: list[dict] | None = None):
+def _norm_scale(cfg: Config, stage, ds_path, encoder_path: str, rows: list[dict] | None = None):
     """The stage-1 final-norm factors, or None.  Measured whenever a stage-1 engine is built,
     resumed or re-exported runs included: the same base and rows give the same factors, and a
     frozen norm (LoRA) is not in the checkpoint that then overwrites everything trainable."""
-    if not STAGES[stage].rescales_norm or not cfg.model.match_decoder_scale:
+    if not stage.rescales_norm or not cfg.model.match_decoder_scale:
         return None
-    return measure_decoder_scale(cfg, ds_path, encoder_path, rows or STAGES[stage].rows(cfg))
+    return measure_decoder_scale(cfg, stage, ds_path, encoder_path, rows or stage.rows(cfg))
 
 
 def _set_aside_earlier_run(cfg: Config, stage: str):
@@ -288,9 +275,9 @@ def micro_step(engine, batch, loss_fn, online: bool = False, after_backward=None
     return loss.detach()
 
 
-def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> StageResult:
-    """Train a training stage of ``STAGES``; export at the end (``<stage>.stop_after``: see StageResult)."""
-    st = STAGES[stage]
+def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
+    """Train ``st`` (a stages.TrainingStage); export at the end (``<stage>.stop_after``: see StageResult)."""
+    stage = st.name
     encoder_path = st.input_model(cfg)
     rows = st.rows(cfg)
     refs = None
@@ -298,21 +285,21 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     if st.needs_references and not online:
         fp = reference_fingerprint(cfg, prepare_base(cfg))
         refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
-        source = data_files(cfg, stage) + (" (in-batch pairs: seed, stage2.max_steps, micro_batch_size, "
-                                      "gradient_accumulation_steps and the rank count must be the reference "
-                                      "stage's)" if cfg.loss.in_batch_negatives else "")
+        pairs = (" (in-batch pairs: seed, stage2.max_steps, micro_batch_size, gradient_accumulation_steps and the "
+                 "rank count must be the reference stage's)" if cfg.loss.in_batch_negatives else "")
+        source = ", ".join(x.path for x in st.sources(cfg)) + pairs
         refs.check_all(st.reference_rows(cfg, rows), source)  # before any model loads
     loss_fn = st.loss(cfg)
     if not resume:
         _set_aside_earlier_run(cfg, stage)
     ckpt_dir, stage_dir = cfg.checkpoint_dir(stage), cfg.stage_dir(stage)
     resume_from = checkpoint.find_resume(ckpt_dir, log=lambda m: log(f"{stage}: {m}")) if resume else None
-    s = Session(cfg, stage, ds_path, encoder_path, train=True,
-                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path, rows), resume=resume_from)
+    s = Session(cfg, st, ds_path, encoder_path, train=True,
+                norm_scale=_norm_scale(cfg, st, ds_path, encoder_path, rows), resume=resume_from)
     if st.fits_shared_prefix and cfg.model.shared_prefix:
-        s.model.shared_prefix = stage_shared_prefix(cfg, stage, s, rows, resume)
+        s.model.shared_prefix = stage_shared_prefix(cfg, s, rows, resume)
     o = s.optim
-    sampler = stage_sampler(cfg, stage, rows)
+    sampler = st.sampler(cfg, rows)
     start = 0
     if resume:
         if resume_from is not None:
@@ -337,7 +324,7 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
         probe_batches = [to_device(st.make_batch(cfg, sample[i : i + o.micro_batch_size], s.text_encoder, None),
                                    s.device) for i in range(0, len(sample), o.micro_batch_size)]
     def build(key):  # on the prefetch thread: rows -> tokens -> typed batch, and its tokens counted on the host
-        batch = st.make_batch(cfg, step_rows(cfg, stage, rows, sampler, *key, D.rank()), s.text_encoder, refs)
+        batch = st.make_batch(cfg, st.step_rows(cfg, rows, sampler, *key, D.rank()), s.text_encoder, refs)
         return token_count(batch), batch
 
     keys = ((step, micro) for step in range(start, end) for micro in range(o.gradient_accumulation_steps))
@@ -382,16 +369,16 @@ def train_stage(cfg: Config, stage: str, ds_path, resume: bool = False) -> Stage
     return StageResult("done", out)
 
 
-def open_trained(cfg: Config, stage: str, ds_path) -> Session:
-    """A Session holding the latest complete checkpoint of a training stage (close it when done)."""
-    encoder_path = STAGES[stage].input_model(cfg)
+def open_trained(cfg: Config, st, ds_path) -> Session:
+    """A Session holding the latest complete checkpoint of ``st``, a training stage (close it when done)."""
+    stage, encoder_path = st.name, st.input_model(cfg)
     resume = checkpoint.find_resume(cfg.checkpoint_dir(stage), log=lambda m: log(f"{stage}: {m}"))
     if resume is None:
         raise checkpoint.CheckpointError(f"{cfg.checkpoint_dir(stage)}: no complete checkpoint")
-    s = Session(cfg, stage, ds_path, encoder_path, train=True,
-                norm_scale=_norm_scale(cfg, stage, ds_path, encoder_path), resume=resume)
+    s = Session(cfg, st, ds_path, encoder_path, train=True,
+                norm_scale=_norm_scale(cfg, st, ds_path, encoder_path), resume=resume)
     checkpoint.load(s.engine, resume, log=lambda m: log(f"{stage}: {m}"))
-    if STAGES[stage].fits_shared_prefix and cfg.model.shared_prefix:
+    if st.fits_shared_prefix and cfg.model.shared_prefix:
         s.model.shared_prefix = read_prefix(cfg.stage_dir(stage))
         if s.model.shared_prefix is None:
             s.close()
@@ -400,33 +387,32 @@ def open_trained(cfg: Config, stage: str, ds_path) -> Session:
     return s
 
 
-def export_stage(cfg: Config, ds_path) -> StageResult:
-    """Consolidate the latest checkpoint of ``paths.export_from`` into its export folder."""
-    s = open_trained(cfg, cfg.paths.export_from, ds_path)
-    out = s.export(cfg.export_dir(cfg.paths.export_from))
+def export_stage(cfg: Config, st, ds_path) -> StageResult:
+    """Consolidate the latest checkpoint of ``st``, a training stage, into its export folder."""
+    s = open_trained(cfg, st, ds_path)
+    out = s.export(cfg.export_dir(st.name))
     s.close()
     return StageResult("done", out)
 
 
 @torch.no_grad()
-def score_references(cfg: Config, ds_path) -> StageResult:
-    """Every rank scores its share of the stage-2 rows; rank 0 writes the file.  Preempted: stopped
-    on request before the end (PREEMPTED written; nothing partial is kept)."""
-    st = STAGES["reference"]
+def score_references(cfg: Config, st, ds_path) -> StageResult:
+    """Every rank scores its share of ``st.rows`` (stages.Reference); rank 0 writes the file.  Preempted:
+    stopped on request before the end (PREEMPTED written; nothing partial is kept)."""
     rows = st.rows(cfg)
     fp = reference_fingerprint(cfg, prepare_base(cfg))
-    s = Session(cfg, st.name, ds_path, st.input_model(cfg), train=False)
+    s = Session(cfg, st, ds_path, st.input_model(cfg), train=False)
     mine = rows[D.rank() :: D.world_size()]
     bs = s.optim.micro_batch_size
     n_batches = -(-len(rows) // (bs * D.world_size()))  # the same count on every rank (ZeRO-3 gathers are collective)
     results = []
-    stage_dir = cfg.stage_dir("reference")
+    stage_dir = cfg.stage_dir(st.name)
     preemption.clear_marker(stage_dir)
-    progress = Progress("reference", n_batches, "batches")
+    progress = Progress(st.name, n_batches, "batches")
     for b in range(n_batches):
         if preemption.requested(stage_dir):  # nothing partial is kept: the stage reruns after requeue
-            preemption.honoured(stage_dir, "reference")
-            log(f"reference: stop requested after {b} of {n_batches} batches; exiting for requeue")
+            preemption.honoured(stage_dir, st.name)
+            log(f"{st.name}: stop requested after {b} of {n_batches} batches; exiting for requeue")
             s.close()
             return StageResult("preempted")
         chunk = mine[b * bs : (b + 1) * bs]
@@ -442,7 +428,7 @@ def score_references(cfg: Config, ds_path) -> StageResult:
     if D.rank() == 0:
         merged = dict(kv for part in gathered for kv in part)
         save_scores(path, list(merged), list(merged.values()), fp)
-        log(f"reference: scored {len(merged)} rows -> {path}")
+        log(f"{st.name}: scored {len(merged)} rows -> {path}")
     D.barrier()
     s.close()
     return StageResult("done", path)
@@ -456,92 +442,10 @@ def evaluate(cfg: Config, model_dir: str) -> dict:
 
     result = sts_report(Encoder.from_pretrained(model_dir), model_dir, cfg.sts_file, cfg.eval.batch_size)
     write_model_card(model_dir, result)  # the card shows what the run measured
-    os.makedirs(cfg.stage_dir("eval"), exist_ok=True)
-    atomic_write_text(os.path.join(cfg.output_dir, EVAL_RESULT), json.dumps(result, indent=2) + "\n")
+    path = os.path.join(cfg.output_dir, EVAL_RESULT)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     log(f"eval: STS Spearman x100 = {result['spearman_x100']:.2f}, mean pairwise cosine "
         f"{result['mean_pairwise_cosine']:.3f} "
         f"({cfg.sts_file}, model {model_dir})")
     return result
-
-
-def evaluate_stage(cfg: Config) -> StageResult:
-    """STS of the export the run produced (``stage2`` in a pipeline, else ``paths.export_from``)."""
-    model_dir = cfg.export_dir("stage2" if cfg.is_pipeline else cfg.paths.export_from)
-    score = evaluate(cfg, model_dir)["spearman_x100"] if D.rank() == 0 else None
-    D.barrier()
-    return StageResult("done", score=score)
-
-
-RUNNERS = {  # what each value of cfg.stages() runs: (cfg, ds_path, resume) -> StageResult
-    "stage1": lambda cfg, ds, resume: train_stage(cfg, "stage1", ds, resume),
-    "stage2": lambda cfg, ds, resume: train_stage(cfg, "stage2", ds, resume),
-    "reference": lambda cfg, ds, resume: score_references(cfg, ds),
-    "export": lambda cfg, ds, resume: export_stage(cfg, ds),
-    "eval": lambda cfg, ds, resume: evaluate_stage(cfg),
-}
-
-
-def _validate_data(cfg: Config):
-    """Every row the stages will read, checked (file:line:field) before any model is built; the
-    tiny default's base model alone takes minutes to build."""
-    for stage in cfg.stages():
-        if stage in STAGES:
-            STAGES[stage].rows(cfg)
-
-
-def _lock_output_dir(cfg: Config) -> RunLock | None:
-    """Rank 0 locks the output folder; every rank fails together when another run holds it."""
-    lock, error = None, None
-    if D.rank() == 0:
-        try:
-            lock = RunLock(cfg.output_dir).acquire()
-        except RunLockError as e:
-            error = e
-    if D.any_across_ranks(error is not None):
-        raise error or RunLockError(f"{cfg.output_dir} is in use by another run (see rank 0)")
-    return lock
-
-
-def run(cfg: Config, ds_path, resume: bool = False) -> dict:
-    """Run ``cfg.stage`` (or the whole pipeline); returns where each artifact went."""
-    check_runtime(cfg, D.world_size())
-    # a bad --deepspeed file fails now, not after the base model is built
-    check_early(ds_path, {s: STAGES[s].settings(cfg) for s in cfg.stages() if s in STAGES}, D.world_size(),
-                _early_arch(cfg), resolve_dtype(cfg.model.dtype))
-    _validate_data(cfg)
-    lock = _lock_output_dir(cfg)
-    try:
-        return _run_stages(cfg, ds_path, resume)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _run_stages(cfg: Config, ds_path, resume: bool) -> dict:
-    if D.device().type == "cuda" and resolve_dtype(cfg.model.dtype) == torch.float32:
-        log("model.dtype=fp32 on a GPU: matmuls and the fused scorer run without tensor cores "
-            "(IEEE fp32, several times slower); bf16 is the GPU default (model.dtype=auto)")
-    out = {}
-    preemption.install()  # from the start: a request while a model loads must not be lost
-    for stage in cfg.stages():
-        checkpointed = stage in STAGES and STAGES[stage].trains  # these save and stop mid-stage
-        if not checkpointed and preemption.requested(cfg.stage_dir(stage)):
-            preemption.honoured(cfg.stage_dir(stage), stage)
-            log(f"{stage}: stop requested before it started; exiting for requeue")
-            break
-        result = RUNNERS[stage](cfg, ds_path, resume)
-        if result.artifact is not None:
-            out[stage] = result.artifact
-        if result.score is not None:
-            out["sts_spearman"] = result.score
-        if result.status != "done":  # the checkpoint is saved; later stages must wait for this one
-            break
-    if D.rank() == 0 and cfg.is_pipeline:
-        if cfg.monitor.plot and "sts_spearman" in out:
-            try:
-                out["plot"] = plot_run(cfg.output_dir)
-            except ImportError as e:  # the run's results are complete; a missing plot library must not fail it
-                log(f"plot skipped ({e}); `pip install matplotlib`, then `autoregembed plot {cfg.output_dir}`")
-        for k, v in out.items():
-            log(f"artifact {k}: {v}")
-    return out

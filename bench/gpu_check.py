@@ -390,7 +390,7 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
                                          f"model.dtype={'bf16' if device == 'cuda' else 'fp32'}",
                                          f"model.packing={str(packed).lower()}", f"data.max_text_len={length}",
                                          f"data.max_target_len={length}", f"{stage}.micro_batch_size={micro[stage]}"])
-                s = Session(cfg, stage, ds, base, train=True)
+                s = Session(cfg, STAGES[stage], ds, base, train=True)
                 st, mb, k = STAGES[stage], micro[stage], cfg.model.num_embed_tokens
                 rows = rows_for(stage, ragged, s.tokenizer, warm + steps + 1)
                 loss_fn = st.loss(cfg)

@@ -55,6 +55,7 @@ from autoregembed.export import ExportMeta, export_encoder  # noqa: E402
 from autoregembed.loading import load_model  # noqa: E402
 from autoregembed.runlock import RunLock  # noqa: E402
 from autoregembed.tokenization import TextEncoder  # noqa: E402
+from autoregembed.stages import STAGES  # noqa: E402
 from autoregembed.trainer import score_references, train_stage  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -292,17 +293,17 @@ def main():
             first_last[f"(b) seed {seed}"] = [round(c_losses[0], 4), round(c_losses[-1], 4)]
             scored(ARM_NAMES["b"][0], seed, lambda: Encoder.from_pretrained(c_dir))
         if set(args.arms) & set("cdef"):
-            stage1_dir = timed(f"train (c) seed {seed}", lambda: train_stage(cfg, "stage1", ds).artifact)
+            stage1_dir = timed(f"train (c) seed {seed}", lambda: train_stage(cfg, STAGES["stage1"], ds).artifact)
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")
             gaps[f"stage1 seed {seed}"] = _last_gap(cfg)
             print(f"[quality] stage1 seed {seed}: information gap {gaps[f'stage1 seed {seed}']}", flush=True)
             scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir))
         if set(args.arms) & set("df"):
-            timed(f"reference scores seed {seed}", lambda: score_references(cfg, ds))
+            timed(f"reference scores seed {seed}", lambda: score_references(cfg, STAGES["reference"], ds))
         for letter, extra in stage2_arms.items():
             if letter in args.arms:
                 cfg2 = load_config(None, common + after + extra)
-                model_dir = timed(f"train ({letter}) seed {seed}", lambda: train_stage(cfg2, "stage2", ds).artifact)
+                model_dir = timed(f"train ({letter}) seed {seed}", lambda: train_stage(cfg2, STAGES["stage2"], ds).artifact)
                 first_last[f"({letter}) stage 2 seed {seed}"] = _first_last(cfg2, "stage2")
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir))
     D.shutdown()

@@ -119,12 +119,13 @@ import json, os, sys, warnings
 warnings.filterwarnings("ignore")
 from autoregembed import distributed as D
 from autoregembed.config import load_config
+from autoregembed.stages import STAGES
 from autoregembed.trainer import train_stage
 out, base = sys.argv[1], sys.argv[2]
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=3", "stage1.micro_batch_size=4",
                          "model.dtype=fp32"])
 D.init_distributed()
-train_stage(cfg, "stage1", {root!r} + "/ds_configs/zero3.json")
+train_stage(cfg, STAGES["stage1"], {root!r} + "/ds_configs/zero3.json")
 peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] * 1024
 print("PEAK", D.rank(), peak)
 D.shutdown()

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Submit stage1 -> reference -> stage2 -> export, each after the previous one succeeded.
+# Submit every stage a pipeline runs with this config (`autoregembed stages`: stage1 [mine]
+# [reference] stage2 eval), each after the previous one succeeded: slurm/<stage>.sh where the stage
+# has a script of its own, else slurm/stage.sh <stage>.
 # Run from the project folder: bash slurm/pipeline.sh [extra sbatch options, e.g. --nodes=4]
-# Prints one line per job: "<stage> <job id>". Environment: see slurm/common.sh.
+# Prints one line per job: "<stage> <job id>". Environment: see slurm/common.sh (CONFIG and
+# EXTRA_ARGS decide the stages, as they do for each job).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC2086  # EXTRA_ARGS is a list of train.py arguments
+stages=$("${PYTHON:-python3}" -m autoregembed.cli stages ${CONFIG:+--config "$CONFIG"} ${EXTRA_ARGS:-})
 prev=""
-for stage in stage1 reference stage2 export; do
+for stage in $stages; do
   dep=${prev:+--dependency=afterok:$prev --kill-on-invalid-dep=yes}
-  prev=$(sbatch --parsable $dep "$@" "slurm/$stage.sh")
+  if [ -f "slurm/$stage.sh" ]; then job=("slurm/$stage.sh"); else job=(--job-name="are-$stage" slurm/stage.sh "$stage"); fi
+  prev=$(sbatch --parsable $dep "$@" "${job[@]}")
   prev=${prev%%;*}
   echo "$stage $prev"
 done

@@ -13,6 +13,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 
 from autoregembed import distributed as D  # noqa: E402
 from autoregembed.config import load_config  # noqa: E402
+from autoregembed.stages import STAGES  # noqa: E402
 from autoregembed.trainer import train_stage  # noqa: E402
 
 out, base, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -35,6 +36,6 @@ D.init_distributed()
 os.makedirs(os.path.join(out, "pids"), exist_ok=True)  # how test_crash.py finds the rank to kill
 with open(os.path.join(out, "pids", str(D.rank())), "w") as f:
     f.write(str(os.getpid()))
-train_stage(cfg, "stage1", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+train_stage(cfg, STAGES["stage1"], os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                         "ds_configs", "zero3.json"), resume=True)
 D.shutdown()

@@ -13,7 +13,8 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 from autoregembed import distributed as D  # noqa: E402
 from autoregembed.config import load_config  # noqa: E402
-from autoregembed.trainer import open_trained, score_references, train_stage  # noqa: E402
+from autoregembed.stages import STAGES, planned  # noqa: E402
+from autoregembed.trainer import open_trained  # noqa: E402
 
 TEXTS = ["a man is playing the guitar .", "two dogs run in a field", "the stock market fell today ."]
 
@@ -25,7 +26,7 @@ def main():
     report = {}
 
     def inspect(stage):  # the trained engine, as its last checkpoint restores it
-        session = open_trained(cfg, stage, ds_path)
+        session = open_trained(cfg, STAGES[stage], ds_path)
         module = session.engine.module
         params = list(module.parameters())
         batch = session.text_encoder.encode_inputs(TEXTS, [cfg.eval.instruction] * len(TEXTS))
@@ -39,12 +40,9 @@ def main():
                          "decoder_in_module": any(n.startswith("decoder.") for n, _ in module.named_parameters())}
         session.close()
 
-    steps = {"stage1": lambda: train_stage(cfg, "stage1", ds_path),
-             "reference": lambda: score_references(cfg, ds_path),  # not with loss.references=online
-             "stage2": lambda: train_stage(cfg, "stage2", ds_path)}
-    for name in cfg.stages():
-        if name in steps:
-            assert steps[name]().status == "done", name
+    for stage in planned(cfg):  # the pipeline's stages, each run as the pipeline runs it
+        if stage.name != "eval":
+            assert stage.run(cfg, ds_path, False).status == "done", stage.name
     inspect("stage1")
     inspect("stage2")
     with open(os.path.join(out_dir, f"report-rank{D.rank()}.json"), "w") as f:

@@ -33,7 +33,7 @@ if __name__ == "__main__":
     out, base, nli = sys.argv[1:4]
     cfg = load_config(None, [f"output_dir={out}", f"model.base={base}", f"data.stage2={nli}", *SETTINGS])
     D.init_distributed()
-    s = Session(cfg, "stage2", DEFAULT_DS, base, train=True)
+    s = Session(cfg, STAGES["stage2"], DEFAULT_DS, base, train=True)
     s.engine.train()  # as train_stage does
     enc = s.engine.module.encoder
     with D.gathered(list(enc.parameters())):

@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import run_child
 
-from autoregembed.config import ConfigError, check_runtime, load_config
+from autoregembed.config import ConfigError, load_config
 from autoregembed.ds_config import check_early, read_ds_config
 from autoregembed.errors import InputError, StorageError, UserError, user_message
 from autoregembed.plan import Arch
+from autoregembed.stages import check_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "autoregembed")
@@ -115,7 +116,7 @@ def test_export_and_eval_without_their_input_are_refused_up_front(tmp_path):
     for stage, pattern in (("export", "no complete checkpoint in"), ("eval", "no export at")):
         cfg = load_config(None, [f"output_dir={tmp_path}", f"stage={stage}", "paths.export_from=stage1"])
         with pytest.raises(ConfigError, match=f"key 'paths.export_from' = stage1: {pattern}"):
-            check_runtime(cfg, 1)
+            check_stages(cfg)
 
 
 def test_a_learning_rate_of_zero_is_refused():

@@ -10,7 +10,7 @@ from autoregembed.batches import alignment_batch, candidate_batch, with_in_batch
 from autoregembed.config import Config, ConfigError, load_config
 from autoregembed.losses import alignment_loss
 from autoregembed.data import StepSampler
-from autoregembed.stages import STAGES, step_rows
+from autoregembed.stages import STAGES, planned
 
 ROWS = [{"query": f"query {i}", "pos": f"pos {i}", "neg": [f"neg {i}.{j}" for j in range(n)], "instruction": "I."}
         for i, n in enumerate([1, 3, 2, 1])]
@@ -87,10 +87,10 @@ def test_option_off_builds_the_same_batch_as_before():
         assert torch.equal(x, y) if torch.is_tensor(x) else x == y
     on = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, in_batch_negatives=True, references="online"))
     order = StepSampler(len(ROWS), len(ROWS), 1, 1, 0)
-    batch = STAGES["stage2"].make_batch(on, step_rows(on, "stage2", ROWS, order, 0, 0, 0), te, None)
+    batch = STAGES["stage2"].make_batch(on, STAGES["stage2"].step_rows(on, ROWS, order, 0, 0, 0), te, None)
     assert len(batch.candidates.owner) == sum(len(r["neg"]) for r in with_in_batch_negatives(ROWS))
     assert torch.isnan(batch.ref_c).all() and torch.isnan(batch.ref_r).all()  # until online_references fills them
-    assert "reference" in cfg.stages() and "reference" not in on.stages()
+    assert STAGES["reference"] in planned(cfg) and STAGES["reference"] not in planned(on)
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -171,7 +171,7 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
 
     sampler = StepSampler(len(rows), 2, 1, 1, cfg.seed)
     for step in range(2):  # each micro-batch stage 2 will form
-        micro = step_rows(cfg, "stage2", rows, sampler, step, 0, 0)  # as stage 2 forms it
+        micro = STAGES["stage2"].step_rows(cfg, rows, sampler, step, 0, 0)  # as stage 2 forms it
         from_file = make_batch(cfg, micro, te, refs)
         model.train()
         online = online_references(model, make_batch(cfg, micro, te, None))
@@ -192,12 +192,12 @@ def test_cross_device_negatives_pool_every_ranks_micro_batch(monkeypatch):
     cfg = load_config(None, ["loss.in_batch_negatives=true", "loss.cross_device_negatives=true"])
     two = StepSampler(len(rows), 3, 1, 2, cfg.seed)
     monkeypatch.setattr(D, "world_size", lambda: 2)
-    got = [r for rank in range(2) for r in step_rows(cfg, "stage2", rows, two, 1, 0, rank)]
+    got = [r for rank in range(2) for r in STAGES["stage2"].step_rows(cfg, rows, two, 1, 0, rank)]
     monkeypatch.setattr(D, "world_size", lambda: 1)
-    want = step_rows(cfg, "stage2", rows, StepSampler(len(rows), 6, 1, 1, cfg.seed), 1, 0, 0)
+    want = STAGES["stage2"].step_rows(cfg, rows, StepSampler(len(rows), 6, 1, 1, cfg.seed), 1, 0, 0)
     assert got == want and all(len(r["neg"]) == 1 + 2 * 5 for r in got)  # own + the 5 other rows' pos and neg
     local = load_config(None, ["loss.in_batch_negatives=true"])
     monkeypatch.setattr(D, "world_size", lambda: 2)
-    assert all(len(r["neg"]) == 1 + 2 * 2 for r in step_rows(local, "stage2", rows, two, 1, 0, 0))
+    assert all(len(r["neg"]) == 1 + 2 * 2 for r in STAGES["stage2"].step_rows(local, rows, two, 1, 0, 0))
     with pytest.raises(ConfigError, match="loss.cross_device_negatives' needs loss.in_batch_negatives"):
         load_config(None, ["loss.cross_device_negatives=true"])

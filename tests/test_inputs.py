@@ -11,6 +11,7 @@ from autoregembed.data import DataError, StepSampler, load_rows
 from autoregembed.ds_config import build_ds_config
 from autoregembed.plan import Arch
 from autoregembed.evaluate import read_sts
+from autoregembed.stages import check_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD2 = {"query": "q", "pos": "p", "neg": ["n1", "n2"], "instruction": "i"}
@@ -84,7 +85,9 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
 def test_config_runtime_checks_name_the_key(tmp_path):
     cfg = load_config(None, [f"data.stage2={tmp_path}/missing.jsonl"])
     with pytest.raises(ConfigError, match=r"key 'data.stage2': no such file"):
-        check_runtime(cfg, world_size=1)
+        check_stages(cfg)
+    with pytest.raises(ConfigError, match=r"key 'model.base': no such file or folder"):
+        check_runtime(load_config(None, [f"model.base={tmp_path}/no-model"]), world_size=1)
     cfg = load_config(None, ["stage1.micro_batch_size=4", "stage1.gradient_accumulation_steps=2",
                              "stage1.global_batch_size=32"])
     check_runtime(cfg, world_size=4)
@@ -420,10 +423,11 @@ def test_a_session_that_fails_to_load_leaves_no_zero3_config_behind(tmp_path, ti
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     from autoregembed.cli import DEFAULT_DS
+    from autoregembed.stages import STAGES
     from autoregembed.trainer import Session
 
     cfg = load_config(None, [f"output_dir={tmp_path}", f"model.base={tiny_base}"])
     with pytest.raises(OSError) as failure:
-        Session(cfg, "stage1", DEFAULT_DS, str(tmp_path / "no-such-model"), train=True)
+        Session(cfg, STAGES["stage1"], DEFAULT_DS, str(tmp_path / "no-such-model"), train=True)
     assert failure.tb is not None  # an error handler still holds the failed Session's frames here
     assert not is_deepspeed_zero3_enabled()

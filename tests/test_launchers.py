@@ -79,20 +79,21 @@ def test_slurm_job_without_gpus_stops_unless_cpu_is_asked_for(slurm, tmp_path):
     assert states[job] == "FAILED" and "CONFIG is not set" in log, (states, log)
 
 
-def test_slurm_pipeline_runs_all_four_stages(slurm, tmp_path):
+def test_slurm_pipeline_runs_the_pipelines_stages(slurm, tmp_path):
     out = str(tmp_path / "run")
     extra = ["--set", f"output_dir={out}", "--set", "stage1.max_steps=4", "--set", "stage2.max_steps=3", *_tiny()]
     r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "pipeline.sh"), *CPU_JOB, f"--output={tmp_path}/%x-%j.out"],
                        env=_submit_env(slurm, extra), capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     jobs = dict(line.split() for line in r.stdout.strip().splitlines())
-    assert list(jobs) == ["stage1", "reference", "stage2", "export"]
+    assert list(jobs) == ["stage1", "reference", "stage2", "eval"]  # `autoregembed stages` with this config
     states = slurm.wait(list(jobs.values()), timeout=480)
     logs = "".join(open(f).read()[-1500:] for f in glob.glob(f"{tmp_path}/*.out"))
     assert set(states.values()) == {"COMPLETED"}, (states, logs)
     model = os.path.join(out, "stage2", "model")
     assert os.path.exists(os.path.join(model, "model.safetensors.index.json")), logs
     assert os.path.exists(os.path.join(out, "reference", "scores.safetensors"))
+    assert json.load(open(os.path.join(out, "eval", "result.json")))["model"] == model
 
 
 def test_slurm_preemption_requeues_and_resumes_exactly(slurm, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 from autoregembed.batches import compression_batch, token_count
 from autoregembed.monitor import StepMonitor, ds_monitor_settings, read_metrics, truncate_metrics
 from autoregembed.plot import plot_run
+from autoregembed.stages import TRAINING
 from autoregembed.warnings_once import show_once
 
 
@@ -83,11 +84,11 @@ def test_plot_writes_a_png_of_each_training_stage(tmp_path):
             for i in range(1, n + 1)))
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "result.json").write_text(json.dumps({"spearman_x100": 12.5, "sts": "/x/sts-dev.csv"}))
-    out = plot_run(str(tmp_path))
+    out = plot_run(str(tmp_path), TRAINING)
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no training metrics"):
-        plot_run(str(tmp_path / "eval"))
+        plot_run(str(tmp_path / "eval"), TRAINING)
 
 
 def test_each_distinct_warning_is_shown_once():

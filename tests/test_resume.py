@@ -16,6 +16,7 @@ import json, sys, warnings
 warnings.filterwarnings("ignore")
 from autoregembed import distributed as D
 from autoregembed.config import load_config
+from autoregembed.stages import STAGES
 from autoregembed.trainer import export_stage, train_stage
 out, stop_after, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 cfg = load_config(None, ["output_dir=" + out, "stage1.max_steps=6",
@@ -26,13 +27,13 @@ ds = {root!r} + "/ds_configs/zero3.json"
 TRAIN = PREAMBLE + """
 if stop_after:
     cfg.stage1.stop_after = stop_after
-    assert train_stage(cfg, "stage1", ds).status == "stopped"
+    assert train_stage(cfg, STAGES["stage1"], ds).status == "stopped"
     cfg.stage1.stop_after = None
-assert train_stage(cfg, "stage1", ds, resume=True).status == "done"
+assert train_stage(cfg, STAGES["stage1"], ds, resume=True).status == "done"
 D.shutdown()
 """
 EXPORT = PREAMBLE + """
-export_stage(cfg, ds)
+export_stage(cfg, STAGES[cfg.paths.export_from], ds)
 D.shutdown()
 """
 

@@ -23,6 +23,7 @@ from autoregembed.config import load_config
 from autoregembed.data import load_rows
 from autoregembed.loading import prepare_base
 from autoregembed.losses import CompressionLoss
+from autoregembed.stages import STAGES
 from autoregembed.trainer import Session, score_references
 
 out, base, stage2 = sys.argv[1:4]
@@ -33,7 +34,7 @@ D.init_distributed()
 report = {{}}
 
 # 1. what the scorer keeps between forward and backward
-s = Session(cfg, "stage1", zero3, prepare_base(cfg), train=True)
+s = Session(cfg, STAGES["stage1"], zero3, prepare_base(cfg), train=True)
 head = s.engine.module.head.weight
 rows = load_rows(cfg.data.stage1, stage=1)[:4]
 batch = to_device(compression_batch(rows, s.text_encoder), s.device)
@@ -65,7 +66,7 @@ def spy(self, *a, **kw):
     return real(self, *a, **kw)
 DeepSpeedEngine.forward = spy
 cfg.paths.stage1_model = prepare_base(cfg)
-score_references(cfg, zero3)
+score_references(cfg, STAGES["reference"], zero3)
 report["engine_forward_stages"] = sorted(set(calls))
 report["engine_forward_calls"] = len(calls)
 json.dump(report, open(out + "/report.json", "w"))

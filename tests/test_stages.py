@@ -1,0 +1,96 @@
+"""The stage list (stages.PIPELINE): what a pipeline runs, what each stage checks before any model
+loads (skipping what an earlier stage of the same run writes), and the optional mining stage run for
+real between stage 1 and reference scoring."""
+import json
+import os
+
+import pytest
+
+from autoregembed.config import ConfigError, load_config
+from autoregembed.stages import PIPELINE, RUN_MODES, STAGES, TRAINING, check_stages, planned
+from conftest import TINY_BASE, run_child
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NLI = os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl")
+
+
+def _names(cfg):
+    return [s.name for s in planned(cfg)]
+
+
+def test_the_pipeline_and_the_run_modes_come_from_one_list():
+    assert [s.name for s in PIPELINE] == ["stage1", "mine", "reference", "stage2", "export", "eval"]
+    assert RUN_MODES == (*STAGES, "pipeline") and TRAINING == ("stage1", "stage2")
+    assert _names(load_config(None)) == ["stage1", "reference", "stage2", "eval"]
+    assert _names(load_config(None, ["mine.enabled=true"])) == ["stage1", "mine", "reference", "stage2", "eval"]
+    online = ["loss.references=online", "model.lora_rank=4"]
+    assert _names(load_config(None, online)) == ["stage1", "stage2", "eval"]
+    assert _names(load_config(None, ["stage=mine"])) == ["mine"]
+    with pytest.raises(ConfigError, match=r"key 'stage': 'stage3' is not one of stage1, mine, reference"):
+        planned(load_config(None, ["stage=stage3"]))
+    r = run_child(["-m", "autoregembed.cli", "stages", "--set", "mine.enabled=true", "--set", online[0],
+                   "--set", online[1]], timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["stage1", "mine", "stage2", "eval"], r.stderr[-2000:]
+
+
+def test_checks_skip_only_what_an_earlier_stage_of_the_run_writes(tmp_path):
+    out = str(tmp_path / "run")
+    # a pipeline: the stage-1 export, the mined rows and the reference scores do not exist yet, and need not
+    check_stages(load_config(None, [f"output_dir={out}", "mine.enabled=true"]))
+    # each stage alone needs what the stages before it would have written
+    with pytest.raises(ConfigError, match=r"key 'paths.stage1_model': no stage-1 export at .*run stage1 first"):
+        check_stages(load_config(None, [f"output_dir={out}", "stage=mine", "mine.enabled=true"]))
+    os.makedirs(os.path.join(out, "stage1", "model"))
+    with pytest.raises(ConfigError, match=r"the mined rows of .*nli_sample.jsonl \(mine.enabled\): no such file "
+                                          r".*mine/0-nli_sample.jsonl; run stage=mine first"):
+        check_stages(load_config(None, [f"output_dir={out}", "stage=reference", "mine.enabled=true"]))
+    with pytest.raises(ConfigError, match=r"key 'paths.reference_scores': no reference scores .*run stage=reference"):
+        check_stages(load_config(None, [f"output_dir={out}", "stage=stage2"]))
+    with pytest.raises(ConfigError, match=r"key 'paths.export_from': 'reference' is not one of stage1, stage2"):
+        check_stages(load_config(None, [f"output_dir={out}", "stage=export", "paths.export_from=reference"]))
+    # a bad row of the user's stage-2 file is named at the pipeline's start, though stage 2 reads mined copies
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(NLI).readline() + '{"query": "q", "pos": "p", "instruction": "i"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'neg'"):
+        check_stages(load_config(None, [f"output_dir={out}", "mine.enabled=true", f"data.stage2={bad}"]))
+
+
+@pytest.mark.distributed
+@pytest.mark.usefixtures("default_tiny_base")
+def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_path):
+    """stage1 -> mine -> reference -> stage2 -> eval through train.py: every row's negatives are
+    other passages of its file, never its query or positive; reference scores cover exactly the
+    mined rows stage 2 trains on."""
+    from autoregembed.data import read_lines
+    from autoregembed.refscores import ReferenceScores
+
+    out = str(tmp_path / "run")
+    sets = ["stage1.max_steps=3", "stage1.micro_batch_size=4", "stage2.max_steps=2", "stage2.micro_batch_size=4",
+            "model.match_decoder_scale=false", "mine.enabled=true", "mine.negatives=2",
+            f"eval.sts_file={ROOT}/autoregembed/resources/sts_dev_sample.csv", "monitor.plot=false",
+            f"model.base={TINY_BASE['path']}", f"output_dir={out}"]
+    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)]], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mined = [json.loads(line) for line in read_lines(os.path.join(out, "mine", "0-nli_sample.jsonl"))]
+    source = [json.loads(line) for line in read_lines(NLI)]
+    corpus = {t for row in source for t in [row["pos"], *([row["neg"]] if isinstance(row["neg"], str) else row["neg"])]}
+    assert len(mined) == len(source)
+    assert all(len(m["neg"]) == 2 and set(m["neg"]) <= corpus and not {m["query"], m["pos"]} & set(m["neg"])
+               for m in mined)
+    assert [(m["query"], m["pos"]) for m in mined] == [(s["query"], s["pos"]) for s in source]
+    assert sum(m["neg"] != ([s["neg"]] if isinstance(s["neg"], str) else s["neg"]) for m, s in zip(mined, source))
+    refs = ReferenceScores(os.path.join(out, "reference", "scores.safetensors"))
+    refs.check_all(mined, "mined rows")  # the scores are the mined rows', looked up by content
+    assert len(refs) == len(mined)
+    assert os.path.isfile(os.path.join(out, "stage2", "model", "autoregembed.json"))
+    assert "mine: 256 of 256 rows" in r.stderr + r.stdout
+
+
+def test_each_source_is_read_once_at_the_start(monkeypatch):
+    """Reference scoring and stage 2 read the same stage-2 rows: validated once, not twice."""
+    import autoregembed.stages as stages
+
+    reads, load = [], stages.load_sources
+    monkeypatch.setattr(stages, "load_sources", lambda sources, stage: reads.append(stage) or load(sources, stage=stage))
+    check_stages(load_config(None))
+    assert reads == [1, 2]
