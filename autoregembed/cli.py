@@ -59,6 +59,7 @@ def run_training(args, stage: str | None = None) -> int:
 
 
 def main(argv=None) -> int:
+    from .scorers import SCORERS  # no torch at import: the command line starts fast
     from .convert import CONVERTERS
 
     parser = argparse.ArgumentParser(prog="autoregembed", description=__doc__)
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
                     help="the decoder keeps its activations (model.decoder_checkpointing=false)")
     pl.add_argument("--shard-decoder", action="store_true",
                     help="the frozen decoder partitioned under ZeRO-3 (model.shard_decoder); default: whole per GPU")
+    pl.add_argument("--scorer", default="auto", choices=list(SCORERS), help="the LM head's scorer backend (model.scorer)")
     args = parser.parse_args(argv)
 
     if args.command == "plan":
@@ -168,12 +170,11 @@ def _plan(args) -> int:
 
     arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
     shape = (args.micro_batch, args.negatives, args.max_len, args.num_embed_tokens)
-    ckpt = not args.no_decoder_checkpointing
-    p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, decoder_checkpointing=ckpt)
+    common = {"decoder_checkpointing": not args.no_decoder_checkpointing, "scorer": args.scorer}
+    p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, **common)
     text, fits = report(p, args.gpu_mem_gb,
-                        plan(arch, gpus, 2, *shape, decoder_checkpointing=ckpt) if args.zero == 3 else None,
-                        plan(arch, gpus, 3, *shape, shard_decoder=True, decoder_checkpointing=ckpt)
-                        if args.zero == 3 else None)
+                        plan(arch, gpus, 2, *shape, **common) if args.zero == 3 else None,
+                        plan(arch, gpus, 3, *shape, shard_decoder=True, **common) if args.zero == 3 else None)
     print(text)
     return 0 if fits else 3
 

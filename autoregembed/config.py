@@ -38,8 +38,9 @@ class ModelConfig:
     # run every encoder and decoder pass padding-free, the rows packed into one sequence
     # (packing.py); null: on CUDA only (on CPU the packed reference attention is O(tokens^2))
     packing: typing.Optional[bool] = None
-    # who computes the LM head's softmax statistics: auto (Triton on CUDA, PyTorch elsewhere) |
-    # triton (on CPU only under TRITON_INTERPRET=1) | torch
+    # the LM head's scorer backend (scorers.py): ours with its softmax statistics from auto (Triton on
+    # CUDA, PyTorch elsewhere) | triton (on CPU only under TRITON_INTERPRET=1) | torch; or cce (Apple's
+    # cut-cross-entropy, exact gradients: no filtering)
     scorer: str = "auto"
     gradient_checkpointing: bool = True
     # the frozen decoder's own activation checkpointing (null: as gradient_checkpointing); off saves
@@ -73,8 +74,10 @@ class ModelConfig:
 
     def check(self, key: str):
         """Its values, each error naming ``key.<field>`` (as every section's ``check``)."""
-        if self.scorer not in ("auto", "triton", "torch"):
-            raise ConfigError(f"key '{key}.scorer': {self.scorer!r} is not 'auto', 'triton' or 'torch'")
+        from .scorers import SCORERS
+
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"key '{key}.scorer': {self.scorer!r} is not one of {', '.join(SCORERS)}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"key '{key}.dtype': {self.dtype!r} is not auto, bf16, fp16 or fp32")
         if self.num_embed_tokens < 1:

@@ -171,7 +171,7 @@ def load_frozen_decoder(path: str, dtype: torch.dtype, attn: str, gradient_check
 
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
                gradient_checkpointing: bool = False,
-               lora: dict | None = None, decoder_bos: bool = False, scorer: str = "auto",
+               lora: dict | None = None, decoder_bos: bool = False, scorer="auto",
                outside_decoder=None, packed: bool = False, decoder_checkpointing: bool | None = None):
     """Return (AutoRegEmbedModel, tokenizer).
 

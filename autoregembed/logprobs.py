@@ -88,14 +88,14 @@ def torch_row_stats(logits: torch.Tensor, labels: torch.Tensor, dz: torch.Tensor
     return target, lse
 
 
-SCORERS = ("auto", "triton", "torch")
+ROW_STATS = ("auto", "triton", "torch")  # the fused scorer's choices (scorers.FusedScorer)
 
 
 def row_stats_for(scorer: str, device: torch.device):
     """The row-statistics function of ``scorer`` (``model.scorer``): auto is the Triton kernel on
     CUDA and PyTorch elsewhere; triton on CPU tensors needs Triton's interpreter."""
-    if scorer not in SCORERS:
-        raise InputError(f"scorer {scorer!r} is not one of {SCORERS}")
+    if scorer not in ROW_STATS:
+        raise InputError(f"scorer {scorer!r} is not one of {ROW_STATS}")
     if scorer == "torch" or (scorer == "auto" and device.type != "cuda"):
         return torch_row_stats
     from .kernels.logit_rows import INTERPRETED, logit_row_stats
@@ -136,11 +136,6 @@ def score_tokens(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     ``token_logprobs``, chunk by chunk."""
     row_stats = row_stats_for(scorer, hidden.device)
     m, v = hidden.shape[0], weight.shape[0]
-    bad = (labels < 0) | (labels >= v)  # a negative label would index from the end without a word
-    if m and labels.is_cuda:  # checked on the device, without waiting for it
-        torch._assert_async(~bad.any(), f"a label is outside the vocabulary [0, {v})")
-    elif m and bool(bad.any()):
-        raise ValueError(f"label {labels[bad][0].item()} is outside the vocabulary [0, {v})")
     logp = torch.empty(m, dtype=torch.float32, device=hidden.device)
     jac = torch.empty_like(hidden) if jacobian else None
     half_gemm = hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
@@ -183,21 +178,34 @@ class TokenLogprobs(torch.autograd.Function):
         return jac.mul_(grad_out.to(jac.dtype)[:, None]), None, None, None, None
 
 
-def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                   tile_budget_bytes: int = TILE_BUDGET_BYTES, scorer: str = "auto") -> torch.Tensor:
-    """log p(labels[t]) for each row of ``hidden`` [M, D]; returns fp32 [M].  ``scorer``: see
-    ``row_stats_for``."""
+def check_scoring_inputs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor):
+    """What every scorer backend (scorers.py) requires: hidden [M, D], labels [M] inside the
+    vocabulary (a negative label would index from the end without a word; on CUDA checked on the
+    device, without waiting for it), a frozen LM head of hidden's width (no weight gradient)."""
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [M, D] and labels [M]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     if lm_head_weight.dim() == 2 and lm_head_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"lm_head weight {tuple(lm_head_weight.shape)} does not match hidden size {hidden.shape[1]}")
     if lm_head_weight.requires_grad:
-        raise ValueError("the LM head must be frozen: the fused scorer computes no weight gradient")
+        raise ValueError("the LM head must be frozen: the scorers compute no weight gradient")
+    v = lm_head_weight.shape[0]
+    bad = (labels < 0) | (labels >= v)
+    if labels.numel() and labels.is_cuda:
+        torch._assert_async(~bad.any(), f"a label is outside the vocabulary [0, {v})")
+    elif labels.numel() and bool(bad.any()):
+        raise ValueError(f"label {labels[bad][0].item()} is outside the vocabulary [0, {v})")
+
+
+def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                   tile_budget_bytes: int = TILE_BUDGET_BYTES, scorer: str = "auto") -> torch.Tensor:
+    """log p(labels[t]) for each row of ``hidden`` [M, D]; returns fp32 [M].  ``scorer``: see
+    ``row_stats_for``."""
+    check_scoring_inputs(hidden, lm_head_weight, labels)
     return TokenLogprobs.apply(hidden.contiguous(), lm_head_weight, labels.contiguous(), tile_budget_bytes, scorer)
 
 
 def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                      scorer: str = "auto", n_scored: int | None = None) -> torch.Tensor:
+                      scorer="auto", n_scored: int | None = None) -> torch.Tensor:
     """Summed log-likelihood of each sequence's labels.
 
     hidden: [S, T, D] decoder hidden states (position t predicts labels[:, t]);
@@ -206,8 +214,11 @@ def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels
     every query x candidate) and summed back per sequence with a segment index.
     n_scored: M, when the caller knows it on the host (batches.py); the packing then never
     waits for the device (a boolean mask's size is only known after a read-back), and a wrong
-    count fails the device-side check.  Returns fp32 [S].
+    count fails the device-side check.  scorer: a backend or its ``model.scorer`` name (scorers.py).
+    Returns fp32 [S].
     """
+    from .scorers import scorer_for
+
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
     keep = (labels != IGNORE_INDEX).flatten()
@@ -216,7 +227,7 @@ def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels
     else:
         torch._assert_async(keep.sum() == n_scored, f"{n_scored} scored tokens expected")
         flat = torch.nonzero_static(keep, size=n_scored)[:, 0]
-    per_token = token_logprobs(hidden.flatten(0, 1).index_select(0, flat), lm_head_weight,
-                               labels.flatten().index_select(0, flat), scorer=scorer)
+    per_token = scorer_for(scorer).token_logprobs(hidden.flatten(0, 1).index_select(0, flat), lm_head_weight,
+                                                  labels.flatten().index_select(0, flat))
     out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
     return out.index_add(0, flat // labels.shape[1], per_token)

@@ -18,6 +18,7 @@ from torch import nn
 from .batches import AlignmentBatch, CandidateBatch, CompressionBatch
 from .errors import InputError
 from .logprobs import sequence_logprobs
+from .scorers import Scorer, scorer_for
 from .packing import Packing
 from .shared_prefix import with_shared_prefix
 from .tokenization import decoder_layout
@@ -36,17 +37,19 @@ def pool_embedding(compressed: torch.Tensor) -> torch.Tensor:
 
 
 class LogprobHead(nn.Module):
-    """Scores decoder hidden states against the frozen LM head through the fused path.
+    """Scores decoder hidden states against the frozen LM head through a scorer backend (scorers.py);
+    the decoder's lm_head module itself is never called.
 
-    A module of its own so that under ZeRO-3 DeepSpeed's hooks gather the head weight
-    (registered as this module's external parameter) for its forward and again for its
-    backward; the decoder's lm_head module itself is never called.
+    A module of its own so that under ZeRO-3 DeepSpeed's hooks gather the head weight (registered as
+    this module's external parameter) for its forward and again for its backward, where
+    cut-cross-entropy reads it.  (Gathering it for the forward alone, for our backend, fails where the
+    head is tied to the word embeddings: DeepSpeed will not release a weight another module holds.)
     """
 
-    def __init__(self, decoder: nn.Module, scorer: str = "auto"):
+    def __init__(self, decoder: nn.Module, scorer: Scorer | str = "auto"):
         super().__init__()
         self._decoder = [decoder]  # a list keeps the decoder out of this module's parameters
-        self.scorer = scorer
+        self.scorer = scorer_for(scorer)
         if hasattr(self.weight, "ds_id"):
             import deepspeed
 
@@ -114,7 +117,7 @@ class AutoRegEmbedModel(nn.Module):
     """Compresses and scores; the objectives live in losses.py and take this module's results."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, k: int, decoder_bos_id: int | None = None,
-                 scorer: str = "auto", decoder_in_module: bool = True, packed: bool = False):
+                 scorer: Scorer | str = "auto", decoder_in_module: bool = True, packed: bool = False):
         """encoder: a base transformer (e.g. LlamaModel) returning last_hidden_state.
         decoder: the frozen causal LM (its parameters are frozen here).
         decoder_bos_id: None, the method as published: the decoder reads [e_1..e_k ; target+EOS].
@@ -122,7 +125,7 @@ class AutoRegEmbedModel(nn.Module):
         (``model.decoder_bos``).  Why: a pretrained LM parks attention on its first position
         (the attention sink); without a BOS, e_1 is pushed to become that sink, shared by every
         text (docs/experiments.md).
-        scorer: who computes the LM head's softmax statistics (``logprobs.row_stats_for``).
+        scorer: the LM head's scorer backend, or its ``model.scorer`` name (scorers.py).
         decoder_in_module: false keeps the decoder out of ``parameters()``, ``state_dict()``,
         ``.to()`` and DeepSpeed's view (the caller places it on its device); ``train()`` still
         reaches it.

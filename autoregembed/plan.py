@@ -5,11 +5,10 @@ offload): per trainable parameter 2 bytes (bf16 weight) + 4 (fp32 gradient) + 12
 master weight, Adam m and v), partitioned over all GPUs under ZeRO-3, plus a gather
 buffer of 4 bytes x the largest layer.  The frozen decoder adds only its bf16 weights.
 Activations assume gradient checkpointing (every layer's input is kept, one layer is
-recomputed at a time).  LM head: our scorer keeps each scored token's Jacobian (bf16, hidden
-wide) and log-probability between forward and backward, plus one chunk of fp32 logits and bf16 dZ
-while it runs (logprobs.chunk_rows: TILE_BUDGET_BYTES, or more rows at large vocabularies so that
-an H100's 132 multiprocessors each get a tile); the materialised alternative keeps bf16 logits, their
-fp32 log-softmax and its gradient for every scored token.
+recomputed at a time).  LM head: what the scorer backend says it holds (scorers.py ``held_bytes``:
+ours keeps each scored token's bf16 Jacobian and log-probability between forward and backward, plus
+one chunk of fp32 logits and bf16 dZ while it runs); the materialised alternative keeps bf16 logits,
+their fp32 log-softmax and its gradient for every scored token.
 """
 from __future__ import annotations
 
@@ -18,11 +17,10 @@ import os
 from dataclasses import dataclass
 
 from .errors import InputError
-from .logprobs import TILE_BUDGET_BYTES, chunk_rows
+from .scorers import Scorer, scorer_for
 
 GB = 1e9
-SCORER_KEY = "LM head scorer (Jacobians, one chunk)"
-PLAN_SMS = 132  # H100 SXM multiprocessors: the scorer's chunk is sized to cover them
+SCORER_KEY = "LM head scorer"
 
 PRESETS = {  # (hidden, layers, intermediate, vocab, heads, kv_heads, tied)
     "llama-2-7b": (4096, 32, 11008, 32000, 32, 32, False),
@@ -78,10 +76,11 @@ class Arch:
 
 
 def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max_len: int, k: int = 5,
-         shard_decoder: bool = False, decoder_checkpointing: bool = True) -> dict:
+         shard_decoder: bool = False, decoder_checkpointing: bool = True, scorer: Scorer | str = "auto") -> dict:
     """shard_decoder: the frozen decoder partitioned under ZeRO-3 (model.shard_decoder), else whole
     on every GPU.  decoder_checkpointing false: the decoder keeps every layer's activations for
-    the backward instead of recomputing them (model.decoder_checkpointing)."""
+    the backward instead of recomputing them (model.decoder_checkpointing).  scorer: the LM head's
+    backend or its name (model.scorer)."""
     if zero not in (2, 3):
         raise InputError("--zero must be 2 or 3")
     enc = arch.params(extra_tokens=k, with_head=False)  # the encoder is the base transformer, no LM head
@@ -102,8 +101,7 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     out["activations (checkpointed)"] = checkpointed * (enc_tokens + (dec_tokens if decoder_checkpointing else 0))
     if not decoder_checkpointing:
         out["decoder activations (kept)"] = layer_work * arch.layers * dec_tokens
-    chunk = chunk_rows(arch.vocab, True, TILE_BUDGET_BYTES, arch.hidden, PLAN_SMS) * arch.vocab * 8
-    out[SCORER_KEY] = (2 * arch.hidden + 4) * dec_tokens + chunk
+    out[SCORER_KEY] = scorer_for(scorer).held_bytes(dec_tokens, arch.hidden, arch.vocab)
     materialised = (2 + 4 + 4) * dec_tokens * arch.vocab
     return {"breakdown": out, "total": sum(out.values()), "materialised_logits": materialised,
             "total_if_materialised": sum(out.values()) - out[SCORER_KEY] + materialised,

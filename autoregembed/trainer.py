@@ -32,6 +32,7 @@ from .plan import Arch
 from .plot import EVAL_RESULT
 from .prefetch import Prefetcher
 from .refscores import ReferenceScores, fingerprint, online_references, save_scores
+from .scorers import scorer_for
 from .shared_prefix import PREFIX_FILE, fit_shared_prefix, read_prefix, write_prefix
 from .tokenization import TextEncoder
 
@@ -115,7 +116,7 @@ class Session:
             zero3.enter_context(hf_zero3_config(self.ds))
             self.model, self.tokenizer = load_model(
                 encoder_path, self.base, m.num_embed_tokens, dtype, attn, gradient_checkpointing=checkpointing,
-                lora=lora, decoder_bos=m.decoder_bos, scorer=m.scorer, outside_decoder=outside, packed=packed,
+                lora=lora, decoder_bos=m.decoder_bos, scorer=scorer_for(m.scorer), outside_decoder=outside, packed=packed,
                 decoder_checkpointing=dec_checkpointing)
             if norm_scale is not None:
                 rescale_final_norm(self.model.encoder, norm_scale)

@@ -103,26 +103,41 @@ def float64_reference(torch, h, w, y, g, rows: int = 2048):
     return lp, grad
 
 
-def check_kernels(torch, shapes, device) -> list[dict]:
-    from autoregembed.logprobs import token_logprobs
+def _backends() -> dict:
+    """The scorer backends to check (scorers.py): ours, and cut-cross-entropy where it is installed."""
+    from autoregembed.scorers import scorer_for
 
+    names = {"ours": "auto"}
+    try:
+        import cut_cross_entropy  # noqa: F401
+
+        names["cce"] = "cce"
+    except ImportError:
+        pass
+    return {label: scorer_for(name) for label, name in names.items()}
+
+
+def check_kernels(torch, shapes, device) -> list[dict]:
     out = []
     for v, m, d in shapes:
         h, w, y = _inputs(torch, v, m, d, torch.bfloat16, device)
         g = torch.randn(m, device=device, generator=torch.Generator(device=device).manual_seed(1))
         ref_lp, ref_grad = float64_reference(torch, h, w, y, g)
-        hg = h.clone().requires_grad_()
-        lp = token_logprobs(hg, w, y)
-        (lp * g).sum().backward()
-        lp_err = (lp.detach().double() - ref_lp).abs().max().item()
-        grad_err = (hg.grad.double() - ref_grad).abs().max().item()
-        grad_rel = grad_err / max(ref_grad.abs().max().item(), 1e-30)
-        row = {"impl": "ours", "V": v, "M": m, "D": d, "dtype": "bf16", "logprob_max_abs_err": lp_err,
-               "grad_max_abs_err": grad_err, "grad_max_rel_err": grad_rel, "ok": lp_err <= 1e-2 and grad_rel <= 1e-2}
-        out.append(row)
-        print(f"  V={v:>6} M={m:>5} D={d:>4}: |dlogp| {lp_err:.2e}  |dgrad| {grad_err:.2e} "
-              f"(rel {grad_rel:.2e})  {'ok' if row['ok'] else 'FAIL'}", flush=True)
-        del h, w, y, g, ref_lp, ref_grad, hg, lp
+        for label, backend in _backends().items():
+            hg = h.clone().requires_grad_()
+            lp = backend.token_logprobs(hg, w, y)
+            (lp * g).sum().backward()
+            lp_err = (lp.detach().double() - ref_lp).abs().max().item()
+            grad_err = (hg.grad.double() - ref_grad).abs().max().item()
+            grad_rel = grad_err / max(ref_grad.abs().max().item(), 1e-30)
+            row = {"impl": label, "V": v, "M": m, "D": d, "dtype": "bf16", "logprob_max_abs_err": lp_err,
+                   "grad_max_abs_err": grad_err, "grad_max_rel_err": grad_rel,
+                   "ok": lp_err <= 1e-2 and grad_rel <= 1e-2}
+            out.append(row)
+            print(f"  {label:<5} V={v:>6} M={m:>5} D={d:>4}: |dlogp| {lp_err:.2e}  |dgrad| {grad_err:.2e} "
+                  f"(rel {grad_rel:.2e})  {'ok' if row['ok'] else 'FAIL'}", flush=True)
+            del hg, lp
+        del h, w, y, g, ref_lp, ref_grad
     return out
 
 
@@ -154,6 +169,8 @@ def _arms(torch, h, w, y, g):
         "ours": (lambda: token_logprobs(h, w, y), fb(lambda x: token_logprobs(x, w, y)), lambda x: token_logprobs(x, w, y)),
         "naive": (lambda: naive(h), fb(naive), naive),
     }
+    if not h.is_cuda:  # Liger's and cut-cross-entropy's kernels are Triton's, for CUDA only
+        return arms, hg
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
@@ -164,10 +181,14 @@ def _arms(torch, h, w, y, g):
     try:
         from cut_cross_entropy import linear_cross_entropy
 
+        from autoregembed.scorers import scorer_for
+
         for name, eps in (("cce", "auto"), ("cce_nofilter", None)):  # with and without gradient filtering
             arms[name] = (lambda eps=eps: linear_cross_entropy(h, w, y, reduction="sum", filter_eps=eps),
                           fb_loss(lambda x, eps=eps: linear_cross_entropy(x, w, y, reduction="sum", filter_eps=eps)),
                           None)
+        cce = scorer_for("cce").token_logprobs  # per token, as model.scorer=cce trains with it
+        arms["cce_per_token"] = (lambda: cce(h, w, y), fb(lambda x: cce(x, w, y)), lambda x: cce(x, w, y))
     except ImportError:
         pass
     return arms, hg

@@ -4,6 +4,7 @@ import torch
 
 from autoregembed import logprobs
 from autoregembed.logprobs import IGNORE_INDEX, sequence_logprobs, token_logprobs
+from autoregembed.scorers import scorer_for
 
 # The kernel runs compiled on CUDA tensors where there is a GPU, else in Triton's interpreter on CPU
 # tensors (conftest.py turns it on before anything imports kernels).
@@ -49,11 +50,13 @@ def _count_kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("scorer", ["torch", "triton"])
+@pytest.mark.parametrize("scorer", ["torch", "triton", "cce"])
 @pytest.mark.parametrize("peaked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scorer_matches_float64(monkeypatch, peaked, scorer, dtype):
-    """Within twice PyTorch's own error in the same dtype; bf16 also rounds dZ and the Jacobian."""
+    """Every backend (scorers.py) within twice PyTorch's own error in the same dtype; bf16 also
+    rounds dZ and the Jacobian.  cut-cross-entropy runs without its gradient filter, so its
+    per-token gradients are exact too."""
     calls = _count_kernel_calls(monkeypatch)
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     h, w, y = _problem(peaked=peaked, dtype=dtype)
@@ -61,16 +64,18 @@ def test_scorer_matches_float64(monkeypatch, peaked, scorer, dtype):
     ref_lp, ref_grad = _reference(h, w, y, g)
     lp_err, grad_err = _same_dtype_error(h, w, y, g, ref_lp, ref_grad)
     hh = h.clone().requires_grad_()
-    budget = 60 * w.shape[0] * 8  # 60 rows: 4 full chunks and a partial one (not a multiple of 64)
-    lp = token_logprobs(hh, w, y, tile_budget_bytes=budget, scorer=scorer)
+    # 60 rows with a Jacobian: 4 full chunks and a partial one (not a multiple of 64); 120 without (cce: 3)
+    monkeypatch.setattr(logprobs, "TILE_BUDGET_BYTES", 60 * w.shape[0] * 8)
+    backend = scorer_for(scorer)
+    lp = backend.token_logprobs(hh, w, y)
     (lp * g).sum().backward()
     assert lp.dtype == torch.float32
     assert (lp.double() - ref_lp).abs().max().item() <= 2 * lp_err + tol
     assert (hh.grad.double() - ref_grad).abs().max().item() <= 2 * grad_err + tol
     assert hh.grad.dtype == dtype
     assert len(calls) == (5 if scorer == "triton" else 0)
-    with torch.no_grad():  # without a gradient: the same values, no Jacobian
-        torch.testing.assert_close(token_logprobs(h, w, y, tile_budget_bytes=budget), lp.detach(), rtol=0, atol=1e-5)
+    with torch.no_grad():  # without a gradient: the same values (ours: no Jacobian)
+        torch.testing.assert_close(backend.token_logprobs(h, w, y), lp.detach(), rtol=0, atol=1e-5)
 
 
 def test_chunk_rows_fit_the_budget():
@@ -194,6 +199,50 @@ def test_labels_outside_the_vocabulary_are_refused():
         y[3] = bad
         with pytest.raises(ValueError, match=f"label {bad} is outside the vocabulary"):
             token_logprobs(h.to(DEVICE), w.to(DEVICE), y.to(DEVICE))
+        with pytest.raises(ValueError, match=f"label {bad} is outside the vocabulary"):
+            scorer_for("cce").token_logprobs(h, w, y)  # every backend: the check is the base class's
+
+
+@pytest.mark.parametrize("scorer", ["auto", "cce"])
+def test_every_backend_sums_the_same_sequences(scorer):
+    """sequence_logprobs takes a backend or its name; the packed per-sequence sums and their
+    gradients do not depend on which backend scored the tokens."""
+    torch.manual_seed(2)
+    hidden = torch.randn(5, 11, 16, requires_grad=True)
+    w, labels = torch.randn(90, 16), torch.randint(0, 90, (5, 11))
+    labels[torch.rand(5, 11) < 0.3] = IGNORE_INDEX
+    got = sequence_logprobs(hidden, w, labels, scorer_for(scorer))
+    (grad,) = torch.autograd.grad(got.sum(), hidden)
+    ref = sequence_logprobs(hidden, w, labels, "torch")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), hidden)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_backends_tell_the_planner_what_they_hold(monkeypatch):
+    """What each backend holds (autoregembed plan); a name that is no backend, or cce without its
+    package, is a user error naming model.scorer."""
+    import sys
+
+    from autoregembed.config import ConfigError, load_config
+    from autoregembed.errors import InputError
+    from autoregembed.plan import PRESETS, SCORER_KEY, Arch, plan
+
+    fused, cce = scorer_for("auto"), scorer_for("cce")
+    arch = Arch(*PRESETS["llama-2-7b"])
+    ours, theirs = (plan(arch, 8, 3, 4, 7, 512, scorer=s)["breakdown"][SCORER_KEY] for s in ("auto", "cce"))
+    tokens = 4 * 9 * (5 + 512 + 1)  # decoder tokens of that micro-batch
+    assert ours == fused.held_bytes(tokens, 4096, 32000) and theirs == cce.held_bytes(tokens, 4096, 32000)
+    assert theirs < ours < 2 * 4 * tokens * 32000  # neither near the materialised fp32 logits
+    assert load_config(None, ["model.scorer=cce"]).model.scorer == "cce"
+    with pytest.raises(ConfigError, match="model.scorer.*auto, triton, torch, cce"):
+        load_config(None, ["model.scorer=liger"])
+    with pytest.raises(InputError, match="model.scorer"):
+        scorer_for("liger")
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)  # not installed
+    h, w, y = _problem(m=4, v=20, d=8)
+    with pytest.raises(InputError, match="'cce' needs cut-cross-entropy"):
+        cce.token_logprobs(h, w, y)
 
 
 def test_kernels_import_changes_no_environment_and_triton_on_cpu_needs_the_interpreter():

@@ -37,10 +37,10 @@ def setup(tiny_base):
     return tok, encoder, decoder
 
 
-def _model(setup, decoder_bos=False):
+def _model(setup, decoder_bos=False, scorer="auto"):
     tok, encoder, decoder = setup
     bos = tok.bos_token_id if decoder_bos else None
-    return AutoRegEmbedModel(encoder, decoder, K, decoder_bos_id=bos), TextEncoder(tok, K)
+    return AutoRegEmbedModel(encoder, decoder, K, decoder_bos_id=bos, scorer=scorer), TextEncoder(tok, K)
 
 
 class _Refs:
@@ -83,9 +83,10 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.encoder.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("sign,decoder_bos", [("paper", False), ("code", False), ("paper", True)])
-def test_stage2_loss_and_grads_match_hand_reference(setup, sign, decoder_bos):
-    model, te = _model(setup, decoder_bos)
+@pytest.mark.parametrize("sign,decoder_bos,scorer", [("paper", False, "auto"), ("code", False, "auto"),
+                                                     ("paper", True, "auto"), ("paper", False, "cce")])
+def test_stage2_loss_and_grads_match_hand_reference(setup, sign, decoder_bos, scorer):
+    model, te = _model(setup, decoder_bos, scorer)
     g = torch.Generator().manual_seed(3)
     ref_c = (torch.randn(3, generator=g) * 5 - 20).tolist()
     ref_r = [(torch.randn(len(r["neg"]), generator=g) * 5 - 25).tolist() for r in ROWS]

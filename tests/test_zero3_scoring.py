@@ -1,6 +1,6 @@
 """Under ZeRO-3 with the decoder partitioned (model.shard_decoder) the LM head is resident only while
-it is used, and every decoder pass (reference scoring included) goes through the engine's forward,
-where DeepSpeed gathers and prefetches."""
+it is used (and found again by a backend whose backward reads it), and every decoder pass (reference
+scoring included) goes through the engine's forward, where DeepSpeed gathers and prefetches."""
 import json
 import os
 
@@ -55,7 +55,18 @@ report["head_numel_after_forward"] = head.numel()
 report["head_released_after_forward"] = head.ds_status == ZeroParamStatus.NOT_AVAILABLE
 report["largest_saved_tensor"] = max(t.numel() for n in nodes for t in n.saved_tensors)
 s.engine.backward(loss)
-report["encoder_grad_finite"] = True
+s.engine.step()
+report["loss"], report["grad_norm"] = loss.item(), float(s.engine.get_global_grad_norm())
+s.close()
+
+# 1b. cut-cross-entropy reads the head again in its backward: the hooks gather it there too
+cce_cfg = load_config(None, ["output_dir=" + out + "/cce", "model.base=" + base, "data.stage2=" + stage2,
+                             "model.match_decoder_scale=false", "model.shard_decoder=true", "model.scorer=cce"])
+s = Session(cce_cfg, STAGES["stage1"], zero3, prepare_base(cce_cfg), train=True)
+loss = CompressionLoss()(s.engine(batch), batch)
+s.engine.backward(loss)
+s.engine.step()
+report["cce_loss"], report["cce_grad_norm"] = loss.item(), float(s.engine.get_global_grad_norm())
 s.close()
 
 # 2. reference scoring calls the engine (not the module behind it)
@@ -91,6 +102,9 @@ def test_lm_head_is_released_between_forward_and_backward_and_reference_uses_the
     assert not r["holds_head"]
     assert r["head_released_after_forward"] and r["head_numel_after_forward"] == 0
     assert r["largest_saved_tensor"] < r["head_full_numel"]
+    # the same step with model.scorer=cce: the same loss and gradient (its backward found the head)
+    assert r["cce_loss"] == pytest.approx(r["loss"], rel=1e-5)
+    assert r["cce_grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4) and r["grad_norm"] > 0
     # 16 stage-2 rows at micro-batch 4 on one rank: 4 scoring calls, all through the engine
     assert r["engine_forward_stages"] == ["CandidateBatch"]
     assert r["engine_forward_calls"] == 4
