@@ -195,12 +195,25 @@ class OptimConfig:
                 raise ConfigError(f"key '{key}.{k}' must be >= 1, got {getattr(self, k)}")
 
 
+def _stage2_objectives() -> dict:
+    from .losses import STAGE2_OBJECTIVES
+
+    return STAGE2_OBJECTIVES
+
+
+def _alignment():
+    return _stage2_objectives()["alignment"]()
+
+
 @dataclass
 class LossConfig:
-    beta: float = 0.1
-    tau: float = 0.1
-    reference_sign: str = "paper"  # paper: subtract the reference margin (as in DPO); code: add it (authors' release)
-    detach_positive: bool = False  # true: no gradient through c_p = log p(pos|e_pos) (losses.alignment_loss says why)
+    """``kind`` names stage 2's objective (losses.STAGE2_OBJECTIVES); the kind's own settings
+    (``loss.beta``, ``loss.tau``, ... for alignment) are keys of this section too, built by the loader
+    into ``objective``, the object stage 2 calls."""
+
+    KINDS = staticmethod(_stage2_objectives)  # the loader builds ``objective`` from the kind's class
+    kind: str = "alignment"
+    objective: typing.Any = field(default_factory=_alignment)
     # true: each query's negatives are its own plus every other row's positive and negatives in the
     # micro-batch, all scored in the one decoder pass (batches.with_in_batch_negatives); with
     # references=file the reference stage scores exactly the pairs stage 2's schedule forms
@@ -222,13 +235,9 @@ class LossConfig:
         if self.cross_device_negatives and not self.in_batch_negatives:
             raise ConfigError(f"key '{key}.cross_device_negatives' needs {key}.in_batch_negatives=true (it widens "
                               f"their pool)")
-        if self.reference_sign not in ("paper", "code"):
-            raise ConfigError(f"key '{key}.reference_sign': {self.reference_sign!r} is not 'paper' or 'code'")
+        self.objective.check(key)
         if self.references not in ("file", "online"):
             raise ConfigError(f"key '{key}.references': {self.references!r} is not 'file' or 'online'")
-        for k in ("beta", "tau"):
-            if not (_finite(getattr(self, k)) and getattr(self, k) > 0):
-                raise ConfigError(f"key '{key}.{k}' must be a finite number > 0, got {getattr(self, k)}")
         if not (_finite(self.stage1_contrast) and self.stage1_contrast >= 0):
             raise ConfigError(f"key '{key}.stage1_contrast' must be a finite number >= 0, got {self.stage1_contrast}")
 
@@ -397,6 +406,17 @@ def _build(cls, data: dict, prefix: str):
         raise ConfigError(f"key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    component, component_data = None, {}
+    if hasattr(cls, "KINDS"):  # a section whose ``kind`` picks a class: its fields are keys here too
+        names.discard("objective")
+        kinds, kind = cls.KINDS(), data.get("kind", cls.kind)
+        if kind not in kinds:
+            raise ConfigError(f"key '{prefix}kind': {kind!r} is not one of {', '.join(kinds)}")
+        component = kinds[kind]
+        own = {f.name for f in dataclasses.fields(component)}
+        component_data = {k: v for k, v in data.items() if k in own and k not in names}
+        data = {k: v for k, v in data.items() if k not in component_data}
+        names |= own
     for k in data:
         if k not in names:
             raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(names))})")
@@ -407,6 +427,8 @@ def _build(cls, data: dict, prefix: str):
             kwargs[k] = _build(tp, v, f"{prefix}{k}.")
         else:
             kwargs[k] = _coerce(v, tp, prefix + k)
+    if component is not None:
+        kwargs["objective"] = _build(component, component_data, prefix)
     return cls(**kwargs)
 
 

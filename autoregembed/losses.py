@@ -1,7 +1,9 @@
 """AutoRegEmbed training objectives on per-sequence log-likelihoods.
 
-Each objective is a component: configured once from ``cfg.loss`` (the stage table, stages.py), then
-called on the model's result and the batch.  A new variant is one class here and one config key.
+Each objective is a component: a frozen dataclass of its settings, built once by the config loader
+and called on the model's result and the batch.  Stage 2's objective is chosen by ``loss.kind``; a new
+variant is one class here registered with ``@stage2_objective("<kind>")``: its fields become the
+``loss.<field>`` keys of that kind (strictly checked, like every key) and its ``check`` validates them.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+
+from .config import ConfigError
 
 
 def compression_loss(seq_logprobs: torch.Tensor, num_target_tokens: torch.Tensor) -> torch.Tensor:
@@ -78,6 +82,25 @@ class CompressionLoss:
         return loss
 
 
+STAGE2_OBJECTIVES: dict[str, type] = {}  # loss.kind -> its class
+
+
+def stage2_objective(kind: str):
+    """Register a stage-2 objective under ``loss.kind: <kind>``.  It is called as
+    ``objective(model.CandidateScores, AlignmentBatch) -> scalar loss`` and has ``check(key)``."""
+    def register(cls):
+        STAGE2_OBJECTIVES[kind] = cls
+        cls.kind = kind
+        return cls
+    return register
+
+
+def _positive(key: str, name: str, value: float):
+    if not (value == value and abs(value) != float("inf") and value > 0):
+        raise ConfigError(f"key '{key}.{name}' must be a finite number > 0, got {value}")
+
+
+@stage2_objective("alignment")
 @dataclasses.dataclass(frozen=True)
 class AlignmentLoss:
     """Stage 2 on ``model.CandidateScores`` and an ``AlignmentBatch`` (its reference values);
@@ -85,12 +108,19 @@ class AlignmentLoss:
 
     beta: float = 0.1
     tau: float = 0.1
+    # paper: subtract the reference margin (as in DPO); code: add it (the authors' release)
     reference_sign: str = "paper"
-    detach_positive: bool = False
+    detach_positive: bool = False  # true: no gradient through c_p = log p(pos|e_pos) (alignment_loss says why)
 
     def __post_init__(self):
+        self.check("loss")
+
+    def check(self, key: str):
+        """Its settings, each error naming ``key.<field>``: a bad value is refused when it is built."""
+        for name in ("beta", "tau"):
+            _positive(key, name, getattr(self, name))
         if self.reference_sign not in ("paper", "code"):
-            raise ValueError(f"reference_sign must be 'paper' or 'code', got {self.reference_sign!r}")
+            raise ConfigError(f"key '{key}.reference_sign': {self.reference_sign!r} is not 'paper' or 'code'")
 
     def __call__(self, out, batch) -> torch.Tensor:
         return alignment_loss(out.c_q, out.c_p, out.r, out.owner, batch.ref_c, batch.ref_r, self.beta, self.tau,

@@ -21,7 +21,7 @@ from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
 from .data import SourceRows, load_rows, load_sources, row_key, sampler_for, write_jsonl
 from .diagnostics import information_gap
 from .loading import prepare_base
-from .losses import AlignmentLoss, CompressionLoss
+from .losses import CompressionLoss
 from .monitor import log
 from .trainer import StageResult, evaluate, export_stage, score_references, train_stage
 
@@ -291,7 +291,8 @@ class Reference(NeedsStage1, Stage2Rows, Stage):
 
 
 class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
-    """Conditional distribution alignment, from the stage-1 model (losses.AlignmentLoss)."""
+    """Conditional distribution alignment, from the stage-1 model (``loss.kind``: losses.AlignmentLoss
+    by default)."""
 
     name = "stage2"
     needs_references = forms_pairs = True
@@ -320,14 +321,12 @@ class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
         return alignment_batch(rows, text_encoder, references)
 
     def loss(self, cfg):
-        names = {f.name for f in dataclasses.fields(AlignmentLoss)}
-        return AlignmentLoss(**{k: v for k, v in dataclasses.asdict(cfg.loss).items() if k in names})
+        return cfg.loss.objective  # loss.kind's class, built by the config loader
 
     def loss_settings(self, cfg):
         loss = cfg.loss
-        return {"beta": loss.beta, "tau": loss.tau, "reference_sign": loss.reference_sign,
-                "references": loss.references, "in_batch_negatives": loss.in_batch_negatives,
-                "cross_device_negatives": loss.cross_device_negatives}
+        return {"kind": loss.kind, **dataclasses.asdict(loss.objective), "references": loss.references,
+                "in_batch_negatives": loss.in_batch_negatives, "cross_device_negatives": loss.cross_device_negatives}
 
 
 def export_source(cfg: Config) -> str:

@@ -76,10 +76,16 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
         load_config(None, ["stage1.max_steps=many"])
     with pytest.raises(ConfigError, match=r"key 'loss.reference_sign'"):
         load_config(None, ["loss.reference_sign=both"])
-    with pytest.raises(ConfigError, match=r"key 'model.scorer': 'cuda' is not 'auto', 'triton' or 'torch'"):
+    with pytest.raises(ConfigError, match=r"key 'model.scorer': 'cuda' is not one of auto, triton, torch, cce"):
         load_config(None, ["model.scorer=cuda"])
+    with pytest.raises(ConfigError, match=r"key 'loss.kind': 'dpo' is not one of alignment"):
+        load_config(None, ["loss.kind=dpo"])
+    with pytest.raises(ConfigError, match=r"unknown key 'loss.betta' \(known: beta, cross_device_negatives, "
+                                          r"detach_positive, in_batch_negatives, kind, reference_sign"):
+        load_config(None, ["loss.betta=0.2"])
     cfg = load_config(None, ["stage2.learning_rate=1e-5", "loss.reference_sign=code", "data.max_negatives=3"])
-    assert cfg.stage2.learning_rate == 1e-5 and cfg.loss.reference_sign == "code" and cfg.data.max_negatives == 3
+    assert cfg.stage2.learning_rate == 1e-5 and cfg.loss.objective.reference_sign == "code"
+    assert cfg.data.max_negatives == 3
 
 
 def test_config_runtime_checks_name_the_key(tmp_path):

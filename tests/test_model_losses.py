@@ -291,15 +291,59 @@ def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
 
 
 def test_config_reaches_the_stage_losses():
-    """loss.* keys configure stage 2's objective (the stage table builds it); stage 1 has none."""
-    from autoregembed.config import load_config
+    """loss.* keys configure stage 2's objective (the config loader builds it); stage 1 has none."""
+    from autoregembed.config import ConfigError, load_config
     from autoregembed.stages import STAGES
 
     cfg = load_config(None, ["loss.detach_positive=true", "loss.reference_sign=code", "loss.beta=0.2"])
     assert STAGES["stage2"].loss(cfg) == AlignmentLoss(beta=0.2, tau=0.1, reference_sign="code", detach_positive=True)
     assert isinstance(STAGES["stage1"].loss(cfg), CompressionLoss) and not STAGES["reference"].trains
-    with pytest.raises(ValueError, match="reference_sign must be 'paper' or 'code'"):
+    with pytest.raises(ConfigError, match="key 'loss.reference_sign': 'both' is not"):
         AlignmentLoss(reference_sign="both")
+
+
+def test_a_new_stage2_objective_is_one_class_and_one_kind(setup):
+    """Registering a class under a kind is all it takes: its fields become loss.* keys of that kind
+    (strictly: another kind's keys are unknown), its check names them, and stage 2 trains with the
+    object the loader built."""
+    import dataclasses
+
+    from autoregembed.config import ConfigError, load_config
+    from autoregembed.losses import STAGE2_OBJECTIVES, stage2_objective
+    from autoregembed.stages import STAGES
+
+    saved = dict(STAGE2_OBJECTIVES)
+
+    @stage2_objective("margin")
+    @dataclasses.dataclass(frozen=True)
+    class MarginLoss:
+        """A hinge on the query's margin of the positive over each negative."""
+
+        margin: float = 1.0
+
+        def check(self, key):
+            if self.margin <= 0:
+                raise ConfigError(f"key '{key}.margin' must be > 0")
+
+        def __call__(self, out, batch):
+            return torch.relu(self.margin - (out.c_q[out.owner] - out.r)).mean()
+
+    try:
+        cfg = load_config(None, ["loss.kind=margin", "loss.margin=2.5", "loss.in_batch_negatives=true"])
+        assert STAGES["stage2"].loss(cfg) == MarginLoss(2.5) and cfg.loss.in_batch_negatives
+        assert STAGES["stage2"].loss_settings(cfg)["kind"] == "margin"
+        with pytest.raises(ConfigError, match="unknown key 'loss.beta'"):
+            load_config(None, ["loss.kind=margin", "loss.beta=0.2"])
+        with pytest.raises(ConfigError, match="key 'loss.margin' must be > 0"):
+            load_config(None, ["loss.kind=margin", "loss.margin=0"])
+        model, te = _model(setup)
+        batch = alignment_batch(ROWS, te, _constant_refs(-20.0, -25.0))
+        out = model(batch)
+        want = torch.relu(2.5 - (out.c_q[out.owner] - out.r)).mean()
+        torch.testing.assert_close(STAGES["stage2"].loss(cfg)(out, batch), want)
+    finally:
+        STAGE2_OBJECTIVES.clear()
+        STAGE2_OBJECTIVES.update(saved)
 
 
 def test_the_decoder_is_frozen_and_computes_the_same_in_train_mode(tiny_base):
