@@ -121,6 +121,14 @@ class DataConfig:
     max_text_len: int = 64
     max_target_len: int = 64
     max_negatives: typing.Optional[int] = None  # None: every negative of a row is scored
+    # stage 2: each query's negatives are its own plus every other row's positive and negatives in the
+    # micro-batch, all scored in the one decoder pass (batches.with_in_batch_negatives); with
+    # reference.source=file the reference stage scores exactly the pairs stage 2's schedule forms
+    in_batch_negatives: bool = False
+    # with in_batch_negatives: the pool is every rank's micro-batch, not only this rank's, so the
+    # negatives grow with the world size (the sampler is a pure function of the step, so each rank
+    # forms the other ranks' rows itself: nothing is communicated)
+    cross_device_negatives: bool = False
 
     def sources(self, stage: int) -> list[SourceConfig]:
         """The datasets of stage 1 or 2: ``stageN`` as a list (a string with commas that is no
@@ -155,6 +163,9 @@ class DataConfig:
                 raise ConfigError(f"key '{key}.{k}' must be >= 1, got {getattr(self, k)}")
         if self.max_negatives is not None and self.max_negatives < 1:
             raise ConfigError(f"key '{key}.max_negatives' must be >= 1 (or null: all), got {self.max_negatives}")
+        if self.cross_device_negatives and not self.in_batch_negatives:
+            raise ConfigError(f"key '{key}.cross_device_negatives' needs {key}.in_batch_negatives=true (it widens "
+                              f"their pool)")
 
 
 @dataclass
@@ -214,17 +225,6 @@ class LossConfig:
     KINDS = staticmethod(_stage2_objectives)  # the loader builds ``objective`` from the kind's class
     kind: str = "alignment"
     objective: typing.Any = field(default_factory=_alignment)
-    # true: each query's negatives are its own plus every other row's positive and negatives in the
-    # micro-batch, all scored in the one decoder pass (batches.with_in_batch_negatives); with
-    # references=file the reference stage scores exactly the pairs stage 2's schedule forms
-    in_batch_negatives: bool = False
-    # with in_batch_negatives: the pool is every rank's micro-batch, not only this rank's, so the
-    # negatives grow with the world size (the sampler is a pure function of the step, so each rank
-    # forms the other ranks' rows itself: nothing is communicated)
-    cross_device_negatives: bool = False
-    # file: the reference stage scores each row's own negatives into a file (paths.reference_scores);
-    # online: stage 2 scores them itself with its LoRA adapters disabled (= the stage-1 model), no file
-    references: str = "file"
     # stage 1: weight of an in-batch contrast added to the reconstruction loss (0: the authors' loss).
     # Each target is also scored with the previous row's compressed tokens, and
     # softplus(-(own - other) per token) rewards compressed tokens that fit their own text better than
@@ -232,14 +232,27 @@ class LossConfig:
     stage1_contrast: float = 0.0
 
     def check(self, key: str):
-        if self.cross_device_negatives and not self.in_batch_negatives:
-            raise ConfigError(f"key '{key}.cross_device_negatives' needs {key}.in_batch_negatives=true (it widens "
-                              f"their pool)")
         self.objective.check(key)
-        if self.references not in ("file", "online"):
-            raise ConfigError(f"key '{key}.references': {self.references!r} is not 'file' or 'online'")
         if not (_finite(self.stage1_contrast) and self.stage1_contrast >= 0):
             raise ConfigError(f"key '{key}.stage1_contrast' must be a finite number >= 0, got {self.stage1_contrast}")
+
+
+@dataclass
+class ReferenceConfig:
+    """Where stage 2's reference values come from (stages.Reference)."""
+
+    # file: the reference stage scores every stage-2 row into a file keyed by its content
+    # (paths.reference_scores); online: stage 2 scores them itself with its LoRA adapters disabled
+    # (= the stage-1 model), no file
+    source: str = "file"
+    micro_batch_size: typing.Optional[int] = None  # rows per scoring call on each rank; null: stage 2's
+
+    def check(self, key: str):
+        if self.source not in ("file", "online"):
+            raise ConfigError(f"key '{key}.source': {self.source!r} is not 'file' or 'online'")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"key '{key}.micro_batch_size' must be >= 1 (or null: stage 2's), got "
+                              f"{self.micro_batch_size}")
 
 
 @dataclass
@@ -312,6 +325,7 @@ class Config:
     stage1: OptimConfig = field(default_factory=OptimConfig)
     stage2: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=2e-4, max_steps=40))
     loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -357,8 +371,8 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "check"):
                 section.check(f.name)
-        if self.loss.references == "online" and self.model.lora_rank == 0:
-            raise ConfigError("key 'loss.references': 'online' needs LoRA in stage 2 (model.lora_rank > 0): the "
+        if self.reference.source == "online" and self.model.lora_rank == 0:
+            raise ConfigError("key 'reference.source': 'online' needs LoRA in stage 2 (model.lora_rank > 0): the "
                               "stage-1 model is then the stage-2 model with its adapters disabled")
         if self.loss.stage1_contrast > 0 and self.stage1.micro_batch_size < 2:
             raise ConfigError("key 'loss.stage1_contrast': the contrast scores each target with another row's "
@@ -401,6 +415,13 @@ def _coerce(value, tp, key: str):
     raise ConfigError(f"key '{key}': expected {tp.__name__}, got {value!r}")
 
 
+MOVED = {  # keys of earlier releases -> where they live now (batching choices left the loss section)
+    "loss.in_batch_negatives": "data.in_batch_negatives",
+    "loss.cross_device_negatives": "data.cross_device_negatives",
+    "loss.references": "reference.source",
+}
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
@@ -418,6 +439,8 @@ def _build(cls, data: dict, prefix: str):
         data = {k: v for k, v in data.items() if k not in component_data}
         names |= own
     for k in data:
+        if f"{prefix}{k}" in MOVED:
+            raise ConfigError(f"key '{prefix}{k}' is now '{MOVED[prefix + k]}'")
         if k not in names:
             raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(names))})")
     kwargs = {}

@@ -142,7 +142,7 @@ class ReferenceScores:
 
 def online_references(engine, batch):
     """``batch`` (an AlignmentBatch) with ref_c / ref_r scored now, by the stage-2 model with its
-    LoRA adapters disabled: the stage-1 model, whatever the candidates (``loss.references=online``).
+    LoRA adapters disabled: the stage-1 model, whatever the candidates (``reference.source=online``).
     ``engine``: the DeepSpeed engine (every rank calls it: under ZeRO-3 the gathers are collectives)
     or the bare model."""
     from .lora import adapters_disabled

@@ -89,7 +89,7 @@ class TrainingStage(Stage):
     needs_references = False  # stage-1 reference values enter its batches (from the file, or online)
     rescales_norm = False  # the final-norm calibration before training (decoder_scale.py)
     fits_shared_prefix = False  # with model.shared_prefix, its fit before training (shared_prefix.py)
-    forms_pairs = False  # its micro-batches get in-batch negatives (loss.in_batch_negatives): step_rows
+    forms_pairs = False  # its micro-batches get in-batch negatives (data.in_batch_negatives): step_rows
     probe = None  # (engine, batches) -> extra metrics at every logged step, without gradient (diagnostics.py)
 
     def settings(self, cfg: Config) -> OptimConfig:
@@ -129,12 +129,12 @@ class TrainingStage(Stage):
 
     def step_rows(self, cfg: Config, rows: list[dict], order, step: int, micro: int, rank: int) -> list[dict]:
         """The rows ``rank`` reads at (step, micro), with their in-batch negatives when the stage forms
-        pairs and ``loss.in_batch_negatives``: from its own micro-batch, or with
-        ``loss.cross_device_negatives`` from every rank's (the sampler gives each rank all of them)."""
+        pairs and ``data.in_batch_negatives``: from its own micro-batch, or with
+        ``data.cross_device_negatives`` from every rank's (the sampler gives each rank all of them)."""
         mine = [rows[i] for i in order.indices(step, micro, rank)]
-        if not (self.forms_pairs and cfg.loss.in_batch_negatives):
+        if not (self.forms_pairs and cfg.data.in_batch_negatives):
             return mine
-        if not cfg.loss.cross_device_negatives:
+        if not cfg.data.cross_device_negatives:
             return with_in_batch_negatives(mine)
         return with_in_batch_negatives(mine, [rows[i] for r in range(D.world_size())
                                               for i in order.indices(step, micro, r)])
@@ -257,15 +257,18 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
 class Reference(NeedsStage1, Stage2Rows, Stage):
     """Reference scores of every stage-2 row by the stage-1 model, into a file keyed by row content.
 
-    Not run with ``loss.references: online`` (stage 2 then scores them itself)."""
+    Not run with ``reference.source: online`` (stage 2 then scores them itself)."""
 
     name = "reference"
 
     def in_pipeline(self, cfg):
-        return cfg.loss.references == "file"
+        return cfg.reference.source == "file"
 
     def settings(self, cfg):
-        return cfg.stage2  # it scores stage 2's batches, at stage 2's micro-batch size
+        """Its engine's batch settings: ``reference.micro_batch_size`` rows per call (null: stage 2's);
+        it never steps, so nothing else of stage 2's section applies."""
+        micro = cfg.reference.micro_batch_size or cfg.stage2.micro_batch_size
+        return OptimConfig(micro_batch_size=micro, max_steps=1)
 
     def input_model(self, cfg):
         return cfg.stage1_model_dir
@@ -304,13 +307,13 @@ class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
         return self.stage2_rows(cfg)
 
     def needs(self, cfg):
-        refs = {"paths.reference_scores": cfg.reference_scores_path} if cfg.loss.references == "file" else {}
+        refs = {"paths.reference_scores": cfg.reference_scores_path} if cfg.reference.source == "file" else {}
         return {**self.needs_stage1(cfg), **super().needs(cfg), **refs}
 
     def missing(self, key, path):
         if key == "paths.reference_scores":
             return (f"key 'paths.reference_scores': no reference scores at {path}; run stage=reference first "
-                    f"(or set loss.references=online)")
+                    f"(or set reference.source=online)")
         return super().missing(key, path)
 
     def reference_rows(self, cfg: Config, rows: list[dict]) -> list[dict]:
@@ -324,9 +327,9 @@ class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
         return cfg.loss.objective  # loss.kind's class, built by the config loader
 
     def loss_settings(self, cfg):
-        loss = cfg.loss
-        return {"kind": loss.kind, **dataclasses.asdict(loss.objective), "references": loss.references,
-                "in_batch_negatives": loss.in_batch_negatives, "cross_device_negatives": loss.cross_device_negatives}
+        return {"kind": cfg.loss.kind, **dataclasses.asdict(cfg.loss.objective), "references": cfg.reference.source,
+                "in_batch_negatives": cfg.data.in_batch_negatives,
+                "cross_device_negatives": cfg.data.cross_device_negatives}
 
 
 def export_source(cfg: Config) -> str:
@@ -422,10 +425,10 @@ def check_stages(cfg: Config) -> list[Stage]:
 
 def scheduled_rows(cfg: Config, rows: list[dict]) -> list[dict]:
     """The stage-2 rows as its batches will hold them: the rows themselves, or with
-    ``loss.in_batch_negatives`` every micro-batch of its schedule (a pure function of the seed, the
+    ``data.in_batch_negatives`` every micro-batch of its schedule (a pure function of the seed, the
     step, the batch settings and the number of ranks: data.StepSampler) with its in-batch negatives,
     each distinct row once.  What the reference stage scores and stage 2 looks up."""
-    if not cfg.loss.in_batch_negatives:
+    if not cfg.data.in_batch_negatives:
         return rows
     o = cfg.stage2
     order = STAGE2.sampler(cfg, rows)

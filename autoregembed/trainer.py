@@ -282,12 +282,12 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
     encoder_path = st.input_model(cfg)
     rows = st.rows(cfg)
     refs = None
-    online = st.needs_references and cfg.loss.references == "online"
+    online = st.needs_references and cfg.reference.source == "online"
     if st.needs_references and not online:
         fp = reference_fingerprint(cfg, prepare_base(cfg))
         refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
         pairs = (" (in-batch pairs: seed, stage2.max_steps, micro_batch_size, gradient_accumulation_steps and the "
-                 "rank count must be the reference stage's)" if cfg.loss.in_batch_negatives else "")
+                 "rank count must be the reference stage's)" if cfg.data.in_batch_negatives else "")
         source = ", ".join(x.path for x in st.sources(cfg)) + pairs
         refs.check_all(st.reference_rows(cfg, rows), source)  # before any model loads
     loss_fn = st.loss(cfg)

@@ -282,7 +282,7 @@ def main():
             "d": [lora, f"output_dir={out}"],
             # 8 queries x 15 candidates in each decoder pass: without checkpointing its activations
             # (~13 GB here) got the process OOM-killed on the 24 GB machine
-            "e": [lora, "loss.references=online", "loss.in_batch_negatives=true", "model.gradient_checkpointing=true",
+            "e": [lora, "reference.source=online", "data.in_batch_negatives=true", "model.gradient_checkpointing=true",
                   f"output_dir={out}-inbatch"],
             "f": ["model.lora_rank=0", f"stage2.learning_rate={args.full_ft_lr}", f"output_dir={out}-fullft"],
         }

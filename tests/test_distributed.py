@@ -45,7 +45,7 @@ def run(tmp_path_factory, request, default_tiny_base):
                       "monitor.wandb=true", "monitor.wandb_project=tests"]
     if request.param == "lora":  # and the frozen decoder partitioned with the encoder, every pass packed
         overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3",
-                      "loss.references=online", "loss.in_batch_negatives=true", "model.shard_decoder=true",
+                      "reference.source=online", "data.in_batch_negatives=true", "model.shard_decoder=true",
                       "model.packing=true"]
     proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600,
                      env=child_env(WANDB_MODE="offline", WANDB_SILENT="true"))
@@ -148,7 +148,7 @@ def test_reference_scores_cover_every_row_or_none_are_written_online(run):
 
     out = run[0]
     path = os.path.join(out, "reference", "scores.safetensors")
-    if run[2] == "lora":  # loss.references=online: the adapters-off forward, no file
+    if run[2] == "lora":  # reference.source=online: the adapters-off forward, no file
         assert not os.path.exists(os.path.join(out, "reference"))
         return
     assert len(ReferenceScores(path)) == 8
@@ -191,16 +191,16 @@ print(json.dumps({{"plain": plain.tolist(), "ours": ours.tolist()}}))
 
 def test_cross_device_negatives_on_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path, default_tiny_base,
                                                                                        tiny_export):
-    """loss.cross_device_negatives on 2 gloo ranks of 3 rows each: every query is scored against all 6
+    """data.cross_device_negatives on 2 gloo ranks of 3 rows each: every query is scored against all 6
     rows' texts, so the run is one process with micro-batches of 6 and in-batch negatives: the same
     candidates, the same mean loss, the same gradients, hence the same losses at every step."""
     _, s2 = _repeated_data(tmp_path)
     common = ["stage=stage2", f"model.base={default_tiny_base}", f"paths.stage1_model={tiny_export}",
-              f"data.stage2={s2}", "model.lora_rank=4", "model.lora_dropout=0.0", "loss.references=online",
-              "loss.in_batch_negatives=true", "stage2.max_steps=3", "stage2.warmup_steps=0",
+              f"data.stage2={s2}", "model.lora_rank=4", "model.lora_dropout=0.0", "reference.source=online",
+              "data.in_batch_negatives=true", "stage2.max_steps=3", "stage2.warmup_steps=0",
               "stage2.learning_rate=5e-3", "model.dtype=fp32"]
     losses = {}
-    for name, ranks, extra in (("two", 2, ["stage2.micro_batch_size=3", "loss.cross_device_negatives=true"]),
+    for name, ranks, extra in (("two", 2, ["stage2.micro_batch_size=3", "data.cross_device_negatives=true"]),
                                ("one", 1, ["stage2.micro_batch_size=6"])):
         out = tmp_path / name
         args = [os.path.join(ROOT, "train.py"), "--deepspeed", os.path.join(ROOT, "ds_configs", "zero3.json"),

@@ -85,7 +85,8 @@ def test_option_off_builds_the_same_batch_as_before():
     b = alignment_batch(ROWS, te, Refs())
     for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
         assert torch.equal(x, y) if torch.is_tensor(x) else x == y
-    on = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, in_batch_negatives=True, references="online"))
+    on = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, in_batch_negatives=True),
+                             reference=dataclasses.replace(cfg.reference, source="online"))
     order = StepSampler(len(ROWS), len(ROWS), 1, 1, 0)
     batch = STAGES["stage2"].make_batch(on, STAGES["stage2"].step_rows(on, ROWS, order, 0, 0, 0), te, None)
     assert len(batch.candidates.owner) == sum(len(r["neg"]) for r in with_in_batch_negatives(ROWS))
@@ -94,8 +95,8 @@ def test_option_off_builds_the_same_batch_as_before():
 
 
 @pytest.mark.parametrize("overrides,key", [
-    (["loss.references=online"], "loss.references"),
-    (["loss.references=offline"], "loss.references"),
+    (["reference.source=online"], "reference.source"),
+    (["reference.source=offline"], "reference.source"),
 ])
 def test_online_and_in_batch_settings_are_checked(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -106,7 +107,7 @@ def test_scheduled_rows_are_every_micro_batch_with_its_in_batch_negatives():
     from autoregembed.data import StepSampler
     from autoregembed.stages import scheduled_rows
 
-    cfg = load_config(None, ["loss.in_batch_negatives=true", "stage2.micro_batch_size=2", "stage2.max_steps=3"])
+    cfg = load_config(None, ["data.in_batch_negatives=true", "stage2.micro_batch_size=2", "stage2.max_steps=3"])
     got = scheduled_rows(cfg, ROWS)
     sampler = StepSampler(len(ROWS), 2, 1, 1, cfg.seed)
     want = [r for step in range(3) for r in with_in_batch_negatives([ROWS[i] for i in sampler.indices(step, 0, 0)])]
@@ -135,7 +136,7 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
     from autoregembed.tokenization import TextEncoder
 
     k, lora = 5, dict(rank=4, alpha=8.0, dropout=0.0, targets="all-linear")
-    cfg = load_config(None, [f"loss.in_batch_negatives={str(in_batch).lower()}", "stage2.micro_batch_size=2",
+    cfg = load_config(None, [f"data.in_batch_negatives={str(in_batch).lower()}", "stage2.micro_batch_size=2",
                              "stage2.max_steps=2"])
     make_batch = STAGES["stage2"].make_batch
     torch.manual_seed(0)
@@ -184,20 +185,20 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
 
 
 def test_cross_device_negatives_pool_every_ranks_micro_batch(monkeypatch):
-    """With loss.cross_device_negatives each rank's queries also get the other ranks' texts, formed
+    """With data.cross_device_negatives each rank's queries also get the other ranks' texts, formed
     from the sampler alone: on 2 ranks of B rows each, exactly what one rank of 2B rows forms."""
     from autoregembed import distributed as D
 
     rows = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"n{i}"], "instruction": "i"} for i in range(12)]
-    cfg = load_config(None, ["loss.in_batch_negatives=true", "loss.cross_device_negatives=true"])
+    cfg = load_config(None, ["data.in_batch_negatives=true", "data.cross_device_negatives=true"])
     two = StepSampler(len(rows), 3, 1, 2, cfg.seed)
     monkeypatch.setattr(D, "world_size", lambda: 2)
     got = [r for rank in range(2) for r in STAGES["stage2"].step_rows(cfg, rows, two, 1, 0, rank)]
     monkeypatch.setattr(D, "world_size", lambda: 1)
     want = STAGES["stage2"].step_rows(cfg, rows, StepSampler(len(rows), 6, 1, 1, cfg.seed), 1, 0, 0)
     assert got == want and all(len(r["neg"]) == 1 + 2 * 5 for r in got)  # own + the 5 other rows' pos and neg
-    local = load_config(None, ["loss.in_batch_negatives=true"])
+    local = load_config(None, ["data.in_batch_negatives=true"])
     monkeypatch.setattr(D, "world_size", lambda: 2)
     assert all(len(r["neg"]) == 1 + 2 * 2 for r in STAGES["stage2"].step_rows(local, rows, two, 1, 0, 0))
-    with pytest.raises(ConfigError, match="loss.cross_device_negatives' needs loss.in_batch_negatives"):
-        load_config(None, ["loss.cross_device_negatives=true"])
+    with pytest.raises(ConfigError, match="data.cross_device_negatives' needs data.in_batch_negatives"):
+        load_config(None, ["data.cross_device_negatives=true"])

@@ -80,9 +80,20 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
         load_config(None, ["model.scorer=cuda"])
     with pytest.raises(ConfigError, match=r"key 'loss.kind': 'dpo' is not one of alignment"):
         load_config(None, ["loss.kind=dpo"])
-    with pytest.raises(ConfigError, match=r"unknown key 'loss.betta' \(known: beta, cross_device_negatives, "
-                                          r"detach_positive, in_batch_negatives, kind, reference_sign"):
+    with pytest.raises(ConfigError, match=r"unknown key 'loss.betta' \(known: beta, detach_positive, kind, "
+                                          r"reference_sign, stage1_contrast, tau\)"):
         load_config(None, ["loss.betta=0.2"])
+    for old, new in (("loss.in_batch_negatives=true", "data.in_batch_negatives"),
+                     ("loss.references=online", "reference.source")):  # keys of earlier releases say where they went
+        with pytest.raises(ConfigError, match=f"key '{old.split('=')[0]}' is now '{new}'"):
+            load_config(None, [old])
+    with pytest.raises(ConfigError, match=r"key 'reference.micro_batch_size' must be >= 1"):
+        load_config(None, ["reference.micro_batch_size=0"])
+    from autoregembed.stages import STAGES
+
+    own = load_config(None, ["reference.micro_batch_size=32", "stage2.micro_batch_size=4"])
+    assert STAGES["reference"].settings(own).micro_batch_size == 32  # its own section, not stage 2's
+    assert STAGES["reference"].settings(load_config(None, ["stage2.micro_batch_size=4"])).micro_batch_size == 4
     cfg = load_config(None, ["stage2.learning_rate=1e-5", "loss.reference_sign=code", "data.max_negatives=3"])
     assert cfg.stage2.learning_rate == 1e-5 and cfg.loss.objective.reference_sign == "code"
     assert cfg.data.max_negatives == 3

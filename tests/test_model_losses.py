@@ -329,8 +329,8 @@ def test_a_new_stage2_objective_is_one_class_and_one_kind(setup):
             return torch.relu(self.margin - (out.c_q[out.owner] - out.r)).mean()
 
     try:
-        cfg = load_config(None, ["loss.kind=margin", "loss.margin=2.5", "loss.in_batch_negatives=true"])
-        assert STAGES["stage2"].loss(cfg) == MarginLoss(2.5) and cfg.loss.in_batch_negatives
+        cfg = load_config(None, ["loss.kind=margin", "loss.margin=2.5", "data.in_batch_negatives=true"])
+        assert STAGES["stage2"].loss(cfg) == MarginLoss(2.5) and cfg.data.in_batch_negatives
         assert STAGES["stage2"].loss_settings(cfg)["kind"] == "margin"
         with pytest.raises(ConfigError, match="unknown key 'loss.beta'"):
             load_config(None, ["loss.kind=margin", "loss.beta=0.2"])

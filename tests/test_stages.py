@@ -23,7 +23,7 @@ def test_the_pipeline_and_the_run_modes_come_from_one_list():
     assert RUN_MODES == (*STAGES, "pipeline") and TRAINING == ("stage1", "stage2")
     assert _names(load_config(None)) == ["stage1", "reference", "stage2", "eval"]
     assert _names(load_config(None, ["mine.enabled=true"])) == ["stage1", "mine", "reference", "stage2", "eval"]
-    online = ["loss.references=online", "model.lora_rank=4"]
+    online = ["reference.source=online", "model.lora_rank=4"]
     assert _names(load_config(None, online)) == ["stage1", "stage2", "eval"]
     assert _names(load_config(None, ["stage=mine"])) == ["mine"]
     with pytest.raises(ConfigError, match=r"key 'stage': 'stage3' is not one of stage1, mine, reference"):
