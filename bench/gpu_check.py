@@ -28,7 +28,8 @@ import tempfile
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, record_header  # bench/harness.py, beside this script
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak, SXM
 
 
@@ -65,7 +66,7 @@ def peak_bytes(torch, fn) -> int:
         fn()
         _sync(torch)
         return torch.cuda.max_memory_allocated() - base
-    from memory import peak_allocated_bytes
+    from harness import peak_allocated_bytes
 
     return peak_allocated_bytes(fn)[1]
 
@@ -518,7 +519,7 @@ def main():
     import triton
 
     res = {"device": _device_name(torch), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke, "errors": {}}
+           **record_header(), "smoke": args.smoke, "errors": {}}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     runs = {"kernels": ("kernels vs float64 (bf16 inputs):",
                         lambda: check_kernels(torch, small if args.smoke else big, device)),

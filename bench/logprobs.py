@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from memory import reset_rss_peak, status_kb  # bench/memory.py, beside this script
+from harness import json_child, reset_rss_peak, status_kb  # bench/harness.py, beside this script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_GRID = [(32000, 8192, 2048), (32000, 16384, 576), (128256, 4096, 576), (128256, 2048, 2048)]
 FULL_GRID = DEFAULT_GRID + [(32000, 16384, 4096), (128256, 16384, 4096)]
 
@@ -68,9 +66,8 @@ def measure(method: str, v: int, m: int, d: int, backward: bool, repeats: int) -
 
 def run_child(method, v, m, d, backward, repeats) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    cmd = [sys.executable, __file__, "--child", method, str(v), str(m), str(d), str(int(backward)), str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json_child([sys.executable, __file__, "--child", method, str(v), str(m), str(d), str(int(backward)),
+                       str(repeats)], env)
 
 
 def main():

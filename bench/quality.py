@@ -41,9 +41,10 @@ import shutil
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from harness import ROOT, commit  # bench/harness.py, beside this script  # noqa: E402
 
 from autoregembed import distributed as D  # noqa: E402
 from autoregembed.atomic import atomic_write_text  # noqa: E402
@@ -204,7 +205,7 @@ def main():
                     help="stage 2 back-propagates through c_p = log p(pos|e_pos) as published")
     ap.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero2.json"),
                     help="DeepSpeed config for (c)-(f); on one process ZeRO-2 and ZeRO-3 give the same losses")
-    ap.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M-Instruct, bench/real_model.py)")
+    ap.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M-Instruct, bench/harness.py)")
     ap.add_argument("--merge", nargs="+", metavar="RECORD",
                     help="combine the records of runs on other seeds (same settings) and publish; trains nothing")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
@@ -217,12 +218,12 @@ def main():
     except ImportError:
         sys.exit("bench/quality.py needs matplotlib (and gguf for the one-off model conversion): pip install gguf matplotlib")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
-    from real_model import smollm2_dir
+    from harness import smollm2_dir
 
     base = args.base or smollm2_dir()
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     scratch = fresh_scratch(args.out)  # held until the process exits
-    commit = _commit()  # the code this process runs: HEAD may move while it does
+    commit_id = commit()  # the code this process runs: HEAD may move while it does
     os.makedirs(os.path.join(args.results, "quality_runs"), exist_ok=True)
     record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
     sts = dev_halves(args.out)[args.split]
@@ -245,7 +246,7 @@ def main():
     def scored(arm, seed, encoder_fn):  # the arm's losses are in first_last before this writes the record
         r = timed(f"eval {arm} seed {seed}", lambda: sts_eval(encoder_fn(), sts, show_progress_bar=False))
         scores.setdefault(arm, {})[seed] = r
-        atomic_write_text(record_path, json.dumps(_record(args, base, commit, scores, timings, first_last, gaps), indent=2))
+        atomic_write_text(record_path, json.dumps(_record(args, base, commit_id, scores, timings, first_last, gaps), indent=2))
 
     common = [f"model.base={base}", f"model.num_embed_tokens={K}", "model.dtype=fp32",
               "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
@@ -308,7 +309,7 @@ def main():
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir))
     D.shutdown()
 
-    publish(_record(args, base, commit, scores, timings, first_last, gaps), args.results)
+    publish(_record(args, base, commit_id, scores, timings, first_last, gaps), args.results)
     scratch.release()
 
 
@@ -430,17 +431,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     import statistics
 
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _commit() -> str:
-    """HEAD's short hash, with "-dirty" when tracked files differ from it."""
-    import subprocess
-
-    def git(*a):
-        return subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _first_last(cfg, stage: str, n: int = 5) -> list[float]:

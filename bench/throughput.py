@@ -6,7 +6,7 @@
 naive = the authors' approach: decoder(...).logits -> log_softmax -> gather, summed per sequence.
 Both arms run the same AutoRegEmbedModel (gradient checkpointing on, fp32, AdamW) on the same
 batches, each in its own process, after one warm-up step.  Peak memory of a step, two ways
-(bench/memory.py): bytes of live tensors the step allocated (profiler events: the same on any
+(bench/harness.py): bytes of live tensors the step allocated (profiler events: the same on any
 machine) and resident memory, VmHWM reset after warm-up minus RSS before (allocator and kernel
 dependent; reported as unreliable where the kernel ignores the reset).  Then the ZeRO-3 per-rank
 peak RSS of a short stage-1 run at 1 vs 2 ranks.
@@ -21,9 +21,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from memory import peak_allocated_bytes, reset_rss_peak, rss_peak_resets, status_kb  # noqa: E402
+from harness import (ROOT, free_port, json_child, peak_allocated_bytes, reset_rss_peak,  # bench/harness.py
+                     rss_peak_resets, smollm2_dir, status_kb)
 
 
 def _base(model: str) -> str:
@@ -34,7 +33,6 @@ def _base(model: str) -> str:
         cfg = Config()
         out = os.path.join(tempfile.gettempdir(), "autoregembed-bench-tiny")
         return build_tiny_base(out, [cfg.data.stage1, cfg.data.stage2])
-    from real_model import smollm2_dir
 
     return smollm2_dir()
 
@@ -56,7 +54,7 @@ def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -
     from autoregembed.tokenization import TextEncoder, decoder_layout
 
     class Naive(AutoRegEmbedModel):
-        def score(self, compressed, target_ids, target_mask):
+        def score(self, compressed, target_ids, target_mask, n_scored=None):
             lay = decoder_layout(target_ids, target_mask, self.k, self.decoder_bos_id)
             tok = self.decoder.get_input_embeddings()(lay.ids)
             x = torch.cat([tok[:, : lay.n_bos], compressed, tok[:, lay.n_bos :]], 1)
@@ -135,7 +133,7 @@ D.shutdown()
 def zero_ranks(model: str, nproc: int) -> list[int]:
     base = _base(model)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29711",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                "--no-python", sys.executable, "-c", ZERO_CHILD.format(root=ROOT), tmp, base]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)), "PYTHONWARNINGS": "ignore"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
@@ -160,8 +158,7 @@ def main():
     for arm in ("ours", "naive"):
         cmd = [sys.executable, __file__, "--child", arm, args.model, str(args.queries), str(args.negatives),
                str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        res[arm] = json.loads(out.strip().splitlines()[-1])
+        res[arm] = json_child(cmd)
     o, n = res["ours"], res["naive"]
     print(f"stage-2 step, {args.model} (V={o['vocab']}), {args.queries} queries x (1 positive + {args.negatives} "
           f"negatives), {o['decoder_tokens']} decoder tokens")

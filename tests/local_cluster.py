@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 
-from conftest import free_port
+from helpers import free_port
 
 CONF = """ClusterName=local
 SlurmctldHost=localhost(127.0.0.1)

@@ -6,11 +6,10 @@ import subprocess
 import time
 
 import pytest
-from conftest import TINY_BASE, child_command, child_env, run_child
+from helpers import ROOT, TINY_BASE, child_command, child_env, run_child
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_base")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "crash_worker.py")
 
 

@@ -14,9 +14,8 @@ from autoregembed.data import load_rows
 from autoregembed.decoder_scale import calibration_indices, final_norm, rescale_final_norm, scale_factors
 from autoregembed.model import AutoRegEmbedModel
 from autoregembed.tokenization import TextEncoder, prepare_tokenizer
-from conftest import run_child
+from helpers import ROOT, run_child
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 5  # the trainer default, so the trainer's export reads the same way
 
 

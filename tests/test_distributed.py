@@ -7,12 +7,11 @@ import re
 import numpy as np
 import pytest
 from safetensors import safe_open
-from conftest import child_env, run_child
+from helpers import ROOT, child_env, run_child
 from dist_worker import TEXTS
 
 pytestmark = pytest.mark.distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
 
 
@@ -93,7 +92,7 @@ def test_each_step_reports_grad_norm_throughput_and_each_warning_once(run):
 def test_weights_and_biases_gets_one_run_per_stage_with_every_step_record(run):
     """monitor.wandb, W&B offline (no network): each training stage's run, named <run>-<stage>, under
     <output_dir>/<stage>/wandb, holds every step record at its optimizer step, from rank 0 only."""
-    from conftest import wandb_records
+    from helpers import wandb_records
 
     if run[2] != "full":
         pytest.skip("W&B is on in the full-fine-tune run")

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_child
+from helpers import ROOT, run_child
 
 from autoregembed.config import ConfigError, load_config
 from autoregembed.ds_config import check_early, read_ds_config
@@ -17,7 +17,6 @@ from autoregembed.errors import InputError, StorageError, UserError, user_messag
 from autoregembed.plan import Arch
 from autoregembed.stages import check_stages
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "autoregembed")
 PATHLIKE = ("path", "file", "folder", "dir", "input", "output", "source", "model")
 

@@ -8,11 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import TINY_BASE, run_child
+from helpers import ROOT, TINY_BASE, run_child
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_base")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["stage1.micro_batch_size=4", "stage1.warmup_steps=0", "model.match_decoder_scale=false", "stage=stage1"]
 
 

@@ -5,11 +5,10 @@ import json
 import os
 
 import pytest
-from conftest import run_child
+from helpers import ROOT, run_child
 
 pytestmark = pytest.mark.distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_STEP = ["--set", "stage1.max_steps=1", "--set", "stage2.max_steps=1", "--set", "stage=pipeline"]
 GOLDEN = {  # ranks -> (first stage-1 loss, first stage-2 loss)
     1: (5.603243827819824, 0.9977551102638245),

@@ -3,11 +3,9 @@ import json
 import os
 
 import pytest
-from conftest import run_child
+from helpers import ROOT, run_child
 
 pytestmark = pytest.mark.distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_check_smoke_writes_every_number(tmp_path):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_child
+from helpers import ROOT, run_child
 
 from autoregembed.config import ConfigError, check_runtime, load_config
 from autoregembed.data import DataError, StepSampler, load_rows
@@ -13,7 +13,6 @@ from autoregembed.plan import Arch
 from autoregembed.evaluate import read_sts
 from autoregembed.stages import check_stages
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD2 = {"query": "q", "pos": "p", "neg": ["n1", "n2"], "instruction": "i"}
 
 
@@ -350,7 +349,7 @@ def test_atomic_dir_sweeps_a_killed_writers_leftovers_and_spares_a_live_ones(tmp
     import signal
     import subprocess
 
-    from conftest import ROOT, child_command, child_env
+    from helpers import ROOT, child_command, child_env
 
     from autoregembed.atomic import atomic_dir
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from conftest import ROOT, child_env, run_child
+from helpers import ROOT, child_env, run_child
 
 LOCK = os.path.join(ROOT, "requirements.lock")
 

@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from conftest import run_child
+from helpers import run_child
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ import time
 
 import pytest
 
-from conftest import TINY_BASE, child_env, free_port
+from helpers import ROOT, TINY_BASE, child_env, free_port
 from local_cluster import LocalSlurm, Unavailable
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("default_tiny_base")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The stage scripts ask for whole nodes with 8 GPUs and 64 CPUs; this 2-CPU loopback cluster has no
 # GPUs, and its two nodes must hold two jobs at once (--oversubscribe overrides the scripts' --exclusive)
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe"]

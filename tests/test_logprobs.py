@@ -248,7 +248,7 @@ def test_backends_tell_the_planner_what_they_hold(monkeypatch):
 def test_kernels_import_changes_no_environment_and_triton_on_cpu_needs_the_interpreter():
     import os
 
-    from conftest import run_child
+    from helpers import run_child
 
     code = ("import os, torch\n"
             "import autoregembed.kernels\n"

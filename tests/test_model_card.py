@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from autoregembed.model_card import CARD_FILE, EXAMPLE, base_license, write_model_card
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def _front_matter_and_body(text):

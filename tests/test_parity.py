@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_child
+from helpers import ROOT, run_child
 from parity_worker import SETTINGS, ConstantReferences
 
 from autoregembed.batches import alignment_batch
@@ -15,8 +15,6 @@ from autoregembed.loading import load_model
 from autoregembed.tokenization import TextEncoder
 
 pytestmark = pytest.mark.distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_two_zero3_ranks_train_stage2_exactly_as_plain_pytorch(tmp_path, tiny_base):

@@ -2,7 +2,6 @@
 against a recording stand-in for the Hub's API (no network here)."""
 import json
 
-import pytest
 
 from autoregembed.model_card import CARD_FILE
 

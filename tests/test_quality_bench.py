@@ -1,16 +1,13 @@
 """bench/quality.py's bookkeeping: merging runs made on separate seeds, and its scratch folder's lock."""
-import importlib.util
 import json
 import os
 
 import pytest
 
 from autoregembed.runlock import RunLockError
+from helpers import ROOT, bench_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("quality_bench", os.path.join(ROOT, "bench", "quality.py"))
-quality = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quality)
+quality = bench_module("quality")
 
 B, C = "(b) contrastive (InfoNCE)", "(c) stage 1 only"
 

@@ -5,11 +5,10 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_BASE, run_child
+from helpers import ROOT, TINY_BASE, run_child
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_base")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PREAMBLE = """
 import json, sys, warnings

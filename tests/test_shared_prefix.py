@@ -13,9 +13,8 @@ from autoregembed.model import AutoRegEmbedModel
 from autoregembed.shared_prefix import (PREFIX_FILE, fit_shared_prefix, initial_prefix, read_prefix,
                                         with_shared_prefix)
 from autoregembed.tokenization import TextEncoder, prepare_tokenizer
-from conftest import run_child
+from helpers import ROOT, run_child
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 5
 TEXTS = ["a man plays a guitar .", "two dogs run on the grass .", "the cat sleeps .", "a woman reads a book ."]
 

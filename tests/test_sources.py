@@ -7,12 +7,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import yaml
-from conftest import run_child
+from helpers import ROOT, run_child
 
 from autoregembed.config import ConfigError, SourceConfig, load_config
 from autoregembed.data import DataError, MixtureSampler, StepSampler, load_rows, load_sources, sampler_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIPLET = {"anchor": "a cat sits", "positive": "a cat is sitting", "negative": "a dog runs"}
 
 

@@ -8,9 +8,8 @@ import pytest
 
 from autoregembed.config import ConfigError, load_config
 from autoregembed.stages import PIPELINE, RUN_MODES, STAGES, TRAINING, check_stages, planned
-from conftest import TINY_BASE, run_child
+from helpers import ROOT, TINY_BASE, run_child
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NLI = os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl")
 
 

@@ -5,11 +5,10 @@ import json
 import os
 
 import pytest
-from conftest import run_child
+from helpers import ROOT, run_child
 
 pytestmark = pytest.mark.distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
 import json, sys, warnings

