@@ -1,4 +1,5 @@
-"""bench/quality.py's bookkeeping: merging runs made on separate seeds, and its scratch folder's lock."""
+"""The benchmarks' own code: bench/quality.py's bookkeeping (merging runs made on separate seeds, its scratch
+folder's lock) and bench/throughput.py's measured step."""
 import json
 import os
 
@@ -65,3 +66,14 @@ def test_scratch_is_emptied_under_a_lock_a_second_run_cannot_take(tmp_path):
         lock.release()
     quality.fresh_scratch(str(out)).release()  # free again once the first run ends
     assert os.listdir(out) == [".lock"]
+
+
+@pytest.mark.parametrize("arm", ["ours", "naive"])
+def test_the_throughput_benchmarks_step_still_runs(monkeypatch, tiny_base, arm):
+    """bench/throughput.py's measured step, in process on the tiny base: its naive arm subclasses the
+    model, so a change to the model's methods must not stop the benchmark (it once did, silently)."""
+    throughput = bench_module("throughput")
+    monkeypatch.setattr(throughput, "_base", lambda model: tiny_base)
+    r = throughput.step_child(arm, "tiny", queries=2, negatives=2, steps=1)
+    assert r["step_s"] > 0 and r["peak_allocated_loss_backward_bytes"] > 0
+    assert r["decoder_tokens"] > 0 and r["vocab"] == 2000
