@@ -86,12 +86,12 @@ class ModelConfig:
             raise ConfigError(f"key '{key}.lora_rank' must be >= 0 (0: full fine-tune)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"key '{key}.lora_dropout' must be in [0, 1)")
-        if not (_finite(self.lora_alpha) and self.lora_alpha >= 0):
+        if not (finite(self.lora_alpha) and self.lora_alpha >= 0):
             raise ConfigError(f"key '{key}.lora_alpha' must be a finite number >= 0, got {self.lora_alpha}")
         if self.tiny_hidden_size < 4 or self.tiny_hidden_size % 4 or self.tiny_layers < 1:
             raise ConfigError(f"keys '{key}.tiny_hidden_size' (a multiple of 4: 4 attention heads) and "
                               f"'{key}.tiny_layers' must be >= 1")
-        if self.shared_prefix < 0 or self.shared_prefix_steps < 0 or not (_finite(self.shared_prefix_lr)
+        if self.shared_prefix < 0 or self.shared_prefix_steps < 0 or not (finite(self.shared_prefix_lr)
                                                                           and self.shared_prefix_lr > 0):
             raise ConfigError(f"keys '{key}.shared_prefix' and '{key}.shared_prefix_steps' must be >= 0 and "
                               f"'{key}.shared_prefix_lr' a finite number > 0, got {self.shared_prefix}, "
@@ -154,7 +154,7 @@ class DataConfig:
                 if unknown:
                     raise ConfigError(f"key '{where}.columns': {', '.join(unknown)} is not a field of stage-{stage} "
                                       f"rows ({', '.join(fields)})")
-                if s.weight is not None and not (_finite(s.weight) and s.weight > 0):
+                if s.weight is not None and not (finite(s.weight) and s.weight > 0):
                     raise ConfigError(f"key '{where}.weight' must be a finite number > 0, got {s.weight}")
             if len({s.weight is None for s in sources}) > 1:
                 raise ConfigError(f"key '{skey}': give every source a weight or none (their shares are relative)")
@@ -195,7 +195,7 @@ class OptimConfig:
             if getattr(self, k) < 0:
                 raise ConfigError(f"key '{key}.{k}' must be >= 0, got {getattr(self, k)}")
         for k in ("learning_rate", "weight_decay", "gradient_clipping"):
-            if not (_finite(getattr(self, k)) and getattr(self, k) >= 0):
+            if not (finite(getattr(self, k)) and getattr(self, k) >= 0):
                 raise ConfigError(f"key '{key}.{k}' must be a finite number >= 0, got {getattr(self, k)}")
         if self.learning_rate == 0:  # a stage that cannot learn would run, and export its start, with exit 0
             raise ConfigError(f"key '{key}.learning_rate' must be > 0: at 0 the stage trains nothing")
@@ -233,7 +233,7 @@ class LossConfig:
 
     def check(self, key: str):
         self.objective.check(key)
-        if not (_finite(self.stage1_contrast) and self.stage1_contrast >= 0):
+        if not (finite(self.stage1_contrast) and self.stage1_contrast >= 0):
             raise ConfigError(f"key '{key}.stage1_contrast' must be a finite number >= 0, got {self.stage1_contrast}")
 
 
@@ -536,7 +536,8 @@ def _expand_paths(cfg: Config):
                 source.path = os.path.expandvars(os.path.expanduser(source.path))
 
 
-def _finite(value: float) -> bool:
+def finite(value: float) -> bool:
+    """Neither NaN nor infinite."""
     return value == value and value not in (float("inf"), float("-inf"))
 
 

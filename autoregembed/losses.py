@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError
+from .config import ConfigError, finite
 
 
 def compression_loss(seq_logprobs: torch.Tensor, num_target_tokens: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ def stage2_objective(kind: str):
 
 
 def _positive(key: str, name: str, value: float):
-    if not (value == value and abs(value) != float("inf") and value > 0):
+    if not (finite(value) and value > 0):
         raise ConfigError(f"key '{key}.{name}' must be a finite number > 0, got {value}")
 
 
