@@ -6,7 +6,7 @@ With no --config it runs the built-in default pipeline on a tiny model and the b
 import argparse
 import sys
 
-from autoregembed.cli import _add_run_args, run_training
+from autoregembed.tools.cli import _add_run_args, run_training
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

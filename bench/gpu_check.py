@@ -106,7 +106,7 @@ def float64_reference(torch, h, w, y, g, rows: int = 2048):
 
 def _backends() -> dict:
     """The scorer backends to check (scorers.py): ours, and cut-cross-entropy where it is installed."""
-    from autoregembed.scorers import scorer_for
+    from autoregembed.method.scorers import scorer_for
 
     names = {"ours": "auto"}
     try:
@@ -146,7 +146,7 @@ def _arms(torch, h, w, y, g):
     """name -> (forward fn, forward+backward fn or None, per_token): per-token arms return log p(y_t)
     (the forward+backward weights them by g), summed arms return sum_t -log p(y_t) (Liger and
     cut-cross-entropy, which cannot give stage 2 its per-sequence scores)."""
-    from autoregembed.logprobs import token_logprobs
+    from autoregembed.method.logprobs import token_logprobs
 
     hg = h.detach().clone().requires_grad_()
 
@@ -182,7 +182,7 @@ def _arms(torch, h, w, y, g):
     try:
         from cut_cross_entropy import linear_cross_entropy
 
-        from autoregembed.scorers import scorer_for
+        from autoregembed.method.scorers import scorer_for
 
         for name, eps in (("cce", "auto"), ("cce_nofilter", None)):  # with and without gradient filtering
             arms[name] = (lambda eps=eps: linear_cross_entropy(h, w, y, reduction="sum", filter_eps=eps),
@@ -275,8 +275,8 @@ def _random_llama(out_dir: str, hidden: int, intermediate: int, heads: int, laye
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from autoregembed.config import Config
-    from autoregembed.loading import build_tiny_base
+    from autoregembed.runtime.config import Config
+    from autoregembed.runtime.loading import build_tiny_base
 
     cfg = Config()
     tiny = build_tiny_base(os.path.join(out_dir, "tok"), [cfg.data.stage1, cfg.data.stage2], hidden_size=32,
@@ -314,8 +314,8 @@ def _texts(tok, lengths: list[int], seed: int) -> list[str]:
     """Texts of about ``lengths`` tokens each: windows of the bundled corpus, decoded."""
     import random
 
-    from autoregembed.config import Config
-    from autoregembed.data import records
+    from autoregembed.runtime.config import Config
+    from autoregembed.runtime.data import records
 
     cfg = Config()
     corpus = " ".join(v for path in (cfg.data.stage1, cfg.data.stage2) for _, r in records(path)
@@ -331,7 +331,7 @@ def _texts(tok, lengths: list[int], seed: int) -> list[str]:
 
 def _token_counts(b, k: int, bos: int) -> dict:
     """Real and as-run (padded) tokens of a batch's encoder and decoder passes, and scored targets."""
-    from autoregembed.batches import AlignmentBatch
+    from autoregembed.method.batches import AlignmentBatch
 
     if not isinstance(b, AlignmentBatch):
         enc, tgt = [b.attention_mask], [b.target_mask] * (2 if b.contrast else 1)
@@ -352,14 +352,14 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
     every text full length or ragged (lengths uniform in [128, 512]), packed or padded."""
     import random
 
-    from autoregembed import distributed as D
-    from autoregembed.batches import to_device
-    from autoregembed.config import load_config
-    from autoregembed.loading import load_model
-    from autoregembed.plan import Arch
-    from autoregembed.stages import STAGES
-    from autoregembed.tokenization import TextEncoder
-    from autoregembed.trainer import Session, micro_step
+    from autoregembed.runtime import distributed as D
+    from autoregembed.method.batches import to_device
+    from autoregembed.runtime.config import load_config
+    from autoregembed.runtime.loading import load_model
+    from autoregembed.tools.plan import Arch
+    from autoregembed.runtime.stages import STAGES
+    from autoregembed.method.tokenization import TextEncoder
+    from autoregembed.runtime.trainer import Session, micro_step
 
     shape = dict(hidden=64, intermediate=128, heads=4, layers=2, vocab=4096) if smoke else \
         dict(hidden=4096, intermediate=11008, heads=32, layers=4, vocab=32000)
@@ -511,7 +511,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = False
     sections = set(args.sections.split(","))
     if args.cudnn_sdpa:
-        from autoregembed import loading
+        from autoregembed.runtime import loading
 
         loading.sdpa_without_cudnn = lambda: None
     big = [(32000, 16384, 4096), (128256, 16384, 4096)]

@@ -4,7 +4,7 @@
     python bench/logprobs.py --full     # adds V=128256 at D=4096 and M=16384 (slow on 2 cores)
 
 naive  = log_softmax(H @ W.T).gather(y)          (materialises [M, V] twice)
-fused  = autoregembed.logprobs.token_logprobs    (token chunks of logits, Jacobian formed in the forward)
+fused  = autoregembed.method.logprobs.token_logprobs    (token chunks of logits, Jacobian formed in the forward)
 floor  = H @ W.T alone                           (the matmul every method must pay)
 
 Each measurement runs in a fresh process so that peak RSS belongs to that method alone:
@@ -29,7 +29,7 @@ def measure(method: str, v: int, m: int, d: int, backward: bool, repeats: int) -
     """Runs in the child process."""
     import torch
 
-    from autoregembed.logprobs import token_logprobs
+    from autoregembed.method.logprobs import token_logprobs
 
     torch.manual_seed(0)
     h = torch.randn(m, d) / d**0.25

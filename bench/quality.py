@@ -46,18 +46,18 @@ import torch.nn.functional as F  # noqa: E402
 
 from harness import ROOT, commit  # bench/harness.py, beside this script  # noqa: E402
 
-from autoregembed import distributed as D  # noqa: E402
-from autoregembed.atomic import atomic_write_text  # noqa: E402
-from autoregembed.config import load_config  # noqa: E402
-from autoregembed.data import load_rows, read_lines, write_jsonl  # noqa: E402
-from autoregembed.encoder import Encoder  # noqa: E402
-from autoregembed.evaluate import read_sts, sts_eval  # noqa: E402
-from autoregembed.export import ExportMeta, export_encoder  # noqa: E402
-from autoregembed.loading import load_model  # noqa: E402
-from autoregembed.runlock import RunLock  # noqa: E402
-from autoregembed.tokenization import TextEncoder  # noqa: E402
-from autoregembed.stages import STAGES  # noqa: E402
-from autoregembed.trainer import score_references, train_stage  # noqa: E402
+from autoregembed.runtime import distributed as D  # noqa: E402
+from autoregembed.runtime.atomic import atomic_write_text  # noqa: E402
+from autoregembed.runtime.config import load_config  # noqa: E402
+from autoregembed.runtime.data import load_rows, read_lines, write_jsonl  # noqa: E402
+from autoregembed.release.encoder import Encoder  # noqa: E402
+from autoregembed.release.evaluate import read_sts, sts_eval  # noqa: E402
+from autoregembed.release.export import ExportMeta, export_encoder  # noqa: E402
+from autoregembed.runtime.loading import load_model  # noqa: E402
+from autoregembed.runtime.runlock import RunLock  # noqa: E402
+from autoregembed.method.tokenization import TextEncoder  # noqa: E402
+from autoregembed.runtime.stages import STAGES  # noqa: E402
+from autoregembed.runtime.trainer import score_references, train_stage  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 AUTOENCODE = "Reconstruct the original text."

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of train.py arguments
-stages=$("${PYTHON:-python3}" -m autoregembed.cli stages ${CONFIG:+--config "$CONFIG"} ${EXTRA_ARGS:-})
+stages=$("${PYTHON:-python3}" -m autoregembed.tools.cli stages ${CONFIG:+--config "$CONFIG"} ${EXTRA_ARGS:-})
 prev=""
 for stage in $stages; do
   dep=${prev:+--dependency=afterok:$prev --kill-on-invalid-dep=yes}

@@ -12,13 +12,13 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from autoregembed import distributed as D  # noqa: E402
-from autoregembed.batches import alignment_batch, to_device  # noqa: E402
-from autoregembed.cli import DEFAULT_DS  # noqa: E402
-from autoregembed.config import load_config  # noqa: E402
-from autoregembed.data import load_rows  # noqa: E402
-from autoregembed.trainer import Session, micro_step  # noqa: E402
-from autoregembed.stages import STAGES  # noqa: E402
+from autoregembed.runtime import distributed as D  # noqa: E402
+from autoregembed.method.batches import alignment_batch, to_device  # noqa: E402
+from autoregembed.tools.cli import DEFAULT_DS  # noqa: E402
+from autoregembed.runtime.config import load_config  # noqa: E402
+from autoregembed.runtime.data import load_rows  # noqa: E402
+from autoregembed.runtime.trainer import Session, micro_step  # noqa: E402
+from autoregembed.runtime.stages import STAGES  # noqa: E402
 
 SETTINGS = ["model.match_decoder_scale=false", "stage2.micro_batch_size=2", "stage2.warmup_steps=0",
             "stage2.max_steps=2", "stage2.learning_rate=1e-3", "stage2.gradient_clipping=1.0"]

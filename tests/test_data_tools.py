@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from autoregembed.cli import main
-from autoregembed.config import RESOURCES
-from autoregembed.data import load_rows
+from autoregembed.tools.cli import main
+from autoregembed.runtime.config import RESOURCES
+from autoregembed.runtime.data import load_rows
 
 NLI = os.path.join(RESOURCES, "nli_sample.jsonl")
 
@@ -80,7 +80,7 @@ def test_convert_refuses_a_csv_without_the_simcse_header(tmp_path, capsys):
 
 
 def test_mine_takes_the_closest_passages_that_are_not_the_positive(tiny_export, tmp_path, capsys):
-    from autoregembed.encoder import Encoder
+    from autoregembed.release.encoder import Encoder
 
     out = tmp_path / "mined.jsonl"
     assert main(["mine", "--model", tiny_export, "--queries", NLI, "--negatives", "3",
@@ -114,7 +114,7 @@ def test_convert_gives_retrieval_data_no_instruction_it_did_not_ask_for(tmp_path
 def test_mining_in_query_chunks_with_a_widening_pool_equals_the_full_sort(monkeypatch):
     """Memory is chunk x corpus: a few queries at a time against the corpus, each walking a pool of its
     top passages that is widened when the filters empty it; the result is the full ranking's."""
-    from autoregembed import mine
+    from autoregembed.tools import mine
 
     rng = np.random.default_rng(0)
     corpus = [f"passage {i}" for i in range(300)]

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from autoregembed.batches import compression_batch
-from autoregembed.cli import main
-from autoregembed.diagnostics import GAP_FLOOR, HealthWatch, information_gap
-from autoregembed.loading import load_model
-from autoregembed.tokenization import TextEncoder
+from autoregembed.method.batches import compression_batch
+from autoregembed.tools.cli import main
+from autoregembed.runtime.diagnostics import GAP_FLOOR, HealthWatch, information_gap
+from autoregembed.runtime.loading import load_model
+from autoregembed.method.tokenization import TextEncoder
 
 K = 5
 TEXTS = ["a man is playing the guitar .", "two dogs run in a field", "the stock market fell today ."]
@@ -57,9 +57,9 @@ def test_sts_during_training_equals_the_encoder_of_the_same_weights(model_and_te
     import os
     from types import SimpleNamespace
 
-    from autoregembed.diagnostics import sts_during_training
-    from autoregembed.encoder import Encoder
-    from autoregembed.evaluate import sts_eval
+    from autoregembed.runtime.diagnostics import sts_during_training
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.release.evaluate import sts_eval
 
     model, te = model_and_te
     sts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "autoregembed", "resources",
@@ -94,7 +94,7 @@ def test_health_watch_warns_once_about_dead_gradients_and_a_gap_that_stays_near_
 def test_greedy_regeneration_is_the_path_teacher_forcing_scores_as_all_right(model_and_te):
     """The two halves of reconstruct read the decoder alike: the greedy tokens, scored as targets
     given the same compressed tokens, are each the argmax (accuracy 1), with and without the BOS."""
-    from autoregembed.reconstruct import regenerate, teacher_forced_hits
+    from autoregembed.release.reconstruct import regenerate, teacher_forced_hits
 
     model, te = model_and_te
     tok = te.tokenizer

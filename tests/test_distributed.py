@@ -143,7 +143,7 @@ def test_only_the_encoder_trains_and_with_lora_only_its_adapters(run):
 
 
 def test_reference_scores_cover_every_row_or_none_are_written_online(run):
-    from autoregembed.refscores import ReferenceScores
+    from autoregembed.runtime.refscores import ReferenceScores
 
     out = run[0]
     path = os.path.join(out, "reference", "scores.safetensors")
@@ -166,8 +166,8 @@ def test_export_reloads_in_a_fresh_process_with_plain_transformers(run):
 import json, sys, torch
 from transformers import AutoModel, AutoTokenizer
 from autoregembed import Encoder
-from autoregembed.model import compressed_states, pool_embedding
-from autoregembed.tokenization import TextEncoder
+from autoregembed.method.model import compressed_states, pool_embedding
+from autoregembed.method.tokenization import TextEncoder
 TEXTS = {TEXTS!r}
 meta = json.load(open({model_dir!r} + "/autoregembed.json"))
 model = AutoModel.from_pretrained({model_dir!r}).eval()

@@ -11,11 +11,11 @@ import pytest
 import torch
 from helpers import ROOT, run_child
 
-from autoregembed.config import ConfigError, load_config
-from autoregembed.ds_config import check_early, read_ds_config
-from autoregembed.errors import InputError, StorageError, UserError, user_message
-from autoregembed.plan import Arch
-from autoregembed.stages import check_stages
+from autoregembed.runtime.config import ConfigError, load_config
+from autoregembed.runtime.ds_config import check_early, read_ds_config
+from autoregembed.runtime.errors import InputError, StorageError, UserError, user_message
+from autoregembed.tools.plan import Arch
+from autoregembed.runtime.stages import check_stages
 
 PACKAGE = os.path.join(ROOT, "autoregembed")
 PATHLIKE = ("path", "file", "folder", "dir", "input", "output", "source", "model")
@@ -24,26 +24,30 @@ PATHLIKE = ("path", "file", "folder", "dir", "input", "output", "source", "model
 def _raises():
     """(module, line, class expression, message literal parts, first formatted name) of every
     ``raise X(<message>)`` in the package."""
-    for name in sorted(os.listdir(PACKAGE)):
-        if not name.endswith(".py"):
+    for folder, _, files in sorted(os.walk(PACKAGE)):  # symlinked kernels/ and ds_configs/ are not walked
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            module = os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")
+            yield from _raises_in(module, ast.parse(open(path).read()))
+
+
+def _raises_in(module: str, tree):
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args):
             continue
-        tree = ast.parse(open(os.path.join(PACKAGE, name)).read())
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args):
-                continue
-            msg = node.exc.args[0]
-            if isinstance(msg, ast.Constant) and isinstance(msg.value, str):
-                parts, first = [msg.value], None
-            elif isinstance(msg, ast.JoinedStr):
-                parts = [v.value for v in msg.values if isinstance(v, ast.Constant)]
-                head = msg.values[0]
-                first = ast.unparse(head.value) if isinstance(head, ast.FormattedValue) else None
-                if first is not None and not (len(msg.values) > 1 and isinstance(msg.values[1], ast.Constant)
-                                              and msg.values[1].value.startswith(":")):
-                    first = None  # only "{path}: ..." names a file
-            else:
-                continue
-            yield name[:-3], node.lineno, ast.unparse(node.exc.func), "".join(parts), first
+        msg = node.exc.args[0]
+        if isinstance(msg, ast.Constant) and isinstance(msg.value, str):
+            parts, first = [msg.value], None
+        elif isinstance(msg, ast.JoinedStr):
+            parts = [v.value for v in msg.values if isinstance(v, ast.Constant)]
+            head = msg.values[0]
+            first = ast.unparse(head.value) if isinstance(head, ast.FormattedValue) else None
+            if first is not None and not (len(msg.values) > 1 and isinstance(msg.values[1], ast.Constant)
+                                          and msg.values[1].value.startswith(":")):
+                first = None  # only "{path}: ..." names a file
+        else:
+            continue
+        yield module, node.lineno, ast.unparse(node.exc.func), "".join(parts), first
 
 
 def _resolve(module: str, expr: str):
@@ -52,7 +56,7 @@ def _resolve(module: str, expr: str):
     obj = importlib.import_module(f"autoregembed.{module}")
     for part in expr.split("."):
         if not hasattr(obj, part):
-            errors = importlib.import_module("autoregembed.errors")
+            errors = importlib.import_module("autoregembed.runtime.errors")
             return getattr(errors, expr, None) or getattr(builtins, expr, None)
         obj = getattr(obj, part)
     return obj
@@ -124,7 +128,7 @@ def test_a_learning_rate_of_zero_is_refused():
 
 
 def test_plan_with_an_unknown_model_is_one_line(capsys):
-    from autoregembed.cli import main
+    from autoregembed.tools.cli import main
 
     assert main(["plan", "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -132,7 +136,7 @@ def test_plan_with_an_unknown_model_is_one_line(capsys):
 
 
 def test_a_bug_in_a_tool_keeps_its_traceback(monkeypatch, tmp_path):
-    from autoregembed import cli
+    from autoregembed.tools import cli
 
     def broken(args):
         raise TypeError("unsupported operand type(s)")
@@ -145,8 +149,8 @@ def test_a_bug_in_a_tool_keeps_its_traceback(monkeypatch, tmp_path):
 @pytest.mark.parametrize("k,pattern", [(0, "num_embed_tokens must be >= 1"),
                                        (7, "num_embed_tokens = 7 but the export's tokenizer has 5 EMBED tokens")])
 def test_an_export_whose_description_disagrees_with_its_tokenizer_is_refused(tiny_export, tmp_path, k, pattern):
-    from autoregembed.encoder import Encoder
-    from autoregembed.export import META_FILE
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.release.export import META_FILE
 
     copy = tmp_path / "model"
     shutil.copytree(tiny_export, copy)
@@ -159,8 +163,8 @@ def test_an_export_whose_description_disagrees_with_its_tokenizer_is_refused(tin
 def test_a_full_disk_during_export_is_a_user_error_and_keeps_the_old_export(tiny_base, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    from autoregembed import export
-    from autoregembed.loading import load_model
+    from autoregembed.release import export
+    from autoregembed.runtime.loading import load_model
 
     model, tok = load_model(tiny_base, tiny_base, 5, torch.float32, "sdpa")
     out = str(tmp_path / "model")

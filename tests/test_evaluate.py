@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from autoregembed.evaluate import mean_pairwise_cosine, sts_eval
+from autoregembed.release.evaluate import mean_pairwise_cosine, sts_eval
 
 
 def _unit(x):

@@ -24,7 +24,7 @@ def _patched_train(tmp_path, patch: str) -> str:
     """A train.py that first applies ``patch`` (code that breaks something on purpose)."""
     script = tmp_path / "patched_train.py"
     script.write_text(f"import sys\n{patch}\n"
-                      "from autoregembed.cli import _add_run_args, run_training\nimport argparse\n"
+                      "from autoregembed.tools.cli import _add_run_args, run_training\nimport argparse\n"
                       "p = argparse.ArgumentParser()\n_add_run_args(p)\nsys.exit(run_training(p.parse_args()))\n")
     return str(script)
 
@@ -89,7 +89,7 @@ def test_blank_input_lines_keep_their_rows(earlier_run, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("a man plays the guitar\n\nthe stock market fell\n")
     npy = tmp_path / "emb.npy"
-    r = run_child(["-m", "autoregembed.cli", "encode", "--model", os.path.join(earlier_run, "stage1", "model"),
+    r = run_child(["-m", "autoregembed.tools.cli", "encode", "--model", os.path.join(earlier_run, "stage1", "model"),
                    "--input", texts, "--output", npy])
     assert r.returncode == 0, r.stderr[-3000:]
     emb = np.load(npy)
@@ -98,7 +98,7 @@ def test_blank_input_lines_keep_their_rows(earlier_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(os.path.join(earlier_run, "stage1", "model"), broken)
     (broken / "autoregembed.json").write_text("{not json")
-    r = run_child(["-m", "autoregembed.cli", "encode", "--model", broken, "--input", texts, "--output", npy])
+    r = run_child(["-m", "autoregembed.tools.cli", "encode", "--model", broken, "--input", texts, "--output", npy])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{broken / 'autoregembed.json'}: not a valid autoregembed export description" in r.stderr
 
@@ -167,7 +167,7 @@ def test_a_stop_request_at_the_reference_stage_ends_the_run_for_requeue(earlier_
 def test_a_signal_sets_the_request_until_it_is_honoured(tmp_path):
     import signal
 
-    from autoregembed import preemption
+    from autoregembed.runtime import preemption
 
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
@@ -184,7 +184,7 @@ def test_a_signal_sets_the_request_until_it_is_honoured(tmp_path):
 
 KILL_IN_EXPORT = """
 import os, signal
-import autoregembed.export as export
+import autoregembed.release.export as export
 export.save_file = lambda *a, **kw: os.kill(os.getpid(), signal.SIGKILL)  # dies writing the first shard
 """
 
@@ -212,7 +212,7 @@ def test_a_kill_during_export_keeps_the_previous_export_and_the_checkpoint(tmp_p
 
 SIGTERM_IN_REFERENCE = """
 import os, signal
-import autoregembed.stages as stages
+import autoregembed.runtime.stages as stages
 real, calls = stages.candidate_batch, []
 def batch_then_term(*a, **kw):
     calls.append(1)

@@ -5,8 +5,8 @@ Skipped without a GPU (conftest.py); tests/test_kernel_ptx.py covers what a CPU 
 import pytest
 import torch
 
-from autoregembed import logprobs
-from autoregembed.logprobs import IGNORE_INDEX, sequence_logprobs
+from autoregembed.method import logprobs
+from autoregembed.method.logprobs import IGNORE_INDEX, sequence_logprobs
 
 pytestmark = pytest.mark.gpu
 
@@ -68,7 +68,7 @@ def test_cut_cross_entropy_backend_on_cuda_matches_float64(dtype):
     """model.scorer=cce on CUDA runs cut-cross-entropy's own kernels (impl cce, no gradient filter):
     per-token values and gradients against float64 as tight as ours, at an odd vocabulary."""
     pytest.importorskip("cut_cross_entropy")
-    from autoregembed.scorers import scorer_for
+    from autoregembed.method.scorers import scorer_for
 
     h, w, y = _problem(50257, 700, 1024, dtype, seed=4)
     g = torch.randn(700, device="cuda", dtype=torch.float64)
@@ -98,8 +98,8 @@ def test_sequence_logprobs_uses_the_row_kernel_on_cuda_and_agrees_with_pytorch_r
 
 
 def test_the_trainers_adamw_is_fused_on_cuda_and_steps_like_foreach():
-    from autoregembed.config import OptimConfig
-    from autoregembed.trainer import client_adamw
+    from autoregembed.runtime.config import OptimConfig
+    from autoregembed.runtime.trainer import client_adamw
 
     g = torch.Generator(device="cuda").manual_seed(0)
     fused = [torch.nn.Parameter(torch.randn(1000, device="cuda", generator=g))]
@@ -120,10 +120,10 @@ def test_packed_passes_run_a_flash_kernel_and_match_padded_sdpa(tiny_base):
     padded SDPA pass's loss within bf16 rounding, and the profiler sees a flash kernel run."""
     from torch.profiler import ProfilerActivity, profile
 
-    from autoregembed.batches import compression_batch, to_device
-    from autoregembed.loading import load_model, resolve_attn
-    from autoregembed.losses import CompressionLoss
-    from autoregembed.tokenization import TextEncoder
+    from autoregembed.method.batches import compression_batch, to_device
+    from autoregembed.runtime.loading import load_model, resolve_attn
+    from autoregembed.method.losses import CompressionLoss
+    from autoregembed.method.tokenization import TextEncoder
 
     attn = resolve_attn("auto", packed=True)
     padded, tok = load_model(tiny_base, tiny_base, 3, torch.bfloat16, "sdpa")

@@ -6,12 +6,12 @@ import pytest
 import torch
 from helpers import ROOT, run_child
 
-from autoregembed.config import ConfigError, check_runtime, load_config
-from autoregembed.data import DataError, StepSampler, load_rows
-from autoregembed.ds_config import build_ds_config
-from autoregembed.plan import Arch
-from autoregembed.evaluate import read_sts
-from autoregembed.stages import check_stages
+from autoregembed.runtime.config import ConfigError, check_runtime, load_config
+from autoregembed.runtime.data import DataError, StepSampler, load_rows
+from autoregembed.runtime.ds_config import build_ds_config
+from autoregembed.tools.plan import Arch
+from autoregembed.release.evaluate import read_sts
+from autoregembed.runtime.stages import check_stages
 
 GOOD2 = {"query": "q", "pos": "p", "neg": ["n1", "n2"], "instruction": "i"}
 
@@ -88,7 +88,7 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
             load_config(None, [old])
     with pytest.raises(ConfigError, match=r"key 'reference.micro_batch_size' must be >= 1"):
         load_config(None, ["reference.micro_batch_size=0"])
-    from autoregembed.stages import STAGES
+    from autoregembed.runtime.stages import STAGES
 
     own = load_config(None, ["reference.micro_batch_size=32", "stage2.micro_batch_size=4"])
     assert STAGES["reference"].settings(own).micro_batch_size == 32  # its own section, not stage 2's
@@ -158,7 +158,7 @@ def test_shipped_configs_are_valid():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
 def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
-    from autoregembed.distributed import select_device
+    from autoregembed.runtime.distributed import select_device
 
     with pytest.raises(ConfigError, match=r"SLURM_GPUS_ON_NODE=8 asks for GPUs but torch .* CPU-only build"):
         select_device("auto", {"SLURM_GPUS_ON_NODE": "8"})
@@ -203,7 +203,7 @@ def test_bad_values_name_their_key(override, pattern):
 
 
 def test_lr_schedules_warm_up_then_decay_or_hold():
-    from autoregembed.trainer import lr_factor
+    from autoregembed.runtime.trainer import lr_factor
 
     for schedule, after in (("linear", [1.0, 0.75, 0.5, 0.25, 0.0]), ("constant", [1.0] * 5),
                             ("cosine", [1.0, 0.8536, 0.5, 0.1464, 0.0])):
@@ -213,8 +213,8 @@ def test_lr_schedules_warm_up_then_decay_or_hold():
 
 
 def test_the_client_optimizer_is_fused_only_on_cuda():
-    from autoregembed.config import OptimConfig
-    from autoregembed.trainer import client_adamw
+    from autoregembed.runtime.config import OptimConfig
+    from autoregembed.runtime.trainer import client_adamw
 
     params = [torch.nn.Parameter(torch.ones(3))]
     o = OptimConfig(learning_rate=0.01, weight_decay=0.1)
@@ -272,8 +272,8 @@ def test_sts_file_with_constant_gold_scores_is_refused(tmp_path):
 def test_encoder_inputs_are_checked_and_empty_input_keeps_its_width(tiny_base):
     from transformers import AutoModel, AutoTokenizer
 
-    from autoregembed.encoder import Encoder
-    from autoregembed.tokenization import prepare_tokenizer
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.method.tokenization import prepare_tokenizer
 
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_base), 5)
     model = AutoModel.from_pretrained(tiny_base)
@@ -288,7 +288,7 @@ def test_encoder_inputs_are_checked_and_empty_input_keeps_its_width(tiny_base):
 
 
 def test_plan_refuses_impossible_shapes(capsys):
-    from autoregembed.cli import main
+    from autoregembed.tools.cli import main
 
     for argv in (["--gpus-per-node", "0"], ["--negatives", "-1"]):
         with pytest.raises(SystemExit) as e:
@@ -300,7 +300,7 @@ def test_plan_refuses_impossible_shapes(capsys):
 def test_written_files_follow_the_umask(tmp_path):
     from safetensors.torch import save_file
 
-    from autoregembed.atomic import atomic_dir, atomic_file, atomic_write_text
+    from autoregembed.runtime.atomic import atomic_dir, atomic_file, atomic_write_text
 
     old = os.umask(0o022)
     try:
@@ -321,7 +321,7 @@ def test_written_files_follow_the_umask(tmp_path):
 
 
 def test_a_full_disk_keeps_the_old_file_and_leaves_no_partial_copy(tmp_path, monkeypatch):
-    from autoregembed.atomic import atomic_write_text
+    from autoregembed.runtime.atomic import atomic_write_text
 
     path = tmp_path / "record.json"
     atomic_write_text(str(path), "old")
@@ -337,7 +337,7 @@ def test_a_full_disk_keeps_the_old_file_and_leaves_no_partial_copy(tmp_path, mon
 
 WRITER_KILLED_INSIDE = """
 import os, signal, sys, time
-from autoregembed.atomic import atomic_dir
+from autoregembed.runtime.atomic import atomic_dir
 with atomic_dir(sys.argv[1]) as tmp:
     open(os.path.join(tmp, "half-written"), "w").close()
     print("inside", flush=True)
@@ -351,7 +351,7 @@ def test_atomic_dir_sweeps_a_killed_writers_leftovers_and_spares_a_live_ones(tmp
 
     from helpers import ROOT, child_command, child_env
 
-    from autoregembed.atomic import atomic_dir
+    from autoregembed.runtime.atomic import atomic_dir
 
     final = str(tmp_path / "model")
     with atomic_dir(final) as tmp:
@@ -374,7 +374,7 @@ def test_atomic_dir_sweeps_a_killed_writers_leftovers_and_spares_a_live_ones(tmp
 
 
 def test_atomic_dir_puts_back_a_previous_result_an_interrupted_replacement_set_aside(tmp_path):
-    from autoregembed.atomic import atomic_dir
+    from autoregembed.runtime.atomic import atomic_dir
 
     final = tmp_path / "model"
     (tmp_path / "model.old-abc" / "x").mkdir(parents=True)  # killed between its two renames
@@ -386,7 +386,7 @@ def test_atomic_dir_puts_back_a_previous_result_an_interrupted_replacement_set_a
 
 
 def test_tiny_base_reads_data_like_the_loader_and_refuses_a_changed_size(tmp_path):
-    from autoregembed.loading import build_tiny_base
+    from autoregembed.runtime.loading import build_tiny_base
 
     s1 = _write(tmp_path, ['{"context": "a cat sat", "instruction": "i", "output": "a cat sat"}', "",
                            '{"context": "dogs run", "instruction": "i", "output": "dogs run"}'])
@@ -419,7 +419,7 @@ def test_a_bad_row_fails_the_run_before_the_base_model_is_built(tmp_path):
 def test_export_description_round_trips_and_a_broken_one_names_its_file(tmp_path):
     import json as _json
 
-    from autoregembed.export import META_FILE, ExportMeta
+    from autoregembed.release.export import META_FILE, ExportMeta
 
     meta = ExportMeta(num_embed_tokens=3, instruction="Find it.", max_text_len=40, stage="stage2", decoder_bos=True)
     meta.write(str(tmp_path))
@@ -438,9 +438,9 @@ def test_a_session_that_fails_to_load_leaves_no_zero3_config_behind(tmp_path, ti
     every later from_pretrained in the process would build partitioned, empty models."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    from autoregembed.cli import DEFAULT_DS
-    from autoregembed.stages import STAGES
-    from autoregembed.trainer import Session
+    from autoregembed.tools.cli import DEFAULT_DS
+    from autoregembed.runtime.stages import STAGES
+    from autoregembed.runtime.trainer import Session
 
     cfg = load_config(None, [f"output_dir={tmp_path}", f"model.base={tiny_base}"])
     with pytest.raises(OSError) as failure:

@@ -118,7 +118,7 @@ def test_wheel_installs_kernels_and_ds_configs_inside_the_package(tmp_path):
     assert not [n for n in names if n.startswith("kernels/") or n.startswith("ds_configs/")]
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import autoregembed.kernels.logit_rows as k, autoregembed.cli as c, os; "
+    code = ("import autoregembed.kernels.logit_rows as k, autoregembed.tools.cli as c, os; "
             "assert k.__file__.startswith(os.environ['SITE']); "
             "assert c.DEFAULT_DS.startswith(os.environ['SITE']) and os.path.isfile(c.DEFAULT_DS)")
     env = {**child_env(), "PYTHONPATH": str(site), "SITE": str(site), "PYTHONSAFEPATH": "1"}
@@ -140,7 +140,7 @@ def test_gpu_machine_install_path_works_in_a_new_environment(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "install_carried.sh"), str(target)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    code = ("import os, autoregembed, autoregembed.kernels.logit_rows as k, autoregembed.cli as c; "
+    code = ("import os, autoregembed, autoregembed.kernels.logit_rows as k, autoregembed.tools.cli as c; "
             "t = os.environ['TARGET']; "
             "assert autoregembed.__file__.startswith(t) and k.__file__.startswith(t), (autoregembed.__file__, k.__file__); "
             "assert c.DEFAULT_DS.startswith(t) and os.path.isfile(c.DEFAULT_DS)")

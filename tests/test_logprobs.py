@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from autoregembed import logprobs
-from autoregembed.logprobs import IGNORE_INDEX, sequence_logprobs, token_logprobs
-from autoregembed.scorers import scorer_for
+from autoregembed.method import logprobs
+from autoregembed.method.logprobs import IGNORE_INDEX, sequence_logprobs, token_logprobs
+from autoregembed.method.scorers import scorer_for
 
 # The kernel runs compiled on CUDA tensors where there is a GPU, else in Triton's interpreter on CPU
 # tensors (conftest.py turns it on before anything imports kernels).
@@ -79,7 +79,7 @@ def test_scorer_matches_float64(monkeypatch, peaked, scorer, dtype):
 
 
 def test_chunk_rows_fit_the_budget():
-    from autoregembed.logprobs import chunk_rows
+    from autoregembed.method.logprobs import chunk_rows
 
     assert chunk_rows(32000, jacobian=True, budget=256 << 20) == 1024  # 1048 fit, rounded to 64
     assert chunk_rows(32000, jacobian=False, budget=256 << 20) == 2048  # logits only: twice as many
@@ -170,8 +170,8 @@ def test_sequence_sums_skip_ignored_positions():
 def test_batches_count_their_target_tokens_on_the_host(tiny_base):
     from transformers import AutoTokenizer
 
-    from autoregembed.batches import alignment_batch, compression_batch, token_count, to_device
-    from autoregembed.tokenization import TextEncoder, prepare_tokenizer
+    from autoregembed.method.batches import alignment_batch, compression_batch, token_count, to_device
+    from autoregembed.method.tokenization import TextEncoder, prepare_tokenizer
 
     te = TextEncoder(prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_base), 3), 3)
     rows = [{"context": "a b c d", "instruction": "i", "output": "a b c d", "query": "q one", "pos": "p one two",
@@ -224,9 +224,9 @@ def test_backends_tell_the_planner_what_they_hold(monkeypatch):
     package, is a user error naming model.scorer."""
     import sys
 
-    from autoregembed.config import ConfigError, load_config
-    from autoregembed.errors import InputError
-    from autoregembed.plan import PRESETS, SCORER_KEY, Arch, plan
+    from autoregembed.runtime.config import ConfigError, load_config
+    from autoregembed.runtime.errors import InputError
+    from autoregembed.tools.plan import PRESETS, SCORER_KEY, Arch, plan
 
     fused, cce = scorer_for("auto"), scorer_for("cce")
     arch = Arch(*PRESETS["llama-2-7b"])
@@ -253,7 +253,7 @@ def test_kernels_import_changes_no_environment_and_triton_on_cpu_needs_the_inter
     code = ("import os, torch\n"
             "import autoregembed.kernels\n"
             "assert 'TRITON_INTERPRET' not in os.environ, 'importing kernels set TRITON_INTERPRET'\n"
-            "from autoregembed.logprobs import token_logprobs\n"
+            "from autoregembed.method.logprobs import token_logprobs\n"
             "h, w, y = torch.randn(3, 4), torch.randn(10, 4), torch.zeros(3, dtype=torch.long)\n"
             "token_logprobs(h, w, y)  # auto: PyTorch on CPU\n"
             "token_logprobs(h, w, y, scorer='triton')\n")

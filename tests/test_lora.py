@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from autoregembed.batches import compression_batch
-from autoregembed.config import ConfigError, load_config
-from autoregembed.encoder import Encoder
-from autoregembed.export import ExportMeta, export_encoder
-from autoregembed.loading import load_model
-from autoregembed.losses import CompressionLoss
-from autoregembed.tokenization import TextEncoder
+from autoregembed.method.batches import compression_batch
+from autoregembed.runtime.config import ConfigError, load_config
+from autoregembed.release.encoder import Encoder
+from autoregembed.release.export import ExportMeta, export_encoder
+from autoregembed.runtime.loading import load_model
+from autoregembed.method.losses import CompressionLoss
+from autoregembed.method.tokenization import TextEncoder
 
 K = 3
 TEXTS = ["a man is playing the guitar .", "two dogs run in a field", "the stock market fell today ."]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from autoregembed.model_card import CARD_FILE, EXAMPLE, base_license, write_model_card
+from autoregembed.release.model_card import CARD_FILE, EXAMPLE, base_license, write_model_card
 from helpers import ROOT
 
 
@@ -21,7 +21,7 @@ def _front_matter_and_body(text):
 def test_the_card_renders_and_its_usage_code_embeds_as_the_encoder_does(tiny_export, tmp_path):
     import torch
 
-    from autoregembed.encoder import Encoder
+    from autoregembed.release.encoder import Encoder
 
     model = tmp_path / "my-embedder"
     shutil.copytree(tiny_export, model)
@@ -50,8 +50,8 @@ def test_the_license_is_read_from_the_base_models_own_card(tmp_path):
 
 
 def test_an_evaluation_rewrites_the_card_with_its_result(tiny_export, tmp_path):
-    from autoregembed.config import load_config
-    from autoregembed.trainer import evaluate
+    from autoregembed.runtime.config import load_config
+    from autoregembed.runtime.trainer import evaluate
 
     model = tmp_path / "model"
     shutil.copytree(tiny_export, model)
@@ -68,7 +68,7 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_export, tmp_path):
 def test_base_model_metadata_names_hub_ids_only(tiny_export, tmp_path, base, hub):
     import json
 
-    from autoregembed.export import META_FILE
+    from autoregembed.release.export import META_FILE
 
     model = tmp_path / "model"
     shutil.copytree(tiny_export, model)

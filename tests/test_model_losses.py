@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from autoregembed.batches import alignment_batch, compression_batch
-from autoregembed.losses import AlignmentLoss, CompressionLoss
-from autoregembed.model import AutoRegEmbedModel
-from autoregembed.tokenization import TextEncoder, prepare_tokenizer
+from autoregembed.method.batches import alignment_batch, compression_batch
+from autoregembed.method.losses import AlignmentLoss, CompressionLoss
+from autoregembed.method.model import AutoRegEmbedModel
+from autoregembed.method.tokenization import TextEncoder, prepare_tokenizer
 
 K = 3
 ROWS = [
@@ -134,7 +134,7 @@ def test_reference_sign_changes_the_loss(setup):
 def test_detach_positive_keeps_the_loss_and_stops_the_gradient_into_c_p():
     """c_p becomes a target: same loss value, no gradient into it, and c_q's gradient unchanged
     (the one computed by hand), so in the model only the positive's own encoding loses its gradient."""
-    from autoregembed.losses import alignment_loss
+    from autoregembed.method.losses import alignment_loss
 
     owner = torch.tensor([0, 1, 1])
     cq0, cp0, r0 = [-42.0, -30.0], [-36.0, -33.0], [-55.0, -41.0, -37.0]
@@ -163,7 +163,7 @@ def test_detach_positive_keeps_the_loss_and_stops_the_gradient_into_c_p():
 
 def test_model_stage2_loss_detaches_the_positive_when_asked(setup):
     """AlignmentLoss(detach_positive=True) trains exactly as the loss with c_p held constant."""
-    from autoregembed.losses import alignment_loss
+    from autoregembed.method.losses import alignment_loss
 
     model, te = _model(setup)
     refs = _constant_refs(-10.0, -30.0)
@@ -272,7 +272,7 @@ def test_a_decoder_held_outside_the_module_scores_the_same_and_is_hidden_from_th
 
 
 def test_the_decoders_checkpointing_is_its_own_choice(tiny_base):
-    from autoregembed.loading import load_model
+    from autoregembed.runtime.loading import load_model
 
     both, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa", gradient_checkpointing=True)
     assert both.encoder.is_gradient_checkpointing and both.decoder.is_gradient_checkpointing
@@ -282,7 +282,7 @@ def test_the_decoders_checkpointing_is_its_own_choice(tiny_base):
 
 
 def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
-    from autoregembed.loading import load_model
+    from autoregembed.runtime.loading import load_model
 
     on, tok = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa", decoder_bos=True)
     off, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa")
@@ -292,8 +292,8 @@ def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
 
 def test_config_reaches_the_stage_losses():
     """loss.* keys configure stage 2's objective (the config loader builds it); stage 1 has none."""
-    from autoregembed.config import ConfigError, load_config
-    from autoregembed.stages import STAGES
+    from autoregembed.runtime.config import ConfigError, load_config
+    from autoregembed.runtime.stages import STAGES
 
     cfg = load_config(None, ["loss.detach_positive=true", "loss.reference_sign=code", "loss.beta=0.2"])
     assert STAGES["stage2"].loss(cfg) == AlignmentLoss(beta=0.2, tau=0.1, reference_sign="code", detach_positive=True)
@@ -308,9 +308,9 @@ def test_a_new_stage2_objective_is_one_class_and_one_kind(setup):
     object the loader built."""
     import dataclasses
 
-    from autoregembed.config import ConfigError, load_config
-    from autoregembed.losses import STAGE2_OBJECTIVES, stage2_objective
-    from autoregembed.stages import STAGES
+    from autoregembed.runtime.config import ConfigError, load_config
+    from autoregembed.method.losses import STAGE2_OBJECTIVES, stage2_objective
+    from autoregembed.runtime.stages import STAGES
 
     saved = dict(STAGE2_OBJECTIVES)
 

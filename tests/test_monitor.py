@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 
-from autoregembed.batches import compression_batch, token_count
-from autoregembed.monitor import StepMonitor, ds_monitor_settings, read_metrics, truncate_metrics
-from autoregembed.plot import plot_run
-from autoregembed.stages import TRAINING
-from autoregembed.warnings_once import show_once
+from autoregembed.method.batches import compression_batch, token_count
+from autoregembed.runtime.monitor import StepMonitor, ds_monitor_settings, read_metrics, truncate_metrics
+from autoregembed.tools.plot import plot_run
+from autoregembed.runtime.stages import TRAINING
+from autoregembed.runtime.warnings_once import show_once
 
 
 class _Writer:
@@ -43,7 +43,7 @@ def test_step_records_progress_line_and_monitor_events(tmp_path):
 
 
 def test_extra_values_reach_the_record_line_and_writer_and_their_seconds_leave_tokens_per_s(tmp_path, monkeypatch):
-    import autoregembed.monitor as M
+    import autoregembed.runtime.monitor as M
 
     clock = iter([100.0, 110.0])  # the monitor's start, then the step: 10 s of which 8 s went to a probe
     monkeypatch.setattr(M.time, "time", lambda: next(clock))
@@ -66,8 +66,8 @@ def test_ds_monitor_settings_follow_the_yaml(tmp_path):
 
 
 def test_token_count_is_the_unpadded_tokens_of_encoder_and_decoder(tiny_base):
-    from autoregembed.loading import load_tokenizer
-    from autoregembed.tokenization import TextEncoder
+    from autoregembed.runtime.loading import load_tokenizer
+    from autoregembed.method.tokenization import TextEncoder
 
     te = TextEncoder(load_tokenizer(tiny_base, 5), 5, 64, 64)
     rows = [{"context": t, "instruction": "Reconstruct.", "output": t} for t in ("a b c", "a much longer text here")]
@@ -107,7 +107,7 @@ def test_each_distinct_warning_is_shown_once():
 
 
 def test_progress_reports_rate_and_eta_at_intervals_and_at_the_end():
-    from autoregembed.monitor import Progress
+    from autoregembed.runtime.monitor import Progress
 
     now, lines = [0.0], []
     p = Progress("reference", 100, "batches", lines.append, every_s=30, clock=lambda: now[0])

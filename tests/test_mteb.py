@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from autoregembed.cli import main
-from autoregembed.config import RESOURCES
+from autoregembed.tools.cli import main
+from autoregembed.runtime.config import RESOURCES
 
 STS = os.path.join(RESOURCES, "sts_dev_sample.csv")
 
@@ -28,7 +28,7 @@ def test_mteb_on_a_local_sts_task_equals_eval_sts(tiny_export, tmp_path, capsys)
 def test_instruction_is_chosen_by_task_then_type_then_the_exports_own(tiny_export):
     from mteb.types import PromptType
 
-    from autoregembed.mteb_model import AutoRegEmbedMTEB
+    from autoregembed.release.mteb_model import AutoRegEmbedMTEB
 
     model = AutoRegEmbedMTEB(tiny_export, instructions={"STS12": "task", "Retrieval-document": "passage"})
     task = lambda name, type_: types.SimpleNamespace(name=name, type=type_)
@@ -50,8 +50,8 @@ def test_model_meta_is_complete_and_read_from_the_base_models_card(tiny_export, 
     import json
     import shutil
 
-    from autoregembed.export import META_FILE
-    from autoregembed.mteb_model import AutoRegEmbedMTEB
+    from autoregembed.release.export import META_FILE
+    from autoregembed.release.mteb_model import AutoRegEmbedMTEB
 
     base = tmp_path / "base"
     base.mkdir()
@@ -78,7 +78,7 @@ def test_mteb_through_sentence_transformers_scores_as_our_wrapper(tiny_export, t
     from mteb.cache import ResultCache
     from sentence_transformers import SentenceTransformer
 
-    from autoregembed.mteb_model import AutoRegEmbedMTEB, local_sts_task
+    from autoregembed.release.mteb_model import AutoRegEmbedMTEB, local_sts_task
 
     scores = []
     for i, model in enumerate([SentenceTransformer(tiny_export, device="cpu"), AutoRegEmbedMTEB(tiny_export)]):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoregembed.batches import alignment_batch, compression_batch
-from autoregembed.loading import load_model
-from autoregembed.losses import AlignmentLoss, CompressionLoss
-from autoregembed.packing import VARLEN, Packing
-from autoregembed.tokenization import TextEncoder
+from autoregembed.method.batches import alignment_batch, compression_batch
+from autoregembed.runtime.loading import load_model
+from autoregembed.method.losses import AlignmentLoss, CompressionLoss
+from autoregembed.method.packing import VARLEN, Packing
+from autoregembed.method.tokenization import TextEncoder
 
 K = 3
 ROWS = [  # ragged on purpose: encoder inputs and targets of very different lengths
@@ -100,7 +100,7 @@ def test_the_varlen_adapter_matches_padded_sdpa(tiny_base, monkeypatch):
         return torch.cat(out)
 
     monkeypatch.setattr(varlen, "varlen_attn", reference)
-    from autoregembed.packing import register_varlen
+    from autoregembed.method.packing import register_varlen
 
     register_varlen()
     padded, packed, te = _pair(tiny_base, attn_packed=VARLEN)
@@ -109,7 +109,7 @@ def test_the_varlen_adapter_matches_padded_sdpa(tiny_base, monkeypatch):
 
 
 def test_the_varlen_adapter_refuses_padded_batches():
-    from autoregembed.packing import varlen_attention
+    from autoregembed.method.packing import varlen_attention
 
     q = torch.zeros(2, 4, 5, 8)
     with pytest.raises(ValueError, match="packed sequences only"):

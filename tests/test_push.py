@@ -3,7 +3,7 @@ against a recording stand-in for the Hub's API (no network here)."""
 import json
 
 
-from autoregembed.model_card import CARD_FILE
+from autoregembed.release.model_card import CARD_FILE
 
 
 class RecordingHub:
@@ -27,7 +27,7 @@ class RecordingHub:
 def test_push_commits_every_file_and_a_card_for_the_repository(tiny_export):
     import os
 
-    from autoregembed.push import export_files, push
+    from autoregembed.release.push import export_files, push
 
     hub = RecordingHub()
     url = push(tiny_export, "me/my-embedder", private=True, api=hub)
@@ -44,7 +44,7 @@ def test_push_commits_every_file_and_a_card_for_the_repository(tiny_export):
 
 
 def test_push_refuses_a_folder_that_is_not_an_export_or_a_bad_repo_id(tmp_path, tiny_export, capsys):
-    from autoregembed.cli import main
+    from autoregembed.tools.cli import main
 
     assert main(["push", "--model", str(tmp_path), "--repo", "me/x"]) == 2
     assert "not an autoregembed export" in capsys.readouterr().err
@@ -55,8 +55,8 @@ def test_push_refuses_a_folder_that_is_not_an_export_or_a_bad_repo_id(tmp_path, 
 def test_an_evaluated_exports_card_keeps_its_result_when_pushed(tiny_export, tmp_path):
     import shutil
 
-    from autoregembed.model_card import write_model_card
-    from autoregembed.push import push
+    from autoregembed.release.model_card import write_model_card
+    from autoregembed.release.push import push
 
     model = tmp_path / "model"
     shutil.copytree(tiny_export, model)

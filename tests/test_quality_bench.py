@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from autoregembed.runlock import RunLockError
+from autoregembed.runtime.runlock import RunLockError
 from helpers import ROOT, bench_module
 
 quality = bench_module("quality")

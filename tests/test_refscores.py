@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from autoregembed.data import row_key
-from autoregembed.refscores import ReferenceScoreError, ReferenceScores, fingerprint, save_scores
+from autoregembed.runtime.data import row_key
+from autoregembed.runtime.refscores import ReferenceScoreError, ReferenceScores, fingerprint, save_scores
 
 ROWS = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"n{i}.{j}" for j in range(i % 3 + 1)], "instruction": "I"}
         for i in range(20)]

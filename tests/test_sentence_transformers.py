@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from autoregembed.encoder import Encoder
+from autoregembed.release.encoder import Encoder
 
 TEXTS = ["a man is playing a guitar .", "x",
          " ".join(["the cat sat on the mat and then it went to sleep ."] * 12),  # past max_text_len: truncated
@@ -39,8 +39,8 @@ def qd_export(tiny_base, tmp_path_factory):
     """An export with its own query and document instructions."""
     import torch
 
-    from autoregembed.export import ExportMeta, export_encoder
-    from autoregembed.loading import load_model
+    from autoregembed.release.export import ExportMeta, export_encoder
+    from autoregembed.runtime.loading import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(tiny_base, tiny_base, 5, torch.float32, "sdpa")
@@ -80,7 +80,7 @@ def test_mteb_through_sentence_transformers_picks_our_instructions(qd_export):
     from mteb.types import PromptType
     from sentence_transformers import SentenceTransformer
 
-    from autoregembed.mteb_model import AutoRegEmbedMTEB
+    from autoregembed.release.mteb_model import AutoRegEmbedMTEB
 
     st, ours = SentenceTransformer(qd_export, device="cpu"), AutoRegEmbedMTEB(qd_export)
     for name, type_, side in [("STS12", "STS", None), ("NFCorpus", "Retrieval", PromptType.query),

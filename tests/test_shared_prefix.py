@@ -5,14 +5,14 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from autoregembed.batches import compression_batch
-from autoregembed.config import ConfigError, load_config
-from autoregembed.errors import InputError
-from autoregembed.export import ExportMeta, export_encoder
-from autoregembed.model import AutoRegEmbedModel
-from autoregembed.shared_prefix import (PREFIX_FILE, fit_shared_prefix, initial_prefix, read_prefix,
+from autoregembed.method.batches import compression_batch
+from autoregembed.runtime.config import ConfigError, load_config
+from autoregembed.runtime.errors import InputError
+from autoregembed.release.export import ExportMeta, export_encoder
+from autoregembed.method.model import AutoRegEmbedModel
+from autoregembed.method.shared_prefix import (PREFIX_FILE, fit_shared_prefix, initial_prefix, read_prefix,
                                         with_shared_prefix)
-from autoregembed.tokenization import TextEncoder, prepare_tokenizer
+from autoregembed.method.tokenization import TextEncoder, prepare_tokenizer
 from helpers import ROOT, run_child
 
 K = 5
@@ -115,10 +115,10 @@ SCRIPT = """
 import sys, warnings
 warnings.filterwarnings("ignore")
 import torch
-from autoregembed import distributed as D
-from autoregembed.config import load_config
-from autoregembed.stages import STAGES
-from autoregembed.trainer import Session, open_trained, train_stage
+from autoregembed.runtime import distributed as D
+from autoregembed.runtime.config import load_config
+from autoregembed.runtime.stages import STAGES
+from autoregembed.runtime.trainer import Session, open_trained, train_stage
 cfg = load_config(None, ["output_dir=" + sys.argv[1], "model.base=" + sys.argv[2], "stage1.max_steps=2",
                          "stage1.micro_batch_size=8", "model.shared_prefix=2", "model.shared_prefix_steps=3",
                          "stage1.stop_after=" + sys.argv[3]])

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from helpers import ROOT, run_child
 
-from autoregembed.config import ConfigError, SourceConfig, load_config
-from autoregembed.data import DataError, MixtureSampler, StepSampler, load_rows, load_sources, sampler_for
+from autoregembed.runtime.config import ConfigError, SourceConfig, load_config
+from autoregembed.runtime.data import DataError, MixtureSampler, StepSampler, load_rows, load_sources, sampler_for
 
 TRIPLET = {"anchor": "a cat sits", "positive": "a cat is sitting", "negative": "a dog runs"}
 
@@ -103,7 +103,7 @@ def test_sources_in_the_config(tmp_path):
 def test_a_stage2_run_trains_from_three_sources_and_data_check_reports_each(tmp_path, tiny_base, tiny_export, capsys):
     import datasets
 
-    from autoregembed.cli import main
+    from autoregembed.tools.cli import main
 
     rows = [dict(TRIPLET, anchor=f"a cat number {i} sits") for i in range(8)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"query": r["anchor"], "pos": r["positive"],
@@ -140,9 +140,9 @@ def test_a_document_instruction_encodes_the_positive_and_is_optional(tmp_path, t
     import torch
     from transformers import AutoTokenizer
 
-    from autoregembed.batches import alignment_batch
-    from autoregembed.data import row_key
-    from autoregembed.tokenization import TextEncoder, prepare_tokenizer
+    from autoregembed.method.batches import alignment_batch
+    from autoregembed.runtime.data import row_key
+    from autoregembed.method.tokenization import TextEncoder, prepare_tokenizer
 
     path = tmp_path / "rows.jsonl"
     rows = [{"query": "a cat sits", "pos": "a cat is sitting", "neg": "a dog runs", "instruction": "Q."},

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from autoregembed.config import ConfigError, load_config
-from autoregembed.stages import PIPELINE, RUN_MODES, STAGES, TRAINING, check_stages, planned
+from autoregembed.runtime.config import ConfigError, load_config
+from autoregembed.runtime.stages import PIPELINE, RUN_MODES, STAGES, TRAINING, check_stages, planned
 from helpers import ROOT, TINY_BASE, run_child
 
 NLI = os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl")
@@ -27,7 +27,7 @@ def test_the_pipeline_and_the_run_modes_come_from_one_list():
     assert _names(load_config(None, ["stage=mine"])) == ["mine"]
     with pytest.raises(ConfigError, match=r"key 'stage': 'stage3' is not one of stage1, mine, reference"):
         planned(load_config(None, ["stage=stage3"]))
-    r = run_child(["-m", "autoregembed.cli", "stages", "--set", "mine.enabled=true", "--set", online[0],
+    r = run_child(["-m", "autoregembed.tools.cli", "stages", "--set", "mine.enabled=true", "--set", online[0],
                    "--set", online[1]], timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["stage1", "mine", "stage2", "eval"], r.stderr[-2000:]
 
@@ -60,8 +60,8 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
     """stage1 -> mine -> reference -> stage2 -> eval through train.py: every row's negatives are
     other passages of its file, never its query or positive; reference scores cover exactly the
     mined rows stage 2 trains on."""
-    from autoregembed.data import read_lines
-    from autoregembed.refscores import ReferenceScores
+    from autoregembed.runtime.data import read_lines
+    from autoregembed.runtime.refscores import ReferenceScores
 
     out = str(tmp_path / "run")
     sets = ["stage1.max_steps=3", "stage1.micro_batch_size=4", "stage2.max_steps=2", "stage2.micro_batch_size=4",
@@ -87,7 +87,7 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
 
 def test_each_source_is_read_once_at_the_start(monkeypatch):
     """Reference scoring and stage 2 read the same stage-2 rows: validated once, not twice."""
-    import autoregembed.stages as stages
+    import autoregembed.runtime.stages as stages
 
     reads, load = [], stages.load_sources
     monkeypatch.setattr(stages, "load_sources", lambda sources, stage: reads.append(stage) or load(sources, stage=stage))

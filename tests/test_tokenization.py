@@ -2,8 +2,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from autoregembed.logprobs import IGNORE_INDEX
-from autoregembed.tokenization import TextEncoder, decoder_labels, embed_token_names, prepare_tokenizer
+from autoregembed.method.logprobs import IGNORE_INDEX
+from autoregembed.method.tokenization import TextEncoder, decoder_labels, embed_token_names, prepare_tokenizer
 
 K = 5
 

@@ -16,8 +16,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from .errors import InputError
-from .scorers import Scorer, scorer_for
+from ..runtime.errors import InputError
+from ..method.scorers import Scorer, scorer_for
 
 GB = 1e9
 SCORER_KEY = "LM head scorer"

@@ -70,7 +70,7 @@ class CutCrossEntropyScorer(Scorer):
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError:
-            from .errors import InputError
+            from ..runtime.errors import InputError
 
             raise InputError("key 'model.scorer': 'cce' needs cut-cross-entropy (pip install cut-cross-entropy)") from None
         if hidden.is_cuda:
@@ -109,7 +109,7 @@ def scorer_for(name: str | Scorer) -> Scorer:
     if isinstance(name, Scorer):
         return name
     if name not in SCORERS:
-        from .errors import InputError
+        from ..runtime.errors import InputError
 
         raise InputError(f"key 'model.scorer': {name!r} is not one of {', '.join(SCORERS)}")
     return SCORERS[name]()

@@ -13,10 +13,10 @@ import os
 import torch
 
 from .encoder import Encoder
-from .errors import InputError, MissingInputError
-from .model import compressed_states
-from .shared_prefix import with_shared_prefix
-from .tokenization import IGNORE_INDEX, decoder_layout
+from ..runtime.errors import InputError, MissingInputError
+from ..method.model import compressed_states
+from ..method.shared_prefix import with_shared_prefix
+from ..method.tokenization import IGNORE_INDEX, decoder_layout
 
 
 def decoder_path(export_dir: str, given: str | None) -> str:

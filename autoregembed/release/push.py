@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import InputError
+from ..runtime.errors import InputError
 from .export import ExportMeta
 from .model_card import CARD_FILE, card_text
 

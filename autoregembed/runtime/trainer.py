@@ -18,23 +18,23 @@ import torch
 from . import checkpoint, preemption
 from . import distributed as D
 from .atomic import atomic_file, atomic_write_text
-from .batches import compression_batch, to_device, token_count
+from ..method.batches import compression_batch, to_device, token_count
 from .config import Config
 from .data import row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .diagnostics import PROBE_ROWS, HealthWatch, sts_during_training
 from .ds_config import build_ds_config, zero_stage
-from .export import ExportMeta, export_encoder
+from ..release.export import ExportMeta, export_encoder
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype,
                       resolve_packing)
 from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, log, truncate_metrics
-from .plan import Arch
-from .plot import EVAL_RESULT
+from ..tools.plan import Arch
+from ..tools.plot import EVAL_RESULT
 from .prefetch import Prefetcher
 from .refscores import ReferenceScores, fingerprint, online_references, save_scores
-from .scorers import scorer_for
-from .shared_prefix import PREFIX_FILE, fit_shared_prefix, read_prefix, write_prefix
-from .tokenization import TextEncoder
+from ..method.scorers import scorer_for
+from ..method.shared_prefix import PREFIX_FILE, fit_shared_prefix, read_prefix, write_prefix
+from ..method.tokenization import TextEncoder
 
 
 def reference_fingerprint(cfg: Config, decoder_dir: str) -> str:
@@ -437,9 +437,9 @@ def score_references(cfg: Config, st, ds_path) -> StageResult:
 def evaluate(cfg: Config, model_dir: str) -> dict:
     """STS of ``model_dir`` on ``cfg.sts_file``, as ``autoregembed eval`` prints it; also written
     to ``<output_dir>/eval/result.json`` (read by ``autoregembed plot``)."""
-    from .encoder import Encoder
-    from .evaluate import sts_report
-    from .model_card import write_model_card
+    from ..release.encoder import Encoder
+    from ..release.evaluate import sts_report
+    from ..release.model_card import write_model_card
 
     result = sts_report(Encoder.from_pretrained(model_dir), model_dir, cfg.sts_file, cfg.eval.batch_size)
     write_model_card(model_dir, result)  # the card shows what the run measured

@@ -11,9 +11,9 @@ from . import distributed as D
 from .atomic import atomic_dir
 from .data import records
 from .lora import add_lora
-from .model import AutoRegEmbedModel
-from .packing import VARLEN, register_varlen
-from .tokenization import prepare_tokenizer
+from ..method.model import AutoRegEmbedModel
+from ..method.packing import VARLEN, register_varlen
+from ..method.tokenization import prepare_tokenizer
 
 
 def resolve_dtype(name: str) -> torch.dtype:

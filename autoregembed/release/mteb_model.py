@@ -16,7 +16,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from .encoder import Encoder
-from .errors import InputError
+from ..runtime.errors import InputError
 from .export import META_FILE, ExportMeta
 from .instructions import instruction_for, prompts
 

@@ -26,9 +26,9 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .errors import InputError
+from ..runtime.errors import InputError
 from .instructions import prompts
-from .tokenization import TextEncoder, embed_token_names
+from ..method.tokenization import TextEncoder, embed_token_names
 
 ST = "sentence_transformers."
 MODULES = [  # (folder, class) in order; "" is the export folder itself

@@ -15,8 +15,9 @@ import yaml
 
 from .errors import InputError
 
-RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # autoregembed/
+RESOURCES = os.path.join(PACKAGE, "resources")
+PROJECT_ROOT = os.path.dirname(PACKAGE)
 SHARED_STSB_DEV = os.path.join(PROJECT_ROOT, "..", "shared", "data", "stsb", "sts-dev.csv")
 
 
@@ -74,7 +75,7 @@ class ModelConfig:
 
     def check(self, key: str):
         """Its values, each error naming ``key.<field>`` (as every section's ``check``)."""
-        from .scorers import SCORERS
+        from ..method.scorers import SCORERS
 
         if self.scorer not in SCORERS:
             raise ConfigError(f"key '{key}.scorer': {self.scorer!r} is not one of {', '.join(SCORERS)}")
@@ -207,7 +208,7 @@ class OptimConfig:
 
 
 def _stage2_objectives() -> dict:
-    from .losses import STAGE2_OBJECTIVES
+    from ..method.losses import STAGE2_OBJECTIVES
 
     return STAGE2_OBJECTIVES
 

@@ -12,7 +12,7 @@ import os
 
 import yaml
 
-from .atomic import atomic_write_text
+from ..runtime.atomic import atomic_write_text
 from .export import ExportMeta
 from .instructions import prompts
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import DataError, STAGE2_FIELDS, check_row, read_lines, records
-from .errors import InputError
+from ..runtime.data import DataError, STAGE2_FIELDS, check_row, read_lines, records
+from ..runtime.errors import InputError
 
 
 def read_queries(path: str, with_negatives: bool = False) -> list[dict]:

@@ -15,13 +15,13 @@ import dataclasses
 import os
 
 from . import distributed as D
-from .batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
+from ..method.batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .checkpoint import complete_tags
 from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
 from .data import SourceRows, load_rows, load_sources, row_key, sampler_for, write_jsonl
 from .diagnostics import information_gap
 from .loading import prepare_base
-from .losses import CompressionLoss
+from ..method.losses import CompressionLoss
 from .monitor import log
 from .trainer import StageResult, evaluate, export_stage, score_references, train_stage
 
@@ -236,8 +236,8 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
             load_rows(s, stage=2)
 
     def run(self, cfg, ds_path, resume):
-        from .encoder import Encoder
-        from .mine import default_corpus, mine_negatives
+        from ..release.encoder import Encoder
+        from ..tools.mine import default_corpus, mine_negatives
 
         outputs = self.outputs(cfg)
         if D.rank() == 0:

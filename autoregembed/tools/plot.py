@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 
-from .atomic import atomic_file
-from .errors import InputError
-from .monitor import read_metrics
+from ..runtime.atomic import atomic_file
+from ..runtime.errors import InputError
+from ..runtime.monitor import read_metrics
 
 PANELS = (("loss", "loss"), ("info_gap", "information gap\n(nats/token)"),
           ("sts_spearman", "STS Spearman x100\n(eval.every)"), ("lr", "learning rate"), ("grad_norm", "gradient norm"))

@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from .errors import InputError
+from ..runtime.errors import InputError
 
 IGNORE_INDEX = -100
 
@@ -98,7 +98,7 @@ def row_stats_for(scorer: str, device: torch.device):
         raise InputError(f"scorer {scorer!r} is not one of {ROW_STATS}")
     if scorer == "torch" or (scorer == "auto" and device.type != "cuda"):
         return torch_row_stats
-    from .kernels.logit_rows import INTERPRETED, logit_row_stats
+    from ..kernels.logit_rows import INTERPRETED, logit_row_stats
 
     if device.type != "cuda" and not INTERPRETED:
         raise InputError("scorer 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "

@@ -6,8 +6,8 @@ import csv
 import numpy as np
 from scipy.stats import spearmanr
 
-from .data import read_lines
-from .errors import InputError
+from ..runtime.data import read_lines
+from ..runtime.errors import InputError
 
 
 def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:

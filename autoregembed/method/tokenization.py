@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .logprobs import IGNORE_INDEX
-from .errors import InputError
+from ..runtime.errors import InputError
 
 
 def embed_token_names(k: int) -> list[str]:

@@ -24,7 +24,7 @@ def _add_run_args(p: argparse.ArgumentParser):
 def _reporting_user_errors(command) -> int:
     """Run ``command()``; a user error (errors.py) is printed as one line and exits 2, anything
     else is a bug and keeps its traceback."""
-    from .errors import user_message
+    from ..runtime.errors import user_message
 
     try:
         return command()
@@ -38,9 +38,10 @@ def _reporting_user_errors(command) -> int:
 
 
 def run_training(args, stage: str | None = None) -> int:
-    from . import distributed as D, warnings_once
-    from .config import load_config
-    from .pipeline import run
+    from ..runtime import distributed as D
+    from ..runtime import warnings_once
+    from ..runtime.config import load_config
+    from ..runtime.pipeline import run
 
     warnings_once.install()
     overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
@@ -59,7 +60,7 @@ def run_training(args, stage: str | None = None) -> int:
 
 
 def main(argv=None) -> int:
-    from .scorers import SCORERS  # no torch at import: the command line starts fast
+    from ..method.scorers import SCORERS  # no torch at import: the command line starts fast
     from .convert import CONVERTERS
 
     parser = argparse.ArgumentParser(prog="autoregembed", description=__doc__)
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     if args.command in ("train", "score-refs", "export"):
         stage = {"train": None, "score-refs": "reference", "export": "export"}[args.command]
         return run_training(args, stage)
-    from . import warnings_once
+    from ..runtime import warnings_once
 
     warnings_once.install()
     tools = {"stages": _stages, "plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval,
@@ -180,7 +181,7 @@ def _plan(args) -> int:
 
 
 def _push(args) -> int:
-    from .push import push
+    from ..release.push import push
 
     url = push(args.model, args.repo, private=args.private, revision=args.revision, token=args.token)
     print(json.dumps({"model": args.model, "repo": args.repo, "commit": url}))
@@ -188,8 +189,8 @@ def _push(args) -> int:
 
 
 def _stages(args) -> int:
-    from .config import load_config
-    from .stages import PIPELINE, planned
+    from ..runtime.config import load_config
+    from ..runtime.stages import PIPELINE, planned
 
     if args.all:
         for s in PIPELINE:
@@ -203,7 +204,7 @@ def _stages(args) -> int:
 
 def _plot(args) -> int:
     from .plot import plot_run
-    from .stages import TRAINING
+    from ..runtime.stages import TRAINING
 
     print(json.dumps({"plot": plot_run(args.run_dir, TRAINING, args.output)}))
     return 0
@@ -216,13 +217,13 @@ def _data(args) -> int:
         n, stage = convert(args.kind, args.src, args.out, args.instruction)
         print(json.dumps({"output": args.out, "rows": n, "stage": stage}))
         return 0
-    from .config import load_config
+    from ..runtime.config import load_config
     from .data_check import check_file
 
     cfg = load_config(args.config, args.overrides)
     tokenizer, source = None, args.tokenizer or cfg.base_model_dir
     if args.tokenizer or os.path.isdir(source):
-        from .loading import load_tokenizer
+        from ..runtime.loading import load_tokenizer
 
         tokenizer = load_tokenizer(source, cfg.model.num_embed_tokens)  # as the run will tokenize
     reports = [check_file(f, args.stage, tokenizer, cfg.data.max_text_len, cfg.data.max_target_len)
@@ -237,8 +238,8 @@ def _data(args) -> int:
 
 
 def _mine(args) -> int:
-    from .data import write_jsonl
-    from .encoder import Encoder
+    from ..runtime.data import write_jsonl
+    from ..release.encoder import Encoder
     from .mine import default_corpus, mine_negatives, read_corpus, read_queries
 
     rows = read_queries(args.queries, with_negatives=args.corpus is None)  # bad input fails before the model loads
@@ -254,12 +255,12 @@ def _mine(args) -> int:
 def _reconstruct(args) -> int:
     import torch
 
-    from .data import read_lines, write_jsonl
-    from .encoder import Encoder
-    from .errors import InputError
-    from .export import ExportMeta
-    from .reconstruct import decoder_path, load_decoder, reconstruct, summary
-    from .shared_prefix import read_prefix
+    from ..runtime.data import read_lines, write_jsonl
+    from ..release.encoder import Encoder
+    from ..runtime.errors import InputError
+    from ..release.export import ExportMeta
+    from ..release.reconstruct import decoder_path, load_decoder, reconstruct, summary
+    from ..method.shared_prefix import read_prefix
 
     if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise InputError("--max-new-tokens and --limit must be >= 1")
@@ -280,10 +281,10 @@ def _reconstruct(args) -> int:
 
 
 def _encode_or_eval(args) -> int:
-    from .encoder import Encoder
+    from ..release.encoder import Encoder
 
     if args.command == "eval" and args.mteb:
-        from .mteb_model import run_mteb
+        from ..release.mteb_model import run_mteb
 
         scores = run_mteb(args.model, [t.strip() for t in args.mteb.split(",") if t.strip()], args.output,
                           args.batch_size)
@@ -293,8 +294,8 @@ def _encode_or_eval(args) -> int:
     if args.command == "encode":
         import numpy as np
 
-        from .atomic import atomic_file
-        from .data import read_lines
+        from ..runtime.atomic import atomic_file
+        from ..runtime.data import read_lines
 
         texts = read_lines(args.input)  # blank lines too: output row i is input line i
         emb = model.encode(texts, batch_size=args.batch_size, instruction=args.instruction, show_progress_bar=True)
@@ -303,7 +304,7 @@ def _encode_or_eval(args) -> int:
                 np.save(f, emb)
         print(json.dumps({"output": args.output, "shape": list(emb.shape)}))
         return 0
-    from .evaluate import sts_report
+    from ..release.evaluate import sts_report
 
     print(json.dumps(sts_report(model, args.model, args.sts, args.batch_size)))
     return 0

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from . import distributed as D
-from .encoder import Encoder
-from .evaluate import sts_eval
-from .model import InformationProbe
+from ..release.encoder import Encoder
+from ..release.evaluate import sts_eval
+from ..method.model import InformationProbe
 
 PROBE_ROWS = 64  # stage-1 rows the information gap is measured on: the same seeded rows at every step
 GAP_FLOOR = 0.05  # nats/token: below this after warm-up the compressed tokens carry ~nothing of their text

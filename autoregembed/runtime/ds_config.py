@@ -12,7 +12,7 @@ import os
 import torch
 
 from .config import ConfigError, OptimConfig
-from .plan import Arch
+from ..tools.plan import Arch
 
 
 def _fill(section: dict, key: str, value, where: str):

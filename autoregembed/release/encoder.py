@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..runtime.errors import InputError
 from .export import ExportMeta
 from .instructions import prompts as export_prompts
-from .loading import sdpa_without_cudnn
-from .model import compressed_states, pool_embedding
-from .tokenization import TextEncoder, prepare_tokenizer
+from ..runtime.loading import sdpa_without_cudnn
+from ..method.model import compressed_states, pool_embedding
+from ..method.tokenization import TextEncoder, prepare_tokenizer
 
 
 class Encoder:

@@ -19,14 +19,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from . import distributed as D
-from .atomic import atomic_dir, atomic_write_text
-from .errors import InputError, MissingInputError, StorageError, UserError
-from .lora import exported_parameters
-from .monitor import Progress
-from .shared_prefix import PREFIX_FILE, write_prefix
+from ..runtime import distributed as D
+from ..runtime.atomic import atomic_dir, atomic_write_text
+from ..runtime.errors import InputError, MissingInputError, StorageError, UserError
+from ..runtime.lora import exported_parameters
+from ..runtime.monitor import Progress
+from ..method.shared_prefix import PREFIX_FILE, write_prefix
 from .st_format import write_sentence_transformers
-from .tokenization import embed_token_names, input_template
+from ..method.tokenization import embed_token_names, input_template
 
 META_FILE = "autoregembed.json"
 

@@ -1,0 +1,1 @@
+"""autoregembed.runtime: running it: configuration, data, stages, the trainer on DeepSpeed, checkpoints, faults, monitoring (DEVELOPERS.md maps each module)."""
