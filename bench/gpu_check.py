@@ -356,7 +356,7 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
     from autoregembed.method.batches import to_device
     from autoregembed.runtime.config import load_config
     from autoregembed.runtime.loading import load_model
-    from autoregembed.tools.plan import Arch
+    from autoregembed.runtime.arch import Arch
     from autoregembed.runtime.stages import STAGES
     from autoregembed.method.tokenization import TextEncoder
     from autoregembed.runtime.trainer import Session, micro_step

@@ -14,7 +14,7 @@ from helpers import ROOT, run_child
 from autoregembed.runtime.config import ConfigError, load_config
 from autoregembed.runtime.ds_config import check_early, read_ds_config
 from autoregembed.runtime.errors import InputError, StorageError, UserError, user_message
-from autoregembed.tools.plan import Arch
+from autoregembed.runtime.arch import Arch
 from autoregembed.runtime.stages import check_stages
 
 PACKAGE = os.path.join(ROOT, "autoregembed")

@@ -9,7 +9,7 @@ from helpers import ROOT, run_child
 from autoregembed.runtime.config import ConfigError, check_runtime, load_config
 from autoregembed.runtime.data import DataError, StepSampler, load_rows
 from autoregembed.runtime.ds_config import build_ds_config
-from autoregembed.tools.plan import Arch
+from autoregembed.runtime.arch import Arch
 from autoregembed.release.evaluate import read_sts
 from autoregembed.runtime.stages import check_stages
 

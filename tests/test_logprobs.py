@@ -226,7 +226,8 @@ def test_backends_tell_the_planner_what_they_hold(monkeypatch):
 
     from autoregembed.runtime.config import ConfigError, load_config
     from autoregembed.runtime.errors import InputError
-    from autoregembed.tools.plan import PRESETS, SCORER_KEY, Arch, plan
+    from autoregembed.runtime.arch import PRESETS, Arch
+    from autoregembed.tools.plan import SCORER_KEY, plan
 
     fused, cce = scorer_for("auto"), scorer_for("cce")
     arch = Arch(*PRESETS["llama-2-7b"])

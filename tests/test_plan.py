@@ -3,7 +3,8 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
 from autoregembed.tools.cli import main
-from autoregembed.tools.plan import SCORER_KEY, Arch, plan
+from autoregembed.runtime.arch import Arch
+from autoregembed.tools.plan import SCORER_KEY, plan
 
 
 def test_llama2_7b_model_states_agree_with_deepspeed():

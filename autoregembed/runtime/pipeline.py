@@ -12,7 +12,7 @@ from .config import Config, check_runtime
 from .ds_config import check_early
 from .loading import resolve_dtype
 from .monitor import log
-from ..tools.plan import Arch
+from .arch import Arch
 from ..tools.plot import plot_run
 from .runlock import RunLock, RunLockError
 from .stages import TRAINING, check_stages

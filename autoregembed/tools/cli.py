@@ -167,7 +167,8 @@ def main(argv=None) -> int:
 
 
 def _plan(args) -> int:
-    from .plan import Arch, plan, report
+    from ..runtime.arch import Arch
+    from .plan import plan, report
 
     arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
     shape = (args.micro_batch, args.negatives, args.max_len, args.num_embed_tokens)
