@@ -294,8 +294,9 @@ class Reference(NeedsStage1, Stage2Rows, Stage):
 
 
 class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
-    """Conditional distribution alignment, from the stage-1 model (``loss.kind``: losses.AlignmentLoss
-    by default)."""
+    """Conditional distribution alignment, from the stage-1 model (its objective: loss.kind).
+
+    ``loss.kind`` names a class of losses.STAGE2_OBJECTIVES, ``alignment`` (losses.AlignmentLoss) by default."""
 
     name = "stage2"
     needs_references = forms_pairs = True
