@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..runtime.errors import InputError
+
 PLAN_SMS = 132  # H100 SXM multiprocessors: the fused scorer's chunk is sized to cover them
 
 
@@ -70,8 +72,6 @@ class CutCrossEntropyScorer(Scorer):
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError:
-            from ..runtime.errors import InputError
-
             raise InputError("key 'model.scorer': 'cce' needs cut-cross-entropy (pip install cut-cross-entropy)") from None
         if hidden.is_cuda:
             return -linear_cross_entropy(hidden, weight, labels, reduction="none", filter_eps=None, impl="cce").float()
@@ -109,7 +109,5 @@ def scorer_for(name: str | Scorer) -> Scorer:
     if isinstance(name, Scorer):
         return name
     if name not in SCORERS:
-        from ..runtime.errors import InputError
-
         raise InputError(f"key 'model.scorer': {name!r} is not one of {', '.join(SCORERS)}")
     return SCORERS[name]()
