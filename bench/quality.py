@@ -193,6 +193,8 @@ def main():
     ap.add_argument("--stage1-shared-prefix", type=int, default=0,
                     help="model.shared_prefix: learned vectors the decoder reads between e and the target (0: none)")
     ap.add_argument("--stage1-shared-prefix-steps", type=int, default=100, help="model.shared_prefix_steps")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="model.dtype of the trained arms (bf16: DeepSpeed's bf16 with fp32 master weights)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-lora-rank", type=int, default=16, help="LoRA rank of (d) and (e)")
     ap.add_argument("--full-ft-lr", type=float, default=1e-5, help="(f): the authors' stage-2 learning rate")
@@ -248,7 +250,7 @@ def main():
         scores.setdefault(arm, {})[seed] = r
         atomic_write_text(record_path, json.dumps(_record(args, base, commit_id, scores, timings, first_last, gaps), indent=2))
 
-    common = [f"model.base={base}", f"model.num_embed_tokens={K}", "model.dtype=fp32",
+    common = [f"model.base={base}", f"model.num_embed_tokens={K}", f"model.dtype={args.dtype}",
               "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
               f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
               "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
@@ -347,7 +349,7 @@ def _settings(options: dict) -> dict:
     that records made in different checkouts of the repository compare equal."""
     kept = {"stage1_contrast": 0.0, "stage1_schedule": "linear", "stage1_lora_rank": 0,  # records before the options existed ran without them
             "stage1_shared_prefix": 0, "stage1_shared_prefix_steps": 100,
-            "stage1_instruction": AUTOENCODE,
+            "stage1_instruction": AUTOENCODE, "dtype": "fp32",
             **{k: v for k, v in options.items() if k not in ("out", "results", "split", "merge")}}
     ds = os.path.abspath(kept["deepspeed"])
     if ds.startswith(ROOT + os.sep):
