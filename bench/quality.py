@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import glob
+import hashlib
 import json
 import os
 import random
@@ -47,7 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 from harness import ROOT, commit  # bench/harness.py, beside this script  # noqa: E402
 
 from autoregembed.runtime import distributed as D  # noqa: E402
-from autoregembed.runtime.atomic import atomic_write_text  # noqa: E402
+from autoregembed.runtime.atomic import atomic_dir, atomic_write_text  # noqa: E402
 from autoregembed.runtime.config import load_config  # noqa: E402
 from autoregembed.runtime.data import load_rows, read_lines, write_jsonl  # noqa: E402
 from autoregembed.release.encoder import Encoder  # noqa: E402
@@ -212,6 +215,9 @@ def main():
                     help="combine the records of runs on other seeds (same settings) and publish; trains nothing")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--stage1-cache", default=os.path.join(ROOT, "runs", "stage1-cache"),
+                    help="stage-1 results kept by what decides them (settings, seed, data, code), so that "
+                         "--split report reuses the tuning run's stage 1; '' turns it off")
     args = ap.parse_args()
     if args.merge:
         return publish(merge_records(args.merge), args.results)
@@ -250,18 +256,7 @@ def main():
         scores.setdefault(arm, {})[seed] = r
         atomic_write_text(record_path, json.dumps(_record(args, base, commit_id, scores, timings, first_last, gaps), indent=2))
 
-    common = [f"model.base={base}", f"model.num_embed_tokens={K}", f"model.dtype={args.dtype}",
-              "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
-              f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
-              "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
-              f"model.match_decoder_scale={not args.no_decoder_scale}", f"model.decoder_bos={not args.no_decoder_bos}",
-              f"loss.detach_positive={not args.no_detach_positive}", f"loss.stage1_contrast={args.stage1_contrast}",
-              f"stage1.lr_schedule={args.stage1_schedule}", f"model.shared_prefix={args.stage1_shared_prefix}",
-              f"model.shared_prefix_steps={args.stage1_shared_prefix_steps}"]
-    for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),
-                                    ("stage2", args.stage2_steps, args.batch // 2, args.stage2_lr)):
-        common += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
-                   f"{stage}.learning_rate={lr}", f"{stage}.warmup_steps={max(1, steps // 5)}"]
+    common = overrides(args, base, s1, s2, sts)
     ds = args.deepspeed
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
     first_last, gaps = {}, {}
@@ -296,7 +291,7 @@ def main():
             first_last[f"(b) seed {seed}"] = [round(c_losses[0], 4), round(c_losses[-1], 4)]
             scored(ARM_NAMES["b"][0], seed, lambda: Encoder.from_pretrained(c_dir))
         if set(args.arms) & set("cdef"):
-            stage1_dir = timed(f"train (c) seed {seed}", lambda: train_stage(cfg, STAGES["stage1"], ds).artifact)
+            stage1_dir = timed(f"train (c) seed {seed}", lambda: cached_stage1(cfg, ds, base, args.stage1_cache))
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")
             gaps[f"stage1 seed {seed}"] = _last_gap(cfg)
             print(f"[quality] stage1 seed {seed}: information gap {gaps[f'stage1 seed {seed}']}", flush=True)
@@ -313,6 +308,23 @@ def main():
 
     publish(_record(args, base, commit_id, scores, timings, first_last, gaps), args.results)
     scratch.release()
+
+
+def overrides(args, base: str, s1: str, s2: str, sts: str) -> list[str]:
+    """The trainer's config keys every trained arm shares (the benchmark's fixed protocol + its flags)."""
+    common = [f"model.base={base}", f"model.num_embed_tokens={K}", f"model.dtype={args.dtype}",
+              "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
+              f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
+              "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
+              f"model.match_decoder_scale={not args.no_decoder_scale}", f"model.decoder_bos={not args.no_decoder_bos}",
+              f"loss.detach_positive={not args.no_detach_positive}", f"loss.stage1_contrast={args.stage1_contrast}",
+              f"stage1.lr_schedule={args.stage1_schedule}", f"model.shared_prefix={args.stage1_shared_prefix}",
+              f"model.shared_prefix_steps={args.stage1_shared_prefix_steps}"]
+    for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),
+                                    ("stage2", args.stage2_steps, args.batch // 2, args.stage2_lr)):
+        common += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
+                   f"{stage}.learning_rate={lr}", f"{stage}.warmup_steps={max(1, steps // 5)}"]
+    return common
 
 
 def fresh_scratch(out: str) -> RunLock:
@@ -350,7 +362,7 @@ def _settings(options: dict) -> dict:
     kept = {"stage1_contrast": 0.0, "stage1_schedule": "linear", "stage1_lora_rank": 0,  # records before the options existed ran without them
             "stage1_shared_prefix": 0, "stage1_shared_prefix_steps": 100,
             "stage1_instruction": AUTOENCODE, "dtype": "fp32",
-            **{k: v for k, v in options.items() if k not in ("out", "results", "split", "merge")}}
+            **{k: v for k, v in options.items() if k not in ("out", "results", "split", "merge", "stage1_cache")}}
     ds = os.path.abspath(kept["deepspeed"])
     if ds.startswith(ROOT + os.sep):
         kept["deepspeed"] = os.path.relpath(ds, ROOT)
@@ -433,6 +445,58 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     import statistics
 
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+STAGE1_KEPT = ("model", "metrics.jsonl", "shared_prefix.safetensors")  # what the later arms and the record read
+
+
+def cached_stage1(cfg, ds: str, base: str, cache: str) -> str:
+    """Stage 1's exported model: copied from ``cache`` when a run with the same key finished it, else
+    trained and kept there.  Stage 1 is bit-exact for a given key on one machine and reads no STS-B
+    half, so the report split's stage 1 is the tuning split's; the key is every stage-1 setting, the
+    seed, the stage-1 rows, the package's code, the DeepSpeed config and the base model's files."""
+    if not cache:
+        return train_stage(cfg, STAGES["stage1"], ds).artifact
+    entry = os.path.join(cache, stage1_key(cfg, ds, base))
+    stage_dir = cfg.stage_dir("stage1")
+    if os.path.isdir(entry):
+        print(f"[quality] stage 1 from the cache: {entry}", flush=True)
+    else:
+        artifact = train_stage(cfg, STAGES["stage1"], ds).artifact
+        with atomic_dir(entry) as tmp:  # a kill mid-copy leaves no entry, never a partial one
+            for name in STAGE1_KEPT:
+                _copy(os.path.join(stage_dir, name), os.path.join(tmp, name))
+        return artifact
+    for name in STAGE1_KEPT:
+        _copy(os.path.join(entry, name), os.path.join(stage_dir, name))
+    return cfg.stage1_model_dir
+
+
+def stage1_key(cfg, ds: str, base: str) -> str:
+    """Hash of what decides stage 1's result (not the output folder, stage 2, the references or the
+    evaluation)."""
+    settings = dataclasses.asdict(cfg)
+    for name in ("output_dir", "paths", "stage2", "reference", "eval", "mine", "monitor", "stage"):
+        settings.pop(name, None)
+    settings["data"] = {k: v for k, v in settings["data"].items() if k not in ("stage2", "stage1")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    code = sorted(glob.glob(os.path.join(ROOT, "autoregembed", "**", "*.py"), recursive=True)
+                  + glob.glob(os.path.join(ROOT, "kernels", "*.py")))
+    model_files = sorted(p for p in glob.glob(os.path.join(base, "*")) if os.path.isfile(p))
+    named = [(os.path.relpath(p, ROOT), p) for p in code] + [(os.path.basename(p), p) for p in model_files]
+    for name, path in [("rows", cfg.data.stage1), ("deepspeed", ds), *named]:  # the rows and config by content only
+        h.update(name.encode())
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return f"seed{cfg.seed}-{h.hexdigest()[:16]}"
+
+
+def _copy(src: str, dst: str):
+    if os.path.isdir(src):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    elif os.path.exists(src):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy2(src, dst)
 
 
 def _first_last(cfg, stage: str, n: int = 5) -> list[float]:

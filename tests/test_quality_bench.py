@@ -6,7 +6,7 @@ import os
 import pytest
 
 from autoregembed.runtime.runlock import RunLockError
-from helpers import ROOT, bench_module
+from helpers import ROOT, bench_module, run_child
 
 quality = bench_module("quality")
 
@@ -77,3 +77,68 @@ def test_the_throughput_benchmarks_step_still_runs(monkeypatch, tiny_base, arm):
     r = throughput.step_child(arm, "tiny", queries=2, negatives=2, steps=1)
     assert r["step_s"] > 0 and r["peak_allocated_loss_backward_bytes"] > 0
     assert r["decoder_tokens"] > 0 and r["vocab"] == 2000
+
+
+CACHE_SCRIPT = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, {root!r} + "/bench")
+import quality
+from autoregembed.runtime import distributed as D
+from autoregembed.runtime.config import load_config
+out, base, cache, lr = sys.argv[1:5]
+cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=2", "stage1.micro_batch_size=4",
+                         "stage1.learning_rate=" + lr, "stage1.log_every=1"])
+D.init_distributed()
+print("ARTIFACT", quality.cached_stage1(cfg, {root!r} + "/ds_configs/zero2.json", base, cache))
+D.shutdown()
+"""
+
+
+def _files(folder: str) -> dict:
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+@pytest.mark.distributed
+def test_stage1_cache_hands_a_finished_stage_1_to_a_later_run_and_only_that(tmp_path, default_tiny_base):
+    """The report split reuses the tuning split's stage 1 (it reads no STS-B half): a second run with
+    the same key trains nothing and gets the same model and metrics; another learning rate trains."""
+    script = tmp_path / "run.py"
+    script.write_text(CACHE_SCRIPT.format(root=ROOT))
+    cache = str(tmp_path / "cache")
+    runs = {}
+    for name, lr in (("first", "1e-4"), ("second", "1e-4"), ("other", "2e-4")):
+        out = str(tmp_path / name)
+        r = run_child([script, out, default_tiny_base, cache, lr])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+        runs[name] = (r.stdout + r.stderr, os.path.join(out, "stage1"))
+    assert "stage 1 from the cache" not in runs["first"][0] and "step 2/2" in runs["first"][0]
+    assert "stage 1 from the cache" in runs["second"][0] and "step 2/2" not in runs["second"][0]
+    assert "stage 1 from the cache" not in runs["other"][0]
+    assert len(os.listdir(cache)) == 2  # one entry per key, no temporary folders left
+    first, second = (_files(runs[n][1]) for n in ("first", "second"))
+    assert first["metrics.jsonl"] == second["metrics.jsonl"] and not any(k.startswith("checkpoints") for k in second)
+    model = {k: v for k, v in first.items() if k.startswith("model" + os.sep)}
+    assert model and model == {k: v for k, v in second.items() if k.startswith("model" + os.sep)}
+
+
+def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
+    from autoregembed.runtime.config import load_config
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"context": "a b", "instruction": "i", "output": "a b"}\n')
+    ds = os.path.join(ROOT, "ds_configs", "zero2.json")
+
+    def key(*extra, data=str(rows)):
+        return quality.stage1_key(load_config(None, [f"data.stage1={data}", *extra]), ds, "tiny")
+
+    same = key()
+    assert key("output_dir=elsewhere", "stage2.learning_rate=0.5", "eval.instruction=x") == same
+    assert key("stage1.learning_rate=0.5") != same and key("seed=7") != same
+    assert key("model.shared_prefix=2") != same and key("loss.stage1_contrast=4.0") != same
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(rows.read_text())
+    assert key(data=str(copy)) == same  # the rows' content, not their path
+    copy.write_text(rows.read_text().replace("a b", "a c"))
+    assert key(data=str(copy)) != same
