@@ -55,7 +55,8 @@ from autoregembed.runtime.config import load_config  # noqa: E402
 from autoregembed.runtime.data import load_rows, read_lines, write_jsonl  # noqa: E402
 from autoregembed.release.encoder import Encoder  # noqa: E402
 from autoregembed.release.evaluate import read_sts, sts_eval  # noqa: E402
-from autoregembed.release.export import ExportMeta, export_encoder  # noqa: E402
+from autoregembed.release.export import export_encoder  # noqa: E402
+from autoregembed.release.meta import ExportMeta
 from autoregembed.runtime.loading import load_model  # noqa: E402
 from autoregembed.runtime.runlock import RunLock  # noqa: E402
 from autoregembed.method.tokenization import TextEncoder  # noqa: E402

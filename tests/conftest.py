@@ -55,7 +55,9 @@ def tiny_export(tiny_base, tmp_path_factory):
     tools (Encoder, sentence-transformers, MTEB, mining) read."""
     import torch
 
-    from autoregembed.release.export import ExportMeta, export_encoder
+    from autoregembed.release.export import export_encoder
+
+    from autoregembed.release.meta import ExportMeta
     from autoregembed.runtime.loading import load_model
 
     torch.manual_seed(0)

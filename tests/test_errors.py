@@ -150,7 +150,7 @@ def test_a_bug_in_a_tool_keeps_its_traceback(monkeypatch, tmp_path):
                                        (7, "num_embed_tokens = 7 but the export's tokenizer has 5 EMBED tokens")])
 def test_an_export_whose_description_disagrees_with_its_tokenizer_is_refused(tiny_export, tmp_path, k, pattern):
     from autoregembed.release.encoder import Encoder
-    from autoregembed.release.export import META_FILE
+    from autoregembed.release.meta import META_FILE
 
     copy = tmp_path / "model"
     shutil.copytree(tiny_export, copy)

@@ -128,7 +128,8 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
     the reference stage reads, and the batch carries those scores as its reference values; with
     in-batch negatives the reference stage scores the pairs of stage 2's schedule."""
     from autoregembed.runtime.data import row_key
-    from autoregembed.release.export import ExportMeta, export_encoder
+    from autoregembed.release.export import export_encoder
+    from autoregembed.release.meta import ExportMeta
     from autoregembed.runtime.loading import load_model
     from autoregembed.method.losses import AlignmentLoss
     from autoregembed.runtime.refscores import ReferenceScores, online_references, save_scores

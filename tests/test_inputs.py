@@ -419,7 +419,7 @@ def test_a_bad_row_fails_the_run_before_the_base_model_is_built(tmp_path):
 def test_export_description_round_trips_and_a_broken_one_names_its_file(tmp_path):
     import json as _json
 
-    from autoregembed.release.export import META_FILE, ExportMeta
+    from autoregembed.release.meta import META_FILE, ExportMeta
 
     meta = ExportMeta(num_embed_tokens=3, instruction="Find it.", max_text_len=40, stage="stage2", decoder_bos=True)
     meta.write(str(tmp_path))

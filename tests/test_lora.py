@@ -13,7 +13,8 @@ from safetensors import safe_open
 from autoregembed.method.batches import compression_batch
 from autoregembed.runtime.config import ConfigError, load_config
 from autoregembed.release.encoder import Encoder
-from autoregembed.release.export import ExportMeta, export_encoder
+from autoregembed.release.export import export_encoder
+from autoregembed.release.meta import ExportMeta
 from autoregembed.runtime.loading import load_model
 from autoregembed.method.losses import CompressionLoss
 from autoregembed.method.tokenization import TextEncoder

@@ -68,7 +68,7 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_export, tmp_path):
 def test_base_model_metadata_names_hub_ids_only(tiny_export, tmp_path, base, hub):
     import json
 
-    from autoregembed.release.export import META_FILE
+    from autoregembed.release.meta import META_FILE
 
     model = tmp_path / "model"
     shutil.copytree(tiny_export, model)

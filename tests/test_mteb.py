@@ -18,7 +18,10 @@ def test_mteb_on_a_local_sts_task_equals_eval_sts(tiny_export, tmp_path, capsys)
     assert main(["eval", "--model", tiny_export, "--sts", STS]) == 0
     ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["spearman_x100"]
     (name, score), = mteb_score.items()
-    assert score == pytest.approx(ours, abs=0.0101)  # each rounded to 2 decimals: equal values may differ by 0.01
+    # MTEB's cosines are float32, ours float64: on the tiny model near-equal similarities can swap ranks, and
+    # which ones do depends on the thread count (43.48 vs 43.50 at one thread); a wrong instruction or
+    # pooling moves the score by points
+    assert score == pytest.approx(ours, abs=0.05)
     result_files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f == f"{name}.json"]
     assert len(result_files) == 1  # mteb's own result file, under the model's name
     record = json.load(open(result_files[0]))
@@ -50,7 +53,7 @@ def test_model_meta_is_complete_and_read_from_the_base_models_card(tiny_export, 
     import json
     import shutil
 
-    from autoregembed.release.export import META_FILE
+    from autoregembed.release.meta import META_FILE
     from autoregembed.release.mteb_model import AutoRegEmbedMTEB
 
     base = tmp_path / "base"

@@ -39,7 +39,9 @@ def qd_export(tiny_base, tmp_path_factory):
     """An export with its own query and document instructions."""
     import torch
 
-    from autoregembed.release.export import ExportMeta, export_encoder
+    from autoregembed.release.export import export_encoder
+
+    from autoregembed.release.meta import ExportMeta
     from autoregembed.runtime.loading import load_model
 
     torch.manual_seed(0)

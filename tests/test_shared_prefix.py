@@ -8,7 +8,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from autoregembed.method.batches import compression_batch
 from autoregembed.runtime.config import ConfigError, load_config
 from autoregembed.runtime.errors import InputError
-from autoregembed.release.export import ExportMeta, export_encoder
+from autoregembed.release.export import export_encoder
+from autoregembed.release.meta import ExportMeta
 from autoregembed.method.model import AutoRegEmbedModel
 from autoregembed.method.shared_prefix import (PREFIX_FILE, fit_shared_prefix, initial_prefix, read_prefix,
                                         with_shared_prefix)

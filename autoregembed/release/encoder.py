@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..runtime.errors import InputError
-from .export import ExportMeta
+from .meta import ExportMeta
 from .instructions import prompts as export_prompts
 from ..runtime.loading import sdpa_without_cudnn
 from ..method.model import compressed_states, pool_embedding

@@ -13,7 +13,7 @@ import os
 import yaml
 
 from ..runtime.atomic import atomic_write_text
-from .export import ExportMeta
+from .meta import ExportMeta
 from .instructions import prompts
 
 CARD_FILE = "README.md"

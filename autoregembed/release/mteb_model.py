@@ -17,7 +17,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from .encoder import Encoder
 from ..runtime.errors import InputError
-from .export import META_FILE, ExportMeta
+from .meta import META_FILE, ExportMeta
 from .instructions import instruction_for, prompts
 
 LANGUAGES = {"en": "eng-Latn", "zh": "zho-Hans", "de": "deu-Latn", "fr": "fra-Latn", "es": "spa-Latn",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from ..runtime.errors import InputError
-from .export import ExportMeta
+from .meta import ExportMeta
 from .model_card import CARD_FILE, card_text
 
 

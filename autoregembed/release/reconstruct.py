@@ -22,7 +22,7 @@ from ..method.tokenization import IGNORE_INDEX, decoder_layout
 def decoder_path(export_dir: str, given: str | None) -> str:
     """The frozen decoder of an export: ``given``, else the base model its metadata names (the
     built-in tiny base is the ``base`` folder of the run that exported it)."""
-    from .export import ExportMeta
+    from .meta import ExportMeta
 
     if given:
         return given

@@ -24,7 +24,8 @@ from .data import row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .diagnostics import PROBE_ROWS, HealthWatch, sts_during_training
 from .ds_config import build_ds_config, zero_stage
-from ..release.export import ExportMeta, export_encoder
+from ..release.export import export_encoder
+from ..release.meta import ExportMeta
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype,
                       resolve_packing)
 from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, log, truncate_metrics

@@ -259,7 +259,7 @@ def _reconstruct(args) -> int:
     from ..runtime.data import read_lines, write_jsonl
     from ..release.encoder import Encoder
     from ..runtime.errors import InputError
-    from ..release.export import ExportMeta
+    from ..release.meta import ExportMeta
     from ..release.reconstruct import decoder_path, load_decoder, reconstruct, summary
     from ..method.shared_prefix import read_prefix
 
