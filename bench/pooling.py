@@ -1,0 +1,71 @@
+"""STS of an export's compressed tokens under other poolings than the method's mean of e_1..e_k.
+
+One encode keeps all k states; the script scores each e_i alone, the mean of the normalised e_i, and
+the mean centred on a fixed vector: the mean embedding of training texts (``--centre-on``, deployable:
+fixed before any evaluation text is seen) and, as a bound, of the evaluation texts themselves.  For
+each it prints Spearman x100 and the mean squared cosine to the embeddings' mean direction (how much of
+the embedding every text shares).  Why: mean pooling can be dominated by what every text shares; this
+tells how much STS that costs an export.
+
+    python bench/pooling.py --model EXPORT --sts sts-dev-tune.csv --centre-on stage1.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+import harness  # noqa: F401  (puts the checkout on sys.path)
+import autoregembed.release.encoder as encoder_module
+from autoregembed.release.encoder import Encoder
+from autoregembed.release.evaluate import read_sts
+
+
+def states(enc: Encoder, texts: list[str]) -> torch.Tensor:
+    """[texts, k, D] compressed-token states (float64), through the Encoder's own input path."""
+    pool = encoder_module.pool_embedding
+    encoder_module.pool_embedding = lambda e: e.reshape(e.shape[0], -1)
+    try:
+        flat = enc.encode(texts, convert_to_numpy=False)
+    finally:
+        encoder_module.pool_embedding = pool
+    return flat.reshape(len(texts), enc.k, -1).double()
+
+
+def score(a: torch.Tensor, b: torch.Tensor, gold) -> dict:
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    both = torch.cat([a, b])
+    shared = float(((both @ F.normalize(both.mean(0), dim=0)) ** 2).mean())
+    return {"spearman_x100": round(100 * spearmanr((a * b).sum(-1).numpy(), gold).correlation, 2),
+            "shared_direction": round(shared, 3)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--sts", required=True, help="STS-B csv (bench/quality.py writes its halves into --out)")
+    ap.add_argument("--centre-on", help="jsonl rows with 'context': the training texts whose mean is subtracted")
+    ap.add_argument("--rows", type=int, default=512, help="how many of --centre-on")
+    args = ap.parse_args()
+    enc = Encoder.from_pretrained(args.model)
+    a_txt, b_txt, gold = read_sts(args.sts)
+    a, b = states(enc, a_txt), states(enc, b_txt)
+    out = {"mean of e_1..e_k (the method's embedding)": score(a.mean(1), b.mean(1), gold)}
+    out.update({f"e_{i + 1} alone": score(a[:, i], b[:, i], gold) for i in range(enc.k)})
+    out["mean of the normalised e_i"] = score(F.normalize(a, dim=-1).mean(1), F.normalize(b, dim=-1).mean(1), gold)
+    if args.centre_on:
+        with open(args.centre_on) as f:
+            texts = [json.loads(line)["context"] for line in f][: args.rows]
+        mu = states(enc, texts).mean(1).mean(0)
+        out[f"mean, centred on {len(texts)} training texts"] = score(a.mean(1) - mu, b.mean(1) - mu, gold)
+    mu = torch.cat([a.mean(1), b.mean(1)]).mean(0)
+    out["mean, centred on the evaluation texts (a bound)"] = score(a.mean(1) - mu, b.mean(1) - mu, gold)
+    out["norm of e_i (mean)"] = [round(float(x), 2) for x in torch.cat([a, b]).norm(dim=-1).mean(0)]
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
