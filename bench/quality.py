@@ -56,7 +56,7 @@ from autoregembed.runtime.data import load_rows, read_lines, write_jsonl  # noqa
 from autoregembed.release.encoder import Encoder  # noqa: E402
 from autoregembed.release.evaluate import read_sts, sts_eval  # noqa: E402
 from autoregembed.release.export import export_encoder  # noqa: E402
-from autoregembed.release.meta import ExportMeta
+from autoregembed.release.meta import ExportMeta  # noqa: E402
 from autoregembed.runtime.loading import load_model  # noqa: E402
 from autoregembed.runtime.runlock import RunLock  # noqa: E402
 from autoregembed.method.tokenization import TextEncoder  # noqa: E402
@@ -463,11 +463,12 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> str:
     if os.path.isdir(entry):
         print(f"[quality] stage 1 from the cache: {entry}", flush=True)
     else:
-        artifact = train_stage(cfg, STAGES["stage1"], ds).artifact
-        with atomic_dir(entry) as tmp:  # a kill mid-copy leaves no entry, never a partial one
-            for name in STAGE1_KEPT:
-                _copy(os.path.join(stage_dir, name), os.path.join(tmp, name))
-        return artifact
+        result = train_stage(cfg, STAGES["stage1"], ds)
+        if result.status == "done":  # a stage stopped early (a stop request) is not the key's result
+            with atomic_dir(entry) as tmp:  # a kill mid-copy leaves no entry, never a partial one
+                for name in STAGE1_KEPT:
+                    _copy(os.path.join(stage_dir, name), os.path.join(tmp, name))
+        return result.artifact
     for name in STAGE1_KEPT:
         _copy(os.path.join(entry, name), os.path.join(stage_dir, name))
     return cfg.stage1_model_dir
