@@ -142,3 +142,20 @@ def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
     assert key(data=str(copy)) == same  # the rows' content, not their path
     copy.write_text(rows.read_text().replace("a b", "a c"))
     assert key(data=str(copy)) != same
+
+
+def test_pooling_benchmark_reads_the_states_the_encoder_pools(tiny_export):
+    """bench/pooling.py's per-position states, mean-pooled and normalised, are the Encoder's embedding
+    (it swaps the Encoder's pooling for one call only)."""
+    import torch
+    import torch.nn.functional as F
+
+    from autoregembed.release.encoder import Encoder
+
+    pooling = bench_module("pooling")
+    enc = Encoder.from_pretrained(tiny_export)
+    texts = ["a cat sat on the mat", "two dogs", "the weather is nice today"]
+    states = pooling.states(enc, texts)
+    assert states.shape == (3, enc.k, enc.model.config.hidden_size)
+    ours = enc.encode(texts, convert_to_numpy=False).double()
+    assert torch.allclose(F.normalize(states.mean(1), dim=-1), ours, atol=1e-5)
