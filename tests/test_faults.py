@@ -164,6 +164,19 @@ def test_a_stop_request_at_the_reference_stage_ends_the_run_for_requeue(earlier_
     assert not os.path.exists(os.path.join(ref_dir, "STOP")) and not os.path.exists(os.path.join(ref_dir, "scores.safetensors"))
 
 
+def test_resumed_reference_stage_keeps_a_current_score_file(earlier_run, tmp_path):
+    scores = str(tmp_path / "scores.safetensors")
+    args = ("stage=reference", f"paths.stage1_model={os.path.join(earlier_run, 'stage1', 'model')}",
+            f"paths.reference_scores={scores}")
+    r = _train(earlier_run, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    written = (os.stat(scores).st_mtime_ns, open(scores, "rb").read())
+    r = _train(earlier_run, *args, resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already scores all 256 rows with this stage-1 model; kept" in r.stdout
+    assert (os.stat(scores).st_mtime_ns, open(scores, "rb").read()) == written
+
+
 def test_a_signal_sets_the_request_until_it_is_honoured(tmp_path):
     import signal
 

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from autoregembed.runtime.data import row_key
-from autoregembed.runtime.refscores import ReferenceScoreError, ReferenceScores, fingerprint, save_scores
+from autoregembed.runtime.refscores import ReferenceScoreError, ReferenceScores, fingerprint, reusable, save_scores
 
 ROWS = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"n{i}.{j}" for j in range(i % 3 + 1)], "instruction": "I"}
         for i in range(20)]
@@ -75,3 +75,16 @@ def test_check_all_names_the_first_unscored_row_and_counts_them(tmp_path):
     edited = ROWS[:5] + [{**ROWS[5], "pos": "edited"}] + ROWS[6:]
     with pytest.raises(ReferenceScoreError, match=r"data.jsonl: row 6 \(and 2 more of 20\): .*no reference score"):
         refs.check_all(edited, "data.jsonl")
+
+
+def test_reusable_only_when_the_file_is_current_covers_every_row_and_reads(tmp_path):
+    path = str(tmp_path / "s.safetensors")
+    assert reusable(path, "fp", ROWS) == "no score file yet"
+    save_scores(path, [row_key(r) for r in ROWS], [[-1.0] * (1 + len(r["neg"])) for r in ROWS], "fp")
+    assert reusable(path, "fp", ROWS) is None
+    assert reusable(path, "fp", ROWS[3:]) is None  # a subset is covered too
+    assert "different stage-1 model" in reusable(path, "other", ROWS)
+    assert "no reference score" in reusable(path, "fp", ROWS + [{**ROWS[0], "query": "new"}])
+    with open(path, "r+b") as f:  # a copy cut short
+        f.truncate(40)
+    assert reusable(path, "fp", ROWS) not in (None, "")

@@ -140,6 +140,18 @@ class ReferenceScores:
             raise ReferenceScoreError(f"{source}: row {i + 1} (and {len(bad) - 1} more of {len(rows)}): {e}")
 
 
+def reusable(path: str, expected_fingerprint: str, rows: list[dict]) -> str | None:
+    """Why the score file at ``path`` cannot serve ``rows`` as it is (None: it can).  A resumed run
+    keeps a current file rather than rescoring every row (hours for a large corpus on a 7B pair)."""
+    if not os.path.exists(path):
+        return "no score file yet"
+    try:
+        ReferenceScores(path, expected_fingerprint).check_all(rows, path)
+    except Exception as e:  # stale, of other rows, or unreadable (a truncated copy): score again
+        return str(e) or type(e).__name__
+    return None
+
+
 def online_references(engine, batch):
     """``batch`` (an AlignmentBatch) with ref_c / ref_r scored now, by the stage-2 model with its
     LoRA adapters disabled: the stage-1 model, whatever the candidates (``reference.source=online``).

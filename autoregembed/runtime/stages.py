@@ -290,7 +290,7 @@ class Reference(NeedsStage1, Stage2Rows, Stage):
         return candidate_batch(rows, text_encoder)
 
     def run(self, cfg, ds_path, resume):
-        return score_references(cfg, self, ds_path)
+        return score_references(cfg, self, ds_path, resume)
 
 
 class Stage2(NeedsStage1, Stage2Rows, TrainingStage):

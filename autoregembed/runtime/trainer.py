@@ -32,7 +32,7 @@ from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finis
 from .arch import Arch
 from ..tools.plot import EVAL_RESULT
 from .prefetch import Prefetcher
-from .refscores import ReferenceScores, fingerprint, online_references, save_scores
+from .refscores import ReferenceScores, fingerprint, online_references, reusable, save_scores
 from ..method.scorers import scorer_for
 from ..method.shared_prefix import PREFIX_FILE, fit_shared_prefix, read_prefix, write_prefix
 from ..method.tokenization import TextEncoder
@@ -398,11 +398,19 @@ def export_stage(cfg: Config, st, ds_path) -> StageResult:
 
 
 @torch.no_grad()
-def score_references(cfg: Config, st, ds_path) -> StageResult:
+def score_references(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
     """Every rank scores its share of ``st.rows`` (stages.Reference); rank 0 writes the file.  Preempted:
-    stopped on request before the end (PREEMPTED written; nothing partial is kept)."""
+    stopped on request before the end (PREEMPTED written; nothing partial is kept).  Resumed: a file
+    with the same fingerprint that covers every row is kept as it is (every rank reads the same file)."""
     rows = st.rows(cfg)
     fp = reference_fingerprint(cfg, prepare_base(cfg))
+    path = cfg.reference_scores_path
+    if resume:
+        why = reusable(path, fp, rows)
+        if why is None:
+            log(f"{st.name}: {path} already scores all {len(rows)} rows with this stage-1 model; kept")
+            return StageResult("done", path)
+        log(f"{st.name}: scoring again ({why})")
     s = Session(cfg, st, ds_path, st.input_model(cfg), train=False)
     mine = rows[D.rank() :: D.world_size()]
     bs = s.optim.micro_batch_size
@@ -426,7 +434,6 @@ def score_references(cfg: Config, st, ds_path) -> StageResult:
             results.append((row_key(row), [scores.c_q[i].item()] + [scores.r[j].item() for j, o in enumerate(owner) if o == i]))
         progress.update(b + 1)
     gathered = D.all_gather_objects(results)
-    path = cfg.reference_scores_path
     if D.rank() == 0:
         merged = dict(kv for part in gathered for kv in part)
         save_scores(path, list(merged), list(merged.values()), fp)
