@@ -135,3 +135,16 @@ def test_mining_in_query_chunks_with_a_widening_pool_equals_the_full_sort(monkey
         order = np.argsort(-(c @ q), kind="stable")
         want = [corpus[j] for rank, j in enumerate(order) if rank >= 2 and c[j] @ p < 0.2][:5]
         assert m["neg"] == want
+
+
+def test_mining_fingerprint_follows_the_model_rows_and_settings(tiny_export, tiny_base):
+    from autoregembed.tools.mine import mining_fingerprint
+
+    rows = load_rows(os.path.join(RESOURCES, "nli_sample.jsonl"), stage=2)[:8]
+    settings = {"negatives": 2, "skip_top": 0}
+    a = mining_fingerprint(tiny_export, rows, settings)
+    assert a == mining_fingerprint(tiny_export, [dict(r) for r in rows], dict(settings))
+    assert a != mining_fingerprint(tiny_export, rows[:7], settings)
+    assert a != mining_fingerprint(tiny_export, [{**rows[0], "pos": rows[0]["pos"] + "!"}] + rows[1:], settings)
+    assert a != mining_fingerprint(tiny_export, rows, {**settings, "skip_top": 1})
+    assert a != mining_fingerprint(tiny_base, rows, settings)

@@ -83,6 +83,15 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
     assert len(refs) == len(mined)
     assert os.path.isfile(os.path.join(out, "stage2", "model", "autoregembed.json"))
     assert "mine: 256 of 256 rows" in r.stderr + r.stdout
+    # resumed when it is all done: the mined rows and their scores are kept, not made again
+    before = {p: open(p, "rb").read() for p in (os.path.join(out, "mine", "0-nli_sample.jsonl"),
+                                                os.path.join(out, "reference", "scores.safetensors"))}
+    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)], "--resume"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stderr + r.stdout
+    assert "0-nli_sample.jsonl was mined from these rows with this model and settings; kept" in log
+    assert "already scores all 256 rows with this stage-1 model; kept" in log
+    assert {p: open(p, "rb").read() for p in before} == before
 
 
 def test_each_source_is_read_once_at_the_start(monkeypatch):

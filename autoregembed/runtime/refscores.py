@@ -47,7 +47,8 @@ def _hash_safetensors(h, f, size: int):
         h.update(f.read(_BLOCK))
 
 
-def _hash_folder(h, folder: str):
+def hash_folder(h, folder: str):
+    """Adds a model folder's weights (sampled: _hash_safetensors), configs and tokenizer files to ``h``."""
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if os.path.isfile(path) and name.endswith(_FINGERPRINT_FILES):
@@ -67,9 +68,9 @@ def fingerprint(stage1_dir: str, decoder_dir: str, k: int, max_text_len: int, ma
     (hashing every byte of a 7B pair took minutes on every rank)."""
     h = hashlib.sha256()
     h.update(json.dumps([k, max_text_len, max_target_len, decoder_bos]).encode())
-    _hash_folder(h, stage1_dir)
+    hash_folder(h, stage1_dir)
     if os.path.isdir(decoder_dir):
-        _hash_folder(h, decoder_dir)
+        hash_folder(h, decoder_dir)
     else:  # a hub name: its resolved revision is the best we can do without downloading
         h.update(decoder_dir.encode())
     return h.hexdigest()

@@ -15,6 +15,7 @@ import dataclasses
 import os
 
 from . import distributed as D
+from .atomic import atomic_write_text
 from ..method.batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .checkpoint import complete_tags
 from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
@@ -208,8 +209,9 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
     """Hard negatives for the stage-2 rows, mined with the stage-1 model (optional: mine.enabled).
 
     For each source, its rows with their negatives replaced by the passages of the source most similar
-    to the query (mine.py), written to ``<output_dir>/mine/``; reference scores and stage 2 then read
-    the mined rows.  Rank 0 mines, the other ranks wait (a barrier: mind the process group's timeout
+    to the query (mine.py), written to ``<output_dir>/mine/`` beside a ``.fingerprint`` of what it was
+    mined from (a resumed run keeps a file whose fingerprint still holds); reference scores and stage 2
+    then read the mined rows.  Rank 0 mines, the other ranks wait (a barrier: mind the process group's timeout
     with a large corpus)."""
 
     name = "mine"
@@ -237,17 +239,23 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
 
     def run(self, cfg, ds_path, resume):
         from ..release.encoder import Encoder
-        from ..tools.mine import default_corpus, mine_negatives
+        from ..tools.mine import default_corpus, mine_negatives, mining_fingerprint
 
         outputs = self.outputs(cfg)
         if D.rank() == 0:
-            m = cfg.mine
-            encoder = Encoder.from_pretrained(cfg.stage1_model_dir, device=D.device())
+            m, encoder = cfg.mine, None
+            settings = {**dataclasses.asdict(m), "enabled": True}
             for source, path in zip(cfg.sources(2), outputs):
                 rows = load_rows(source, stage=2)
+                fp, stamp = mining_fingerprint(cfg.stage1_model_dir, rows, settings), path + ".fingerprint"
+                if resume and os.path.exists(path) and os.path.exists(stamp) and open(stamp).read() == fp:
+                    log(f"mine: {path} was mined from these rows with this model and settings; kept")
+                    continue
+                encoder = encoder or Encoder.from_pretrained(cfg.stage1_model_dir, device=D.device())
                 mined = mine_negatives(encoder, rows, default_corpus(rows), m.negatives, m.skip_top,
                                        m.max_similarity, m.batch_size)
                 write_jsonl(path, mined)
+                atomic_write_text(stamp, fp)  # after the rows: a stamp never vouches for a file not yet written
                 log(f"mine: {len(mined)} of {len(rows)} rows of {source.path} with {m.negatives} mined "
                     f"negatives each -> {path}")
         D.barrier()

@@ -8,10 +8,14 @@ stage 2 encodes a query and its positive.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 
 from ..runtime.data import DataError, STAGE2_FIELDS, check_row, read_lines, records
 from ..runtime.errors import InputError
+from ..runtime.refscores import hash_folder
 
 
 def read_queries(path: str, with_negatives: bool = False) -> list[dict]:
@@ -57,6 +61,16 @@ def _ranked(sims: np.ndarray, pool: int) -> np.ndarray:
     threshold = np.partition(sims, len(sims) - pool)[len(sims) - pool]
     top = np.nonzero(sims >= threshold)[0]
     return top[np.argsort(-sims[top], kind="stable")]
+
+
+def mining_fingerprint(model_dir: str, rows: list[dict], settings: dict) -> str:
+    """What a mined file depends on: the model's files, the rows (in order, every field) and the
+    mining settings; a resumed run keeps a mined file whose fingerprint is unchanged."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    hash_folder(h, model_dir)
+    for r in rows:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
 
 
 def mine_negatives(encoder, rows: list[dict], corpus: list[str], negatives: int, skip_top: int = 0,
