@@ -399,7 +399,8 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
         # holds ZeRO-3's config, under which from_pretrained builds partitioned models)
         cfg = load_config(None, [f"model.base={base}", f"data.max_text_len={length}", f"data.max_target_len={length}"])
         torch.manual_seed(cfg.seed)  # the EMBED rows' draw, as a Session seeds it
-        ref_model, ref_tok = load_model(base, base, cfg.model.num_embed_tokens, torch.float32, "sdpa")
+        ref_model, ref_tok = load_model(base, base, cfg.model.num_embed_tokens, torch.float32, "sdpa",
+                                        decoder_bos=cfg.model.decoder_bos)
         ref_b = STAGES[stage].make_batch(cfg, rows_for(stage, False, ref_tok, 1)[:2],
                                          TextEncoder(ref_tok, cfg.model.num_embed_tokens, length, length),
                                          ConstantReferences())

@@ -45,7 +45,7 @@ def run(tmp_path_factory, request, default_tiny_base):
     if request.param == "lora":  # and the frozen decoder partitioned with the encoder, every pass packed
         overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3",
                       "reference.source=online", "data.in_batch_negatives=true", "model.shard_decoder=true",
-                      "model.packing=true"]
+                      "model.shared_prefix=0", "model.packing=true"]
     proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600,
                      env=child_env(WANDB_MODE="offline", WANDB_SILENT="true"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

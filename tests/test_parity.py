@@ -27,20 +27,19 @@ def test_two_zero3_ranks_train_stage2_exactly_as_plain_pytorch(tmp_path, tiny_ba
     zero3 = torch.load(out / "tensors.pt")
     zero3_losses = json.load(open(out / "losses.json"))["losses"]
 
-    from autoregembed.method.losses import AlignmentLoss
     from autoregembed.runtime.trainer import lr_factor
 
     cfg = load_config(None, [f"model.base={tiny_base}", f"data.stage2={nli}", *SETTINGS])
     o = cfg.stage2
     model, tok = load_model(tiny_base, tiny_base, cfg.model.num_embed_tokens, torch.float32, "sdpa",
-                            gradient_checkpointing=True)
+                            gradient_checkpointing=True, decoder_bos=cfg.model.decoder_bos)
     model.encoder.load_state_dict(zero3["initial"])  # the same start (the EMBED rows are drawn at random)
     model.train()
     te = TextEncoder(tok, cfg.model.num_embed_tokens, cfg.data.max_text_len, cfg.data.max_target_len)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=o.learning_rate, weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(o.lr_schedule, o.warmup_steps, o.max_steps))
-    rows, loss_fn = load_rows(str(nli), stage=2), AlignmentLoss()
+    rows, loss_fn = load_rows(str(nli), stage=2), cfg.loss.objective
     for step in range(2):
         batch = alignment_batch(rows[4 * step : 4 * step + 4], te, ConstantReferences())
         loss = loss_fn(model(batch), batch)

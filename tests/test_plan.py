@@ -56,7 +56,7 @@ def test_the_decoder_is_whole_per_gpu_unless_sharded_and_the_planner_says_when_s
     # LLaMA-2-13B on 8 x 40 GB: with its 26 GB decoder whole it needs 56 GB, partitioned 33 GB
     assert main(["plan", "--model", "llama-2-13b", "--gpus-per-node", "8", "--gpu-mem-gb", "40", "--max-len", "128",
                  "--micro-batch", "1"]) == 3
-    assert "--set model.shard_decoder=true" in capsys.readouterr().out
+    assert "--set model.shard_decoder=true --set model.shared_prefix=0" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-2-13b", "--gpus-per-node", "8", "--gpu-mem-gb", "40", "--max-len", "128",
                  "--micro-batch", "1", "--shard-decoder"]) == 0
 

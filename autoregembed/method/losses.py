@@ -110,7 +110,8 @@ class AlignmentLoss:
     tau: float = 0.1
     # paper: subtract the reference margin (as in DPO); code: add it (the authors' release)
     reference_sign: str = "paper"
-    detach_positive: bool = False  # true: no gradient through c_p = log p(pos|e_pos) (alignment_loss says why)
+    # true (measured best): no gradient through c_p = log p(pos|e_pos) (alignment_loss says why); false: as published
+    detach_positive: bool = True
 
     def __post_init__(self):
         self.check("loss")

@@ -53,12 +53,13 @@ class ModelConfig:
     match_decoder_scale: bool = True
     # the frozen decoder reads its BOS token before e_1..e_k (an attention sink, so e_1 need not
     # become one; model.py); false: the decoder input as published. Stage 1, reference scores
-    # and stage 2 must agree (the reference-score fingerprint includes it)
-    decoder_bos: bool = False
+    # and stage 2 must agree (the reference-score fingerprint includes it). On by default, as are
+    # shared_prefix and loss.stage1_contrast: together they measured best (docs/guide.md, "the authors' recipe")
+    decoder_bos: bool = True
     # stage 1: the frozen decoder reads n learned vectors, the same for every text, between e_1..e_k
     # and the target, fitted before stage 1 to what fits every text (shared_prefix.py); they travel
     # with the stage-1 export to reference scores and stage 2. 0: the decoder input as published
-    shared_prefix: int = 0
+    shared_prefix: int = 5
     shared_prefix_steps: int = 100  # Adam steps of the fit, over the decoder-scale sample's micro-batches
     shared_prefix_lr: float = 1e-2
     # where the frozen decoder lives under ZeRO-3: false, whole on every GPU outside the DeepSpeed
@@ -99,7 +100,8 @@ class ModelConfig:
                               f"{self.shared_prefix_steps}, {self.shared_prefix_lr}")
         if self.shared_prefix and self.shard_decoder:
             raise ConfigError(f"key '{key}.shared_prefix': it is fitted through a whole decoder, not one partitioned "
-                              f"under ZeRO-3; set {key}.shard_decoder=false")
+                              f"under ZeRO-3; set {key}.shared_prefix=0 (the decoder input as published) or "
+                              f"{key}.shard_decoder=false")
 
 
 @dataclass
@@ -230,7 +232,7 @@ class LossConfig:
     # Each target is also scored with the previous row's compressed tokens, and
     # softplus(-(own - other) per token) rewards compressed tokens that fit their own text better than
     # another's (losses.CompressionLoss); one more decoder pass over the micro-batch
-    stage1_contrast: float = 0.0
+    stage1_contrast: float = 4.0
 
     def check(self, key: str):
         self.objective.check(key)
@@ -377,7 +379,7 @@ class Config:
                               "stage-1 model is then the stage-2 model with its adapters disabled")
         if self.loss.stage1_contrast > 0 and self.stage1.micro_batch_size < 2:
             raise ConfigError("key 'loss.stage1_contrast': the contrast scores each target with another row's "
-                              "compressed tokens, so stage1.micro_batch_size must be >= 2")
+                              "compressed tokens, so stage1.micro_batch_size must be >= 2 (or set loss.stage1_contrast=0: the authors' loss)")
 
     @property
     def is_pipeline(self) -> bool:

@@ -67,7 +67,8 @@ def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None, sharded: dict 
     if not fits and sharded is not None and sharded["total"] <= gpu_mem_gb * GB:
         lines.append(f"DOES NOT FIT with the decoder whole on every GPU ({p['total'] / GB:.2f} GB); partitioned "
                      f"with the encoder it fits ({sharded['total'] / GB:.2f} GB): --set model.shard_decoder=true "
-                     f"(--shard-decoder here)")
+                     f"--set model.shared_prefix=0 (--shard-decoder here; the shared prefix is fitted through a "
+                     f"whole decoder)")
     else:
         lines.append(f"fits in {gpu_mem_gb:g} GB" if fits else
                      f"DOES NOT FIT: {p['total'] / GB:.2f} GB > {gpu_mem_gb:g} GB per GPU; lower --micro-batch, "
