@@ -116,7 +116,8 @@ def test_a_stage2_run_trains_from_three_sources_and_data_check_reports_each(tmp_
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "stage": "stage2", "output_dir": str(tmp_path / "run"),
-        "paths": {"stage1_model": tiny_export}, "reference": {"source": "online"}, "model": {"base": tiny_base, "lora_rank": 4},
+        "paths": {"stage1_model": tiny_export}, "reference": {"source": "online"},
+        "model": {"base": tiny_base, "lora_rank": 4, "decoder_bos": False},  # as tiny_export's meta says
         "stage2": {"max_steps": 3, "micro_batch_size": 4, "warmup_steps": 0, "learning_rate": 1e-3},
         "data": {"same_source_batches": True, "stage2": [
             {"path": str(tmp_path / "a.jsonl"), "weight": 1},

@@ -1,11 +1,13 @@
 """The stage list (stages.PIPELINE): what a pipeline runs, what each stage checks before any model
 loads (skipping what an earlier stage of the same run writes), and the optional mining stage run for
 real between stage 1 and reference scoring."""
+import dataclasses
 import json
 import os
 
 import pytest
 
+from autoregembed.release.meta import META_FILE, ExportMeta
 from autoregembed.runtime.config import ConfigError, load_config
 from autoregembed.runtime.stages import PIPELINE, RUN_MODES, STAGES, TRAINING, check_stages, planned
 from helpers import ROOT, TINY_BASE, run_child
@@ -47,6 +49,16 @@ def test_checks_skip_only_what_an_earlier_stage_of_the_run_writes(tmp_path):
         check_stages(load_config(None, [f"output_dir={out}", "stage=stage2"]))
     with pytest.raises(ConfigError, match=r"key 'paths.export_from': 'reference' is not one of stage1, stage2"):
         check_stages(load_config(None, [f"output_dir={out}", "stage=export", "paths.export_from=reference"]))
+    # stage 2 and its reference scores read the decoder as the stage-1 export was trained to (decoder BOS)
+    export = os.path.join(out, "stage1", "model")
+    meta = ExportMeta(num_embed_tokens=5, max_text_len=64, instruction="i", decoder_bos=False)
+    open(os.path.join(export, META_FILE), "w").write(json.dumps(dataclasses.asdict(meta)))
+    online = [f"output_dir={out}", "stage=stage2", "reference.source=online", "model.lora_rank=4"]
+    with pytest.raises(ConfigError, match=r"key 'model.decoder_bos': the stage-1 model .*stage1/model was trained "
+                                          r"with model.decoder_bos=false; set it the same here"):
+        check_stages(load_config(None, online))
+    check_stages(load_config(None, [*online, "model.decoder_bos=false"]))
+    check_stages(load_config(None, [f"output_dir={out}", "stage=mine", "mine.enabled=true"]))  # the encoder alone
     # a bad row of the user's stage-2 file is named at the pipeline's start, though stage 2 reads mined copies
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(NLI).readline() + '{"query": "q", "pos": "p", "instruction": "i"}\n')

@@ -22,6 +22,7 @@ from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
 from .data import SourceRows, load_rows, load_sources, row_key, sampler_for, write_jsonl
 from .diagnostics import information_gap
 from .loading import prepare_base
+from ..release.meta import META_FILE, ExportMeta
 from ..method.losses import CompressionLoss
 from .monitor import log
 from .trainer import StageResult, evaluate, export_stage, score_references, train_stage
@@ -195,8 +196,22 @@ class Stage2Rows:
 class NeedsStage1:
     """A stage that starts from the stage-1 export."""
 
+    reads_decoder = True  # scores with the frozen decoder, which must read what it read in stage 1
+
     def needs_stage1(self, cfg: Config) -> dict[str, str]:
         return {"paths.stage1_model": cfg.stage1_model_dir}
+
+    def check(self, cfg: Config, earlier: list[str]):
+        """Also: the decoder reads its BOS (model.decoder_bos) as it did when the stage-1 export was
+        trained; otherwise every score would be of an input stage 1 never saw."""
+        super().check(cfg, earlier)
+        path = cfg.stage1_model_dir
+        if self.reads_decoder and path not in earlier and os.path.isfile(os.path.join(path, META_FILE)):
+            trained = ExportMeta.read(path).decoder_bos
+            if trained != cfg.model.decoder_bos:
+                raise ConfigError(f"key 'model.decoder_bos': the stage-1 model {path} was trained with "
+                                  f"model.decoder_bos={str(trained).lower()}; set it the same here (stage 1, reference scores and "
+                                  f"stage 2 must agree)")
 
     def missing(self, key, path):
         if key == "paths.stage1_model":
@@ -215,6 +230,7 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
     with a large corpus)."""
 
     name = "mine"
+    reads_decoder = False  # it embeds with the encoder alone
 
     def in_pipeline(self, cfg):
         return cfg.mine.enabled
