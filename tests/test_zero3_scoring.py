@@ -28,7 +28,8 @@ from autoregembed.runtime.trainer import Session, score_references
 out, base, stage2 = sys.argv[1:4]
 zero3 = {root!r} + "/ds_configs/zero3.json"
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "data.stage2=" + stage2,
-                         "model.match_decoder_scale=false", "stage2.micro_batch_size=4", "model.shard_decoder=true", "model.shared_prefix=0"])
+                         "model.match_decoder_scale=false", "stage2.micro_batch_size=4", "model.shard_decoder=true",
+                         "model.shared_prefix=0"])
 D.init_distributed()
 report = {{}}
 
@@ -60,7 +61,8 @@ s.close()
 
 # 1b. cut-cross-entropy reads the head again in its backward: the hooks gather it there too
 cce_cfg = load_config(None, ["output_dir=" + out + "/cce", "model.base=" + base, "data.stage2=" + stage2,
-                             "model.match_decoder_scale=false", "model.shard_decoder=true", "model.shared_prefix=0", "model.scorer=cce"])
+                             "model.match_decoder_scale=false", "model.shard_decoder=true", "model.shared_prefix=0",
+                             "model.scorer=cce"])
 s = Session(cce_cfg, STAGES["stage1"], zero3, prepare_base(cce_cfg), train=True)
 loss = CompressionLoss()(s.engine(batch), batch)
 s.engine.backward(loss)

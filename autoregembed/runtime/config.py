@@ -54,7 +54,8 @@ class ModelConfig:
     # the frozen decoder reads its BOS token before e_1..e_k (an attention sink, so e_1 need not
     # become one; model.py); false: the decoder input as published. Stage 1, reference scores
     # and stage 2 must agree (the reference-score fingerprint includes it). On by default, as are
-    # shared_prefix and loss.stage1_contrast: together they measured best (docs/guide.md, "the authors' recipe")
+    # shared_prefix and loss.stage1_contrast: together they measured best (docs/guide.md has the
+    # authors' recipe)
     decoder_bos: bool = True
     # stage 1: the frozen decoder reads n learned vectors, the same for every text, between e_1..e_k
     # and the target, fitted before stage 1 to what fits every text (shared_prefix.py); they travel
@@ -379,7 +380,8 @@ class Config:
                               "stage-1 model is then the stage-2 model with its adapters disabled")
         if self.loss.stage1_contrast > 0 and self.stage1.micro_batch_size < 2:
             raise ConfigError("key 'loss.stage1_contrast': the contrast scores each target with another row's "
-                              "compressed tokens, so stage1.micro_batch_size must be >= 2 (or set loss.stage1_contrast=0: the authors' loss)")
+                              "compressed tokens, so stage1.micro_batch_size must be >= 2 (or set "
+                              "loss.stage1_contrast=0: the authors' loss)")
 
     @property
     def is_pipeline(self) -> bool:

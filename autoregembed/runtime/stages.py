@@ -19,7 +19,7 @@ from .atomic import atomic_write_text
 from ..method.batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .checkpoint import complete_tags
 from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
-from .data import SourceRows, load_rows, load_sources, row_key, sampler_for, write_jsonl
+from .data import SourceRows, load_rows, load_sources, read_text, row_key, sampler_for, write_jsonl
 from .diagnostics import information_gap
 from .loading import prepare_base
 from ..release.meta import META_FILE, ExportMeta
@@ -210,8 +210,8 @@ class NeedsStage1:
             trained = ExportMeta.read(path).decoder_bos
             if trained != cfg.model.decoder_bos:
                 raise ConfigError(f"key 'model.decoder_bos': the stage-1 model {path} was trained with "
-                                  f"model.decoder_bos={str(trained).lower()}; set it the same here (stage 1, reference scores and "
-                                  f"stage 2 must agree)")
+                                  f"model.decoder_bos={str(trained).lower()}; set it the same here (stage 1, "
+                                  f"reference scores and stage 2 must agree)")
 
     def missing(self, key, path):
         if key == "paths.stage1_model":
@@ -226,8 +226,8 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
     For each source, its rows with their negatives replaced by the passages of the source most similar
     to the query (mine.py), written to ``<output_dir>/mine/`` beside a ``.fingerprint`` of what it was
     mined from (a resumed run keeps a file whose fingerprint still holds); reference scores and stage 2
-    then read the mined rows.  Rank 0 mines, the other ranks wait (a barrier: mind the process group's timeout
-    with a large corpus)."""
+    then read the mined rows.  Rank 0 mines, the other ranks wait (a barrier: mind the process group's
+    timeout with a large corpus)."""
 
     name = "mine"
     reads_decoder = False  # it embeds with the encoder alone
@@ -264,7 +264,7 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
             for source, path in zip(cfg.sources(2), outputs):
                 rows = load_rows(source, stage=2)
                 fp, stamp = mining_fingerprint(cfg.stage1_model_dir, rows, settings), path + ".fingerprint"
-                if resume and os.path.exists(path) and os.path.exists(stamp) and open(stamp).read() == fp:
+                if resume and os.path.exists(path) and os.path.exists(stamp) and read_text(stamp) == fp:
                     log(f"mine: {path} was mined from these rows with this model and settings; kept")
                     continue
                 encoder = encoder or Encoder.from_pretrained(cfg.stage1_model_dir, device=D.device())

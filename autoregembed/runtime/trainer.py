@@ -401,16 +401,16 @@ def export_stage(cfg: Config, st, ds_path) -> StageResult:
 def score_references(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
     """Every rank scores its share of ``st.rows`` (stages.Reference); rank 0 writes the file.  Preempted:
     stopped on request before the end (PREEMPTED written; nothing partial is kept).  Resumed: a file
-    with the same fingerprint that covers every row is kept as it is (every rank reads the same file)."""
+    with the same fingerprint that covers every row is kept as it is."""
     rows = st.rows(cfg)
     fp = reference_fingerprint(cfg, prepare_base(cfg))
     path = cfg.reference_scores_path
     if resume:
         why = reusable(path, fp, rows)
-        if why is None:
+        if all(D.all_gather_objects(why is None)):  # every rank takes the same branch (the scoring is collective)
             log(f"{st.name}: {path} already scores all {len(rows)} rows with this stage-1 model; kept")
             return StageResult("done", path)
-        log(f"{st.name}: scoring again ({why})")
+        log(f"{st.name}: scoring again ({why or 'another rank cannot read the file'})")
     s = Session(cfg, st, ds_path, st.input_model(cfg), train=False)
     mine = rows[D.rank() :: D.world_size()]
     bs = s.optim.micro_batch_size
