@@ -9,7 +9,7 @@ keeps its record, rewritten after each scored arm, in bench/results/quality_runs
 keeps what it measured); ``--merge`` publishes runs made on separate seeds as one table.
 
     python bench/quality.py --split tune --arms cd --seeds 42             # try a setting on half A
-    python bench/quality.py --split report --arms abcde                   # the table, ~4 h on 2 cores
+    python bench/quality.py --split report --arms abcde                   # the table, ~2 h a seed on 2 cores
     python bench/quality.py --split report --stage1-corpus general+stsb   # the STS-B-text ablation
     python bench/quality.py --split tune --arms c --stage1-entailment     # stage 1 beyond autoencoding
     python bench/quality.py --merge bench/results/quality_runs/report-*.json  # seeds run apart, one table
