@@ -4,6 +4,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
 from autoregembed.tools.cli import main
 from autoregembed.runtime.arch import Arch
+from autoregembed.runtime.errors import InputError
 from autoregembed.tools.plan import SCORER_KEY, plan
 
 
@@ -70,3 +71,28 @@ def test_keeping_the_decoders_activations_costs_what_its_recompute_saved():
     assert kept["decoder activations (kept)"] == layer_work * arch.layers * dec_tokens
     assert "decoder activations (kept)" not in recomputed
     assert kept["activations (checkpointed)"] < recomputed["activations (checkpointed)"]
+
+
+def test_each_stage_counts_its_own_decoder_sequences_and_the_shared_prefix(capsys):
+    """Stage 1 scores one target per row (two with the contrast pass), stage 2 pos|e_q, pos|e_pos and
+    every neg|e_q; each decoder sequence reads the shared prefix before e."""
+    arch = Arch.load("llama-2-7b")
+    k, n = 5, 512
+
+    def tokens(**kw):
+        return plan(arch, 8, 3, 4, 7, n, k=k, **kw)["decoder_tokens"]
+
+    assert tokens(stage=1) == 4 * (k + n + 1)
+    assert tokens(stage=1, contrast=True) == 2 * 4 * (k + n + 1)
+    assert tokens(stage=1, contrast=True, prefix=5) == 2 * 4 * (5 + k + n + 1)
+    assert tokens(stage=2, prefix=5) == 4 * (2 + 7) * (5 + k + n + 1)
+    one, two = (plan(arch, 8, 3, 4, 7, n, stage=s)["breakdown"]["activations (checkpointed)"] for s in (1, 2))
+    assert one < two  # stage 1 encodes one text per row, stage 2 two
+    with pytest.raises(InputError, match="--stage"):
+        plan(arch, 8, 3, 4, 7, n, stage=3)
+    assert main(["plan", "--model", "llama-2-7b", "--stage", "1", "--micro-batch", "16"]) == 0
+    out = capsys.readouterr().out  # the CLI's defaults are the trainer's: a prefix of 5 and the contrast pass
+    assert out.startswith("stage 1: ") and f"; {16 * 2 * (5 + k + n + 1)} decoder tokens" in out
+    assert main(["plan", "--model", "llama-2-7b", "--stage", "1", "--micro-batch", "16", "--no-contrast",
+                 "--shared-prefix", "0"]) == 0
+    assert f"; {16 * (k + n + 1)} decoder tokens" in capsys.readouterr().out

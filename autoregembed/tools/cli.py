@@ -137,8 +137,13 @@ def main(argv=None) -> int:
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--zero", type=int, default=3)
     pl.add_argument("--micro-batch", type=int, default=4)
-    pl.add_argument("--negatives", type=int, default=1)
-    pl.add_argument("--max-len", type=int, default=512)
+    pl.add_argument("--stage", type=int, choices=(1, 2), default=2, help="the stage whose step is planned")
+    pl.add_argument("--negatives", type=int, default=1, help="hard negatives per query (stage 2)")
+    pl.add_argument("--max-len", type=int, default=512, help="tokens per text (stage 1: per context and per target)")
+    pl.add_argument("--shared-prefix", type=int, default=5,
+                    help="model.shared_prefix: positions before e in every decoder sequence (0: the published input)")
+    pl.add_argument("--no-contrast", action="store_true",
+                    help="stage 1 without loss.stage1_contrast's second decoder pass (loss.stage1_contrast=0)")
     pl.add_argument("--num-embed-tokens", type=int, default=5)
     pl.add_argument("--gpu-mem-gb", type=float, default=80)
     pl.add_argument("--no-decoder-checkpointing", action="store_true",
@@ -152,8 +157,8 @@ def main(argv=None) -> int:
         for name in ("gpus_per_node", "nodes", "micro_batch", "max_len", "num_embed_tokens"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if args.negatives < 0 or args.gpu_mem_gb <= 0:
-            parser.error("--negatives must be >= 0 and --gpu-mem-gb > 0")
+        if args.negatives < 0 or args.shared_prefix < 0 or args.gpu_mem_gb <= 0:
+            parser.error("--negatives and --shared-prefix must be >= 0 and --gpu-mem-gb > 0")
         return _reporting_user_errors(lambda: _plan(args))
     if args.command in ("train", "score-refs", "export"):
         stage = {"train": None, "score-refs": "reference", "export": "export"}[args.command]
@@ -172,10 +177,12 @@ def _plan(args) -> int:
 
     arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
     shape = (args.micro_batch, args.negatives, args.max_len, args.num_embed_tokens)
-    common = {"decoder_checkpointing": not args.no_decoder_checkpointing, "scorer": args.scorer}
-    p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, **common)
+    common = {"decoder_checkpointing": not args.no_decoder_checkpointing, "scorer": args.scorer,
+              "stage": args.stage, "contrast": not args.no_contrast}
+    prefix = 0 if args.shard_decoder else args.shared_prefix  # a partitioned decoder reads no shared prefix
+    p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, prefix=prefix, **common)
     text, fits = report(p, args.gpu_mem_gb,
-                        plan(arch, gpus, 2, *shape, **common) if args.zero == 3 else None,
+                        plan(arch, gpus, 2, *shape, prefix=prefix, **common) if args.zero == 3 else None,
                         plan(arch, gpus, 3, *shape, shard_decoder=True, **common) if args.zero == 3 else None)
     print(text)
     return 0 if fits else 3

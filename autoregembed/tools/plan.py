@@ -20,13 +20,19 @@ GB = 1e9
 SCORER_KEY = "LM head scorer"
 
 def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max_len: int, k: int = 5,
-         shard_decoder: bool = False, decoder_checkpointing: bool = True, scorer: Scorer | str = "auto") -> dict:
+         shard_decoder: bool = False, decoder_checkpointing: bool = True, scorer: Scorer | str = "auto",
+         stage: int = 2, prefix: int = 0, contrast: bool = False) -> dict:
     """shard_decoder: the frozen decoder partitioned under ZeRO-3 (model.shard_decoder), else whole
     on every GPU.  decoder_checkpointing false: the decoder keeps every layer's activations for
     the backward instead of recomputing them (model.decoder_checkpointing).  scorer: the LM head's
-    backend or its name (model.scorer)."""
+    backend or its name (model.scorer).  stage 1: one text per row and one decoder sequence (two with
+    ``contrast``, loss.stage1_contrast's pass over the previous row's e); stage 2: query and positive
+    encoded, 2 + ``negatives`` decoder sequences per query.  prefix: model.shared_prefix's positions,
+    read before e in every decoder sequence of both stages."""
     if zero not in (2, 3):
         raise InputError("--zero must be 2 or 3")
+    if stage not in (1, 2):
+        raise InputError("--stage must be 1 or 2")
     enc = arch.params(extra_tokens=k, with_head=False)  # the encoder is the base transformer, no LM head
     dec = arch.params()
     shard = gpus if zero == 3 else 1
@@ -37,9 +43,11 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
         "optimizer (fp32 master + Adam m, v)": 12 * enc / gpus,
         "gather buffer (largest layer)": 4 * arch.largest_layer(k) if zero == 3 else 0,
     }
-    enc_tokens = micro_batch * 2 * (max_len + k + 3)  # queries and positives, with BOS/newlines/EMBED
-    dec_seqs = micro_batch * (2 + negatives)  # pos|e_q, pos|e_pos, neg_i|e_q
-    dec_tokens = dec_seqs * (k + max_len + 1)
+    texts = micro_batch * (1 if stage == 1 else 2)  # stage 2 encodes queries and positives
+    enc_tokens = texts * (max_len + k + 3)  # with BOS, two newlines and the EMBED tokens
+    # stage 1: target|e (and target|e of the previous row); stage 2: pos|e_q, pos|e_pos, neg_i|e_q
+    dec_seqs = micro_batch * ((2 if contrast else 1) if stage == 1 else 2 + negatives)
+    dec_tokens = dec_seqs * (prefix + k + max_len + 1)
     layer_work = 2 * (10 * arch.hidden + 3 * arch.intermediate)  # bytes per token while recomputing a layer
     checkpointed = 2 * arch.hidden * arch.layers + layer_work  # bytes per token: layer inputs + one layer's work
     out["activations (checkpointed)"] = checkpointed * (enc_tokens + (dec_tokens if decoder_checkpointing else 0))
@@ -49,14 +57,14 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     materialised = (2 + 4 + 4) * dec_tokens * arch.vocab
     return {"breakdown": out, "total": sum(out.values()), "materialised_logits": materialised,
             "total_if_materialised": sum(out.values()) - out[SCORER_KEY] + materialised,
-            "encoder_params": enc, "decoder_params": dec, "decoder_tokens": dec_tokens}
+            "encoder_params": enc, "decoder_params": dec, "decoder_tokens": dec_tokens, "stage": stage}
 
 
 def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None, sharded: dict | None = None) -> tuple[str, bool]:
     """The printed plan; ``zero2``: the same run under ZeRO-2, to recommend it when it fits;
     ``sharded``: the same run with the decoder partitioned, to recommend it when only it fits."""
-    lines = [f"encoder {p['encoder_params'] / 1e9:.2f}B trainable params, decoder {p['decoder_params'] / 1e9:.2f}B "
-             f"frozen; {p['decoder_tokens']} decoder tokens per micro-batch", ""]
+    lines = [f"stage {p['stage']}: encoder {p['encoder_params'] / 1e9:.2f}B trainable params, decoder "
+             f"{p['decoder_params'] / 1e9:.2f}B frozen; {p['decoder_tokens']} decoder tokens per micro-batch", ""]
     for name, v in p["breakdown"].items():
         lines.append(f"  {name:<40} {v / GB:9.2f} GB")
     lines.append(f"  {'total per GPU (our scorer)':<40} {p['total'] / GB:9.2f} GB")
