@@ -3,8 +3,8 @@
 One encode keeps all k states; the script scores each e_i alone, the mean of the normalised e_i, and
 the mean centred on a fixed vector: the mean embedding of training texts (``--centre-on``, deployable:
 fixed before any evaluation text is seen) and, as a bound, of the evaluation texts themselves.  For
-each it prints Spearman x100 and the mean squared cosine to the embeddings' mean direction (how much of
-the embedding every text shares).  Why: mean pooling can be dominated by what every text shares; this
+each it prints Spearman x100 and the mean pairwise cosine of the embeddings (how much of the embedding
+every text shares; the figure ``autoregembed eval`` and bench/quality.py print).  Why: mean pooling can be dominated by what every text shares; this
 tells how much STS that costs an export.
 
     python bench/pooling.py --model EXPORT --sts sts-dev-tune.csv --centre-on stage1.jsonl
@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 import harness  # noqa: F401  (puts the checkout on sys.path)
 import autoregembed.release.encoder as encoder_module
 from autoregembed.release.encoder import Encoder
-from autoregembed.release.evaluate import read_sts
+from autoregembed.release.evaluate import mean_pairwise_cosine, read_sts
 
 
 def states(enc: Encoder, texts: list[str]) -> torch.Tensor:
@@ -37,10 +37,8 @@ def states(enc: Encoder, texts: list[str]) -> torch.Tensor:
 
 def score(a: torch.Tensor, b: torch.Tensor, gold) -> dict:
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    both = torch.cat([a, b])
-    shared = float(((both @ F.normalize(both.mean(0), dim=0)) ** 2).mean())
     return {"spearman_x100": round(100 * spearmanr((a * b).sum(-1).numpy(), gold).correlation, 2),
-            "shared_direction": round(shared, 3)}
+            "mean_pairwise_cosine": round(mean_pairwise_cosine(torch.cat([a, b]).numpy()), 4)}
 
 
 def main():

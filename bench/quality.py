@@ -10,6 +10,7 @@ keeps what it measured); ``--merge`` publishes runs made on separate seeds as on
 
     python bench/quality.py --split tune --arms cd --seeds 42             # try a setting on half A
     python bench/quality.py --split report --arms abcde                   # the table, ~2 h a seed on 2 cores
+    python bench/quality.py --split report --arms abcde --jobs 3          # its seeds side by side, one table
     python bench/quality.py --split report --stage1-corpus general+stsb   # the STS-B-text ablation
     python bench/quality.py --split tune --arms c --stage1-entailment     # stage 1 beyond autoencoding
     python bench/quality.py --merge bench/results/quality_runs/report-*.json  # seeds run apart, one table
@@ -177,7 +178,8 @@ ARM_NAMES = {"a": ["(a) base, mean of EMBED states", "(a) base, PromptEOL last t
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)  # --jobs rewrites the command line by option names
     ap.add_argument("--split", choices=("tune", "report"), default="tune",
                     help="tune: score STS-B dev half A and log the run; report: score half B, write the results")
     ap.add_argument("--seeds", default="42,1,2", help="comma-separated; every arm runs once per seed")
@@ -222,9 +224,19 @@ def main():
     ap.add_argument("--stage1-cache", default=os.path.join(ROOT, "runs", "stage1-cache"),
                     help="stage-1 results kept by what decides them (settings, seed, data, code), so that "
                          "--split report reuses the tuning run's stage 1; '' turns it off")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run side by side, each in its own process with cores/jobs threads; one merged table")
+    ap.add_argument("--job-of-jobs", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: its parent publishes
     args = ap.parse_args()
     if args.merge:
         return publish(merge_records(args.merge), args.results)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if args.jobs < 1:
+        sys.exit(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and len(seeds) > 1:
+        scratch = fresh_scratch(args.out)
+        publish(merge_records(run_seeds_apart(args, seeds, sys.argv[1:])), args.results)
+        return scratch.release()
     try:  # the chart is drawn at the very end: fail now, not after hours of work
         import matplotlib  # noqa: F401
     except ImportError:
@@ -233,7 +245,6 @@ def main():
     from harness import smollm2_dir
 
     base = args.base or smollm2_dir()
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     scratch = fresh_scratch(args.out)  # held until the process exits
     commit_id = commit()  # the code this process runs: HEAD may move while it does
     os.makedirs(os.path.join(args.results, "quality_runs"), exist_ok=True)
@@ -310,8 +321,57 @@ def main():
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir))
     D.shutdown()
 
-    publish(_record(args, base, commit_id, scores, timings, first_last, gaps), args.results)
+    if not args.job_of_jobs:
+        publish(_record(args, base, commit_id, scores, timings, first_last, gaps), args.results)
     scratch.release()
+
+
+def job_argv(argv: list[str], seed: int, arms: str, out: str) -> list[str]:
+    """The command line of one ``--jobs`` child: the user's options less --seeds, --arms, --out and
+    --jobs (either spelling, ``--opt v`` or ``--opt=v``), then the child's own."""
+    drop, kept, skip = {"--seeds", "--jobs", "--out", "--arms"}, [], False
+    for a in argv:
+        if skip or a.split("=")[0] in drop:
+            skip = not skip and "=" not in a
+            continue
+        kept.append(a)
+    return [*kept, "--seeds", str(seed), "--arms", arms, "--out", out, "--job-of-jobs"]
+
+
+def run_seeds_apart(args, seeds: list[int], argv: list[str]) -> list[str]:
+    """``--jobs``: this command once per seed, each in its own process (arm (a), which has no seed, in
+    the first only), at most ``args.jobs`` at a time with cores / jobs threads each; returns their records
+    for ``merge_records``.  Why: seeds are independent runs, so the report's three need not take three
+    times one seed's wall time (docs/benchmarks.md has the cost)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+    pending, running, records = list(enumerate(seeds)), [], []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            i, seed = pending.pop(0)
+            arms = args.arms if i == 0 else args.arms.replace("a", "")
+            out = os.path.join(args.out, f"job-seed{seed}")
+            log = open(out + ".log", "w")
+            cmd = [sys.executable, os.path.abspath(__file__), *job_argv(argv, seed, arms, out)]
+            running.append((seed, log, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+            print(f"[quality] seed {seed}: {' '.join(cmd[1:])} (log {log.name})", flush=True)
+        time.sleep(1)
+        for job in [j for j in running if j[-1].poll() is not None]:
+            seed, log, started, proc = job
+            running.remove(job)
+            log.close()
+            if proc.returncode:
+                for *_, other in running:
+                    other.terminate()
+                sys.exit(f"[quality] seed {seed} failed (exit {proc.returncode}): see {log.name}")
+            found = [p for p in glob.glob(os.path.join(args.results, "quality_runs", f"{args.split}-*-{proc.pid}.json"))
+                     if os.path.getmtime(p) >= started - 1]  # not an older run's record under a reused pid
+            if not found:
+                sys.exit(f"[quality] seed {seed} wrote no record: see {log.name}")
+            records.append(max(found, key=os.path.getmtime))
+            print(f"[quality] seed {seed} done: {records[-1]}", flush=True)
+    return records
 
 
 def overrides(args, base: str, s1: str, s2: str, sts: str) -> list[str]:

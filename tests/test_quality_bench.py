@@ -1,5 +1,5 @@
 """The benchmarks' own code: bench/quality.py's bookkeeping (merging runs made on separate seeds, its scratch
-folder's lock) and bench/throughput.py's measured step."""
+folder's lock, seeds run side by side) and bench/throughput.py's measured step."""
 import json
 import os
 
@@ -66,6 +66,52 @@ def test_scratch_is_emptied_under_a_lock_a_second_run_cannot_take(tmp_path):
         lock.release()
     quality.fresh_scratch(str(out)).release()  # free again once the first run ends
     assert os.listdir(out) == [".lock"]
+
+
+FAKE_RUN = """
+import json, os, sys, time
+args = sys.argv[1:]
+opt = lambda name: args[args.index(name) + 1]
+if opt("--seeds") == "13":
+    sys.exit(5)  # a seed that fails
+time.sleep(0.5)
+os.makedirs(os.path.join(opt("--results"), "quality_runs"), exist_ok=True)
+with open(os.path.join(opt("--results"), "quality_runs", "tune-x-%d.json" % os.getpid()), "w") as f:
+    json.dump({"argv": args, "threads": os.environ["OMP_NUM_THREADS"]}, f)
+"""
+
+
+def test_jobs_run_each_seed_in_its_own_process_and_collect_the_records(tmp_path, monkeypatch):
+    """--jobs: a child per seed with its own --seeds/--arms/--out (the user's other options kept, either
+    spelling), arm (a) in the first only, cores/jobs threads each; a failing child ends the run naming
+    its log."""
+    fake = tmp_path / "fake_quality.py"
+    fake.write_text(FAKE_RUN)
+    monkeypatch.setattr(quality, "__file__", str(fake))
+    monkeypatch.setattr(quality.os, "cpu_count", lambda: 4)
+    results, out = str(tmp_path / "results"), str(tmp_path / "out")
+    os.makedirs(out)
+    argv = ["--split", "tune", "--seeds=42,1,2", "--arms", "acd", "--stage1-steps", "7", "--jobs", "2",
+            "--out", out, "--results", results]
+    args = type("Args", (), {"jobs": 2, "arms": "acd", "out": out, "results": results, "split": "tune"})
+    records = quality.run_seeds_apart(args, [42, 1, 2], argv)
+    got = [json.load(open(r)) for r in records]
+    assert sorted(g["argv"][g["argv"].index("--seeds") + 1] for g in got) == ["1", "2", "42"]
+    for g in got:
+        a = g["argv"]
+        assert a.count("--seeds") == a.count("--arms") == a.count("--out") == 1 and "--jobs" not in a
+        assert a[a.index("--stage1-steps") + 1] == "7" and "--job-of-jobs" in a and g["threads"] == "2"
+        seed, arms = a[a.index("--seeds") + 1], a[a.index("--arms") + 1]
+        assert arms == ("acd" if seed == "42" else "cd")  # arm (a) has no seed: once
+        assert a[a.index("--out") + 1] == os.path.join(out, f"job-seed{seed}")
+    with pytest.raises(SystemExit, match=r"seed 13 failed \(exit 5\): see .*job-seed13.log"):
+        quality.run_seeds_apart(args, [42, 13], argv)
+
+
+def test_job_argv_replaces_only_the_per_child_options():
+    argv = ["--out=x", "--seeds", "1,2", "--stage1-lr", "3e-4", "--arms=abc", "--jobs", "3", "--base", "m"]
+    assert quality.job_argv(argv, 2, "bc", "o") == ["--stage1-lr", "3e-4", "--base", "m", "--seeds", "2",
+                                                    "--arms", "bc", "--out", "o", "--job-of-jobs"]
 
 
 @pytest.mark.parametrize("arm", ["ours", "naive"])
