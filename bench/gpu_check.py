@@ -330,7 +330,8 @@ def _texts(tok, lengths: list[int], seed: int) -> list[str]:
 
 
 def _token_counts(b, k: int, bos: int) -> dict:
-    """Real and as-run (padded) tokens of a batch's encoder and decoder passes, and scored targets."""
+    """Real and as-run (padded) tokens of a batch's encoder and decoder passes, and scored targets;
+    ``k``: the positions the decoder reads before the target besides BOS (compressed tokens and prefix)."""
     from autoregembed.method.batches import AlignmentBatch
 
     if not isinstance(b, AlignmentBatch):
@@ -346,8 +347,8 @@ def _token_counts(b, k: int, bos: int) -> dict:
 
 
 def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str | None = None) -> list[dict]:
-    """The real trainer's step (Session, ZeRO-3 engine, bf16, activation checkpointing) on a randomly
-    initialised LLaMA with 7B layer shapes, per variant: stage 1 (16 texts of 512 tokens, their
+    """The real trainer's step (Session, ZeRO-3 engine, bf16, activation checkpointing, the default
+    shared prefix) on a randomly initialised LLaMA with 7B layer shapes, per variant: stage 1 (16 texts of 512 tokens, their
     targets as long) and stage 2 (16 queries x (1 positive + 7 negatives), 512 tokens each), with
     every text full length or ragged (lengths uniform in [128, 512]), packed or padded."""
     import random
@@ -401,6 +402,10 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
         torch.manual_seed(cfg.seed)  # the EMBED rows' draw, as a Session seeds it
         ref_model, ref_tok = load_model(base, base, cfg.model.num_embed_tokens, torch.float32, "sdpa",
                                         decoder_bos=cfg.model.decoder_bos)
+        # the decoder reads a shared prefix as the trainer's default does (model.shared_prefix); its fit
+        # before stage 1 is not part of a step, so a fixed random one stands in for it
+        prefix = 0.02 * torch.randn(cfg.model.shared_prefix, shape["hidden"], generator=torch.Generator().manual_seed(3))
+        ref_model.shared_prefix = prefix
         ref_b = STAGES[stage].make_batch(cfg, rows_for(stage, False, ref_tok, 1)[:2],
                                          TextEncoder(ref_tok, cfg.model.num_embed_tokens, length, length),
                                          ConstantReferences())
@@ -414,7 +419,8 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
                                          f"model.packing={str(packed).lower()}", f"data.max_text_len={length}",
                                          f"data.max_target_len={length}", f"{stage}.micro_batch_size={micro[stage]}"])
                 s = Session(cfg, STAGES[stage], ds, base, train=True)
-                st, mb, k = STAGES[stage], micro[stage], cfg.model.num_embed_tokens
+                s.model.shared_prefix = prefix
+                st, mb, k = STAGES[stage], micro[stage], cfg.model.num_embed_tokens + len(prefix)
                 rows = rows_for(stage, ragged, s.tokenizer, warm + steps + 1)
                 loss_fn = st.loss(cfg)
 
@@ -424,7 +430,8 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
                 row = {"stage": stage, "lengths": "ragged" if ragged else "full", "packed": packed,
                        "attention": s.engine.module.encoder.config._attn_implementation, "layers": shape["layers"],
                        "hidden": shape["hidden"], "vocab": shape["vocab"], "micro_batch": mb,
-                       "negatives": negatives if stage == "stage2" else None, "steps": steps}
+                       "negatives": negatives if stage == "stage2" else None, "steps": steps,
+                       "shared_prefix": len(prefix)}
                 if not ragged:  # before any update: this path's loss vs the CPU fp32 padded reference
                     cpu_b = batch(0, n=2)
                     with torch.no_grad():

@@ -28,6 +28,7 @@ def test_gpu_check_smoke_writes_every_number(tmp_path):
     assert variants == [(st, ln, pk) for st in ("stage1", "stage2") for ln in ("full", "ragged") for pk in (True, False)]
     for t in r["trainer"]:
         assert t["tokens_per_s"] > 0 and len(t["losses"]) == 2 and t["hardware_tflops"] > 0
+        assert t["shared_prefix"] == 5  # the trainer's default decoder input, in the step and in its reference
         assert t["loss_ok"] if t["lengths"] == "full" else "loss" not in t  # vs the CPU fp32 padded path
         assert (t["padding_fraction"] > 0.05) == (t["lengths"] == "ragged") and t["padding_fraction"] >= 0
     packed = {(t["stage"], t["lengths"]): t for t in r["trainer"] if t["packed"]}
