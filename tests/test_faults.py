@@ -15,9 +15,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_bas
 TINY = ["stage1.micro_batch_size=4", "stage1.warmup_steps=0", "model.match_decoder_scale=false", "stage=stage1"]
 
 
-def _train(out, *overrides, resume=False, script=None):
+def _train(out, *overrides, resume=False, script=None, ranks=None):
     sets = [a for kv in [*TINY, f"model.base={TINY_BASE['path']}", f"output_dir={out}", *overrides] for a in ("--set", kv)]
-    return run_child([script or os.path.join(ROOT, "train.py"), *sets] + (["--resume"] if resume else []))
+    return run_child([script or os.path.join(ROOT, "train.py"), *sets] + (["--resume"] if resume else []), ranks=ranks)
 
 
 def _patched_train(tmp_path, patch: str) -> str:
@@ -164,14 +164,16 @@ def test_a_stop_request_at_the_reference_stage_ends_the_run_for_requeue(earlier_
     assert not os.path.exists(os.path.join(ref_dir, "STOP")) and not os.path.exists(os.path.join(ref_dir, "scores.safetensors"))
 
 
-def test_resumed_reference_stage_keeps_a_current_score_file(earlier_run, tmp_path):
+@pytest.mark.parametrize("ranks", [None, 2])
+def test_resumed_reference_stage_keeps_a_current_score_file(earlier_run, tmp_path, ranks):
+    """On 2 ranks every rank must find the file current (a collective) before any keeps it."""
     scores = str(tmp_path / "scores.safetensors")
     args = ("stage=reference", f"paths.stage1_model={os.path.join(earlier_run, 'stage1', 'model')}",
             f"paths.reference_scores={scores}")
-    r = _train(earlier_run, *args)
+    r = _train(earlier_run, *args, ranks=ranks)
     assert r.returncode == 0, r.stderr[-3000:]
     written = (os.stat(scores).st_mtime_ns, open(scores, "rb").read())
-    r = _train(earlier_run, *args, resume=True)
+    r = _train(earlier_run, *args, resume=True, ranks=ranks)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already scores all 256 rows with this stage-1 model; kept" in r.stdout
     assert (os.stat(scores).st_mtime_ns, open(scores, "rb").read()) == written
