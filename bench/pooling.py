@@ -27,7 +27,7 @@ from autoregembed.release.evaluate import mean_pairwise_cosine, read_sts
 def states(enc: Encoder, texts: list[str]) -> torch.Tensor:
     """[texts, k, D] compressed-token states (float64), through the Encoder's own input path."""
     pool = encoder_module.pool_embedding
-    encoder_module.pool_embedding = lambda e: e.reshape(e.shape[0], -1)
+    encoder_module.pool_embedding = lambda e, positions=None: e.reshape(e.shape[0], -1)
     try:
         flat = enc.encode(texts, convert_to_numpy=False)
     finally:

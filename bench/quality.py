@@ -33,6 +33,8 @@ unless --no-detach-positive.  Stage 1 runs 150 steps at lr 3e-4 with the in-batc
 and a shared prefix of 5 vectors by default (lr, contrast and prefix chosen on the tuning half; 150
 steps for an information gap above 1 nat/token on every seed: docs/experiments.md);
 ``--stage1-steps 50 --stage1-lr 1e-4 --stage1-contrast 0 --stage1-shared-prefix 0`` is the first protocol's.
+The embeddings of (c)-(f) average e_1..e_4 (``--pooling``, the trainer's eval.pooling; chosen on the
+tuning half, docs/experiments.md); records made before the option averaged all five.
 """
 from __future__ import annotations
 
@@ -202,6 +204,8 @@ def main():
     ap.add_argument("--stage1-shared-prefix", type=int, default=5,
                     help="model.shared_prefix: learned vectors the decoder reads between e and the target (0: none)")
     ap.add_argument("--stage1-shared-prefix-steps", type=int, default=100, help="model.shared_prefix_steps")
+    ap.add_argument("--pooling", default="all_but_last",
+                    help="eval.pooling of (c)-(f): the compressed tokens their embedding averages (all: as published)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="model.dtype of the trained arms (bf16: DeepSpeed's bf16 with fp32 master weights)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
@@ -383,7 +387,7 @@ def overrides(args, base: str, s1: str, s2: str, sts: str) -> list[str]:
               f"model.match_decoder_scale={not args.no_decoder_scale}", f"model.decoder_bos={not args.no_decoder_bos}",
               f"loss.detach_positive={not args.no_detach_positive}", f"loss.stage1_contrast={args.stage1_contrast}",
               f"stage1.lr_schedule={args.stage1_schedule}", f"model.shared_prefix={args.stage1_shared_prefix}",
-              f"model.shared_prefix_steps={args.stage1_shared_prefix_steps}"]
+              f"model.shared_prefix_steps={args.stage1_shared_prefix_steps}", f"eval.pooling={args.pooling}"]
     for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),
                                     ("stage2", args.stage2_steps, args.batch // 2, args.stage2_lr)):
         common += [f"{stage}.max_steps={steps}", f"{stage}.micro_batch_size={batch}",
@@ -425,7 +429,7 @@ def _settings(options: dict) -> dict:
     that records made in different checkouts of the repository compare equal."""
     kept = {"stage1_contrast": 0.0, "stage1_schedule": "linear", "stage1_lora_rank": 0,  # records before the options existed ran without them
             "stage1_shared_prefix": 0, "stage1_shared_prefix_steps": 100,
-            "stage1_instruction": AUTOENCODE, "dtype": "fp32",
+            "stage1_instruction": AUTOENCODE, "dtype": "fp32", "pooling": "all",
             **{k: v for k, v in options.items() if k not in ("out", "results", "split", "merge", "stage1_cache")}}
     ds = os.path.abspath(kept["deepspeed"])
     if ds.startswith(ROOT + os.sep):

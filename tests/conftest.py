@@ -49,10 +49,7 @@ def default_tiny_base(tmp_path_factory):
     return TINY_BASE["path"]
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tiny_base, tmp_path_factory):
-    """An export of the tiny base's encoder (untrained EMBED rows, seeded): what the inference
-    tools (Encoder, sentence-transformers, MTEB, mining) read."""
+def _export(tiny_base, tmp_path_factory, **meta) -> str:
     import torch
 
     from autoregembed.release.export import export_encoder
@@ -64,5 +61,18 @@ def tiny_export(tiny_base, tmp_path_factory):
     model, tok = load_model(tiny_base, tiny_base, 5, torch.float32, "sdpa")
     out = str(tmp_path_factory.mktemp("export") / "model")
     export_encoder(model.encoder, tok, out, ExportMeta(num_embed_tokens=5, max_text_len=64,
-                                                       instruction="Retrieve semantically similar text."))
+                                                       instruction="Retrieve semantically similar text.", **meta))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_base, tmp_path_factory):
+    """An export of the tiny base's encoder (untrained EMBED rows, seeded): what the inference
+    tools (Encoder, sentence-transformers, MTEB, mining) read."""
+    return _export(tiny_base, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def pooled_export(tiny_base, tmp_path_factory):
+    """The same model as ``tiny_export``, its embedding the mean of e_1..e_4 only (eval.pooling)."""
+    return _export(tiny_base, tmp_path_factory, pooled=[1, 2, 3, 4])

@@ -175,7 +175,8 @@ te = TextEncoder(AutoTokenizer.from_pretrained({model_dir!r}), meta["num_embed_t
 b = te.encode_inputs(TEXTS, [meta["instruction"]] * len(TEXTS))
 with torch.no_grad():
     h = model(**b).last_hidden_state
-plain = pool_embedding(compressed_states(h, b["attention_mask"], meta["num_embed_tokens"]))
+pooled = None if meta["pooled"] is None else [i - 1 for i in meta["pooled"]]  # the e_i it names, 1-based
+plain = pool_embedding(compressed_states(h, b["attention_mask"], meta["num_embed_tokens"]), pooled)
 ours = Encoder.from_pretrained({model_dir!r}, device="cpu").encode(TEXTS, batch_size=2)
 print(json.dumps({{"plain": plain.tolist(), "ours": ours.tolist()}}))
 """

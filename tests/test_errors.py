@@ -147,7 +147,8 @@ def test_a_bug_in_a_tool_keeps_its_traceback(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("k,pattern", [(0, "num_embed_tokens must be >= 1"),
-                                       (7, "num_embed_tokens = 7 but the export's tokenizer has 5 EMBED tokens")])
+                                       (7, "num_embed_tokens = 7 but the export's tokenizer has 5 EMBED tokens"),
+                                       (5, r"pooled must be null or distinct positions in 1..5, got \[0, 6\]")])
 def test_an_export_whose_description_disagrees_with_its_tokenizer_is_refused(tiny_export, tmp_path, k, pattern):
     from autoregembed.release.encoder import Encoder
     from autoregembed.release.meta import META_FILE
@@ -155,9 +156,26 @@ def test_an_export_whose_description_disagrees_with_its_tokenizer_is_refused(tin
     copy = tmp_path / "model"
     shutil.copytree(tiny_export, copy)
     meta = json.loads((copy / META_FILE).read_text())
-    (copy / META_FILE).write_text(json.dumps({**meta, "num_embed_tokens": k}))
+    (copy / META_FILE).write_text(json.dumps({**meta, "num_embed_tokens": k, **({"pooled": [0, 6]} if k == 5 else {})}))
     with pytest.raises(InputError, match=pattern):
         Encoder.from_pretrained(str(copy), device="cpu")
+
+
+@pytest.mark.parametrize("spec,want", [("all", None), ("all_but_last", [0, 1, 2, 3]), ("3", [2]), ("4,1", [0, 3]),
+                                       ("0", "in 1..5"), ("6", "in 1..5"), ("2,2", "distinct"), ("first", "is not all")])
+def test_pooling_names_its_positions_or_says_what_is_wrong(spec, want):
+    """eval.pooling: the e_i an embedding averages; a bad value is one line naming the key, before any load."""
+    from autoregembed.method.model import pooled_positions
+    from autoregembed.runtime.config import ConfigError, load_config
+
+    if not isinstance(want, str):
+        assert pooled_positions(spec, 5) == want
+        assert load_config(None, [f"eval.pooling={spec}"]).eval.pooling == spec
+        return
+    with pytest.raises(ValueError, match=want):
+        pooled_positions(spec, 5)
+    with pytest.raises(ConfigError, match=f"key 'eval.pooling': .*{want}"):
+        load_config(None, [f"eval.pooling={spec}"])
 
 
 def test_a_full_disk_during_export_is_a_user_error_and_keeps_the_old_export(tiny_base, tmp_path, monkeypatch):

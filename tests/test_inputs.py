@@ -421,9 +421,10 @@ def test_export_description_round_trips_and_a_broken_one_names_its_file(tmp_path
 
     from autoregembed.release.meta import META_FILE, ExportMeta
 
-    meta = ExportMeta(num_embed_tokens=3, instruction="Find it.", max_text_len=40, stage="stage2", decoder_bos=True)
+    meta = ExportMeta(num_embed_tokens=3, instruction="Find it.", max_text_len=40, stage="stage2", decoder_bos=True,
+                      pooled=[1, 3])
     meta.write(str(tmp_path))
-    assert ExportMeta.read(str(tmp_path)) == meta
+    assert ExportMeta.read(str(tmp_path)) == meta and meta.pooled_positions == [0, 2]
     written = _json.loads((tmp_path / META_FILE).read_text())
     assert written["template"] == "[BOS]{text}\n{instruction}\n<EMBED0><EMBED1><EMBED2>"  # for readers without us
     (tmp_path / META_FILE).write_text(_json.dumps({"instruction": "x"}))

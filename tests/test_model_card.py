@@ -18,13 +18,14 @@ def _front_matter_and_body(text):
     return yaml.safe_load(head), body
 
 
-def test_the_card_renders_and_its_usage_code_embeds_as_the_encoder_does(tiny_export, tmp_path):
+@pytest.mark.parametrize("export", ["tiny_export", "pooled_export"])
+def test_the_card_renders_and_its_usage_code_embeds_as_the_encoder_does(export, request, tmp_path):
     import torch
 
     from autoregembed.release.encoder import Encoder
 
     model = tmp_path / "my-embedder"
-    shutil.copytree(tiny_export, model)
+    shutil.copytree(request.getfixturevalue(export), model)
     write_model_card(str(model))  # the copy's card names the copy's folder
     meta, body = _front_matter_and_body((model / CARD_FILE).read_text())
     assert meta["library_name"] == "sentence-transformers" and meta["pipeline_tag"] == "sentence-similarity"

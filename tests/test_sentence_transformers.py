@@ -26,6 +26,31 @@ def test_sentence_transformers_loads_the_export_and_matches_encoder(tiny_export)
     assert len(ids) < len(ours.text_encoder.tokenizer(TEXTS[2], add_special_tokens=False)["input_ids"])
 
 
+def test_an_exports_pooling_travels_to_sentence_transformers(tiny_export, pooled_export):
+    """An export that pools e_1..e_4 (eval.pooling) embeds so through Encoder and sentence-transformers,
+    and not as the same model pooling all five; Encoder's pooling= reads it either way."""
+    import torch
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    pooled = Encoder.from_pretrained(pooled_export, device="cpu")
+    np.testing.assert_allclose(SentenceTransformer(pooled_export, device="cpu").encode(TEXTS, batch_size=3),
+                               pooled.encode(TEXTS), atol=1e-5)
+    every = Encoder.from_pretrained(tiny_export, device="cpu")
+    assert np.abs(pooled.encode(TEXTS) - every.encode(TEXTS)).max() > 1e-3
+    np.testing.assert_allclose(Encoder.from_pretrained(tiny_export, device="cpu", pooling="all_but_last").encode(TEXTS),
+                               pooled.encode(TEXTS), atol=1e-6)
+    np.testing.assert_allclose(Encoder.from_pretrained(pooled_export, device="cpu", pooling="all").encode(TEXTS),
+                               every.encode(TEXTS), atol=1e-6)
+    # by hand: the normalised mean of the first four EMBED states
+    enc = pooled.text_encoder.encode_inputs(TEXTS[:2], [pooled.instruction] * 2)
+    with torch.no_grad():
+        hidden = pooled.model(**enc).last_hidden_state
+    ends = enc["attention_mask"].sum(1)
+    want = torch.stack([F.normalize(hidden[i, end - 5 : end - 1].mean(0), dim=0) for i, end in enumerate(ends)])
+    np.testing.assert_allclose(pooled.encode(TEXTS[:2]), want.numpy(), atol=1e-5)
+
+
 def test_sentence_transformers_embeddings_are_unit_and_distinct(tiny_export):
     from sentence_transformers import SentenceTransformer
 

@@ -69,7 +69,7 @@ def test_checks_skip_only_what_an_earlier_stage_of_the_run_writes(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.usefixtures("default_tiny_base")
 def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_path):
-    """stage1 -> mine -> reference -> stage2 -> eval through train.py: every row's negatives are
+    """stage1 -> mine -> reference -> stage2 -> eval through train.py (with a pooling of e_1..e_4): every row's negatives are
     other passages of its file, never its query or positive; reference scores cover exactly the
     mined rows stage 2 trains on."""
     from autoregembed.runtime.data import read_lines
@@ -77,7 +77,7 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
 
     out = str(tmp_path / "run")
     sets = ["stage1.max_steps=3", "stage1.micro_batch_size=4", "stage2.max_steps=2", "stage2.micro_batch_size=4",
-            "model.match_decoder_scale=false", "mine.enabled=true", "mine.negatives=2",
+            "model.match_decoder_scale=false", "mine.enabled=true", "mine.negatives=2", "eval.pooling=all_but_last",
             f"eval.sts_file={ROOT}/autoregembed/resources/sts_dev_sample.csv", "monitor.plot=false",
             f"model.base={TINY_BASE['path']}", f"output_dir={out}"]
     r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)]], timeout=600)
@@ -93,7 +93,8 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
     refs = ReferenceScores(os.path.join(out, "reference", "scores.safetensors"))
     refs.check_all(mined, "mined rows")  # the scores are the mined rows', looked up by content
     assert len(refs) == len(mined)
-    assert os.path.isfile(os.path.join(out, "stage2", "model", "autoregembed.json"))
+    for stage in ("stage1", "stage2"):  # every export pools what eval.pooling names (mining read stage 1's so)
+        assert json.load(open(os.path.join(out, stage, "model", "autoregembed.json")))["pooled"] == [1, 2, 3, 4]
     assert "mine: 256 of 256 rows" in r.stderr + r.stdout
     # resumed when it is all done: the mined rows and their scores are kept, not made again
     before = {p: open(p, "rb").read() for p in (os.path.join(out, "mine", "0-nli_sample.jsonl"),

@@ -31,9 +31,31 @@ def compressed_states(last_hidden: torch.Tensor, attention_mask: torch.Tensor, k
     return last_hidden.gather(1, idx[..., None].expand(-1, -1, last_hidden.shape[-1]))
 
 
-def pool_embedding(compressed: torch.Tensor) -> torch.Tensor:
-    """The text embedding: mean of e_1..e_k, L2-normalised (compare by cosine)."""
+def pool_embedding(compressed: torch.Tensor, positions: list[int] | None = None) -> torch.Tensor:
+    """The text embedding: mean of e_1..e_k (``positions``, 0-based: of those only), L2-normalised
+    (compare by cosine)."""
+    if positions is not None:
+        compressed = compressed[:, positions]
     return F.normalize(compressed.float().mean(dim=1), dim=-1)
+
+
+def pooled_positions(spec: str, k: int) -> list[int] | None:
+    """``eval.pooling`` as 0-based positions of e_1..e_k: "all" (None: the published mean of every
+    e_i), "all_but_last" (e_1..e_{k-1}: the position read next to the decoder's target carries most of
+    what every text shares), or 1-based positions "1,2,3".  ValueError names what is wrong."""
+    if spec == "all":
+        return None
+    if spec == "all_but_last":
+        if k < 2:
+            raise ValueError("'all_but_last' needs at least 2 compressed tokens")
+        return list(range(k - 1))
+    try:
+        chosen = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"{spec!r} is not all, all_but_last or comma-separated positions like 1,2,3") from None
+    if not chosen or len(set(chosen)) != len(chosen) or not all(1 <= i <= k for i in chosen):
+        raise ValueError(f"{spec!r}: positions must be distinct and in 1..{k} (the compressed tokens e_1..e_{k})")
+    return sorted(i - 1 for i in chosen)
 
 
 class LogprobHead(nn.Module):
@@ -140,6 +162,7 @@ class AutoRegEmbedModel(nn.Module):
         self.k = k
         self.decoder_bos_id = decoder_bos_id
         self.shared_prefix: torch.Tensor | None = None  # model.shared_prefix (shared_prefix.py), set by its owner
+        self.pooled: list[int] | None = None  # the e_i ``embed`` averages (eval.pooling), set by its owner; None: all
         _freeze(decoder)
         self.head = LogprobHead(decoder, scorer)
         cfg = decoder.config
@@ -187,7 +210,7 @@ class AutoRegEmbedModel(nn.Module):
         return self.head(hidden, lay.labels, n_scored)
 
     def embed(self, input_ids, attention_mask) -> torch.Tensor:
-        return pool_embedding(self.compress(input_ids, attention_mask))
+        return pool_embedding(self.compress(input_ids, attention_mask), self.pooled)
 
     # ---- one forward per batch type (the engine calls this, so ZeRO-3 gathers and prefetches) --
     def forward(self, batch: CompressionBatch | CandidateBatch | AlignmentBatch):

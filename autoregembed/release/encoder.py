@@ -14,27 +14,34 @@ from ..runtime.errors import InputError
 from .meta import ExportMeta
 from .instructions import prompts as export_prompts
 from ..runtime.loading import sdpa_without_cudnn
-from ..method.model import compressed_states, pool_embedding
+from ..method.model import compressed_states, pool_embedding, pooled_positions
 from ..method.tokenization import TextEncoder, prepare_tokenizer
 
 
 class Encoder:
     def __init__(self, model, tokenizer, k: int, instruction: str, max_text_len: int = 512,
-                 prompts: dict[str, str] | None = None):
+                 prompts: dict[str, str] | None = None, pooled: list[int] | None = None):
         """prompts: the export's instruction table (instructions.py); "query" and "document" are
-        what ``encode_query`` and ``encode_document`` use."""
+        what ``encode_query`` and ``encode_document`` use.  pooled: the 0-based e_i the embedding
+        averages (None: all k)."""
         self.model = model.eval()
         self.k = k
+        self.pooled = pooled
         self.instruction = instruction
         self.prompts = {"query": instruction, "document": instruction, **(prompts or {})}
         self.text_encoder = TextEncoder(tokenizer, k, max_text_len=max_text_len)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None,
-                        max_text_len: int | None = None):
+                        max_text_len: int | None = None, pooling: str | None = None):
+        """pooling: an ``eval.pooling`` value in place of the export's own (to try one without retraining)."""
         from transformers import AutoModel, AutoTokenizer
 
         meta = ExportMeta.read(path)
+        try:
+            pooled = meta.pooled_positions if pooling is None else pooled_positions(pooling, meta.num_embed_tokens)
+        except ValueError as e:
+            raise InputError(f"pooling: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(path)
         meta.check_tokenizer(path, tokenizer)
         tokenizer = prepare_tokenizer(tokenizer, meta.num_embed_tokens)
@@ -42,7 +49,7 @@ class Encoder:
         sdpa_without_cudnn()  # Transformers' default attention is SDPA
         model = AutoModel.from_pretrained(path, dtype=dtype or "auto").to(device)
         return cls(model, tokenizer, meta.num_embed_tokens, meta.instruction, max_text_len or meta.max_text_len,
-                   export_prompts(meta))
+                   export_prompts(meta), pooled)
 
     def encode_query(self, sentences, **kwargs):
         """``encode`` with the export's query instruction (sentence-transformers' ``encode_query``)."""
@@ -77,7 +84,7 @@ class Encoder:
             enc = self.text_encoder.encode_inputs([sentences[i] for i in idx], [instruction] * len(idx))
             mask = enc["attention_mask"].to(device)
             hidden = self.model(input_ids=enc["input_ids"].to(device), attention_mask=mask).last_hidden_state
-            emb = pool_embedding(compressed_states(hidden, mask, self.k)).cpu()
+            emb = pool_embedding(compressed_states(hidden, mask, self.k), self.pooled).cpu()
             for j, i in enumerate(idx):
                 out[i] = emb[j]
         dim = self.model.config.hidden_size

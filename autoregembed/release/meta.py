@@ -26,6 +26,7 @@ class ExportMeta:
     query_instruction: str | None = None  # encode_query's instruction (None: ``instruction``)
     document_instruction: str | None = None  # encode_document's instruction (None: ``instruction``)
     shared_prefix: int = 0  # vectors of the decoder's shared prefix, in shared_prefix.PREFIX_FILE beside the model
+    pooled: list[int] | None = None  # the e_i (1-based) the embedding averages (eval.pooling); None: all k
     training: dict | None = None  # provenance for the model card: data files, steps, optimiser, loss
     evaluation: dict | None = None  # the last STS result of this export (evaluate.sts_report), for the card
 
@@ -49,9 +50,19 @@ class ExportMeta:
                 raise TypeError("query_instruction and document_instruction must be strings or null")
             if meta.num_embed_tokens < 1:
                 raise ValueError(f"num_embed_tokens must be >= 1, got {meta.num_embed_tokens}")
+            if meta.pooled is not None and not (
+                    isinstance(meta.pooled, list) and meta.pooled and len(set(meta.pooled)) == len(meta.pooled)
+                    and all(isinstance(i, int) and 1 <= i <= meta.num_embed_tokens for i in meta.pooled)):
+                raise ValueError(f"pooled must be null or distinct positions in 1..{meta.num_embed_tokens}, "
+                                 f"got {meta.pooled!r}")
         except (ValueError, TypeError, AttributeError) as e:
             raise InputError(f"{path}: not a valid autoregembed export description ({e})") from None
         return meta
+
+    @property
+    def pooled_positions(self) -> list[int] | None:
+        """``pooled`` 0-based, as ``model.pool_embedding`` takes it."""
+        return None if self.pooled is None else sorted(i - 1 for i in self.pooled)
 
     def check_tokenizer(self, folder: str, tokenizer):
         """The export's tokenizer must hold the k EMBED tokens its description names: a k that

@@ -78,10 +78,14 @@ def card_text(folder: str, meta: ExportMeta) -> str:
         metadata["datasets"] = datasets
     k, name, table = meta.num_embed_tokens, _title(folder), prompts(meta)
     template = f"[BOS]{{text}}\\n{meta.instruction}\\n" + "".join(f"<EMBED{i}>" for i in range(k))
+    pooled = meta.pooled_positions
+    which = (f"the {k} EMBED tokens" if pooled is None else
+             f"EMBED tokens {', '.join(f'<EMBED{i}>' for i in pooled)} (of the {k} it reads)")
+    pick = "" if pooled is None else f"[{pooled}]"  # the transformers example: those rows of the k states
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
              f"A text-embedding model trained with [AutoRegEmbed](https://arxiv.org/abs/2502.11401)"
              + (f" from `{base}`" if base else "") + f" ({meta.stage or 'untrained'} export). The model reads",
-             f"`{template}` and its embedding is the mean of the last-layer states of the {k} EMBED tokens,",
+             f"`{template}` and its embedding is the mean of the last-layer states of {which},",
              "L2-normalised; compare embeddings by cosine similarity.", "",
              "## Usage", "", "sentence-transformers (the instruction and EMBED tokens are in the tokenizer's template):",
              "", "```python", "from sentence_transformers import SentenceTransformer", "",
@@ -103,7 +107,7 @@ def card_text(folder: str, meta: ExportMeta) -> str:
              "with torch.no_grad():",
              "    hidden = model(input_ids=batch[\"input_ids\"], attention_mask=batch[\"attention_mask\"]).last_hidden_state",
              "ends = batch[\"attention_mask\"].sum(dim=1)  # right padding: each row ends with its EMBED tokens",
-             f"embeddings = torch.stack([hidden[i, end - {k} : end].mean(dim=0) for i, end in enumerate(ends)])",
+             f"embeddings = torch.stack([hidden[i, end - {k} : end]{pick}.mean(dim=0) for i, end in enumerate(ends)])",
              "embeddings = torch.nn.functional.normalize(embeddings, dim=-1)", "print(embeddings @ embeddings.T)",
              "```", "", "## Training", ""]
     if training:

@@ -14,9 +14,9 @@
 - The tokenizer's post-processor writes the same template with the export's instruction, for users of
   transformers alone: ``tokenizer(text)`` gives the encoder's whole input (autoregembed itself always
   tokenizes with ``add_special_tokens=False``, as the chat template does).
-- Transformer -> WordWeights (1 on the EMBED tokens, 0 elsewhere) -> mean Pooling -> Normalize
-  is mean(e_1..e_k), L2-normalised: WordWeights zeroes every other state and supplies k as the
-  mean's denominator.
+- Transformer -> WordWeights (1 on the pooled EMBED tokens, 0 elsewhere) -> mean Pooling -> Normalize
+  is the mean of the pooled e_i (all k unless the export's ``pooled`` names some), L2-normalised:
+  WordWeights zeroes every other state and supplies their count as the mean's denominator.
 """
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def write_sentence_transformers(folder: str, tokenizer, meta, hidden_size: int):
                  "similarity_fn_name": "cosine"})
 
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    weights = set(embed_token_names(k))
+    names = embed_token_names(k)
+    weights = set(names if meta.pooled is None else [names[i - 1] for i in meta.pooled])
     ww = os.path.join(folder, MODULES[1][0])
     os.makedirs(ww, exist_ok=True)
     _write_json(os.path.join(ww, "config.json"),

@@ -274,6 +274,10 @@ class EvalConfig:
     # passage sides use (instructions.py); null: eval.instruction
     query_instruction: typing.Optional[str] = None
     document_instruction: typing.Optional[str] = None
+    # which compressed tokens an export's embedding averages (method/model.py pooled_positions): all (the
+    # published mean of e_1..e_k) | all_but_last | 1-based positions, e.g. 1,2,3. Stored in the export;
+    # `autoregembed eval --pooling` tries another on an export. all_but_last measured best (docs/guide.md)
+    pooling: str = "all_but_last"
     batch_size: int = 64
     # every N optimizer steps of a training stage, STS Spearman of the model in training on sts_file
     # (sts_spearman in metrics.jsonl, the progress line and the plot): a collapse seen while it happens; 0: off
@@ -378,6 +382,12 @@ class Config:
         if self.reference.source == "online" and self.model.lora_rank == 0:
             raise ConfigError("key 'reference.source': 'online' needs LoRA in stage 2 (model.lora_rank > 0): the "
                               "stage-1 model is then the stage-2 model with its adapters disabled")
+        from ..method.model import pooled_positions
+
+        try:
+            pooled_positions(self.eval.pooling, self.model.num_embed_tokens)
+        except ValueError as e:
+            raise ConfigError(f"key 'eval.pooling': {e}") from None
         if self.loss.stage1_contrast > 0 and self.stage1.micro_batch_size < 2:
             raise ConfigError("key 'loss.stage1_contrast': the contrast scores each target with another row's "
                               "compressed tokens, so stage1.micro_batch_size must be >= 2 (or set "

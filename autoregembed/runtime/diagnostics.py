@@ -43,7 +43,8 @@ def sts_during_training(engine, text_encoder, instruction: str, sts_file: str, b
     module = engine.module
     engine.eval()
     try:
-        encoder = Encoder(module.encoder, text_encoder.tokenizer, module.k, instruction, text_encoder.max_text_len)
+        encoder = Encoder(module.encoder, text_encoder.tokenizer, module.k, instruction, text_encoder.max_text_len,
+                          pooled=module.pooled)
         r = sts_eval(encoder, sts_file, batch_size, show_progress_bar=False)
     finally:
         engine.train()

@@ -33,6 +33,7 @@ from .arch import Arch
 from ..tools.plot import EVAL_RESULT
 from .prefetch import Prefetcher
 from .refscores import ReferenceScores, fingerprint, online_references, reusable, save_scores
+from ..method.model import pooled_positions
 from ..method.scorers import scorer_for
 from ..method.shared_prefix import PREFIX_FILE, fit_shared_prefix, read_prefix, write_prefix
 from ..method.tokenization import TextEncoder
@@ -123,6 +124,7 @@ class Session:
                 rescale_final_norm(self.model.encoder, norm_scale)
             if os.path.isdir(encoder_path):  # a stage-1 export brings the decoder's shared prefix along
                 self.model.shared_prefix = read_prefix(encoder_path)
+            self.model.pooled = pooled_positions(cfg.eval.pooling, m.num_embed_tokens)
             self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
                                             cfg.data.max_text_len, cfg.data.max_target_len)
             kwargs = {}
@@ -150,6 +152,7 @@ class Session:
                           query_instruction=ev.query_instruction, document_instruction=ev.document_instruction,
                           max_text_len=self.cfg.data.max_text_len, stage=self.stage, base_model=self.cfg.model.base,
                           decoder_bos=self.cfg.model.decoder_bos, training=self._provenance(),
+                          pooled=None if self.model.pooled is None else [i + 1 for i in self.model.pooled],
                           shared_prefix=0 if self.model.shared_prefix is None else len(self.model.shared_prefix))
         export_encoder(self.encoder, self.tokenizer, out_dir, meta, shared_prefix=self.model.shared_prefix)
         log(f"{self.stage}: exported model to {out_dir}")

@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     enc.add_argument("--output", required=True, help=".npy file to write")
     enc.add_argument("--instruction", default=None)
     enc.add_argument("--batch-size", type=int, default=32)
+    pooling_help = "an eval.pooling value in place of the export's own (all, all_but_last, or positions 1,2,3)"
+    enc.add_argument("--pooling", default=None, help=pooling_help)
     ev = sub.add_parser("eval", help="STS Spearman x100 of an exported model, or MTEB tasks")
     ev.add_argument("--model", required=True)
     what = ev.add_mutually_exclusive_group(required=True)
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
     what.add_argument("--mteb", metavar="TASKS", help="comma-separated MTEB task names, e.g. STS12,STS13,STSBenchmark")
     ev.add_argument("--output", default="mteb-results", help="--mteb: folder for mteb's result files (default: %(default)s)")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--pooling", default=None, help=pooling_help + " (with --sts)")
     pu = sub.add_parser("push", help="an export to a Hugging Face Hub model repository (one commit, a card for the repo)")
     pu.add_argument("--model", required=True, help="the export folder")
     pu.add_argument("--repo", required=True, help="owner/name; created if it does not exist")
@@ -293,12 +296,16 @@ def _encode_or_eval(args) -> int:
 
     if args.command == "eval" and args.mteb:
         from ..release.mteb_model import run_mteb
+        from ..runtime.errors import InputError
+
+        if args.pooling is not None:
+            raise InputError("--pooling applies to --sts and encode; MTEB reads the export's own pooling")
 
         scores = run_mteb(args.model, [t.strip() for t in args.mteb.split(",") if t.strip()], args.output,
                           args.batch_size)
         print(json.dumps({"model": args.model, "results": args.output, "main_score_x100": scores}))
         return 0
-    model = Encoder.from_pretrained(args.model)
+    model = Encoder.from_pretrained(args.model, pooling=args.pooling)
     if args.command == "encode":
         import numpy as np
 
@@ -314,7 +321,8 @@ def _encode_or_eval(args) -> int:
         return 0
     from ..release.evaluate import sts_report
 
-    print(json.dumps(sts_report(model, args.model, args.sts, args.batch_size)))
+    print(json.dumps({**sts_report(model, args.model, args.sts, args.batch_size),
+                      **({"pooling": args.pooling} if args.pooling else {})}))
     return 0
 
 
