@@ -8,10 +8,12 @@ every text shares; the figure ``autoregembed eval`` and bench/quality.py print).
 tells how much STS that costs an export.
 
     python bench/pooling.py --model EXPORT --sts sts-dev-tune.csv --centre-on stage1.jsonl
+    python bench/pooling.py --model EXPORT --sts sts-dev-tune.csv --subsets   # every subset of positions
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -47,6 +49,8 @@ def main():
     ap.add_argument("--sts", required=True, help="STS-B csv (bench/quality.py writes its halves into --out)")
     ap.add_argument("--centre-on", help="jsonl rows with 'context': the training texts whose mean is subtracted")
     ap.add_argument("--rows", type=int, default=512, help="how many of --centre-on")
+    ap.add_argument("--subsets", action="store_true",
+                    help="also every subset of the positions, mean-pooled ('1234': e_1..e_4; what eval.pooling chose from)")
     args = ap.parse_args()
     enc = Encoder.from_pretrained(args.model)
     a_txt, b_txt, gold = read_sts(args.sts)
@@ -61,6 +65,10 @@ def main():
         out[f"mean, centred on {len(texts)} training texts"] = score(a.mean(1) - mu, b.mean(1) - mu, gold)
     mu = torch.cat([a.mean(1), b.mean(1)]).mean(0)
     out["mean, centred on the evaluation texts (a bound)"] = score(a.mean(1) - mu, b.mean(1) - mu, gold)
+    if args.subsets:
+        out["subsets (Spearman x100)"] = {
+            "".join(str(i + 1) for i in sub): score(a[:, list(sub)].mean(1), b[:, list(sub)].mean(1), gold)["spearman_x100"]
+            for r in range(1, enc.k + 1) for sub in itertools.combinations(range(enc.k), r)}
     out["norm of e_i (mean)"] = [round(float(x), 2) for x in torch.cat([a, b]).norm(dim=-1).mean(0)]
     print(json.dumps(out, indent=1))
 

@@ -205,3 +205,26 @@ def test_pooling_benchmark_reads_the_states_the_encoder_pools(tiny_export):
     assert states.shape == (3, enc.k, enc.model.config.hidden_size)
     ours = enc.encode(texts, convert_to_numpy=False).double()
     assert torch.allclose(F.normalize(states.mean(1), dim=-1), ours, atol=1e-5)
+
+
+def test_pooling_benchmarks_subsets_are_the_trainers_poolings(tiny_export, monkeypatch, capsys):
+    """bench/pooling.py --subsets scores every subset of positions under its e_i names, and the subset
+    e_1..e_4 it averages is the embedding of an export with eval.pooling=all_but_last."""
+    import torch
+    import torch.nn.functional as F
+
+    from autoregembed.release.encoder import Encoder
+
+    pooling = bench_module("pooling")
+    sts = os.path.join(ROOT, "autoregembed", "resources", "sts_dev_sample.csv")
+    monkeypatch.setattr("sys.argv", ["pooling.py", "--model", tiny_export, "--sts", sts, "--subsets"])
+    pooling.main()
+    out = json.loads(capsys.readouterr().out)
+    subsets = out["subsets (Spearman x100)"]
+    assert len(subsets) == 31 and subsets["3"] == out["e_3 alone"]["spearman_x100"]
+    assert subsets["12345"] == out["mean of e_1..e_k (the method's embedding)"]["spearman_x100"]
+    texts = ["a cat sat on the mat", "two dogs", "the weather is nice today"]
+    states = pooling.states(Encoder.from_pretrained(tiny_export, device="cpu"), texts)
+    four = Encoder.from_pretrained(tiny_export, device="cpu", pooling="all_but_last").encode(texts, convert_to_numpy=False)
+    assert torch.allclose(F.normalize(states[:, :4].mean(1), dim=-1), four.double(), atol=1e-5)
+    assert not torch.allclose(F.normalize(states.mean(1), dim=-1), four.double(), atol=1e-5)
