@@ -314,7 +314,8 @@ def main():
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")
             gaps[f"stage1 seed {seed}"] = _last_gap(cfg)
             print(f"[quality] stage1 seed {seed}: information gap {gaps[f'stage1 seed {seed}']}", flush=True)
-            scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir))
+            # --pooling, not the export's own: a stage 1 from the cache was exported under its first run's
+            scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir, pooling=args.pooling))
         if set(args.arms) & set("df"):
             timed(f"reference scores seed {seed}", lambda: score_references(cfg, STAGES["reference"], ds))
         for letter, extra in stage2_arms.items():
@@ -322,7 +323,7 @@ def main():
                 cfg2 = load_config(None, common + after + extra)
                 model_dir = timed(f"train ({letter}) seed {seed}", lambda: train_stage(cfg2, STAGES["stage2"], ds).artifact)
                 first_last[f"({letter}) stage 2 seed {seed}"] = _first_last(cfg2, "stage2")
-                scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir))
+                scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir, pooling=args.pooling))
     D.shutdown()
 
     if not args.job_of_jobs:
