@@ -352,30 +352,33 @@ def run_seeds_apart(args, seeds: list[int], argv: list[str]) -> list[str]:
 
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
     pending, running, records = list(enumerate(seeds)), [], []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            i, seed = pending.pop(0)
-            arms = args.arms if i == 0 else args.arms.replace("a", "")
-            out = os.path.join(args.out, f"job-seed{seed}")
-            log = open(out + ".log", "w")
-            cmd = [sys.executable, os.path.abspath(__file__), *job_argv(argv, seed, arms, out)]
-            running.append((seed, log, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-            print(f"[quality] seed {seed}: {' '.join(cmd[1:])} (log {log.name})", flush=True)
-        time.sleep(1)
-        for job in [j for j in running if j[-1].poll() is not None]:
-            seed, log, started, proc = job
-            running.remove(job)
-            log.close()
-            if proc.returncode:
-                for *_, other in running:
-                    other.terminate()
-                sys.exit(f"[quality] seed {seed} failed (exit {proc.returncode}): see {log.name}")
-            found = [p for p in glob.glob(os.path.join(args.results, "quality_runs", f"{args.split}-*-{proc.pid}.json"))
-                     if os.path.getmtime(p) >= started - 1]  # not an older run's record under a reused pid
-            if not found:
-                sys.exit(f"[quality] seed {seed} wrote no record: see {log.name}")
-            records.append(max(found, key=os.path.getmtime))
-            print(f"[quality] seed {seed} done: {records[-1]}", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                i, seed = pending.pop(0)
+                arms = args.arms if i == 0 else args.arms.replace("a", "")
+                out = os.path.join(args.out, f"job-seed{seed}")
+                log = open(out + ".log", "w")
+                cmd = [sys.executable, os.path.abspath(__file__), *job_argv(argv, seed, arms, out)]
+                running.append((seed, log, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                                         env=env)))
+                print(f"[quality] seed {seed}: {' '.join(cmd[1:])} (log {log.name})", flush=True)
+            time.sleep(1)
+            for job in [j for j in running if j[-1].poll() is not None]:
+                seed, log, started, proc = job
+                running.remove(job)
+                log.close()
+                if proc.returncode:
+                    sys.exit(f"[quality] seed {seed} failed (exit {proc.returncode}): see {log.name}")
+                found = [p for p in glob.glob(os.path.join(args.results, "quality_runs", f"{args.split}-*-{proc.pid}.json"))
+                         if os.path.getmtime(p) >= started - 1]  # not an older run's record under a reused pid
+                if not found:
+                    sys.exit(f"[quality] seed {seed} wrote no record: see {log.name}")
+                records.append(max(found, key=os.path.getmtime))
+                print(f"[quality] seed {seed} done: {records[-1]}", flush=True)
+    finally:  # a failed seed or an interrupt (Ctrl-C) stops the other seeds too, instead of leaving them running
+        for *_, proc in running:
+            proc.terminate()
     return records
 
 

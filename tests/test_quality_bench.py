@@ -74,7 +74,7 @@ args = sys.argv[1:]
 opt = lambda name: args[args.index(name) + 1]
 if opt("--seeds") == "13":
     sys.exit(5)  # a seed that fails
-time.sleep(0.5)
+time.sleep(60 if opt("--seeds") == "99" else 0.5)  # 99: a seed still running when another fails
 os.makedirs(os.path.join(opt("--results"), "quality_runs"), exist_ok=True)
 with open(os.path.join(opt("--results"), "quality_runs", "tune-x-%d.json" % os.getpid()), "w") as f:
     json.dump({"argv": args, "threads": os.environ["OMP_NUM_THREADS"]}, f)
@@ -104,8 +104,12 @@ def test_jobs_run_each_seed_in_its_own_process_and_collect_the_records(tmp_path,
         seed, arms = a[a.index("--seeds") + 1], a[a.index("--arms") + 1]
         assert arms == ("acd" if seed == "42" else "cd")  # arm (a) has no seed: once
         assert a[a.index("--out") + 1] == os.path.join(out, f"job-seed{seed}")
+    spawned = []
+    real_popen = __import__("subprocess").Popen
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **kw: spawned.append(real_popen(*a, **kw)) or spawned[-1])
     with pytest.raises(SystemExit, match=r"seed 13 failed \(exit 5\): see .*job-seed13.log"):
-        quality.run_seeds_apart(args, [42, 13], argv)
+        quality.run_seeds_apart(args, [13, 99], argv)
+    assert [p.wait(timeout=10) for p in spawned] == [5, -15]  # the other seed was stopped, not left running
 
 
 def test_job_argv_replaces_only_the_per_child_options():
