@@ -280,14 +280,8 @@ def main():
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
     first_last, gaps = {}, {}
     if "a" in args.arms:  # training-free: no seed
-        base_embed = os.path.join(args.out, "base-embed")
-        # resize_token_embeddings gives the new EMBED rows the vocabulary mean (its draw has 1e-9 of the
-        # vocabulary's covariance: equal to 5e-5 relative whatever the seed); seeded all the same
-        torch.manual_seed(0)
-        m, tok = load_model(base, base, K, torch.float32, "sdpa")
-        export_encoder(m.encoder, tok, base_embed, _meta("base"))
-        del m
-        scored(ARM_NAMES["a"][0], None, lambda: Encoder.from_pretrained(base_embed))
+        # the trainer's floor (eval.compare_base), with every EMBED state averaged as published
+        scored(ARM_NAMES["a"][0], None, lambda: Encoder.untrained(base, _meta("base"), dtype=torch.float32))
         scored(ARM_NAMES["a"][1], None, lambda: PromptEOL(base))
     for seed in seeds:
         out = os.path.join(args.out, f"seed{seed}")

@@ -1,9 +1,13 @@
 """STS evaluation: the values it reports against direct computations."""
+import os
+
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
 from autoregembed.release.evaluate import mean_pairwise_cosine, sts_eval
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _unit(x):
@@ -43,3 +47,43 @@ def test_sts_eval_scores_cosine_against_gold(tmp_path):
     assert r["spearman"] == pytest.approx(spearmanr(cos, np.round(gold, 3)).statistic * 100)
     uniq = sorted({s for p in pairs for s in p})
     assert r["mean_cosine"] == pytest.approx(mean_pairwise_cosine(np.stack([table[s] for s in uniq])))
+
+
+TEXTS = ["A man is playing a guitar.", "Two dogs run on the beach.", "the woman is walking her dog ."]
+SAMPLE = os.path.join(ROOT, "autoregembed", "resources", "sts_dev_sample.csv")
+
+
+def test_the_untrained_floor_is_the_base_read_as_its_export(tiny_base, tiny_export, pooled_export):
+    """Encoder.untrained(base, meta) embeds as an export of the untrained base (its EMBED rows the
+    vocabulary mean) with meta's instruction and pooling, and leaves the global RNG as it was."""
+    import torch
+
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.release.meta import ExportMeta
+
+    rng = torch.get_rng_state()
+    floor = Encoder.untrained(tiny_base, ExportMeta.read(pooled_export), device="cpu")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert floor.pooled == [0, 1, 2, 3] and floor.instruction == "Retrieve semantically similar text."
+    np.testing.assert_allclose(floor.encode(TEXTS), Encoder.from_pretrained(pooled_export, device="cpu").encode(TEXTS),
+                               atol=1e-5)
+    rows = floor.model.get_input_embeddings().weight.detach()
+    np.testing.assert_allclose(rows[-5:].numpy(), rows[:-5].mean(0, keepdim=True).expand(5, -1).numpy(), atol=1e-4)
+    every = Encoder.untrained(tiny_base, ExportMeta.read(pooled_export), device="cpu", pooling="all")
+    np.testing.assert_allclose(every.encode(TEXTS), Encoder.from_pretrained(tiny_export, device="cpu").encode(TEXTS),
+                               atol=1e-5)
+
+
+def test_eval_base_scores_the_floor_beside_the_export(tiny_base, tiny_export, tmp_path, capsys):
+    """`autoregembed eval --base`: an export of the untrained base scores its own floor; a missing
+    base is refused before any model loads, and MTEB runs refuse it."""
+    import json
+
+    from autoregembed.tools.cli import main
+
+    assert main(["eval", "--model", tiny_export, "--sts", SAMPLE, "--base", tiny_base]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["base_model"] == tiny_base and out["base_spearman_x100"] == pytest.approx(out["spearman_x100"], abs=0.02)
+    assert main(["eval", "--model", tiny_export, "--sts", SAMPLE, "--base", str(tmp_path / "gone")]) == 2
+    assert "--base" in capsys.readouterr().err
+    assert main(["eval", "--model", tiny_export, "--mteb", "STSBenchmark", "--base", tiny_base]) == 2

@@ -50,7 +50,12 @@ def test_the_license_is_read_from_the_base_models_own_card(tmp_path):
     assert base_license(None) == "other"
 
 
-def test_an_evaluation_rewrites_the_card_with_its_result(tiny_export, tmp_path):
+def test_an_evaluation_rewrites_the_card_with_its_result(tiny_base, tiny_export, tmp_path):
+    """The card and eval/result.json carry the export's score and its untrained base's (eval.compare_base),
+    the floor as `autoregembed eval --base` computes it."""
+    import json
+
+    from autoregembed.release.evaluate import base_report
     from autoregembed.runtime.config import load_config
     from autoregembed.runtime.trainer import evaluate
 
@@ -58,10 +63,16 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_export, tmp_path):
     shutil.copytree(tiny_export, model)
     assert "Not evaluated yet" in (model / CARD_FILE).read_text()
     sts = os.path.join(ROOT, "autoregembed", "resources", "sts_dev_sample.csv")
-    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"eval.sts_file={sts}"])
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"eval.sts_file={sts}", f"model.base={tiny_base}"])
     result = evaluate(cfg, str(model))
     card = (model / CARD_FILE).read_text()
     assert f"| sts_dev_sample.csv | {result['spearman_x100']:.2f} | {result['mean_pairwise_cosine']:.3f} |" in card
+    assert result["base_spearman_x100"] == base_report(tiny_base, str(model), sts)["base_spearman_x100"]
+    assert f"untrained base `{tiny_base}` (mean of its EMBED states) | {result['base_spearman_x100']:.2f} |" in card
+    assert json.load(open(tmp_path / "run" / "eval" / "result.json")) == result
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run2'}", f"eval.sts_file={sts}", f"model.base={tiny_base}",
+                             "eval.compare_base=false"])
+    assert "base_spearman_x100" not in evaluate(cfg, str(model))
     assert oct((model / CARD_FILE).stat().st_mode & 0o044) == oct(0o044)  # readable by the group and others
 
 

@@ -59,6 +59,12 @@ def test_checks_skip_only_what_an_earlier_stage_of_the_run_writes(tmp_path):
         check_stages(load_config(None, online))
     check_stages(load_config(None, [*online, "model.decoder_bos=false"]))
     check_stages(load_config(None, [f"output_dir={out}", "stage=mine", "mine.enabled=true"]))  # the encoder alone
+    # eval alone scores the untrained base beside the export (a pipeline's stage 1 builds the tiny one)
+    evaluation = [f"output_dir={out}", "stage=eval", "paths.export_from=stage1"]
+    with pytest.raises(ConfigError, match=r"key 'model.base \(the floor of eval.compare_base\)': no such file "
+                                          r"or folder .*run/base"):
+        check_stages(load_config(None, evaluation))
+    check_stages(load_config(None, [*evaluation, "eval.compare_base=false"]))
     # a bad row of the user's stage-2 file is named at the pipeline's start, though stage 2 reads mined copies
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(NLI).readline() + '{"query": "q", "pos": "p", "instruction": "i"}\n')

@@ -35,20 +35,33 @@ class Encoder:
     def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None,
                         max_text_len: int | None = None, pooling: str | None = None):
         """pooling: an ``eval.pooling`` value in place of the export's own (to try one without retraining)."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         meta = ExportMeta.read(path)
-        try:
-            pooled = meta.pooled_positions if pooling is None else pooled_positions(pooling, meta.num_embed_tokens)
-        except ValueError as e:
-            raise InputError(f"pooling: {e}") from None
+        pooled = _pooled(meta, pooling)
         tokenizer = AutoTokenizer.from_pretrained(path)
         meta.check_tokenizer(path, tokenizer)
         tokenizer = prepare_tokenizer(tokenizer, meta.num_embed_tokens)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        sdpa_without_cudnn()  # Transformers' default attention is SDPA
-        model = AutoModel.from_pretrained(path, dtype=dtype or "auto").to(device)
-        return cls(model, tokenizer, meta.num_embed_tokens, meta.instruction, max_text_len or meta.max_text_len,
+        return cls(_load(path, device, dtype), tokenizer, meta.num_embed_tokens, meta.instruction,
+                   max_text_len or meta.max_text_len, export_prompts(meta), pooled)
+
+    @classmethod
+    def untrained(cls, base: str, meta: ExportMeta, device: str | None = None, dtype: torch.dtype | None = None,
+                  pooling: str | None = None):
+        """The base model before any training, reading text as the export ``meta`` describes it (its k EMBED
+        tokens added, with the instruction, text budget and pooling of ``meta``, or ``pooling``): the floor a
+        trained model must beat.  The new EMBED rows get the vocabulary's mean (``resize_token_embeddings``;
+        its draw is seeded and leaves the global RNG as it was, so the floor is one number per base)."""
+        from transformers import AutoTokenizer
+
+        pooled = _pooled(meta, pooling)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(base), meta.num_embed_tokens)
+        model = _load(base, device, dtype)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model.resize_token_embeddings(len(tokenizer))
+        return cls(model, tokenizer, meta.num_embed_tokens, meta.instruction, meta.max_text_len,
                    export_prompts(meta), pooled)
 
     def encode_query(self, sentences, **kwargs):
@@ -90,3 +103,20 @@ class Encoder:
         dim = self.model.config.hidden_size
         emb = torch.stack(out) if out else torch.empty((0, dim))
         return emb.numpy() if convert_to_numpy else emb
+
+
+def _pooled(meta: ExportMeta, pooling: str | None) -> list[int] | None:
+    """The 0-based e_i an embedding averages: the export's own, or ``pooling`` (an eval.pooling value)."""
+    try:
+        return meta.pooled_positions if pooling is None else pooled_positions(pooling, meta.num_embed_tokens)
+    except ValueError as e:
+        raise InputError(f"pooling: {e}") from None
+
+
+def _load(path: str, device: str | None, dtype: torch.dtype | None):
+    """The bare transformer (no LM head) of a model folder or hub name, on ``device`` (default: CUDA if present)."""
+    from transformers import AutoModel
+
+    sdpa_without_cudnn()  # Transformers' default attention is SDPA
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return AutoModel.from_pretrained(path, dtype=dtype or "auto").to(device)

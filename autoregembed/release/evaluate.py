@@ -59,3 +59,16 @@ def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progre
     r = sts_eval(encoder, path, batch_size, show_progress_bar)
     return {"model": model, "sts": path, "spearman_x100": round(r["spearman"], 2),
             "mean_pairwise_cosine": round(r["mean_cosine"], 4)}
+
+
+def base_report(base: str, model: str, path: str, batch_size: int = 64, pooling: str | None = None,
+                show_progress_bar: bool = True) -> dict:
+    """The untrained ``base``'s STS on ``path``, reading text as the export ``model`` does
+    (``Encoder.untrained``): the floor its ``spearman_x100`` must beat, the keys ``sts_report`` adds
+    to with ``autoregembed eval --base`` and ``eval.compare_base``.  Loaded after the export's own
+    evaluation, so the two models never share the device."""
+    from .encoder import Encoder
+    from .meta import ExportMeta
+
+    r = sts_eval(Encoder.untrained(base, ExportMeta.read(model), pooling=pooling), path, batch_size, show_progress_bar)
+    return {"base_model": base, "base_spearman_x100": round(r["spearman"], 2)}

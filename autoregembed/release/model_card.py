@@ -121,6 +121,9 @@ def card_text(folder: str, meta: ExportMeta) -> str:
         lines += ["| data | Spearman x100 | mean pairwise cosine |", "| --- | --- | --- |",
                   f"| {os.path.basename(results.get('sts', 'STS'))} | {results['spearman_x100']:.2f} | "
                   f"{results.get('mean_pairwise_cosine', float('nan')):.3f} |"]
+        if "base_spearman_x100" in results:
+            lines.append(f"| the same, untrained base `{results['base_model']}` (mean of its EMBED states) | "
+                         f"{results['base_spearman_x100']:.2f} | |")
     else:
         lines.append("Not evaluated yet (`autoregembed eval --model <folder> --sts <file>` or `--mteb <tasks>`).")
     return "\n".join(lines) + "\n"

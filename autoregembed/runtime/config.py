@@ -278,6 +278,9 @@ class EvalConfig:
     # published mean of e_1..e_k) | all_but_last | 1-based positions, e.g. 1,2,3. Stored in the export;
     # `autoregembed eval --pooling` tries another on an export. all_but_last measured best (docs/guide.md)
     pooling: str = "all_but_last"
+    # also score the untrained base model, read as the export reads text (Encoder.untrained): the floor the
+    # trained model must beat, in eval/result.json and the log, with a warning when the model is below it
+    compare_base: bool = True
     batch_size: int = 64
     # every N optimizer steps of a training stage, STS Spearman of the model in training on sts_file
     # (sts_spearman in metrics.jsonl, the progress line and the plot): a collapse seen while it happens; 0: off

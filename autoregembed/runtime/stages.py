@@ -158,6 +158,10 @@ class Stage1(TrainingStage):
     def needs(self, cfg):
         return _source_keys(cfg, 1)
 
+    def writes(self, cfg):
+        tiny = [cfg.base_model_dir] if cfg.model.base == "tiny" else []  # prepare_base builds it on first use
+        return super().writes(cfg) + tiny
+
     def make_batch(self, cfg, rows, text_encoder, references):
         return compression_batch(rows, text_encoder, cfg.loss.stage1_contrast > 0)
 
@@ -395,7 +399,7 @@ class Export(Stage):
 
 
 class Eval(Stage):
-    """STS Spearman of the run's export on eval.sts_file.
+    """STS Spearman of the run's export on eval.sts_file, beside the untrained base's (eval.compare_base).
 
     Stage 2's export in a pipeline, else ``paths.export_from``'s; written to
     ``<output_dir>/eval/result.json`` and the export's model card."""
@@ -406,15 +410,16 @@ class Eval(Stage):
         return cfg.export_dir(STAGE2.name if cfg.is_pipeline else export_source(cfg))
 
     def needs(self, cfg):
-        return {"eval.sts_file": cfg.sts_file}
+        base = {"model.base (the floor of eval.compare_base)": cfg.base_model_dir} if cfg.eval.compare_base else {}
+        return {"eval.sts_file": cfg.sts_file, **base}
 
     def check(self, cfg, earlier):
-        super().check(cfg, earlier)
         model = self.model_dir(cfg)
         if model not in earlier and not os.path.isfile(os.path.join(model, "autoregembed.json")):
             raise ConfigError(f"key 'paths.export_from' = {cfg.paths.export_from}: no export at {model} to "
                               f"evaluate; run stage={cfg.paths.export_from} (or stage=export) into this "
                               f"output_dir first")
+        super().check(cfg, earlier)
 
     def run(self, cfg, ds_path, resume):
         score = evaluate(cfg, self.model_dir(cfg))["spearman_x100"] if D.rank() == 0 else None

@@ -449,15 +449,21 @@ def evaluate(cfg: Config, model_dir: str) -> dict:
     """STS of ``model_dir`` on ``cfg.sts_file``, as ``autoregembed eval`` prints it; also written
     to ``<output_dir>/eval/result.json`` (read by ``autoregembed plot``)."""
     from ..release.encoder import Encoder
-    from ..release.evaluate import sts_report
+    from ..release.evaluate import base_report, sts_report
     from ..release.model_card import write_model_card
 
     result = sts_report(Encoder.from_pretrained(model_dir), model_dir, cfg.sts_file, cfg.eval.batch_size)
+    log(f"eval: STS Spearman x100 = {result['spearman_x100']:.2f}, mean pairwise cosine "
+        f"{result['mean_pairwise_cosine']:.3f} "
+        f"({cfg.sts_file}, model {model_dir})")
+    if cfg.eval.compare_base:
+        result.update(base_report(cfg.base_model_dir, model_dir, cfg.sts_file, cfg.eval.batch_size))
+        gain = result["spearman_x100"] - result["base_spearman_x100"]
+        log(f"eval: the untrained base scores {result['base_spearman_x100']:.2f} read the same way (the mean of its "
+            f"EMBED states): the training moved STS by {gain:+.2f}"
+            + ("; WARNING: below the untrained base, the training made the embedding worse" if gain < 0 else ""))
     write_model_card(model_dir, result)  # the card shows what the run measured
     path = os.path.join(cfg.output_dir, EVAL_RESULT)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    log(f"eval: STS Spearman x100 = {result['spearman_x100']:.2f}, mean pairwise cosine "
-        f"{result['mean_pairwise_cosine']:.3f} "
-        f"({cfg.sts_file}, model {model_dir})")
     return result

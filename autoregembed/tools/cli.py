@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     ev.add_argument("--output", default="mteb-results", help="--mteb: folder for mteb's result files (default: %(default)s)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--pooling", default=None, help=pooling_help + " (with --sts)")
+    ev.add_argument("--base", default=None, help="with --sts: also score this untrained base model read the same "
+                    "way (the floor the export must beat; a folder or hub name)")
     pu = sub.add_parser("push", help="an export to a Hugging Face Hub model repository (one commit, a card for the repo)")
     pu.add_argument("--model", required=True, help="the export folder")
     pu.add_argument("--repo", required=True, help="owner/name; created if it does not exist")
@@ -298,13 +300,19 @@ def _encode_or_eval(args) -> int:
         from ..release.mteb_model import run_mteb
         from ..runtime.errors import InputError
 
-        if args.pooling is not None:
-            raise InputError("--pooling applies to --sts and encode; MTEB reads the export's own pooling")
+        if args.pooling is not None or args.base is not None:
+            raise InputError("--pooling and --base apply to --sts; MTEB reads the export's own pooling")
 
         scores = run_mteb(args.model, [t.strip() for t in args.mteb.split(",") if t.strip()], args.output,
                           args.batch_size)
         print(json.dumps({"model": args.model, "results": args.output, "main_score_x100": scores}))
         return 0
+    if getattr(args, "base", None):
+        from ..runtime.config import looks_local
+        from ..runtime.errors import InputError
+
+        if looks_local(args.base) and not os.path.isdir(os.path.expanduser(args.base)):
+            raise InputError(f"--base {args.base}: no such model folder")
     model = Encoder.from_pretrained(args.model, pooling=args.pooling)
     if args.command == "encode":
         import numpy as np
@@ -319,10 +327,14 @@ def _encode_or_eval(args) -> int:
                 np.save(f, emb)
         print(json.dumps({"output": args.output, "shape": list(emb.shape)}))
         return 0
-    from ..release.evaluate import sts_report
+    from ..release.evaluate import base_report, sts_report
 
-    print(json.dumps({**sts_report(model, args.model, args.sts, args.batch_size),
-                      **({"pooling": args.pooling} if args.pooling else {})}))
+    result = {**sts_report(model, args.model, args.sts, args.batch_size),
+              **({"pooling": args.pooling} if args.pooling else {})}
+    del model  # the base loads after it, not beside it
+    if args.base:
+        result.update(base_report(args.base, args.model, args.sts, args.batch_size, args.pooling))
+    print(json.dumps(result))
     return 0
 
 

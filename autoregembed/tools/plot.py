@@ -53,7 +53,8 @@ def plot_run(run_dir: str, stages: tuple[str, ...], out: str | None = None) -> s
     if os.path.exists(eval_path):
         with open(eval_path) as f:
             r = json.load(f)
-        fig.suptitle(f"eval: STS Spearman x100 = {r['spearman_x100']:.2f} ({os.path.basename(r['sts'])})")
+        base = f", untrained base {r['base_spearman_x100']:.2f}" if "base_spearman_x100" in r else ""
+        fig.suptitle(f"eval: STS Spearman x100 = {r['spearman_x100']:.2f}{base} ({os.path.basename(r['sts'])})")
     fig.tight_layout()
     out = out or os.path.join(run_dir, "metrics.png")
     with atomic_file(out) as tmp:
