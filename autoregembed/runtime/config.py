@@ -333,7 +333,8 @@ class Config:
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    stage1: OptimConfig = field(default_factory=OptimConfig)
+    # the default job's stage 1 on the tiny model (docs/experiments.md); a real model sets its own
+    stage1: OptimConfig = field(default_factory=lambda: OptimConfig(max_steps=300, micro_batch_size=16))
     stage2: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=2e-4, max_steps=40))
     loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
