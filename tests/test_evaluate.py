@@ -87,3 +87,21 @@ def test_eval_base_scores_the_floor_beside_the_export(tiny_base, tiny_export, tm
     assert main(["eval", "--model", tiny_export, "--sts", SAMPLE, "--base", str(tmp_path / "gone")]) == 2
     assert "--base" in capsys.readouterr().err
     assert main(["eval", "--model", tiny_export, "--mteb", "STSBenchmark", "--base", tiny_base]) == 2
+
+
+def test_the_floor_is_computed_in_the_exports_dtype(tiny_base, tiny_export, tmp_path):
+    """A base checkpoint stored in bf16 beside an fp32 export is scored in fp32, as the export is."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.release.evaluate import base_report, sts_eval
+    from autoregembed.release.meta import ExportMeta
+
+    bf16 = str(tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(bf16)
+    fp32 = Encoder.untrained(bf16, ExportMeta.read(tiny_export), dtype=torch.float32)
+    assert next(fp32.model.parameters()).dtype == torch.float32
+    want = round(sts_eval(fp32, SAMPLE, show_progress_bar=False)["spearman"], 2)
+    assert base_report(bf16, tiny_export, SAMPLE, show_progress_bar=False)["base_spearman_x100"] == want

@@ -66,9 +66,14 @@ def base_report(base: str, model: str, path: str, batch_size: int = 64, pooling:
     """The untrained ``base``'s STS on ``path``, reading text as the export ``model`` does
     (``Encoder.untrained``): the floor its ``spearman_x100`` must beat, the keys ``sts_report`` adds
     to with ``autoregembed eval --base`` and ``eval.compare_base``.  Loaded after the export's own
-    evaluation, so the two models never share the device."""
+    evaluation, so the two models never share the device, and in the export's dtype, so both are
+    computed alike (a bf16 base checkpoint beside an fp32 CPU export would not be)."""
+    from transformers import AutoConfig
+
     from .encoder import Encoder
     from .meta import ExportMeta
 
-    r = sts_eval(Encoder.untrained(base, ExportMeta.read(model), pooling=pooling), path, batch_size, show_progress_bar)
+    floor = Encoder.untrained(base, ExportMeta.read(model), dtype=AutoConfig.from_pretrained(model).dtype,
+                              pooling=pooling)
+    r = sts_eval(floor, path, batch_size, show_progress_bar)
     return {"base_model": base, "base_spearman_x100": round(r["spearman"], 2)}
