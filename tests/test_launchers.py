@@ -92,7 +92,8 @@ def test_slurm_pipeline_runs_the_pipelines_stages(slurm, tmp_path):
     model = os.path.join(out, "stage2", "model")
     assert os.path.exists(os.path.join(model, "model.safetensors.index.json")), logs
     assert os.path.exists(os.path.join(out, "reference", "scores.safetensors"))
-    assert json.load(open(os.path.join(out, "eval", "result.json")))["model"] == model
+    result = json.load(open(os.path.join(out, "eval", "result.json")))
+    assert result["model"] == model and -100 <= result["base_spearman_x100"] <= 100  # and its floor (compare_base)
 
 
 def test_slurm_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
