@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from harness import ROOT, record_header  # bench/harness.py, beside this script
 
+from autoregembed.runtime.atomic import atomic_write_text  # noqa: E402
+
 
 def run_seed(seed: int, sets: list[str], out: str, threads: int) -> dict:
     """One default job, then its stage-1 export scored as the pipeline scores stage 2's."""
@@ -77,8 +79,7 @@ def main():
               "summary": summary(rows)}
     print(json.dumps(record["summary"]))
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results, "w") as f:
-        f.write(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.results, json.dumps(record, indent=2) + "\n")  # a kill never leaves half a record
 
 
 if __name__ == "__main__":
