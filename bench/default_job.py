@@ -21,7 +21,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import ROOT, record_header  # bench/harness.py, beside this script
+from harness import ROOT, json_child, record_header  # bench/harness.py, beside this script
 
 from autoregembed.runtime.atomic import atomic_write_text  # noqa: E402
 
@@ -37,13 +37,12 @@ def run_seed(seed: int, sets: list[str], out: str, threads: int) -> dict:
         raise RuntimeError(f"seed {seed}: train.py exited {job.returncode}:\n{job.stderr[-3000:]}")
     with open(os.path.join(run, "eval", "result.json")) as f:
         result = json.load(f)
-    stage1 = subprocess.run([sys.executable, "-m", "autoregembed.tools.cli", "eval", "--model",
-                             os.path.join(run, "stage1", "model"), "--sts", result["sts"]],
-                            env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    stage1 = json_child([sys.executable, "-m", "autoregembed.tools.cli", "eval", "--model",
+                         os.path.join(run, "stage1", "model"), "--sts", result["sts"]], env)
     with open(os.path.join(run, "stage1", "metrics.jsonl")) as f:
         gap = [json.loads(line)["info_gap"] for line in f if '"info_gap"' in line][-1]
     return {"seed": seed, "info_gap": round(gap, 4), "base": result["base_spearman_x100"],
-            "stage1": json.loads(stage1.stdout.strip().splitlines()[-1])["spearman_x100"],
+            "stage1": stage1["spearman_x100"],
             "stage2": result["spearman_x100"], "sts": result["sts"]}
 
 
@@ -69,7 +68,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or tmp
+        out = os.path.abspath(args.out or tmp)  # the jobs run from the checkout's root, wherever this runs
         with ThreadPoolExecutor(args.jobs) as pool:
             rows = list(pool.map(lambda s: run_seed(s, args.sets, out, threads), seeds))
     for r in rows:
