@@ -105,3 +105,26 @@ def test_the_floor_is_computed_in_the_exports_dtype(tiny_base, tiny_export, tmp_
     assert next(fp32.model.parameters()).dtype == torch.float32
     want = round(sts_eval(fp32, SAMPLE, show_progress_bar=False)["spearman"], 2)
     assert base_report(bf16, tiny_export, SAMPLE, show_progress_bar=False)["base_spearman_x100"] == want
+
+
+def test_a_dead_model_is_refused_not_scored_nan(tiny_export, tmp_path):
+    """An export whose embeddings are all zero (its final norm zeroed) scores NaN: ``why_dead`` names it,
+    and ``autoregembed eval`` refuses with one line and exit 2 instead of printing a NaN score."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.runtime.diagnostics import why_dead
+    from helpers import run_child
+
+    assert why_dead(Encoder.from_pretrained(tiny_export)) is None
+    dead = tmp_path / "dead"
+    shutil.copytree(tiny_export, dead)
+    for shard in dead.glob("model-*.safetensors"):
+        tensors = load_file(shard)
+        save_file({n: t * 0 if n == "norm.weight" else t for n, t in tensors.items()}, shard, metadata={"format": "pt"})
+    assert why_dead(Encoder.from_pretrained(str(dead))) == "8 of 8 probe texts embed as all-zero vectors"
+    r = run_child(["-m", "autoregembed.tools.cli", "eval", "--model", dead, "--sts", SAMPLE])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "STS score is not a number" in r.stderr and "NaN" not in r.stdout

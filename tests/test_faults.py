@@ -247,3 +247,34 @@ def test_sigterm_during_reference_scoring_is_not_swallowed(earlier_run, tmp_path
     ref_dir = os.path.join(earlier_run, "reference")
     assert open(os.path.join(ref_dir, "PREEMPTED")).read() == "reference"
     assert not os.path.exists(os.path.join(ref_dir, "scores.safetensors"))
+
+
+def test_one_key_of_a_stage_section_keeps_its_defaults_through_training_and_export(tmp_path):
+    """``--set stage1.max_steps=2`` alone: stage 1 still trains 16-row micro-batches at its own
+    learning rate, the export records them, and a later export from the checkpoint is not refused."""
+    out = str(tmp_path / "run")
+    sets = ["stage=stage1", "stage1.max_steps=2", "model.match_decoder_scale=false", "model.shared_prefix_steps=2",
+            f"model.base={TINY_BASE['path']}", f"output_dir={out}"]
+    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)]])
+    assert r.returncode == 0, r.stderr[-3000:]
+    training = json.load(open(os.path.join(out, "stage1", "model", "autoregembed.json")))["training"]
+    assert training["batch"] == "16 x 1 accumulation x 1 ranks"
+    assert training["learning rate"] == "0.001 (linear, 5 warm-up steps)"
+    r = run_child([os.path.join(ROOT, "train.py"),
+                   *[a for kv in sets + ["stage=export", "paths.export_from=stage1"] for a in ("--set", kv)]])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_a_dead_model_is_never_exported_and_its_checkpoint_is_kept(tmp_path):
+    """lr 1e3 without clipping zeroes every embedding: the run stops with one line and exit 2 instead of
+    exporting a model that scores NaN, and the checkpoint stays for a look."""
+    out = str(tmp_path / "run")
+    r = _train(out, "stage1.max_steps=10", "stage1.learning_rate=1e3", "stage1.warmup_steps=0",
+               "stage1.gradient_clipping=0", "model.shared_prefix_steps=2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("autoregembed: error:")]
+    assert len(err) == 1 and "Traceback" not in r.stderr
+    assert "stage1: the trained model is dead (8 of 8 probe texts embed as all-zero vectors); not exported" in err[0]
+    assert "lower stage1.learning_rate (now 1000)" in err[0]
+    assert not os.path.exists(os.path.join(out, "stage1", "model"))
+    assert _listing(out) == ["latest", "step00000010"]

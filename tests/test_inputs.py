@@ -98,6 +98,46 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
     assert cfg.data.max_negatives == 3
 
 
+def _one_key_settings():
+    """Every scalar key of every section, as ``--set`` text holding its default value."""
+    import dataclasses
+
+    import yaml
+
+    default = load_config(None, [])
+    for section in dataclasses.fields(default):
+        value = getattr(default, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        fields = [f.name for f in dataclasses.fields(value) if f.name != "objective"]
+        fields += [f.name for f in dataclasses.fields(getattr(value, "objective", None) or value)
+                   if hasattr(value, "objective")]
+        for name in fields:
+            v = getattr(value.objective, name) if not hasattr(value, name) else getattr(value, name)
+            if isinstance(v, (list, dict)):
+                continue
+            yield f"{section.name}.{name}", v if isinstance(v, str) else yaml.safe_dump(v).split("\n")[0]
+
+
+def test_setting_one_key_of_a_section_keeps_its_other_defaults(tmp_path):
+    """Stage sections have defaults of their own (stage 2 learns at 2e-4, stage 1 takes 16 rows): a
+    section built from one key must merge onto them, from --set and from YAML alike."""
+    default = load_config(None, [])
+    settings = list(_one_key_settings())
+    assert {"stage1.max_steps", "stage2.learning_rate", "loss.beta", "mine.negatives", "eval.pooling"} <= \
+           {k for k, _ in settings}
+    for key, text in settings:
+        assert load_config(None, [f"{key}={text}"]) == default, key
+    changed = load_config(None, ["stage2.max_steps=100"])
+    assert (changed.stage2.max_steps, changed.stage2.learning_rate) == (100, default.stage2.learning_rate)
+    assert changed.stage1 == default.stage1
+    y = tmp_path / "c.yaml"
+    y.write_text("stage1: {max_steps: 5}\nstage2: {max_steps: 5}\nloss: {tau: 0.2}\n")
+    from_yaml = load_config(str(y))
+    assert (from_yaml.stage1.micro_batch_size, from_yaml.stage2.learning_rate) == (16, 2e-4)
+    assert (from_yaml.loss.objective.tau, from_yaml.loss.objective.beta) == (0.2, default.loss.objective.beta)
+
+
 def test_config_runtime_checks_name_the_key(tmp_path):
     cfg = load_config(None, [f"data.stage2={tmp_path}/missing.jsonl"])
     with pytest.raises(ConfigError, match=r"key 'data.stage2': no such file"):

@@ -51,7 +51,12 @@ def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool =
     pos = {s: i for i, s in enumerate(uniq)}
     emb64 = emb.astype(np.float64)  # float32 cosines tie by rounding, and Spearman ranks the ties arbitrarily
     cos = np.sum(emb64[[pos[s] for s in a]] * emb64[[pos[s] for s in b]], axis=1)
-    return {"spearman": float(spearmanr(cos, gold).statistic * 100), "mean_cosine": mean_pairwise_cosine(emb)}
+    spearman = float(spearmanr(cos, gold).statistic * 100)
+    if not np.isfinite(emb64).all() or spearman != spearman:  # a NaN score is no result: never written as one
+        raise InputError(f"{path}: the model's STS score is not a number (its embeddings are "
+                         f"{'non-finite' if not np.isfinite(emb64).all() else 'the same for every text'}); "
+                         f"the model is dead, not evaluated")
+    return {"spearman": spearman, "mean_cosine": mean_pairwise_cosine(emb)}
 
 
 def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progress_bar: bool = True) -> dict:

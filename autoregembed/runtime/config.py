@@ -441,7 +441,9 @@ MOVED = {  # keys of earlier releases -> where they live now (batching choices l
 }
 
 
-def _build(cls, data: dict, prefix: str):
+def _build(cls, data: dict, prefix: str, default=None):
+    """``data`` merged onto ``default`` (a section's own default instance, e.g. ``Config().stage1``, whose
+    values differ from its class's), so setting one key never resets the section's other defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -462,16 +464,18 @@ def _build(cls, data: dict, prefix: str):
             raise ConfigError(f"key '{prefix}{k}' is now '{MOVED[prefix + k]}'")
         if k not in names:
             raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+    default = cls() if default is None else default
     kwargs = {}
     for k, v in data.items():
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+            kwargs[k] = _build(tp, v, f"{prefix}{k}.", getattr(default, k))
         else:
             kwargs[k] = _coerce(v, tp, prefix + k)
     if component is not None:
-        kwargs["objective"] = _build(component, component_data, prefix)
-    return cls(**kwargs)
+        same_kind = isinstance(getattr(default, "objective", None), component)
+        kwargs["objective"] = _build(component, component_data, prefix, default.objective if same_kind else None)
+    return dataclasses.replace(default, **kwargs)
 
 
 def _set_dotted(tree: dict, dotted: str, value):

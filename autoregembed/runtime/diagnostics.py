@@ -8,6 +8,9 @@ compressed tokens carry about their own text; near zero, the embedding cannot te
 """
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import torch
 
 from . import distributed as D
@@ -36,19 +39,44 @@ def information_gap(engine, batches: list) -> dict:
     return {"loss_shared": -shared / tokens, "info_gap": (own - shared) / tokens, "info_gap_text": (own - shared) / texts}
 
 
-def sts_during_training(engine, text_encoder, instruction: str, sts_file: str, batch_size: int) -> dict:
-    """STS Spearman x100 and mean pairwise cosine of the model as it is now (``eval.every``), read as an
-    export is read (``Encoder`` over the engine's encoder), in eval mode; back in training mode after.
-    Every rank encodes every text: under ZeRO-3 each forward gathers parameters from all ranks."""
-    module = engine.module
+@contextlib.contextmanager
+def reading_as_export(engine, text_encoder, instruction: str):
+    """The model as it is now, read as an export is read (an ``Encoder`` over the engine's encoder), in
+    eval mode; the engine's mode is restored after.  Every rank must encode the same texts: under
+    ZeRO-3 each forward gathers parameters from all ranks."""
+    module, training = engine.module, engine.module.training
     engine.eval()
     try:
-        encoder = Encoder(module.encoder, text_encoder.tokenizer, module.k, instruction, text_encoder.max_text_len,
-                          pooled=module.pooled)
-        r = sts_eval(encoder, sts_file, batch_size, show_progress_bar=False)
+        yield Encoder(module.encoder, text_encoder.tokenizer, module.k, instruction, text_encoder.max_text_len,
+                      pooled=module.pooled)
     finally:
-        engine.train()
+        engine.train(training)
+
+
+def sts_during_training(engine, text_encoder, instruction: str, sts_file: str, batch_size: int) -> dict:
+    """STS Spearman x100 and mean pairwise cosine of the model as it is now (``eval.every``)."""
+    with reading_as_export(engine, text_encoder, instruction) as encoder:
+        r = sts_eval(encoder, sts_file, batch_size, show_progress_bar=False)
     return {"sts_spearman": r["spearman"], "sts_mean_cosine": r["mean_cosine"]}
+
+
+# Texts of different kinds and lengths that every usable model embeds as unit vectors.
+ALIVE_TEXTS = ("A man is playing a guitar on the stage.", "The stock market fell sharply on Monday.",
+               "How do I reset my password?", "Photosynthesis turns light into chemical energy.",
+               "Two dogs run across a snowy field.", "The committee approved the new budget after a long debate.",
+               "bonjour", "3.14159")
+
+
+def why_dead(encoder) -> str | None:
+    """Why ``encoder``'s embeddings (an ``Encoder``: L2-normalised, so a zero state stays zero) are no
+    model, or None: any non-finite, or any all zero.  Such a model scores NaN and must never be exported
+    as a result (training that diverged or died exits 0 otherwise)."""
+    emb = encoder.encode(list(ALIVE_TEXTS), batch_size=len(ALIVE_TEXTS))
+    n = len(emb)
+    if not np.isfinite(emb).all():
+        return f"{int((~np.isfinite(emb)).any(axis=1).sum())} of {n} probe texts embed as non-finite values"
+    zero = int((np.linalg.norm(emb, axis=1) < 0.5).sum())
+    return f"{zero} of {n} probe texts embed as all-zero vectors" if zero else None
 
 
 class HealthWatch:
@@ -68,7 +96,7 @@ class HealthWatch:
         if self.tiny_grads >= DEAD_STEPS:
             self._warn("dead", f"WARNING: gradient norm {grad:.3g} for {self.tiny_grads} steps up to step "
                                f"{record['step']}: training has died (learning rate too high without clipping?); "
-                               f"the export will be the model as it is now")
+                               f"an export whose embeddings are dead is refused")
         if "info_gap" in record:
             self.last_gap = (record["step"], record["info_gap"], record["info_gap_text"])
             if record["step"] > self.gap_from and record["info_gap"] < GAP_FLOOR:

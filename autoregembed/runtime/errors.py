@@ -25,6 +25,11 @@ class StorageError(UserError, OSError):
     """Writing an output failed (a full disk, a read-only folder); what was there before is intact."""
 
 
+class TrainingDiverged(UserError, FloatingPointError):
+    """Training left a model that is no model (a non-finite loss, embeddings all zero or non-finite):
+    the settings, usually the learning rate, are the user's to change; the checkpoints are kept."""
+
+
 def user_message(e: BaseException) -> str | None:
     """The one line a command prints for ``e``, or None when ``e`` is a bug (its traceback is owed).
     An OSError that names its file (missing, a folder, no permission, no space) is the user's

@@ -22,7 +22,8 @@ from ..method.batches import compression_batch, to_device, token_count
 from .config import Config
 from .data import row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
-from .diagnostics import PROBE_ROWS, HealthWatch, sts_during_training
+from .diagnostics import PROBE_ROWS, HealthWatch, reading_as_export, sts_during_training, why_dead
+from .errors import TrainingDiverged
 from .ds_config import build_ds_config, zero_stage
 from ..release.export import export_encoder
 from ..release.meta import ExportMeta
@@ -147,7 +148,17 @@ class Session:
         return self.engine.module.encoder
 
     def export(self, out_dir: str) -> str:
+        """The encoder as it is now into ``out_dir``; a dead model (``diagnostics.why_dead``) is refused
+        before anything is written, so no run ends with exit 0 and an export that scores NaN."""
         ev = self.cfg.eval
+        with reading_as_export(self.engine, self.text_encoder, ev.instruction) as encoder:
+            dead = why_dead(encoder)
+        if dead:
+            o = self.optim
+            raise TrainingDiverged(
+                f"{self.stage}: the trained model is dead ({dead}); not exported. Its checkpoints are kept in "
+                f"{self.cfg.checkpoint_dir(self.stage)}; lower {self.stage}.learning_rate (now {o.learning_rate:g}) "
+                f"and start the stage again")
         meta = ExportMeta(num_embed_tokens=self.cfg.model.num_embed_tokens, instruction=ev.instruction,
                           query_instruction=ev.query_instruction, document_instruction=ev.document_instruction,
                           max_text_len=self.cfg.data.max_text_len, stage=self.stage, base_model=self.cfg.model.base,
@@ -344,7 +355,9 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
                 total = total + loss / o.gradient_accumulation_steps
             mean = D.mean_across_ranks(float(total))
             if not torch.isfinite(torch.tensor(mean)):
-                raise FloatingPointError(f"{stage}: loss is {mean} at step {step + 1}")
+                raise TrainingDiverged(f"{stage}: loss is {mean} at step {step + 1}: training diverged; lower "
+                                       f"{stage}.learning_rate (now {o.learning_rate:g}) and start the stage again "
+                                       f"(checkpoints so far are in {ckpt_dir})")
             extra, t_extra = {}, time.time()
             if probe is not None and ((step + 1) % o.log_every == 0 or step + 1 == end):
                 with torch.no_grad():
