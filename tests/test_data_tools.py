@@ -148,3 +148,18 @@ def test_mining_fingerprint_follows_the_model_rows_and_settings(tiny_export, tin
     assert a != mining_fingerprint(tiny_export, [{**rows[0], "pos": rows[0]["pos"] + "!"}] + rows[1:], settings)
     assert a != mining_fingerprint(tiny_export, rows, {**settings, "skip_top": 1})
     assert a != mining_fingerprint(tiny_base, rows, settings)
+
+
+@pytest.mark.parametrize("flag,value,rule", [("--max-similarity", "nan", "a cosine in"),
+                                             ("--max-similarity", "1.5", "a cosine in"),
+                                             ("--negatives", "-3", ">= 1"), ("--batch-size", "0", ">= 1"),
+                                             ("--skip-top", "-1", ">= 0")])
+def test_mine_refuses_bad_flags_before_the_model_loads(tmp_path, capsys, flag, value, rule):
+    """NaN or 1.5 used to turn the near-duplicate filter off in silence; the others failed after loading."""
+    missing = str(tmp_path / "no-such-model")  # never read: the flags are checked first
+    assert main(["mine", "--model", missing, "--queries", NLI, "--output", str(tmp_path / "o.jsonl"),
+                 flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"autoregembed: error: {flag} must be {rule}") and "\n" not in err
+    assert err.endswith(f"got {value}")
+    assert not (tmp_path / "o.jsonl").exists()

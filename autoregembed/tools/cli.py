@@ -255,6 +255,15 @@ def _mine(args) -> int:
     from ..release.encoder import Encoder
     from .mine import default_corpus, mine_negatives, read_corpus, read_queries
 
+    from ..runtime.errors import InputError
+
+    for flag, value, ok, rule in (("--negatives", args.negatives, args.negatives >= 1, ">= 1"),
+                                  ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+                                  ("--skip-top", args.skip_top, args.skip_top >= 0, ">= 0"),
+                                  ("--max-similarity", args.max_similarity, 0 < args.max_similarity <= 1,
+                                   "a cosine in (0, 1] (1: no near-duplicate filter)")):
+        if not ok:  # NaN fails every comparison, so it is refused too
+            raise InputError(f"{flag} must be {rule}, got {value}")
     rows = read_queries(args.queries, with_negatives=args.corpus is None)  # bad input fails before the model loads
     corpus = read_corpus(args.corpus) if args.corpus else default_corpus(rows)
     mined = mine_negatives(Encoder.from_pretrained(args.model), rows, corpus, args.negatives, args.skip_top,
