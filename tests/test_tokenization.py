@@ -4,6 +4,7 @@ from transformers import AutoTokenizer
 
 from autoregembed.method.logprobs import IGNORE_INDEX
 from autoregembed.method.tokenization import TextEncoder, decoder_labels, embed_token_names, prepare_tokenizer
+from autoregembed.runtime.errors import InputError
 
 K = 5
 
@@ -70,3 +71,44 @@ def test_missing_embed_tokens_is_an_error(tiny_base):
     tok = AutoTokenizer.from_pretrained(tiny_base)
     with pytest.raises(ValueError, match="EMBED"):
         TextEncoder(tok, K)
+
+
+def test_instructions_with_special_tokens_or_without_room_for_a_text_are_refused(te):
+    """A literal <EMBED0> in an instruction is read as the token itself (sentence-transformers' pooling then
+    reads other states than the encoder); an instruction that leaves no room for a whole text in the model's
+    positions collapses every embedding. Both are refused naming the key, the second with its budget."""
+    for bad in ("Find <EMBED0> similar text.", f"Find {te.tokenizer.eos_token} text."):
+        with pytest.raises(InputError, match=r"^key 'eval.instruction': holds the special token"):
+            te.instruction_ids(bad, "key 'eval.instruction'")
+    with pytest.raises(InputError, match=r"^instruction: holds the special token\(s\) <EMBED0>"):
+        te.encoder_ids("a text", "see <EMBED0>")  # rows' own instructions too
+    bounded = TextEncoder(te.tokenizer, K, max_text_len=8, max_positions=40)
+    fits = "Retrieve semantically similar text."
+    assert bounded.instruction_ids(fits) == te.instruction_ids(fits)
+    long = "Retrieve semantically similar text. " * 10
+    n = len(te.instruction_ids(long))
+    with pytest.raises(InputError, match=rf"^key 'eval.instruction': {n} tokens \(with its two newlines\), but the "
+                                         rf"model's 40 positions leave 26 beside BOS, a text of up to "
+                                         rf"data.max_text_len=8 tokens and 5 EMBED tokens; shorten it$"):
+        bounded.instruction_ids(long, "key 'eval.instruction'")
+
+
+def test_the_config_refuses_embed_tokens_in_instructions_before_any_tokenizer_loads(tmp_path):
+    from autoregembed.runtime.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"key 'eval.query_instruction': holds '<EMBED'"):
+        load_config(None, ["eval.query_instruction=find <EMBED1>"])
+    y = tmp_path / "c.yaml"
+    y.write_text("data:\n  stage2:\n    - {path: x.jsonl, instruction: 'a <EMBED0>'}\n")
+    with pytest.raises(ConfigError, match=r"key 'data.stage2\[0\].instruction': holds '<EMBED'"):
+        load_config(str(y))
+
+
+def test_an_export_reads_no_instruction_it_cannot_fit(tiny_export):
+    from autoregembed.release.encoder import Encoder
+
+    enc = Encoder.from_pretrained(tiny_export)
+    with pytest.raises(InputError, match=r"^instruction: holds the special token"):
+        enc.encode(["a text"], instruction="<EMBED2>")
+    with pytest.raises(InputError, match=r"^instruction: \d+ tokens .* the model's \d+ positions leave"):
+        enc.encode(["a text"], instruction="word " * 5000)

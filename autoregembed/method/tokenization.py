@@ -43,23 +43,49 @@ def prepare_tokenizer(tokenizer, k: int):
 
 @dataclass
 class TextEncoder:
-    """Turns (text, instruction) pairs and targets into padded id tensors."""
+    """Turns (text, instruction) pairs and targets into padded id tensors.  ``max_positions``: the
+    model's positions (``max_position_embeddings``; None: unchecked), which every instruction must
+    leave room in for a whole text budget."""
 
     tokenizer: object
     k: int
     max_text_len: int = 256
     max_target_len: int = 256
+    max_positions: int | None = None
 
     def __post_init__(self):
         self.embed_ids = self.tokenizer.convert_tokens_to_ids(embed_token_names(self.k))
         if any(i is None or i == self.tokenizer.unk_token_id for i in self.embed_ids):
             raise ValueError(f"tokenizer lacks the EMBED tokens; call prepare_tokenizer(tokenizer, {self.k})")
+        self._tails: dict[str, list[int]] = {}  # instruction -> its checked ids
 
     def _ids(self, s: str) -> list[int]:
         return self.tokenizer(s, add_special_tokens=False)["input_ids"]
 
-    def encoder_ids(self, text: str, instruction: str) -> list[int]:
+    def instruction_ids(self, instruction: str, key: str = "instruction") -> list[int]:
+        """The ids of "\n" instruction "\n", refused (InputError naming ``key``) when it holds a special
+        token (a literal <EMBED0> is read as the token itself, so the EMBED tokens would no longer be only
+        the last k: the sentence-transformers pooling and the encoder would read different states) or
+        leaves no room for a whole text in the model's positions (the embedding would collapse)."""
+        tail = self._tails.get(instruction)
+        if tail is not None:
+            return tail
         tail = self._ids("\n" + instruction + "\n")
+        special = sorted(set(tail) & set(self.tokenizer.all_special_ids))
+        if special:
+            names = ", ".join(self.tokenizer.convert_ids_to_tokens(special))
+            raise InputError(f"{key}: holds the special token(s) {names}, which only the encoder may place; "
+                             f"write the instruction without them")
+        room = None if self.max_positions is None else self.max_positions - 1 - self.max_text_len - self.k
+        if room is not None and len(tail) > room:
+            raise InputError(f"{key}: {len(tail)} tokens (with its two newlines), but the model's "
+                             f"{self.max_positions} positions leave {max(room, 0)} beside BOS, a text of up to "
+                             f"data.max_text_len={self.max_text_len} tokens and {self.k} EMBED tokens; shorten it")
+        self._tails[instruction] = tail
+        return tail
+
+    def encoder_ids(self, text: str, instruction: str) -> list[int]:
+        tail = self.instruction_ids(instruction)
         return [self.tokenizer.bos_token_id] + self._ids(text)[: self.max_text_len] + tail + list(self.embed_ids)
 
     def target_ids(self, target: str) -> list[int]:

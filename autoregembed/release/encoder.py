@@ -29,7 +29,11 @@ class Encoder:
         self.pooled = pooled
         self.instruction = instruction
         self.prompts = {"query": instruction, "document": instruction, **(prompts or {})}
-        self.text_encoder = TextEncoder(tokenizer, k, max_text_len=max_text_len)
+        self.text_encoder = TextEncoder(tokenizer, k, max_text_len=max_text_len,
+                                        max_positions=getattr(model.config, "max_position_embeddings", None))
+        for name, text in self.prompts.items():  # each refused at load, not as collapsed embeddings later
+            self.text_encoder.instruction_ids(text, f"the instruction {name!r}")
+        self.text_encoder.instruction_ids(instruction)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None,

@@ -392,6 +392,16 @@ class Config:
             pooled_positions(self.eval.pooling, self.model.num_embed_tokens)
         except ValueError as e:
             raise ConfigError(f"key 'eval.pooling': {e}") from None
+        instructions = {f"eval.{k}": getattr(self.eval, k) for k in ("instruction", "query_instruction",
+                                                                      "document_instruction")}
+        for stage in (1, 2):
+            for i, s in enumerate(self.sources(stage)):
+                instructions.update({f"data.stage{stage}[{i}].{k}": getattr(s, k)
+                                     for k in ("instruction", "document_instruction")})
+        for key, text in instructions.items():  # the tokenizer refuses its other special tokens at load
+            if text is not None and "<EMBED" in text:
+                raise ConfigError(f"key '{key}': holds '<EMBED', the text of the compressed tokens only the "
+                                  f"encoder may place; write the instruction without it")
         if self.loss.stage1_contrast > 0 and self.stage1.micro_batch_size < 2:
             raise ConfigError("key 'loss.stage1_contrast': the contrast scores each target with another row's "
                               "compressed tokens, so stage1.micro_batch_size must be >= 2 (or set "

@@ -126,8 +126,12 @@ class Session:
             if os.path.isdir(encoder_path):  # a stage-1 export brings the decoder's shared prefix along
                 self.model.shared_prefix = read_prefix(encoder_path)
             self.model.pooled = pooled_positions(cfg.eval.pooling, m.num_embed_tokens)
-            self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens,
-                                            cfg.data.max_text_len, cfg.data.max_target_len)
+            self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens, cfg.data.max_text_len,
+                                            cfg.data.max_target_len,
+                                            getattr(self.model.encoder.config, "max_position_embeddings", None))
+            for key in ("instruction", "query_instruction", "document_instruction"):  # what the export will read
+                if getattr(cfg.eval, key) is not None:
+                    self.text_encoder.instruction_ids(getattr(cfg.eval, key), f"key 'eval.{key}'")
             kwargs = {}
             if train:
                 trainable = [p for p in self.model.parameters() if p.requires_grad]
