@@ -92,6 +92,7 @@ run_stage() {
     wait "$pid"; rc=$?
     kill -0 "$pid" 2>/dev/null || break
   done
+  # a stopped rank exits 75 (stopped, resumable) after rank 0 wrote the marker; torchrun reports that as a failure
   if [ -f "$sdir/PREEMPTED" ]; then
     echo "[slurm] $stage saved step $(cat "$sdir/PREEMPTED"); requeueing job $SLURM_JOB_ID"
     rm -f "$sdir/PREEMPTED" "$sdir/STOP"

@@ -8,7 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY_BASE, run_child
+from helpers import ROOT, TINY_BASE, child_command, child_env, run_child
+
+from autoregembed.runtime.preemption import EXIT_STOPPED
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_base")]
 
@@ -144,7 +146,7 @@ def test_a_stop_request_made_while_loading_is_honoured_not_deleted(tmp_path):
     os.makedirs(os.path.join(out, "stage1"))
     open(os.path.join(out, "stage1", "STOP"), "w").close()  # what the Slurm trap writes, before the model loads
     r = _train(out, "stage1.max_steps=4")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == EXIT_STOPPED, r.stderr[-3000:]  # not 0: `train.py && next-step` must not go on
     assert open(os.path.join(out, "stage1", "PREEMPTED")).read() == "1"
     assert not os.path.exists(os.path.join(out, "stage1", "STOP"))  # consumed: the requeued run goes on
     assert _listing(out) == ["latest", "step00000001"]
@@ -159,7 +161,7 @@ def test_a_stop_request_at_the_reference_stage_ends_the_run_for_requeue(earlier_
     open(os.path.join(ref_dir, "STOP"), "w").close()
     model = os.path.join(earlier_run, "stage1", "model")
     r = _train(earlier_run, "stage=reference", f"paths.stage1_model={model}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == EXIT_STOPPED, r.stderr[-3000:]
     assert open(os.path.join(ref_dir, "PREEMPTED")).read() == "reference"
     assert not os.path.exists(os.path.join(ref_dir, "STOP")) and not os.path.exists(os.path.join(ref_dir, "scores.safetensors"))
 
@@ -242,7 +244,7 @@ def test_sigterm_during_reference_scoring_is_not_swallowed(earlier_run, tmp_path
     model = os.path.join(earlier_run, "stage1", "model")
     r = _train(earlier_run, "stage=reference", f"paths.stage1_model={model}",
                script=_patched_train(tmp_path, SIGTERM_IN_REFERENCE))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == EXIT_STOPPED, r.stderr[-3000:]
     assert "reference: stop requested after 2 of 32 batches" in r.stdout
     ref_dir = os.path.join(earlier_run, "reference")
     assert open(os.path.join(ref_dir, "PREEMPTED")).read() == "reference"
@@ -278,3 +280,94 @@ def test_a_dead_model_is_never_exported_and_its_checkpoint_is_kept(tmp_path):
     assert "lower stage1.learning_rate (now 1000)" in err[0]
     assert not os.path.exists(os.path.join(out, "stage1", "model"))
     assert _listing(out) == ["latest", "step00000010"]
+
+
+STOP_IN_EVAL = """
+import os, signal, time
+import autoregembed.release.evaluate as evaluate
+real = evaluate.sts_eval
+def stopped_while_encoding(*a, **kw):
+    if {signal!r}:
+        os.kill(os.getpid(), signal.SIGTERM)
+    else:  # what the Slurm trap writes; the stage polls for it
+        open(os.path.join({out!r}, "eval", "STOP"), "w").close()
+    for _ in range(200):  # encoding: short calls, between which the stop lands
+        time.sleep(0.05)
+    return real(*a, **kw)
+evaluate.sts_eval = stopped_while_encoding
+"""
+
+
+@pytest.mark.parametrize("how", ["signal", "file"])
+def test_a_stop_during_eval_is_honoured_with_one_line_and_the_stopped_status(earlier_run, tmp_path, how):
+    """SIGTERM (or the STOP file) during the eval stage used to run on, say nothing and exit 0."""
+    eval_dir = os.path.join(earlier_run, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    args = ("stage=eval", "paths.export_from=stage1")
+    patch = STOP_IN_EVAL.format(signal=how == "signal", out=earlier_run)
+    r = _train(earlier_run, *args, script=_patched_train(tmp_path, patch))
+    assert r.returncode == EXIT_STOPPED, r.stderr[-3000:]
+    assert "eval: stop requested; exiting for requeue (the stage reruns)" in r.stdout and "Traceback" not in r.stderr
+    assert open(os.path.join(eval_dir, "PREEMPTED")).read() == "eval"
+    assert not os.path.exists(os.path.join(eval_dir, "STOP")) and not os.path.exists(os.path.join(eval_dir, "result.json"))
+    r = _train(earlier_run, *args, resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(os.path.join(eval_dir, "result.json")))["spearman_x100"] > -100
+    os.remove(os.path.join(eval_dir, "result.json"))
+
+
+def test_ctrl_c_during_training_saves_says_one_line_and_resumes_exactly(tmp_path):
+    """Ctrl-C used to print a 97-line KeyboardInterrupt traceback and save nothing."""
+    import signal
+    import subprocess
+    import time
+
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    steps = ("stage1.max_steps=30", "stage1.log_every=1")
+    assert _train(straight, *steps).returncode == 0
+    sets = [a for kv in [*TINY, f"model.base={TINY_BASE['path']}", f"output_dir={stopped}", *steps] for a in ("--set", kv)]
+    proc = subprocess.Popen(child_command([os.path.join(ROOT, "train.py"), *sets]), env=child_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(stopped, "stage1", "metrics.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    saved = [line for line in out.splitlines() if "stop requested; saved step" in line]
+    assert len(saved) == 1, out[-3000:]
+    step = int(saved[0].split("saved step ")[1].split()[0])
+    assert 3 <= step < 30 and open(os.path.join(stopped, "stage1", "PREEMPTED")).read() == str(step)
+    r = _train(stopped, *steps, resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _steps(stopped) == list(range(1, 31))
+    assert _losses(stopped) == pytest.approx(_losses(straight), rel=1e-6)
+
+
+def test_a_second_ctrl_c_quits_and_one_ctrl_c_seen_twice_does_not(monkeypatch, tmp_path):
+    """Under torchrun one Ctrl-C reaches a rank twice (the terminal's, then torchrun's): within
+    DEBOUNCE_S that is still one request; a later second Ctrl-C is the user quitting."""
+    import signal
+
+    from autoregembed.runtime import preemption
+
+    clock = [100.0]
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: clock[0])
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        preemption.install()
+        preemption._handler(signal.SIGINT, None)
+        clock[0] += preemption.DEBOUNCE_S / 2
+        preemption._handler(signal.SIGINT, None)  # the same Ctrl-C, relayed
+        assert preemption.requested(str(tmp_path))
+        clock[0] += preemption.DEBOUNCE_S
+        with pytest.raises(KeyboardInterrupt):
+            preemption._handler(signal.SIGINT, None)
+        preemption.honoured(str(tmp_path), "1")  # a request honoured starts the count again
+        preemption._handler(signal.SIGINT, None)
+        assert preemption.requested(str(tmp_path))
+        preemption.honoured(str(tmp_path), "2")
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -38,8 +38,9 @@ def _lock_output_dir(cfg: Config) -> RunLock | None:
     return lock
 
 
-def run(cfg: Config, ds_path, resume: bool = False) -> dict:
-    """Run ``cfg.stage`` (or the whole pipeline); returns where each artifact went.  Everything a
+def run(cfg: Config, ds_path, resume: bool = False) -> tuple[dict, str]:
+    """Run ``cfg.stage`` (or the whole pipeline); returns where each artifact went, and "done" or how the
+    run ended early (a StageResult status: "preempted", "stopped"; --resume continues).  Everything a
     user can get wrong (the config, the DeepSpeed file, every stage's inputs and rows) fails here
     before any model is built: the tiny default's base model alone takes minutes to build."""
     check_runtime(cfg, D.world_size())
@@ -54,16 +55,17 @@ def run(cfg: Config, ds_path, resume: bool = False) -> dict:
             lock.release()
 
 
-def _run_stages(cfg: Config, stages: list, ds_path, resume: bool) -> dict:
+def _run_stages(cfg: Config, stages: list, ds_path, resume: bool) -> tuple[dict, str]:
     if D.device().type == "cuda" and resolve_dtype(cfg.model.dtype) == torch.float32:
         log("model.dtype=fp32 on a GPU: matmuls and the fused scorer run without tensor cores "
             "(IEEE fp32, several times slower); bf16 is the GPU default (model.dtype=auto)")
-    out = {}
+    out, status = {}, "done"
     preemption.install()  # from the start: a request while a model loads must not be lost
     for stage in stages:
         if not stage.trains and preemption.requested(cfg.stage_dir(stage.name)):  # training stages stop mid-stage
             preemption.honoured(cfg.stage_dir(stage.name), stage.name)
             log(f"{stage.name}: stop requested before it started; exiting for requeue")
+            status = "preempted"
             break
         result = stage.run(cfg, ds_path, resume)
         if result.artifact is not None:
@@ -71,6 +73,7 @@ def _run_stages(cfg: Config, stages: list, ds_path, resume: bool) -> dict:
         if result.score is not None:
             out["sts_spearman"] = result.score
         if result.status != "done":  # the checkpoint is saved; later stages must wait for this one
+            status = result.status
             break
     if D.rank() == 0 and cfg.is_pipeline:
         if cfg.monitor.plot and "sts_spearman" in out:
@@ -80,4 +83,4 @@ def _run_stages(cfg: Config, stages: list, ds_path, resume: bool) -> dict:
                 log(f"plot skipped ({e}); `pip install matplotlib`, then `autoregembed plot {cfg.output_dir}`")
         for k, v in out.items():
             log(f"artifact {k}: {v}")
-    return out
+    return out, status

@@ -15,6 +15,7 @@ import dataclasses
 import os
 
 from . import distributed as D
+from . import preemption
 from .atomic import atomic_write_text
 from ..method.batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .checkpoint import complete_tags
@@ -76,6 +77,16 @@ class Stage:
 
     def run(self, cfg: Config, ds_path, resume: bool) -> StageResult:
         raise NotImplementedError
+
+    def on_rank0(self, cfg: Config, work) -> StageResult:
+        """``work()`` (returning a StageResult) on rank 0 while the others wait, stopped at once by a stop
+        request: such a stage saves nothing, and reruns after the requeue (preemption.on_rank0)."""
+        stopped, result = preemption.on_rank0(cfg.stage_dir(self.name), work)
+        if not stopped:
+            return result if D.rank() == 0 else StageResult("done")
+        preemption.honoured(cfg.stage_dir(self.name), self.name)
+        log(f"{self.name}: stop requested; exiting for requeue (the stage reruns)")
+        return StageResult("preempted")
 
 
 def _source_keys(cfg: Config, n: int) -> dict[str, str]:
@@ -262,7 +273,8 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
         from ..tools.mine import default_corpus, mine_negatives, mining_fingerprint
 
         outputs = self.outputs(cfg)
-        if D.rank() == 0:
+
+        def mine():
             m, encoder = cfg.mine, None
             settings = {**dataclasses.asdict(m), "enabled": True}
             for source, path in zip(cfg.sources(2), outputs):
@@ -278,8 +290,10 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
                 atomic_write_text(stamp, fp)  # after the rows: a stamp never vouches for a file not yet written
                 log(f"mine: {len(mined)} of {len(rows)} rows of {source.path} with {m.negatives} mined "
                     f"negatives each -> {path}")
-        D.barrier()
-        return StageResult("done", ",".join(outputs))
+            return StageResult("done", ",".join(outputs))
+
+        result = self.on_rank0(cfg, mine)
+        return StageResult("done", ",".join(outputs)) if result.status == "done" else result
 
 
 class Reference(NeedsStage1, Stage2Rows, Stage):
@@ -422,9 +436,7 @@ class Eval(Stage):
         super().check(cfg, earlier)
 
     def run(self, cfg, ds_path, resume):
-        score = evaluate(cfg, self.model_dir(cfg))["spearman_x100"] if D.rank() == 0 else None
-        D.barrier()
-        return StageResult("done", score=score)
+        return self.on_rank0(cfg, lambda: StageResult("done", score=evaluate(cfg, self.model_dir(cfg))["spearman_x100"]))
 
 
 STAGE1, MINE, REFERENCE, STAGE2, EXPORT, EVAL = Stage1(), Mine(), Reference(), Stage2(), Export(), Eval()

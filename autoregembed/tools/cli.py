@@ -42,6 +42,7 @@ def run_training(args, stage: str | None = None) -> int:
     from ..runtime import warnings_once
     from ..runtime.config import load_config
     from ..runtime.pipeline import run
+    from ..runtime.preemption import EXIT_STOPPED
 
     warnings_once.install()
     overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
@@ -51,12 +52,18 @@ def run_training(args, stage: str | None = None) -> int:
         D.select_device(cfg.device)
         D.init_distributed()
         try:
-            run(cfg, args.deepspeed, resume=args.resume)
+            _, status = run(cfg, args.deepspeed, resume=args.resume)
         finally:
             D.shutdown()
-        return 0
+        return 0 if status == "done" else EXIT_STOPPED  # stopped with its state saved: --resume continues
 
-    return _reporting_user_errors(train)
+    try:
+        return _reporting_user_errors(train)
+    except KeyboardInterrupt:  # a second Ctrl-C (preemption.py): no traceback, and nothing saved since the last save
+        if os.environ.get("RANK", "0") == "0":
+            print("autoregembed: interrupted by a second Ctrl-C: quit without saving (--resume continues from "
+                  "the last checkpoint)", file=sys.stderr, flush=True)
+        return 130
 
 
 def main(argv=None) -> int:
