@@ -93,6 +93,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     r = run_child(_worker(out, 8, "-", "stage1.gradient_accumulation_steps=2"), ranks=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.isdir(os.path.join(ckpt, "universal", "step00000004"))
+    said = f"{ckpt}/step00000004 was saved by 2 rank(s) and is loaded on 1: through DeepSpeed's universal format, "
+    assert f"{said}converting it now into {ckpt}/universal/step00000004" in wrong.stdout  # the first 1-rank run
+    assert f"{said}converted before into {ckpt}/universal/step00000004" in r.stdout
     got = _by_step(out)
     for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got[step], want[step])

@@ -371,3 +371,23 @@ def test_a_second_ctrl_c_quits_and_one_ctrl_c_seen_twice_does_not(monkeypatch, t
         preemption.honoured(str(tmp_path), "2")
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.parametrize("victim", ["optim_states", "model_states"])
+def test_a_corrupt_file_of_the_right_size_is_named_and_the_previous_checkpoint_loads(tmp_path, victim):
+    """The size manifest cannot see garbage written over a file: the load fails, names the file, and every
+    rank falls back to the checkpoint before it (it used to name the folder and stop)."""
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "run")
+    args = ("stage1.max_steps=4", "stage1.save_every=2", "stage1.keep_last=2")
+    assert _train(straight, *args).returncode == 0
+    assert _train(out, *args).returncode == 0
+    path = os.path.join(_ckpt(out), "step00000004", f"zero_pp_rank_0_mp_rank_00_{victim}.pt")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 512)  # the archive's header, overwritten in place
+    assert os.path.getsize(path) == size
+    r = _train(out, *args, resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipping checkpoint {_ckpt(out)}/step00000004: cannot read {path} (" in r.stdout
+    assert f"loaded checkpoint {_ckpt(out)}/step00000002 (step 2)" in r.stdout
+    assert _steps(out) == [1, 2, 3, 4] and _losses(out) == pytest.approx(_losses(straight), rel=1e-6)

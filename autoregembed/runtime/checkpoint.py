@@ -196,25 +196,71 @@ def find_resume(ckpt_dir: str, log=print) -> Resume | None:
     saved_world = _saved_world_size(os.path.join(ckpt_dir, tag))
     universal = saved_world != D.world_size()
     if universal:
+        converted = os.path.isdir(os.path.join(_universal_dir(ckpt_dir), tag))
+        log(f"{ckpt_dir}/{tag} was saved by {saved_world} rank(s) and is loaded on {D.world_size()}: through "
+            f"DeepSpeed's universal format, {'converted before' if converted else 'converting it now'} into "
+            f"{_universal_dir(ckpt_dir)}/{tag}")
         _to_universal(ckpt_dir, tag)
     return Resume(ckpt_dir, tag, saved_world, universal)
 
 
-def load(engine, resume: Resume, log=print) -> dict:
-    """Restore ``resume`` into ``engine`` (built with ``resume.ds_settings()``); returns the client state."""
-    ckpt_dir, tag = resume.ckpt_dir, resume.tag
-    if engine.load_universal_checkpoint() != resume.universal:
-        raise CheckpointError(f"{ckpt_dir}/{tag}: the engine was not built with this checkpoint's ds_settings()")
-    load_dir = _universal_dir(ckpt_dir) if resume.universal else ckpt_dir
-    saved_world = resume.saved_world
+class _Unreadable(Exception):
+    """A file of a checkpoint could not be read on this rank (the message names it)."""
+
+
+def _unreadable_file(tag_dir: str) -> str:
+    """Which file of ``tag_dir`` cannot be read, and why: each is opened as ``torch.load`` opens it
+    (memory-mapped, so the tensors' bytes are not read); only asked once a load has failed."""
+    for root, _, names in sorted(os.walk(tag_dir)):
+        for name in sorted(n for n in names if n.endswith(".pt")):
+            path = os.path.join(root, name)
+            try:
+                torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            except Exception as e:  # noqa: BLE001 - whatever the reader says is the reason
+                return f"{path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    return f"{tag_dir} (no single file fails on its own)"
+
+
+def _load_tag(engine, resume: Resume, tag: str) -> dict:
+    load_dir = _universal_dir(resume.ckpt_dir) if resume.universal else resume.ckpt_dir
     try:
         _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=False,
                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{ckpt_dir}/{tag} cannot be read ({type(e).__name__}: {e}); move it aside to "
-                              f"resume from the checkpoint before it") from e
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise _Unreadable(_unreadable_file(os.path.join(load_dir, tag))) from e
     if client_state is None:
-        raise CheckpointError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+        raise _Unreadable(f"{os.path.join(load_dir, tag)} (DeepSpeed could not load it)")
+    return client_state
+
+
+def load(engine, resume: Resume, log=print) -> dict:
+    """Restore ``resume`` into ``engine`` (built with ``resume.ds_settings()``); returns the client state.
+    A checkpoint with a file that cannot be read on any rank (one whose size still matches the
+    manifest: ``find_resume`` skips the others) is skipped the same way, naming the file: every rank
+    falls back together to the next older complete checkpoint saved by as many ranks, and the error
+    comes only when none is left (a full load overwrites whatever the failed one had restored)."""
+    ckpt_dir = resume.ckpt_dir
+    if engine.load_universal_checkpoint() != resume.universal:
+        raise CheckpointError(f"{ckpt_dir}/{resume.tag}: the engine was not built with this checkpoint's ds_settings()")
+    saved_world = resume.saved_world
+    older = [t for t in loadable_tags(ckpt_dir)[0] if t < resume.tag
+             and _saved_world_size(os.path.join(ckpt_dir, t)) == saved_world]
+    client_state, tag = None, None
+    for tag in [resume.tag, *older]:
+        if resume.universal and tag != resume.tag:
+            _to_universal(ckpt_dir, tag)
+        error = None
+        try:
+            client_state = _load_tag(engine, resume, tag)
+        except _Unreadable as e:
+            error = e
+        if not D.any_across_ranks(error is not None):
+            break
+        log(f"skipping checkpoint {ckpt_dir}/{tag}: cannot read {error or 'a file of it on another rank'}")
+        client_state = None
+    if client_state is None:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint can be read (the newest, {resume.tag}, and every older one "
+                              f"failed: see the lines above); move the folder aside to start again")
     if client_state.get("global_batch", engine.train_batch_size()) != engine.train_batch_size():
         raise CheckpointError(
             f"{ckpt_dir}/{tag} was trained with a global batch of {client_state['global_batch']} on {saved_world} "
