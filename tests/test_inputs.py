@@ -488,3 +488,23 @@ def test_a_session_that_fails_to_load_leaves_no_zero3_config_behind(tmp_path, ti
         Session(cfg, STAGES["stage1"], DEFAULT_DS, str(tmp_path / "no-such-model"), train=True)
     assert failure.tb is not None  # an error handler still holds the failed Session's frames here
     assert not is_deepspeed_zero3_enabled()
+
+
+def test_every_input_is_read_before_any_model_loads(tmp_path):
+    """A bad STS line used to surface after stage 1, reference scoring and stage 2 had run (hours at 7B),
+    and a line over csv's field limit as a raw _csv.Error; encode's input after its model had loaded."""
+    long = tmp_path / "long.csv"
+    long.write_text("g\tf\ty\t1\t2.0\ta\tb\n" + "g\tf\ty\t2\t3.0\t" + "x" * 140000 + "\tb\n")
+    proc = run_child([os.path.join(ROOT, "train.py"), "--set", f"output_dir={tmp_path / 'run'}",
+                      "--set", f"eval.sts_file={long}"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"autoregembed: error: key 'eval.sts_file': {long}:2: field "
+                                                    f"larger than field limit (131072)")
+    assert not (tmp_path / "run").exists()  # not even the tiny base was built
+    missing_model = str(tmp_path / "no-model")  # never opened: the inputs fail first
+    for args, want in ((["encode", "--input", str(tmp_path / "none.txt"), "--output", str(tmp_path / "e.npy")],
+                        str(tmp_path / "none.txt")),
+                       (["eval", "--sts", str(long)], f"{long}:2: field larger than field limit")):
+        proc = run_child(["-m", "autoregembed.tools.cli", *args, "--model", missing_model], timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert want in proc.stderr and missing_model not in proc.stderr

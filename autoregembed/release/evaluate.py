@@ -13,7 +13,15 @@ from ..runtime.errors import InputError
 def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
     """STS-B csv: tab-separated genre, file, year, id, score, sentence1, sentence2[, sources]."""
     a, b, gold = [], [], []
-    for lineno, row in enumerate(csv.reader(read_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+    rows = csv.reader(read_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a field longer than csv.field_size_limit(), ...
+            raise InputError(f"{path}:{rows.line_num}: {e}") from None
+        lineno = rows.line_num
         if not row:
             continue
         if len(row) < 7:

@@ -20,6 +20,7 @@ from .atomic import atomic_write_text
 from ..method.batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .checkpoint import complete_tags
 from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
+from .errors import UserError
 from .data import SourceRows, load_rows, load_sources, read_text, row_key, sampler_for, write_jsonl
 from .diagnostics import information_gap
 from .loading import prepare_base
@@ -434,6 +435,12 @@ class Eval(Stage):
                               f"evaluate; run stage={cfg.paths.export_from} (or stage=export) into this "
                               f"output_dir first")
         super().check(cfg, earlier)
+        from ..release.evaluate import read_sts
+
+        try:  # read whole before any model loads: a bad line must not surface after hours of training
+            read_sts(cfg.sts_file)
+        except UserError as e:
+            raise ConfigError(f"key 'eval.sts_file': {e}") from None
 
     def run(self, cfg, ds_path, resume):
         return self.on_rank0(cfg, lambda: StageResult("done", score=evaluate(cfg, self.model_dir(cfg))["spearman_x100"]))

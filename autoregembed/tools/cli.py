@@ -329,14 +329,20 @@ def _encode_or_eval(args) -> int:
 
         if looks_local(args.base) and not os.path.isdir(os.path.expanduser(args.base)):
             raise InputError(f"--base {args.base}: no such model folder")
+    if args.command == "encode":
+        from ..runtime.data import read_lines
+
+        texts = read_lines(args.input)  # blank lines too: output row i is input line i; read before the model loads
+    else:
+        from ..release.evaluate import read_sts
+
+        read_sts(args.sts)  # a bad line fails before the model loads
     model = Encoder.from_pretrained(args.model, pooling=args.pooling)
     if args.command == "encode":
         import numpy as np
 
         from ..runtime.atomic import atomic_file
-        from ..runtime.data import read_lines
 
-        texts = read_lines(args.input)  # blank lines too: output row i is input line i
         emb = model.encode(texts, batch_size=args.batch_size, instruction=args.instruction, show_progress_bar=True)
         with atomic_file(args.output) as tmp:
             with open(tmp, "wb") as f:
