@@ -212,3 +212,65 @@ def test_new_user_errors_reach_the_command_line_as_one_line_before_anything_load
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"autoregembed: error: {want}") and "Traceback" not in proc.stderr, last
         assert not (tmp_path / "run").exists()
+
+
+HUB_CALLS = {"load_dataset", "repo_info", "model_info", "dataset_info", "whoami", "create_repo", "create_commit",
+             "snapshot_download", "hf_hub_download", "upload_folder", "mteb.evaluate"}
+
+
+def _hub_calls_outside_answering():
+    """Every call that asks the hub (HUB_CALLS) outside a ``with hub.answering(...)`` block: the
+    calls that only read local files (``data_files=``, ``local_files_only=True``) are not asking."""
+    for folder, _, files in sorted(os.walk(PACKAGE)):
+        for name in sorted(f for f in files if f.endswith(".py") and f != "hub.py"):
+            path = os.path.join(folder, name)
+            tree = ast.parse(open(path).read())
+            guarded = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.With) and any(
+                        isinstance(i.context_expr, ast.Call) and ast.unparse(i.context_expr.func).endswith("answering")
+                        for i in node.items):
+                    guarded |= {id(n) for n in ast.walk(node)}
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call):
+                    continue
+                func = ast.unparse(node.func)
+                called = func if func == "mteb.evaluate" else func.split(".")[-1]
+                local = {kw.arg for kw in node.keywords} & {"data_files", "local_files_only"}
+                if called in HUB_CALLS and not local and id(node) not in guarded:
+                    yield f"{os.path.relpath(path, ROOT)}:{node.lineno}: {func}(...)"
+
+
+def test_every_call_that_asks_the_hub_fails_as_one_line():
+    """Offline nodes: a hub call outside ``hub.answering`` would print a traceback after retries."""
+    assert not list(_hub_calls_outside_answering())
+
+
+def test_every_stage_honours_a_stop_request_while_it_runs():
+    """SIGINT, SIGTERM and the STOP file alike (preemption.py): a training stage at its step boundary,
+    reference scoring between batches, mine and eval at once (``on_rank0``). Export is collective (each
+    tensor is gathered from every rank) and short: a request is honoured at the boundary after it."""
+    import inspect
+    import signal
+
+    from autoregembed.runtime import preemption, stages, trainer
+
+    honours = {"stage1": trainer.train_stage, "stage2": trainer.train_stage, "reference": trainer.score_references}
+    for stage in stages.PIPELINE:
+        if stage.name == "export":
+            continue
+        source = inspect.getsource(honours.get(stage.name, type(stage).run))
+        assert "preemption.requested(" in source or "self.on_rank0(" in source, stage.name
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        preemption.install()
+        assert all(signal.getsignal(s) is preemption._handler for s in old)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert [os.path.relpath(p, PACKAGE) for p in _files_calling("signal.signal(")] == ["runtime/preemption.py"]
+
+
+def _files_calling(text: str) -> list[str]:
+    return [os.path.join(folder, n) for folder, _, files in sorted(os.walk(PACKAGE)) for n in sorted(files)
+            if n.endswith(".py") and text in open(os.path.join(folder, n)).read()]

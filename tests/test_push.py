@@ -12,6 +12,9 @@ class RecordingHub:
     def __init__(self):
         self.repos, self.commits = [], []
 
+    def whoami(self):
+        return {"name": "me", "orgs": [{"name": "my-lab"}]}
+
     def create_repo(self, repo_id, **kwargs):
         self.repos.append((repo_id, kwargs))
 
@@ -67,3 +70,65 @@ def test_an_evaluated_exports_card_keeps_its_result_when_pushed(tiny_export, tmp
     card = hub.commits[0][1][CARD_FILE].decode()
     assert "| sts-dev.csv | 61.25 | 0.500 |" in card
     assert json.loads(hub.commits[0][1]["autoregembed.json"])["evaluation"]["spearman_x100"] == 61.25
+
+
+def test_push_checks_the_token_and_the_owner_before_uploading(tiny_export):
+    import pytest
+
+    from autoregembed.release.push import push
+    from autoregembed.runtime.hub import HubError
+
+    hub = RecordingHub()
+    with pytest.raises(HubError, match=r"^--repo someone/x: the token is 'me''s, who is not 'someone' nor in"):
+        push(tiny_export, "someone/x", api=hub)
+    assert hub.repos == [] and hub.commits == []
+    push(tiny_export, "my-lab/x", api=hub)  # an organisation of the token's user
+    assert [r for r, _ in hub.repos] == ["my-lab/x"]
+
+
+def _offline_hub_env(tmp_path, **extra):
+    """No hub: a closed loopback port for its address (refused at once, here or on a machine with network),
+    no token, an empty cache."""
+    from helpers import child_env
+
+    env = child_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"), **extra)
+    env.pop("HF_TOKEN", None)
+    return env
+
+
+def test_the_hub_offline_is_one_line_within_seconds_for_every_command(tiny_export, tmp_path):
+    """push, a hub dataset in `data check` and in training, and `eval --mteb` used to print 48-78 traceback
+    lines, after up to 36 s of retries, with no network or with HF_HUB_OFFLINE set."""
+    import time
+
+    from helpers import ROOT, run_child
+
+    cli = ["-m", "autoregembed.tools.cli"]
+    cases = [
+        (cli + ["push", "--model", tiny_export, "--repo", "me/x"], {},
+         "autoregembed: error: push to me/x: the token: no token"),
+        (cli + ["push", "--model", tiny_export, "--repo", "me/x", "--token", "hf_fake"], {},
+         "autoregembed: error: push to me/x: the token: the hub could not be reached (ConnectError"),
+        (cli + ["push", "--model", tiny_export, "--repo", "me/x"], {"HF_HUB_OFFLINE": "1"},
+         "autoregembed: error: push to me/x: HF_HUB_OFFLINE is set"),
+        (cli + ["data", "check", "someone/some-nli", "--stage", "2"], {},
+         "autoregembed: error: someone/some-nli: no such file or folder, so it was read as a Hugging Face hub "
+         "dataset: the hub could not be reached"),
+        (cli + ["data", "check", "someone/some-nli", "--stage", "2"], {"HF_HUB_OFFLINE": "1"},
+         "autoregembed: error: someone/some-nli: no such file or folder, so it was read as a Hugging Face hub "
+         "dataset: HF_HUB_OFFLINE is set, and it is not in the local cache"),
+        (["train.py", "--set", "data.stage2=someone/some-nli", "--set", f"output_dir={tmp_path / 'run'}"], {},
+         "autoregembed: error: someone/some-nli: no such file or folder, so it was read as a Hugging Face hub "
+         "dataset: the hub could not be reached"),
+        (cli + ["eval", "--model", tiny_export, "--mteb", "STS12"], {},
+         "autoregembed: error: --mteb STS12: its data mteb/sts12-sts: the hub could not be reached"),
+        (cli + ["eval", "--model", tiny_export, "--mteb", "STS12"], {"HF_HUB_OFFLINE": "1"},
+         "autoregembed: error: --mteb STS12: its data mteb/sts12-sts: HF_HUB_OFFLINE is set"),
+    ]
+    for args, extra, want in cases:
+        start = time.time()
+        r = run_child(args, env=_offline_hub_env(tmp_path, **extra), timeout=120, cwd=ROOT)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert r.stderr.strip().splitlines()[-1].startswith(want), (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and time.time() - start < 20, args
+    assert not (tmp_path / "run").exists()

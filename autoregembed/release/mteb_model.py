@@ -16,6 +16,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from .encoder import Encoder
+from ..runtime import hub
 from ..runtime.errors import InputError
 from .meta import META_FILE, ExportMeta
 from .instructions import instruction_for, prompts
@@ -107,6 +108,24 @@ def local_sts_task(path: str, name: str = "LocalSTS"):
     return LocalSTS()
 
 
+def _check_task_data(name: str, task):
+    """The task's data is in the local cache or on the hub (one quick request): a node without network
+    is told in one line, not after mteb's retries."""
+    from huggingface_hub import snapshot_download
+
+    data = task.metadata.dataset
+    repo, revision = data["path"], data.get("revision")
+    what = f"--mteb {name}: its data {repo}"
+    try:
+        snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True)
+        return
+    except Exception:  # noqa: BLE001 - not (wholly) cached: the hub must have it
+        pass
+    if hub.offline():
+        raise hub.HubError(f"{what}: HF_HUB_OFFLINE is set, and it is not in the local cache")
+    hub.check_repo(repo, "dataset", what)
+
+
 def run_mteb(model_path: str, task_names: list[str], output_dir: str, batch_size: int = 32) -> dict:
     """Run MTEB tasks and file mteb's result JSONs under ``output_dir``; returns {task name: main
     score x100}.  A name that is a file is a local STS-B format file (``local_sts_task``)."""
@@ -115,12 +134,16 @@ def run_mteb(model_path: str, task_names: list[str], output_dir: str, batch_size
     local = [n for n in task_names if os.path.isfile(n)]
     named = [n for n in task_names if n not in local]
     tasks = [local_sts_task(p, "LocalSTS-" + os.path.splitext(os.path.basename(p))[0]) for p in local]
-    for name in named:  # an unknown name fails here, before the model loads
+    for name in named:  # an unknown name, or data the hub cannot give, fails here, before the model loads
         try:
-            tasks += list(mteb.get_tasks(tasks=[name]))
+            found = list(mteb.get_tasks(tasks=[name]))
         except KeyError:
             raise InputError(f"--mteb: no MTEB task named {name!r} (and no such file)") from None
+        for task in found:
+            _check_task_data(name, task)
+        tasks += found
     model = AutoRegEmbedMTEB(model_path, batch_size=batch_size)
-    result = mteb.evaluate(model, tasks, cache=ResultCache(output_dir), overwrite_strategy="always",
-                           show_progress_bar=False)
+    with hub.answering(f"--mteb {','.join(task_names)}"):
+        result = mteb.evaluate(model, tasks, cache=ResultCache(output_dir), overwrite_strategy="always",
+                               show_progress_bar=False)
     return {r.task_name: round(100 * r.get_score(), 2) for r in result.task_results}

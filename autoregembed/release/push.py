@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from ..runtime import hub
 from ..runtime.errors import InputError
 from .meta import ExportMeta
 from .model_card import CARD_FILE, card_text
@@ -32,10 +33,21 @@ def push(folder: str, repo_id: str, private: bool = False, revision: str | None 
         raise InputError(f"--repo: {repo_id!r} is not a Hub repository id (owner/name)")
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    if hub.offline():
+        raise hub.HubError(f"push to {repo_id}: HF_HUB_OFFLINE is set; push from a machine with network")
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f)) for f in export_files(folder)]
-    operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card_text(repo_id, meta).encode("utf-8")))
-    info = api.create_commit(repo_id, operations, commit_message=commit_message or f"autoregembed {meta.stage or 'export'}",
-                             repo_type="model", revision=revision)
+    with hub.answering(f"push to {repo_id}: the token"):  # no token, a revoked one, no network: before any upload
+        user = api.whoami()
+    owner = repo_id.split("/")[0]
+    if owner not in {user.get("name"), *(o.get("name") for o in user.get("orgs", []))}:
+        raise hub.HubError(f"--repo {repo_id}: the token is {user.get('name')!r}'s, who is not {owner!r} nor in that "
+                           f"organisation")
+    with hub.answering(f"push to {repo_id}"):
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f))
+                      for f in export_files(folder)]
+        operations.append(CommitOperationAdd(path_in_repo=CARD_FILE,
+                                             path_or_fileobj=card_text(repo_id, meta).encode("utf-8")))
+        info = api.create_commit(repo_id, operations, repo_type="model", revision=revision,
+                                 commit_message=commit_message or f"autoregembed {meta.stage or 'export'}")
     return getattr(info, "commit_url", str(info))

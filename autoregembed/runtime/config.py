@@ -581,21 +581,17 @@ def looks_local(path: str) -> bool:
 def _check_hub_model(name: str):
     """A ``model.base`` that is no local folder is a hub id: it must be cached or reachable now,
     not after a 30-second network timeout inside model loading."""
-    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
+
+    from . import hub
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
-        reason = "HF_HUB_OFFLINE is set"
-    else:
-        try:
-            model_info(name, timeout=10)
-            return
-        except Exception as e:  # no network, no such repo, no access: all say the same to the user
-            reason = f"the hub could not be asked for it ({type(e).__name__}: {str(e)[:120]})"
-    raise ConfigError(f"key 'model.base': {name!r} is not a local folder, so it was read as a Hugging Face hub "
-                      f"id; it is not in the local cache and {reason}. Download it where there is network "
-                      f"and pass its folder")
+    what = (f"key 'model.base': {name!r} is not a local folder, so it was read as a Hugging Face hub id, and it "
+            f"is not in the local cache")
+    if hub.offline():
+        raise ConfigError(f"{what}: HF_HUB_OFFLINE is set. Download it where there is network and pass its folder")
+    hub.check_repo(name, "model", what, ConfigError)
 
 
 def check_runtime(cfg: Config, world_size: int):

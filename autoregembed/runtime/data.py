@@ -24,6 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from . import hub
 from .atomic import atomic_write_text
 from .errors import InputError
 
@@ -141,7 +142,13 @@ def _datasets_records(source: str, split: str):
         kind = "parquet" if source.endswith(".parquet") else "json"
         ds = datasets.load_dataset(kind, data_files=source, split="train")
     else:
-        ds = datasets.load_dataset(source, split=split)
+        what = f"{source}: no such file or folder, so it was read as a Hugging Face hub dataset"
+        hub.check_repo(source, "dataset", what, DataError)  # one quick request, not datasets' retries
+        with hub.answering(what, DataError):
+            try:
+                ds = datasets.load_dataset(source, split=split)
+            except FileNotFoundError as e:  # datasets' DatasetNotFoundError: not in the cache, or no such name
+                raise DataError(f"{what}: {hub.reason(e) if hub.offline() else str(e).splitlines()[0][:200]}") from None
     for i, r in enumerate(ds):
         yield f"{source}: record {i + 1}", r
 
