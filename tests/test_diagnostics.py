@@ -65,8 +65,10 @@ def test_sts_during_training_equals_the_encoder_of_the_same_weights(model_and_te
     sts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "autoregembed", "resources",
                        "sts_dev_sample.csv")
     engine = SimpleNamespace(module=model, eval=model.eval, train=model.train)
+    model.train()
     got = sts_during_training(engine, te, "Retrieve semantically similar text.", sts, 16)
     assert model.training
+    model.eval()
     want = sts_eval(Encoder(model.encoder, te.tokenizer, K, "Retrieve semantically similar text.", 64), sts, 16,
                     show_progress_bar=False)
     # the Encoder batches by length, so padding differs: float noise that can swap near-tied ranks

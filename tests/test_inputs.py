@@ -318,13 +318,16 @@ def test_encoder_inputs_are_checked_and_empty_input_keeps_its_width(tiny_base):
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_base), 5)
     model = AutoModel.from_pretrained(tiny_base)
     model.resize_token_embeddings(len(tok))
-    enc = Encoder(model, tok, 5, "Retrieve semantically similar text.")
+    enc = Encoder(model, tok, 5, "Retrieve semantically similar text.", max_text_len=64)
     assert enc.encode([]).shape == (0, 32)
     assert enc.encode(["a", ""]).shape == (2, 32)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         enc.encode(["a"], batch_size=0)
     with pytest.raises(TypeError, match=r"sentences\[1\] is int, not str"):
         enc.encode(["a", 3])
+    with pytest.raises(ValueError, match=r"model's 512 positions leave 0 beside BOS, a text of up to "
+                                         r"data.max_text_len=512 tokens"):  # every text must fit, not only short ones
+        Encoder(model, tok, 5, "Retrieve semantically similar text.", max_text_len=512)
 
 
 def test_plan_refuses_impossible_shapes(capsys):

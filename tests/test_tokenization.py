@@ -89,7 +89,7 @@ def test_instructions_with_special_tokens_or_without_room_for_a_text_are_refused
     n = len(te.instruction_ids(long))
     with pytest.raises(InputError, match=rf"^key 'eval.instruction': {n} tokens \(with its two newlines\), but the "
                                          rf"model's 40 positions leave 26 beside BOS, a text of up to "
-                                         rf"data.max_text_len=8 tokens and 5 EMBED tokens; shorten it$"):
+                                         rf"data.max_text_len=8 tokens and 5 EMBED tokens; shorten it \(or lower data.max_text_len\)$"):
         bounded.instruction_ids(long, "key 'eval.instruction'")
 
 

@@ -80,7 +80,8 @@ class TextEncoder:
         if room is not None and len(tail) > room:
             raise InputError(f"{key}: {len(tail)} tokens (with its two newlines), but the model's "
                              f"{self.max_positions} positions leave {max(room, 0)} beside BOS, a text of up to "
-                             f"data.max_text_len={self.max_text_len} tokens and {self.k} EMBED tokens; shorten it")
+                             f"data.max_text_len={self.max_text_len} tokens and {self.k} EMBED tokens; shorten it "
+                             f"(or lower data.max_text_len)")
         self._tails[instruction] = tail
         return tail
 
