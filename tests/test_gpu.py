@@ -121,11 +121,11 @@ def test_packed_passes_run_a_flash_kernel_and_match_padded_sdpa(tiny_base):
     from torch.profiler import ProfilerActivity, profile
 
     from autoregembed.method.batches import compression_batch, to_device
-    from autoregembed.runtime.loading import load_model, resolve_attn
+    from autoregembed.runtime.loading import load_model, resolve_attention
     from autoregembed.method.losses import CompressionLoss
     from autoregembed.method.tokenization import TextEncoder
 
-    attn = resolve_attn("auto", packed=True)
+    attn, _ = resolve_attention("auto", packing=True)
     padded, tok = load_model(tiny_base, tiny_base, 3, torch.bfloat16, "sdpa")
     packed, _ = load_model(tiny_base, tiny_base, 3, torch.bfloat16, attn, packed=True)
     packed.encoder.load_state_dict(padded.encoder.state_dict())

@@ -82,30 +82,83 @@ def test_packed_passes_match_padded_ones_with_sdpa(tiny_base):
     _check_same(*_pair(tiny_base))
 
 
-def test_the_varlen_adapter_matches_padded_sdpa(tiny_base, monkeypatch):
-    """The wiring of packing.varlen_attention (layouts, row boundaries, causality, grouped KV
-    heads), with torch's CUDA-only kernel replaced by causal SDPA row by row."""
+def _rows_attention(q, k, v, cu, scale=None, enable_gqa=False):
+    """Causal SDPA row by row: what torch's CUDA-only varlen kernel computes."""
+    out = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                  enable_gqa=enable_gqa)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+# Strict stand-ins with the public signatures of torch.nn.attention.varlen.varlen_attn: a keyword a
+# release lacks is a TypeError, as it is there; a release without enable_gqa refuses grouped K/V heads.
+def varlen_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert is_causal and query.shape[1] == key.shape[1], "torch 2.9 has no enable_gqa"
+    return _rows_attention(query, key, value, cu_seq_q)
+
+
+def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)):
+    assert window_size == (-1, 0) and query.shape[1] == key.shape[1], "torch 2.10/2.11 have no enable_gqa"
+    return _rows_attention(query, key, value, cu_seq_q, scale)
+
+
+def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert window_size == (-1, 0)
+    return _rows_attention(query, key, value, cu_seq_q, scale, enable_gqa)
+
+
+@pytest.mark.parametrize("release", [varlen_2_9, varlen_2_11, varlen_2_12])
+def test_the_varlen_adapter_matches_padded_sdpa_on_every_torch_release(tiny_base, monkeypatch, release):
+    """The wiring of packing.varlen_attention (layouts, row boundaries, causality, grouped KV heads: the
+    tiny base has 4 query and 2 KV heads) against each release's signature, the kernel replaced by
+    causal SDPA row by row; torch 2.11 (the GPU image's) used to get an enable_gqa it does not know."""
     import torch.nn.attention.varlen as varlen
 
     calls = []
 
-    def reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
-        calls.append((tuple(q.shape), max_q, window_size, enable_gqa))
-        assert torch.equal(cu_q, cu_k) and window_size == (-1, 0)
-        out = []
-        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
-            out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                                      enable_gqa=enable_gqa)[0].transpose(0, 1))
-        return torch.cat(out)
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return release(*args, **kwargs)
 
-    monkeypatch.setattr(varlen, "varlen_attn", reference)
+    counted.__signature__ = __import__("inspect").signature(release)
+    monkeypatch.setattr(varlen, "varlen_attn", counted)
     from autoregembed.method.packing import register_varlen
 
     register_varlen()
     padded, packed, te = _pair(tiny_base, attn_packed=VARLEN)
     _check_same(padded, packed, te)
-    assert calls and all(gqa for *_, gqa in calls)  # the tiny base has 4 query and 2 KV heads
+    assert calls and all(("enable_gqa" in c) == (release is varlen_2_12) for c in calls)
+
+
+def test_no_varlen_kernel_means_padded_sdpa_and_the_choice_is_said(monkeypatch, capsys):
+    """A GPU without flash-attn and a torch without varlen attention (< 2.9) runs padded SDPA, not the
+    O(tokens^2) packed reference; the log says which attention runs."""
+    import builtins
+
+    from autoregembed.method import packing
+    from autoregembed.runtime import loading
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **kw: (_ for _ in ()).throw(ImportError(name))
+                        if name == "flash_attn" else real_import(name, *a, **kw))
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loading, "sdpa_without_cudnn", lambda: None)
+    monkeypatch.setattr(loading, "_said", set())
+    monkeypatch.setattr(loading, "has_varlen", lambda: False)
+    assert loading.resolve_attention("auto", None) == ("sdpa", False)
+    assert loading.resolve_attention("auto", True) == ("sdpa", True)  # asked for: kept
+    monkeypatch.setattr(loading, "has_varlen", lambda: True)
+    monkeypatch.setattr(loading, "register_varlen", lambda: None)
+    assert loading.resolve_attention("auto", None) == (packing.VARLEN, True)
+    assert loading.resolve_attention("auto", False) == ("sdpa", False)
+    out = capsys.readouterr().out
+    assert "[autoregembed] attention: sdpa, padded passes" in out
+    assert f"[autoregembed] attention: {packing.VARLEN}, packed (padding-free) passes" in out
+    assert packing.has_varlen()  # this torch has one
 
 
 def test_the_varlen_adapter_refuses_padded_batches():

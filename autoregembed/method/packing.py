@@ -13,6 +13,8 @@ lengths (``cu_seq_lens_q/k``, ``max_length_q/k``, Transformers' flash-attention 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -59,19 +61,47 @@ class Packing(NamedTuple):
         return out.index_copy(0, self.index, packed[0]).view(*shape[:2], *packed.shape[2:])
 
 
+def has_varlen() -> bool:
+    """Whether this torch has ``torch.nn.attention.varlen`` (2.9 and later)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+@functools.lru_cache(maxsize=4)
+def _keywords(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Transformers attention function (query [1, H, T, Dh], key/value [1, Hkv, T, Dh]) over a packed
     sequence, causal within each row: ``torch.nn.attention.varlen.varlen_attn`` with the row
-    boundaries the model forward received.  Returns ([1, T, H, Dh], None) like Transformers' own."""
-    from torch.nn.attention.varlen import varlen_attn
+    boundaries the model forward received.  Returns ([1, T, H, Dh], None) like Transformers' own.
+    Called as the installed torch accepts it: causal through ``window_size`` (2.10+) or ``is_causal``
+    (2.9), grouped K/V heads through ``enable_gqa`` (2.12+) or repeated, a non-default scale through
+    ``scale`` or folded into the queries (the kernel's own is 1/sqrt(Dh))."""
+    from torch.nn.attention import varlen
 
     if query.shape[0] != 1 or "cu_seq_lens_q" not in kwargs:
         raise ValueError(f"attn_implementation {VARLEN!r} runs packed sequences only (batch 1 with cu_seq_lens_q)")
     if dropout:
         raise ValueError(f"attn_implementation {VARLEN!r} has no dropout")
+    fn = varlen.varlen_attn
+    accepts = _keywords(fn)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, Dh]
-    out = varlen_attn(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
-                      kwargs["max_length_k"], scale=scaling, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+    extra = {"window_size": (-1, 0)} if "window_size" in accepts else {"is_causal": True}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in accepts:
+            extra["enable_gqa"] = True
+        else:  # query head h reads K/V head h // group, as Transformers' repeat_kv lays them out
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if scaling is not None and "scale" in accepts:
+        extra["scale"] = scaling
+    elif scaling is not None:
+        q = q * (scaling * q.shape[-1] ** 0.5)
+    out = fn(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
+             kwargs["max_length_k"], **extra)
     return out[None], None
 
 

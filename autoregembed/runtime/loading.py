@@ -12,7 +12,7 @@ from .atomic import atomic_dir
 from .data import records
 from .lora import add_lora
 from ..method.model import AutoRegEmbedModel
-from ..method.packing import VARLEN, register_varlen
+from ..method.packing import VARLEN, has_varlen, register_varlen
 from ..method.tokenization import prepare_tokenizer
 
 
@@ -24,27 +24,34 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def resolve_packing(packing: bool | None) -> bool:
-    """model.packing: null is on where a GPU is (packing.py)."""
-    return torch.cuda.is_available() if packing is None else packing
-
-
-def resolve_attn(name: str, packed: bool = False) -> str:
-    """auto: flash_attention_2 when the package and a GPU are there; on a GPU without it, packed
-    passes run PyTorch's varlen flash kernel (packing.VARLEN) and padded ones SDPA (see
-    ``sdpa_without_cudnn``); on CPU, SDPA."""
+def resolve_attention(name: str, packing: bool | None) -> tuple[str, bool]:
+    """(attn_implementation, packed) for ``model.attn_implementation`` and ``model.packing``.
+    auto: flash_attention_2 when the package and a GPU are there; on a GPU without it, PyTorch's
+    varlen flash kernel (packing.VARLEN) where this torch has one (2.9+), else SDPA (see
+    ``sdpa_without_cudnn``); on CPU, SDPA.  packing null: on where a GPU and a kernel that reads
+    packed rows are there (on CPU the packed reference attention is O(tokens^2)); true is kept."""
+    cuda = torch.cuda.is_available()
     if name == "auto":
         try:
             import flash_attn  # noqa: F401
 
-            name = "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+            name = "flash_attention_2" if cuda else "sdpa"
         except ImportError:
-            name = VARLEN if packed and torch.cuda.is_available() else "sdpa"
+            name = VARLEN if cuda and packing is not False and has_varlen() else "sdpa"
+    packed = cuda and name in ("flash_attention_2", VARLEN) if packing is None else packing
     if name == VARLEN:
         register_varlen()
     if name == "sdpa":
         sdpa_without_cudnn()
-    return name
+    if (name, packed) not in _said:  # which kernel ran is the first thing a slow GPU step is asked
+        _said.add((name, packed))
+        from .monitor import log
+
+        log(f"attention: {name}, {'packed (padding-free)' if packed else 'padded'} passes")
+    return name, packed
+
+
+_said: set = set()
 
 
 def sdpa_without_cudnn():
@@ -181,7 +188,7 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
     loaded outside it) is given: the model then holds it without registering it (model.py).
     lora: ``add_lora`` keyword arguments when the encoder trains through LoRA adapters.
     decoder_bos: the decoder reads the tokenizer's BOS before the compressed tokens (model.py).
-    packed: padding-free passes (packing.py; ``attn`` must then be one that packs: resolve_attn).
+    packed: padding-free passes (packing.py; ``attn`` must then be one that packs: resolve_attention).
     decoder_checkpointing: the decoder's activation checkpointing (None: ``gradient_checkpointing``).
     """
     from transformers import AutoModel

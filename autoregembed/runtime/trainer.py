@@ -27,8 +27,8 @@ from .errors import TrainingDiverged
 from .ds_config import build_ds_config, zero_stage
 from ..release.export import export_encoder
 from ..release.meta import ExportMeta
-from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attn, resolve_dtype,
-                      resolve_packing)
+from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attention,
+                      resolve_dtype)
 from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, log, truncate_metrics
 from .arch import Arch
 from ..tools.plot import EVAL_RESULT
@@ -108,8 +108,7 @@ class Session:
         m = cfg.model
         lora = (dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets)
                 if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
-        packed = resolve_packing(m.packing)
-        attn, checkpointing = resolve_attn(m.attn_implementation, packed), train and m.gradient_checkpointing
+        (attn, packed), checkpointing = resolve_attention(m.attn_implementation, m.packing), train and m.gradient_checkpointing
         dec_checkpointing = train and (m.gradient_checkpointing if m.decoder_checkpointing is None
                                        else m.decoder_checkpointing)
         # loaded before ZeRO-3's config is set, so it is built whole (model.shard_decoder)
