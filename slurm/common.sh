@@ -10,7 +10,8 @@
 #   DEVICE             train.py's device: cuda when Slurm allocated GPUs, else required (cpu) --
 #                      a job that got no GPUs stops here instead of training on CPU
 #   EXTRA_ARGS         more train.py arguments, e.g. "--set output_dir=/ckpt/run1"
-#   PYTHON             interpreter (default: python3); the launcher is its torch.distributed.run,
+#   PYTHON             interpreter (default: the active virtual environment's, $VIRTUAL_ENV/bin/python, which
+#                      sbatch passes on; else python3 on PATH); the launcher is its torch.distributed.run,
 #                      never a torchrun from PATH that may belong to another environment
 #   TRITON_CACHE_DIR   default: node-local ${TMPDIR:-/tmp}/triton-$USER (a shared home is slow and
 #                      is written by every rank of every node at once)
@@ -29,6 +30,7 @@
 #   GPUS_PER_NODE=1 DEVICE=cpu sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/stage1.sh
 set -uo pipefail
 cd "${AUTOREGEMBED_HOME:-$SLURM_SUBMIT_DIR}" || exit 1
+PYTHON=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}
 PYTHON=${PYTHON:-python3}
 if [ "${SLURM_NNODES:-1}" -gt 1 ]; then
   DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_multinode.json}

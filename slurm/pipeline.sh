@@ -7,8 +7,9 @@
 # EXTRA_ARGS decide the stages, as they do for each job).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of train.py arguments
-stages=$("${PYTHON:-python3}" -m autoregembed.tools.cli stages ${CONFIG:+--config "$CONFIG"} ${EXTRA_ARGS:-})
+stages=$("${python:-python3}" -m autoregembed.tools.cli stages ${CONFIG:+--config "$CONFIG"} ${EXTRA_ARGS:-})
 prev=""
 for stage in $stages; do
   dep=${prev:+--dependency=afterok:$prev --kill-on-invalid-dep=yes}
