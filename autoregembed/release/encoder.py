@@ -79,7 +79,9 @@ class Encoder:
     @torch.no_grad()
     def encode(self, sentences, batch_size: int = 32, instruction: str | None = None,
                show_progress_bar: bool = False, convert_to_numpy: bool = True, **kwargs):
-        """Embeddings [len(sentences), D], L2-normalised.  Extra keyword arguments are accepted and ignored."""
+        """Embeddings [len(sentences), D], L2-normalised.  show_progress_bar: True, a tqdm bar; a name, the
+        trainer's own progress line under that name (``monitor.Progress``).  Extra keyword arguments are
+        accepted and ignored."""
         if isinstance(sentences, str):
             sentences = [sentences]
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -91,12 +93,16 @@ class Encoder:
         device = next(self.model.parameters()).device
         order = np.argsort([-len(s) for s in sentences])  # length-sorted batches pad less
         out = [None] * len(sentences)
-        batches = range(0, len(sentences), batch_size)
-        if show_progress_bar:
+        batches, progress = range(0, len(sentences), batch_size), None
+        if isinstance(show_progress_bar, str):
+            from ..runtime.monitor import Progress
+
+            progress = Progress(show_progress_bar, len(batches), "batches")
+        elif show_progress_bar:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="encode", unit="batch")
-        for start in batches:
+        for n, start in enumerate(batches, 1):
             idx = order[start : start + batch_size]
             enc = self.text_encoder.encode_inputs([sentences[i] for i in idx], [instruction] * len(idx))
             mask = enc["attention_mask"].to(device)
@@ -104,6 +110,8 @@ class Encoder:
             emb = pool_embedding(compressed_states(hidden, mask, self.k), self.pooled).cpu()
             for j, i in enumerate(idx):
                 out[i] = emb[j]
+            if progress is not None:
+                progress.update(n)
         dim = self.model.config.hidden_size
         emb = torch.stack(out) if out else torch.empty((0, dim))
         return emb.numpy() if convert_to_numpy else emb

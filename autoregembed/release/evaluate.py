@@ -50,7 +50,7 @@ def mean_pairwise_cosine(emb: np.ndarray) -> float:
     return float((total @ total - n) / (n * (n - 1)))  # sum over i != j of e_i.e_j, rows have norm 1
 
 
-def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool = True) -> dict:
+def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool | str = True) -> dict:
     """{"spearman": Spearman x100 of cosine vs gold, "mean_cosine": mean_pairwise_cosine of
     the sentences' embeddings}.  Embeddings are L2-normalised, so cosine is their dot product."""
     a, b, gold = read_sts(path)
@@ -67,7 +67,7 @@ def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool =
     return {"spearman": spearman, "mean_cosine": mean_pairwise_cosine(emb)}
 
 
-def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progress_bar: bool = True) -> dict:
+def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progress_bar: bool | str = True) -> dict:
     """What ``autoregembed eval --sts`` prints and a pipeline writes to eval/result.json."""
     r = sts_eval(encoder, path, batch_size, show_progress_bar)
     return {"model": model, "sts": path, "spearman_x100": round(r["spearman"], 2),
@@ -75,7 +75,7 @@ def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progre
 
 
 def base_report(base: str, model: str, path: str, batch_size: int = 64, pooling: str | None = None,
-                show_progress_bar: bool = True) -> dict:
+                show_progress_bar: bool | str = True) -> dict:
     """The untrained ``base``'s STS on ``path``, reading text as the export ``model`` does
     (``Encoder.untrained``): the floor its ``spearman_x100`` must beat, the keys ``sts_report`` adds
     to with ``autoregembed eval --base`` and ``eval.compare_base``.  Loaded after the export's own

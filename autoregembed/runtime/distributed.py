@@ -6,6 +6,7 @@ do not, so their variables are translated here before DeepSpeed initialises.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import sys
@@ -109,7 +110,8 @@ def init_distributed():
         # rank that starts on GPU 0 leaves a context there on every rank of the node
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its one print, "... shm_comm_op built successfully", per rank
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 def rank() -> int:

@@ -66,7 +66,8 @@ class WandbRun:
         self.stage = stage
         self.run = wandb.init(project=monitor_cfg.wandb_project, group=run,
                               name=os.environ.get("WANDB_NAME") or f"{run}-{stage}",
-                              dir=os.environ.get("WANDB_DIR") or stage_dir, config=config)
+                              dir=os.environ.get("WANDB_DIR") or stage_dir, config=config,
+                              settings=wandb.Settings(quiet=True))  # no ~30-line summary a stage: the run says it
 
     def log(self, record: dict):
         self.run.log({f"{self.stage}/{k}": v for k, v in record.items() if k != "step" and v is not None},

@@ -468,12 +468,14 @@ def evaluate(cfg: Config, model_dir: str) -> dict:
     from ..release.evaluate import base_report, sts_report
     from ..release.model_card import write_model_card
 
-    result = sts_report(Encoder.from_pretrained(model_dir), model_dir, cfg.sts_file, cfg.eval.batch_size)
+    result = sts_report(Encoder.from_pretrained(model_dir), model_dir, cfg.sts_file, cfg.eval.batch_size,
+                        show_progress_bar="eval: the model")
     log(f"eval: STS Spearman x100 = {result['spearman_x100']:.2f}, mean pairwise cosine "
         f"{result['mean_pairwise_cosine']:.3f} "
         f"({cfg.sts_file}, model {model_dir})")
     if cfg.eval.compare_base:
-        result.update(base_report(cfg.base_model_dir, model_dir, cfg.sts_file, cfg.eval.batch_size))
+        result.update(base_report(cfg.base_model_dir, model_dir, cfg.sts_file, cfg.eval.batch_size,
+                                  show_progress_bar="eval: the untrained base"))
         gain = result["spearman_x100"] - result["base_spearman_x100"]
         log(f"eval: the untrained base scores {result['base_spearman_x100']:.2f} read the same way (the mean of its "
             f"EMBED states): the training moved STS by {gain:+.2f}"

@@ -43,8 +43,10 @@ def run_training(args, stage: str | None = None) -> int:
     from ..runtime.config import load_config
     from ..runtime.pipeline import run
     from ..runtime.preemption import EXIT_STOPPED
+    from ..runtime.quiet import quiet_libraries
 
     warnings_once.install()
+    quiet_libraries()
     overrides = list(args.overrides) + ([f"stage={stage}"] if stage else [])
 
     def train() -> int:
@@ -178,6 +180,10 @@ def main(argv=None) -> int:
     from ..runtime import warnings_once
 
     warnings_once.install()
+    if args.command in ("encode", "eval", "mine", "reconstruct"):  # the others load no model: they start fast
+        from ..runtime.quiet import quiet_libraries
+
+        quiet_libraries()
     tools = {"stages": _stages, "plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval,
              "eval": _encode_or_eval, "reconstruct": _reconstruct, "push": _push}
     return _reporting_user_errors(lambda: tools[args.command](args))
