@@ -39,11 +39,12 @@ def initial_prefix(mean_e: torch.Tensor, n: int) -> torch.Tensor:
     return mean_e[torch.arange(n) % mean_e.shape[0]].clone()
 
 
-def fit_shared_prefix(model, batches: list, n: int, steps: int, lr: float) -> tuple[torch.Tensor, float, float]:
+def fit_shared_prefix(model, batches: list, n: int, steps: int, lr: float,
+                      on_step=None) -> tuple[torch.Tensor, float, float]:
     """Fit P [n, D] (fp32) by Adam on the stage-1 loss of ``batches`` (``CompressionBatch`` on the
     model's device), the encoder's compressed tokens held fixed; returns (P, the loss with the
     initial P, the loss with the fitted P), both over all ``batches``.  Deterministic: the batches
-    are visited in order, nothing is drawn."""
+    are visited in order, nothing is drawn.  ``on_step(done)`` after each step (progress)."""
     if n < 1 or steps < 0 or not batches:
         raise InputError(f"key 'model.shared_prefix': needs n >= 1 vectors, steps >= 0 and rows to fit on "
                          f"(got n={n}, steps={steps}, {len(batches)} batches)")
@@ -70,6 +71,8 @@ def fit_shared_prefix(model, batches: list, n: int, steps: int, lr: float) -> tu
         opt.zero_grad(set_to_none=True)
         loss_on(batches[b], es[b]).backward()
         opt.step()
+        if on_step is not None:
+            on_step(step + 1)
     return prefix.detach(), before, mean_loss()
 
 

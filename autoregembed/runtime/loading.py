@@ -124,7 +124,10 @@ def _pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, batch_s
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     model.train()
-    for _ in range(steps):
+    from .monitor import Progress
+
+    progress = Progress("tiny base: pretraining", steps, "steps")
+    for step in range(1, steps + 1):
         batch = rng.sample(seqs, min(batch_size, len(seqs)))
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
@@ -137,6 +140,7 @@ def _pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, batch_s
         opt.step()
         sched.step()
         opt.zero_grad()
+        progress.update(step)
     model.eval()
 
 

@@ -286,7 +286,7 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
                     continue
                 encoder = encoder or Encoder.from_pretrained(cfg.stage1_model_dir, device=D.device())
                 mined = mine_negatives(encoder, rows, default_corpus(rows), m.negatives, m.skip_top,
-                                       m.max_similarity, m.batch_size)
+                                       m.max_similarity, m.batch_size, show_progress_bar="mine: encoding")
                 write_jsonl(path, mined)
                 atomic_write_text(stamp, fp)  # after the rows: a stamp never vouches for a file not yet written
                 log(f"mine: {len(mined)} of {len(rows)} rows of {source.path} with {m.negatives} mined "

@@ -74,7 +74,7 @@ def mining_fingerprint(model_dir: str, rows: list[dict], settings: dict) -> str:
 
 
 def mine_negatives(encoder, rows: list[dict], corpus: list[str], negatives: int, skip_top: int = 0,
-                   max_similarity: float = 0.95, batch_size: int = 64, show_progress_bar: bool = False) -> list[dict]:
+                   max_similarity: float = 0.95, batch_size: int = 64, show_progress_bar: bool | str = False) -> list[dict]:
     """Stage-2 rows with ``negatives`` mined negatives each (fewer when the corpus runs out): the
     most similar passages after the first ``skip_top``, never the query or positive, never one whose
     similarity to the positive reaches ``max_similarity`` (a likely false negative)."""
