@@ -61,7 +61,7 @@ def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool |
     cos = np.sum(emb64[[pos[s] for s in a]] * emb64[[pos[s] for s in b]], axis=1)
     spearman = float(spearmanr(cos, gold).statistic * 100)
     if not np.isfinite(emb64).all() or spearman != spearman:  # a NaN score is no result: never written as one
-        raise InputError(f"{path}: the model's STS score is not a number (its embeddings are "
+        raise InputError(f"STS on {path}: the model's score is not a number (its embeddings are "
                          f"{'non-finite' if not np.isfinite(emb64).all() else 'the same for every text'}); "
                          f"the model is dead, not evaluated")
     return {"spearman": spearman, "mean_cosine": mean_pairwise_cosine(emb)}

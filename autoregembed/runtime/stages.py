@@ -443,7 +443,8 @@ class Eval(Stage):
             raise ConfigError(f"key 'eval.sts_file': {e}") from None
 
     def run(self, cfg, ds_path, resume):
-        return self.on_rank0(cfg, lambda: StageResult("done", score=evaluate(cfg, self.model_dir(cfg))["spearman_x100"]))
+        return self.on_rank0(cfg, lambda: StageResult("done",
+                                                      score=evaluate(cfg, self.model_dir(cfg))["spearman_x100"]))
 
 
 STAGE1, MINE, REFERENCE, STAGE2, EXPORT, EVAL = Stage1(), Mine(), Reference(), Stage2(), Export(), Eval()

@@ -108,7 +108,8 @@ class Session:
         m = cfg.model
         lora = (dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets)
                 if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
-        (attn, packed), checkpointing = resolve_attention(m.attn_implementation, m.packing), train and m.gradient_checkpointing
+        attn, packed = resolve_attention(m.attn_implementation, m.packing)
+        checkpointing = train and m.gradient_checkpointing
         dec_checkpointing = train and (m.gradient_checkpointing if m.decoder_checkpointing is None
                                        else m.decoder_checkpointing)
         # loaded before ZeRO-3's config is set, so it is built whole (model.shard_decoder)
