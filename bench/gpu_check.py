@@ -295,16 +295,19 @@ def _random_llama(out_dir: str, hidden: int, intermediate: int, heads: int, laye
 
 
 def _step_flops(n_layer_params: int, head_params: int, enc_tokens: int, dec_tokens: int, scored: int,
-                recompute: bool = False) -> float:
+                recompute: bool = False, fwd_enc_tokens: int = 0, fwd_dec_tokens: int = 0,
+                fwd_scored: int = 0) -> float:
     """FLOPs of one step, attention's own T^2 term left out (under 1% at 512 tokens and hidden 4096).
     Model FLOPs (recompute False, real tokens): the encoder trains (6 N per token), the frozen
     decoder passes gradients to its inputs only (4 N per token), the LM head scores each target
-    token forward and backward (4 V D per scored token).  Hardware FLOPs: the tokens the layers
-    really ran (padding included) and, under activation checkpointing, one more forward (2 N) of
-    each."""
+    token forward and backward (4 V D per scored token); rows run without gradient (``fwd_*``: a
+    positive held as a target) cost their forward alone (2 N per token, 2 V D per scored token).
+    Hardware FLOPs: the tokens the layers really ran (padding included) and, under activation
+    checkpointing, one more forward (2 N) of each row trained (no_grad rows keep nothing to recompute)."""
     extra = 2 * n_layer_params if recompute else 0
     return ((6 * n_layer_params + extra) * enc_tokens + (4 * n_layer_params + extra) * dec_tokens
-            + 4 * head_params * scored)
+            + 4 * head_params * scored
+            + 2 * n_layer_params * (fwd_enc_tokens + fwd_dec_tokens) + 2 * head_params * fwd_scored)
 
 
 ATTENTION_KERNELS = ("flash", "fmha", "efficient_attention", "cudnn", "attention")
@@ -329,21 +332,33 @@ def _texts(tok, lengths: list[int], seed: int) -> list[str]:
     return out
 
 
+def _pass_tokens(enc: list, tgt: list, k: int, bos: int) -> dict:
+    """One encoder pass over the stacked masks ``enc`` and one decoder pass over the stacked targets
+    ``tgt``: real and as-run tokens (each pass pads its rows to its widest) and scored targets."""
+    scored, n_seq = sum(int(m.sum()) for m in tgt), sum(m.shape[0] for m in tgt)
+    enc_rows, enc_width = sum(m.shape[0] for m in enc), max((m.shape[1] for m in enc), default=0)
+    width = max((m.shape[1] for m in tgt), default=0) + k + bos
+    return {"enc_real": sum(int(m.sum()) for m in enc), "enc_padded": enc_rows * enc_width,
+            "dec_real": scored + n_seq * (k + bos), "dec_padded": n_seq * width if tgt else 0, "scored": scored}
+
+
 def _token_counts(b, k: int, bos: int) -> dict:
-    """Real and as-run (padded) tokens of a batch's encoder and decoder passes, and scored targets;
-    ``k``: the positions the decoder reads before the target besides BOS (compressed tokens and prefix)."""
+    """Real and as-run (padded) tokens of a batch's encoder and decoder passes, and scored targets, of
+    the rows trained and (``fwd_*``) of those run without gradient; ``k``: the positions the decoder
+    reads before the target besides BOS (compressed tokens and prefix)."""
     from autoregembed.method.batches import AlignmentBatch
 
-    if not isinstance(b, AlignmentBatch):
-        enc, tgt = [b.attention_mask], [b.target_mask] * (2 if b.contrast else 1)
-    else:
+    forward_only = {}
+    if not isinstance(b, AlignmentBatch):  # the contrast scores every target twice, in one pass
+        trained = _pass_tokens([b.attention_mask], [b.target_mask] * (2 if b.contrast else 1), k, bos)
+    elif b.p_no_grad:  # queries and their candidates trained; positives and pos|e_p in passes of their own
         c = b.candidates
-        enc, tgt = [c.q_attention_mask, b.p_attention_mask], [c.pos_mask, c.pos_mask, c.neg_mask]
-    scored = sum(int(m.sum()) for m in tgt)
-    n_seq = sum(m.shape[0] for m in tgt)
-    width = max(m.shape[1] for m in tgt) + k + bos  # the decoder pass pads every target to the widest
-    return {"enc_real": sum(int(m.sum()) for m in enc), "enc_padded": sum(m.numel() for m in enc),
-            "dec_real": scored + n_seq * (k + bos), "dec_padded": n_seq * width, "scored": scored}
+        trained = _pass_tokens([c.q_attention_mask], [c.pos_mask, c.neg_mask], k, bos)
+        forward_only = _pass_tokens([b.p_attention_mask], [c.pos_mask], k, bos)
+    else:  # queries and positives stacked in one encoder pass, every candidate in one decoder pass
+        c = b.candidates
+        trained = _pass_tokens([c.q_attention_mask, b.p_attention_mask], [c.pos_mask, c.pos_mask, c.neg_mask], k, bos)
+    return {**trained, **{f"fwd_{key}": forward_only.get(key, 0) for key in trained}}
 
 
 def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str | None = None) -> list[dict]:
@@ -455,9 +470,14 @@ def trainer_steps(torch, device: str, smoke: bool, steps: int, profile_dir: str 
                 dt = time.perf_counter() - t0
                 enc_hw, dec_hw = ((counts["enc_real"], counts["dec_real"]) if packed else
                                   (counts["enc_padded"], counts["dec_padded"]))
-                model_flops = _step_flops(n_layers, head, counts["enc_real"], counts["dec_real"], counts["scored"])
+                fwd_hw = ((counts["fwd_enc_real"], counts["fwd_dec_real"]) if packed else
+                          (counts["fwd_enc_padded"], counts["fwd_dec_padded"]))
+                model_flops = _step_flops(n_layers, head, counts["enc_real"], counts["dec_real"], counts["scored"],
+                                          fwd_enc_tokens=counts["fwd_enc_real"], fwd_dec_tokens=counts["fwd_dec_real"],
+                                          fwd_scored=counts["fwd_scored"])
                 hw_flops = _step_flops(n_layers, head, enc_hw, dec_hw, counts["scored"],
-                                       recompute=cfg.model.gradient_checkpointing)
+                                       recompute=cfg.model.gradient_checkpointing, fwd_enc_tokens=fwd_hw[0],
+                                       fwd_dec_tokens=fwd_hw[1], fwd_scored=counts["fwd_scored"])
                 kernels = []
                 if device == "cuda" or profile_dir:  # one more step under the profiler: which attention ran
                     from torch.profiler import ProfilerActivity, profile

@@ -82,7 +82,7 @@ def test_option_off_builds_the_same_batch_as_before():
             return -1.0, [-2.0 - j for j in range(len(row["neg"]))]
 
     a = STAGES["stage2"].make_batch(cfg, ROWS, te, Refs())
-    b = alignment_batch(ROWS, te, Refs())
+    b = alignment_batch(ROWS, te, Refs(), p_no_grad=cfg.loss.objective.detach_positive)
     for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
         assert torch.equal(x, y) if torch.is_tensor(x) else x == y
     on = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, in_batch_negatives=True),

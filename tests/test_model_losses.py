@@ -361,3 +361,24 @@ def test_the_decoder_is_frozen_and_computes_the_same_in_train_mode(tiny_base):
         runs.append(decoder.get_decoder()(inputs_embeds=x).last_hidden_state)
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     torch.testing.assert_close(runs[0], runs[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("decoder_bos", [False, True])
+def test_a_positive_held_as_a_target_runs_without_gradient_to_the_same_loss_and_gradients(setup, decoder_bos):
+    """loss.detach_positive: the positives' encoder rows and pos|e_p decoder rows run under no_grad
+    (p_no_grad), with the loss and every encoder gradient of the stacked pass that detaches c_p after."""
+    model, te = _model(setup, decoder_bos)
+    refs = _constant_refs(-10.0, -30.0)
+    losses, grads = {}, {}
+    for no_grad in (False, True):
+        model.encoder.zero_grad()
+        batch = alignment_batch(ROWS, te, refs, p_no_grad=no_grad)
+        out = model(batch)
+        assert out.c_p.requires_grad != no_grad
+        losses[no_grad] = AlignmentLoss(detach_positive=True)(out, batch)
+        losses[no_grad].backward()
+        grads[no_grad] = _grads(model)
+    model.encoder.zero_grad()
+    torch.testing.assert_close(losses[True], losses[False], atol=1e-6, rtol=1e-6)
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-6, rtol=1e-6, msg=n)

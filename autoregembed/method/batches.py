@@ -44,7 +44,9 @@ class CandidateBatch(NamedTuple):
 
 class AlignmentBatch(NamedTuple):
     """Stage 2: the candidates, the positives as encoder inputs too (for c_p), and the stage-1
-    reference values ref_c [B] and ref_r [N] of c_q and r."""
+    reference values ref_c [B] and ref_r [N] of c_q and r.  ``p_no_grad``: c_p is a target
+    (``loss.detach_positive``), so the positives' encoder rows and their pos|e_p decoder rows run
+    without gradient: the same values, no backward (nor activations kept) for work no gradient reaches."""
 
     candidates: CandidateBatch
     p_input_ids: torch.Tensor
@@ -52,6 +54,7 @@ class AlignmentBatch(NamedTuple):
     ref_c: torch.Tensor
     ref_r: torch.Tensor
     p_tokens: int | None = None  # p_attention_mask.sum(), counted on the host
+    p_no_grad: bool = False
 
 
 def limit_negatives(row: dict, max_negatives: int | None) -> dict:
@@ -84,10 +87,10 @@ def candidate_batch(rows: list[dict], te: TextEncoder) -> CandidateBatch:
                           int(negs["target_mask"].sum()), int(q["attention_mask"].sum()))
 
 
-def alignment_batch(rows: list[dict], te: TextEncoder, refs) -> AlignmentBatch:
+def alignment_batch(rows: list[dict], te: TextEncoder, refs, p_no_grad: bool = False) -> AlignmentBatch:
     """``refs.lookup(row)`` gives (ref log p(pos|e_q), [ref log p(neg_i|e_q)]) (refscores.ReferenceScores).
     ``refs`` None: the reference values are NaN until ``refscores.online_references`` fills them
-    (a batch that skipped it yields a NaN loss, which stops the run)."""
+    (a batch that skipped it yields a NaN loss, which stops the run).  ``p_no_grad``: see AlignmentBatch."""
     p = te.encode_inputs([r["pos"] for r in rows], [r.get("document_instruction") or r["instruction"] for r in rows])
     candidates = candidate_batch(rows, te)
     if refs is None:
@@ -97,7 +100,8 @@ def alignment_batch(rows: list[dict], te: TextEncoder, refs) -> AlignmentBatch:
         looked_up = [refs.lookup(r) for r in rows]
         ref_c = torch.tensor([c for c, _ in looked_up], dtype=torch.float32)
         ref_r = torch.tensor([v for _, rs in looked_up for v in rs], dtype=torch.float32)
-    return AlignmentBatch(candidates, p["input_ids"], p["attention_mask"], ref_c, ref_r, int(p["attention_mask"].sum()))
+    return AlignmentBatch(candidates, p["input_ids"], p["attention_mask"], ref_c, ref_r, int(p["attention_mask"].sum()),
+                          p_no_grad)
 
 
 def token_count(batch) -> int:

@@ -224,7 +224,10 @@ class AutoRegEmbedModel(nn.Module):
         if isinstance(batch, InformationProbe):
             return self.information_gap(batch.batch)
         if isinstance(batch, AlignmentBatch):
-            return self.candidate_scores(batch.candidates, (batch.p_input_ids, batch.p_attention_mask, batch.p_tokens))
+            positives = (batch.p_input_ids, batch.p_attention_mask, batch.p_tokens)
+            if batch.p_no_grad:
+                return self._candidate_scores_positive_as_target(batch.candidates, positives)
+            return self.candidate_scores(batch.candidates, positives)
         if isinstance(batch, CandidateBatch):
             return self.candidate_scores(batch)
         raise TypeError(f"no forward for a {type(batch).__name__}")
@@ -258,6 +261,16 @@ class AutoRegEmbedModel(nn.Module):
         n = None if batch.pos_tokens is None else n_pos * batch.pos_tokens + batch.neg_tokens
         logp = self.score(torch.cat(conds + [e_q[batch.owner]]), t_ids, t_mask, n)
         return CandidateScores(logp[:b], logp[n_pos * b :], batch.owner, logp[b : 2 * b] if positives is not None else None)
+
+
+    def _candidate_scores_positive_as_target(self, batch: CandidateBatch, positives: tuple) -> CandidateScores:
+        """``candidate_scores`` with c_p computed without gradient (its own encoder and decoder passes
+        under no_grad), for a loss that holds c_p as a target: the same values and gradients, without
+        the backward through the positives' rows."""
+        with torch.no_grad():
+            c_p = self.score(self.compress(*positives), batch.pos_ids, batch.pos_mask, batch.pos_tokens)
+        scores = self.candidate_scores(batch)
+        return scores._replace(c_p=c_p)
 
 
 def _stack_padded(ids_list, mask_list):

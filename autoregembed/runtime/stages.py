@@ -365,7 +365,8 @@ class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
         return scheduled_rows(cfg, rows)
 
     def make_batch(self, cfg, rows, text_encoder, references):
-        return alignment_batch(rows, text_encoder, references)
+        return alignment_batch(rows, text_encoder, references,
+                               p_no_grad=getattr(cfg.loss.objective, "detach_positive", False))
 
     def loss(self, cfg):
         return cfg.loss.objective  # loss.kind's class, built by the config loader
