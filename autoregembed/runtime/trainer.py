@@ -50,6 +50,12 @@ def reference_fingerprint(cfg: Config, decoder_dir: str) -> str:
     return D.broadcast_object(fp)
 
 
+def _on_device(prefix: torch.Tensor | None) -> torch.Tensor | None:
+    """The shared prefix where the decoder runs, once: read from the CPU it would be copied (a blocking
+    host-to-device copy) in every decoder pass."""
+    return None if prefix is None else prefix.to(D.device())
+
+
 def _arch(path: str) -> Arch:
     from transformers import AutoConfig
 
@@ -124,7 +130,7 @@ class Session:
             if norm_scale is not None:
                 rescale_final_norm(self.model.encoder, norm_scale)
             if os.path.isdir(encoder_path):  # a stage-1 export brings the decoder's shared prefix along
-                self.model.shared_prefix = read_prefix(encoder_path)
+                self.model.shared_prefix = _on_device(read_prefix(encoder_path))
             self.model.pooled = pooled_positions(cfg.eval.pooling, m.num_embed_tokens)
             self.text_encoder = TextEncoder(self.tokenizer, cfg.model.num_embed_tokens, cfg.data.max_text_len,
                                             cfg.data.max_target_len,
@@ -402,7 +408,7 @@ def open_trained(cfg: Config, st, ds_path) -> Session:
                 norm_scale=_norm_scale(cfg, st, ds_path, encoder_path), resume=resume)
     checkpoint.load(s.engine, resume, log=lambda m: log(f"{stage}: {m}"))
     if st.fits_shared_prefix and cfg.model.shared_prefix:
-        s.model.shared_prefix = read_prefix(cfg.stage_dir(stage))
+        s.model.shared_prefix = _on_device(read_prefix(cfg.stage_dir(stage)))
         if s.model.shared_prefix is None:
             s.close()
             raise checkpoint.CheckpointError(f"{cfg.stage_dir(stage)}: no {PREFIX_FILE} beside the checkpoints of a "
