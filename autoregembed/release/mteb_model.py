@@ -145,5 +145,5 @@ def run_mteb(model_path: str, task_names: list[str], output_dir: str, batch_size
     model = AutoRegEmbedMTEB(model_path, batch_size=batch_size)
     with hub.answering(f"--mteb {','.join(task_names)}"):
         result = mteb.evaluate(model, tasks, cache=ResultCache(output_dir), overwrite_strategy="always",
-                               show_progress_bar=False)
+                               show_progress_bar=True)  # minutes per task at 7B: never silent
     return {r.task_name: round(100 * r.get_score(), 2) for r in result.task_results}

@@ -56,7 +56,7 @@ def reading_as_export(engine, text_encoder, instruction: str):
 def sts_during_training(engine, text_encoder, instruction: str, sts_file: str, batch_size: int) -> dict:
     """STS Spearman x100 and mean pairwise cosine of the model as it is now (``eval.every``)."""
     with reading_as_export(engine, text_encoder, instruction) as encoder:
-        r = sts_eval(encoder, sts_file, batch_size, show_progress_bar=False)
+        r = sts_eval(encoder, sts_file, batch_size, show_progress_bar="eval.every: STS")
     return {"sts_spearman": r["spearman"], "sts_mean_cosine": r["mean_cosine"]}
 
 
