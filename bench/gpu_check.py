@@ -336,10 +336,10 @@ def _pass_tokens(enc: list, tgt: list, k: int, bos: int) -> dict:
     """One encoder pass over the stacked masks ``enc`` and one decoder pass over the stacked targets
     ``tgt``: real and as-run tokens (each pass pads its rows to its widest) and scored targets."""
     scored, n_seq = sum(int(m.sum()) for m in tgt), sum(m.shape[0] for m in tgt)
-    enc_rows, enc_width = sum(m.shape[0] for m in enc), max((m.shape[1] for m in enc), default=0)
-    width = max((m.shape[1] for m in tgt), default=0) + k + bos
+    enc_rows, enc_width = sum(m.shape[0] for m in enc), max(m.shape[1] for m in enc)
+    width = max(m.shape[1] for m in tgt) + k + bos
     return {"enc_real": sum(int(m.sum()) for m in enc), "enc_padded": enc_rows * enc_width,
-            "dec_real": scored + n_seq * (k + bos), "dec_padded": n_seq * width if tgt else 0, "scored": scored}
+            "dec_real": scored + n_seq * (k + bos), "dec_padded": n_seq * width, "scored": scored}
 
 
 def _token_counts(b, k: int, bos: int) -> dict:

@@ -262,7 +262,6 @@ class AutoRegEmbedModel(nn.Module):
         logp = self.score(torch.cat(conds + [e_q[batch.owner]]), t_ids, t_mask, n)
         return CandidateScores(logp[:b], logp[n_pos * b :], batch.owner, logp[b : 2 * b] if positives is not None else None)
 
-
     def _candidate_scores_positive_as_target(self, batch: CandidateBatch, positives: tuple) -> CandidateScores:
         """``candidate_scores`` with c_p computed without gradient (its own encoder and decoder passes
         under no_grad), for a loss that holds c_p as a target: the same values and gradients, without

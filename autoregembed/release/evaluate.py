@@ -14,24 +14,20 @@ def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
     """STS-B csv: tab-separated genre, file, year, id, score, sentence1, sentence2[, sources]."""
     a, b, gold = [], [], []
     rows = csv.reader(read_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            break
-        except csv.Error as e:  # a field longer than csv.field_size_limit(), ...
-            raise InputError(f"{path}:{rows.line_num}: {e}") from None
-        lineno = rows.line_num
-        if not row:
-            continue
-        if len(row) < 7:
-            raise InputError(f"{path}:{lineno}: expected at least 7 tab-separated fields, got {len(row)}")
-        try:
-            gold.append(float(row[4]))
-        except ValueError:
-            raise InputError(f"{path}:{lineno}: field 'score' is not a number: {row[4]!r}") from None
-        a.append(row[5])
-        b.append(row[6])
+    try:
+        for row in rows:
+            if not row:
+                continue
+            if len(row) < 7:
+                raise InputError(f"{path}:{rows.line_num}: expected at least 7 tab-separated fields, got {len(row)}")
+            try:
+                gold.append(float(row[4]))
+            except ValueError:
+                raise InputError(f"{path}:{rows.line_num}: field 'score' is not a number: {row[4]!r}") from None
+            a.append(row[5])
+            b.append(row[6])
+    except csv.Error as e:  # a field longer than csv.field_size_limit(), ...
+        raise InputError(f"{path}:{rows.line_num}: {e}") from None
     if not gold:
         raise InputError(f"{path}: no rows")
     if len(set(gold)) < 2:
@@ -59,11 +55,10 @@ def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool |
     pos = {s: i for i, s in enumerate(uniq)}
     emb64 = emb.astype(np.float64)  # float32 cosines tie by rounding, and Spearman ranks the ties arbitrarily
     cos = np.sum(emb64[[pos[s] for s in a]] * emb64[[pos[s] for s in b]], axis=1)
-    spearman = float(spearmanr(cos, gold).statistic * 100)
-    if not np.isfinite(emb64).all() or spearman != spearman:  # a NaN score is no result: never written as one
+    spearman, finite = float(spearmanr(cos, gold).statistic * 100), bool(np.isfinite(emb64).all())
+    if not finite or spearman != spearman:  # a NaN score is no result: never written as one
         raise InputError(f"STS on {path}: the model's score is not a number (its embeddings are "
-                         f"{'non-finite' if not np.isfinite(emb64).all() else 'the same for every text'}); "
-                         f"the model is dead, not evaluated")
+                         f"{'the same for every text' if finite else 'non-finite'}); the model is dead, not evaluated")
     return {"spearman": spearman, "mean_cosine": mean_pairwise_cosine(emb)}
 
 
