@@ -117,3 +117,24 @@ def test_progress_reports_rate_and_eta_at_intervals_and_at_the_end():
     assert lines == ["reference: 20/100 batches (0.5/s) elapsed 40s eta 2m40s",
                      "reference: 80/100 batches (1.0/s) elapsed 1m20s eta 20s",
                      "reference: 100/100 batches (1.0/s) elapsed 1m40s eta 0s"]
+
+
+def test_the_quiet_console_keeps_transformers_warnings_but_its_two_noises():
+    """quiet.py drops the load report of an encoder-only load (only UNEXPECTED: the LM head) and the
+    mean-resizing notice; a report of MISSING or MISMATCHED weights (they start random) still shows."""
+    import logging
+
+    from autoregembed.runtime.quiet import _not_noise, quiet_libraries
+
+    quiet_libraries()
+    handlers = logging.getLogger("transformers").handlers
+    assert handlers and all(_not_noise in h.filters for h in handlers)
+
+    def shown(msg):
+        return _not_noise(logging.LogRecord("transformers.modeling_utils", logging.WARNING, "f", 1, msg, None, None))
+
+    assert not shown("LlamaModel LOAD REPORT from: base\\nlm_head.weight | UNEXPECTED")
+    assert shown("LlamaModel LOAD REPORT from: base\\nlayers.0.mlp.up_proj.weight | MISSING")
+    assert shown("LlamaModel LOAD REPORT from: base\\nembed_tokens.weight | MISMATCH")
+    assert not shown("The new embeddings will be initialized ... To disable this, use `mean_resizing=False`")
+    assert shown("`use_cache=True` is incompatible with gradient checkpointing")
