@@ -281,6 +281,35 @@ def test_the_decoders_checkpointing_is_its_own_choice(tiny_base):
     assert enc_only.encoder.is_gradient_checkpointing and not enc_only.decoder.is_gradient_checkpointing
 
 
+def test_selective_decoder_checkpointing_recomputes_only_its_first_layers_with_the_same_gradients(tiny_base):
+    """model.decoder_checkpointing=n: the first n layers run twice in a training step (forward and
+    recompute), the rest once, and the gradient reaching the compressed tokens is unchanged."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from autoregembed.runtime.config import ConfigError, load_config
+    from autoregembed.runtime.loading import load_frozen_decoder
+
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    grads, calls = {}, {}
+    for label, n in (("all", True), ("first", 1), ("none", False)):
+        decoder = load_frozen_decoder(tiny_base, torch.float32, "sdpa", n).train()
+        layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+        calls[label] = [0] * len(layers)
+        for i, layer in enumerate(layers):  # its first norm starts the layer's forward and its recompute
+            layer.input_layernorm.register_forward_pre_hook(lambda *_, i=i, c=calls[label]: c.__setitem__(i, c[i] + 1))
+        e = x.clone().requires_grad_()
+        decoder(inputs_embeds=e).logits.logsumexp(-1).sum().backward()
+        grads[label] = e.grad
+    assert calls == {"all": [2, 2], "first": [2, 1], "none": [1, 1]}
+    torch.testing.assert_close(grads["first"], grads["all"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads["none"], grads["all"], rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="model.decoder_checkpointing.*3 layers to recompute.*has 2"):
+        load_frozen_decoder(tiny_base, torch.float32, "sdpa", 3)
+    assert load_config(None, ["model.decoder_checkpointing=12"]).model.decoder_checkpointing == 12
+    with pytest.raises(ConfigError, match="'model.decoder_checkpointing': true, false or a number"):
+        load_config(None, ["model.decoder_checkpointing=-1"])
+
+
 def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
     from autoregembed.runtime.loading import load_model
 

@@ -96,3 +96,31 @@ def test_each_stage_counts_its_own_decoder_sequences_and_the_shared_prefix(capsy
     assert main(["plan", "--model", "llama-2-7b", "--stage", "1", "--micro-batch", "16", "--no-contrast",
                  "--shared-prefix", "0"]) == 0
     assert f"; {16 * (k + n + 1)} decoder tokens" in capsys.readouterr().out
+
+
+def test_recomputing_some_decoder_layers_keeps_the_rest_and_the_planner_sizes_it(capsys):
+    """n of L layers recomputed: the kept layers' activations grow by one layer's work per layer
+    kept, and ``plan`` names the fewest layers to recompute that still fit."""
+    from autoregembed.tools.plan import fewest_recomputed
+
+    arch = Arch.load("llama-2-7b")
+    layer_work = 2 * (10 * arch.hidden + 3 * arch.intermediate)
+    every, half, none = (plan(arch, 8, 3, 4, 7, 512, decoder_checkpointing=n) for n in (True, 16, False))
+    dec_tokens = every["decoder_tokens"]
+    assert half["breakdown"]["decoder activations (kept)"] == layer_work * 16 * dec_tokens
+    assert every["total"] < half["total"] < none["total"]
+    assert plan(arch, 8, 3, 4, 7, 512, decoder_checkpointing=32)["total"] == every["total"]
+    with pytest.raises(InputError, match="33 layers recomputed, but the decoder has 32"):
+        plan(arch, 8, 3, 4, 7, 512, decoder_checkpointing=33)
+    budget = (half["total"] + 1) / 1e9
+    n = fewest_recomputed(arch, budget, 8, 3, 4, 7, 512)
+    assert n <= 16 and plan(arch, 8, 3, 4, 7, 512, decoder_checkpointing=n)["total"] <= budget * 1e9
+    assert n == 0 or plan(arch, 8, 3, 4, 7, 512, decoder_checkpointing=n - 1)["total"] > budget * 1e9
+    assert fewest_recomputed(arch, 1.0, 8, 3, 4, 7, 512) is None
+    assert main(["plan", "--model", "llama-2-7b", "--micro-batch", "4", "--negatives", "7"]) == 0
+    out = capsys.readouterr().out
+    n = fewest_recomputed(arch, 80, 8, 3, 4, 7, 512, k=5, prefix=5)
+    assert f"recomputing {n} of 32 decoder layers fits too (--set model.decoder_checkpointing={n})" in out
+    assert main(["plan", "--model", "llama-2-7b", "--micro-batch", "4", "--negatives", "7",
+                 "--decoder-checkpointing", str(n)]) == 0
+    assert "recomputing" not in capsys.readouterr().out

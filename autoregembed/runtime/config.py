@@ -44,10 +44,11 @@ class ModelConfig:
     # cut-cross-entropy, exact gradients: no filtering)
     scorer: str = "auto"
     gradient_checkpointing: bool = True
-    # the frozen decoder's own activation checkpointing (null: as gradient_checkpointing); off saves
-    # recomputing its forward (+50% of its FLOPs) where the memory allows (`autoregembed plan
-    # --no-decoder-checkpointing` says whether it does)
-    decoder_checkpointing: typing.Optional[bool] = None
+    # the frozen decoder's own activation checkpointing (null: as gradient_checkpointing; true: every
+    # layer; false: none; n: its first n layers, the others keep their activations); each layer not
+    # recomputed saves its forward's recompute (+50% of its FLOPs) where the memory allows
+    # (`autoregembed plan` prints the fewest layers to recompute that fit)
+    decoder_checkpointing: typing.Optional[typing.Union[bool, int]] = None
     # before stage 1, rescale the encoder's final norm so the compressed tokens have the decoder's
     # word-embedding RMS per dimension (decoder_scale.py); false: the authors' setup, unscaled
     match_decoder_scale: bool = True
@@ -99,6 +100,10 @@ class ModelConfig:
             raise ConfigError(f"keys '{key}.shared_prefix' and '{key}.shared_prefix_steps' must be >= 0 and "
                               f"'{key}.shared_prefix_lr' a finite number > 0, got {self.shared_prefix}, "
                               f"{self.shared_prefix_steps}, {self.shared_prefix_lr}")
+        if isinstance(self.decoder_checkpointing, int) and not isinstance(self.decoder_checkpointing, bool) \
+                and self.decoder_checkpointing < 0:
+            raise ConfigError(f"key '{key}.decoder_checkpointing': true, false or a number of decoder layers >= 0, "
+                              f"got {self.decoder_checkpointing}")
         if self.shared_prefix and self.shard_decoder:
             raise ConfigError(f"key '{key}.shared_prefix': it is fitted through a whole decoder, not one partitioned "
                               f"under ZeRO-3; set {key}.shared_prefix=0 (the decoder input as published) or "

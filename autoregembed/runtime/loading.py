@@ -9,6 +9,7 @@ import torch
 
 from . import distributed as D
 from .atomic import atomic_dir
+from .config import ConfigError
 from .data import records
 from .lora import add_lora
 from ..method.model import AutoRegEmbedModel
@@ -77,8 +78,6 @@ def build_tiny_base(out_dir: str, corpus_files: list[str], hidden_size: int = 64
         with open(os.path.join(out_dir, "config.json")) as f:
             have = json.load(f)
         if (have.get("hidden_size"), have.get("num_hidden_layers")) != (hidden_size, layers):
-            from .config import ConfigError
-
             raise ConfigError(f"{out_dir} already holds a tiny base with hidden size {have.get('hidden_size')} and "
                               f"{have.get('num_hidden_layers')} layers, not {hidden_size} and {layers} "
                               f"(model.tiny_hidden_size, model.tiny_layers): use another output_dir, or delete "
@@ -169,21 +168,38 @@ def hf_zero3_config(ds_config: dict):
         unset_hf_deepspeed_config()
 
 
-def load_frozen_decoder(path: str, dtype: torch.dtype, attn: str, gradient_checkpointing: bool = False):
-    """The frozen base causal LM, as the decoder of training and scoring (frozen by the model)."""
+def load_frozen_decoder(path: str, dtype: torch.dtype, attn: str, gradient_checkpointing: bool | int = False):
+    """The frozen base causal LM, as the decoder of training and scoring (frozen by the model);
+    ``gradient_checkpointing``: true, false, or how many of its layers recompute (the first n)."""
     from transformers import AutoModelForCausalLM
 
     decoder = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     decoder.config.use_cache = False
     if gradient_checkpointing:
         enable_activation_checkpointing(decoder)
+        if not isinstance(gradient_checkpointing, bool):
+            recompute_first(decoder, gradient_checkpointing)
     return decoder
+
+
+def recompute_first(model, n: int):
+    """Checkpoint only the first ``n`` of ``model``'s transformer layers (activation checkpointing
+    already enabled): the others keep their activations for the backward, which saves their
+    recompute where the memory allows it (model.decoder_checkpointing, sized by ``autoregembed plan``)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if n > len(layers):
+        raise ConfigError(f"key 'model.decoder_checkpointing': {n} layers to recompute, but the decoder has "
+                          f"{len(layers)}")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < n
 
 
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
                gradient_checkpointing: bool = False,
                lora: dict | None = None, decoder_bos: bool = False, scorer="auto",
-               outside_decoder=None, packed: bool = False, decoder_checkpointing: bool | None = None):
+               outside_decoder=None, packed: bool = False, decoder_checkpointing: bool | int | None = None):
     """Return (AutoRegEmbedModel, tokenizer).
 
     encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).

@@ -162,6 +162,9 @@ def main(argv=None) -> int:
     pl.add_argument("--gpu-mem-gb", type=float, default=80)
     pl.add_argument("--no-decoder-checkpointing", action="store_true",
                     help="the decoder keeps its activations (model.decoder_checkpointing=false)")
+    pl.add_argument("--decoder-checkpointing", type=int, default=None, metavar="N",
+                    help="the decoder recomputes its first N layers and keeps the others' activations "
+                         "(model.decoder_checkpointing=N); default: every layer")
     pl.add_argument("--shard-decoder", action="store_true",
                     help="the frozen decoder partitioned under ZeRO-3 (model.shard_decoder); default: whole per GPU")
     pl.add_argument("--scorer", default="auto", choices=list(SCORERS), help="the LM head's scorer backend (model.scorer)")
@@ -191,18 +194,26 @@ def main(argv=None) -> int:
 
 def _plan(args) -> int:
     from ..runtime.arch import Arch
-    from .plan import plan, report
+    from .plan import fewest_recomputed, plan, report
 
     arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
     shape = (args.micro_batch, args.negatives, args.max_len, args.num_embed_tokens)
-    common = {"decoder_checkpointing": not args.no_decoder_checkpointing, "scorer": args.scorer,
-              "stage": args.stage, "contrast": not args.no_contrast}
+    recompute = (False if args.no_decoder_checkpointing else
+                 True if args.decoder_checkpointing is None else args.decoder_checkpointing)
+    common = {"decoder_checkpointing": recompute, "scorer": args.scorer, "stage": args.stage,
+              "contrast": not args.no_contrast}
     prefix = 0 if args.shard_decoder else args.shared_prefix  # a partitioned decoder reads no shared prefix
     p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, prefix=prefix, **common)
     text, fits = report(p, args.gpu_mem_gb,
                         plan(arch, gpus, 2, *shape, prefix=prefix, **common) if args.zero == 3 else None,
                         plan(arch, gpus, 3, *shape, shard_decoder=True, **common) if args.zero == 3 else None)
     print(text)
+    fewest = fewest_recomputed(arch, args.gpu_mem_gb, gpus, args.zero, *shape, shard_decoder=args.shard_decoder,
+                               prefix=prefix, **common)
+    if fits and fewest is not None and fewest < p["recomputed_layers"]:
+        print(f"decoder checkpointing: recomputing {fewest} of {arch.layers} decoder layers fits too "
+              f"(--set model.decoder_checkpointing={fewest}); each layer not recomputed saves its forward's "
+              f"recompute, a third of the layer's FLOPs in a step")
     return 0 if fits else 3
 
 

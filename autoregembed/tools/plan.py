@@ -20,11 +20,12 @@ GB = 1e9
 SCORER_KEY = "LM head scorer"
 
 def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max_len: int, k: int = 5,
-         shard_decoder: bool = False, decoder_checkpointing: bool = True, scorer: Scorer | str = "auto",
+         shard_decoder: bool = False, decoder_checkpointing: bool | int = True, scorer: Scorer | str = "auto",
          stage: int = 2, prefix: int = 0, contrast: bool = False) -> dict:
     """shard_decoder: the frozen decoder partitioned under ZeRO-3 (model.shard_decoder), else whole
-    on every GPU.  decoder_checkpointing false: the decoder keeps every layer's activations for
-    the backward instead of recomputing them (model.decoder_checkpointing).  scorer: the LM head's
+    on every GPU.  decoder_checkpointing: how many decoder layers recompute their activations in the
+    backward (true: all, false: none, n: the first n; model.decoder_checkpointing); the others keep
+    every activation from the forward.  scorer: the LM head's
     backend or its name (model.scorer).  stage 1: one text per row and one decoder sequence (two with
     ``contrast``, loss.stage1_contrast's pass over the previous row's e); stage 2: query and positive
     encoded, 2 + ``negatives`` decoder sequences per query.  prefix: model.shared_prefix's positions,
@@ -33,6 +34,7 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
         raise InputError("--zero must be 2 or 3")
     if stage not in (1, 2):
         raise InputError("--stage must be 1 or 2")
+    recomputed = recomputed_layers(decoder_checkpointing, arch.layers)
     enc = arch.params(extra_tokens=k, with_head=False)  # the encoder is the base transformer, no LM head
     dec = arch.params()
     shard = gpus if zero == 3 else 1
@@ -50,14 +52,37 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     dec_tokens = dec_seqs * (prefix + k + max_len + 1)
     layer_work = 2 * (10 * arch.hidden + 3 * arch.intermediate)  # bytes per token while recomputing a layer
     checkpointed = 2 * arch.hidden * arch.layers + layer_work  # bytes per token: layer inputs + one layer's work
-    out["activations (checkpointed)"] = checkpointed * (enc_tokens + (dec_tokens if decoder_checkpointing else 0))
-    if not decoder_checkpointing:
-        out["decoder activations (kept)"] = layer_work * arch.layers * dec_tokens
+    # the decoder: the inputs of the layers it recomputes, one of them at work, every kept layer's activations
+    dec_checkpointed = 2 * arch.hidden * recomputed + (layer_work if recomputed else 0)
+    out["activations (checkpointed)"] = checkpointed * enc_tokens + dec_checkpointed * dec_tokens
+    if recomputed < arch.layers:
+        out["decoder activations (kept)"] = layer_work * (arch.layers - recomputed) * dec_tokens
     out[SCORER_KEY] = scorer_for(scorer).held_bytes(dec_tokens, arch.hidden, arch.vocab)
     materialised = (2 + 4 + 4) * dec_tokens * arch.vocab
     return {"breakdown": out, "total": sum(out.values()), "materialised_logits": materialised,
             "total_if_materialised": sum(out.values()) - out[SCORER_KEY] + materialised,
-            "encoder_params": enc, "decoder_params": dec, "decoder_tokens": dec_tokens, "stage": stage}
+            "encoder_params": enc, "decoder_params": dec, "decoder_tokens": dec_tokens, "stage": stage,
+            "recomputed_layers": recomputed}
+
+
+def recomputed_layers(decoder_checkpointing: bool | int, layers: int) -> int:
+    """The decoder layers recomputed under ``decoder_checkpointing`` (true: all, false: none, n: n)."""
+    if isinstance(decoder_checkpointing, bool):
+        return layers if decoder_checkpointing else 0
+    if not 0 <= decoder_checkpointing <= layers:
+        raise InputError(f"--decoder-checkpointing: {decoder_checkpointing} layers recomputed, but the decoder has "
+                         f"{layers}")
+    return decoder_checkpointing
+
+
+def fewest_recomputed(arch: Arch, gpu_mem_gb: float, *args, **kwargs) -> int | None:
+    """The fewest decoder layers to recompute for ``plan(arch, *args, **kwargs)`` to fit in
+    ``gpu_mem_gb`` (each layer kept saves a third of its FLOPs in the backward), None if none fits."""
+    kwargs.pop("decoder_checkpointing", None)
+    for n in range(arch.layers + 1):  # memory falls as n grows: the first that fits is the fewest
+        if plan(arch, *args, decoder_checkpointing=n, **kwargs)["total"] <= gpu_mem_gb * GB:
+            return n
+    return None
 
 
 def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None, sharded: dict | None = None) -> tuple[str, bool]:
