@@ -2,6 +2,7 @@
 a truncated checkpoint, a full disk, a second run into the same folder, blank input lines."""
 import fcntl
 import json
+import math
 import os
 import shutil
 
@@ -139,6 +140,33 @@ def test_a_second_run_into_a_busy_folder_is_refused_before_anything_loads(tmp_pa
     assert r.returncode != 0
     assert "is in use by PID 4242 on somehost" in r.stderr
     assert not (out / "stage1").exists()
+
+
+COUNT_READ_BACKS = """
+import json, atexit
+from autoregembed.runtime import distributed, preemption
+calls = {"read_backs": 0, "stop_checks": 0}
+def _counted(fn, key):
+    def wrapper(*a, **k):
+        calls[key] += 1
+        return fn(*a, **k)
+    return wrapper
+distributed.sum_across_ranks = _counted(distributed.sum_across_ranks, "read_backs")
+preemption.asked = _counted(preemption.asked, "stop_checks")
+atexit.register(lambda: print("CALLS " + json.dumps(calls)))
+"""
+
+
+def test_the_step_loop_waits_for_the_device_only_every_few_steps(tmp_path):
+    """Metrics stay on the device and stop requests wait (preemption.CHECK_EVERY) between flushes: 12
+    steps logged every 10 read back at steps 1 (a stop asked for while loading), 5, 10 and 12, and
+    still record every step."""
+    out = str(tmp_path / "run")
+    r = _train(out, "stage1.max_steps=12", "stage1.log_every=10", script=_patched_train(tmp_path, COUNT_READ_BACKS))
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = json.loads(r.stdout.split("CALLS ")[-1])
+    assert calls == {"read_backs": 4, "stop_checks": 4}
+    assert _steps(out) == list(range(1, 13)) and all(math.isfinite(v) for v in _losses(out))
 
 
 def test_a_stop_request_made_while_loading_is_honoured_not_deleted(tmp_path):

@@ -26,8 +26,17 @@ def test_step_records_progress_line_and_monitor_events(tmp_path):
     lines, writer = [], _Writer()
     mon = StepMonitor("stage1", str(tmp_path), total_steps=10, start_step=2, last_step=6, log_every=2,
                       engine=types.SimpleNamespace(monitor=writer), log=lines.append)
-    for step in range(3, 7):
-        mon.step(step, loss=1.0 / step, lr=1e-4, grad_norm=None if step == 3 else 0.5 * step, tokens=100)
+    import torch
+
+    for step in range(3, 5):  # losses and norms may be tensors: read back only at a flush
+        mon.step(step, loss=torch.tensor(1.0 / step), lr=1e-4,
+                 grad_norm=None if step == 3 else torch.tensor(0.5 * step), tokens=100)
+    assert read_metrics(str(tmp_path)) == [] and lines == []
+    assert mon.flush()[1] is False
+    for step in range(5, 7):
+        mon.step(step, loss=1.0 / step, lr=1e-4, grad_norm=0.5 * step, tokens=100)
+    flushed, stop = mon.flush(stop=True)
+    assert stop is True and [r["step"] for r in flushed] == [5, 6]
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == [3, 4, 5, 6]
     assert records[0]["grad_norm"] is None and records[1]["grad_norm"] == 2.0
@@ -50,7 +59,8 @@ def test_extra_values_reach_the_record_line_and_writer_and_their_seconds_leave_t
     lines, writer = [], _Writer()
     mon = StepMonitor("stage1", str(tmp_path), total_steps=1, start_step=0, last_step=1, log_every=1,
                       engine=types.SimpleNamespace(monitor=writer), log=lines.append)
-    r = mon.step(1, 1.0, 1e-4, 1.0, tokens=400, extra={"info_gap": 0.25, "sts_spearman": 61.5}, extra_s=8.0)
+    mon.step(1, 1.0, 1e-4, 1.0, tokens=400, extra={"info_gap": 0.25, "sts_spearman": 61.5}, extra_s=8.0)
+    (r,), _ = mon.flush()
     assert r["tokens_per_s"] == pytest.approx(200.0) and r["elapsed_s"] == 10.0
     assert read_metrics(str(tmp_path))[0]["info_gap"] == 0.25
     assert " info gap 0.250 nats/tok STS 61.50 " in lines[0]

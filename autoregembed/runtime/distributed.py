@@ -164,6 +164,15 @@ def mean_across_ranks(value: float) -> float:
     return _all_reduce(value, dist.ReduceOp.SUM) / world_size()
 
 
+def sum_across_ranks(values: list) -> list[float]:
+    """Element-wise sums over ranks of ``values`` (floats or 0-d tensors, on any device) in one
+    all-reduce, read back to the host once: the step loop's only wait for the GPU."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device()).reshape(()) for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def any_across_ranks(flag: bool) -> bool:
     """True on every rank if it is true on any rank."""
     return _all_reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0

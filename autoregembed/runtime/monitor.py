@@ -1,8 +1,11 @@
 """What a training stage reports per optimizer step: ``metrics.jsonl``, a progress line, and
 DeepSpeed's monitor (TensorBoard / CSV writers, off unless ``monitor.*`` turns them on).
 
-Every rank calls ``StepMonitor.step`` (the token count is summed across ranks); rank 0 writes.
-``metrics.jsonl`` holds one record per step, so a resumed run first cuts it back to its checkpoint.
+Every rank calls ``StepMonitor.step`` after each optimizer step, which only holds the step's values
+(its loss may still be a device tensor), and ``flush`` every few steps, which reads them all back in
+one all-reduce (losses averaged and tokens summed across ranks) and rank 0 writes them: the GPU is
+waited for once per flush, not several times a step.  ``metrics.jsonl`` holds one record per step,
+so a resumed run first cuts it back to its checkpoint.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from .atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 MONITOR_DIR = "monitor"  # under the stage folder: DeepSpeed's TensorBoard / CSV output
+BASE_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}  # the rest: a stage's extras
 
 
 def log(msg: str):
@@ -125,32 +129,50 @@ class StepMonitor:
         self.stage, self.stage_dir, self.total, self.log_every = stage, stage_dir, total_steps, log_every
         self.start, self.last, self.engine, self.log, self.wandb = start_step, last_step, engine, log, wandb
         self.t0 = self.t_last = time.time()
+        self.held = []
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int,
-             extra: dict | None = None, extra_s: float = 0.0) -> dict:
-        """Record optimizer step ``step`` (1-based); ``tokens``: this rank's non-padding tokens;
-        ``extra``: more values for this step's record (a stage's probe, diagnostics.py), measured in
-        ``extra_s`` seconds that tokens/s leaves out (the elapsed time and the eta keep them)."""
-        tokens_all = D.mean_across_ranks(float(tokens)) * D.world_size()
+    def step(self, step: int, loss, lr: float, grad_norm, tokens: int, extra: dict | None = None,
+             extra_s: float = 0.0):
+        """Hold optimizer step ``step`` (1-based) until ``flush``: ``loss`` (this rank's mean) and
+        ``grad_norm`` may be device tensors; ``tokens``: this rank's non-padding tokens; ``extra``:
+        more values for the step's record (a stage's probe, diagnostics.py), measured in ``extra_s``
+        seconds that tokens/s leaves out (the elapsed time and the eta keep them)."""
+        self.held.append((step, loss, lr, grad_norm, tokens, extra or {}, extra_s))
+
+    def flush(self, stop: bool = False) -> tuple[list[dict], bool]:
+        """Read the held steps back, write their records (rank 0) and return them with whether any
+        rank asked to stop (``stop``: this rank's request, carried by the same all-reduce).  Each
+        record's tokens/s is its flush window's."""
+        held, self.held = self.held, []
+        sums = D.sum_across_ranks([h[1] for h in held] + [float(h[4]) for h in held] + [float(stop)])
+        n, world = len(held), D.world_size()
         now = time.time()
-        elapsed, done = now - self.t0, step - self.start
-        record = {"step": step, "loss": loss, "lr": lr,
-                  "grad_norm": None if grad_norm is None or not math.isfinite(grad_norm) else float(grad_norm),
-                  "tokens": int(tokens_all), "tokens_per_s": tokens_all / max(now - self.t_last - extra_s, 1e-9),
-                  "elapsed_s": round(elapsed, 3), **(extra or {})}
-        self.t_last = now
+        rate = sum(sums[n : 2 * n]) / max(now - self.t_last - sum(h[6] for h in held), 1e-9)
+        self.t_last, elapsed = now, now - self.t0
+        records = []
+        for i, (step, _, lr, grad_norm, _, extra, _) in enumerate(held):
+            grad = None if grad_norm is None else float(grad_norm)
+            records.append({"step": step, "loss": sums[i] / world, "lr": lr,
+                            "grad_norm": grad if grad is not None and math.isfinite(grad) else None,
+                            "tokens": int(sums[n + i]), "tokens_per_s": rate, "elapsed_s": round(elapsed, 3),
+                            **extra})
         if D.rank() == 0:
-            os.makedirs(self.stage_dir, exist_ok=True)
-            with open(os.path.join(self.stage_dir, METRICS_FILE), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            monitor = getattr(self.engine, "monitor", None)
+            self._write(records, elapsed)
+        return records, sums[-1] > 0
+
+    def _write(self, records: list[dict], elapsed: float):
+        os.makedirs(self.stage_dir, exist_ok=True)
+        with open(os.path.join(self.stage_dir, METRICS_FILE), "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+        monitor = getattr(self.engine, "monitor", None)
+        for record in records:
+            step = record["step"]
             if monitor is not None and monitor.enabled:
                 monitor.write_events([(f"Train/{self.stage}/{k}", record[k], step)
-                                      for k in ("loss", "lr", "grad_norm", "tokens_per_s", *(extra or {}))
+                                      for k in ("loss", "lr", "grad_norm", "tokens_per_s", *record.keys() - BASE_KEYS)
                                       if record[k] is not None])
             if self.wandb is not None:
                 self.wandb.log(record)
             if step % self.log_every == 0 or step == self.last:
-                eta = elapsed / max(done, 1) * (self.last - step)
+                eta = elapsed / max(step - self.start, 1) * (self.last - step)
                 self.log(progress_line(self.stage, record, self.total, elapsed, eta))
-        return record

@@ -1,9 +1,11 @@
-"""Graceful stop on preemption: save at the next step boundary, then exit with ``EXIT_STOPPED``.
+"""Graceful stop on preemption: save within ``CHECK_EVERY`` optimizer steps, then exit with ``EXIT_STOPPED``.
 
 A stop is requested by SIGUSR1, SIGTERM or SIGINT (Ctrl-C) reaching a rank, or by the file
 ``<stage_dir>/STOP`` appearing (what the Slurm scripts' USR1 trap creates, which works
 whatever launcher sits between the batch shell and the ranks).  Ranks agree through an
-all-reduce, so all of them save the same step.  After saving, the stage writes
+all-reduce, so all of them save the same step; a training stage carries its request in the
+all-reduce that reads its step metrics back (monitor.py), every ``CHECK_EVERY`` steps, so waiting
+for the GPU stays out of the steps between.  After saving, the stage writes
 ``<stage_dir>/PREEMPTED`` (the step) so the batch script knows to requeue, and the run exits
 ``EXIT_STOPPED``, never 0: ``train.py && next-step`` must not take a stopped run for a finished one.
 Work that saves nothing (evaluation, mining) runs ``on_rank0``: a request stops it at once, and it
@@ -27,6 +29,7 @@ from .atomic import atomic_write_text
 from .distributed import any_across_ranks, barrier, rank
 
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped on request with its state saved; rerun with --resume
+CHECK_EVERY = 5  # optimizer steps between a training stage's stop checks: 5 x a 7B step is well inside Slurm's 300 s
 DEBOUNCE_S = 2.0
 
 _requested = False
@@ -64,9 +67,14 @@ def marker_file(stage_dir: str) -> str:
     return os.path.join(stage_dir, "PREEMPTED")
 
 
+def asked(stage_dir: str) -> bool:
+    """This rank saw a signal or the stop file (ranks agree through ``requested`` or a stage's own all-reduce)."""
+    return _requested or os.path.exists(stop_file(stage_dir))
+
+
 def requested(stage_dir: str) -> bool:
     """True on every rank if any rank saw a signal or the stop file."""
-    return any_across_ranks(_requested or os.path.exists(stop_file(stage_dir)))
+    return any_across_ranks(asked(stage_dir))
 
 
 def clear_marker(stage_dir: str):

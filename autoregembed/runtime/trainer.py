@@ -200,12 +200,6 @@ class Session:
         gc.collect()
 
 
-def _grad_norm(engine) -> float | None:
-    """The global gradient norm of the last optimizer step (before clipping), where DeepSpeed kept it."""
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
-
-
 def calibration_batches(cfg: Config, s: Session, rows: list[dict], n_rows: int = 128) -> list:
     """Stage-1 micro-batches of ``n_rows`` rows drawn with the run's seed (not the first rows: files are
     often sorted by source), on the session's device: what the decoder scale is measured on and the
@@ -302,6 +296,20 @@ def micro_step(engine, batch, loss_fn, online: bool = False, after_backward=None
     return loss.detach()
 
 
+def optimizer_step(engine, batches, loss_fn, online: bool = False, after_backward=None) -> torch.Tensor:
+    """One optimizer step, the one the trainer, the parity test, gpu_check and the benchmarks run:
+    ``batches``, the step's micro-batches on the host (as many as the engine's gradient accumulation
+    steps: DeepSpeed updates the weights after the last), each moved to the device and run through
+    ``micro_step``.  Returns the mean loss on the device: nothing here waits for the GPU."""
+    total, n = 0.0, 0
+    for batch in batches:
+        total = total + micro_step(engine, to_device(batch, D.device()), loss_fn, online, after_backward)
+        n += 1
+    if n != engine.gradient_accumulation_steps():
+        raise ValueError(f"{n} micro-batches for a step of {engine.gradient_accumulation_steps()}")
+    return total / n
+
+
 def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
     """Train ``st`` (a stages.TrainingStage); export at the end (``<stage>.stop_after``: see StageResult)."""
     stage = st.name
@@ -357,18 +365,19 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
     keys = ((step, micro) for step in range(start, end) for micro in range(o.gradient_accumulation_steps))
     with Prefetcher(build, keys) as batches:  # closed on every way out: a stop, an error, the end
         upcoming = iter(batches)
-        for step in range(start, end):
-            total, tokens = 0.0, 0  # the loss stays on the device until the step is over: one read-back a step
-            for micro in range(o.gradient_accumulation_steps):
+        tokens = 0
+
+        def this_step():  # the step's micro-batches, their tokens counted on the host
+            nonlocal tokens
+            for _ in range(o.gradient_accumulation_steps):
                 _, (n, batch) = next(upcoming)
                 tokens += n
-                loss = micro_step(s.engine, to_device(batch, s.device), loss_fn, online)
-                total = total + loss / o.gradient_accumulation_steps
-            mean = D.mean_across_ranks(float(total))
-            if not torch.isfinite(torch.tensor(mean)):
-                raise TrainingDiverged(f"{stage}: loss is {mean} at step {step + 1}: training diverged; lower "
-                                       f"{stage}.learning_rate (now {o.learning_rate:g}) and start the stage again "
-                                       f"(checkpoints so far are in {ckpt_dir})")
+                yield batch
+
+        flush_every = min(o.log_every, preemption.CHECK_EVERY)
+        for step in range(start, end):
+            tokens = 0
+            loss = optimizer_step(s.engine, this_step(), loss_fn, online)
             extra, t_extra = {}, time.time()
             if probe is not None and ((step + 1) % o.log_every == 0 or step + 1 == end):
                 with torch.no_grad():
@@ -376,10 +385,22 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
                 extra.update(sts_during_training(s.engine, s.text_encoder, cfg.eval.instruction, cfg.sts_file,
                                                  cfg.eval.batch_size))
-            watch.update(monitor.step(step + 1, mean, s.scheduler.get_last_lr()[0], _grad_norm(s.engine), tokens, extra,
-                                      time.time() - t_extra))
-            stop = step + 1 < end and preemption.requested(stage_dir)
-            if stop or (o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end):
+            monitor.step(step + 1, loss, s.scheduler.get_last_lr()[0], s.engine.get_global_grad_norm(), tokens,
+                         extra, time.time() - t_extra)
+            save = o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end
+            if not (save or step == start or (step + 1) % flush_every == 0 or (step + 1) % o.log_every == 0
+                    or step + 1 == end):  # the first step answers a stop asked for while the model loaded
+                continue  # the GPU runs on: metrics, the finite check and stop requests wait for the next flush
+            records, stop = monitor.flush(preemption.asked(stage_dir))
+            diverged = next((r for r in records if not math.isfinite(r["loss"])), None)
+            if diverged is not None:
+                raise TrainingDiverged(f"{stage}: loss is {diverged['loss']} at step {diverged['step']}: training "
+                                       f"diverged; lower {stage}.learning_rate (now {o.learning_rate:g}) and start "
+                                       f"the stage again (checkpoints so far are in {ckpt_dir})")
+            for record in records:
+                watch.update(record)
+            stop = stop and step + 1 < end
+            if stop or save:
                 checkpoint.save(s.engine, ckpt_dir, step + 1, o.keep_last)
             if stop:
                 preemption.honoured(stage_dir, str(step + 1))
