@@ -186,7 +186,8 @@ IMAGE = os.environ.get("AUTOREGEMBED_GPU_IMAGE", os.path.expanduser("~/.cache/au
 def test_the_gpu_check_dry_run_passes_on_the_images_versions(tmp_path):
     """What a lent GPU machine runs, on CPU: bench/gpu_check.sh --smoke under the image's Python 3.12,
     torch 2.11.0, triton 3.6.0, transformers 5.17.0 and huggingface-hub 1.33.0, with the carried wheels
-    installed as the machine installs them (install_carried.sh): the preflight and every variant."""
+    installed as the machine installs them (install_carried.sh): the preflight and every variant; then
+    the kernel's Hopper PTX checks under the image's Triton."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -202,3 +203,7 @@ def test_the_gpu_check_dry_run_passes_on_the_images_versions(tmp_path):
     assert res["torch"].startswith("2.11.0") and res["triton"] == "3.6.0" and res["errors"] == {}
     assert res["preflight"]["attention"] == "sdpa" and len(res["trainer"]) == 16
     assert all("error" not in t and "skipped" not in t for t in res["trainer"])
+    # the Hopper PTX of the row kernel as the image's Triton 3.6 compiles it (no GPU needed)
+    ptx = subprocess.run([env["PYTHON"], "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernel_ptx.py"],
+                         env={**env, "PYTHONPATH": env["SITE"]}, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ptx.returncode == 0 and " passed" in ptx.stdout and "skipped" not in ptx.stdout, ptx.stdout[-3000:]
