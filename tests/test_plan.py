@@ -124,3 +124,15 @@ def test_recomputing_some_decoder_layers_keeps_the_rest_and_the_planner_sizes_it
     assert main(["plan", "--model", "llama-2-7b", "--micro-batch", "4", "--negatives", "7",
                  "--decoder-checkpointing", str(n)]) == 0
     assert "recomputing" not in capsys.readouterr().out
+
+
+def test_hpz_keeps_a_second_parameter_copy_partitioned_within_a_node(capsys):
+    """ds_configs/zero3_multinode.json (hpZ): every GPU also holds the bf16 parameters partitioned
+    over its node's GPUs; a single node has no second copy."""
+    arch = Arch.load("llama-2-7b")
+    flat, hpz = (plan(arch, 16, 3, 4, 7, 512, hpz=h)["breakdown"] for h in (0, 8))
+    assert hpz["hpZ secondary parameters (bf16)"] == pytest.approx(2 * arch.params(extra_tokens=5, with_head=False) / 8)
+    assert "hpZ secondary parameters (bf16)" not in flat
+    assert "hpZ secondary parameters (bf16)" not in plan(arch, 8, 3, 4, 7, 512, hpz=8)["breakdown"]
+    assert main(["plan", "--model", "llama-2-7b", "--nodes", "2", "--hpz"]) == 0
+    assert "hpZ secondary parameters (bf16)" in capsys.readouterr().out

@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     pl.add_argument("--decoder-checkpointing", type=int, default=None, metavar="N",
                     help="the decoder recomputes its first N layers and keeps the others' activations "
                          "(model.decoder_checkpointing=N); default: every layer")
+    pl.add_argument("--hpz", action="store_true",
+                    help="ds_configs/zero3_multinode.json: a second copy of the parameters partitioned within each node")
     pl.add_argument("--shard-decoder", action="store_true",
                     help="the frozen decoder partitioned under ZeRO-3 (model.shard_decoder); default: whole per GPU")
     pl.add_argument("--scorer", default="auto", choices=list(SCORERS), help="the LM head's scorer backend (model.scorer)")
@@ -201,7 +203,7 @@ def _plan(args) -> int:
     recompute = (False if args.no_decoder_checkpointing else
                  True if args.decoder_checkpointing is None else args.decoder_checkpointing)
     common = {"decoder_checkpointing": recompute, "scorer": args.scorer, "stage": args.stage,
-              "contrast": not args.no_contrast}
+              "contrast": not args.no_contrast, "hpz": args.gpus_per_node if args.hpz else 0}
     prefix = 0 if args.shard_decoder else args.shared_prefix  # a partitioned decoder reads no shared prefix
     p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, prefix=prefix, **common)
     text, fits = report(p, args.gpu_mem_gb,

@@ -21,7 +21,7 @@ SCORER_KEY = "LM head scorer"
 
 def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max_len: int, k: int = 5,
          shard_decoder: bool = False, decoder_checkpointing: bool | int = True, scorer: Scorer | str = "auto",
-         stage: int = 2, prefix: int = 0, contrast: bool = False) -> dict:
+         stage: int = 2, prefix: int = 0, contrast: bool = False, hpz: int = 0) -> dict:
     """shard_decoder: the frozen decoder partitioned under ZeRO-3 (model.shard_decoder), else whole
     on every GPU.  decoder_checkpointing: how many decoder layers recompute their activations in the
     backward (true: all, false: none, n: the first n; model.decoder_checkpointing); the others keep
@@ -29,7 +29,9 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     backend or its name (model.scorer).  stage 1: one text per row and one decoder sequence (two with
     ``contrast``, loss.stage1_contrast's pass over the previous row's e); stage 2: query and positive
     encoded, 2 + ``negatives`` decoder sequences per query.  prefix: model.shared_prefix's positions,
-    read before e in every decoder sequence of both stages."""
+    read before e in every decoder sequence of both stages.  hpz: ZeRO++'s hierarchical partition size
+    (ds_configs/zero3_multinode.json: the GPUs of a node), which keeps a second bf16 copy of the
+    encoder's parameters partitioned over that many GPUs, so that gathers stay inside a node."""
     if zero not in (2, 3):
         raise InputError("--zero must be 2 or 3")
     if stage not in (1, 2):
@@ -45,6 +47,8 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
         "optimizer (fp32 master + Adam m, v)": 12 * enc / gpus,
         "gather buffer (largest layer)": 4 * arch.largest_layer(k) if zero == 3 else 0,
     }
+    if zero == 3 and 0 < hpz < gpus:
+        out["hpZ secondary parameters (bf16)"] = 2 * enc / hpz
     texts = micro_batch * (1 if stage == 1 else 2)  # stage 2 encodes queries and positives
     enc_tokens = texts * (max_len + k + 3)  # with BOS, two newlines and the EMBED tokens
     # stage 1: target|e (and target|e of the previous row); stage 2: pos|e_q, pos|e_pos, neg_i|e_q
