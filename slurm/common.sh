@@ -18,7 +18,7 @@
 #   HF_HUB_OFFLINE     default 1: compute nodes read models from the local cache or a folder and
 #                      fail at once instead of waiting on the network; set 0 to allow downloads
 # Stops: the batch shell's USR1 (--signal=B:USR1@300, the time limit) and a SIGTERM to the job's steps
-# (scancel --signal=TERM, --signal=TERM@N) both make the ranks save at the next step boundary and the
+# (scancel --signal=TERM, --signal=TERM@N) both make the ranks save within 5 optimizer steps and the
 # job requeue: the ranks handle SIGTERM themselves and torchrun ignores it (else it would kill them
 # 30 s later, mid-save). Preemption: srun answers a SIGTERM of its own with SIGKILL to every rank, so
 # the cluster must send the job's signal instead, SlurmctldParameters=preempt_send_user_signal, with a
