@@ -3,9 +3,11 @@ stage 1 compress, and do its models beat the untrained base they start from?
 
 Per seed, the job runs as a user runs it (``--set seed=S``, its own output folder, its own tiny base)
 and the record takes: the information gap at stage 1's last step (nats/token, the signal that says
-whether the compressed tokens carry their own text), the untrained base's STS read as the export
-reads text (the floor, eval.compare_base), and the STS of the stage-1 and stage-2 exports, each as
-mean ± standard deviation over the seeds.  ``--set`` options reach every job, to compare a setting.
+whether the compressed tokens carry their own text), and for the untrained base read as the export
+reads text (the floor, eval.compare_base) and the stage-1 and stage-2 exports: retrieval nDCG@10 and
+MRR@10 on the held-out bundled pairs (eval.retrieval=auto, the job's own evaluation) and STS, each as
+mean ± standard deviation over the seeds.  ``beats_base``: stage 2 above the base on every seed, its
+mean margin above the larger seed spread of the two.  ``--set`` options reach every job.
 
     python bench/default_job.py --seeds 42,1,2 --jobs 2            # ~3 min on 2 cores
     python bench/default_job.py --seeds 42,1,2 --set loss.stage1_contrast=1
@@ -37,23 +39,39 @@ def run_seed(seed: int, sets: list[str], out: str, threads: int) -> dict:
         raise RuntimeError(f"seed {seed}: train.py exited {job.returncode}:\n{job.stderr[-3000:]}")
     with open(os.path.join(run, "eval", "result.json")) as f:
         result = json.load(f)
-    stage1 = json_child([sys.executable, "-m", "autoregembed.tools.cli", "eval", "--model",
-                         os.path.join(run, "stage1", "model"), "--sts", result["sts"]], env)
+    stage1_model = os.path.join(run, "stage1", "model")
+    stage1 = json_child([sys.executable, "-m", "autoregembed.tools.cli", "eval", "--model", stage1_model,
+                         "--sts", result["sts"]], env)
+    stage1_ir = json_child([sys.executable, "-m", "autoregembed.tools.cli", "eval", "--model", stage1_model,
+                            "--retrieval", result["retrieval"]["set"]], env)["retrieval"]
     with open(os.path.join(run, "stage1", "metrics.jsonl")) as f:
         gap = [json.loads(line)["info_gap"] for line in f if '"info_gap"' in line][-1]
-    return {"seed": seed, "info_gap": round(gap, 4), "base": result["base_spearman_x100"],
-            "stage1": stage1["spearman_x100"],
-            "stage2": result["spearman_x100"], "sts": result["sts"]}
+    row = {"seed": seed, "info_gap": round(gap, 4), "sts": result["sts"], "retrieval": result["retrieval"]["set"]}
+    for name, sts, ir in (("base", result["base_spearman_x100"], result["base_retrieval"]),
+                          ("stage1", stage1["spearman_x100"], stage1_ir),
+                          ("stage2", result["spearman_x100"], result["retrieval"])):
+        row.update({f"{name}_sts": sts, f"{name}_ndcg10": ir["ndcg@10"], f"{name}_mrr10": ir["mrr@10"]})
+    return row
+
+
+METRICS = ("ndcg10", "mrr10", "sts")
 
 
 def summary(rows: list[dict]) -> dict:
-    out = {}
-    for key in ("info_gap", "base", "stage1", "stage2"):
-        values = [r[key] for r in rows]
-        out[key] = {"mean": round(statistics.fmean(values), 3),
-                    "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0}
-    for stage in ("stage1", "stage2"):
-        out[f"{stage}_minus_base"] = sorted(round(r[stage] - r["base"], 2) for r in rows)
+    def spread(values):
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    out = {"info_gap": {"mean": round(statistics.fmean(r["info_gap"] for r in rows), 4),
+                        "std": round(spread([r["info_gap"] for r in rows]), 4)}}
+    for metric in METRICS:
+        for name in ("base", "stage1", "stage2"):
+            values = [r[f"{name}_{metric}"] for r in rows]
+            out[f"{name}_{metric}"] = {"mean": round(statistics.fmean(values), 4), "std": round(spread(values), 4)}
+        diffs = [r[f"stage2_{metric}"] - r[f"base_{metric}"] for r in rows]
+        margin = statistics.fmean(diffs)
+        out[f"stage2_minus_base_{metric}"] = [round(d, 4) for d in diffs]
+        out[f"beats_base_{metric}"] = min(diffs) > 0 and margin > max(out[f"stage2_{metric}"]["std"],
+                                                                       out[f"base_{metric}"]["std"])
     return out
 
 
@@ -72,8 +90,9 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             rows = list(pool.map(lambda s: run_seed(s, args.sets, out, threads), seeds))
     for r in rows:
-        print(f"seed {r['seed']}: information gap {r['info_gap']:.3f} nats/token; STS untrained base {r['base']:.2f}, "
-              f"stage 1 {r['stage1']:.2f}, stage 2 {r['stage2']:.2f}")
+        print(f"seed {r['seed']}: information gap {r['info_gap']:.3f} nats/token; " + "; ".join(
+            f"{metric} base {r[f'base_{metric}']:.4g}, stage 1 {r[f'stage1_{metric}']:.4g}, stage 2 "
+            f"{r[f'stage2_{metric}']:.4g}" for metric in METRICS))
     record = {**record_header(), "command": " ".join(sys.argv), "settings": args.sets, "per_seed": rows,
               "summary": summary(rows)}
     print(json.dumps(record["summary"]))

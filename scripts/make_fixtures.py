@@ -25,6 +25,10 @@ def main():
     with open(os.path.join(OUT, "nli_sample.jsonl"), "w", encoding="utf-8") as f:
         for row in nli[:256]:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    # retrieval's held-out pairs (eval.retrieval=auto): rows neither stage of the default job reads
+    with open(os.path.join(OUT, "nli_heldout.jsonl"), "w", encoding="utf-8") as f:
+        for row in nli[556:812]:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     train = sts_rows("sts-train.csv")
     rng.shuffle(train)
     sentences = [r[5] for r in train[:300]] + [r["query"] for r in nli[256:556]]

@@ -51,8 +51,8 @@ def test_the_license_is_read_from_the_base_models_own_card(tmp_path):
 
 
 def test_an_evaluation_rewrites_the_card_with_its_result(tiny_base, tiny_export, tmp_path):
-    """The card and eval/result.json carry the export's score and its untrained base's (eval.compare_base),
-    the floor as `autoregembed eval --base` computes it."""
+    """The card and eval/result.json carry the export's STS and retrieval and its untrained base's
+    (eval.compare_base), the floor as `autoregembed eval --base` computes it."""
     import json
 
     from autoregembed.release.evaluate import base_report
@@ -70,9 +70,15 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_base, tiny_export,
     assert result["base_spearman_x100"] == base_report(tiny_base, str(model), sts)["base_spearman_x100"]
     assert f"untrained base `{tiny_base}` (mean of its EMBED states) | {result['base_spearman_x100']:.2f} |" in card
     assert json.load(open(tmp_path / "run" / "eval" / "result.json")) == result
+    ir, floor = result["retrieval"], result["base_retrieval"]  # eval.retrieval=auto: the held-out bundled pairs
+    assert ir["set"] == cfg.retrieval_set and ir["queries"] == floor["queries"] == 256
+    assert floor == base_report(tiny_base, str(model), None, retrieval=cfg.retrieval_set)["base_retrieval"]
+    assert (f"| nli_heldout.jsonl (256 queries), this model | {ir['ndcg@10']:.4f} | {ir['mrr@10']:.4f} | "
+            f"{ir['recall@100']:.4f} |") in card
+    assert f"| nli_heldout.jsonl (256 queries), the untrained base | {floor['ndcg@10']:.4f} |" in card
     cfg = load_config(None, [f"output_dir={tmp_path / 'run2'}", f"eval.sts_file={sts}", f"model.base={tiny_base}",
-                             "eval.compare_base=false"])
-    assert "base_spearman_x100" not in evaluate(cfg, str(model))
+                             "eval.compare_base=false", "eval.retrieval=none"])
+    assert not {"base_spearman_x100", "retrieval", "base_retrieval"} & set(evaluate(cfg, str(model)))
     assert oct((model / CARD_FILE).stat().st_mode & 0o044) == oct(0o044)  # readable by the group and others
 
 

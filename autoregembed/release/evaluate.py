@@ -1,4 +1,6 @@
-"""STS evaluation: Spearman x100 between cosine similarity and gold scores."""
+"""STS evaluation (Spearman x100 between cosine similarity and gold scores), the reports that
+``autoregembed eval`` prints and a pipeline writes (STS, retrieval: retrieval.py), and their floor,
+the untrained base read as the export reads text."""
 from __future__ import annotations
 
 import csv
@@ -69,13 +71,22 @@ def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progre
             "mean_pairwise_cosine": round(r["mean_cosine"], 4)}
 
 
-def base_report(base: str, model: str, path: str, batch_size: int = 64, pooling: str | None = None,
-                show_progress_bar: bool | str = True) -> dict:
-    """The untrained ``base``'s STS on ``path``, reading text as the export ``model`` does
-    (``Encoder.untrained``): the floor its ``spearman_x100`` must beat, the keys ``sts_report`` adds
-    to with ``autoregembed eval --base`` and ``eval.compare_base``.  Loaded after the export's own
-    evaluation, so the two models never share the device, and in the export's dtype, so both are
-    computed alike (a bf16 base checkpoint beside an fp32 CPU export would not be)."""
+def retrieval_report(encoder, path: str, batch_size: int = 64, show_progress_bar: bool | str = False) -> dict:
+    """``retrieval.retrieval_eval`` on ``path`` (eval.retrieval: a BEIR folder or stage-2 rows), rounded."""
+    from .retrieval import load, retrieval_eval
+
+    r = retrieval_eval(encoder, load(path), batch_size, show_progress_bar)
+    return {"set": path, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}
+
+
+def base_report(base: str, model: str, path: str | None, batch_size: int = 64, pooling: str | None = None,
+                show_progress_bar: bool | str = True, retrieval: str | None = None) -> dict:
+    """The untrained ``base``'s STS on ``path`` (and its retrieval on ``retrieval``), reading text as
+    the export ``model`` does (``Encoder.untrained``): the floor its ``spearman_x100`` (and
+    ``retrieval``) must beat, the keys ``sts_report`` adds to with ``autoregembed eval --base`` and
+    ``eval.compare_base``.  Loaded after the export's own evaluation, so the two models never share the
+    device, and in the export's dtype, so both are computed alike (a bf16 base checkpoint beside an
+    fp32 CPU export would not be)."""
     from transformers import AutoConfig
 
     from .encoder import Encoder
@@ -83,5 +94,9 @@ def base_report(base: str, model: str, path: str, batch_size: int = 64, pooling:
 
     floor = Encoder.untrained(base, ExportMeta.read(model), dtype=AutoConfig.from_pretrained(model).dtype,
                               pooling=pooling)
-    r = sts_eval(floor, path, batch_size, show_progress_bar)
-    return {"base_model": base, "base_spearman_x100": round(r["spearman"], 2)}
+    out = {"base_model": base}
+    if path is not None:
+        out["base_spearman_x100"] = round(sts_eval(floor, path, batch_size, show_progress_bar)["spearman"], 2)
+    if retrieval is not None:
+        out["base_retrieval"] = retrieval_report(floor, retrieval, batch_size, show_progress_bar)
+    return out

@@ -124,6 +124,12 @@ def card_text(folder: str, meta: ExportMeta) -> str:
         if "base_spearman_x100" in results:
             lines.append(f"| the same, untrained base `{results['base_model']}` (mean of its EMBED states) | "
                          f"{results['base_spearman_x100']:.2f} | |")
+        if "retrieval" in results:
+            lines += ["", "| retrieval | nDCG@10 | MRR@10 | recall@100 |", "| --- | --- | --- | --- |"]
+            for label, r in (("this model", results["retrieval"]), ("the untrained base", results.get("base_retrieval"))):
+                if r:
+                    lines.append(f"| {os.path.basename(os.path.normpath(r['set']))} ({r['queries']} queries), {label} | "
+                                 f"{r['ndcg@10']:.4f} | {r['mrr@10']:.4f} | {r['recall@100']:.4f} |")
     else:
         lines.append("Not evaluated yet (`autoregembed eval --model <folder> --sts <file>` or `--mteb <tasks>`).")
     return "\n".join(lines) + "\n"

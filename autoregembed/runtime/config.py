@@ -274,6 +274,10 @@ class PathsConfig:
 @dataclass
 class EvalConfig:
     sts_file: str = "auto"  # auto: ../shared STS-B dev when present, else the bundled sample
+    # retrieval (release/retrieval.py: nDCG@10, MRR@10, recall@100): a BEIR folder, or a JSONL of stage-2
+    # rows ({query, pos, neg}: each query's positive is its relevant document); auto: the bundled NLI
+    # pairs held out of the bundled training data; none: off
+    retrieval: str = "auto"
     instruction: str = "Retrieve semantically similar text."  # default instruction stored with exports
     # what encode_query / encode_document (sentence-transformers, Encoder) and MTEB's query and
     # passage sides use (instructions.py); null: eval.instruction
@@ -375,6 +379,13 @@ class Config:
         if self.eval.sts_file != "auto":
             return self.eval.sts_file
         return SHARED_STSB_DEV if os.path.exists(SHARED_STSB_DEV) else os.path.join(RESOURCES, "sts_dev_sample.csv")
+
+    @property
+    def retrieval_set(self) -> str | None:
+        """What eval.retrieval names, None when it is off."""
+        if self.eval.retrieval == "none":
+            return None
+        return os.path.join(RESOURCES, "nli_heldout.jsonl") if self.eval.retrieval == "auto" else self.eval.retrieval
 
     def sources(self, stage: int) -> list[SourceConfig]:
         """The datasets of stage 1 or 2 (``DataConfig.sources``)."""
@@ -556,7 +567,7 @@ def _parse_override(key: str, text: str):
 
 
 PATH_KEYS = ("output_dir", "model.base", "data.stage1", "data.stage2", "paths.stage1_model",
-             "paths.reference_scores", "eval.sts_file")
+             "paths.reference_scores", "eval.sts_file", "eval.retrieval")
 
 
 def _expand_paths(cfg: Config):

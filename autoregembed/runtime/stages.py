@@ -415,7 +415,8 @@ class Export(Stage):
 
 
 class Eval(Stage):
-    """STS Spearman of the run's export on eval.sts_file, beside the untrained base's (eval.compare_base).
+    """STS Spearman of the run's export on eval.sts_file and its retrieval on eval.retrieval, beside the
+    untrained base's (eval.compare_base).
 
     Stage 2's export in a pipeline, else ``paths.export_from``'s; written to
     ``<output_dir>/eval/result.json`` and the export's model card."""
@@ -427,7 +428,8 @@ class Eval(Stage):
 
     def needs(self, cfg):
         base = {"model.base (the floor of eval.compare_base)": cfg.base_model_dir} if cfg.eval.compare_base else {}
-        return {"eval.sts_file": cfg.sts_file, **base}
+        retrieval = {"eval.retrieval": cfg.retrieval_set} if cfg.retrieval_set else {}
+        return {"eval.sts_file": cfg.sts_file, **retrieval, **base}
 
     def check(self, cfg, earlier):
         model = self.model_dir(cfg)
@@ -436,12 +438,17 @@ class Eval(Stage):
                               f"evaluate; run stage={cfg.paths.export_from} (or stage=export) into this "
                               f"output_dir first")
         super().check(cfg, earlier)
+        from ..release import retrieval
         from ..release.evaluate import read_sts
 
-        try:  # read whole before any model loads: a bad line must not surface after hours of training
-            read_sts(cfg.sts_file)
-        except UserError as e:
-            raise ConfigError(f"key 'eval.sts_file': {e}") from None
+        # read whole before any model loads: a bad line must not surface after hours of training
+        for key, read, path in (("eval.sts_file", read_sts, cfg.sts_file),
+                                ("eval.retrieval", retrieval.load, cfg.retrieval_set)):
+            try:
+                if path:
+                    read(path)
+            except UserError as e:
+                raise ConfigError(f"key '{key}': {e}") from None
 
     def run(self, cfg, ds_path, resume):
         return self.on_rank0(cfg, lambda: StageResult("done",

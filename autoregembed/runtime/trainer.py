@@ -490,25 +490,39 @@ def score_references(cfg: Config, st, ds_path, resume: bool = False) -> StageRes
     s.close()
     return StageResult("done", path)
 
+def _retrieval_line(r: dict) -> str:
+    return f"nDCG@10 {r['ndcg@10']:.4f}, MRR@10 {r['mrr@10']:.4f}, recall@100 {r['recall@100']:.4f} ({r['queries']} queries)"
+
+
 def evaluate(cfg: Config, model_dir: str) -> dict:
-    """STS of ``model_dir`` on ``cfg.sts_file``, as ``autoregembed eval`` prints it; also written
-    to ``<output_dir>/eval/result.json`` (read by ``autoregembed plot``)."""
+    """STS of ``model_dir`` on ``cfg.sts_file`` and its retrieval on ``cfg.retrieval_set``, beside the
+    untrained base's (eval.compare_base), as ``autoregembed eval`` prints them; also written to
+    ``<output_dir>/eval/result.json`` (read by ``autoregembed plot``)."""
     from ..release.encoder import Encoder
-    from ..release.evaluate import base_report, sts_report
+    from ..release.evaluate import base_report, retrieval_report, sts_report
     from ..release.model_card import write_model_card
 
-    result = sts_report(Encoder.from_pretrained(model_dir), model_dir, cfg.sts_file, cfg.eval.batch_size,
-                        show_progress_bar="eval: the model")
+    model, retrieval = Encoder.from_pretrained(model_dir), cfg.retrieval_set
+    result = sts_report(model, model_dir, cfg.sts_file, cfg.eval.batch_size, show_progress_bar="eval: the model")
     log(f"eval: STS Spearman x100 = {result['spearman_x100']:.2f}, mean pairwise cosine "
         f"{result['mean_pairwise_cosine']:.3f} "
         f"({cfg.sts_file}, model {model_dir})")
+    if retrieval:
+        result["retrieval"] = retrieval_report(model, retrieval, cfg.eval.batch_size, "eval: retrieval")
+        log(f"eval: retrieval {_retrieval_line(result['retrieval'])} ({retrieval})")
+    del model  # the base loads after it, not beside it
     if cfg.eval.compare_base:
         result.update(base_report(cfg.base_model_dir, model_dir, cfg.sts_file, cfg.eval.batch_size,
-                                  show_progress_bar="eval: the untrained base"))
+                                  show_progress_bar="eval: the untrained base", retrieval=retrieval))
         gain = result["spearman_x100"] - result["base_spearman_x100"]
         log(f"eval: the untrained base scores {result['base_spearman_x100']:.2f} read the same way (the mean of its "
             f"EMBED states): the training moved STS by {gain:+.2f}"
             + ("; WARNING: below the untrained base, the training made the embedding worse" if gain < 0 else ""))
+        if retrieval:
+            moved = result["retrieval"]["ndcg@10"] - result["base_retrieval"]["ndcg@10"]
+            log(f"eval: the untrained base's retrieval {_retrieval_line(result['base_retrieval'])}: the training "
+                f"moved nDCG@10 by {moved:+.4f}"
+                + ("; WARNING: below the untrained base" if moved < 0 else ""))
     write_model_card(model_dir, result)  # the card shows what the run measured
     path = os.path.join(cfg.output_dir, EVAL_RESULT)
     os.makedirs(os.path.dirname(path), exist_ok=True)

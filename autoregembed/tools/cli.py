@@ -86,15 +86,17 @@ def main(argv=None) -> int:
     enc.add_argument("--batch-size", type=int, default=32)
     pooling_help = "an eval.pooling value in place of the export's own (all, all_but_last, or positions 1,2,3)"
     enc.add_argument("--pooling", default=None, help=pooling_help)
-    ev = sub.add_parser("eval", help="STS Spearman x100 of an exported model, or MTEB tasks")
+    ev = sub.add_parser("eval", help="STS Spearman x100 of an exported model, its retrieval, or MTEB tasks")
     ev.add_argument("--model", required=True)
     what = ev.add_mutually_exclusive_group(required=True)
     what.add_argument("--sts", help="STS-B format file (tab-separated)")
     what.add_argument("--mteb", metavar="TASKS", help="comma-separated MTEB task names, e.g. STS12,STS13,STSBenchmark")
+    what.add_argument("--retrieval", metavar="PATH", help="a BEIR folder, or a JSONL of {query, pos, neg} rows: "
+                      "nDCG@10, MRR@10, recall@100 (queries and documents through the export's own instructions)")
     ev.add_argument("--output", default="mteb-results", help="--mteb: folder for mteb's result files (default: %(default)s)")
     ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--pooling", default=None, help=pooling_help + " (with --sts)")
-    ev.add_argument("--base", default=None, help="with --sts: also score this untrained base model read the same "
+    ev.add_argument("--pooling", default=None, help=pooling_help + " (with --sts or --retrieval)")
+    ev.add_argument("--base", default=None, help="with --sts or --retrieval: also score this untrained base model read the same "
                     "way (the floor the export must beat; a folder or hub name)")
     pu = sub.add_parser("push", help="an export to a Hugging Face Hub model repository (one commit, a card for the repo)")
     pu.add_argument("--model", required=True, help="the export folder")
@@ -336,7 +338,7 @@ def _encode_or_eval(args) -> int:
         from ..runtime.errors import InputError
 
         if args.pooling is not None or args.base is not None:
-            raise InputError("--pooling and --base apply to --sts; MTEB reads the export's own pooling")
+            raise InputError("--pooling and --base apply to --sts and --retrieval; MTEB reads the export's own pooling")
 
         scores = run_mteb(args.model, [t.strip() for t in args.mteb.split(",") if t.strip()], args.output,
                           args.batch_size)
@@ -352,6 +354,10 @@ def _encode_or_eval(args) -> int:
         from ..runtime.data import read_lines
 
         texts = read_lines(args.input)  # blank lines too: output row i is input line i; read before the model loads
+    elif args.retrieval:
+        from ..release.retrieval import load
+
+        load(args.retrieval)  # a bad line fails before the model loads
     else:
         from ..release.evaluate import read_sts
 
@@ -368,13 +374,15 @@ def _encode_or_eval(args) -> int:
                 np.save(f, emb)
         print(json.dumps({"output": args.output, "shape": list(emb.shape)}))
         return 0
-    from ..release.evaluate import base_report, sts_report
+    from ..release.evaluate import base_report, retrieval_report, sts_report
 
-    result = {**sts_report(model, args.model, args.sts, args.batch_size),
-              **({"pooling": args.pooling} if args.pooling else {})}
+    result = ({"model": args.model, "retrieval": retrieval_report(model, args.retrieval, args.batch_size, True)}
+              if args.retrieval else sts_report(model, args.model, args.sts, args.batch_size))
+    result.update({"pooling": args.pooling} if args.pooling else {})
     del model  # the base loads after it, not beside it
     if args.base:
-        result.update(base_report(args.base, args.model, args.sts, args.batch_size, args.pooling))
+        result.update(base_report(args.base, args.model, args.sts, args.batch_size, args.pooling,
+                                  retrieval=args.retrieval))
     print(json.dumps(result))
     return 0
 

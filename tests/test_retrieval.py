@@ -1,0 +1,99 @@
+"""Retrieval evaluation (release/retrieval.py): metrics against values computed by hand, the BEIR and
+stage-2-row readers, and errors that name the file and line."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from autoregembed.release.retrieval import RetrievalSet, from_rows, metrics, read_beir, retrieval_eval
+from autoregembed.runtime.errors import InputError
+
+
+def test_ndcg_mrr_and_recall_against_a_hand_computation():
+    # q1: relevant d2 (grade 2) and d4 (grade 1); ranking d1, d2, d3, d4 -> hits at ranks 2 and 4
+    # q2: relevant d1 only, ranked first; q3: no judgments (left out)
+    docs = ["d1", "d2", "d3", "d4"]
+    scores = np.array([[0.9, 0.8, 0.7, 0.6], [0.5, 0.4, 0.3, 0.2], [1.0, 0.0, 0.0, 0.0]])
+    qrels = {"q1": {"d2": 2, "d4": 1}, "q2": {"d1": 1}}
+    m = metrics(scores, ["q1", "q2", "q3"], docs, qrels, k=3, recall_at=3)
+    dcg1 = 2 / math.log2(3)  # d2 at rank 2; d4 at rank 4 is past k=3
+    idcg1 = 2 / math.log2(2) + 1 / math.log2(3)
+    assert m["ndcg@3"] == pytest.approx((dcg1 / idcg1 + 1.0) / 2)
+    assert m["mrr@3"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["recall@3"] == pytest.approx((1 / 2 + 1) / 2)  # q1 finds d2 of {d2, d4} in its top 3
+    assert m["queries"] == 2
+    tied = metrics(np.array([[0.5, 0.5]]), ["q"], ["a", "b"], {"q": {"b": 1}}, k=10, recall_at=100)
+    assert tied["mrr@10"] == 0.5  # ties keep corpus order, as a stable sort does
+    with pytest.raises(InputError, match="no query has a relevant document"):
+        metrics(scores, ["q3"], docs, qrels)
+
+
+def test_beir_folder_and_stage2_rows_read_into_the_same_task(tmp_path):
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"_id": "1", "title": "Wings", "text": "lift and drag"}) + "\n" +
+                                           json.dumps({"_id": "2", "title": "", "text": "boundary layers"}) + "\n")
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "7", "text": "what makes lift?"}) + "\n")
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n7\t1\t2\n7\t2\t0\n7\t99\t1\n")
+    s = read_beir(str(tmp_path))
+    assert s.corpus == {"1": "Wings lift and drag", "2": "boundary layers"} and s.queries == {"7": "what makes lift?"}
+    assert s.qrels == {"7": {"1": 2}}  # grade 0 and documents outside the corpus are no judgments
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n7\t1\tvery\n")
+    with pytest.raises(InputError, match=r"qrels/test.tsv:2: expected query-id, corpus-id, score"):
+        read_beir(str(tmp_path))
+    with pytest.raises(InputError, match="qrels: no corpus.jsonl .a BEIR folder holds"):
+        read_beir(str(tmp_path / "qrels"))
+    rows = [{"query": "a", "pos": "b", "neg": "c"}, {"query": "d", "pos": "c", "neg": ["b", "e"]}]
+    t = from_rows("pairs", rows)
+    assert t.queries == {"q0": "a", "q1": "d"} and sorted(t.corpus.values()) == ["b", "c", "e"]
+    assert {q: t.corpus[d] for q, rel in t.qrels.items() for d in rel} == {"q0": "b", "q1": "c"}
+
+
+class _Lexical:
+    """An embedder by letters: enough to check that queries and documents go through their own sides."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _embed(self, texts, side):
+        self.calls.append(side)
+        v = np.array([[t.count(c) for c in "abcdefgh"] for t in texts], dtype=np.float32) + 1e-3
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def encode_query(self, texts, **kw):
+        return self._embed(texts, "query")
+
+    def encode_document(self, texts, **kw):
+        return self._embed(texts, "document")
+
+
+def test_retrieval_eval_encodes_each_side_with_its_own_instruction():
+    enc = _Lexical()
+    data = RetrievalSet("toy", {"q": "abab"}, {"x": "ghgh", "y": "aabb", "z": "cdcd"}, {"q": {"y": 1}})
+    m = retrieval_eval(enc, data)
+    assert enc.calls == ["query", "document"] and m["mrr@10"] == 1.0 and m["ndcg@10"] == 1.0
+
+
+def test_eval_retrieval_on_the_cli_scores_the_export_and_its_floor_and_refuses_bad_lines(tiny_base, tiny_export,
+                                                                                        tmp_path):
+    """``autoregembed eval --retrieval`` prints the export's metrics (queries and documents through its
+    own instructions) and, with --base, the untrained base's read the same way; a bad row fails with
+    its file and line before any model loads."""
+    from helpers import run_child
+
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.runtime.config import load_config
+
+    heldout = load_config(None, []).retrieval_set
+    r = run_child(["-m", "autoregembed.tools.cli", "eval", "--model", tiny_export, "--retrieval", heldout,
+                   "--base", tiny_base])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    want = retrieval_eval(Encoder.from_pretrained(tiny_export), from_rows("x", [json.loads(line) for line in open(heldout)]))
+    assert out["retrieval"]["ndcg@10"] == round(want["ndcg@10"], 4) and out["retrieval"]["queries"] == 256
+    assert 0 < out["base_retrieval"]["mrr@10"] <= 1 and out["base_retrieval"]["set"] == heldout
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text(json.dumps({"query": "a", "pos": "b"}) + "\n" + json.dumps({"query": "c"}) + "\n")
+    r = run_child(["-m", "autoregembed.tools.cli", "eval", "--model", tiny_export, "--retrieval", bad])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{bad}:2: a retrieval row needs text fields 'query' and 'pos'" in r.stderr
