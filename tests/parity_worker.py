@@ -1,8 +1,9 @@
-"""Two stage-2 steps under the trainer's ZeRO-3 engine, for test_parity.py:
-`parity_worker.py OUT BASE NLI_FILE` (run with torch.distributed.run, 2 ranks).
+"""Two stage-2 optimizer steps of the trainer (``trainer.optimizer_step``: ZeRO-3, gradient
+accumulation 2), for test_parity.py: `parity_worker.py OUT BASE NLI_FILE` (torch.distributed.run, 2 ranks).
 
-Rank r takes rows [4s + 2r, 4s + 2r + 2) at step s: the global batch of step s is rows 4s..4s+3.
-Rank 0 writes the initial encoder weights, the full encoder gradients of step 1 and both losses.
+Rank r's micro-batch m of step s is row 4s + 2r + m: the global batch of step s is rows 4s..4s+3.
+Rank 0 writes the initial encoder weights, the full encoder gradients of step 1 (after its last
+micro-batch's backward) and both steps' losses.
 """
 import json
 import sys
@@ -13,14 +14,15 @@ import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 from autoregembed.runtime import distributed as D  # noqa: E402
-from autoregembed.method.batches import alignment_batch, to_device  # noqa: E402
+from autoregembed.method.batches import alignment_batch  # noqa: E402
 from autoregembed.tools.cli import DEFAULT_DS  # noqa: E402
 from autoregembed.runtime.config import load_config  # noqa: E402
 from autoregembed.runtime.data import load_rows  # noqa: E402
-from autoregembed.runtime.trainer import Session, micro_step  # noqa: E402
+from autoregembed.runtime.trainer import Session, optimizer_step  # noqa: E402
 from autoregembed.runtime.stages import STAGES  # noqa: E402
 
-SETTINGS = ["model.match_decoder_scale=false", "stage2.micro_batch_size=2", "stage2.warmup_steps=0",
+SETTINGS = ["model.match_decoder_scale=false", "stage2.micro_batch_size=1", "stage2.gradient_accumulation_steps=2",
+            "stage2.warmup_steps=0",
             "stage2.max_steps=2", "stage2.learning_rate=1e-3", "stage2.gradient_clipping=1.0"]
 
 
@@ -40,14 +42,16 @@ if __name__ == "__main__":
         initial = {n: p.detach().clone() for n, p in enc.named_parameters()}
     rows, loss_fn, losses, grads = load_rows(nli, stage=2), STAGES["stage2"].loss(cfg), [], {}
     for step in range(2):
-        mine = rows[4 * step + 2 * D.rank() : 4 * step + 2 * D.rank() + 2]
-        batch = to_device(alignment_batch(mine, s.text_encoder, ConstantReferences()), s.device)
+        micro = [alignment_batch([rows[4 * step + 2 * D.rank() + m]], s.text_encoder, ConstantReferences())
+                 for m in range(2)]
+        backwards = []
 
-        def keep_grads(engine, first=step == 0):
-            if first:
+        def keep_grads(engine, first=step == 0):  # the step's gradient is whole after its last backward
+            backwards.append(1)
+            if first and len(backwards) == 2:
                 grads.update({n: safe_get_full_grad(p).clone() for n, p in enc.named_parameters() if p.requires_grad})
 
-        loss = micro_step(s.engine, batch, loss_fn, after_backward=keep_grads)  # the trainer's own step
+        loss = optimizer_step(s.engine, micro, loss_fn, after_backward=keep_grads)  # the trainer's own step
         losses.append(D.mean_across_ranks(loss.item()))
     if D.rank() == 0:
         torch.save({"initial": initial, "grads": grads}, f"{out}/tensors.pt")

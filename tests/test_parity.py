@@ -1,5 +1,6 @@
-"""Two stage-2 steps on 2 ZeRO-3 ranks equal plain single-process PyTorch on the same global batch:
-the loss of both steps and the encoder's gradients of the first, within 1e-5."""
+"""Two stage-2 optimizer steps of the trainer (2 ZeRO-3 ranks, gradient accumulation 2) equal plain
+single-process PyTorch on the same global batch: the loss of both steps and the encoder's gradients
+of the first, within 1e-5."""
 import json
 import os
 

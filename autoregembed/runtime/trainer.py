@@ -490,6 +490,7 @@ def score_references(cfg: Config, st, ds_path, resume: bool = False) -> StageRes
     s.close()
     return StageResult("done", path)
 
+
 def _retrieval_line(r: dict) -> str:
     return f"nDCG@10 {r['ndcg@10']:.4f}, MRR@10 {r['mrr@10']:.4f}, recall@100 {r['recall@100']:.4f} ({r['queries']} queries)"
 
