@@ -123,10 +123,10 @@ def metrics(scores: np.ndarray, query_ids: list[str], doc_ids: list[str], qrels:
 
 
 def retrieval_eval(encoder, data: RetrievalSet, batch_size: int = 64, show_progress_bar: bool | str = False) -> dict:
-    """``metrics`` of ``encoder`` (an Encoder: encode_query / encode_document) on ``data``."""
+    """``metrics`` of ``encoder`` (an Encoder: encode_query / encode_document) on ``data``; the
+    progress shown is the corpus's (queries are the short part)."""
     qids, dids = list(data.queries), list(data.corpus)
-    q = encoder.encode_query([data.queries[i] for i in qids], batch_size=batch_size,
-                             show_progress_bar=show_progress_bar)
+    q = encoder.encode_query([data.queries[i] for i in qids], batch_size=batch_size)
     d = encoder.encode_document([data.corpus[i] for i in dids], batch_size=batch_size,
                                 show_progress_bar=show_progress_bar)
     scores = q.astype(np.float64) @ d.astype(np.float64).T  # unit vectors: cosine

@@ -509,7 +509,7 @@ def evaluate(cfg: Config, model_dir: str) -> dict:
         f"{result['mean_pairwise_cosine']:.3f} "
         f"({cfg.sts_file}, model {model_dir})")
     if retrieval:
-        result["retrieval"] = retrieval_report(model, retrieval, cfg.eval.batch_size, "eval: retrieval")
+        result["retrieval"] = retrieval_report(model, retrieval, cfg.eval.batch_size, "eval: retrieval corpus")
         log(f"eval: retrieval {_retrieval_line(result['retrieval'])} ({retrieval})")
     del model  # the base loads after it, not beside it
     if cfg.eval.compare_base:
