@@ -50,6 +50,15 @@ def run_child(args: list, ranks: int | None = None, env: dict | None = None, tim
                           text=True, timeout=timeout, cwd=cwd)
 
 
+def patched_train(tmp_path, patch: str) -> str:
+    """A train.py that first applies ``patch`` (code that breaks or watches something on purpose)."""
+    script = tmp_path / "patched_train.py"
+    script.write_text(f"import sys\n{patch}\n"
+                      "from autoregembed.tools.cli import _add_run_args, run_training\nimport argparse\n"
+                      "p = argparse.ArgumentParser()\n_add_run_args(p)\nsys.exit(run_training(p.parse_args()))\n")
+    return str(script)
+
+
 TINY_BASE = {}  # {"path": ...} once the default_tiny_base fixture ran, for helpers that start children
 
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY_BASE, child_command, child_env, run_child
+from helpers import ROOT, TINY_BASE, child_command, child_env, patched_train, run_child
 
 from autoregembed.runtime.preemption import EXIT_STOPPED
 
@@ -21,15 +21,6 @@ TINY = ["stage1.micro_batch_size=4", "stage1.warmup_steps=0", "model.match_decod
 def _train(out, *overrides, resume=False, script=None, ranks=None):
     sets = [a for kv in [*TINY, f"model.base={TINY_BASE['path']}", f"output_dir={out}", *overrides] for a in ("--set", kv)]
     return run_child([script or os.path.join(ROOT, "train.py"), *sets] + (["--resume"] if resume else []), ranks=ranks)
-
-
-def _patched_train(tmp_path, patch: str) -> str:
-    """A train.py that first applies ``patch`` (code that breaks something on purpose)."""
-    script = tmp_path / "patched_train.py"
-    script.write_text(f"import sys\n{patch}\n"
-                      "from autoregembed.tools.cli import _add_run_args, run_training\nimport argparse\n"
-                      "p = argparse.ArgumentParser()\n_add_run_args(p)\nsys.exit(run_training(p.parse_args()))\n")
-    return str(script)
 
 
 def _ckpt(out):
@@ -119,7 +110,7 @@ torch.save = save
 
 def test_a_failed_save_cleans_up_says_why_and_keeps_the_previous_checkpoint(tmp_path):
     out = str(tmp_path / "run")
-    r = _train(out, "stage1.max_steps=6", "stage1.save_every=2", script=_patched_train(tmp_path, FULL_DISK))
+    r = _train(out, "stage1.max_steps=6", "stage1.save_every=2", script=patched_train(tmp_path, FULL_DISK))
     assert r.returncode != 0
     assert "saving " in r.stderr and "step00000004 failed (" in r.stderr and "No space left on device" in r.stderr
     assert "step00000002 is intact" in r.stderr
@@ -162,7 +153,7 @@ def test_the_step_loop_waits_for_the_device_only_every_few_steps(tmp_path):
     steps logged every 10 read back at steps 1 (a stop asked for while loading), 5, 10 and 12, and
     still record every step."""
     out = str(tmp_path / "run")
-    r = _train(out, "stage1.max_steps=12", "stage1.log_every=10", script=_patched_train(tmp_path, COUNT_READ_BACKS))
+    r = _train(out, "stage1.max_steps=12", "stage1.log_every=10", script=patched_train(tmp_path, COUNT_READ_BACKS))
     assert r.returncode == 0, r.stderr[-3000:]
     calls = json.loads(r.stdout.split("CALLS ")[-1])
     assert calls == {"read_backs": 4, "stop_checks": 4}
@@ -245,7 +236,7 @@ def test_a_kill_during_export_keeps_the_previous_export_and_the_checkpoint(tmp_p
 
     before = snapshot()
     r = _train(out, "stage1.max_steps=2", "stage=export", "paths.export_from=stage1",
-               script=_patched_train(tmp_path, KILL_IN_EXPORT))
+               script=patched_train(tmp_path, KILL_IN_EXPORT))
     assert r.returncode != 0  # killed
     assert snapshot() == before  # the earlier export is untouched, not half-replaced
     assert _listing(out) == ["latest", "step00000002"]
@@ -271,7 +262,7 @@ stages.candidate_batch = batch_then_term
 def test_sigterm_during_reference_scoring_is_not_swallowed(earlier_run, tmp_path):
     model = os.path.join(earlier_run, "stage1", "model")
     r = _train(earlier_run, "stage=reference", f"paths.stage1_model={model}",
-               script=_patched_train(tmp_path, SIGTERM_IN_REFERENCE))
+               script=patched_train(tmp_path, SIGTERM_IN_REFERENCE))
     assert r.returncode == EXIT_STOPPED, r.stderr[-3000:]
     assert "reference: stop requested after 2 of 32 batches" in r.stdout
     ref_dir = os.path.join(earlier_run, "reference")
@@ -333,7 +324,7 @@ def test_a_stop_during_eval_is_honoured_with_one_line_and_the_stopped_status(ear
     os.makedirs(eval_dir, exist_ok=True)
     args = ("stage=eval", "paths.export_from=stage1")
     patch = STOP_IN_EVAL.format(signal=how == "signal", out=earlier_run)
-    r = _train(earlier_run, *args, script=_patched_train(tmp_path, patch))
+    r = _train(earlier_run, *args, script=patched_train(tmp_path, patch))
     assert r.returncode == EXIT_STOPPED, r.stderr[-3000:]
     assert "eval: stop requested; exiting for requeue (the stage reruns)" in r.stdout and "Traceback" not in r.stderr
     assert open(os.path.join(eval_dir, "PREEMPTED")).read() == "eval"

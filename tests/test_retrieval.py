@@ -97,3 +97,59 @@ def test_eval_retrieval_on_the_cli_scores_the_export_and_its_floor_and_refuses_b
     r = run_child(["-m", "autoregembed.tools.cli", "eval", "--model", tiny_export, "--retrieval", bad])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{bad}:2: a retrieval row needs text fields 'query' and 'pos'" in r.stderr
+
+
+WATCH_EVALS = """
+import json
+from autoregembed.runtime import trainer
+from autoregembed.runtime.diagnostics import reading_as_export
+SCORES, LOG = [0.1, 0.5, 0.3, 0.2], {log!r}
+def scored(engine, text_encoder, instruction, prompts, data, batch_size):
+    with reading_as_export(engine, text_encoder, instruction, prompts) as encoder:
+        probe = encoder.encode(["a man plays a guitar on the stage"])[0].tolist()
+    done = json.load(open(LOG)) if __import__("os").path.exists(LOG) else []
+    json.dump(done + [probe], open(LOG, "w"))
+    return {{"retrieval_ndcg@10": SCORES[len(done)]}}
+trainer.retrieval_during_training = scored
+"""
+
+
+@pytest.mark.distributed
+def test_keep_best_exports_the_model_of_the_best_evaluation_not_the_last(default_tiny_base, tmp_path):
+    """eval.keep_best=ndcg@10 with a metric that peaks mid-run (evaluations at steps 2, 4, 6, 8 scoring
+    0.1, 0.5, 0.3, 0.2): the stage's export embeds as the model did at step 4, its card says so, and
+    best.json holds the step for a resumed run."""
+    from helpers import ROOT, patched_train, run_child
+
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.release.meta import ExportMeta
+
+    out, log = tmp_path / "run", tmp_path / "evals.json"
+    sets = ["stage=stage1", f"model.base={default_tiny_base}", f"output_dir={out}", "stage1.max_steps=8",
+            "stage1.micro_batch_size=4", "stage1.warmup_steps=0", "model.match_decoder_scale=false",
+            "eval.every=2", "eval.keep_best=ndcg@10"]
+    r = run_child([patched_train(tmp_path, WATCH_EVALS.format(log=str(log))), *[a for s in sets for a in ("--set", s)]])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kept the export of step 4 of 8: retrieval_ndcg@10 0.5000, the best of eval.every's" in r.stdout
+    probes = np.array(json.load(open(log)))
+    assert len(probes) == 4 and not np.allclose(probes[1], probes[3], atol=1e-4)  # the model moved after step 4
+    export = str(out / "stage1" / "model")
+    np.testing.assert_allclose(Encoder.from_pretrained(export).encode(["a man plays a guitar on the stage"])[0],
+                               probes[1], atol=1e-5)
+    assert ExportMeta.read(export).training["kept"] == "step 4 of 8: retrieval_ndcg@10 0.5000, the best of eval.every's"
+    assert json.load(open(out / "stage1" / "best.json")) == {"metric": "retrieval_ndcg@10", "value": 0.5, "step": 4}
+    records = [json.loads(line) for line in open(out / "stage1" / "metrics.jsonl")]
+    assert [r.get("retrieval_ndcg@10") for r in records if "retrieval_ndcg@10" in r] == [0.1, 0.5, 0.3, 0.2]
+
+
+def test_keep_best_needs_evaluations_to_compare():
+    from autoregembed.runtime.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'eval.keep_best' compares the evaluations of eval.every, which is 0"):
+        load_config(None, ["eval.keep_best=ndcg@10"])
+    with pytest.raises(ConfigError, match="'eval.keep_best': 'ndcg' is not one of ndcg@10, mrr@10, recall@100, sts"):
+        load_config(None, ["eval.keep_best=ndcg", "eval.every=5"])
+    with pytest.raises(ConfigError, match="a retrieval metric, but eval.retrieval is none"):
+        load_config(None, ["eval.keep_best=mrr@10", "eval.every=5", "eval.retrieval=none"])
+    assert load_config(None, ["eval.keep_best=sts", "eval.every=5", "eval.retrieval=none"]).eval.keep_best_key == \
+        "sts_spearman"

@@ -271,6 +271,10 @@ class PathsConfig:
     export_from: str = "stage2"  # which stage's latest checkpoint `export` consolidates
 
 
+KEEP_BEST = {"ndcg@10": "retrieval_ndcg@10", "mrr@10": "retrieval_mrr@10", "recall@100": "retrieval_recall@100",
+             "sts": "sts_spearman"}  # eval.keep_best -> the step record's key
+
+
 @dataclass
 class EvalConfig:
     sts_file: str = "auto"  # auto: ../shared STS-B dev when present, else the bundled sample
@@ -292,14 +296,32 @@ class EvalConfig:
     compare_base: bool = True
     batch_size: int = 64
     # every N optimizer steps of a training stage, STS Spearman of the model in training on sts_file
-    # (sts_spearman in metrics.jsonl, the progress line and the plot): a collapse seen while it happens; 0: off
+    # (sts_spearman in metrics.jsonl, the progress line and the plot), and its retrieval on eval.retrieval
+    # (retrieval_ndcg@10, retrieval_mrr@10, retrieval_recall@100): a collapse seen while it happens; 0: off
     every: int = 0
+    # a metric of eval.every (ndcg@10, mrr@10, recall@100 or sts): each training stage's export is the model
+    # of the evaluation that scored best on it, not the last step's; empty: the last step's
+    keep_best: str = ""
 
     def check(self, key: str):
         if self.batch_size < 1:
             raise ConfigError(f"key '{key}.batch_size' must be >= 1, got {self.batch_size}")
         if self.every < 0:
             raise ConfigError(f"key '{key}.every' must be >= 0 (0: off), got {self.every}")
+        if self.keep_best and self.keep_best not in KEEP_BEST:
+            raise ConfigError(f"key '{key}.keep_best': {self.keep_best!r} is not one of {', '.join(KEEP_BEST)} "
+                              f"(or empty: the last step's export)")
+        if self.keep_best and not self.every:
+            raise ConfigError(f"key '{key}.keep_best' compares the evaluations of {key}.every, which is 0 (off); "
+                              f"set {key}.every=N")
+        if self.keep_best not in ("", "sts") and self.retrieval == "none":
+            raise ConfigError(f"key '{key}.keep_best': {self.keep_best} is a retrieval metric, but "
+                              f"{key}.retrieval is none")
+
+    @property
+    def keep_best_key(self) -> str:
+        """The step record's key of ``keep_best``."""
+        return KEEP_BEST[self.keep_best]
 
 
 @dataclass

@@ -9,11 +9,14 @@ compressed tokens carry about their own text; near zero, the embedding cannot te
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 import numpy as np
 import torch
 
 from . import distributed as D
+from .atomic import atomic_write_text
 from ..release.encoder import Encoder
 from ..release.evaluate import sts_eval
 from ..method.model import InformationProbe
@@ -40,15 +43,16 @@ def information_gap(engine, batches: list) -> dict:
 
 
 @contextlib.contextmanager
-def reading_as_export(engine, text_encoder, instruction: str):
-    """The model as it is now, read as an export is read (an ``Encoder`` over the engine's encoder), in
-    eval mode; the engine's mode is restored after.  Every rank must encode the same texts: under
-    ZeRO-3 each forward gathers parameters from all ranks."""
+def reading_as_export(engine, text_encoder, instruction: str, prompts: dict[str, str] | None = None):
+    """The model as it is now, read as an export is read (an ``Encoder`` over the engine's encoder;
+    ``prompts``: its query and document instructions), in eval mode; the engine's mode is restored
+    after.  Every rank must encode the same texts: under ZeRO-3 each forward gathers parameters from
+    all ranks."""
     module, training = engine.module, engine.module.training
     engine.eval()
     try:
         yield Encoder(module.encoder, text_encoder.tokenizer, module.k, instruction, text_encoder.max_text_len,
-                      pooled=module.pooled)
+                      prompts=prompts, pooled=module.pooled)
     finally:
         engine.train(training)
 
@@ -58,6 +62,46 @@ def sts_during_training(engine, text_encoder, instruction: str, sts_file: str, b
     with reading_as_export(engine, text_encoder, instruction) as encoder:
         r = sts_eval(encoder, sts_file, batch_size, show_progress_bar="eval.every: STS")
     return {"sts_spearman": r["spearman"], "sts_mean_cosine": r["mean_cosine"]}
+
+
+def retrieval_during_training(engine, text_encoder, instruction: str, prompts: dict[str, str], data,
+                              batch_size: int) -> dict:
+    """Retrieval of the model as it is now (``eval.every`` with ``eval.retrieval``; ``data``: a
+    retrieval.RetrievalSet, read once per stage), as ``retrieval_<metric>`` record keys."""
+    from ..release.retrieval import retrieval_eval
+
+    with reading_as_export(engine, text_encoder, instruction, prompts) as encoder:
+        r = retrieval_eval(encoder, data, batch_size, show_progress_bar="eval.every: retrieval corpus")
+    return {f"retrieval_{k}": v for k, v in r.items() if k != "queries"}
+
+
+class KeepBest:
+    """``eval.keep_best``: the stage's export is the model of the ``eval.every`` evaluation that scored
+    best on ``metric`` (a record key), not the last step's.  Its state (the best value and step) lives in
+    ``<stage_dir>/best.json``, so a resumed run does not overwrite a better export with a worse one."""
+
+    FILE = "best.json"
+
+    def __init__(self, metric: str, stage_dir: str, resumed_at: int):
+        self.metric, self.path = metric, os.path.join(stage_dir, self.FILE)
+        self.value, self.step = None, None
+        if resumed_at and os.path.exists(self.path):
+            with open(self.path) as f:
+                saved = json.load(f)
+            if saved["step"] <= resumed_at:  # a best from steps the resumed run redoes is not kept
+                self.value, self.step = saved["value"], saved["step"]
+
+    def improves(self, record: dict) -> bool:
+        value = record.get(self.metric)
+        return value is not None and (self.value is None or value > self.value)
+
+    def kept(self, step: int, value: float):
+        self.value, self.step = value, step
+        if D.rank() == 0:
+            atomic_write_text(self.path, json.dumps({"metric": self.metric, "value": value, "step": step}) + "\n")
+
+    def describe(self, total: int) -> str:
+        return f"step {self.step} of {total}: {self.metric} {self.value:.4f}, the best of eval.every's"
 
 
 # Texts of different kinds and lengths that every usable model embeds as unit vectors.

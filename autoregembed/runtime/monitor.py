@@ -116,6 +116,7 @@ def progress_line(stage: str, r: dict, total: int, elapsed: float, eta: float) -
     grad = "n/a" if r.get("grad_norm") is None else f"{r['grad_norm']:.3g}"
     gap = f" info gap {r['info_gap']:.3f} nats/tok" if "info_gap" in r else ""
     gap += f" STS {r['sts_spearman']:.2f}" if "sts_spearman" in r else ""
+    gap += f" nDCG@10 {r['retrieval_ndcg@10']:.4f}" if "retrieval_ndcg@10" in r else ""
     return (f"{stage}: step {r['step']}/{total} loss {r['loss']:.4f}{gap} lr {r['lr']:.3g} grad norm {grad} "
             f"{r['tokens_per_s']:,.0f} tok/s elapsed {_duration(elapsed)} eta {_duration(eta)}")
 

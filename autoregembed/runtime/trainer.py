@@ -22,11 +22,13 @@ from ..method.batches import compression_batch, to_device, token_count
 from .config import Config
 from .data import row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
-from .diagnostics import PROBE_ROWS, HealthWatch, reading_as_export, sts_during_training, why_dead
+from .diagnostics import (PROBE_ROWS, HealthWatch, KeepBest, reading_as_export, retrieval_during_training,
+                          sts_during_training, why_dead)
 from .errors import TrainingDiverged
 from .ds_config import build_ds_config, zero_stage
 from ..release.export import export_encoder
 from ..release.meta import ExportMeta
+from ..release.retrieval import load as load_retrieval
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attention,
                       resolve_dtype)
 from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, log, truncate_metrics
@@ -157,9 +159,10 @@ class Session:
     def encoder(self):
         return self.engine.module.encoder
 
-    def export(self, out_dir: str) -> str:
+    def export(self, out_dir: str, kept: str | None = None) -> str:
         """The encoder as it is now into ``out_dir``; a dead model (``diagnostics.why_dead``) is refused
-        before anything is written, so no run ends with exit 0 and an export that scores NaN."""
+        before anything is written, so no run ends with exit 0 and an export that scores NaN.  ``kept``:
+        why this step's model is the export (eval.keep_best), for the card."""
         ev = self.cfg.eval
         with reading_as_export(self.engine, self.text_encoder, ev.instruction) as encoder:
             dead = why_dead(encoder)
@@ -172,7 +175,8 @@ class Session:
         meta = ExportMeta(num_embed_tokens=self.cfg.model.num_embed_tokens, instruction=ev.instruction,
                           query_instruction=ev.query_instruction, document_instruction=ev.document_instruction,
                           max_text_len=self.cfg.data.max_text_len, stage=self.stage, base_model=self.cfg.model.base,
-                          decoder_bos=self.cfg.model.decoder_bos, training=self._provenance(),
+                          decoder_bos=self.cfg.model.decoder_bos,
+                          training={**self._provenance(), **({"kept": kept} if kept else {})},
                           pooled=None if self.model.pooled is None else [i + 1 for i in self.model.pooled],
                           shared_prefix=0 if self.model.shared_prefix is None else len(self.model.shared_prefix))
         export_encoder(self.encoder, self.tokenizer, out_dir, meta, shared_prefix=self.model.shared_prefix)
@@ -374,6 +378,10 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
                 tokens += n
                 yield batch
 
+        ev = cfg.eval
+        retrieval = load_retrieval(cfg.retrieval_set) if ev.every and cfg.retrieval_set else None
+        prompts = {"query": ev.query_instruction or ev.instruction, "document": ev.document_instruction or ev.instruction}
+        best = KeepBest(ev.keep_best_key, stage_dir, start) if ev.keep_best else None
         flush_every = min(o.log_every, preemption.CHECK_EVERY)
         for step in range(start, end):
             tokens = 0
@@ -382,9 +390,14 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
             if probe is not None and ((step + 1) % o.log_every == 0 or step + 1 == end):
                 with torch.no_grad():
                     extra.update(probe(s.engine, probe_batches))  # after the step's update
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
-                extra.update(sts_during_training(s.engine, s.text_encoder, cfg.eval.instruction, cfg.sts_file,
-                                                 cfg.eval.batch_size))
+            if ev.every and ((step + 1) % ev.every == 0 or (best is not None and step + 1 == end)):
+                extra.update(sts_during_training(s.engine, s.text_encoder, ev.instruction, cfg.sts_file, ev.batch_size))
+                if retrieval is not None:
+                    extra.update(retrieval_during_training(s.engine, s.text_encoder, ev.instruction, prompts,
+                                                           retrieval, ev.batch_size))
+                if best is not None and best.improves(extra):  # every rank scored the same texts: all agree
+                    best.kept(step + 1, extra[best.metric])
+                    s.export(cfg.export_dir(stage), kept=best.describe(o.max_steps))
             monitor.step(step + 1, loss, s.scheduler.get_last_lr()[0], s.engine.get_global_grad_norm(), tokens,
                          extra, time.time() - t_extra)
             save = o.save_every and (step + 1) % o.save_every == 0 and step + 1 < end
@@ -414,7 +427,11 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
         log(f"{stage}: {stage}.stop_after={o.stop_after} reached; saved step {end} to {ckpt_dir} (--resume continues)")
         s.close()
         return StageResult("stopped")
-    out = s.export(cfg.export_dir(stage))
+    if best is not None:  # the export already holds the best evaluated step's model
+        out = cfg.export_dir(stage)
+        log(f"{stage}: kept the export of {best.describe(o.max_steps)} (eval.keep_best) in {out}")
+    else:
+        out = s.export(cfg.export_dir(stage))
     s.close()
     return StageResult("done", out)
 

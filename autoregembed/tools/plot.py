@@ -12,7 +12,8 @@ from ..runtime.errors import InputError
 from ..runtime.monitor import read_metrics
 
 PANELS = (("loss", "loss"), ("info_gap", "information gap\n(nats/token)"),
-          ("sts_spearman", "STS Spearman x100\n(eval.every)"), ("lr", "learning rate"), ("grad_norm", "gradient norm"))
+          ("sts_spearman", "STS Spearman x100\n(eval.every)"), ("retrieval_ndcg@10", "retrieval nDCG@10\n(eval.every)"),
+          ("lr", "learning rate"), ("grad_norm", "gradient norm"))
 EVAL_RESULT = os.path.join("eval", "result.json")
 
 
