@@ -7,6 +7,7 @@ import torch
 
 from autoregembed.method import logprobs
 from autoregembed.method.logprobs import IGNORE_INDEX, sequence_logprobs
+from autoregembed.method.scorers import scorer_for
 
 pytestmark = pytest.mark.gpu
 
@@ -68,7 +69,6 @@ def test_cut_cross_entropy_backend_on_cuda_matches_float64(dtype):
     """model.scorer=cce on CUDA runs cut-cross-entropy's own kernels (impl cce, no gradient filter):
     per-token values and gradients against float64 as tight as ours, at an odd vocabulary."""
     pytest.importorskip("cut_cross_entropy")
-    from autoregembed.method.scorers import scorer_for
 
     h, w, y = _problem(50257, 700, 1024, dtype, seed=4)
     g = torch.randn(700, device="cuda", dtype=torch.float64)
@@ -92,9 +92,10 @@ def test_sequence_logprobs_uses_the_row_kernel_on_cuda_and_agrees_with_pytorch_r
     calls = []
     real = K.logit_row_stats
     monkeypatch.setattr(K, "logit_row_stats", lambda *a: calls.append(1) or real(*a))
-    kernel = sequence_logprobs(hidden, w, labels)
+    kernel = sequence_logprobs(hidden, w, labels, scorer_for("auto"))
     assert calls
-    torch.testing.assert_close(kernel, sequence_logprobs(hidden, w, labels, scorer="torch"), atol=2e-3, rtol=1e-5)
+    torch.testing.assert_close(kernel, sequence_logprobs(hidden, w, labels, scorer_for("torch")), atol=2e-3,
+                               rtol=1e-5)
 
 
 def test_the_trainers_adamw_is_fused_on_cuda_and_steps_like_foreach():

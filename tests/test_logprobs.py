@@ -148,7 +148,7 @@ def test_sequence_sums_skip_ignored_positions():
     labels = torch.randint(0, v, (s, t))
     labels[torch.rand(s, t) < 0.2] = IGNORE_INDEX
     labels[3] = IGNORE_INDEX  # a sequence with nothing scored sums to 0
-    out = sequence_logprobs(hidden, w, labels)
+    out = sequence_logprobs(hidden, w, labels, scorer_for("auto"))
     lp = torch.log_softmax(hidden.double() @ w.double().T, -1)
     keep = labels != IGNORE_INDEX
     ref = (lp.gather(2, labels.clamp(min=0)[..., None])[..., 0] * keep).sum(1)
@@ -159,12 +159,12 @@ def test_sequence_sums_skip_ignored_positions():
     # with the count known on the host (as batches carry it): the same values and gradients
     grad = hidden.grad.clone()
     hidden.grad = None
-    counted = sequence_logprobs(hidden, w, labels, n_scored=int(keep.sum()))
+    counted = sequence_logprobs(hidden, w, labels, scorer_for("auto"), n_scored=int(keep.sum()))
     torch.testing.assert_close(counted, out, rtol=0, atol=0)
     counted.sum().backward()
     torch.testing.assert_close(hidden.grad, grad, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="scored tokens expected"):  # a wrong count is caught, not truncated
-        sequence_logprobs(hidden, w, labels, n_scored=int(keep.sum()) - 1)
+        sequence_logprobs(hidden, w, labels, scorer_for("auto"), n_scored=int(keep.sum()) - 1)
 
 
 def test_batches_count_their_target_tokens_on_the_host(tiny_base):
@@ -187,7 +187,8 @@ def test_batches_count_their_target_tokens_on_the_host(tiny_base):
 
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="disagree"):
-        sequence_logprobs(torch.randn(2, 3, 4), torch.randn(10, 4), torch.zeros(2, 4, dtype=torch.long))
+        sequence_logprobs(torch.randn(2, 3, 4), torch.randn(10, 4), torch.zeros(2, 4, dtype=torch.long),
+                          scorer_for("auto"))
     with pytest.raises(ValueError, match="does not match hidden size"):
         token_logprobs(torch.randn(3, 4), torch.randn(10, 5), torch.zeros(3, dtype=torch.long))
 
@@ -213,7 +214,7 @@ def test_every_backend_sums_the_same_sequences(scorer):
     labels[torch.rand(5, 11) < 0.3] = IGNORE_INDEX
     got = sequence_logprobs(hidden, w, labels, scorer_for(scorer))
     (grad,) = torch.autograd.grad(got.sum(), hidden)
-    ref = sequence_logprobs(hidden, w, labels, "torch")
+    ref = sequence_logprobs(hidden, w, labels, scorer_for("torch"))
     (ref_grad,) = torch.autograd.grad(ref.sum(), hidden)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)

@@ -204,8 +204,8 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
     return TokenLogprobs.apply(hidden.contiguous(), lm_head_weight, labels.contiguous(), tile_budget_bytes, scorer)
 
 
-def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                      scorer="auto", n_scored: int | None = None) -> torch.Tensor:
+def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, scorer,
+                      n_scored: int | None = None) -> torch.Tensor:
     """Summed log-likelihood of each sequence's labels.
 
     hidden: [S, T, D] decoder hidden states (position t predicts labels[:, t]);
@@ -214,11 +214,9 @@ def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels
     every query x candidate) and summed back per sequence with a segment index.
     n_scored: M, when the caller knows it on the host (batches.py); the packing then never
     waits for the device (a boolean mask's size is only known after a read-back), and a wrong
-    count fails the device-side check.  scorer: a backend or its ``model.scorer`` name (scorers.py).
-    Returns fp32 [S].
+    count fails the device-side check.  scorer: a backend (scorers.py ``scorer_for``: this module is
+    below the registry of backends and never imports it).  Returns fp32 [S].
     """
-    from .scorers import scorer_for
-
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
     keep = (labels != IGNORE_INDEX).flatten()
@@ -227,7 +225,7 @@ def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels
     else:
         torch._assert_async(keep.sum() == n_scored, f"{n_scored} scored tokens expected")
         flat = torch.nonzero_static(keep, size=n_scored)[:, 0]
-    per_token = scorer_for(scorer).token_logprobs(hidden.flatten(0, 1).index_select(0, flat), lm_head_weight,
-                                                  labels.flatten().index_select(0, flat))
+    per_token = scorer.token_logprobs(hidden.flatten(0, 1).index_select(0, flat), lm_head_weight,
+                                      labels.flatten().index_select(0, flat))
     out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
     return out.index_add(0, flat // labels.shape[1], per_token)

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..runtime.config import ConfigError, finite
+from ..runtime.errors import ConfigError, finite
 
 
 def compression_loss(seq_logprobs: torch.Tensor, num_target_tokens: torch.Tensor) -> torch.Tensor:

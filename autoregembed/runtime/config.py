@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .errors import InputError
+from .errors import ConfigError, InputError, finite  # noqa: F401 - ConfigError: importable from here too
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # autoregembed/
 RESOURCES = os.path.join(PACKAGE, "resources")
@@ -22,10 +22,6 @@ SHARED_STSB_DEV = os.path.join(PROJECT_ROOT, "..", "shared", "data", "stsb", "st
 
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
-
-
-class ConfigError(InputError):
-    """A configuration problem; the message names the offending key."""
 
 
 @dataclass
@@ -605,11 +601,6 @@ def _expand_paths(cfg: Config):
         elif isinstance(value, list):  # data sources
             for source in value:
                 source.path = os.path.expandvars(os.path.expanduser(source.path))
-
-
-def finite(value: float) -> bool:
-    """Neither NaN nor infinite."""
-    return value == value and value not in (float("inf"), float("-inf"))
 
 
 def looks_local(path: str) -> bool:

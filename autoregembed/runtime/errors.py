@@ -17,6 +17,15 @@ class InputError(UserError, ValueError):
     """A bad value: on the command line, in a file the user named, or in a model they chose."""
 
 
+class ConfigError(InputError):
+    """A configuration problem; the message names the offending key."""
+
+
+def finite(value: float) -> bool:
+    """Neither NaN nor infinite (a config value's first check)."""
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
 class MissingInputError(UserError, FileNotFoundError):
     """A file or folder the user named (or an earlier stage should have written) is not there."""
 

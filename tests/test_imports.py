@@ -1,0 +1,70 @@
+"""The package's import graph has no cycles, counting imports inside functions too: a module that needs
+another lazily to break a circle is a seam in the wrong place (DEVELOPERS.md, the map)."""
+import ast
+import os
+
+from helpers import ROOT
+
+PACKAGE = os.path.join(ROOT, "autoregembed")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports anywhere in its file."""
+    paths = {}
+    for folder, _, files in os.walk(PACKAGE, followlinks=False):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, ".")
+                paths[rel.removesuffix(".__init__")] = os.path.join(folder, f)
+    graph = {m: set() for m in paths}
+    for mod, path in paths.items():
+        package = mod.split(".") if path.endswith("__init__.py") else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]).strip(".") \
+                    if node.level else node.module
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[mod] |= {t for t in targets if t in paths and t != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on.discard(comp[-1])
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_finder_sees_a_cycle_through_a_lazy_import():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_package_has_no_import_cycles():
+    graph = import_graph()
+    assert "autoregembed.method.logprobs" in graph and graph["autoregembed.method.losses"]  # it read the package
+    assert cycles(graph) == []
