@@ -285,3 +285,14 @@ def test_an_odd_vocabulary_gets_rows_with_aligned_strides(monkeypatch):
     ref.sum().backward()
     torch.testing.assert_close(lp, ref, rtol=0, atol=0)
     torch.testing.assert_close(hh.grad, h2.grad, rtol=0, atol=0)
+
+
+def test_the_public_sequence_logprobs_takes_a_scorer_name_or_backend():
+    import autoregembed
+
+    h, w = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0)), torch.randn(11, 8)
+    labels = torch.tensor([[1, IGNORE_INDEX, 4], [7, 7, IGNORE_INDEX]])
+    want = sequence_logprobs(h, w, labels, scorer_for("torch"))
+    for scorer in ("torch", scorer_for("torch")):
+        torch.testing.assert_close(autoregembed.sequence_logprobs(h, w, labels, scorer), want)
+    torch.testing.assert_close(autoregembed.sequence_logprobs(h, w, labels), sequence_logprobs(h, w, labels, scorer_for("auto")))
