@@ -109,6 +109,11 @@ def smollm2_dir() -> str:
     out = os.path.join(CACHE, "smollm2-135m-instruct")
     if os.path.exists(os.path.join(out, "config.json")):
         return out
+    try:  # the one-off conversion reads the GGUF file through the gguf package: say so in one line
+        import gguf  # noqa: F401
+    except ImportError:
+        sys.exit("the SmolLM2 model is converted once from its GGUF file, which needs the gguf package: "
+                 "pip install -e '.[bench]' (or pip install gguf)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -244,7 +244,7 @@ def main():
     try:  # the chart is drawn at the very end: fail now, not after hours of work
         import matplotlib  # noqa: F401
     except ImportError:
-        sys.exit("bench/quality.py needs matplotlib (and gguf for the one-off model conversion): pip install gguf matplotlib")
+        sys.exit("bench/quality.py needs matplotlib (and gguf for the one-off model conversion): pip install -e '.[bench]'")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     from harness import smollm2_dir
 

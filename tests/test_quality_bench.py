@@ -232,3 +232,16 @@ def test_pooling_benchmarks_subsets_are_the_trainers_poolings(tiny_export, monke
     four = Encoder.from_pretrained(tiny_export, device="cpu", pooling="all_but_last").encode(texts, convert_to_numpy=False)
     assert torch.allclose(F.normalize(states[:, :4].mean(1), dim=-1), four.double(), atol=1e-5)
     assert not torch.allclose(F.normalize(states.mean(1), dim=-1), four.double(), atol=1e-5)
+
+
+def test_without_gguf_the_model_conversion_says_what_to_install_in_one_line(tmp_path):
+    """The SmolLM2 benchmarks convert the model once from GGUF: without the gguf package that is one
+    line naming the extra, before anything is downloaded (gguf is made unimportable for the child)."""
+    (tmp_path / "shadow" / "gguf").mkdir(parents=True)
+    (tmp_path / "shadow" / "gguf" / "__init__.py").write_text("raise ImportError('no gguf here')\n")
+    env = {**os.environ, "AUTOREGEMBED_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path / "shadow")}
+    r = run_child([os.path.join(ROOT, "bench", "harness.py")], env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("the SmolLM2 model is converted once from its GGUF file, which needs the gguf "
+                                "package: pip install -e '.[bench]' (or pip install gguf)")
+    assert not (tmp_path / "cache").exists()
