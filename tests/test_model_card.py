@@ -42,9 +42,17 @@ def test_the_card_renders_and_its_usage_code_embeds_as_the_encoder_does(export, 
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_the_license_is_read_from_the_base_models_own_card(tmp_path):
+def test_the_license_and_language_are_read_from_the_base_models_own_card(tmp_path, tiny_export):
+    import dataclasses
+
+    from autoregembed.release.meta import ExportMeta
+    from autoregembed.release.model_card import card_text
+
     (tmp_path / CARD_FILE).write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# base\n")
     assert base_license(str(tmp_path)) == "apache-2.0"
+    meta = dataclasses.replace(ExportMeta.read(tiny_export), base_model=str(tmp_path))
+    front = yaml.safe_load(card_text("org/model", meta).split("---\n")[1])
+    assert front["language"] == "en" and front["license"] == "apache-2.0"  # the base's languages are the embedder's
     (tmp_path / CARD_FILE).write_text("# a card without metadata\n")
     assert base_license(str(tmp_path)) == "other"
     assert base_license(None) == "other"
@@ -70,6 +78,14 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_base, tiny_export,
     assert result["base_spearman_x100"] == base_report(tiny_base, str(model), sts)["base_spearman_x100"]
     assert f"untrained base `{tiny_base}` (mean of its EMBED states) | {result['base_spearman_x100']:.2f} |" in card
     assert json.load(open(tmp_path / "run" / "eval" / "result.json")) == result
+    front = yaml.safe_load(card.split("---\n")[1])  # the Hub reads the results from the model-index
+    (index,) = front["model-index"]
+    assert index["results"][0] == {"task": {"type": "STS"}, "dataset": {"name": "sts_dev_sample.csv", "type": "sts"},
+                                   "metrics": [{"type": "cos_sim_spearman", "value": result["spearman_x100"]}]}
+    assert index["results"][1]["metrics"] == [{"type": t, "value": result["retrieval"][m]} for t, m in
+                                              (("ndcg_at_10", "ndcg@10"), ("mrr_at_10", "mrr@10"),
+                                               ("recall_at_100", "recall@100"))]
+    assert "## Citation" in card and "deng-etal-2025-following" in card and "2025.emnlp-main.639" in card
     ir, floor = result["retrieval"], result["base_retrieval"]  # eval.retrieval=auto: the held-out bundled pairs
     assert ir["set"] == cfg.retrieval_set and ir["queries"] == floor["queries"] == 256
     assert floor == base_report(tiny_base, str(model), None, retrieval=cfg.retrieval_set)["base_retrieval"]

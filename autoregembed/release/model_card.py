@@ -68,15 +68,20 @@ def card_text(folder: str, meta: ExportMeta) -> str:
     results = meta.evaluation
     training = meta.training or {}
     base = meta.base_model
+    base_card = base_card_metadata(base)
     metadata = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
                 "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity", "autoregembed"],
                 "license": base_license(base)}
+    if base_card.get("language"):  # the base's languages: what the embedder can read
+        metadata["language"] = base_card["language"]
     if _hub_id(base):
         metadata["base_model"] = _hub_id(base)
     datasets = [d for d in (_hub_id(x) for x in training.get("data", [])) if d]
     if datasets:
         metadata["datasets"] = datasets
     k, name, table = meta.num_embed_tokens, _title(folder), prompts(meta)
+    if results:
+        metadata["model-index"] = [{"name": name, "results": _model_index(results)}]
     template = f"[BOS]{{text}}\\n{meta.instruction}\\n" + "".join(f"<EMBED{i}>" for i in range(k))
     pooled = meta.pooled_positions
     which = (f"the {k} EMBED tokens" if pooled is None else
@@ -132,7 +137,35 @@ def card_text(folder: str, meta: ExportMeta) -> str:
                                  f"{r['ndcg@10']:.4f} | {r['mrr@10']:.4f} | {r['recall@100']:.4f} |")
     else:
         lines.append("Not evaluated yet (`autoregembed eval --model <folder> --sts <file>` or `--mteb <tasks>`).")
+    lines += ["", "## Citation", "", "```bibtex", CITATION, "```"]
     return "\n".join(lines) + "\n"
+
+
+CITATION = """@inproceedings{deng-etal-2025-following,
+  title = "Following the Autoregressive Nature of {LLM} Embeddings via Compression and Alignment",
+  author = "Deng, Jingcheng and Jiang, Zhongtao and Pang, Liang and Wei, Zihao and Chen, Liwei and Xu, Kun and
+            Song, Yang and Shen, Huawei and Cheng, Xueqi",
+  booktitle = "Proceedings of the 2025 Conference on Empirical Methods in Natural Language Processing",
+  year = "2025",
+  address = "Suzhou, China",
+  publisher = "Association for Computational Linguistics",
+  url = "https://aclanthology.org/2025.emnlp-main.639/",
+  pages = "12672--12688"
+}"""
+
+
+def _model_index(results: dict) -> list[dict]:
+    """The measured results in the Hub's model-index form (what its widget and leaderboards read)."""
+    out = [{"task": {"type": "STS"},
+            "dataset": {"name": os.path.basename(results.get("sts", "STS")), "type": "sts"},
+            "metrics": [{"type": "cos_sim_spearman", "value": results["spearman_x100"]}]}]
+    if "retrieval" in results:
+        r = results["retrieval"]
+        out.append({"task": {"type": "Retrieval"},
+                    "dataset": {"name": os.path.basename(os.path.normpath(r["set"])), "type": "retrieval"},
+                    "metrics": [{"type": metric.replace("@", "_at_"), "value": r[metric]}
+                                for metric in ("ndcg@10", "mrr@10", "recall@100")]})
+    return out
 
 
 def _title(folder: str) -> str:
