@@ -1,6 +1,7 @@
 """Several datasets per stage: files, Parquet folders, save_to_disk folders and hub names, with
 column mappings, default instructions and weights; the sampler's shares are pinned."""
 import json
+import re
 import os
 from collections import Counter
 
@@ -45,6 +46,19 @@ def test_same_source_batches_hold_one_source_each_in_its_share():
             assert len(batch) == 1
             per_source[batch.pop()] += 1
     assert [per_source[k] for k in range(3)] == [9, 30, 39]
+
+
+@pytest.mark.parametrize("steps", [1, 7, 40, 123])
+def test_realised_shares_count_every_row_the_steps_read(steps):
+    """Against counting every rank's every micro-batch by hand: whole epochs hold the quotas, the last
+    partial one is what it is."""
+    from autoregembed.runtime.data import realised_shares
+
+    s = MixtureSampler((10, 30, 5), (1.0, 1.0, 2.0), micro_batch_size=3, grad_accum=2, world_size=2, seed=7)
+    rows = [i for step in range(steps) for m in range(2) for r in range(2) for i in s.indices(step, m, r)]
+    want = np.bincount(np.searchsorted(np.cumsum(s.sizes), rows, side="right"), minlength=3) / len(rows)
+    np.testing.assert_allclose(realised_shares(s, steps), want)
+    assert realised_shares(StepSampler(10, 2, 1, 1, 0), steps) == [1.0]
 
 
 def test_one_source_keeps_the_step_samplers_order():
@@ -127,8 +141,14 @@ def test_a_stage2_run_trains_from_three_sources_and_data_check_reports_each(tmp_
     report = json.loads(capsys.readouterr().out)
     assert [(os.path.basename(r["file"]), r["rows"], r["errors"]) for r in report["sources"]] == [
         ("a.jsonl", 8, 0), ("parquet", 8, 0), ("saved", 8, 0)]
+    # weights 1:1:2 over 24 rows -> quotas 8/8/12 rounded up to whole micro-batches of 4 (same_source): 8/8/12;
+    # 3 steps of 4 rows read 12 rows of the first epoch, whose micro-batches come in a shuffled order
+    shares = re.findall(r"(\S+) \(8 rows\) ([\d.]+)% configured, ([\d.]+)% read", report["mixture"])
+    assert [(name, float(conf)) for name, conf, _ in shares] == [("a.jsonl", 25.0), ("parquet", 25.0), ("saved", 50.0)]
+    assert sum(float(read) for *_, read in shares) == pytest.approx(100.0, abs=0.2)
     proc = run_child([os.path.join(ROOT, "train.py"), "--config", str(config)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"stage2: sources: {report['mixture']}" in proc.stdout  # the run log says the same
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "stage2" / "metrics.jsonl")]
     assert len(losses) == 3 and all(np.isfinite(losses))
     card = open(tmp_path / "run" / "stage2" / "model" / "README.md").read()

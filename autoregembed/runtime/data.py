@@ -315,6 +315,19 @@ class MixtureSampler:
         return [int(self.epoch(pos // length)[pos % length]) for pos in range(start, start + self.micro_batch_size)]
 
 
+def realised_shares(sampler, steps: int) -> list[float]:
+    """Each source's share of the rows ``sampler`` hands out in ``steps`` optimizer steps (every rank
+    and micro-batch): whole epochs hold the quotas exactly, so only the last, partial one is counted."""
+    if not isinstance(sampler, MixtureSampler):
+        return [1.0]
+    total, length = steps * sampler.global_batch, sum(sampler.quotas)
+    counts = np.array(sampler.quotas) * (total // length)
+    bounds = np.cumsum(sampler.sizes)
+    partial = sampler.epoch(total // length)[: total % length]
+    counts = counts + np.bincount(np.searchsorted(bounds, partial, side="right"), minlength=len(sampler.sizes))
+    return (counts / max(total, 1)).tolist()
+
+
 def sampler_for(sizes: tuple, weights: tuple | None, micro_batch_size: int, grad_accum: int, world_size: int,
                 seed: int, same_source: bool = False):
     """The stage's sampler: one source without ``same_source`` keeps ``StepSampler``'s order exactly

@@ -21,7 +21,8 @@ from ..method.batches import alignment_batch, candidate_batch, compression_batch
 from .checkpoint import complete_tags
 from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
 from .errors import UserError
-from .data import SourceRows, load_rows, load_sources, read_text, row_key, sampler_for, write_jsonl
+from .data import (SourceRows, load_rows, load_sources, read_text, realised_shares, row_key, sampler_for,
+                   write_jsonl)
 from .diagnostics import information_gap
 from .loading import prepare_base
 from ..release.meta import META_FILE, ExportMeta
@@ -140,6 +141,18 @@ class TrainingStage(Stage):
         weights = None if sources[0].weight is None else [s.weight for s in sources]
         return sampler_for(getattr(rows, "sizes", (len(rows),)), weights, o.micro_batch_size,
                            o.gradient_accumulation_steps, D.world_size(), cfg.seed, cfg.data.same_source_batches)
+
+    def mixture(self, cfg: Config, rows: SourceRows) -> str | None:
+        """Each source's configured share and its share of the rows the run will read (its steps, every
+        rank), when the stage reads several: what a mixture's weights turned into."""
+        sources = self.sources(cfg)
+        if len(sources) < 2:
+            return None
+        sizes = getattr(rows, "sizes", (len(rows),))
+        weights = sizes if sources[0].weight is None else [s.weight for s in sources]
+        read = realised_shares(self.sampler(cfg, rows), self.settings(cfg).max_steps)
+        return "; ".join(f"{os.path.basename(s.path)} ({n:,} rows) {w / sum(weights):.1%} configured, {r:.1%} read"
+                         for s, n, w, r in zip(sources, sizes, weights, read))
 
     def step_rows(self, cfg: Config, rows: list[dict], order, step: int, micro: int, rank: int) -> list[dict]:
         """The rows ``rank`` reads at (step, micro), with their in-batch negatives when the stage forms

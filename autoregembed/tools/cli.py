@@ -269,10 +269,19 @@ def _data(args) -> int:
         tokenizer = load_tokenizer(source, cfg.model.num_embed_tokens)  # as the run will tokenize
     reports = [check_file(f, args.stage, tokenizer, cfg.data.max_text_len, cfg.data.max_target_len)
                for f in args.file or cfg.sources(args.stage)]  # default: the run's sources, mapped as it reads them
+    mixture = None
+    if not args.file and not any(r.errors for r in reports):  # the run's own sources: the shares its steps read
+        from ..runtime.stages import STAGES
+
+        st = STAGES[f"stage{args.stage}"]
+        mixture = st.mixture(cfg, st.rows(cfg))
     if args.json:
-        print(json.dumps(reports[0].as_dict() if len(reports) == 1 else {"sources": [r.as_dict() for r in reports]}))
+        out = reports[0].as_dict() if len(reports) == 1 else {"sources": [r.as_dict() for r in reports]}
+        print(json.dumps({**out, **({"mixture": mixture} if mixture else {})}))
     else:
         print("\n".join(r.text() for r in reports))
+        if mixture:
+            print(f"mixture over stage{args.stage}'s {st.settings(cfg).max_steps} steps at 1 rank: {mixture}")
         if tokenizer is None:
             print(f"  (token lengths skipped: no tokenizer at {source}; pass --tokenizer)")
     return 1 if any(r.errors for r in reports) else 0
