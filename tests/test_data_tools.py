@@ -137,6 +137,54 @@ def test_mining_in_query_chunks_with_a_widening_pool_equals_the_full_sort(monkey
         assert m["neg"] == want
 
 
+@pytest.mark.parametrize("settings", [dict(range_max=40), dict(absolute_margin=0.1), dict(relative_margin=0.2),
+                                      dict(range_max=60, absolute_margin=0.05, skip_top=3),
+                                      dict(sampling="random", range_max=50), dict(sampling="random", relative_margin=0.1)])
+def test_range_margins_and_random_sampling_against_a_brute_force_reference(monkeypatch, settings):
+    """Every candidate rule applied to the full ranking by hand: ranks in [skip_top, range_max), not the
+    query or positive, cosine to the positive below max_similarity, cosine to the query at most
+    cos(q, pos) - absolute_margin or cos(q, pos) x (1 - relative_margin); top takes the first, random
+    draws among all of them (the same draw for the same seed, another for another seed)."""
+    from autoregembed.tools import mine
+
+    rng = np.random.default_rng(1)
+    corpus = [f"passage {i}" for i in range(200)]
+    names = corpus + [f"q{i}" for i in range(8)] + [f"p{i}" for i in range(8)]
+    vectors = {t: v / np.linalg.norm(v) for t, v in zip(names, rng.normal(size=(len(names), 6)))}
+
+    class Fixed:
+        def encode(self, texts, **kw):
+            return np.stack([vectors[t] for t in texts]).astype(np.float32)
+
+    rows = [{"query": f"q{i}", "pos": f"p{i}", "neg": ["x"], "instruction": "i"} for i in range(8)]
+    monkeypatch.setattr(mine, "QUERY_CHUNK", 3)
+    kw = {"skip_top": 0, **settings}
+    got = mine.mine_negatives(Fixed(), rows, corpus, negatives=4, max_similarity=0.9, seed=5, **kw)
+    c = Fixed().encode(corpus).astype(np.float64)
+    by_query = {m["query"]: m for m in got}  # a row with nothing left to take is left out
+    for r in rows:
+        q, p = (Fixed().encode([t]).astype(np.float64)[0] for t in (r["query"], r["pos"]))
+        s_pos, sims = float(q @ p), c @ q
+        ceiling = min(s_pos - kw["absolute_margin"] if "absolute_margin" in kw else np.inf,
+                      s_pos * (1 - kw["relative_margin"]) if "relative_margin" in kw else np.inf)
+        order = np.argsort(-sims, kind="stable")[: kw.get("range_max") or len(corpus)]
+        allowed = [corpus[j] for rank, j in enumerate(order)
+                   if rank >= kw["skip_top"] and c[j] @ p < 0.9 and sims[j] <= ceiling]
+        mined = by_query[r["query"]]["neg"] if r["query"] in by_query else []
+        if kw.get("sampling") == "random":
+            assert set(mined) <= set(allowed) and len(mined) == min(4, len(allowed))
+        else:
+            assert mined == allowed[:4]
+    assert len(by_query) >= 4  # the rules leave most rows something
+    if settings.get("sampling") == "random":
+        again = mine.mine_negatives(Fixed(), rows, corpus, negatives=4, max_similarity=0.9, seed=5, **kw)
+        other = mine.mine_negatives(Fixed(), rows, corpus, negatives=4, max_similarity=0.9, seed=6, **kw)
+        assert again == got and other != got
+        closest = {r["query"]: [corpus[j] for j in np.argsort(-(c @ Fixed().encode([r["query"]])[0]), kind="stable")]
+                   for r in rows}
+        assert any(m["neg"] != closest[m["query"]][:4] for m in got)  # not simply the closest
+
+
 def test_mining_fingerprint_follows_the_model_rows_and_settings(tiny_export, tiny_base):
     from autoregembed.tools.mine import mining_fingerprint
 
@@ -153,7 +201,9 @@ def test_mining_fingerprint_follows_the_model_rows_and_settings(tiny_export, tin
 @pytest.mark.parametrize("flag,value,rule", [("--max-similarity", "nan", "a cosine in"),
                                              ("--max-similarity", "1.5", "a cosine in"),
                                              ("--negatives", "-3", ">= 1"), ("--batch-size", "0", ">= 1"),
-                                             ("--skip-top", "-1", ">= 0")])
+                                             ("--skip-top", "-1", ">= 0"), ("--range-max", "-2", "0 (no limit) or above"),
+                                             ("--absolute-margin", "nan", "a cosine difference"),
+                                             ("--relative-margin", "1.5", "in [0, 1)"), ("--sampling", "best", "top or random")])
 def test_mine_refuses_bad_flags_before_the_model_loads(tmp_path, capsys, flag, value, rule):
     """NaN or 1.5 used to turn the near-duplicate filter off in silence; the others failed after loading."""
     missing = str(tmp_path / "no-such-model")  # never read: the flags are checked first

@@ -320,6 +320,28 @@ class EvalConfig:
         return KEEP_BEST[self.keep_best]
 
 
+MINE_SAMPLING = ("top", "random")
+
+
+def check_mining(negatives: int, skip_top: int, max_similarity: float, range_max: int = 0,
+                 absolute_margin: float | None = None, relative_margin: float | None = None,
+                 sampling: str = "top", name=lambda key: key) -> None:
+    """The mining settings' ranges, each error naming the setting as ``name(key)`` spells it (a
+    config key or a command-line flag); NaN fails every comparison, so it is refused too."""
+    rules = [("negatives", negatives, negatives >= 1, ">= 1"), ("skip_top", skip_top, skip_top >= 0, ">= 0"),
+             ("max_similarity", max_similarity, 0 < max_similarity <= 1, "a cosine in (0, 1] (1: no filter)"),
+             ("range_max", range_max, range_max == 0 or range_max > skip_top,
+              f"0 (no limit) or above skip_top ({skip_top})"),
+             ("absolute_margin", absolute_margin, absolute_margin is None or 0 <= absolute_margin <= 2,
+              "a cosine difference in [0, 2]"),
+             ("relative_margin", relative_margin, relative_margin is None or 0 <= relative_margin < 1, "in [0, 1)"),
+             ("sampling", sampling, sampling in MINE_SAMPLING, " or ".join(MINE_SAMPLING))]
+    for key, value, ok, rule in rules:
+        if not ok:
+            raise InputError(f"{name(key)} must be {rule}, got {value}")
+
+
+
 @dataclass
 class MineConfig:
     """The optional ``mine`` stage (stages.Mine): hard negatives for every stage-2 row from the
@@ -330,13 +352,22 @@ class MineConfig:
     negatives: int = 7  # per row (fewer where a source runs out of passages)
     skip_top: int = 0  # ranks skipped before taking negatives
     max_similarity: float = 0.95  # passages at least this close (cosine) to the positive are likely positives
+    range_max: int = 0  # only ranks below this are candidates (FlagEmbedding's range_for_sampling); 0: no limit
+    # skip passages the query finds nearly as close as its positive: cosine above cos(q, pos) - absolute_margin,
+    # or above cos(q, pos) x (1 - relative_margin) (sentence-transformers' mine_hard_negatives); null: off
+    absolute_margin: typing.Optional[float] = None
+    relative_margin: typing.Optional[float] = None
+    sampling: str = "top"  # top: the most similar allowed passages; random: drawn among them (seeded)
     batch_size: int = 64
 
     def check(self, key: str):
-        if self.negatives < 1 or self.skip_top < 0 or self.batch_size < 1 or not 0 < self.max_similarity <= 1:
-            raise ConfigError(f"keys '{key}.negatives' and '{key}.batch_size' must be >= 1, '{key}.skip_top' >= 0 "
-                              f"and '{key}.max_similarity' in (0, 1], got {self.negatives}, {self.batch_size}, "
-                              f"{self.skip_top}, {self.max_similarity}")
+        if self.batch_size < 1:
+            raise ConfigError(f"key '{key}.batch_size' must be >= 1, got {self.batch_size}")
+        try:
+            check_mining(self.negatives, self.skip_top, self.max_similarity, self.range_max, self.absolute_margin,
+                         self.relative_margin, self.sampling, name=lambda k: f"key '{key}.{k}'")
+        except InputError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass

@@ -290,7 +290,7 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
 
         def mine():
             m, encoder = cfg.mine, None
-            settings = {**dataclasses.asdict(m), "enabled": True}
+            settings = {**dataclasses.asdict(m), "enabled": True, **({"seed": cfg.seed} if m.sampling == "random" else {})}
             for source, path in zip(cfg.sources(2), outputs):
                 rows = load_rows(source, stage=2)
                 fp, stamp = mining_fingerprint(cfg.stage1_model_dir, rows, settings), path + ".fingerprint"
@@ -299,7 +299,9 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
                     continue
                 encoder = encoder or Encoder.from_pretrained(cfg.stage1_model_dir, device=D.device())
                 mined = mine_negatives(encoder, rows, default_corpus(rows), m.negatives, m.skip_top,
-                                       m.max_similarity, m.batch_size, show_progress_bar="mine: encoding")
+                                       m.max_similarity, m.batch_size, show_progress_bar="mine: encoding",
+                                       range_max=m.range_max, absolute_margin=m.absolute_margin,
+                                       relative_margin=m.relative_margin, sampling=m.sampling, seed=cfg.seed)
                 write_jsonl(path, mined)
                 atomic_write_text(stamp, fp)  # after the rows: a stamp never vouches for a file not yet written
                 log(f"mine: {len(mined)} of {len(rows)} rows of {source.path} with {m.negatives} mined "

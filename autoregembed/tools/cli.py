@@ -135,6 +135,15 @@ def main(argv=None) -> int:
     mn.add_argument("--skip-top", type=int, default=0, help="ranks to skip before taking negatives")
     mn.add_argument("--max-similarity", type=float, default=0.95,
                     help="skip passages at least this close (cosine) to the positive")
+    mn.add_argument("--range-max", type=int, default=0,
+                    help="only ranks below this are candidates (FlagEmbedding's range_for_sampling); 0: no limit")
+    mn.add_argument("--absolute-margin", type=float, default=None,
+                    help="skip passages whose cosine to the query is above cos(query, pos) minus this")
+    mn.add_argument("--relative-margin", type=float, default=None,
+                    help="skip passages whose cosine to the query is above cos(query, pos) x (1 - this)")
+    mn.add_argument("--sampling", default="top", help="top: the most similar allowed passages; random: drawn "
+                    "among them (seeded by --seed)")
+    mn.add_argument("--seed", type=int, default=42)
     mn.add_argument("--output", required=True, help="stage-2 jsonl to write")
     mn.add_argument("--batch-size", type=int, default=64)
     rc = sub.add_parser("reconstruct", help="regenerate texts from their compressed tokens with the frozen decoder")
@@ -292,19 +301,19 @@ def _mine(args) -> int:
     from ..release.encoder import Encoder
     from .mine import default_corpus, mine_negatives, read_corpus, read_queries
 
+    from ..runtime.config import check_mining
     from ..runtime.errors import InputError
 
-    for flag, value, ok, rule in (("--negatives", args.negatives, args.negatives >= 1, ">= 1"),
-                                  ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
-                                  ("--skip-top", args.skip_top, args.skip_top >= 0, ">= 0"),
-                                  ("--max-similarity", args.max_similarity, 0 < args.max_similarity <= 1,
-                                   "a cosine in (0, 1] (1: no near-duplicate filter)")):
-        if not ok:  # NaN fails every comparison, so it is refused too
-            raise InputError(f"{flag} must be {rule}, got {value}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    settings = dict(range_max=args.range_max, absolute_margin=args.absolute_margin,
+                    relative_margin=args.relative_margin, sampling=args.sampling)
+    check_mining(args.negatives, args.skip_top, args.max_similarity, **settings,
+                 name=lambda key: "--" + key.replace("_", "-"))
     rows = read_queries(args.queries, with_negatives=args.corpus is None)  # bad input fails before the model loads
     corpus = read_corpus(args.corpus) if args.corpus else default_corpus(rows)
     mined = mine_negatives(Encoder.from_pretrained(args.model), rows, corpus, args.negatives, args.skip_top,
-                           args.max_similarity, args.batch_size, show_progress_bar=True)
+                           args.max_similarity, args.batch_size, show_progress_bar=True, seed=args.seed, **settings)
     write_jsonl(args.output, mined)
     print(json.dumps({"output": args.output, "rows": len(mined), "skipped_rows": len(rows) - len(mined),
                       "corpus": len(corpus)}))

@@ -1,10 +1,14 @@
 """``autoregembed mine``: hard negatives from a model's own embeddings, written as stage-2 rows.
 
 For each query row {query, pos, instruction}: the corpus texts ranked by cosine to the query,
-skipping the query and the positive themselves, the first ``skip_top`` ranks, and near-duplicates
-of the positive (cosine to it ≥ ``max_similarity``: likely unlabelled positives); the first
-``negatives`` left become ``neg``.  Query and corpus are embedded with the row's instruction, as
-stage 2 encodes a query and its positive.
+skipping the query and the positive themselves, the first ``skip_top`` ranks, near-duplicates of
+the positive (cosine to it ≥ ``max_similarity``: likely unlabelled positives), and with a margin
+every passage the query finds nearly as close as its positive (``absolute_margin``: cosine above
+cos(query, pos) - margin; ``relative_margin``: above cos(query, pos) x (1 - margin), as
+sentence-transformers' ``mine_hard_negatives``); only ranks below ``range_max`` (FlagEmbedding's
+``range_for_sampling``) are candidates.  ``sampling`` top takes the first ``negatives`` left, random
+draws them from all that are left (seeded per row).  Query and corpus are embedded with the row's
+instruction, as stage 2 encodes a query and its positive.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import json
 
 import numpy as np
 
+from ..runtime.config import check_mining
 from ..runtime.data import DataError, STAGE2_FIELDS, check_row, read_lines, records
 from ..runtime.errors import InputError
 from ..runtime.refscores import hash_folder
@@ -74,12 +79,13 @@ def mining_fingerprint(model_dir: str, rows: list[dict], settings: dict) -> str:
 
 
 def mine_negatives(encoder, rows: list[dict], corpus: list[str], negatives: int, skip_top: int = 0,
-                   max_similarity: float = 0.95, batch_size: int = 64, show_progress_bar: bool | str = False) -> list[dict]:
+                   max_similarity: float = 0.95, batch_size: int = 64, show_progress_bar: bool | str = False,
+                   range_max: int = 0, absolute_margin: float | None = None, relative_margin: float | None = None,
+                   sampling: str = "top", seed: int = 0) -> list[dict]:
     """Stage-2 rows with ``negatives`` mined negatives each (fewer when the corpus runs out): the
-    most similar passages after the first ``skip_top``, never the query or positive, never one whose
-    similarity to the positive reaches ``max_similarity`` (a likely false negative)."""
-    if negatives < 1:
-        raise InputError(f"negatives must be >= 1, got {negatives}")
+    passages the module docstring allows, the most similar first (``sampling`` top) or drawn at
+    random among them (random, seeded by ``seed`` and the row's index: the same file every run)."""
+    check_mining(negatives, skip_top, max_similarity, range_max, absolute_margin, relative_margin, sampling)
     out: dict[int, dict] = {}
     for instruction in dict.fromkeys(r["instruction"] for r in rows):
         index = [i for i, r in enumerate(rows) if r["instruction"] == instruction]
@@ -91,19 +97,32 @@ def mine_negatives(encoder, rows: list[dict], corpus: list[str], negatives: int,
         for start in range(0, len(group), QUERY_CHUNK):
             sims = q[start : start + QUERY_CHUNK] @ c.T
             for i in range(start, min(start + QUERY_CHUNK, len(group))):
-                r, pool, chosen = group[i], 4 * (skip_top + negatives) + 16, []
+                r, s_pos = group[i], float(q[i] @ p[i])
+                ceiling = min(s_pos - absolute_margin if absolute_margin is not None else np.inf,
+                              s_pos * (1 - relative_margin) if relative_margin is not None else np.inf)
+
+                def allowed(rank: int, j: int) -> bool:
+                    return not (rank < skip_top or corpus[j] in (r["query"], r["pos"]) or
+                                p[i] @ c[j] >= max_similarity or sims[i - start, j] > ceiling)
+
+                limit = range_max or len(corpus)
+                want = negatives if sampling == "top" else limit  # random draws from every allowed candidate
+                pool = min(limit, 4 * (skip_top + negatives) + 16) if sampling == "top" else limit
                 while True:  # a pool filtered out too far is widened, so the result is the full sort's
-                    ranked = _ranked(sims[i - start], pool)
-                    chosen = []
+                    ranked = _ranked(sims[i - start], pool)[:limit]
+                    candidates = []
                     for rank, j in enumerate(ranked):
-                        if len(chosen) == negatives:
+                        if len(candidates) == want:
                             break
-                        if rank < skip_top or corpus[j] in (r["query"], r["pos"]) or p[i] @ c[j] >= max_similarity:
-                            continue
-                        chosen.append(corpus[j])
-                    if len(chosen) == negatives or len(ranked) == len(corpus):
+                        if allowed(rank, j):
+                            candidates.append(corpus[j])
+                    if (sampling == "top" and len(candidates) == negatives) or pool >= limit:
                         break
-                    pool *= 4
+                    pool = min(limit, pool * 4)
+                if sampling == "random" and len(candidates) > negatives:
+                    pick = np.random.default_rng([seed, index[i]]).choice(len(candidates), negatives, replace=False)
+                    candidates = [candidates[k] for k in sorted(pick)]
+                chosen = candidates[:negatives]
                 if chosen:
                     out[index[i]] = {**r, "neg": chosen}  # its other fields (a document instruction) kept
     return [out[i] for i in sorted(out)]  # the input's order
