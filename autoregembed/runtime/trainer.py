@@ -397,8 +397,10 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
                 if retrieval is not None:
                     extra.update(retrieval_during_training(s.engine, s.text_encoder, ev.instruction, prompts,
                                                            retrieval, ev.batch_size))
-                if best is not None and best.improves(extra):  # every rank scored the same texts: all agree
-                    best.kept(step + 1, extra[best.metric])
+                # rank 0's scores decide for every rank: an export is collective, and a last-bit difference
+                # between ranks' scores must not send one rank into it alone
+                if best is not None and D.broadcast_object(best.improves(extra)):
+                    best.kept(step + 1, D.broadcast_object(extra[best.metric]))
                     s.export(cfg.export_dir(stage), kept=best.describe(o.max_steps))
             monitor.step(step + 1, loss, s.scheduler.get_last_lr()[0], s.engine.get_global_grad_norm(), tokens,
                          extra, time.time() - t_extra)
