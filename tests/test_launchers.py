@@ -16,7 +16,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("default_tiny_base")]
 
 # The stage scripts ask for whole nodes with 8 GPUs and 64 CPUs; this 2-CPU loopback cluster has no
 # GPUs, and its two nodes must hold two jobs at once (--oversubscribe overrides the scripts' --exclusive)
-CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe"]
+# the loopback nodes have 2 CPUs and 4000 MB each: what every job asks for is overridden to fit (slurm/stage.sh
+# asks for 128G, the others for whole nodes)
+CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe", "--mem=1000M"]
 
 
 def _tiny():
