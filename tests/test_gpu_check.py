@@ -88,10 +88,11 @@ def test_one_failing_variant_costs_only_its_row_and_the_deadline_skips_the_rest(
 
 
 def test_the_flop_count_of_a_step_by_hand():
-    """_token_counts + _step_flops against counts made by hand: a stage-1 contrast pass scores every target
-    twice; the decoder reads BOS + k (compressed tokens and shared prefix) before each target; query and
-    positive rows stacked in one encoder pass pad to the wider; a positive held as a target (p_no_grad)
-    runs in passes of its own and is counted as forward work only."""
+    """token_counts + step_flops (gpu_trainer.py) against counts made by hand: a stage-1 contrast pass
+    scores every target twice; the decoder reads BOS + k (compressed tokens and shared prefix) before
+    each target; query and positive rows stacked in one encoder pass pad to the wider; a positive held
+    as a target (p_no_grad) runs in passes of its own and is counted as forward work only; a share of
+    the decoder's layers recomputed adds that share of its forward."""
     from types import SimpleNamespace
 
     import torch
