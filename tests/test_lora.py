@@ -78,3 +78,48 @@ def test_lora_targets_that_match_nothing_are_refused(tiny_base):
 def test_lora_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+LORA_STAGES_CHILD = """
+import json, sys
+from peft.tuners.lora import LoraLayer
+from autoregembed.runtime import distributed as D
+from autoregembed.runtime.config import load_config
+from autoregembed.runtime.stages import STAGES
+from autoregembed.runtime.trainer import Session
+from autoregembed.tools.cli import DEFAULT_DS
+out, base = sys.argv[1:3]
+cfg = load_config(None, [f"output_dir={out}", f"model.base={base}", "model.lora_rank=4", "model.lora_stages=stage2",
+                         "model.match_decoder_scale=false"])
+D.init_distributed()
+seen, numel = {}, lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 holds partitions
+for stage in ("stage1", "stage2"):
+    s = Session(cfg, STAGES[stage], DEFAULT_DS, base, train=True)
+    enc = s.engine.module.encoder
+    seen[stage] = {"lora": any(isinstance(m, LoraLayer) for m in enc.modules()),
+                   "trainable": sum(numel(p) for p in enc.parameters() if p.requires_grad),
+                   "total": sum(numel(p) for p in enc.parameters()),
+                   "card": s._provenance()["parameters"]}
+    s.close()
+print("SEEN " + json.dumps(seen))
+D.shutdown()
+"""
+
+
+@pytest.mark.distributed
+def test_lora_trains_only_the_stages_model_lora_stages_names(tiny_base, tmp_path):
+    """model.lora_stages=stage2 (the common case): stage 1 trains every weight, stage 2 only adapters;
+    the card says which; reference.source=online then still has adapters to disable."""
+    from helpers import run_child
+
+    r = run_child(["-c", LORA_STAGES_CHILD, tmp_path, tiny_base])
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.split("SEEN ")[-1])
+    assert seen["stage1"]["lora"] is False and seen["stage1"]["card"] == "full fine-tune"
+    assert seen["stage1"]["trainable"] == seen["stage1"]["total"] > 0
+    assert seen["stage2"]["lora"] is True and seen["stage2"]["card"] == "LoRA rank 4"
+    assert 0 < seen["stage2"]["trainable"] < seen["stage2"]["total"] / 5
+    with pytest.raises(ConfigError, match="'reference.source': 'online' needs LoRA in stage 2"):
+        load_config(None, ["model.lora_rank=4", "model.lora_stages=stage1", "reference.source=online"])
+    with pytest.raises(ConfigError, match="'model.lora_stages': 'stage3' is not a comma-separated list"):
+        load_config(None, ["model.lora_rank=4", "model.lora_stages=stage3"])

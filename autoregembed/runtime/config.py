@@ -69,8 +69,15 @@ class ModelConfig:
     lora_alpha: float = 0.0  # 0: 2 x lora_rank
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
+    # with lora_rank > 0: the training stages that train through LoRA, comma-separated; the others train
+    # every weight (e.g. stage2: stage 1 compresses with a full fine-tune, stage 2 aligns through adapters)
+    lora_stages: str = "stage1,stage2"
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
+
+    def trains_lora(self, stage: str) -> bool:
+        """Whether training ``stage`` trains LoRA adapters (model.lora_rank, model.lora_stages)."""
+        return self.lora_rank > 0 and stage in [x.strip() for x in self.lora_stages.split(",")]
 
     def check(self, key: str):
         """Its values, each error naming ``key.<field>`` (as every section's ``check``)."""
@@ -88,6 +95,10 @@ class ModelConfig:
             raise ConfigError(f"key '{key}.lora_dropout' must be in [0, 1)")
         if not (finite(self.lora_alpha) and self.lora_alpha >= 0):
             raise ConfigError(f"key '{key}.lora_alpha' must be a finite number >= 0, got {self.lora_alpha}")
+        bad = [x for x in self.lora_stages.split(",") if x.strip() not in ("stage1", "stage2")]
+        if bad or not self.lora_stages.strip():
+            raise ConfigError(f"key '{key}.lora_stages': {self.lora_stages!r} is not a comma-separated list of "
+                              f"stage1 and stage2")
         if self.tiny_hidden_size < 4 or self.tiny_hidden_size % 4 or self.tiny_layers < 1:
             raise ConfigError(f"keys '{key}.tiny_hidden_size' (a multiple of 4: 4 attention heads) and "
                               f"'{key}.tiny_layers' must be >= 1")
@@ -448,9 +459,10 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "check"):
                 section.check(f.name)
-        if self.reference.source == "online" and self.model.lora_rank == 0:
-            raise ConfigError("key 'reference.source': 'online' needs LoRA in stage 2 (model.lora_rank > 0): the "
-                              "stage-1 model is then the stage-2 model with its adapters disabled")
+        if self.reference.source == "online" and not self.model.trains_lora("stage2"):
+            raise ConfigError("key 'reference.source': 'online' needs LoRA in stage 2 (model.lora_rank > 0, stage2 in "
+                              "model.lora_stages): the stage-1 model is then the stage-2 model with its adapters "
+                              "disabled")
         from ..method.model import pooled_positions
 
         try:

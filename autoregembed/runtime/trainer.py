@@ -115,7 +115,7 @@ class Session:
         torch.manual_seed(cfg.seed)
         m = cfg.model
         lora = (dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets)
-                if train and m.lora_rank > 0 else None)  # scoring reads merged exports as they are
+                if train and m.trains_lora(self.stage) else None)  # scoring reads merged exports as they are
         attn, packed = resolve_attention(m.attn_implementation, m.packing)
         checkpointing = train and m.gradient_checkpointing
         dec_checkpointing = train and (m.gradient_checkpointing if m.decoder_checkpointing is None
@@ -190,7 +190,8 @@ class Session:
         out = {"stage": self.stage, "data": data, "steps": o.max_steps,
                "batch": f"{o.micro_batch_size} x {o.gradient_accumulation_steps} accumulation x {D.world_size()} ranks",
                "learning rate": f"{o.learning_rate} ({o.lr_schedule}, {o.warmup_steps} warm-up steps)",
-               "parameters": f"LoRA rank {cfg.model.lora_rank}" if cfg.model.lora_rank else "full fine-tune"}
+               "parameters": (f"LoRA rank {cfg.model.lora_rank}" if cfg.model.trains_lora(self.stage)
+                              else "full fine-tune")}
         if self.spec.loss_settings(cfg):
             out["loss"] = self.spec.loss_settings(cfg)
         return out
