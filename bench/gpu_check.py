@@ -35,10 +35,9 @@ class Results:
         self.write()
 
     def write(self):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=2)
-        os.replace(tmp, self.path)
+        from autoregembed.runtime.atomic import atomic_write_text
+
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
 def preflight(torch, device: str) -> dict:

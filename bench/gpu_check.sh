@@ -33,6 +33,4 @@ timeout "${TESTS_LIMIT_S:-120}" "$PY" -m pytest -q -m gpu -p no:cacheprovider te
 tests_rc=$?
 tail -n 15 "$OUT/gpu_tests.log"
 echo "[gpu_check] tests rc=$tests_rc, checks rc=$check_rc"
-# pytest's 5: no test ran (none is collected without a GPU), which the CPU dry run expects
-[ "$tests_rc" = 5 ] && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' && tests_rc=0
 exit $(( tests_rc || check_rc ))

@@ -43,6 +43,9 @@ def test_beir_folder_and_stage2_rows_read_into_the_same_task(tmp_path):
         read_beir(str(tmp_path))
     with pytest.raises(InputError, match="qrels: no corpus.jsonl .a BEIR folder holds"):
         read_beir(str(tmp_path / "qrels"))
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "7", "text": "lift?"}) + "\n" + json.dumps({"text": "x"}))
+    with pytest.raises(InputError, match=r"queries.jsonl:2: a BEIR record needs '_id' and a text field 'text'"):
+        read_beir(str(tmp_path))
     rows = [{"query": "a", "pos": "b", "neg": "c"}, {"query": "d", "pos": "c", "neg": ["b", "e"]}]
     t = from_rows("pairs", rows)
     assert t.queries == {"q0": "a", "q1": "d"} and sorted(t.corpus.values()) == ["b", "c", "e"]

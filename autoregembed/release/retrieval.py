@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 
 import numpy as np
 
+from ..runtime.data import records
 from ..runtime.errors import InputError
 
 
@@ -32,20 +32,17 @@ class RetrievalSet:
 
 def read_beir(folder: str, split: str = "test") -> RetrievalSet:
     """A BEIR folder; a document's text is its title and text joined by a space, as BEIR embeds them."""
-    def jsonl(name):
+    def jsonl(name):  # the project's one reader (records): every error names the file and line
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise InputError(f"{folder}: no {name} (a BEIR folder holds corpus.jsonl, queries.jsonl and "
                              f"qrels/{split}.tsv)")
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
+        for where, rec in records(path):
+            if not (isinstance(rec, dict) and "_id" in rec and isinstance(rec.get("text"), str)):
+                raise InputError(f"{where}: a BEIR record needs '_id' and a text field 'text'")
+            yield rec
 
-    corpus = {str(d["_id"]): " ".join(x for x in (d.get("title") or "", d.get("text") or "") if x)
+    corpus = {str(d["_id"]): " ".join(x for x in (d.get("title") or "", d["text"]) if x)
               for d in jsonl("corpus.jsonl")}
     queries = {str(q["_id"]): q["text"] for q in jsonl("queries.jsonl")}
     qrels: dict[str, dict[str, int]] = {}
@@ -88,8 +85,6 @@ def load(path: str) -> RetrievalSet:
     a bad one is named by file and line)."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "queries.jsonl")):
         return read_beir(path)
-    from ..runtime.data import records
-
     rows = []
     for where, r in records(path):
         if not (isinstance(r, dict) and isinstance(r.get("query"), str) and isinstance(r.get("pos"), str)):

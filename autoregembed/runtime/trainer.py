@@ -340,8 +340,9 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
         s.model.shared_prefix = stage_shared_prefix(cfg, s, rows, resume)
     o = s.optim
     sampler = st.sampler(cfg, rows)
-    if st.mixture(cfg, rows):
-        log(f"{stage}: sources: {st.mixture(cfg, rows)}")
+    mixture = st.mixture(cfg, rows)
+    if mixture:
+        log(f"{stage}: sources: {mixture}")
     start = 0
     if resume:
         if resume_from is not None:
