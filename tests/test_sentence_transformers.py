@@ -20,8 +20,10 @@ def test_sentence_transformers_loads_the_export_and_matches_encoder(tiny_export)
     st = SentenceTransformer(tiny_export, device="cpu")
     ours = Encoder.from_pretrained(tiny_export, device="cpu")
     np.testing.assert_allclose(st.encode(TEXTS, batch_size=3), ours.encode(TEXTS), atol=1e-5)
-    # the template is the tokenizer's: the text, the instruction, then the EMBED tokens, the text cut to budget
-    ids = st.tokenizer(TEXTS[2], truncation=True)["input_ids"]
+    # transformers alone: the tokenizer writes the text, the instruction, the EMBED tokens, the text cut to budget
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_export)(TEXTS[2], truncation=True)["input_ids"]
     assert ids == ours.text_encoder.encoder_ids(TEXTS[2], ours.instruction)
     assert len(ids) < len(ours.text_encoder.tokenizer(TEXTS[2], add_special_tokens=False)["input_ids"])
 
@@ -91,11 +93,13 @@ def test_encode_query_and_encode_document_use_the_exports_instructions(qd_export
     np.testing.assert_allclose(d, ours.encode_document(TEXTS), atol=1e-5)
     assert np.abs(q - d).max() > 1e-3
     np.testing.assert_allclose(st.encode(TEXTS), ours.encode(TEXTS), atol=1e-5)  # no task: the instruction
-    short = TEXTS[:2] + TEXTS[3:]  # any prompt within the text budget (a prompt of another length moves it)
+    # every prompt of the table keeps the text budget, long texts included, through a prompt name or its text
+    for name in ("Clustering", "Retrieval-query", "STS", "query"):
+        want = ours.encode(TEXTS, instruction=st.prompts[name])
+        np.testing.assert_allclose(st.encode(TEXTS, prompt_name=name), want, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(st.encode(TEXTS, prompt=st.prompts[name]), want, atol=1e-5, err_msg=name)
+    short = TEXTS[:2] + TEXTS[3:]  # a prompt outside the table: equal within the text budget
     np.testing.assert_allclose(st.encode(short, prompt="Find it."), ours.encode(short, instruction="Find it."),
-                               atol=1e-5)
-    np.testing.assert_allclose(st.encode(short, prompt_name="Clustering"),
-                               ours.encode(short, instruction="Identify the topic or theme of the given text."),
                                atol=1e-5)
 
 

@@ -7,10 +7,13 @@
   else the export's query / document instruction for ``task="query"`` / ``"document"``
   (``encode_query`` / ``encode_document``), else its instruction.  ``prompts`` holds the export's
   whole table (instructions.py), so MTEB through sentence-transformers picks what
-  ``AutoRegEmbedMTEB`` picks.  sentence-transformers truncates the rendered sequence to
-  ``model_max_length`` (``query_length`` / ``document_length`` for those tasks) and restores the
-  template's tail: with the export's instructions the text keeps ``max_text_len`` tokens, as
-  ``TextEncoder`` does; under a prompt of another length it keeps that much more or less.
+  ``AutoRegEmbedMTEB`` picks.
+- The text keeps ``max_text_len`` tokens under every instruction of the table, as ``TextEncoder``
+  does: sentence-transformers truncates the rendered sequence to one length and restores the
+  template's tail, so the template evens every tail out to the longest with filler tokens after
+  the EMBED tokens (the encoder is causal and WordWeights gives them weight 0, so they change no
+  embedding).  A prompt outside the table has no filler: past the budget its text keeps as many
+  more tokens as its tail is shorter than the longest.
 - The tokenizer's post-processor writes the same template with the export's instruction, for users of
   transformers alone: ``tokenizer(text)`` gives the encoder's whole input (autoregembed itself always
   tokenizes with ``add_special_tokens=False``, as the chat template does).
@@ -64,9 +67,10 @@ def template_post_processor(tokenizer, k: int, instruction: str) -> dict:
     }
 
 
-def chat_template(k: int, instruction: str, query_instruction: str, document_instruction: str) -> str:
-    """The Jinja template (see the module docstring); the instructions are JSON string literals, which
-    Jinja reads as its own."""
+def chat_template(k: int, instruction: str, query_instruction: str, document_instruction: str,
+                  filler: str = "", pads: dict[str, int] | None = None) -> str:
+    """The Jinja template (see the module docstring); ``pads[instruction]`` filler tokens follow the
+    EMBED tokens.  The instructions are JSON string literals, which Jinja reads as its own."""
     q, d, i = (json.dumps(x) for x in (query_instruction, document_instruction, instruction))
     return ("{% set ns = namespace(i=none) %}"
             "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.i = m['content'] %}{% endif %}{% endfor %}"
@@ -74,7 +78,18 @@ def chat_template(k: int, instruction: str, query_instruction: str, document_ins
             "{% elif task is defined and task == 'document' %}{% set ns.i = " + d + " %}"
             "{% else %}{% set ns.i = " + i + " %}{% endif %}{% endif %}"
             "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
-            "{{ '\\n' + ns.i + '\\n' }}" + "".join(embed_token_names(k)))
+            "{{ '\\n' + ns.i + '\\n' }}" + "".join(embed_token_names(k))
+            + "{% set pads = " + json.dumps(pads or {}) + " %}"
+            "{% if ns.i in pads %}{{ " + json.dumps(filler) + " * pads[ns.i] }}{% endif %}")
+
+
+def _filler_token(tokenizer) -> str:
+    """A special token that follows the EMBED tokens to even tails out (module docstring)."""
+    for token in (tokenizer.eos_token, tokenizer.pad_token):
+        if token:
+            return token
+    raise InputError("the tokenizer has neither an EOS nor a pad token to even the sentence-transformers "
+                     "template's tails out with")
 
 
 def write_sentence_transformers(folder: str, tokenizer, meta, hidden_size: int):
@@ -95,18 +110,22 @@ def write_sentence_transformers(folder: str, tokenizer, meta, hidden_size: int):
     with open(cfg_path) as f:
         tok_cfg = json.load(f)
     te = TextEncoder(tokenizer, k)
-    length = lambda instr: len(te.encoder_ids("", instr)) + max_text_len  # noqa: E731  BOS + text budget + tail
-    tok_cfg["model_max_length"] = length(instruction)
+    tails = {instr: len(te.encoder_ids("", instr)) for instr in [instruction, *table.values()]}  # BOS + tail
+    longest = max(tails.values())
+    # transformers alone (the post-processor): the text keeps max_text_len under the export's instruction
+    tok_cfg["model_max_length"] = tails[instruction] + max_text_len
     tok_cfg["padding_side"] = "right"  # the EMBED tokens sit right after each row's last real token
-    tok_cfg["chat_template"] = chat_template(k, instruction, table["query"], table["document"])
+    tok_cfg["chat_template"] = chat_template(k, instruction, table["query"], table["document"],
+                                             _filler_token(tokenizer),
+                                             {instr: longest - n for instr, n in tails.items() if longest > n})
     _write_json(cfg_path, tok_cfg)
 
     _write_json(os.path.join(folder, "modules.json"),
                 [{"idx": i, "name": str(i), "path": path, "type": cls} for i, (path, cls) in enumerate(MODULES)])
     _write_json(os.path.join(folder, "sentence_bert_config.json"),
                 {"transformer_task": "feature-extraction",
-                 # the text keeps max_text_len tokens under encode_query / encode_document too
-                 "query_length": length(table["query"]), "document_length": length(table["document"]),
+                 # every tail evened out to the longest: the text keeps max_text_len under any table entry
+                 "max_seq_length": longest + max_text_len,
                  "modality_config": {m: {"method": "forward", "method_output_name": "last_hidden_state"}
                                      for m in ("text", "message")},  # text is rendered as a message
                  "module_output_name": "token_embeddings"})
