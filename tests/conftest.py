@@ -45,7 +45,7 @@ def default_tiny_base(tmp_path_factory):
     cfg = Config()
     out = str(tmp_path_factory.mktemp("default-base") / "base")
     TINY_BASE["path"] = build_tiny_base(out, [cfg.data.stage1, cfg.data.stage2], hidden_size=32,
-                                        layers=cfg.model.tiny_layers, seed=cfg.seed)
+                                        layers=cfg.model.tiny_layers, seed=cfg.model.tiny_seed)
     return TINY_BASE["path"]
 
 

@@ -439,8 +439,23 @@ def test_tiny_base_reads_data_like_the_loader_and_refuses_a_changed_size(tmp_pat
     build_tiny_base(out, [s1, str(s2)], hidden_size=32, layers=1, pretrain_steps=0)
     assert os.path.exists(os.path.join(out, "config.json"))
     build_tiny_base(out, [s1, str(s2)], hidden_size=32, layers=1, pretrain_steps=0)  # same shape: kept
-    with pytest.raises(ConfigError, match=r"already holds a tiny base with hidden size 32 and 1 layers, not 64"):
+    with pytest.raises(ConfigError, match=r"already holds a tiny base with hidden size 32, 1 layers and seed 0, "
+                                          r"not 64, 1 and 0"):
         build_tiny_base(out, [s1, str(s2)], hidden_size=64, layers=1)
+    with pytest.raises(ConfigError, match=r"seed 0, not 32, 1 and 7 .*model.tiny_seed"):
+        build_tiny_base(out, [s1, str(s2)], hidden_size=32, layers=1, seed=7)
+
+
+def test_the_tiny_base_is_the_runs_starting_model_whatever_the_runs_seed(monkeypatch, tmp_path):
+    """The tiny base stands in for a downloaded model: a run's seed does not change it, model.tiny_seed does."""
+    from autoregembed.runtime import loading
+    from autoregembed.runtime.config import load_config
+
+    built = []
+    monkeypatch.setattr(loading, "build_tiny_base", lambda out, files, **kw: built.append(kw["seed"]))
+    for sets in (["seed=1"], ["seed=2"], ["seed=2", "model.tiny_seed=5"]):
+        loading.prepare_base(load_config(None, [f"output_dir={tmp_path}", *sets]))
+    assert built == [0, 0, 5]
 
 
 def test_non_utf8_sts_file_names_its_line(tmp_path):

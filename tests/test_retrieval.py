@@ -156,3 +156,22 @@ def test_keep_best_needs_evaluations_to_compare():
         load_config(None, ["eval.keep_best=mrr@10", "eval.every=5", "eval.retrieval=none"])
     assert load_config(None, ["eval.keep_best=sts", "eval.every=5", "eval.retrieval=none"]).eval.keep_best_key == \
         "sts_spearman"
+
+
+def test_the_runs_verdict_reads_retrieval_when_there_is_a_set_and_sts_beside_it():
+    """The warning follows the run's own evaluation (retrieval nDCG@10 when there is a set, else STS);
+    the other figure's move is printed beside it, signed."""
+    from autoregembed.runtime.trainer import _verdict
+
+    ir = lambda x: {"ndcg@10": x}  # noqa: E731
+    up_ir_down_sts = {"spearman_x100": 32.5, "base_spearman_x100": 38.1, "retrieval": ir(0.205),
+                      "base_retrieval": ir(0.184)}
+    assert _verdict(up_ir_down_sts) == ("the training moved retrieval nDCG@10 by +0.0210, STS by -5.60 from the "
+                                        "untrained base")
+    down_ir = {**up_ir_down_sts, "retrieval": ir(0.15)}
+    assert _verdict(down_ir).endswith("; WARNING: retrieval nDCG@10 below the untrained base, the training made "
+                                      "the embedding worse")
+    assert _verdict({"spearman_x100": 32.5, "base_spearman_x100": 38.1}) == (
+        "the training moved STS by -5.60 from the untrained base; WARNING: STS below the untrained base, the "
+        "training made the embedding worse")
+    assert "WARNING" not in _verdict({"spearman_x100": 40.0, "base_spearman_x100": 38.1})

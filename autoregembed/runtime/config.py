@@ -74,6 +74,9 @@ class ModelConfig:
     lora_stages: str = "stage1,stage2"
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
+    # the tiny base's own seed, apart from the run's: it stands in for a downloaded model, which a
+    # run's seed does not change (nor the folder it is built in once, output_dir/base)
+    tiny_seed: int = 0
 
     def trains_lora(self, stage: str) -> bool:
         """Whether training ``stage`` trains LoRA adapters (model.lora_rank, model.lora_stages)."""

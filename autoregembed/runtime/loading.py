@@ -77,11 +77,12 @@ def build_tiny_base(out_dir: str, corpus_files: list[str], hidden_size: int = 64
     if os.path.exists(os.path.join(out_dir, "config.json")):
         with open(os.path.join(out_dir, "config.json")) as f:
             have = json.load(f)
-        if (have.get("hidden_size"), have.get("num_hidden_layers")) != (hidden_size, layers):
-            raise ConfigError(f"{out_dir} already holds a tiny base with hidden size {have.get('hidden_size')} and "
-                              f"{have.get('num_hidden_layers')} layers, not {hidden_size} and {layers} "
-                              f"(model.tiny_hidden_size, model.tiny_layers): use another output_dir, or delete "
-                              f"{out_dir} and the runs built on it")
+        have = (have.get("hidden_size"), have.get("num_hidden_layers"), have.get("autoregembed_tiny_seed", seed))
+        if have != (hidden_size, layers, seed):
+            raise ConfigError(f"{out_dir} already holds a tiny base with hidden size {have[0]}, {have[1]} layers "
+                              f"and seed {have[2]}, not {hidden_size}, {layers} and {seed} (model.tiny_hidden_size, "
+                              f"model.tiny_layers, model.tiny_seed): use another output_dir, or delete {out_dir} "
+                              f"and the runs built on it")
         return out_dir
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -102,6 +103,7 @@ def build_tiny_base(out_dir: str, corpus_files: list[str], hidden_size: int = 64
                          max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
+    config.autoregembed_tiny_seed = seed  # recorded in config.json: a folder is reused only for its own seed
     model = LlamaForCausalLM(config)
     _pretrain(model, tokenizer, texts, pretrain_steps, seed)
     with atomic_dir(out_dir) as tmp:
@@ -244,7 +246,7 @@ def prepare_base(cfg) -> str:
     if cfg.model.base == "tiny":
         if D.rank() == 0:
             build_tiny_base(cfg.base_model_dir, [s.path for n in (1, 2) for s in cfg.sources(n)],
-                            hidden_size=cfg.model.tiny_hidden_size, layers=cfg.model.tiny_layers, seed=cfg.seed)
+                            hidden_size=cfg.model.tiny_hidden_size, layers=cfg.model.tiny_layers, seed=cfg.model.tiny_seed)
         D.barrier()
     return cfg.base_model_dir
 
