@@ -53,6 +53,7 @@ import time
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import quality_retrieval  # bench/quality_retrieval.py, beside this script  # noqa: E402
 from harness import ROOT, commit  # bench/harness.py, beside this script  # noqa: E402
 
 from autoregembed.runtime import distributed as D  # noqa: E402
@@ -129,7 +130,8 @@ def _meta(stage: str) -> ExportMeta:
 
 
 class PromptEOL:
-    """Last-token hidden state of 'This sentence : "<text>" means in one word:"' (Jiang et al. 2023)."""
+    """Last-token hidden state of 'This sentence : "<text>" means in one word:"' (Jiang et al. 2023);
+    the text cut to ``max_text_len`` tokens when set (retrieval's documents), the prompt kept whole."""
 
     def __init__(self, path):
         from transformers import AutoModel, AutoTokenizer
@@ -137,15 +139,24 @@ class PromptEOL:
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
         self.tok = AutoTokenizer.from_pretrained(path)
         self.tok.padding_side = "left"
+        self.max_text_len = None
+
+    def _cut(self, text: str) -> str:
+        if self.max_text_len is None:
+            return text
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= self.max_text_len else self.tok.decode(ids[: self.max_text_len])
 
     @torch.no_grad()
     def encode(self, sentences, batch_size=64, **kw):
         out = []
         for i in range(0, len(sentences), batch_size):
-            prompts = [f'This sentence : "{s}" means in one word:"' for s in sentences[i : i + batch_size]]
+            prompts = [f'This sentence : "{self._cut(s)}" means in one word:"' for s in sentences[i : i + batch_size]]
             b = self.tok(prompts, return_tensors="pt", padding=True)
             out.append(F.normalize(self.model(**b).last_hidden_state[:, -1], dim=-1))
         return torch.cat(out).numpy()
+
+    encode_query = encode_document = encode  # one prompt for both sides: it has no instructions
 
 
 def contrastive(base: str, rows, steps: int, batch: int, lr: float, out_dir: str, seed: int) -> str:
@@ -174,7 +185,7 @@ def contrastive(base: str, rows, steps: int, batch: int, lr: float, out_dir: str
     return out_dir, losses
 
 
-ARM_NAMES = {"a": ["(a) base, mean of EMBED states", "(a) base, PromptEOL last token"],
+ARM_NAMES = {"a": ["(a) base, mean of EMBED states", "(a) base, PromptEOL last token", "(a) BM25 (lexical)"],
              "b": ["(b) contrastive (InfoNCE)"], "c": ["(c) stage 1 only"], "d": ["(d) stage 1 + stage 2"],
              "e": ["(e) (d) + in-batch negatives"], "f": ["(f) (d) full fine-tune"]}
 
@@ -206,6 +217,9 @@ def main():
     ap.add_argument("--stage1-shared-prefix-steps", type=int, default=100, help="model.shared_prefix_steps")
     ap.add_argument("--pooling", default="all_but_last",
                     help="eval.pooling of (c)-(f): the compressed tokens their embedding averages (all: as published)")
+    ap.add_argument("--ir-max-len", type=int, default=256,
+                    help="tokens of each query and document every arm reads in retrieval (quality_retrieval.py)")
+    ap.add_argument("--no-retrieval", action="store_true", help="score STS only (retrieval adds ~4 min an arm)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="model.dtype of the trained arms (bf16: DeepSpeed's bf16 with fp32 master weights)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
@@ -241,10 +255,12 @@ def main():
         scratch = fresh_scratch(args.out)
         publish(merge_records(run_seeds_apart(args, seeds, sys.argv[1:])), args.results)
         return scratch.release()
-    try:  # the chart is drawn at the very end: fail now, not after hours of work
+    try:  # the chart is drawn at the very end, BM25 scores the first arm: fail now, not after hours of work
+        import bm25s  # noqa: F401
         import matplotlib  # noqa: F401
-    except ImportError:
-        sys.exit("bench/quality.py needs matplotlib (and gguf for the one-off model conversion): pip install -e '.[bench]'")
+    except ImportError as e:
+        sys.exit(f"bench/quality.py needs {e.name} (and gguf for the one-off model conversion): "
+                 f"pip install -e '.[bench]'")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     from harness import smollm2_dir
 
@@ -259,7 +275,8 @@ def main():
                      args.stage1_instruction)
     s2 = stage2_file(os.path.join(args.out, "stage2.jsonl"), args.nli_rows,
                      None if args.row_instructions else INSTRUCTION)
-    scores = {}  # arm name -> {seed: sts_eval dict}
+    ir_sets = {} if args.no_retrieval else quality_retrieval.collections(args.split)
+    scores = {}  # arm name -> {seed: sts_eval dict, with "retrieval": {collection: metrics} when ir_sets}
     timings = {}
     D.init_distributed()
 
@@ -271,7 +288,11 @@ def main():
         return value
 
     def scored(arm, seed, encoder_fn):  # the arm's losses are in first_last before this writes the record
-        r = timed(f"eval {arm} seed {seed}", lambda: sts_eval(encoder_fn(), sts, show_progress_bar=False))
+        encoder = encoder_fn()
+        r = timed(f"eval {arm} seed {seed}", lambda: sts_eval(encoder, sts, show_progress_bar=False))
+        if ir_sets:
+            r["retrieval"] = timed(f"retrieval {arm} seed {seed}",
+                                   lambda: quality_retrieval.score(encoder, ir_sets, args.ir_max_len))
         scores.setdefault(arm, {})[seed] = r
         atomic_write_text(record_path, json.dumps(_record(args, base, commit_id, scores, timings, first_last, gaps), indent=2))
 
@@ -283,6 +304,10 @@ def main():
         # the trainer's floor (eval.compare_base), with every EMBED state averaged as published
         scored(ARM_NAMES["a"][0], None, lambda: Encoder.untrained(base, _meta("base"), dtype=torch.float32))
         scored(ARM_NAMES["a"][1], None, lambda: PromptEOL(base))
+        if ir_sets:
+            scores[ARM_NAMES["a"][2]] = {None: {"retrieval": timed("retrieval BM25", lambda: {
+                n: {k: round(v, 4) for k, v in quality_retrieval.bm25(d).items() if k in quality_retrieval.KEPT}
+                for n, d in ir_sets.items()})}}
     for seed in seeds:
         out = os.path.join(args.out, f"seed{seed}")
         cfg = load_config(None, common + [f"seed={seed}", f"output_dir={out}", f"model.lora_rank={args.stage1_lora_rank}"])
@@ -409,17 +434,36 @@ def fresh_scratch(out: str) -> RunLock:
 
 
 def _record(args, base, commit, scores, timings, first_last, gaps) -> dict:
-    """The run's record: settings, Spearman x100 per arm (mean, std, per seed), stage 1's information
-    gap at its last step, timings."""
+    """The run's record: settings, Spearman x100 per arm (mean, std, per seed), retrieval per arm and
+    collection, stage 1's information gap at its last step, timings."""
     model_name = "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
+    ordered = sorted(scores.items(), key=lambda kv: _arm_order(kv[0]))
+    sts = [(n, v) for n, v in ordered if "spearman" in next(iter(v.values()))]
     return {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": commit,
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
             "settings": _settings(vars(args)),
-            "spearman_x100": _summary({n: {str(s): round(r["spearman"], 2) for s, r in v.items()}
-                                       for n, v in sorted(scores.items(), key=lambda kv: _arm_order(kv[0]))}),
-            "mean_pairwise_cosine": {n: {str(s): round(r["mean_cosine"], 4) for s, r in v.items()}
-                                     for n, v in scores.items()},
+            "spearman_x100": _summary({n: {str(s): round(r["spearman"], 2) for s, r in v.items()} for n, v in sts}),
+            "mean_pairwise_cosine": {n: {str(s): round(r["mean_cosine"], 4) for s, r in v.items()} for n, v in sts},
+            "retrieval": _retrieval_summary({n: {str(s): r["retrieval"] for s, r in v.items()}
+                                             for n, v in ordered if "retrieval" in next(iter(v.values()))}),
             "loss_first_last": first_last, "info_gap": gaps, "seconds": timings}
+
+
+def _retrieval_summary(per_seed: dict) -> dict:
+    """arm -> {seed: {collection: {metric: x}}} as metric -> collection -> arm -> {mean, std, per_seed},
+    with "mean" the collections' mean per seed where there are several (the report's figure)."""
+    out = {}
+    for metric in quality_retrieval.KEPT:
+        table = {}
+        for arm, seeds in per_seed.items():
+            for seed, by_collection in seeds.items():
+                values = {c: m[metric] for c, m in by_collection.items()}
+                if len(values) > 1:
+                    values["mean"] = round(sum(values.values()) / len(values), 4)
+                for c, x in values.items():
+                    table.setdefault(c, {}).setdefault(arm, {})[seed] = x
+        out[metric] = {c: _summary(arms, digits=4) for c, arms in table.items()}
+    return out
 
 
 def _settings(options: dict) -> dict:
@@ -439,9 +483,9 @@ def _arm_order(name: str) -> int:
     return [n for names in ARM_NAMES.values() for n in names].index(name)
 
 
-def _summary(per_seed: dict) -> dict:
+def _summary(per_seed: dict, digits: int = 2) -> dict:
     """arm -> {seed: score} as arm -> {mean, std, per_seed}."""
-    return {n: dict(zip(("mean", "std"), (round(x, 2) for x in _mean_std(list(v.values())))), per_seed=v)
+    return {n: dict(zip(("mean", "std"), (round(x, digits) for x in _mean_std(list(v.values())))), per_seed=v)
             for n, v in per_seed.items()}
 
 
@@ -455,7 +499,7 @@ def merge_records(paths: list[str]) -> dict:
     def key(r):
         return r["model"], r["split"], {k: v for k, v in _settings(r["settings"]).items() if k not in ("seeds", "arms")}
 
-    per_seed, cosine, merged = {}, {}, {"seconds": {}, "loss_first_last": {}, "info_gap": {}}
+    per_seed, cosine, ir, merged = {}, {}, {}, {"seconds": {}, "loss_first_last": {}, "info_gap": {}}
     for path, r in zip(paths, records):
         if key(r) != key(records[0]):
             sys.exit(f"{path}: not the same model, split and settings as {paths[0]}; not merged")
@@ -465,6 +509,10 @@ def merge_records(paths: list[str]) -> dict:
                     sys.exit(f"{path}: {n} seed {seed} is {x}, {per_seed[n][seed]} in an earlier file; not merged")
                 per_seed.setdefault(n, {})[seed] = x
                 cosine.setdefault(n, {})[seed] = r["mean_pairwise_cosine"][n][seed]
+        for metric, by_collection in r.get("retrieval", {}).items():  # records before 2026-12-06 have none
+            for c, arms in by_collection.items():
+                for n, v in arms.items():
+                    ir.setdefault(metric, {}).setdefault(c, {}).setdefault(n, {}).update(v["per_seed"])
         for field in ("seconds", "loss_first_last", "info_gap"):
             merged[field].update(r.get(field, {}))  # records before 2026-12-04 have no info_gap
     first = records[0]
@@ -475,7 +523,9 @@ def merge_records(paths: list[str]) -> dict:
             "command": " && ".join(r["command"] for r in records) + " && python bench/quality.py --merge " + " ".join(paths),
             "settings": {**_settings(first["settings"]), "seeds": ",".join(seeds), "arms": arms},
             "spearman_x100": _summary(dict(sorted(per_seed.items(), key=lambda kv: _arm_order(kv[0])))),
-            "mean_pairwise_cosine": cosine}
+            "mean_pairwise_cosine": cosine,
+            "retrieval": {metric: {c: _summary(dict(sorted(arms.items(), key=lambda kv: _arm_order(kv[0]))), digits=4)
+                                   for c, arms in by_collection.items()} for metric, by_collection in ir.items()}}
 
 
 def publish(record: dict, results: str):
@@ -487,6 +537,12 @@ def publish(record: dict, results: str):
     for n, v in table.items():
         per_seed = ", ".join(f"{s}: {x:.2f}" for s, x in v["per_seed"].items())
         print(f"  {n:<34} {v['mean']:6.2f} ± {v['std']:.2f}   ({per_seed})")
+    for metric, by_collection in record.get("retrieval", {}).items():
+        for c, arms in by_collection.items():
+            print(f"\n{c} {metric} ({'mean of the collections' if c == 'mean' else 'retrieval'}), mean ± std over seeds")
+            for n, v in arms.items():
+                per_seed = ", ".join(f"{s}: {x:.4f}" for s, x in v["per_seed"].items())
+                print(f"  {n:<34} {v['mean']:.4f} ± {v['std']:.4f}   ({per_seed})")
     for n, g in record.get("info_gap", {}).items():
         print(f"  {n} information gap at step {g['step']}: {g['nats_per_token']:.3f} nats/token, "
               f"{g['nats_per_text']:.2f} nats/text")

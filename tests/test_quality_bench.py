@@ -39,6 +39,34 @@ def test_merge_pools_seeds_and_recomputes_mean_and_spread(tmp_path):
     assert list(merged["spearman_x100"]) == [B, C]  # the table's arm order
 
 
+def test_retrieval_is_summarised_per_collection_with_their_mean_and_merged_across_runs(tmp_path):
+    ir = lambda a, b: {"cranfield": {"ndcg@10": a, "recall@100": 0.5}, "cisi": {"ndcg@10": b, "recall@100": 0.7}}  # noqa: E731
+    table = quality._retrieval_summary({B: {"42": ir(0.2, 0.4), "1": ir(0.3, 0.5)}, "(a) BM25 (lexical)": {"None": ir(0.33, 0.35)}})
+    assert table["ndcg@10"]["cranfield"][B] == {"mean": 0.25, "std": 0.0707, "per_seed": {"42": 0.2, "1": 0.3}}
+    assert table["ndcg@10"]["mean"][B]["per_seed"] == {"42": 0.3, "1": 0.4}  # the two collections' mean per seed
+    assert table["recall@100"]["cisi"]["(a) BM25 (lexical)"]["mean"] == 0.7
+    one = _record(tmp_path, "r1", "42", "b", {B: {"42": 78.0}})
+    two = _record(tmp_path, "r2", "1", "b", {B: {"1": 80.0}})
+    for path, seed, x in ((one, "42", ir(0.2, 0.4)), (two, "1", ir(0.3, 0.5))):
+        record = json.load(open(path))
+        record["retrieval"] = quality._retrieval_summary({B: {seed: x}})
+        open(path, "w").write(json.dumps(record))
+    merged = quality.merge_records([one, two])["retrieval"]
+    assert merged["ndcg@10"]["mean"][B] == {"mean": 0.35, "std": 0.0707, "per_seed": {"42": 0.3, "1": 0.4}}
+
+
+def test_bm25_ranks_by_shared_words_rare_words_first():
+    """BM25 on five documents: the one holding both query words first, then the one holding the rarer word,
+    then the one holding the commoner; the words lowercased and split at punctuation."""
+    qr = bench_module("quality_retrieval")
+    corpus = {"both": "Wing flutter, at high speed.", "rare": "flutter of panels", "common": "wing loads and wing tips",
+              "c2": "wing design", "none": "heat transfer in a boundary layer"}
+    data = qr.RetrievalSet("t", {"q": "WING flutter?"}, corpus, {"q": {"both": 3, "rare": 2, "common": 1}})
+    assert qr.bm25(data) == {"ndcg@10": 1.0, "mrr@10": 1.0, "recall@100": 1.0, "queries": 1}
+    swapped = qr.RetrievalSet("t", data.queries, corpus, {"q": {"both": 3, "rare": 1, "common": 2}})
+    assert qr.bm25(swapped)["ndcg@10"] < 1.0
+
+
 def test_merge_refuses_other_settings_and_a_seed_that_scores_differently_twice(tmp_path):
     one = _record(tmp_path, "r1", "42", "b", {B: {"42": 78.0}})
     other = _record(tmp_path, "r2", "1", "b", {B: {"1": 78.0}}, stage1_steps=60)
