@@ -17,8 +17,9 @@ keeps what it measured); ``--merge`` publishes runs made on separate seeds as on
 
 Arms (same base model, same instruction, same pooling unless stated):
   (a) base model: mean of the k EMBED hidden states; and last-token PromptEOL (training-free floor)
-  (b) contrastive fine-tune: InfoNCE (in-batch + hard negatives, tau=0.05) on the NLI triplets (d)
-      trains on, as many triplets per step as stage 2, for as many optimizer steps as (d) takes in total
+  (b) contrastive fine-tune: the trainer's stage 2 with loss.kind=infonce (in-batch + hard negatives,
+      tau=0.05), full fine-tune from the base, on the NLI triplets (d) trains on, as many triplets per step
+      as stage 2, for as many optimizer steps as (d) takes in total, 10 warm-up steps, (d)'s pooling
   (c) AutoRegEmbed stage 1 only (``--stage1-corpus``: NLI sentences by default, no STS-B text)
   (d) AutoRegEmbed stage 1 + stage 2 (NLI triplets, reference scores from (c); LoRA adapters)
   (e) (d) with in-batch negatives: every other row's positive and negative are negatives too,
@@ -62,11 +63,8 @@ from autoregembed.runtime.config import load_config  # noqa: E402
 from autoregembed.runtime.data import load_rows, read_lines, write_jsonl  # noqa: E402
 from autoregembed.release.encoder import Encoder  # noqa: E402
 from autoregembed.release.evaluate import read_sts, sts_eval  # noqa: E402
-from autoregembed.release.export import export_encoder  # noqa: E402
 from autoregembed.release.meta import ExportMeta  # noqa: E402
-from autoregembed.runtime.loading import load_model  # noqa: E402
 from autoregembed.runtime.runlock import RunLock  # noqa: E402
-from autoregembed.method.tokenization import TextEncoder  # noqa: E402
 from autoregembed.runtime.stages import STAGES  # noqa: E402
 from autoregembed.runtime.trainer import score_references, train_stage  # noqa: E402
 
@@ -157,32 +155,6 @@ class PromptEOL:
         return torch.cat(out).numpy()
 
     encode_query = encode_document = encode  # one prompt for both sides: it has no instructions
-
-
-def contrastive(base: str, rows, steps: int, batch: int, lr: float, out_dir: str, seed: int) -> str:
-    """InfoNCE on (query, pos, hard neg) with in-batch negatives; same encoder, pooling and export."""
-    torch.manual_seed(seed)
-    model, tok = load_model(base, base, K, torch.float32, "sdpa", gradient_checkpointing=False)
-    te = TextEncoder(tok, K, 64, 64)
-    enc = model.encoder.train()
-    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps))
-    rng = random.Random(seed)
-    losses = []
-    for _ in range(steps):
-        b = rng.sample(rows, batch)
-        texts = [r["query"] for r in b] + [r["pos"] for r in b] + [r["neg"][0] for r in b]
-        x = te.encode_inputs(texts, [r["instruction"] for r in b] * 3)
-        e = model.embed(**x)
-        q, d = e[:batch], e[batch:]
-        loss = F.cross_entropy(q @ d.T / 0.05, torch.arange(batch))
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    export_encoder(enc, tok, out_dir, _meta("contrastive"))
-    return out_dir, losses
 
 
 ARM_NAMES = {"a": ["(a) base, mean of EMBED states", "(a) base, PromptEOL last token", "(a) BM25 (lexical)"],
@@ -323,10 +295,13 @@ def main():
             "f": ["model.lora_rank=0", f"stage2.learning_rate={args.full_ft_lr}", f"output_dir={out}-fullft"],
         }
         if "b" in args.arms:
-            c_dir, c_losses = timed(f"train (b) seed {seed}", lambda: contrastive(
-                base, load_rows(s2, stage=2), contrastive_steps, args.batch // 2, args.contrastive_lr,
-                os.path.join(out, "contrastive"), seed))
-            first_last[f"(b) seed {seed}"] = [round(c_losses[0], 4), round(c_losses[-1], 4)]
+            # the product's objective (loss.kind=infonce) trained by stage 2 from the base itself
+            cfg_b = load_config(None, [o for o in common if not o.startswith("loss.detach_positive=")] + [
+                f"seed={seed}", f"output_dir={out}-infonce", f"paths.stage1_model={base}", "loss.kind=infonce",
+                "model.lora_rank=0", f"stage2.max_steps={contrastive_steps}",
+                f"stage2.learning_rate={args.contrastive_lr}", "stage2.warmup_steps=10"])
+            c_dir = timed(f"train (b) seed {seed}", lambda: train_stage(cfg_b, STAGES["stage2"], ds).artifact)
+            first_last[f"(b) seed {seed}"] = _first_last(cfg_b, "stage2")
             scored(ARM_NAMES["b"][0], seed, lambda: Encoder.from_pretrained(c_dir))
         if set(args.arms) & set("cdef"):
             stage1_dir = timed(f"train (c) seed {seed}", lambda: cached_stage1(cfg, ds, base, args.stage1_cache))

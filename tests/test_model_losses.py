@@ -348,11 +348,15 @@ def test_a_new_stage2_objective_is_one_class_and_one_kind(setup):
     class MarginLoss:
         """A hinge on the query's margin of the positive over each negative."""
 
+        needs_references = True
         margin: float = 1.0
 
         def check(self, key):
             if self.margin <= 0:
                 raise ConfigError(f"key '{key}.margin' must be > 0")
+
+        def batch(self, rows, text_encoder, references):
+            return alignment_batch(rows, text_encoder, references)
 
         def __call__(self, out, batch):
             return torch.relu(self.margin - (out.c_q[out.owner] - out.r)).mean()
@@ -366,13 +370,59 @@ def test_a_new_stage2_objective_is_one_class_and_one_kind(setup):
         with pytest.raises(ConfigError, match="key 'loss.margin' must be > 0"):
             load_config(None, ["loss.kind=margin", "loss.margin=0"])
         model, te = _model(setup)
-        batch = alignment_batch(ROWS, te, _constant_refs(-20.0, -25.0))
+        batch = STAGES["stage2"].make_batch(cfg, ROWS, te, _constant_refs(-20.0, -25.0))
         out = model(batch)
         want = torch.relu(2.5 - (out.c_q[out.owner] - out.r)).mean()
         torch.testing.assert_close(STAGES["stage2"].loss(cfg)(out, batch), want)
     finally:
         STAGE2_OBJECTIVES.clear()
         STAGE2_OBJECTIVES.update(saved)
+
+
+def test_infonce_loss_and_grads_match_a_hand_reference(setup):
+    """loss.kind=infonce: each query's cosine to its positive against every distinct document of the
+    micro-batch, over the temperature, on the export's embeddings (each text encoded alone here); a text
+    that is one row's positive and another's negative is one column; no reference values, no decoder."""
+    import torch.nn.functional as F
+
+    from autoregembed.method.batches import ContrastBatch
+    from autoregembed.method.losses import InfoNCELoss
+    from autoregembed.runtime.config import load_config
+    from autoregembed.runtime.stages import STAGES
+
+    cfg = load_config(None, ["loss.kind=infonce", "loss.temperature=0.07"])
+    assert STAGES["stage2"].loss(cfg) == InfoNCELoss(0.07) and STAGES["stage2"].reference_source(cfg) is None
+    from autoregembed.runtime.stages import planned
+
+    assert [s.name for s in planned(cfg)] == ["stage1", "stage2", "eval"]  # no reference stage to run
+    rows = [*ROWS, {**ROWS[0], "query": "someone strums a guitar", "neg": ["markets dropped ."]}]  # row 2's positive
+    model, te = _model(setup)
+    model.pooled = [0, 1]
+    batch = STAGES["stage2"].make_batch(cfg, rows, te, None)
+    assert isinstance(batch, ContrastBatch) and batch.positive.tolist() == [0, 1, 2, 0]
+    docs = list(dict.fromkeys([r["pos"] for r in rows] + [n for r in rows for n in r["neg"]]))
+    assert batch.d_input_ids.shape[0] == len(docs) == 9
+    model.zero_grad()
+    loss = STAGES["stage2"].loss(cfg)(model(batch), batch)
+    loss.backward()
+    got = _grads(model)
+
+    def emb(text, instruction):
+        return F.normalize(_compress_one(model, te, text, instruction)[[0, 1]].mean(0), dim=0)
+
+    model.zero_grad()
+    q = torch.stack([emb(r["query"], r["instruction"]) for r in rows])
+    owner = {}  # each document's instruction: the first row that holds it
+    for r in rows:
+        for t in [r["pos"], *r["neg"]]:
+            owner.setdefault(t, r["instruction"])
+    d = torch.stack([emb(t, owner[t]) for t in docs])
+    labels = torch.tensor([docs.index(r["pos"]) for r in rows])
+    want = sum(-torch.log_softmax(q[i] @ d.T / 0.07, 0)[labels[i]] for i in range(len(rows))) / len(rows)
+    want.backward()
+    torch.testing.assert_close(loss, want, atol=1e-4, rtol=1e-4)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(got[n], g, atol=1e-4, rtol=1e-3)
 
 
 def test_the_decoder_is_frozen_and_computes_the_same_in_train_mode(tiny_base):

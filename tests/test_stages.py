@@ -113,6 +113,26 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
     assert {p: open(p, "rb").read() for p in before} == before
 
 
+@pytest.mark.distributed
+@pytest.mark.usefixtures("default_tiny_base")
+def test_the_contrastive_baseline_trains_through_train_py_with_no_reference_stage(tmp_path):
+    """loss.kind=infonce: stage 1, then stage 2 by InfoNCE (no reference scores, none scored), the
+    export and its eval, as users run AutoRegEmbed; the run's record says which objective trained it."""
+    out = str(tmp_path / "run")
+    sets = ["stage1.max_steps=2", "stage1.micro_batch_size=4", "stage2.max_steps=3", "stage2.micro_batch_size=4",
+            "loss.kind=infonce", "loss.temperature=0.05", "model.match_decoder_scale=false", "monitor.plot=false",
+            f"eval.sts_file={ROOT}/autoregembed/resources/sts_dev_sample.csv", "eval.retrieval=none",
+            f"model.base={TINY_BASE['path']}", f"output_dir={out}"]
+    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)]], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not os.path.exists(os.path.join(out, "reference")) and "reference:" not in r.stderr + r.stdout
+    with open(os.path.join(out, "stage2", "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    card = open(os.path.join(out, "stage2", "model", "README.md")).read()
+    assert "infonce" in card and "temperature" in card, card[:3000]
+
+
 def test_each_source_is_read_once_at_the_start(monkeypatch):
     """Reference scoring and stage 2 read the same stage-2 rows: validated once, not twice."""
     import autoregembed.runtime.stages as stages

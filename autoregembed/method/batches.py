@@ -57,6 +57,21 @@ class AlignmentBatch(NamedTuple):
     p_no_grad: bool = False
 
 
+class ContrastBatch(NamedTuple):
+    """A contrastive objective's inputs (loss.kind=infonce): the queries and every distinct document of
+    the micro-batch (each row's positive and negatives) as encoder inputs; ``positive[i]``: the column
+    of query i's positive.  Documents are distinct, so a text that is one row's positive and another's
+    negative is one column, the first row's label, never a negative of itself."""
+
+    q_input_ids: torch.Tensor
+    q_attention_mask: torch.Tensor
+    d_input_ids: torch.Tensor
+    d_attention_mask: torch.Tensor
+    positive: torch.Tensor
+    q_tokens: int | None = None  # q_attention_mask.sum() and d_attention_mask.sum(), on the host
+    d_tokens: int | None = None
+
+
 def limit_negatives(row: dict, max_negatives: int | None) -> dict:
     return row if max_negatives is None else {**row, "neg": row["neg"][:max_negatives]}
 
@@ -102,6 +117,21 @@ def alignment_batch(rows: list[dict], te: TextEncoder, refs, p_no_grad: bool = F
         ref_r = torch.tensor([v for _, rs in looked_up for v in rs], dtype=torch.float32)
     return AlignmentBatch(candidates, p["input_ids"], p["attention_mask"], ref_c, ref_r, int(p["attention_mask"].sum()),
                           p_no_grad)
+
+
+def contrast_batch(rows: list[dict], te: TextEncoder) -> ContrastBatch:
+    """Queries through their instruction, documents through their row's document instruction (its
+    instruction where it names none), as ``alignment_batch`` encodes the positives."""
+    def document(r, text):
+        return text, r.get("document_instruction") or r["instruction"]
+
+    docs = list(dict.fromkeys([document(r, r["pos"]) for r in rows] + [document(r, n) for r in rows for n in r["neg"]]))
+    column = {d: i for i, d in enumerate(docs)}
+    q = te.encode_inputs([r["query"] for r in rows], [r["instruction"] for r in rows])
+    d = te.encode_inputs([t for t, _ in docs], [i for _, i in docs])
+    positive = torch.tensor([column[document(r, r["pos"])] for r in rows], dtype=torch.long)
+    return ContrastBatch(q["input_ids"], q["attention_mask"], d["input_ids"], d["attention_mask"], positive,
+                         int(q["attention_mask"].sum()), int(d["attention_mask"].sum()))
 
 
 def token_count(batch) -> int:

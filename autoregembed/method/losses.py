@@ -1,9 +1,11 @@
-"""AutoRegEmbed training objectives on per-sequence log-likelihoods.
+"""AutoRegEmbed training objectives on per-sequence log-likelihoods, and the contrastive baseline.
 
 Each objective is a component: a frozen dataclass of its settings, built once by the config loader
 and called on the model's result and the batch.  Stage 2's objective is chosen by ``loss.kind``; a new
 variant is one class here registered with ``@stage2_objective("<kind>")``: its fields become the
-``loss.<field>`` keys of that kind (strictly checked, like every key) and its ``check`` validates them.
+``loss.<field>`` keys of that kind (strictly checked, like every key), its ``check`` validates them,
+its ``batch`` builds the micro-batch it reads (batches.py; a new model quantity is a batch type there and
+its forward in model.py) and ``needs_references`` says whether that batch carries stage-1 reference values.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.errors import ConfigError, finite
+from .batches import alignment_batch, contrast_batch
 
 
 def compression_loss(seq_logprobs: torch.Tensor, num_target_tokens: torch.Tensor) -> torch.Tensor:
@@ -86,8 +89,9 @@ STAGE2_OBJECTIVES: dict[str, type] = {}  # loss.kind -> its class
 
 
 def stage2_objective(kind: str):
-    """Register a stage-2 objective under ``loss.kind: <kind>``.  It is called as
-    ``objective(model.CandidateScores, AlignmentBatch) -> scalar loss`` and has ``check(key)``."""
+    """Register a stage-2 objective under ``loss.kind: <kind>``.  It has ``check(key)``,
+    ``needs_references``, ``batch(rows, text_encoder, references)`` and is called as
+    ``objective(model(batch), batch) -> scalar loss``."""
     def register(cls):
         STAGE2_OBJECTIVES[kind] = cls
         cls.kind = kind
@@ -106,6 +110,7 @@ class AlignmentLoss:
     """Stage 2 on ``model.CandidateScores`` and an ``AlignmentBatch`` (its reference values);
     the settings are ``alignment_loss``'s."""
 
+    needs_references = True  # ref_c and ref_r: from the reference stage's file, or online (reference.source)
     beta: float = 0.1
     tau: float = 0.1
     # paper: subtract the reference margin (as in DPO); code: add it (the authors' release)
@@ -127,3 +132,29 @@ class AlignmentLoss:
         return alignment_loss(out.c_q, out.c_p, out.r, out.owner, batch.ref_c, batch.ref_r, self.beta, self.tau,
                               self.reference_sign, self.detach_positive)
 
+    def batch(self, rows: list[dict], text_encoder, references):
+        return alignment_batch(rows, text_encoder, references, p_no_grad=self.detach_positive)
+
+
+@stage2_objective("infonce")
+@dataclasses.dataclass(frozen=True)
+class InfoNCELoss:
+    """The contrastive baseline users would otherwise run in another tool: cross-entropy of each query's
+    cosine to its positive against every document of the micro-batch (its own hard negatives, every other
+    row's positive and negatives), over ``temperature``; on the export's embeddings, so the comparison with
+    AutoRegEmbed is the same encoder, pooling, data, trainer and export."""
+
+    needs_references = False
+    temperature: float = 0.05
+
+    def __post_init__(self):
+        self.check("loss")
+
+    def check(self, key: str):
+        _positive(key, "temperature", self.temperature)
+
+    def batch(self, rows: list[dict], text_encoder, references):
+        return contrast_batch(rows, text_encoder)
+
+    def __call__(self, out, batch) -> torch.Tensor:
+        return F.cross_entropy(out.q.float() @ out.d.float().T / self.temperature, batch.positive)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import AlignmentBatch, CandidateBatch, CompressionBatch
+from .batches import AlignmentBatch, CandidateBatch, CompressionBatch, ContrastBatch
 from ..runtime.errors import InputError
 from .logprobs import sequence_logprobs
 from .scorers import Scorer, scorer_for
@@ -135,6 +135,14 @@ class CandidateScores(NamedTuple):
     c_p: torch.Tensor | None = None
 
 
+class Embeddings(NamedTuple):
+    """A ``ContrastBatch``'s embeddings (the export's: pooled, L2-normalised): queries [B, D] and
+    documents [M, D], from one encoder pass."""
+
+    q: torch.Tensor
+    d: torch.Tensor
+
+
 class AutoRegEmbedModel(nn.Module):
     """Compresses and scores; the objectives live in losses.py and take this module's results."""
 
@@ -230,6 +238,11 @@ class AutoRegEmbedModel(nn.Module):
             return self.candidate_scores(batch.candidates, positives)
         if isinstance(batch, CandidateBatch):
             return self.candidate_scores(batch)
+        if isinstance(batch, ContrastBatch):
+            ids, mask = _stack_padded([batch.q_input_ids, batch.d_input_ids], [batch.q_attention_mask, batch.d_attention_mask])
+            known = batch.q_tokens is not None and batch.d_tokens is not None
+            e = pool_embedding(self.compress(ids, mask, batch.q_tokens + batch.d_tokens if known else None), self.pooled)
+            return Embeddings(e[: batch.q_input_ids.shape[0]], e[batch.q_input_ids.shape[0] :])
         raise TypeError(f"no forward for a {type(batch).__name__}")
 
     @torch.no_grad()

@@ -242,7 +242,7 @@ class LossConfig:
     into ``objective``, the object stage 2 calls."""
 
     KINDS = staticmethod(_stage2_objectives)  # the loader builds ``objective`` from the kind's class
-    kind: str = "alignment"
+    kind: str = "alignment"  # alignment: the paper's loss; infonce: the contrastive baseline (losses.py)
     objective: typing.Any = field(default_factory=_alignment)
     # stage 1: weight of an in-batch contrast added to the reconstruction loss (0: the authors' loss).
     # Each target is also scored with the previous row's compressed tokens, and
@@ -462,7 +462,8 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "check"):
                 section.check(f.name)
-        if self.reference.source == "online" and not self.model.trains_lora("stage2"):
+        if self.reference.source == "online" and self.loss.objective.needs_references \
+                and not self.model.trains_lora("stage2"):
             raise ConfigError("key 'reference.source': 'online' needs LoRA in stage 2 (model.lora_rank > 0, stage2 in "
                               "model.lora_stages): the stage-1 model is then the stage-2 model with its adapters "
                               "disabled")

@@ -17,7 +17,7 @@ import os
 from . import distributed as D
 from . import preemption
 from .atomic import atomic_write_text
-from ..method.batches import alignment_batch, candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
+from ..method.batches import candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .checkpoint import complete_tags
 from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
 from .errors import UserError
@@ -101,7 +101,6 @@ class TrainingStage(Stage):
     of trainer.train_stage, exported to ``<output_dir>/<name>/model`` at the end."""
 
     trains = True
-    needs_references = False  # stage-1 reference values enter its batches (from the file, or online)
     rescales_norm = False  # the final-norm calibration before training (decoder_scale.py)
     fits_shared_prefix = False  # with model.shared_prefix, its fit before training (shared_prefix.py)
     forms_pairs = False  # its micro-batches get in-batch negatives (data.in_batch_negatives): step_rows
@@ -130,6 +129,10 @@ class TrainingStage(Stage):
     def loss_settings(self, cfg: Config) -> dict:
         """What the model card says about its loss."""
         return {}
+
+    def reference_source(self, cfg: Config) -> str | None:
+        """Where the stage-1 reference values its batches carry come from ("file", "online"); None: it reads none."""
+        return None
 
     def writes(self, cfg: Config) -> list[str]:
         return [cfg.export_dir(self.name)]
@@ -320,7 +323,7 @@ class Reference(NeedsStage1, Stage2Rows, Stage):
     name = "reference"
 
     def in_pipeline(self, cfg):
-        return cfg.reference.source == "file"
+        return STAGE2.reference_source(cfg) == "file"
 
     def settings(self, cfg):
         """Its engine's batch settings: ``reference.micro_batch_size`` rows per call (null: stage 2's);
@@ -357,7 +360,7 @@ class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
     ``loss.kind`` names a class of losses.STAGE2_OBJECTIVES, ``alignment`` (losses.AlignmentLoss) by default."""
 
     name = "stage2"
-    needs_references = forms_pairs = True
+    forms_pairs = True
 
     def input_model(self, cfg):
         return cfg.stage1_model_dir
@@ -366,7 +369,7 @@ class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
         return self.stage2_rows(cfg)
 
     def needs(self, cfg):
-        refs = {"paths.reference_scores": cfg.reference_scores_path} if cfg.reference.source == "file" else {}
+        refs = {"paths.reference_scores": cfg.reference_scores_path} if self.reference_source(cfg) == "file" else {}
         return {**self.needs_stage1(cfg), **super().needs(cfg), **refs}
 
     def missing(self, key, path):
@@ -379,15 +382,17 @@ class Stage2(NeedsStage1, Stage2Rows, TrainingStage):
         """The rows, as its batches will hold them, that the reference file must cover."""
         return scheduled_rows(cfg, rows)
 
+    def reference_source(self, cfg):
+        return cfg.reference.source if cfg.loss.objective.needs_references else None
+
     def make_batch(self, cfg, rows, text_encoder, references):
-        return alignment_batch(rows, text_encoder, references,
-                               p_no_grad=getattr(cfg.loss.objective, "detach_positive", False))
+        return cfg.loss.objective.batch(rows, text_encoder, references)  # the batch loss.kind reads
 
     def loss(self, cfg):
         return cfg.loss.objective  # loss.kind's class, built by the config loader
 
     def loss_settings(self, cfg):
-        return {"kind": cfg.loss.kind, **dataclasses.asdict(cfg.loss.objective), "references": cfg.reference.source,
+        return {"kind": cfg.loss.kind, **dataclasses.asdict(cfg.loss.objective), "references": self.reference_source(cfg),
                 "in_batch_negatives": cfg.data.in_batch_negatives,
                 "cross_device_negatives": cfg.data.cross_device_negatives}
 

@@ -321,8 +321,8 @@ def train_stage(cfg: Config, st, ds_path, resume: bool = False) -> StageResult:
     encoder_path = st.input_model(cfg)
     rows = st.rows(cfg)
     refs = None
-    online = st.needs_references and cfg.reference.source == "online"
-    if st.needs_references and not online:
+    online = st.reference_source(cfg) == "online"
+    if st.reference_source(cfg) == "file":
         fp = reference_fingerprint(cfg, prepare_base(cfg))
         refs = ReferenceScores(cfg.reference_scores_path, expected_fingerprint=fp)
         pairs = (" (in-batch pairs: seed, stage2.max_steps, micro_batch_size, gradient_accumulation_steps and the "
