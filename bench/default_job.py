@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from harness import ROOT, json_child, record_header  # bench/harness.py, beside this script
 
-from autoregembed.runtime.atomic import atomic_write_text  # noqa: E402
+from autoregembed.ground.atomic import atomic_write_text  # noqa: E402
 
 
 def run_seed(seed: int, sets: list[str], out: str, threads: int) -> dict:

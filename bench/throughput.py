@@ -27,8 +27,8 @@ from harness import (ROOT, free_port, json_child, peak_allocated_bytes, reset_rs
 
 def _base(model: str) -> str:
     if model == "tiny":
-        from autoregembed.runtime.config import Config
-        from autoregembed.runtime.loading import build_tiny_base
+        from autoregembed.run.config import Config
+        from autoregembed.run.loading import build_tiny_base
 
         cfg = Config()
         out = os.path.join(tempfile.gettempdir(), "autoregembed-bench-tiny")
@@ -38,7 +38,7 @@ def _base(model: str) -> str:
 
 
 def _rows(n_queries: int, negatives: int):
-    from autoregembed.runtime.data import load_rows
+    from autoregembed.ground.data import load_rows
 
     nli = load_rows(os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl"), stage=2)
     return [{**r, "neg": [nli[(i + j) % len(nli)]["pos"] for j in range(negatives)]} for i, r in enumerate(nli[:n_queries])]
@@ -48,7 +48,7 @@ def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -
     import torch
 
     from autoregembed.method.batches import alignment_batch
-    from autoregembed.runtime.loading import load_model
+    from autoregembed.run.loading import load_model
     from autoregembed.method.losses import AlignmentLoss
     from autoregembed.method.model import AutoRegEmbedModel
     from autoregembed.method.tokenization import TextEncoder, decoder_layout
@@ -115,10 +115,10 @@ def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -
 ZERO_CHILD = """
 import json, os, sys, warnings
 warnings.filterwarnings("ignore")
-from autoregembed.runtime import distributed as D
-from autoregembed.runtime.config import load_config
-from autoregembed.runtime.stages import STAGES
-from autoregembed.runtime.trainer import train_stage
+from autoregembed.ground import distributed as D
+from autoregembed.run.config import load_config
+from autoregembed.run.stages import STAGES
+from autoregembed.run.trainer import train_stage
 out, base = sys.argv[1], sys.argv[2]
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=3", "stage1.micro_batch_size=4",
                          "model.dtype=fp32"])

@@ -58,10 +58,10 @@ def measure(engine, decoder, secondary: int) -> dict:
 def worker(base: str, stage: str, out: str, ds_name: str):
     import torch
 
-    from autoregembed.runtime import distributed as D
-    from autoregembed.runtime.config import load_config
-    from autoregembed.runtime.stages import STAGES
-    from autoregembed.runtime.trainer import Session, optimizer_step
+    from autoregembed.ground import distributed as D
+    from autoregembed.run.config import load_config
+    from autoregembed.run.stages import STAGES
+    from autoregembed.run.trainer import Session, optimizer_step
     from gpu_trainer import ConstantReferences, texts
 
     D.init_distributed()
@@ -124,7 +124,7 @@ def main():
         return worker(*args.worker)
     import torch
 
-    from autoregembed.runtime.arch import Arch
+    from autoregembed.ground.arch import Arch
     from gpu_trainer import random_llama
 
     tmp = tempfile.mkdtemp(prefix="zero3-scaling-")

@@ -66,7 +66,7 @@ export MASTER_ADDR MASTER_PORT
 stage_dir() {
   "$PYTHON" - "$1" <<'PY'
 import shlex, sys, os
-from autoregembed.runtime.config import load_config
+from autoregembed.run.config import load_config
 args = shlex.split(os.environ.get("EXTRA_ARGS", ""))
 sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
 cfg = load_config(os.environ.get("CONFIG") or None, sets)

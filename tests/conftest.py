@@ -24,8 +24,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """The built-in tiny LLaMA (briefly pretrained) and its tokenizer, built once per session."""
-    from autoregembed.runtime.config import Config
-    from autoregembed.runtime.loading import build_tiny_base
+    from autoregembed.run.config import Config
+    from autoregembed.run.loading import build_tiny_base
 
     cfg = Config()
     out = str(tmp_path_factory.mktemp("base") / "base")
@@ -39,8 +39,8 @@ def default_tiny_base(tmp_path_factory):
     """Exactly what a run with ``model.tiny_hidden_size=32`` builds for itself, built once per session
     and given to the training children as ``model.base`` (building one in every child doubled the
     suite's time)."""
-    from autoregembed.runtime.config import Config
-    from autoregembed.runtime.loading import build_tiny_base
+    from autoregembed.run.config import Config
+    from autoregembed.run.loading import build_tiny_base
 
     cfg = Config()
     out = str(tmp_path_factory.mktemp("default-base") / "base")
@@ -55,7 +55,7 @@ def _export(tiny_base, tmp_path_factory, **meta) -> str:
     from autoregembed.release.export import export_encoder
 
     from autoregembed.release.meta import ExportMeta
-    from autoregembed.runtime.loading import load_model
+    from autoregembed.run.loading import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(tiny_base, tiny_base, 5, torch.float32, "sdpa")

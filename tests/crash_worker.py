@@ -11,10 +11,10 @@ import warnings
 warnings.filterwarnings("ignore")
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 
-from autoregembed.runtime import distributed as D  # noqa: E402
-from autoregembed.runtime.config import load_config  # noqa: E402
-from autoregembed.runtime.stages import STAGES  # noqa: E402
-from autoregembed.runtime.trainer import train_stage  # noqa: E402
+from autoregembed.ground import distributed as D  # noqa: E402
+from autoregembed.run.config import load_config  # noqa: E402
+from autoregembed.run.stages import STAGES  # noqa: E402
+from autoregembed.run.trainer import train_stage  # noqa: E402
 
 out, base, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 crash_at = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None

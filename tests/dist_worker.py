@@ -11,10 +11,10 @@ import warnings
 import torch
 
 warnings.filterwarnings("ignore", category=FutureWarning)
-from autoregembed.runtime import distributed as D  # noqa: E402
-from autoregembed.runtime.config import load_config  # noqa: E402
-from autoregembed.runtime.stages import STAGES, planned  # noqa: E402
-from autoregembed.runtime.trainer import open_trained  # noqa: E402
+from autoregembed.ground import distributed as D  # noqa: E402
+from autoregembed.run.config import load_config  # noqa: E402
+from autoregembed.run.stages import STAGES, planned  # noqa: E402
+from autoregembed.run.trainer import open_trained  # noqa: E402
 
 TEXTS = ["a man is playing the guitar .", "two dogs run in a field", "the stock market fell today ."]
 

@@ -13,13 +13,13 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from autoregembed.runtime import distributed as D  # noqa: E402
+from autoregembed.ground import distributed as D  # noqa: E402
 from autoregembed.method.batches import alignment_batch  # noqa: E402
 from autoregembed.tools.cli import DEFAULT_DS  # noqa: E402
-from autoregembed.runtime.config import load_config  # noqa: E402
-from autoregembed.runtime.data import load_rows  # noqa: E402
-from autoregembed.runtime.trainer import Session, optimizer_step  # noqa: E402
-from autoregembed.runtime.stages import STAGES  # noqa: E402
+from autoregembed.run.config import load_config  # noqa: E402
+from autoregembed.ground.data import load_rows  # noqa: E402
+from autoregembed.run.trainer import Session, optimizer_step  # noqa: E402
+from autoregembed.run.stages import STAGES  # noqa: E402
 
 SETTINGS = ["model.match_decoder_scale=false", "stage2.micro_batch_size=1", "stage2.gradient_accumulation_steps=2",
             "stage2.warmup_steps=0",

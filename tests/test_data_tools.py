@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from autoregembed.tools.cli import main
-from autoregembed.runtime.config import RESOURCES
-from autoregembed.runtime.data import load_rows
+from autoregembed.run.config import RESOURCES
+from autoregembed.ground.data import load_rows
 
 NLI = os.path.join(RESOURCES, "nli_sample.jsonl")
 
@@ -114,7 +114,7 @@ def test_convert_gives_retrieval_data_no_instruction_it_did_not_ask_for(tmp_path
 def test_mining_in_query_chunks_with_a_widening_pool_equals_the_full_sort(monkeypatch):
     """Memory is chunk x corpus: a few queries at a time against the corpus, each walking a pool of its
     top passages that is widened when the filters empty it; the result is the full ranking's."""
-    from autoregembed.tools import mine
+    from autoregembed.release import mining as mine
 
     rng = np.random.default_rng(0)
     corpus = [f"passage {i}" for i in range(300)]
@@ -145,7 +145,7 @@ def test_range_margins_and_random_sampling_against_a_brute_force_reference(monke
     query or positive, cosine to the positive below max_similarity, cosine to the query at most
     cos(q, pos) - absolute_margin or cos(q, pos) x (1 - relative_margin); top takes the first, random
     draws among all of them (the same draw for the same seed, another for another seed)."""
-    from autoregembed.tools import mine
+    from autoregembed.release import mining as mine
 
     rng = np.random.default_rng(1)
     corpus = [f"passage {i}" for i in range(200)]
@@ -186,7 +186,7 @@ def test_range_margins_and_random_sampling_against_a_brute_force_reference(monke
 
 
 def test_mining_fingerprint_follows_the_model_rows_and_settings(tiny_export, tiny_base):
-    from autoregembed.tools.mine import mining_fingerprint
+    from autoregembed.release.mining import mining_fingerprint
 
     rows = load_rows(os.path.join(RESOURCES, "nli_sample.jsonl"), stage=2)[:8]
     settings = {"negatives": 2, "skip_top": 0}

@@ -9,9 +9,9 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from autoregembed.method.batches import compression_batch
-from autoregembed.runtime.config import Config
-from autoregembed.runtime.data import load_rows
-from autoregembed.runtime.decoder_scale import calibration_indices, final_norm, rescale_final_norm, scale_factors
+from autoregembed.run.config import Config
+from autoregembed.ground.data import load_rows
+from autoregembed.run.decoder_scale import calibration_indices, final_norm, rescale_final_norm, scale_factors
 from autoregembed.method.model import AutoRegEmbedModel
 from autoregembed.method.tokenization import TextEncoder, prepare_tokenizer
 from helpers import ROOT, run_child
@@ -59,7 +59,7 @@ def test_factors_are_the_rms_ratio_and_rescaling_makes_the_states_match(tiny_bas
 
 
 def test_final_norm_is_found_through_peft_and_missing_norms_are_refused(tiny_base):
-    from autoregembed.runtime.lora import add_lora
+    from autoregembed.ground.lora import add_lora
 
     encoder = AutoModel.from_pretrained(tiny_base, dtype=torch.float32)
     norm = encoder.norm
@@ -73,10 +73,10 @@ def test_final_norm_is_found_through_peft_and_missing_norms_are_refused(tiny_bas
 SCRIPT = """
 import sys, warnings
 warnings.filterwarnings("ignore")
-from autoregembed.runtime import distributed as D
-from autoregembed.runtime.config import load_config
-from autoregembed.runtime.stages import STAGES
-from autoregembed.runtime.trainer import train_stage
+from autoregembed.ground import distributed as D
+from autoregembed.run.config import load_config
+from autoregembed.run.stages import STAGES
+from autoregembed.run.trainer import train_stage
 cfg = load_config(None, ["output_dir=" + sys.argv[1], "model.base=" + sys.argv[2], "stage1.max_steps=1",
                          "stage1.micro_batch_size=8", "stage1.learning_rate=1e-30", "stage1.warmup_steps=0"])
 D.init_distributed()

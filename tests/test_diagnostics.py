@@ -7,8 +7,8 @@ import torch
 
 from autoregembed.method.batches import compression_batch
 from autoregembed.tools.cli import main
-from autoregembed.runtime.diagnostics import GAP_FLOOR, HealthWatch, information_gap
-from autoregembed.runtime.loading import load_model
+from autoregembed.run.diagnostics import GAP_FLOOR, HealthWatch, information_gap
+from autoregembed.run.loading import load_model
 from autoregembed.method.tokenization import TextEncoder
 
 K = 5
@@ -57,7 +57,7 @@ def test_sts_during_training_equals_the_encoder_of_the_same_weights(model_and_te
     import os
     from types import SimpleNamespace
 
-    from autoregembed.runtime.diagnostics import sts_during_training
+    from autoregembed.run.diagnostics import sts_during_training
     from autoregembed.release.encoder import Encoder
     from autoregembed.release.evaluate import sts_eval
 

@@ -143,7 +143,7 @@ def test_only_the_encoder_trains_and_with_lora_only_its_adapters(run):
 
 
 def test_reference_scores_cover_every_row_or_none_are_written_online(run):
-    from autoregembed.runtime.refscores import ReferenceScores
+    from autoregembed.run.refscores import ReferenceScores
 
     out = run[0]
     path = os.path.join(out, "reference", "scores.safetensors")

@@ -11,11 +11,11 @@ import pytest
 import torch
 from helpers import ROOT, run_child
 
-from autoregembed.runtime.config import ConfigError, load_config
-from autoregembed.runtime.ds_config import check_early, read_ds_config
-from autoregembed.runtime.errors import InputError, StorageError, UserError, user_message
-from autoregembed.runtime.arch import Arch
-from autoregembed.runtime.stages import check_stages
+from autoregembed.run.config import ConfigError, load_config
+from autoregembed.run.ds_config import check_early, read_ds_config
+from autoregembed.ground.errors import InputError, StorageError, UserError, user_message
+from autoregembed.ground.arch import Arch
+from autoregembed.run.stages import check_stages
 
 PACKAGE = os.path.join(ROOT, "autoregembed")
 PATHLIKE = ("path", "file", "folder", "dir", "input", "output", "source", "model")
@@ -56,7 +56,7 @@ def _resolve(module: str, expr: str):
     obj = importlib.import_module(f"autoregembed.{module}")
     for part in expr.split("."):
         if not hasattr(obj, part):
-            errors = importlib.import_module("autoregembed.runtime.errors")
+            errors = importlib.import_module("autoregembed.ground.errors")
             return getattr(errors, expr, None) or getattr(builtins, expr, None)
         obj = getattr(obj, part)
     return obj
@@ -166,7 +166,7 @@ def test_an_export_whose_description_disagrees_with_its_tokenizer_is_refused(tin
 def test_pooling_names_its_positions_or_says_what_is_wrong(spec, want):
     """eval.pooling: the e_i an embedding averages; a bad value is one line naming the key, before any load."""
     from autoregembed.method.model import pooled_positions
-    from autoregembed.runtime.config import ConfigError, load_config
+    from autoregembed.run.config import ConfigError, load_config
 
     if not isinstance(want, str):
         assert pooled_positions(spec, 5) == want
@@ -182,7 +182,7 @@ def test_a_full_disk_during_export_is_a_user_error_and_keeps_the_old_export(tiny
     from safetensors import SafetensorError
 
     from autoregembed.release import export
-    from autoregembed.runtime.loading import load_model
+    from autoregembed.run.loading import load_model
 
     model, tok = load_model(tiny_base, tiny_base, 5, torch.float32, "sdpa")
     out = str(tmp_path / "model")
@@ -254,7 +254,7 @@ def test_every_stage_honours_a_stop_request_while_it_runs():
     import inspect
     import signal
 
-    from autoregembed.runtime import preemption, stages, trainer
+    from autoregembed.run import preemption, stages, trainer
 
     honours = {"stage1": trainer.train_stage, "stage2": trainer.train_stage, "reference": trainer.score_references}
     for stage in stages.PIPELINE:
@@ -270,7 +270,7 @@ def test_every_stage_honours_a_stop_request_while_it_runs():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    assert [os.path.relpath(p, PACKAGE) for p in _files_calling("signal.signal(")] == ["runtime/preemption.py"]
+    assert [os.path.relpath(p, PACKAGE) for p in _files_calling("signal.signal(")] == ["run/preemption.py"]
 
 
 def _files_calling(text: str) -> list[str]:

@@ -115,7 +115,7 @@ def test_a_dead_model_is_refused_not_scored_nan(tiny_export, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from autoregembed.release.encoder import Encoder
-    from autoregembed.runtime.diagnostics import why_dead
+    from autoregembed.run.diagnostics import why_dead
     from helpers import run_child
 
     assert why_dead(Encoder.from_pretrained(tiny_export)) is None

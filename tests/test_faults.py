@@ -11,7 +11,7 @@ import pytest
 
 from helpers import ROOT, TINY_BASE, child_command, child_env, patched_train, run_child
 
-from autoregembed.runtime.preemption import EXIT_STOPPED
+from autoregembed.run.preemption import EXIT_STOPPED
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_base")]
 
@@ -135,7 +135,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_before_anything_loads(tmp_pa
 
 COUNT_READ_BACKS = """
 import json, atexit
-from autoregembed.runtime import distributed, preemption
+from autoregembed.ground import distributed, preemption
 calls = {"read_backs": 0, "stop_checks": 0}
 def _counted(fn, key):
     def wrapper(*a, **k):
@@ -203,7 +203,7 @@ def test_resumed_reference_stage_keeps_a_current_score_file(earlier_run, tmp_pat
 def test_a_signal_sets_the_request_until_it_is_honoured(tmp_path):
     import signal
 
-    from autoregembed.runtime import preemption
+    from autoregembed.run import preemption
 
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
@@ -248,7 +248,7 @@ def test_a_kill_during_export_keeps_the_previous_export_and_the_checkpoint(tmp_p
 
 SIGTERM_IN_REFERENCE = """
 import os, signal
-import autoregembed.runtime.stages as stages
+import autoregembed.run.stages as stages
 real, calls = stages.candidate_batch, []
 def batch_then_term(*a, **kw):
     calls.append(1)
@@ -370,7 +370,7 @@ def test_a_second_ctrl_c_quits_and_one_ctrl_c_seen_twice_does_not(monkeypatch, t
     DEBOUNCE_S that is still one request; a later second Ctrl-C is the user quitting."""
     import signal
 
-    from autoregembed.runtime import preemption
+    from autoregembed.run import preemption
 
     clock = [100.0]
     monkeypatch.setattr(preemption.time, "monotonic", lambda: clock[0])

@@ -99,8 +99,8 @@ def test_sequence_logprobs_uses_the_row_kernel_on_cuda_and_agrees_with_pytorch_r
 
 
 def test_the_trainers_adamw_is_fused_on_cuda_and_steps_like_foreach():
-    from autoregembed.runtime.config import OptimConfig
-    from autoregembed.runtime.trainer import client_adamw
+    from autoregembed.run.config import OptimConfig
+    from autoregembed.run.trainer import client_adamw
 
     g = torch.Generator(device="cuda").manual_seed(0)
     fused = [torch.nn.Parameter(torch.randn(1000, device="cuda", generator=g))]
@@ -122,7 +122,7 @@ def test_packed_passes_run_a_flash_kernel_and_match_padded_sdpa(tiny_base):
     from torch.profiler import ProfilerActivity, profile
 
     from autoregembed.method.batches import compression_batch, to_device
-    from autoregembed.runtime.loading import load_model, resolve_attention
+    from autoregembed.run.loading import load_model, resolve_attention
     from autoregembed.method.losses import CompressionLoss
     from autoregembed.method.tokenization import TextEncoder
 

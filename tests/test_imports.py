@@ -68,3 +68,16 @@ def test_the_package_has_no_import_cycles():
     graph = import_graph()
     assert "autoregembed.method.logprobs" in graph and graph["autoregembed.method.losses"]  # it read the package
     assert cycles(graph) == []
+
+
+FLOORS = ("ground", "method", "release", "run", "tools")  # each may import only its own floor and those before it
+
+
+def test_no_floor_imports_one_above_it():
+    """ground < method < release < run < tools (DEVELOPERS.md): the method never reaches for the run, the
+    run stands on the release, the command line on everything; kernels/ and ds_configs/ sit with ground."""
+    graph = import_graph()
+    floor = {m: (FLOORS.index(m.split(".")[1]) if m.split(".")[1] in FLOORS else 0) for m in graph if m.count(".") >= 1}
+    assert {m.split(".")[1] for m in floor} >= set(FLOORS)
+    upward = sorted((a, b) for a, targets in graph.items() if a in floor for b in targets if floor.get(b, 0) > floor[a])
+    assert upward == []

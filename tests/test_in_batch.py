@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from autoregembed.method.batches import alignment_batch, candidate_batch, with_in_batch_negatives
-from autoregembed.runtime.config import Config, ConfigError, load_config
+from autoregembed.run.config import Config, ConfigError, load_config
 from autoregembed.method.losses import alignment_loss
-from autoregembed.runtime.data import StepSampler
-from autoregembed.runtime.stages import STAGES, planned
+from autoregembed.ground.data import StepSampler
+from autoregembed.run.stages import STAGES, planned
 
 ROWS = [{"query": f"query {i}", "pos": f"pos {i}", "neg": [f"neg {i}.{j}" for j in range(n)], "instruction": "I."}
         for i, n in enumerate([1, 3, 2, 1])]
@@ -104,8 +104,8 @@ def test_online_and_in_batch_settings_are_checked(overrides, key):
 
 
 def test_scheduled_rows_are_every_micro_batch_with_its_in_batch_negatives():
-    from autoregembed.runtime.data import StepSampler
-    from autoregembed.runtime.stages import scheduled_rows
+    from autoregembed.ground.data import StepSampler
+    from autoregembed.run.stages import scheduled_rows
 
     cfg = load_config(None, ["data.in_batch_negatives=true", "stage2.micro_batch_size=2", "stage2.max_steps=3"])
     got = scheduled_rows(cfg, ROWS)
@@ -127,13 +127,13 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
     """Stage 2's model with its (trained) adapters disabled scores exactly as the stage-1 export that
     the reference stage reads, and the batch carries those scores as its reference values; with
     in-batch negatives the reference stage scores the pairs of stage 2's schedule."""
-    from autoregembed.runtime.data import row_key
+    from autoregembed.ground.data import row_key
     from autoregembed.release.export import export_encoder
     from autoregembed.release.meta import ExportMeta
-    from autoregembed.runtime.loading import load_model
+    from autoregembed.run.loading import load_model
     from autoregembed.method.losses import AlignmentLoss
-    from autoregembed.runtime.refscores import ReferenceScores, online_references, save_scores
-    from autoregembed.runtime.stages import scheduled_rows
+    from autoregembed.run.refscores import ReferenceScores, online_references, save_scores
+    from autoregembed.run.stages import scheduled_rows
     from autoregembed.method.tokenization import TextEncoder
 
     k, lora = 5, dict(rank=4, alpha=8.0, dropout=0.0, targets="all-linear")
@@ -169,7 +169,7 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
     path = str(tmp_path / "scores.safetensors")
     save_scores(path, [row_key(r) for r in to_score], per_row, "fp")
     refs = ReferenceScores(path, expected_fingerprint="fp")
-    from autoregembed.runtime.data import StepSampler
+    from autoregembed.ground.data import StepSampler
 
     sampler = StepSampler(len(rows), 2, 1, 1, cfg.seed)
     for step in range(2):  # each micro-batch stage 2 will form
@@ -188,7 +188,7 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
 def test_cross_device_negatives_pool_every_ranks_micro_batch(monkeypatch):
     """With data.cross_device_negatives each rank's queries also get the other ranks' texts, formed
     from the sampler alone: on 2 ranks of B rows each, exactly what one rank of 2B rows forms."""
-    from autoregembed.runtime import distributed as D
+    from autoregembed.ground import distributed as D
 
     rows = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"n{i}"], "instruction": "i"} for i in range(12)]
     cfg = load_config(None, ["data.in_batch_negatives=true", "data.cross_device_negatives=true"])

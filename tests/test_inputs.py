@@ -6,12 +6,12 @@ import pytest
 import torch
 from helpers import ROOT, run_child
 
-from autoregembed.runtime.config import ConfigError, check_runtime, load_config
-from autoregembed.runtime.data import DataError, StepSampler, load_rows
-from autoregembed.runtime.ds_config import build_ds_config
-from autoregembed.runtime.arch import Arch
+from autoregembed.run.config import ConfigError, check_runtime, load_config
+from autoregembed.ground.data import DataError, StepSampler, load_rows
+from autoregembed.run.ds_config import build_ds_config
+from autoregembed.ground.arch import Arch
 from autoregembed.release.evaluate import read_sts
-from autoregembed.runtime.stages import check_stages
+from autoregembed.run.stages import check_stages
 
 GOOD2 = {"query": "q", "pos": "p", "neg": ["n1", "n2"], "instruction": "i"}
 
@@ -88,7 +88,7 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
             load_config(None, [old])
     with pytest.raises(ConfigError, match=r"key 'reference.micro_batch_size' must be >= 1"):
         load_config(None, ["reference.micro_batch_size=0"])
-    from autoregembed.runtime.stages import STAGES
+    from autoregembed.run.stages import STAGES
 
     own = load_config(None, ["reference.micro_batch_size=32", "stage2.micro_batch_size=4"])
     assert STAGES["reference"].settings(own).micro_batch_size == 32  # its own section, not stage 2's
@@ -198,7 +198,7 @@ def test_shipped_configs_are_valid():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
 def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
-    from autoregembed.runtime.distributed import select_device
+    from autoregembed.ground.distributed import select_device
 
     with pytest.raises(ConfigError, match=r"SLURM_GPUS_ON_NODE=8 asks for GPUs but torch .* CPU-only build"):
         select_device("auto", {"SLURM_GPUS_ON_NODE": "8"})
@@ -243,7 +243,7 @@ def test_bad_values_name_their_key(override, pattern):
 
 
 def test_lr_schedules_warm_up_then_decay_or_hold():
-    from autoregembed.runtime.trainer import lr_factor
+    from autoregembed.run.trainer import lr_factor
 
     for schedule, after in (("linear", [1.0, 0.75, 0.5, 0.25, 0.0]), ("constant", [1.0] * 5),
                             ("cosine", [1.0, 0.8536, 0.5, 0.1464, 0.0])):
@@ -253,8 +253,8 @@ def test_lr_schedules_warm_up_then_decay_or_hold():
 
 
 def test_the_client_optimizer_is_fused_only_on_cuda():
-    from autoregembed.runtime.config import OptimConfig
-    from autoregembed.runtime.trainer import client_adamw
+    from autoregembed.run.config import OptimConfig
+    from autoregembed.run.trainer import client_adamw
 
     params = [torch.nn.Parameter(torch.ones(3))]
     o = OptimConfig(learning_rate=0.01, weight_decay=0.1)
@@ -343,7 +343,7 @@ def test_plan_refuses_impossible_shapes(capsys):
 def test_written_files_follow_the_umask(tmp_path):
     from safetensors.torch import save_file
 
-    from autoregembed.runtime.atomic import atomic_dir, atomic_file, atomic_write_text
+    from autoregembed.ground.atomic import atomic_dir, atomic_file, atomic_write_text
 
     old = os.umask(0o022)
     try:
@@ -364,7 +364,7 @@ def test_written_files_follow_the_umask(tmp_path):
 
 
 def test_a_full_disk_keeps_the_old_file_and_leaves_no_partial_copy(tmp_path, monkeypatch):
-    from autoregembed.runtime.atomic import atomic_write_text
+    from autoregembed.ground.atomic import atomic_write_text
 
     path = tmp_path / "record.json"
     atomic_write_text(str(path), "old")
@@ -380,7 +380,7 @@ def test_a_full_disk_keeps_the_old_file_and_leaves_no_partial_copy(tmp_path, mon
 
 WRITER_KILLED_INSIDE = """
 import os, signal, sys, time
-from autoregembed.runtime.atomic import atomic_dir
+from autoregembed.ground.atomic import atomic_dir
 with atomic_dir(sys.argv[1]) as tmp:
     open(os.path.join(tmp, "half-written"), "w").close()
     print("inside", flush=True)
@@ -394,7 +394,7 @@ def test_atomic_dir_sweeps_a_killed_writers_leftovers_and_spares_a_live_ones(tmp
 
     from helpers import ROOT, child_command, child_env
 
-    from autoregembed.runtime.atomic import atomic_dir
+    from autoregembed.ground.atomic import atomic_dir
 
     final = str(tmp_path / "model")
     with atomic_dir(final) as tmp:
@@ -417,7 +417,7 @@ def test_atomic_dir_sweeps_a_killed_writers_leftovers_and_spares_a_live_ones(tmp
 
 
 def test_atomic_dir_puts_back_a_previous_result_an_interrupted_replacement_set_aside(tmp_path):
-    from autoregembed.runtime.atomic import atomic_dir
+    from autoregembed.ground.atomic import atomic_dir
 
     final = tmp_path / "model"
     (tmp_path / "model.old-abc" / "x").mkdir(parents=True)  # killed between its two renames
@@ -429,7 +429,7 @@ def test_atomic_dir_puts_back_a_previous_result_an_interrupted_replacement_set_a
 
 
 def test_tiny_base_reads_data_like_the_loader_and_refuses_a_changed_size(tmp_path):
-    from autoregembed.runtime.loading import build_tiny_base
+    from autoregembed.run.loading import build_tiny_base
 
     s1 = _write(tmp_path, ['{"context": "a cat sat", "instruction": "i", "output": "a cat sat"}', "",
                            '{"context": "dogs run", "instruction": "i", "output": "dogs run"}'])
@@ -448,8 +448,8 @@ def test_tiny_base_reads_data_like_the_loader_and_refuses_a_changed_size(tmp_pat
 
 def test_the_tiny_base_is_the_runs_starting_model_whatever_the_runs_seed(monkeypatch, tmp_path):
     """The tiny base stands in for a downloaded model: a run's seed does not change it, model.tiny_seed does."""
-    from autoregembed.runtime import loading
-    from autoregembed.runtime.config import load_config
+    from autoregembed.run import loading
+    from autoregembed.run.config import load_config
 
     built = []
     monkeypatch.setattr(loading, "build_tiny_base", lambda out, files, **kw: built.append(kw["seed"]))
@@ -498,8 +498,8 @@ def test_a_session_that_fails_to_load_leaves_no_zero3_config_behind(tmp_path, ti
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     from autoregembed.tools.cli import DEFAULT_DS
-    from autoregembed.runtime.stages import STAGES
-    from autoregembed.runtime.trainer import Session
+    from autoregembed.run.stages import STAGES
+    from autoregembed.run.trainer import Session
 
     cfg = load_config(None, [f"output_dir={tmp_path}", f"model.base={tiny_base}"])
     with pytest.raises(OSError) as failure:

@@ -225,9 +225,9 @@ def test_backends_tell_the_planner_what_they_hold(monkeypatch):
     package, is a user error naming model.scorer."""
     import sys
 
-    from autoregembed.runtime.config import ConfigError, load_config
-    from autoregembed.runtime.errors import InputError
-    from autoregembed.runtime.arch import PRESETS, Arch
+    from autoregembed.run.config import ConfigError, load_config
+    from autoregembed.ground.errors import InputError
+    from autoregembed.ground.arch import PRESETS, Arch
     from autoregembed.tools.plan import SCORER_KEY, plan
 
     fused, cce = scorer_for("auto"), scorer_for("cce")

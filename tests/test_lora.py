@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 
 from autoregembed.method.batches import compression_batch
-from autoregembed.runtime.config import ConfigError, load_config
+from autoregembed.run.config import ConfigError, load_config
 from autoregembed.release.encoder import Encoder
 from autoregembed.release.export import export_encoder
 from autoregembed.release.meta import ExportMeta
-from autoregembed.runtime.loading import load_model
+from autoregembed.run.loading import load_model
 from autoregembed.method.losses import CompressionLoss
 from autoregembed.method.tokenization import TextEncoder
 
@@ -83,10 +83,10 @@ def test_lora_config_errors_name_the_key(override, key):
 LORA_STAGES_CHILD = """
 import json, sys
 from peft.tuners.lora import LoraLayer
-from autoregembed.runtime import distributed as D
-from autoregembed.runtime.config import load_config
-from autoregembed.runtime.stages import STAGES
-from autoregembed.runtime.trainer import Session
+from autoregembed.ground import distributed as D
+from autoregembed.run.config import load_config
+from autoregembed.run.stages import STAGES
+from autoregembed.run.trainer import Session
 from autoregembed.tools.cli import DEFAULT_DS
 out, base = sys.argv[1:3]
 cfg = load_config(None, [f"output_dir={out}", f"model.base={base}", "model.lora_rank=4", "model.lora_stages=stage2",

@@ -272,7 +272,7 @@ def test_a_decoder_held_outside_the_module_scores_the_same_and_is_hidden_from_th
 
 
 def test_the_decoders_checkpointing_is_its_own_choice(tiny_base):
-    from autoregembed.runtime.loading import load_model
+    from autoregembed.run.loading import load_model
 
     both, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa", gradient_checkpointing=True)
     assert both.encoder.is_gradient_checkpointing and both.decoder.is_gradient_checkpointing
@@ -286,8 +286,8 @@ def test_selective_decoder_checkpointing_recomputes_only_its_first_layers_with_t
     recompute), the rest once, and the gradient reaching the compressed tokens is unchanged."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from autoregembed.runtime.config import ConfigError, load_config
-    from autoregembed.runtime.loading import load_frozen_decoder
+    from autoregembed.run.config import ConfigError, load_config
+    from autoregembed.run.loading import load_frozen_decoder
 
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
     grads, calls = {}, {}
@@ -311,7 +311,7 @@ def test_selective_decoder_checkpointing_recomputes_only_its_first_layers_with_t
 
 
 def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
-    from autoregembed.runtime.loading import load_model
+    from autoregembed.run.loading import load_model
 
     on, tok = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa", decoder_bos=True)
     off, _ = load_model(tiny_base, tiny_base, K, torch.float32, "sdpa")
@@ -321,8 +321,8 @@ def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
 
 def test_config_reaches_the_stage_losses():
     """loss.* keys configure stage 2's objective (the config loader builds it); stage 1 has none."""
-    from autoregembed.runtime.config import ConfigError, load_config
-    from autoregembed.runtime.stages import STAGES
+    from autoregembed.run.config import ConfigError, load_config
+    from autoregembed.run.stages import STAGES
 
     cfg = load_config(None, ["loss.detach_positive=true", "loss.reference_sign=code", "loss.beta=0.2"])
     assert STAGES["stage2"].loss(cfg) == AlignmentLoss(beta=0.2, tau=0.1, reference_sign="code", detach_positive=True)
@@ -337,9 +337,9 @@ def test_a_new_stage2_objective_is_one_class_and_one_kind(setup):
     object the loader built."""
     import dataclasses
 
-    from autoregembed.runtime.config import ConfigError, load_config
+    from autoregembed.run.config import ConfigError, load_config
     from autoregembed.method.losses import STAGE2_OBJECTIVES, stage2_objective
-    from autoregembed.runtime.stages import STAGES
+    from autoregembed.run.stages import STAGES
 
     saved = dict(STAGE2_OBJECTIVES)
 
@@ -387,12 +387,12 @@ def test_infonce_loss_and_grads_match_a_hand_reference(setup):
 
     from autoregembed.method.batches import ContrastBatch
     from autoregembed.method.losses import InfoNCELoss
-    from autoregembed.runtime.config import load_config
-    from autoregembed.runtime.stages import STAGES
+    from autoregembed.run.config import load_config
+    from autoregembed.run.stages import STAGES
 
     cfg = load_config(None, ["loss.kind=infonce", "loss.temperature=0.07"])
     assert STAGES["stage2"].loss(cfg) == InfoNCELoss(0.07) and STAGES["stage2"].reference_source(cfg) is None
-    from autoregembed.runtime.stages import planned
+    from autoregembed.run.stages import planned
 
     assert [s.name for s in planned(cfg)] == ["stage1", "stage2", "eval"]  # no reference stage to run
     rows = [*ROWS, {**ROWS[0], "query": "someone strums a guitar", "neg": ["markets dropped ."]}]  # row 2's positive

@@ -6,10 +6,10 @@ import warnings
 import pytest
 
 from autoregembed.method.batches import compression_batch, token_count
-from autoregembed.runtime.monitor import StepMonitor, ds_monitor_settings, read_metrics, truncate_metrics
-from autoregembed.tools.plot import plot_run
-from autoregembed.runtime.stages import TRAINING
-from autoregembed.runtime.warnings_once import show_once
+from autoregembed.ground.monitor import StepMonitor, ds_monitor_settings, read_metrics, truncate_metrics
+from autoregembed.release.plot import plot_run
+from autoregembed.run.stages import TRAINING
+from autoregembed.ground.warnings_once import show_once
 
 
 class _Writer:
@@ -52,7 +52,7 @@ def test_step_records_progress_line_and_monitor_events(tmp_path):
 
 
 def test_extra_values_reach_the_record_line_and_writer_and_their_seconds_leave_tokens_per_s(tmp_path, monkeypatch):
-    import autoregembed.runtime.monitor as M
+    import autoregembed.ground.monitor as M
 
     clock = iter([100.0, 110.0])  # the monitor's start, then the step: 10 s of which 8 s went to a probe
     monkeypatch.setattr(M.time, "time", lambda: next(clock))
@@ -76,7 +76,7 @@ def test_ds_monitor_settings_follow_the_yaml(tmp_path):
 
 
 def test_token_count_is_the_unpadded_tokens_of_encoder_and_decoder(tiny_base):
-    from autoregembed.runtime.loading import load_tokenizer
+    from autoregembed.run.loading import load_tokenizer
     from autoregembed.method.tokenization import TextEncoder
 
     te = TextEncoder(load_tokenizer(tiny_base, 5), 5, 64, 64)
@@ -117,7 +117,7 @@ def test_each_distinct_warning_is_shown_once():
 
 
 def test_progress_reports_rate_and_eta_at_intervals_and_at_the_end():
-    from autoregembed.runtime.monitor import Progress
+    from autoregembed.ground.monitor import Progress
 
     now, lines = [0.0], []
     p = Progress("reference", 100, "batches", lines.append, every_s=30, clock=lambda: now[0])
@@ -134,7 +134,7 @@ def test_the_quiet_console_keeps_transformers_warnings_but_its_two_noises():
     mean-resizing notice; a report of MISSING or MISMATCHED weights (they start random) still shows."""
     import logging
 
-    from autoregembed.runtime.quiet import _not_noise, quiet_libraries
+    from autoregembed.ground.quiet import _not_noise, quiet_libraries
 
     quiet_libraries()
     handlers = logging.getLogger("transformers").handlers

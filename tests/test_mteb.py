@@ -6,7 +6,7 @@ import types
 import pytest
 
 from autoregembed.tools.cli import main
-from autoregembed.runtime.config import RESOURCES
+from autoregembed.run.config import RESOURCES
 
 STS = os.path.join(RESOURCES, "sts_dev_sample.csv")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from autoregembed.method.batches import alignment_batch, compression_batch
-from autoregembed.runtime.loading import load_model
+from autoregembed.run.loading import load_model
 from autoregembed.method.losses import AlignmentLoss, CompressionLoss
 from autoregembed.method.packing import VARLEN, Packing
 from autoregembed.method.tokenization import TextEncoder
@@ -140,7 +140,7 @@ def test_no_varlen_kernel_means_padded_sdpa_and_the_choice_is_said(monkeypatch, 
     import builtins
 
     from autoregembed.method import packing
-    from autoregembed.runtime import loading
+    from autoregembed.run import loading
 
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **kw: (_ for _ in ()).throw(ImportError(name))

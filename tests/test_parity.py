@@ -10,9 +10,9 @@ from helpers import ROOT, run_child
 from parity_worker import SETTINGS, ConstantReferences
 
 from autoregembed.method.batches import alignment_batch
-from autoregembed.runtime.config import load_config
-from autoregembed.runtime.data import load_rows
-from autoregembed.runtime.loading import load_model
+from autoregembed.run.config import load_config
+from autoregembed.ground.data import load_rows
+from autoregembed.run.loading import load_model
 from autoregembed.method.tokenization import TextEncoder
 
 pytestmark = pytest.mark.distributed
@@ -28,7 +28,7 @@ def test_two_zero3_ranks_train_stage2_exactly_as_plain_pytorch(tmp_path, tiny_ba
     zero3 = torch.load(out / "tensors.pt")
     zero3_losses = json.load(open(out / "losses.json"))["losses"]
 
-    from autoregembed.runtime.trainer import lr_factor
+    from autoregembed.run.trainer import lr_factor
 
     cfg = load_config(None, [f"model.base={tiny_base}", f"data.stage2={nli}", *SETTINGS])
     o = cfg.stage2

@@ -3,8 +3,8 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
 from autoregembed.tools.cli import main
-from autoregembed.runtime.arch import Arch
-from autoregembed.runtime.errors import InputError
+from autoregembed.ground.arch import Arch
+from autoregembed.ground.errors import InputError
 from autoregembed.tools.plan import SCORER_KEY, plan
 
 

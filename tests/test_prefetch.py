@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from autoregembed.runtime.prefetch import Prefetcher
+from autoregembed.run.prefetch import Prefetcher
 
 
 def test_yields_every_key_in_order_built_ahead_on_another_thread():

@@ -76,7 +76,7 @@ def test_push_checks_the_token_and_the_owner_before_uploading(tiny_export):
     import pytest
 
     from autoregembed.release.push import push
-    from autoregembed.runtime.hub import HubError
+    from autoregembed.ground.hub import HubError
 
     hub = RecordingHub()
     with pytest.raises(HubError, match=r"^--repo someone/x: the token is 'me''s, who is not 'someone' nor in"):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from autoregembed.runtime.runlock import RunLockError
+from autoregembed.run.runlock import RunLockError
 from helpers import ROOT, bench_module, run_child
 
 quality = bench_module("quality")
@@ -162,8 +162,8 @@ import sys, warnings
 warnings.filterwarnings("ignore")
 sys.path.insert(0, {root!r} + "/bench")
 import quality
-from autoregembed.runtime import distributed as D
-from autoregembed.runtime.config import load_config
+from autoregembed.ground import distributed as D
+from autoregembed.run.config import load_config
 out, base, cache, lr = sys.argv[1:5]
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=2", "stage1.micro_batch_size=4",
                          "stage1.learning_rate=" + lr, "stage1.log_every=1"])
@@ -202,7 +202,7 @@ def test_stage1_cache_hands_a_finished_stage_1_to_a_later_run_and_only_that(tmp_
 
 
 def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
-    from autoregembed.runtime.config import load_config
+    from autoregembed.run.config import load_config
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"context": "a b", "instruction": "i", "output": "a b"}\n')

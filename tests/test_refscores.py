@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from autoregembed.runtime.data import row_key
-from autoregembed.runtime.refscores import ReferenceScoreError, ReferenceScores, fingerprint, reusable, save_scores
+from autoregembed.ground.data import row_key
+from autoregembed.run.refscores import ReferenceScoreError, ReferenceScores, fingerprint, reusable, save_scores
 
 ROWS = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"n{i}.{j}" for j in range(i % 3 + 1)], "instruction": "I"}
         for i in range(20)]

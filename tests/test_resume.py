@@ -13,10 +13,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("default_tiny_bas
 PREAMBLE = """
 import json, sys, warnings
 warnings.filterwarnings("ignore")
-from autoregembed.runtime import distributed as D
-from autoregembed.runtime.config import load_config
-from autoregembed.runtime.stages import STAGES
-from autoregembed.runtime.trainer import export_stage, train_stage
+from autoregembed.ground import distributed as D
+from autoregembed.run.config import load_config
+from autoregembed.run.stages import STAGES
+from autoregembed.run.trainer import export_stage, train_stage
 out, stop_after, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 cfg = load_config(None, ["output_dir=" + out, "stage1.max_steps=6",
                          "stage1.micro_batch_size=4", "stage1.warmup_steps=2", "stage1.keep_last=1", *extra])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from autoregembed.release.retrieval import RetrievalSet, from_rows, metrics, read_beir, retrieval_eval
-from autoregembed.runtime.errors import InputError
+from autoregembed.ground.errors import InputError
 
 
 def test_ndcg_mrr_and_recall_against_a_hand_computation():
@@ -85,7 +85,7 @@ def test_eval_retrieval_on_the_cli_scores_the_export_and_its_floor_and_refuses_b
     from helpers import run_child
 
     from autoregembed.release.encoder import Encoder
-    from autoregembed.runtime.config import load_config
+    from autoregembed.run.config import load_config
 
     heldout = load_config(None, []).retrieval_set
     r = run_child(["-m", "autoregembed.tools.cli", "eval", "--model", tiny_export, "--retrieval", heldout,
@@ -104,8 +104,8 @@ def test_eval_retrieval_on_the_cli_scores_the_export_and_its_floor_and_refuses_b
 
 WATCH_EVALS = """
 import json
-from autoregembed.runtime import trainer
-from autoregembed.runtime.diagnostics import reading_as_export
+from autoregembed.run import trainer
+from autoregembed.run.diagnostics import reading_as_export
 SCORES, LOG = [0.1, 0.5, 0.3, 0.2], {log!r}
 def scored(engine, text_encoder, instruction, prompts, data, batch_size):
     with reading_as_export(engine, text_encoder, instruction, prompts) as encoder:
@@ -146,7 +146,7 @@ def test_keep_best_exports_the_model_of_the_best_evaluation_not_the_last(default
 
 
 def test_keep_best_needs_evaluations_to_compare():
-    from autoregembed.runtime.config import ConfigError, load_config
+    from autoregembed.run.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="'eval.keep_best' compares the evaluations of eval.every, which is 0"):
         load_config(None, ["eval.keep_best=ndcg@10"])
@@ -161,7 +161,7 @@ def test_keep_best_needs_evaluations_to_compare():
 def test_the_runs_verdict_reads_retrieval_when_there_is_a_set_and_sts_beside_it():
     """The warning follows the run's own evaluation (retrieval nDCG@10 when there is a set, else STS);
     the other figure's move is printed beside it, signed."""
-    from autoregembed.runtime.trainer import _verdict
+    from autoregembed.run.trainer import _verdict
 
     ir = lambda x: {"ndcg@10": x}  # noqa: E731
     up_ir_down_sts = {"spearman_x100": 32.5, "base_spearman_x100": 38.1, "retrieval": ir(0.205),

@@ -69,7 +69,7 @@ def qd_export(tiny_base, tmp_path_factory):
     from autoregembed.release.export import export_encoder
 
     from autoregembed.release.meta import ExportMeta
-    from autoregembed.runtime.loading import load_model
+    from autoregembed.run.loading import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(tiny_base, tiny_base, 5, torch.float32, "sdpa")

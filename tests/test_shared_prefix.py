@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from autoregembed.method.batches import compression_batch
-from autoregembed.runtime.config import ConfigError, load_config
-from autoregembed.runtime.errors import InputError
+from autoregembed.run.config import ConfigError, load_config
+from autoregembed.ground.errors import InputError
 from autoregembed.release.export import export_encoder
 from autoregembed.release.meta import ExportMeta
 from autoregembed.method.model import AutoRegEmbedModel
@@ -116,10 +116,10 @@ SCRIPT = """
 import sys, warnings
 warnings.filterwarnings("ignore")
 import torch
-from autoregembed.runtime import distributed as D
-from autoregembed.runtime.config import load_config
-from autoregembed.runtime.stages import STAGES
-from autoregembed.runtime.trainer import Session, open_trained, train_stage
+from autoregembed.ground import distributed as D
+from autoregembed.run.config import load_config
+from autoregembed.run.stages import STAGES
+from autoregembed.run.trainer import Session, open_trained, train_stage
 cfg = load_config(None, ["output_dir=" + sys.argv[1], "model.base=" + sys.argv[2], "stage1.max_steps=2",
                          "stage1.micro_batch_size=8", "model.shared_prefix=2", "model.shared_prefix_steps=3",
                          "stage1.stop_after=" + sys.argv[3]])

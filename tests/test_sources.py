@@ -10,8 +10,8 @@ import pytest
 import yaml
 from helpers import ROOT, run_child
 
-from autoregembed.runtime.config import ConfigError, SourceConfig, load_config
-from autoregembed.runtime.data import DataError, MixtureSampler, StepSampler, load_rows, load_sources, sampler_for
+from autoregembed.run.config import ConfigError, SourceConfig, load_config
+from autoregembed.ground.data import DataError, MixtureSampler, StepSampler, load_rows, load_sources, sampler_for
 
 TRIPLET = {"anchor": "a cat sits", "positive": "a cat is sitting", "negative": "a dog runs"}
 
@@ -52,7 +52,7 @@ def test_same_source_batches_hold_one_source_each_in_its_share():
 def test_realised_shares_count_every_row_the_steps_read(steps):
     """Against counting every rank's every micro-batch by hand: whole epochs hold the quotas, the last
     partial one is what it is."""
-    from autoregembed.runtime.data import realised_shares
+    from autoregembed.ground.data import realised_shares
 
     s = MixtureSampler((10, 30, 5), (1.0, 1.0, 2.0), micro_batch_size=3, grad_accum=2, world_size=2, seed=7)
     rows = [i for step in range(steps) for m in range(2) for r in range(2) for i in s.indices(step, m, r)]
@@ -162,7 +162,7 @@ def test_a_document_instruction_encodes_the_positive_and_is_optional(tmp_path, t
     from transformers import AutoTokenizer
 
     from autoregembed.method.batches import alignment_batch
-    from autoregembed.runtime.data import row_key
+    from autoregembed.ground.data import row_key
     from autoregembed.method.tokenization import TextEncoder, prepare_tokenizer
 
     path = tmp_path / "rows.jsonl"

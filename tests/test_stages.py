@@ -8,8 +8,8 @@ import os
 import pytest
 
 from autoregembed.release.meta import META_FILE, ExportMeta
-from autoregembed.runtime.config import ConfigError, load_config
-from autoregembed.runtime.stages import PIPELINE, RUN_MODES, STAGES, TRAINING, check_stages, planned
+from autoregembed.run.config import ConfigError, load_config
+from autoregembed.run.stages import PIPELINE, RUN_MODES, STAGES, TRAINING, check_stages, planned
 from helpers import ROOT, TINY_BASE, run_child
 
 NLI = os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl")
@@ -78,8 +78,8 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
     """stage1 -> mine -> reference -> stage2 -> eval through train.py (with a pooling of e_1..e_4): every row's negatives are
     other passages of its file, never its query or positive; reference scores cover exactly the
     mined rows stage 2 trains on."""
-    from autoregembed.runtime.data import read_lines
-    from autoregembed.runtime.refscores import ReferenceScores
+    from autoregembed.ground.data import read_lines
+    from autoregembed.run.refscores import ReferenceScores
 
     out = str(tmp_path / "run")
     sets = ["stage1.max_steps=3", "stage1.micro_batch_size=4", "stage2.max_steps=2", "stage2.micro_batch_size=4",
@@ -135,7 +135,7 @@ def test_the_contrastive_baseline_trains_through_train_py_with_no_reference_stag
 
 def test_each_source_is_read_once_at_the_start(monkeypatch):
     """Reference scoring and stage 2 read the same stage-2 rows: validated once, not twice."""
-    import autoregembed.runtime.stages as stages
+    import autoregembed.run.stages as stages
 
     reads, load = [], stages.load_sources
     monkeypatch.setattr(stages, "load_sources", lambda sources, stage: reads.append(stage) or load(sources, stage=stage))

@@ -2,7 +2,7 @@
 import os
 import time
 
-from autoregembed.runtime.distributed import STALE_LOCK_S, clear_stale_extension_lock
+from autoregembed.ground.distributed import STALE_LOCK_S, clear_stale_extension_lock
 
 
 def test_an_abandoned_extension_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, capsys):

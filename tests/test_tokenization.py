@@ -4,7 +4,7 @@ from transformers import AutoTokenizer
 
 from autoregembed.method.logprobs import IGNORE_INDEX
 from autoregembed.method.tokenization import TextEncoder, decoder_labels, embed_token_names, prepare_tokenizer
-from autoregembed.runtime.errors import InputError
+from autoregembed.ground.errors import InputError
 
 K = 5
 
@@ -94,7 +94,7 @@ def test_instructions_with_special_tokens_or_without_room_for_a_text_are_refused
 
 
 def test_the_config_refuses_embed_tokens_in_instructions_before_any_tokenizer_loads(tmp_path):
-    from autoregembed.runtime.config import ConfigError, load_config
+    from autoregembed.run.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"key 'eval.query_instruction': holds '<EMBED'"):
         load_config(None, ["eval.query_instruction=find <EMBED1>"])

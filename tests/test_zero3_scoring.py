@@ -16,14 +16,14 @@ warnings.filterwarnings("ignore")
 import deepspeed
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-from autoregembed.runtime import distributed as D
+from autoregembed.ground import distributed as D
 from autoregembed.method.batches import compression_batch, to_device
-from autoregembed.runtime.config import load_config
-from autoregembed.runtime.data import load_rows
-from autoregembed.runtime.loading import prepare_base
+from autoregembed.run.config import load_config
+from autoregembed.ground.data import load_rows
+from autoregembed.run.loading import prepare_base
 from autoregembed.method.losses import CompressionLoss
-from autoregembed.runtime.stages import STAGES
-from autoregembed.runtime.trainer import Session, score_references
+from autoregembed.run.stages import STAGES
+from autoregembed.run.trainer import Session, score_references
 
 out, base, stage2 = sys.argv[1:4]
 zero3 = {root!r} + "/ds_configs/zero3.json"

@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from ..runtime.errors import InputError
+from ..ground.errors import InputError
 
 IGNORE_INDEX = -100
 

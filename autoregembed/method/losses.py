@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..runtime.errors import ConfigError, finite
+from ..ground.errors import ConfigError, finite
 from .batches import alignment_batch, contrast_batch
 
 

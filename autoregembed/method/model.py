@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import AlignmentBatch, CandidateBatch, CompressionBatch, ContrastBatch
-from ..runtime.errors import InputError
+from ..ground.errors import InputError
 from .logprobs import sequence_logprobs
 from .scorers import Scorer, scorer_for
 from .packing import Packing

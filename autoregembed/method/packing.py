@@ -10,6 +10,9 @@ lengths (``cu_seq_lens_q/k``, ``max_length_q/k``, Transformers' flash-attention 
   ``torch.nn.attention.varlen``, on CUDA where flash-attn is not installed;
 - ``sdpa`` / ``eager`` (CPU, the reference path) ignore them and build a block-diagonal causal
   mask from the restarting positions, which is O(T^2): correct, and only there for checking.
+
+Padded passes through SDPA keep it off its cuDNN backend (``sdpa_without_cudnn``), here beside the
+other attention-kernel choices so that inference (``Encoder``) and training make the same one.
 """
 from __future__ import annotations
 
@@ -110,3 +113,12 @@ def register_varlen():
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN, varlen_attention)
+
+
+def sdpa_without_cudnn():
+    """Keep PyTorch's SDPA off its cuDNN backend (flash / memory-efficient kernels instead).
+    Why: cuDNN builds an execution plan for every new (batch, length) shape, and our batches change
+    length every step: on an H200 that cost 12-15 ms of CPU per attention call, 60% of a
+    stage-1 step (docs/experiments.md, 2026-11-26)."""
+    if torch.cuda.is_available() and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..runtime.errors import InputError
+from ..ground.errors import InputError
 
 PLAN_SMS = 132  # H100 SXM multiprocessors: the fused scorer's chunk is sized to cover them
 

@@ -19,7 +19,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..runtime.errors import InputError
+from ..ground.errors import InputError
 from .losses import compression_loss
 
 PREFIX_FILE = "shared_prefix.safetensors"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .logprobs import IGNORE_INDEX
-from ..runtime.errors import InputError
+from ..ground.errors import InputError
 
 
 def embed_token_names(k: int) -> list[str]:

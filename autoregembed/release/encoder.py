@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..runtime.errors import InputError
+from ..ground.errors import InputError
 from .meta import ExportMeta
 from .instructions import prompts as export_prompts
-from ..runtime.loading import sdpa_without_cudnn
+from ..method.packing import sdpa_without_cudnn
 from ..method.model import compressed_states, pool_embedding, pooled_positions
 from ..method.tokenization import TextEncoder, prepare_tokenizer
 
@@ -95,7 +95,7 @@ class Encoder:
         out = [None] * len(sentences)
         batches, progress = range(0, len(sentences), batch_size), None
         if isinstance(show_progress_bar, str):
-            from ..runtime.monitor import Progress
+            from ..ground.monitor import Progress
 
             progress = Progress(show_progress_bar, len(batches), "batches")
         elif show_progress_bar:

@@ -8,8 +8,8 @@ import csv
 import numpy as np
 from scipy.stats import spearmanr
 
-from ..runtime.data import read_lines
-from ..runtime.errors import InputError
+from ..ground.data import read_lines
+from ..ground.errors import InputError
 
 
 def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:

@@ -18,11 +18,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..runtime import distributed as D
-from ..runtime.atomic import atomic_dir
-from ..runtime.errors import StorageError, UserError
-from ..runtime.lora import exported_parameters
-from ..runtime.monitor import Progress
+from ..ground import distributed as D
+from ..ground.atomic import atomic_dir
+from ..ground.errors import StorageError, UserError
+from ..ground.lora import exported_parameters
+from ..ground.monitor import Progress
 from ..method.shared_prefix import PREFIX_FILE, write_prefix
 from .meta import ExportMeta
 from .model_card import CARD_FILE, card_text

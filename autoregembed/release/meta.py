@@ -6,8 +6,8 @@ import json
 import os
 
 from ..method.tokenization import embed_token_names, input_template
-from ..runtime.atomic import atomic_write_text
-from ..runtime.errors import InputError, MissingInputError
+from ..ground.atomic import atomic_write_text
+from ..ground.errors import InputError, MissingInputError
 
 META_FILE = "autoregembed.json"
 

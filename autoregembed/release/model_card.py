@@ -12,7 +12,7 @@ import os
 
 import yaml
 
-from ..runtime.atomic import atomic_write_text
+from ..ground.atomic import atomic_write_text
 from .meta import ExportMeta
 from .instructions import prompts
 

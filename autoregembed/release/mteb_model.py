@@ -16,8 +16,8 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from .encoder import Encoder
-from ..runtime import hub
-from ..runtime.errors import InputError
+from ..ground import hub
+from ..ground.errors import InputError
 from .meta import META_FILE, ExportMeta
 from .instructions import instruction_for, prompts
 

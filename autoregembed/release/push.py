@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from ..runtime import hub
-from ..runtime.errors import InputError
+from ..ground import hub
+from ..ground.errors import InputError
 from .meta import ExportMeta
 from .model_card import CARD_FILE, card_text
 

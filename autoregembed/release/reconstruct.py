@@ -13,7 +13,7 @@ import os
 import torch
 
 from .encoder import Encoder
-from ..runtime.errors import InputError, MissingInputError
+from ..ground.errors import InputError, MissingInputError
 from ..method.model import compressed_states
 from ..method.shared_prefix import with_shared_prefix
 from ..method.tokenization import IGNORE_INDEX, decoder_layout

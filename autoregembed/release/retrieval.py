@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from ..runtime.data import records
-from ..runtime.errors import InputError
+from ..ground.data import records
+from ..ground.errors import InputError
 
 
 @dataclasses.dataclass

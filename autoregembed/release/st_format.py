@@ -29,7 +29,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ..runtime.errors import InputError
+from ..ground.errors import InputError
 from .instructions import prompts
 from ..method.tokenization import TextEncoder, embed_token_names
 

@@ -1,1 +1,1 @@
-"""autoregembed.tools: the command line and the tools around a run: data check/convert, mining, plots, the memory planner (DEVELOPERS.md maps each module)."""
+"""autoregembed.tools: the command line and the tools around a run: data check/convert, the memory planner (DEVELOPERS.md maps each module)."""

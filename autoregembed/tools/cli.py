@@ -24,7 +24,7 @@ def _add_run_args(p: argparse.ArgumentParser):
 def _reporting_user_errors(command) -> int:
     """Run ``command()``; a user error (errors.py) is printed as one line and exits 2, anything
     else is a bug and keeps its traceback."""
-    from ..runtime.errors import user_message
+    from ..ground.errors import user_message
 
     try:
         return command()
@@ -38,12 +38,12 @@ def _reporting_user_errors(command) -> int:
 
 
 def run_training(args, stage: str | None = None) -> int:
-    from ..runtime import distributed as D
-    from ..runtime import warnings_once
-    from ..runtime.config import load_config
-    from ..runtime.pipeline import run
-    from ..runtime.preemption import EXIT_STOPPED
-    from ..runtime.quiet import quiet_libraries
+    from ..ground import distributed as D
+    from ..ground import warnings_once
+    from ..run.config import load_config
+    from ..run.pipeline import run
+    from ..run.preemption import EXIT_STOPPED
+    from ..ground.quiet import quiet_libraries
 
     warnings_once.install()
     quiet_libraries()
@@ -193,11 +193,11 @@ def main(argv=None) -> int:
     if args.command in ("train", "score-refs", "export"):
         stage = {"train": None, "score-refs": "reference", "export": "export"}[args.command]
         return run_training(args, stage)
-    from ..runtime import warnings_once
+    from ..ground import warnings_once
 
     warnings_once.install()
     if args.command in ("encode", "eval", "mine", "reconstruct"):  # the others load no model: they start fast
-        from ..runtime.quiet import quiet_libraries
+        from ..ground.quiet import quiet_libraries
 
         quiet_libraries()
     tools = {"stages": _stages, "plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval,
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
 
 
 def _plan(args) -> int:
-    from ..runtime.arch import Arch
+    from ..ground.arch import Arch
     from .plan import fewest_recomputed, plan, report
 
     arch, gpus = Arch.load(args.model), args.gpus_per_node * args.nodes
@@ -239,8 +239,8 @@ def _push(args) -> int:
 
 
 def _stages(args) -> int:
-    from ..runtime.config import load_config
-    from ..runtime.stages import PIPELINE, planned
+    from ..run.config import load_config
+    from ..run.stages import PIPELINE, planned
 
     if args.all:
         for s in PIPELINE:
@@ -253,8 +253,8 @@ def _stages(args) -> int:
 
 
 def _plot(args) -> int:
-    from .plot import plot_run
-    from ..runtime.stages import TRAINING
+    from ..release.plot import plot_run
+    from ..run.stages import TRAINING
 
     print(json.dumps({"plot": plot_run(args.run_dir, TRAINING, args.output)}))
     return 0
@@ -267,20 +267,20 @@ def _data(args) -> int:
         n, stage = convert(args.kind, args.src, args.out, args.instruction)
         print(json.dumps({"output": args.out, "rows": n, "stage": stage}))
         return 0
-    from ..runtime.config import load_config
+    from ..run.config import load_config
     from .data_check import check_file
 
     cfg = load_config(args.config, args.overrides)
     tokenizer, source = None, args.tokenizer or cfg.base_model_dir
     if args.tokenizer or os.path.isdir(source):
-        from ..runtime.loading import load_tokenizer
+        from ..run.loading import load_tokenizer
 
         tokenizer = load_tokenizer(source, cfg.model.num_embed_tokens)  # as the run will tokenize
     reports = [check_file(f, args.stage, tokenizer, cfg.data.max_text_len, cfg.data.max_target_len)
                for f in args.file or cfg.sources(args.stage)]  # default: the run's sources, mapped as it reads them
     mixture = None
     if not args.file and not any(r.errors for r in reports):  # the run's own sources: the shares its steps read
-        from ..runtime.stages import STAGES
+        from ..run.stages import STAGES
 
         st = STAGES[f"stage{args.stage}"]
         mixture = st.mixture(cfg, st.rows(cfg))
@@ -297,12 +297,12 @@ def _data(args) -> int:
 
 
 def _mine(args) -> int:
-    from ..runtime.data import write_jsonl
+    from ..ground.data import write_jsonl
     from ..release.encoder import Encoder
-    from .mine import default_corpus, mine_negatives, read_corpus, read_queries
+    from ..release.mining import default_corpus, mine_negatives, read_corpus, read_queries
 
-    from ..runtime.config import check_mining
-    from ..runtime.errors import InputError
+    from ..release.mining import check_mining
+    from ..ground.errors import InputError
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -323,9 +323,9 @@ def _mine(args) -> int:
 def _reconstruct(args) -> int:
     import torch
 
-    from ..runtime.data import read_lines, write_jsonl
+    from ..ground.data import read_lines, write_jsonl
     from ..release.encoder import Encoder
-    from ..runtime.errors import InputError
+    from ..ground.errors import InputError
     from ..release.meta import ExportMeta
     from ..release.reconstruct import decoder_path, load_decoder, reconstruct, summary
     from ..method.shared_prefix import read_prefix
@@ -353,7 +353,7 @@ def _encode_or_eval(args) -> int:
 
     if args.command == "eval" and args.mteb:
         from ..release.mteb_model import run_mteb
-        from ..runtime.errors import InputError
+        from ..ground.errors import InputError
 
         if args.pooling is not None or args.base is not None:
             raise InputError("--pooling and --base apply to --sts and --retrieval; MTEB reads the export's own pooling")
@@ -363,13 +363,13 @@ def _encode_or_eval(args) -> int:
         print(json.dumps({"model": args.model, "results": args.output, "main_score_x100": scores}))
         return 0
     if getattr(args, "base", None):
-        from ..runtime.config import looks_local
-        from ..runtime.errors import InputError
+        from ..run.config import looks_local
+        from ..ground.errors import InputError
 
         if looks_local(args.base) and not os.path.isdir(os.path.expanduser(args.base)):
             raise InputError(f"--base {args.base}: no such model folder")
     if args.command == "encode":
-        from ..runtime.data import read_lines
+        from ..ground.data import read_lines
 
         texts = read_lines(args.input)  # blank lines too: output row i is input line i; read before the model loads
     elif args.retrieval:
@@ -384,7 +384,7 @@ def _encode_or_eval(args) -> int:
     if args.command == "encode":
         import numpy as np
 
-        from ..runtime.atomic import atomic_file
+        from ..ground.atomic import atomic_file
 
         emb = model.encode(texts, batch_size=args.batch_size, instruction=args.instruction, show_progress_bar=True)
         with atomic_file(args.output) as tmp:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 
-from ..runtime.data import STAGE1_FIELDS, STAGE2_FIELDS, DataError, check_row, read_lines, read_text, records, write_jsonl
+from ..ground.data import STAGE1_FIELDS, STAGE2_FIELDS, DataError, check_row, read_lines, read_text, records, write_jsonl
 
 STAGE1_INSTRUCTION = "Reconstruct the original text."
 STAGE2_INSTRUCTION = "Given a premise, retrieve a hypothesis that entails the premise."

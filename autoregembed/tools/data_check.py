@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..runtime.data import STAGE1_FIELDS, STAGE2_FIELDS, DataError, check_row, source_path, source_records
+from ..ground.data import STAGE1_FIELDS, STAGE2_FIELDS, DataError, check_row, source_path, source_records
 
 MAX_LISTED = 20  # errors listed in full; the rest are counted
 # the budgets each field's tokens are cut at: encoder inputs at max_text_len, decoder targets at

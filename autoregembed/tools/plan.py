@@ -13,8 +13,8 @@ their fp32 log-softmax and its gradient for every scored token.
 from __future__ import annotations
 
 from ..method.scorers import Scorer, scorer_for
-from ..runtime.arch import Arch
-from ..runtime.errors import InputError
+from ..ground.arch import Arch
+from ..ground.errors import InputError
 
 GB = 1e9
 SCORER_KEY = "LM head scorer"

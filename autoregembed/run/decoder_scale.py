@@ -21,8 +21,8 @@ import random
 import torch
 from torch import nn
 
-from . import distributed as D
-from .errors import InputError
+from ..ground import distributed as D
+from ..ground.errors import InputError
 
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 

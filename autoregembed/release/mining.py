@@ -17,10 +17,30 @@ import json
 
 import numpy as np
 
-from ..runtime.config import check_mining
-from ..runtime.data import DataError, STAGE2_FIELDS, check_row, read_lines, records
-from ..runtime.errors import InputError
-from ..runtime.refscores import hash_folder
+from ..ground.data import DataError, STAGE2_FIELDS, check_row, read_lines, records
+from ..ground.errors import InputError
+from ..ground.fingerprint import hash_folder
+
+
+MINE_SAMPLING = ("top", "random")
+
+
+def check_mining(negatives: int, skip_top: int, max_similarity: float, range_max: int = 0,
+                 absolute_margin: float | None = None, relative_margin: float | None = None,
+                 sampling: str = "top", name=lambda key: key) -> None:
+    """The mining settings' ranges, each error naming the setting as ``name(key)`` spells it (a
+    config key or a command-line flag); NaN fails every comparison, so it is refused too."""
+    rules = [("negatives", negatives, negatives >= 1, ">= 1"), ("skip_top", skip_top, skip_top >= 0, ">= 0"),
+             ("max_similarity", max_similarity, 0 < max_similarity <= 1, "a cosine in (0, 1] (1: no filter)"),
+             ("range_max", range_max, range_max == 0 or range_max > skip_top,
+              f"0 (no limit) or above skip_top ({skip_top})"),
+             ("absolute_margin", absolute_margin, absolute_margin is None or 0 <= absolute_margin <= 2,
+              "a cosine difference in [0, 2]"),
+             ("relative_margin", relative_margin, relative_margin is None or 0 <= relative_margin < 1, "in [0, 1)"),
+             ("sampling", sampling, sampling in MINE_SAMPLING, " or ".join(MINE_SAMPLING))]
+    for key, value, ok, rule in rules:
+        if not ok:
+            raise InputError(f"{name(key)} must be {rule}, got {value}")
 
 
 def read_queries(path: str, with_negatives: bool = False) -> list[dict]:

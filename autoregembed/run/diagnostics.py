@@ -15,8 +15,8 @@ import os
 import numpy as np
 import torch
 
-from . import distributed as D
-from .atomic import atomic_write_text
+from ..ground import distributed as D
+from ..ground.atomic import atomic_write_text
 from ..release.encoder import Encoder
 from ..release.evaluate import sts_eval
 from ..method.model import InformationProbe

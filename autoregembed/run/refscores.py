@@ -12,54 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_file
-from .data import row_key
-from .errors import UserError
+from ..ground.atomic import atomic_file
+from ..ground.data import row_key
+from ..ground.errors import UserError
+from ..ground.fingerprint import hash_folder
 
 FORMAT = "autoregembed-reference-v2"  # v2: the sampled weight fingerprint
-_FINGERPRINT_FILES = (".safetensors", ".json", ".model", ".txt")
-_SAMPLES, _BLOCK, _SMALL_TENSOR = 64, 1 << 16, 1 << 20
 
 
 class ReferenceScoreError(UserError, RuntimeError):
     """A reference score file that is missing, corrupt, stale or does not cover the data."""
-
-
-def _hash_safetensors(h, f, size: int):
-    """The header (names, dtypes, shapes), every tensor of at most 1 MiB (norms, biases: a change
-    to one of them alone would slip between samples) and 64 blocks spread over the data."""
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = f.read(n)
-    h.update(header)
-    start = 8 + n
-    for name, info in sorted(json.loads(header).items()):
-        if name != "__metadata__" and info["data_offsets"][1] - info["data_offsets"][0] <= _SMALL_TENSOR:
-            f.seek(start + info["data_offsets"][0])
-            h.update(f.read(info["data_offsets"][1] - info["data_offsets"][0]))
-    for i in range(_SAMPLES):
-        f.seek(start + i * max(0, size - start - _BLOCK) // (_SAMPLES - 1))
-        h.update(f.read(_BLOCK))
-
-
-def hash_folder(h, folder: str):
-    """Adds a model folder's weights (sampled: _hash_safetensors), configs and tokenizer files to ``h``."""
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path) and name.endswith(_FINGERPRINT_FILES):
-            size = os.path.getsize(path)
-            h.update(f"{name}:{size}".encode())
-            with open(path, "rb") as f:
-                if name.endswith(".safetensors"):
-                    _hash_safetensors(h, f, size)
-                else:  # configs and tokenizer files: small, hashed whole
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        h.update(block)
 
 
 def fingerprint(stage1_dir: str, decoder_dir: str, k: int, max_text_len: int, max_target_len: int,
@@ -158,7 +125,7 @@ def online_references(engine, batch):
     LoRA adapters disabled: the stage-1 model, whatever the candidates (``reference.source=online``).
     ``engine``: the DeepSpeed engine (every rank calls it: under ZeRO-3 the gathers are collectives)
     or the bare model."""
-    from .lora import adapters_disabled
+    from ..ground.lora import adapters_disabled
 
     was_training = engine.training
     engine.eval()  # as the reference stage scores: no dropout anywhere

@@ -14,20 +14,20 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from . import distributed as D
+from ..ground import distributed as D
 from . import preemption
-from .atomic import atomic_write_text
+from ..ground.atomic import atomic_write_text
 from ..method.batches import candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
 from .checkpoint import complete_tags
 from .config import Config, ConfigError, OptimConfig, SourceConfig, looks_local
-from .errors import UserError
-from .data import (SourceRows, load_rows, load_sources, read_text, realised_shares, row_key, sampler_for,
+from ..ground.errors import UserError
+from ..ground.data import (SourceRows, load_rows, load_sources, read_text, realised_shares, row_key, sampler_for,
                    write_jsonl)
 from .diagnostics import information_gap
 from .loading import prepare_base
 from ..release.meta import META_FILE, ExportMeta
 from ..method.losses import CompressionLoss
-from .monitor import log
+from ..ground.monitor import log
 from .trainer import StageResult, evaluate, export_stage, score_references, train_stage
 
 
@@ -256,7 +256,7 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
     """Hard negatives for the stage-2 rows, mined with the stage-1 model (optional: mine.enabled).
 
     For each source, its rows with their negatives replaced by the passages of the source most similar
-    to the query (mine.py), written to ``<output_dir>/mine/`` beside a ``.fingerprint`` of what it was
+    to the query (release/mining.py), written to ``<output_dir>/mine/`` beside a ``.fingerprint`` of what it was
     mined from (a resumed run keeps a file whose fingerprint still holds); reference scores and stage 2
     then read the mined rows.  Rank 0 mines, the other ranks wait (a barrier: mind the process group's
     timeout with a large corpus)."""
@@ -287,7 +287,7 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
 
     def run(self, cfg, ds_path, resume):
         from ..release.encoder import Encoder
-        from ..tools.mine import default_corpus, mine_negatives, mining_fingerprint
+        from ..release.mining import default_corpus, mine_negatives, mining_fingerprint
 
         outputs = self.outputs(cfg)
 

@@ -12,7 +12,7 @@ import os
 import torch
 
 from .config import ConfigError, OptimConfig
-from .arch import Arch
+from ..ground.arch import Arch
 
 
 def _fill(section: dict, key: str, value, where: str):

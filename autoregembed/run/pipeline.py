@@ -6,14 +6,14 @@ import os
 
 import torch
 
-from . import distributed as D
+from ..ground import distributed as D
 from . import preemption
 from .config import Config, check_runtime
 from .ds_config import check_early
 from .loading import resolve_dtype
-from .monitor import log
-from .arch import Arch
-from ..tools.plot import plot_run
+from ..ground.monitor import log
+from ..ground.arch import Arch
+from ..release.plot import plot_run
 from .runlock import RunLock, RunLockError
 from .stages import TRAINING, check_stages
 

@@ -16,24 +16,24 @@ import time
 import torch
 
 from . import checkpoint, preemption
-from . import distributed as D
-from .atomic import atomic_file, atomic_write_text
+from ..ground import distributed as D
+from ..ground.atomic import atomic_file, atomic_write_text
 from ..method.batches import compression_batch, to_device, token_count
 from .config import Config
-from .data import row_key
+from ..ground.data import row_key
 from .decoder_scale import calibration_indices, rescale_final_norm, scale_factors
 from .diagnostics import (PROBE_ROWS, HealthWatch, KeepBest, reading_as_export, retrieval_during_training,
                           sts_during_training, why_dead)
-from .errors import TrainingDiverged
+from ..ground.errors import TrainingDiverged
 from .ds_config import build_ds_config, zero_stage
 from ..release.export import export_encoder
 from ..release.meta import ExportMeta
 from ..release.retrieval import load as load_retrieval
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attention,
                       resolve_dtype)
-from .monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, log, truncate_metrics
-from .arch import Arch
-from ..tools.plot import EVAL_RESULT
+from ..ground.monitor import Progress, StepMonitor, WandbRun, ds_monitor_settings, finish_wandb, log, truncate_metrics
+from ..ground.arch import Arch
+from ..release.plot import EVAL_RESULT
 from .prefetch import Prefetcher
 from .refscores import ReferenceScores, fingerprint, online_references, reusable, save_scores
 from ..method.model import pooled_positions

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 
-from ..runtime.atomic import atomic_file
-from ..runtime.errors import InputError
-from ..runtime.monitor import read_metrics
+from ..ground.atomic import atomic_file
+from ..ground.errors import InputError
+from ..ground.monitor import read_metrics
 
 PANELS = (("loss", "loss"), ("info_gap", "information gap\n(nats/token)"),
           ("sts_spearman", "STS Spearman x100\n(eval.every)"), ("retrieval_ndcg@10", "retrieval nDCG@10\n(eval.every)"),

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 
-from .errors import UserError
+from ..ground.errors import UserError
 
 
 class RunLockError(UserError, RuntimeError):

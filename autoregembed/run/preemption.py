@@ -25,8 +25,8 @@ import signal
 import threading
 import time
 
-from .atomic import atomic_write_text
-from .distributed import any_across_ranks, barrier, rank
+from ..ground.atomic import atomic_write_text
+from ..ground.distributed import any_across_ranks, barrier, rank
 
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped on request with its state saved; rerun with --resume
 CHECK_EVERY = 5  # optimizer steps between a training stage's stop checks: 5 x a 7B step is well inside Slurm's 300 s

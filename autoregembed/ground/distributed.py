@@ -59,7 +59,7 @@ def select_device(requested: str, environ=os.environ):
 
     A GPU job must never fall back to CPU silently (it would run for days at 1% speed): when the
     config says cuda, or Slurm allocated GPUs, and this torch sees none, stop with the reason."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     if requested == "cpu":
         environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .errors import ConfigError, InputError, finite  # noqa: F401 - ConfigError: importable from here too
+from ..release.mining import check_mining
+from ..ground.errors import ConfigError, InputError, finite  # noqa: F401 - ConfigError: importable from here too
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # autoregembed/
 RESOURCES = os.path.join(PACKAGE, "resources")
@@ -159,7 +160,7 @@ class DataConfig:
         return [SourceConfig(path=p.strip()) for p in parts if p.strip()]
 
     def check(self, key: str):
-        from .data import STAGE1_FIELDS, STAGE2_FIELDS
+        from ..ground.data import STAGE1_FIELDS, STAGE2_FIELDS
 
         for stage, fields in ((1, STAGE1_FIELDS), (2, STAGE2_FIELDS)):
             sources, skey = self.sources(stage), f"{key}.stage{stage}"
@@ -334,32 +335,10 @@ class EvalConfig:
         return KEEP_BEST[self.keep_best]
 
 
-MINE_SAMPLING = ("top", "random")
-
-
-def check_mining(negatives: int, skip_top: int, max_similarity: float, range_max: int = 0,
-                 absolute_margin: float | None = None, relative_margin: float | None = None,
-                 sampling: str = "top", name=lambda key: key) -> None:
-    """The mining settings' ranges, each error naming the setting as ``name(key)`` spells it (a
-    config key or a command-line flag); NaN fails every comparison, so it is refused too."""
-    rules = [("negatives", negatives, negatives >= 1, ">= 1"), ("skip_top", skip_top, skip_top >= 0, ">= 0"),
-             ("max_similarity", max_similarity, 0 < max_similarity <= 1, "a cosine in (0, 1] (1: no filter)"),
-             ("range_max", range_max, range_max == 0 or range_max > skip_top,
-              f"0 (no limit) or above skip_top ({skip_top})"),
-             ("absolute_margin", absolute_margin, absolute_margin is None or 0 <= absolute_margin <= 2,
-              "a cosine difference in [0, 2]"),
-             ("relative_margin", relative_margin, relative_margin is None or 0 <= relative_margin < 1, "in [0, 1)"),
-             ("sampling", sampling, sampling in MINE_SAMPLING, " or ".join(MINE_SAMPLING))]
-    for key, value, ok, rule in rules:
-        if not ok:
-            raise InputError(f"{name(key)} must be {rule}, got {value}")
-
-
-
 @dataclass
 class MineConfig:
     """The optional ``mine`` stage (stages.Mine): hard negatives for every stage-2 row from the
-    stage-1 model's embeddings (mine.py), written under <output_dir>/mine/; reference scores and
+    stage-1 model's embeddings (release/mining.py), written under <output_dir>/mine/; reference scores and
     stage 2 then train on the mined rows."""
 
     enabled: bool = False
@@ -659,7 +638,7 @@ def _check_hub_model(name: str):
     not after a 30-second network timeout inside model loading."""
     from huggingface_hub import try_to_load_from_cache
 
-    from . import hub
+    from ..ground import hub
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return

@@ -7,13 +7,13 @@ import os
 
 import torch
 
-from . import distributed as D
-from .atomic import atomic_dir
+from ..ground import distributed as D
+from ..ground.atomic import atomic_dir
 from .config import ConfigError
-from .data import records
-from .lora import add_lora
+from ..ground.data import records
+from ..ground.lora import add_lora
 from ..method.model import AutoRegEmbedModel
-from ..method.packing import VARLEN, has_varlen, register_varlen
+from ..method.packing import VARLEN, has_varlen, register_varlen, sdpa_without_cudnn
 from ..method.tokenization import prepare_tokenizer
 
 
@@ -46,22 +46,13 @@ def resolve_attention(name: str, packing: bool | None) -> tuple[str, bool]:
         sdpa_without_cudnn()
     if (name, packed) not in _said:  # which kernel ran is the first thing a slow GPU step is asked
         _said.add((name, packed))
-        from .monitor import log
+        from ..ground.monitor import log
 
         log(f"attention: {name}, {'packed (padding-free)' if packed else 'padded'} passes")
     return name, packed
 
 
 _said: set = set()
-
-
-def sdpa_without_cudnn():
-    """Keep PyTorch's SDPA off its cuDNN backend (flash / memory-efficient kernels instead).
-    Why: cuDNN builds an execution plan for every new (batch, length) shape, and our batches change
-    length every step: on an H200 that cost 12-15 ms of CPU per attention call, 60% of a
-    stage-1 step (docs/experiments.md, 2026-11-26)."""
-    if torch.cuda.is_available() and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
-        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def build_tiny_base(out_dir: str, corpus_files: list[str], hidden_size: int = 64, layers: int = 2,
@@ -125,7 +116,7 @@ def _pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, batch_s
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     model.train()
-    from .monitor import Progress
+    from ..ground.monitor import Progress
 
     progress = Progress("tiny base: pretraining", steps, "steps")
     for step in range(1, steps + 1):

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import distributed as D
-from .atomic import atomic_dir, atomic_write_text
-from .errors import UserError
+from ..ground import distributed as D
+from ..ground.atomic import atomic_dir, atomic_write_text
+from ..ground.errors import UserError
 
 _TAG = re.compile(r"^step(\d{8})$")
 
