@@ -123,3 +123,46 @@ def test_lora_trains_only_the_stages_model_lora_stages_names(tiny_base, tmp_path
         load_config(None, ["model.lora_rank=4", "model.lora_stages=stage1", "reference.source=online"])
     with pytest.raises(ConfigError, match="'model.lora_stages': 'stage3' is not a comma-separated list"):
         load_config(None, ["model.lora_rank=4", "model.lora_stages=stage3"])
+
+
+@pytest.mark.distributed
+@pytest.mark.usefixtures("default_tiny_base")
+def test_a_lora_stage_hands_over_its_adapters_alone_loadable_as_the_merged_export(tmp_path):
+    """Stage 2 through LoRA (model.lora_stages=stage2) writes stage2/adapter beside stage2/model: PEFT's
+    layout over the stage-1 export, megabytes instead of a whole model; Encoder and sentence-transformers
+    load it and embed as the merged export does (1e-5), which the stage-1 export does not; a later run
+    without LoRA moves the stale adapters aside."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from autoregembed.release.encoder import Encoder
+    from helpers import ROOT, TINY_BASE, run_child
+
+    out = str(tmp_path / "run")
+    sets = ["stage1.max_steps=2", "stage1.micro_batch_size=4", "stage2.max_steps=3", "stage2.micro_batch_size=4",
+            "stage2.learning_rate=5e-3", "model.lora_rank=4", "model.lora_stages=stage2", "reference.source=online",
+            "model.match_decoder_scale=false", "monitor.plot=false", "eval.retrieval=none",
+            f"eval.sts_file={ROOT}/autoregembed/resources/sts_dev_sample.csv", f"model.base={TINY_BASE['path']}",
+            f"output_dir={out}"]
+    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)]], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged, adapter, stage1 = (os.path.join(out, *p) for p in (("stage2", "model"), ("stage2", "adapter"),
+                                                                ("stage1", "model")))
+    assert not os.path.exists(os.path.join(out, "stage1", "adapter"))  # stage 1 trained every weight
+    config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert config["base_model_name_or_path"] == os.path.abspath(stage1) and config["r"] == 4
+    size = lambda folder: sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)  # noqa: E731
+                              if f.endswith(".safetensors"))
+    assert size(adapter) < size(merged) / 5
+    texts = ["a man is playing a guitar .", "two dogs run through a field .", "the stock market fell ."]
+    want = Encoder.from_pretrained(merged, device="cpu").encode(texts)
+    np.testing.assert_allclose(Encoder.from_pretrained(adapter, device="cpu").encode(texts), want, atol=1e-5)
+    np.testing.assert_allclose(SentenceTransformer(adapter, device="cpu").encode(texts), want, atol=1e-5)
+    assert np.abs(Encoder.from_pretrained(stage1, device="cpu").encode(texts) - want).max() > 1e-4
+    # stage 2 again, without LoRA: the merged export is replaced, the adapters that no longer fit are set aside
+    again = ["stage=stage2", "model.lora_rank=0", "loss.kind=infonce", "stage2.max_steps=1"]
+    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets + again for a in ("--set", kv)]], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    aside = [f for f in os.listdir(os.path.join(out, "stage2")) if f.startswith("adapter.earlier-")]
+    assert not os.path.exists(adapter) and len(aside) == 1
+    assert os.path.isfile(os.path.join(out, "stage2", aside[0], "adapter_model.safetensors"))

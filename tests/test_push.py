@@ -132,3 +132,54 @@ def test_the_hub_offline_is_one_line_within_seconds_for_every_command(tiny_expor
         assert r.stderr.strip().splitlines()[-1].startswith(want), (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr and time.time() - start < 20, args
     assert not (tmp_path / "run").exists()
+
+
+def _adapter_export(tiny_export, out):
+    """LoRA adapters (random B, so they change the model) over ``tiny_export``, exported alone."""
+    import torch
+
+    from autoregembed.ground.lora import add_lora
+    from autoregembed.release.encoder import _load
+    from autoregembed.release.export import export_adapter
+    from autoregembed.release.meta import ExportMeta
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    encoder = add_lora(_load(tiny_export, "cpu", torch.float32), 4, 0.0, 0.0, "q_proj,v_proj")
+    for name, p in encoder.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return export_adapter(encoder, AutoTokenizer.from_pretrained(tiny_export), str(out), ExportMeta.read(tiny_export),
+                          tiny_export)
+
+
+def test_an_adapter_export_is_pushed_naming_its_bases_repository(tiny_export, tmp_path, capsys):
+    """Adapters name the export they sit on by its local path: push refuses them until --base-repo names that
+    export's repository, and uploads every file as it is but adapter_config.json, which names it; a whole
+    model has no base to name; --adapter without adapters beside the export is one line."""
+    import os
+
+    import pytest
+
+    from autoregembed.ground.errors import InputError
+    from autoregembed.release.push import export_files, push
+    from autoregembed.tools.cli import main
+
+    adapter = _adapter_export(tiny_export, tmp_path / "stage2" / "adapter")
+    hub = RecordingHub()
+    with pytest.raises(InputError, match=r"sit on the local export .*push that export first .*--base-repo"):
+        push(adapter, "me/adapters", api=hub)
+    with pytest.raises(InputError, match=r"--base-repo: 'base' is not a Hub repository id"):
+        push(adapter, "me/adapters", api=hub, base_repo="base")
+    with pytest.raises(InputError, match="is a whole model, not an adapter export"):
+        push(tiny_export, "me/adapters", api=hub, base_repo="me/base")
+    assert hub.commits == []  # nothing sent before every check passed
+    push(adapter, "me/adapters", api=hub, base_repo="me/base")
+    (repo, files, _), = hub.commits
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "me/base"
+    assert {"adapter_model.safetensors", "modules.json", "autoregembed.json", CARD_FILE} <= set(files)
+    for name in export_files(adapter):
+        if name != "adapter_config.json":
+            assert files[name] == open(os.path.join(adapter, name), "rb").read()
+    assert main(["push", "--model", tiny_export, "--adapter", "--repo", "me/x"]) == 2
+    assert "--adapter: no adapter export beside" in capsys.readouterr().err

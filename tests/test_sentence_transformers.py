@@ -121,3 +121,29 @@ def test_mteb_through_sentence_transformers_picks_our_instructions(qd_export):
         key = get_prompt_name(st.prompts, meta, side)
         via_st = st.prompts[key] if key else ours.export_meta.instruction
         assert ours.instruction_for(meta, side) == via_st, (name, side)
+
+
+def test_an_adapter_export_embeds_as_the_merged_export_of_the_same_encoder(tiny_export, tmp_path):
+    """export_adapter and export_encoder of one LoRA encoder: Encoder and sentence-transformers read the
+    adapters over their base as the merged weights (1e-5), and not as the base alone."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    from autoregembed.ground.lora import add_lora
+    from autoregembed.release.encoder import _load
+    from autoregembed.release.export import export_adapter, export_encoder
+    from autoregembed.release.meta import ExportMeta
+
+    torch.manual_seed(0)
+    encoder = add_lora(_load(tiny_export, "cpu", torch.float32), 4, 0.0, 0.0, "all-linear")
+    for name, p in encoder.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    tok, meta = AutoTokenizer.from_pretrained(tiny_export), ExportMeta.read(tiny_export)
+    merged = export_encoder(encoder, tok, str(tmp_path / "model"), meta)
+    adapter = export_adapter(encoder, tok, str(tmp_path / "adapter"), meta, tiny_export)
+    want = Encoder.from_pretrained(merged, device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(Encoder.from_pretrained(adapter, device="cpu").encode(TEXTS), want, atol=1e-5)
+    np.testing.assert_allclose(SentenceTransformer(adapter, device="cpu").encode(TEXTS, batch_size=3), want, atol=1e-5)
+    assert np.abs(Encoder.from_pretrained(tiny_export, device="cpu").encode(TEXTS) - want).max() > 1e-3

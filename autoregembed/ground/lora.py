@@ -3,7 +3,8 @@
 Each training stage adds fresh adapters to the encoder it starts from and exports the
 *merged* weights, so the stage-1 export is a plain model: reference scoring reads it as
 is, stage 2 adds new adapters on top of it, and users load every export with
-``AutoModel.from_pretrained``.  Adapters are injected in place (the encoder stays a
+``AutoModel.from_pretrained``.  A stage that starts from an export also hands over its adapters
+alone, in PEFT's layout (``adapter_parameters``, ``adapter_config``), over that export.  Adapters are injected in place (the encoder stays a
 ``LlamaModel``-like module), so the rest of the trainer does not know they are there.
 
 Under ZeRO-3 the adapters are created after the base weights were partitioned;
@@ -86,3 +87,29 @@ def exported_parameters(encoder: torch.nn.Module):
             yield f"{layer_name}.weight", [p, a, b], merged
         else:
             yield name, [p], p.detach
+
+
+def adapter_parameters(encoder: torch.nn.Module):
+    """(name in PEFT's saved layout, parameter) of every adapter matrix: ``<layer>.lora_A.default.weight``
+    is saved as ``base_model.model.<layer>.lora_A.weight``, which ``PeftModel`` and Transformers'
+    adapter loading read."""
+    for name, p in encoder.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            yield "base_model.model." + name.replace(f".{ADAPTER}.", "."), p
+
+
+def adapter_config(encoder: torch.nn.Module, base: str):
+    """The ``peft.LoraConfig`` of the encoder's adapters over the model folder or hub name ``base`` (its
+    ``save_pretrained`` writes adapter_config.json): the wrapped layers by name, their rank, alpha and
+    dropout as injected."""
+    from peft import LoraConfig
+
+    layers = _lora_layers(encoder)
+    if not layers:
+        raise InputError("the encoder has no LoRA adapters to export (model.lora_rank = 0)")
+    one = next(iter(layers.values()))
+    rank, scaling = one.r[ADAPTER], one.scaling[ADAPTER]
+    dropout = getattr(one.lora_dropout[ADAPTER], "p", 0.0)
+    config = LoraConfig(r=rank, lora_alpha=scaling * rank, lora_dropout=dropout, target_modules=sorted(layers),
+                        bias="none", base_model_name_or_path=base, inference_mode=True)
+    return config

@@ -7,6 +7,11 @@ sharded safetensors + index, config, the tokenizer with its EMBED tokens,
 Parameters are gathered one at a time (a LoRA layer with its adapters, merged; see
 lora.py) and shards are flushed as they fill, so rank 0 never holds more than one shard
 plus one layer.  Written atomically.
+
+``export_adapter`` writes a LoRA-trained encoder's adapters alone, in PEFT's layout over the export it
+started from, with the same tokenizer, description and sentence-transformers files: the same three
+loaders read it (Transformers' PEFT integration loads the base and applies the adapters), at the
+size of the adapters (megabytes, not the 13.5 GB of a merged 7B export).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from safetensors.torch import save_file
 from ..ground import distributed as D
 from ..ground.atomic import atomic_dir
 from ..ground.errors import StorageError, UserError
-from ..ground.lora import exported_parameters
+from ..ground.lora import adapter_config, adapter_parameters, exported_parameters
 from ..ground.monitor import Progress
 from ..method.shared_prefix import PREFIX_FILE, write_prefix
 from .meta import ExportMeta
@@ -103,10 +108,42 @@ def _write_export(encoder, tokenizer, out_dir: str, meta: ExportMeta, max_shard_
             config.vocab_size = encoder.get_input_embeddings().num_embeddings
             config.use_cache = False
             config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            meta.write(tmp)
-            if shared_prefix is not None:
-                write_prefix(os.path.join(tmp, PREFIX_FILE), shared_prefix)
-            write_sentence_transformers(tmp, tokenizer, meta, config.hidden_size)
-            with open(os.path.join(tmp, CARD_FILE), "w", encoding="utf-8") as f:
-                f.write(card_text(out_dir, meta))
+            _write_companions(tmp, out_dir, tokenizer, meta, config.hidden_size, shared_prefix)
+
+
+def _write_companions(tmp: str, out_dir: str, tokenizer, meta: ExportMeta, hidden_size: int,
+                      shared_prefix: torch.Tensor | None):
+    """What every export holds beside its weights: the tokenizer, autoregembed.json, the decoder's shared
+    prefix (if any), the sentence-transformers files and the model card."""
+    tokenizer.save_pretrained(tmp)
+    meta.write(tmp)
+    if shared_prefix is not None:
+        write_prefix(os.path.join(tmp, PREFIX_FILE), shared_prefix)
+    write_sentence_transformers(tmp, tokenizer, meta, hidden_size)
+    with open(os.path.join(tmp, CARD_FILE), "w", encoding="utf-8") as f:
+        f.write(card_text(out_dir, meta))
+
+
+def export_adapter(encoder: torch.nn.Module, tokenizer, out_dir: str, meta: ExportMeta, base: str,
+                   shared_prefix: torch.Tensor | None = None) -> str:
+    """The encoder's LoRA adapters alone into ``out_dir`` (adapter_model.safetensors + adapter_config.json
+    naming ``base``, the export they sit on), with the files every export holds.  Every rank must call
+    it (the gathers are collective); rank 0 writes, atomically."""
+    is_writer = D.rank() == 0
+    try:
+        with atomic_dir(out_dir) if is_writer else contextlib.nullcontext() as tmp:
+            tensors = {}
+            for name, p in adapter_parameters(encoder):
+                with D.gathered([p]):
+                    if is_writer:
+                        tensors[name] = p.detach().to("cpu").clone().contiguous()
+            if is_writer:
+                save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+                adapter_config(encoder, base).save_pretrained(tmp)
+                _write_companions(tmp, out_dir, tokenizer, meta, encoder.config.hidden_size, shared_prefix)
+    except (OSError, SafetensorError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise StorageError(f"{out_dir}: writing the adapter export failed ({e}); any earlier one there is intact") from e
+    D.barrier()
+    return out_dir

@@ -2,10 +2,13 @@
 
 The repository gets every file of the export as it is, and a model card rendered for the repository
 (its usage code loads the repository id, not the local folder; model_card.py).  Nothing is copied
-locally: the files are read where they are.
+locally: the files are read where they are.  An adapter export (export.export_adapter) names the export
+it sits on by its local path: pushed, it names that export's repository instead (``base_repo``), so the
+adapter loads from the Hub as it loaded here.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from ..ground import hub
@@ -23,14 +26,41 @@ def export_files(folder: str) -> list[str]:
     return [f for f in out if f != CARD_FILE]
 
 
-def push(folder: str, repo_id: str, private: bool = False, revision: str | None = None, token: str | None = None,
-         api=None, commit_message: str | None = None) -> str:
-    """Create ``repo_id`` if needed and commit the export in ``folder`` to it; returns the commit URL.
-    ``api``: a ``huggingface_hub.HfApi`` (its endpoint and token), made here when None."""
-    meta = ExportMeta.read(folder)  # not an export: fails before anything is sent
-    parts = repo_id.split("/")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _repo_id(value: str, flag: str) -> str:
+    parts = value.split("/")
     if len(parts) != 2 or not all(parts):
-        raise InputError(f"--repo: {repo_id!r} is not a Hub repository id (owner/name)")
+        raise InputError(f"{flag}: {value!r} is not a Hub repository id (owner/name)")
+    return value
+
+
+def _adapter_config(folder: str, base_repo: str | None) -> bytes | None:
+    """An adapter export's adapter_config.json as it is pushed (naming ``base_repo``); None for a whole model."""
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        if base_repo:
+            raise InputError(f"--base-repo: {folder} is a whole model, not an adapter export; it has no base to name")
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    base = config.get("base_model_name_or_path") or ""
+    if base_repo is None and (os.path.isabs(base) or os.path.exists(base)):
+        raise InputError(f"{path}: the adapters sit on the local export {base}; push that export first and name its "
+                         f"repository with --base-repo owner/name")
+    config["base_model_name_or_path"] = _repo_id(base_repo, "--base-repo") if base_repo else base
+    return (json.dumps(config, indent=2) + "\n").encode("utf-8")
+
+
+def push(folder: str, repo_id: str, private: bool = False, revision: str | None = None, token: str | None = None,
+         api=None, commit_message: str | None = None, base_repo: str | None = None) -> str:
+    """Create ``repo_id`` if needed and commit the export in ``folder`` to it; returns the commit URL.
+    ``api``: a ``huggingface_hub.HfApi`` (its endpoint and token), made here when None.  ``base_repo``: for an
+    adapter export, the repository of the export its adapters sit on."""
+    meta = ExportMeta.read(folder)  # not an export: fails before anything is sent
+    _repo_id(repo_id, "--repo")
+    adapter_config = _adapter_config(folder, base_repo)
     from huggingface_hub import CommitOperationAdd, HfApi
 
     if hub.offline():
@@ -44,8 +74,8 @@ def push(folder: str, repo_id: str, private: bool = False, revision: str | None 
                            f"organisation")
     with hub.answering(f"push to {repo_id}"):
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f))
-                      for f in export_files(folder)]
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=adapter_config if f == ADAPTER_CONFIG
+                                         else os.path.join(folder, f)) for f in export_files(folder)]
         operations.append(CommitOperationAdd(path_in_repo=CARD_FILE,
                                              path_or_fileobj=card_text(repo_id, meta).encode("utf-8")))
         info = api.create_commit(repo_id, operations, repo_type="model", revision=revision,

@@ -26,8 +26,8 @@ from .diagnostics import (PROBE_ROWS, HealthWatch, KeepBest, reading_as_export, 
                           sts_during_training, why_dead)
 from ..ground.errors import TrainingDiverged
 from .ds_config import build_ds_config, zero_stage
-from ..release.export import export_encoder
-from ..release.meta import ExportMeta
+from ..release.export import export_adapter, export_encoder
+from ..release.meta import META_FILE, ExportMeta
 from ..release.retrieval import load as load_retrieval
 from .loading import (hf_zero3_config, load_frozen_decoder, load_model, prepare_base, resolve_attention,
                       resolve_dtype)
@@ -98,6 +98,7 @@ class Session:
         import deepspeed
 
         self.cfg, self.spec, self.stage = cfg, stage, stage.name  # the stages.Stage, and its name (folders, logs)
+        self.encoder_path = encoder_path
         self.base = prepare_base(cfg)
         self.optim = stage.settings(cfg)
         dtype = resolve_dtype(cfg.model.dtype)
@@ -181,7 +182,26 @@ class Session:
                           shared_prefix=0 if self.model.shared_prefix is None else len(self.model.shared_prefix))
         export_encoder(self.encoder, self.tokenizer, out_dir, meta, shared_prefix=self.model.shared_prefix)
         log(f"{self.stage}: exported model to {out_dir}")
+        adapter = os.path.join(os.path.dirname(out_dir), "adapter")
+        if self.cfg.model.trains_lora(self.stage):
+            self._export_adapter(adapter, meta)
+        elif D.rank() == 0 and os.path.isdir(adapter):  # an earlier LoRA run's: it does not fit this model
+            aside = f"{adapter}.{time.strftime('earlier-%Y%m%d-%H%M%S')}"
+            os.rename(adapter, aside)
+            log(f"{self.stage}: {adapter} held an earlier run's adapters, which do not fit this export; moved to {aside}")
         return out_dir
+
+    def _export_adapter(self, out_dir: str, meta: ExportMeta):
+        """Its adapters alone beside the merged export, over the export this stage started from; a stage
+        that started from the base model has none to hand over this way (its EMBED token rows are not in
+        the base, so adapters over it would not load)."""
+        if not os.path.isfile(os.path.join(self.encoder_path, META_FILE)):
+            log(f"{self.stage}: no adapter-only export: LoRA over the base model {self.encoder_path}, which lacks "
+                f"the EMBED tokens (the merged export holds them)")
+            return
+        export_adapter(self.encoder, self.tokenizer, out_dir, meta, os.path.abspath(self.encoder_path),
+                       shared_prefix=self.model.shared_prefix)
+        log(f"{self.stage}: exported its LoRA adapters alone to {out_dir} (over {self.encoder_path})")
 
     def _provenance(self) -> dict:
         """How this stage trained, as the model card states it."""

@@ -104,6 +104,10 @@ def main(argv=None) -> int:
     pu.add_argument("--private", action="store_true")
     pu.add_argument("--revision", default=None, help="branch (default: main)")
     pu.add_argument("--token", default=None, help="default: HF_TOKEN or the cached login")
+    pu.add_argument("--adapter", action="store_true",
+                    help="push the LoRA adapters exported beside --model (its sibling folder 'adapter') instead")
+    pu.add_argument("--base-repo", default=None,
+                    help="for adapters: the repository of the export they sit on (push that export first)")
     sg = sub.add_parser("stages", help="the stages `stage: pipeline` runs with a config, in order, one per line")
     _add_run_args(sg)  # the arguments of train.py (slurm/pipeline.sh passes a job's EXTRA_ARGS); --set, --config count
     sg.add_argument("--all", action="store_true", help="every stage (each a value of `stage`), with what it does")
@@ -231,10 +235,16 @@ def _plan(args) -> int:
 
 
 def _push(args) -> int:
+    from ..ground.errors import InputError
     from ..release.push import push
 
-    url = push(args.model, args.repo, private=args.private, revision=args.revision, token=args.token)
-    print(json.dumps({"model": args.model, "repo": args.repo, "commit": url}))
+    folder = os.path.join(os.path.dirname(os.path.abspath(args.model)), "adapter") if args.adapter else args.model
+    if args.adapter and not os.path.isdir(folder):
+        raise InputError(f"--adapter: no adapter export beside {args.model} ({folder}); a stage writes one when it "
+                         f"trains through LoRA from an export (model.lora_stages)")
+    url = push(folder, args.repo, private=args.private, revision=args.revision, token=args.token,
+               base_repo=args.base_repo)
+    print(json.dumps({"model": folder, "repo": args.repo, "commit": url}))
     return 0
 
 
