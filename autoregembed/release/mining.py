@@ -8,7 +8,8 @@ cos(query, pos) - margin; ``relative_margin``: above cos(query, pos) x (1 - marg
 sentence-transformers' ``mine_hard_negatives``); only ranks below ``range_max`` (FlagEmbedding's
 ``range_for_sampling``) are candidates.  ``sampling`` top takes the first ``negatives`` left, random
 draws them from all that are left (seeded per row).  Query and corpus are embedded with the row's
-instruction, as stage 2 encodes a query and its positive.
+instruction, as stage 2 encodes a query and its positive.  The ranking is exact (every passage scored,
+``ExactSearch``) or, for corpora too large for that, a faiss index (``FaissSearch``, ``index=faiss``).
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from ..ground.fingerprint import hash_folder
 
 
 MINE_SAMPLING = ("top", "random")
+MINE_INDEXES = ("exact", "faiss")
 
 
 def check_mining(negatives: int, skip_top: int, max_similarity: float, range_max: int = 0,
                  absolute_margin: float | None = None, relative_margin: float | None = None,
-                 sampling: str = "top", name=lambda key: key) -> None:
+                 sampling: str = "top", name=lambda key: key, index: str = "exact", index_lists: int = 0,
+                 index_probe: int = 32) -> None:
     """The mining settings' ranges, each error naming the setting as ``name(key)`` spells it (a
     config key or a command-line flag); NaN fails every comparison, so it is refused too."""
     rules = [("negatives", negatives, negatives >= 1, ">= 1"), ("skip_top", skip_top, skip_top >= 0, ">= 0"),
@@ -37,7 +40,10 @@ def check_mining(negatives: int, skip_top: int, max_similarity: float, range_max
              ("absolute_margin", absolute_margin, absolute_margin is None or 0 <= absolute_margin <= 2,
               "a cosine difference in [0, 2]"),
              ("relative_margin", relative_margin, relative_margin is None or 0 <= relative_margin < 1, "in [0, 1)"),
-             ("sampling", sampling, sampling in MINE_SAMPLING, " or ".join(MINE_SAMPLING))]
+             ("sampling", sampling, sampling in MINE_SAMPLING, " or ".join(MINE_SAMPLING)),
+             ("index", index, index in MINE_INDEXES, " or ".join(MINE_INDEXES)),
+             ("index_lists", index_lists, index_lists >= 0, ">= 0 (0: 4 x sqrt(passages))"),
+             ("index_probe", index_probe, index_probe >= 1, ">= 1")]
     for key, value, ok, rule in rules:
         if not ok:
             raise InputError(f"{name(key)} must be {rule}, got {value}")
@@ -88,6 +94,57 @@ def _ranked(sims: np.ndarray, pool: int) -> np.ndarray:
     return top[np.argsort(-sims[top], kind="stable")]
 
 
+class ExactSearch:
+    """Every passage scored for every query: the reference, and what a corpus that fits the chunk's
+    ``queries x passages`` scores in memory should use."""
+
+    def __init__(self, corpus: np.ndarray):
+        self.corpus = corpus
+
+    def top(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, (passage indices, cosines), the ``k`` most similar first (``_ranked``)."""
+        sims = queries @ self.corpus.T
+        return [(ids, row[ids]) for row in sims for ids in [_ranked(row, k)]]
+
+
+class FaissSearch:
+    """An inverted-file index (faiss ``IndexIVFFlat``, inner product on unit vectors: cosine) for corpora
+    too large to score whole: ``lists`` clusters (0: 4 x sqrt(passages), at most passages / 39), each query reads the ``probe``
+    nearest; a corpus under 10,000 passages gets faiss' exact flat index.  On every GPU faiss sees when
+    it is a GPU build.  Approximate: what the probed lists do not hold is never a candidate
+    (``bench/mining_index.py`` measures recall against exact search)."""
+
+    def __init__(self, corpus: np.ndarray, lists: int = 0, probe: int = 32, seed: int = 0):
+        try:
+            import faiss
+        except ImportError:
+            raise InputError("mining with index faiss needs the faiss package: pip install faiss-cpu (or a GPU "
+                             "build of faiss)") from None
+        x = np.ascontiguousarray(corpus, dtype=np.float32)
+        n, dim = x.shape
+        lists = lists or (min(int(4 * n ** 0.5), n // 39) if n >= 10_000 else 0)  # faiss asks 39 points a list
+        if lists:
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, min(lists, n), faiss.METRIC_INNER_PRODUCT)
+            sample = np.random.default_rng(seed).choice(n, min(n, 64 * lists), replace=False)
+            index.train(x[np.sort(sample)])
+            index.nprobe = probe
+        else:
+            index = faiss.IndexFlatIP(dim)
+        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+            index = faiss.index_cpu_to_all_gpus(index)
+        index.add(x)
+        self.index, self.n = index, n
+
+    def top(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, self.n))
+        return [(i[i >= 0].astype(np.int64), s[i >= 0].astype(np.float64)) for s, i in zip(scores, ids)]
+
+
+def corpus_search(corpus: np.ndarray, index: str = "exact", lists: int = 0, probe: int = 32):
+    """The search ``mine.index`` names over the embedded corpus."""
+    return ExactSearch(corpus) if index == "exact" else FaissSearch(corpus, lists, probe)
+
+
 def mining_fingerprint(model_dir: str, rows: list[dict], settings: dict) -> str:
     """What a mined file depends on: the model's files, the rows (in order, every field) and the
     mining settings; a resumed run keeps a mined file whose fingerprint is unchanged."""
@@ -101,48 +158,49 @@ def mining_fingerprint(model_dir: str, rows: list[dict], settings: dict) -> str:
 def mine_negatives(encoder, rows: list[dict], corpus: list[str], negatives: int, skip_top: int = 0,
                    max_similarity: float = 0.95, batch_size: int = 64, show_progress_bar: bool | str = False,
                    range_max: int = 0, absolute_margin: float | None = None, relative_margin: float | None = None,
-                   sampling: str = "top", seed: int = 0) -> list[dict]:
+                   sampling: str = "top", seed: int = 0, index: str = "exact", index_lists: int = 0,
+                   index_probe: int = 32) -> list[dict]:
     """Stage-2 rows with ``negatives`` mined negatives each (fewer when the corpus runs out): the
     passages the module docstring allows, the most similar first (``sampling`` top) or drawn at
-    random among them (random, seeded by ``seed`` and the row's index: the same file every run)."""
-    check_mining(negatives, skip_top, max_similarity, range_max, absolute_margin, relative_margin, sampling)
+    random among them (random, seeded by ``seed`` and the row's index: the same file every run),
+    found by ``index`` (``corpus_search``)."""
+    check_mining(negatives, skip_top, max_similarity, range_max, absolute_margin, relative_margin, sampling,
+                 index=index, index_lists=index_lists, index_probe=index_probe)
     out: dict[int, dict] = {}
     for instruction in dict.fromkeys(r["instruction"] for r in rows):
-        index = [i for i, r in enumerate(rows) if r["instruction"] == instruction]
-        group = [rows[i] for i in index]
+        members = [i for i, r in enumerate(rows) if r["instruction"] == instruction]
+        group = [rows[i] for i in members]
         enc = lambda texts: encoder.encode(texts, batch_size=batch_size, instruction=instruction,
                                            show_progress_bar=show_progress_bar).astype(np.float64)
         c = enc(corpus)
         q, p = enc([r["query"] for r in group]), enc([r["pos"] for r in group])
+        search = corpus_search(c, index, index_lists, index_probe)
+        limit = range_max or len(corpus)
+        want = negatives if sampling == "top" else limit  # random draws from every allowed candidate
+        first = min(limit, 4 * (skip_top + negatives) + 16) if sampling == "top" else limit
         for start in range(0, len(group), QUERY_CHUNK):
-            sims = q[start : start + QUERY_CHUNK] @ c.T
+            found = search.top(q[start : start + QUERY_CHUNK], first)
             for i in range(start, min(start + QUERY_CHUNK, len(group))):
                 r, s_pos = group[i], float(q[i] @ p[i])
                 ceiling = min(s_pos - absolute_margin if absolute_margin is not None else np.inf,
                               s_pos * (1 - relative_margin) if relative_margin is not None else np.inf)
-
-                def allowed(rank: int, j: int) -> bool:
-                    return not (rank < skip_top or corpus[j] in (r["query"], r["pos"]) or
-                                p[i] @ c[j] >= max_similarity or sims[i - start, j] > ceiling)
-
-                limit = range_max or len(corpus)
-                want = negatives if sampling == "top" else limit  # random draws from every allowed candidate
-                pool = min(limit, 4 * (skip_top + negatives) + 16) if sampling == "top" else limit
+                (ids, sims), pool = found[i - start], first
                 while True:  # a pool filtered out too far is widened, so the result is the full sort's
-                    ranked = _ranked(sims[i - start], pool)[:limit]
                     candidates = []
-                    for rank, j in enumerate(ranked):
+                    for rank, (j, sim) in enumerate(zip(ids[:limit], sims[:limit])):
                         if len(candidates) == want:
                             break
-                        if allowed(rank, j):
+                        if not (rank < skip_top or corpus[j] in (r["query"], r["pos"]) or
+                                p[i] @ c[j] >= max_similarity or sim > ceiling):
                             candidates.append(corpus[j])
-                    if (sampling == "top" and len(candidates) == negatives) or pool >= limit:
-                        break
+                    if (sampling == "top" and len(candidates) == negatives) or pool >= limit or len(ids) < pool:
+                        break  # enough, the whole range, or all the index finds
                     pool = min(limit, pool * 4)
+                    (ids, sims), = search.top(q[i : i + 1], pool)
                 if sampling == "random" and len(candidates) > negatives:
-                    pick = np.random.default_rng([seed, index[i]]).choice(len(candidates), negatives, replace=False)
+                    pick = np.random.default_rng([seed, members[i]]).choice(len(candidates), negatives, replace=False)
                     candidates = [candidates[k] for k in sorted(pick)]
                 chosen = candidates[:negatives]
                 if chosen:
-                    out[index[i]] = {**r, "neg": chosen}  # its other fields (a document instruction) kept
+                    out[members[i]] = {**r, "neg": chosen}  # its other fields (a document instruction) kept
     return [out[i] for i in sorted(out)]  # the input's order

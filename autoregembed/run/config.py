@@ -351,6 +351,11 @@ class MineConfig:
     absolute_margin: typing.Optional[float] = None
     relative_margin: typing.Optional[float] = None
     sampling: str = "top"  # top: the most similar allowed passages; random: drawn among them (seeded)
+    # exact: every passage scored for every query; faiss: an inverted-file index (release/mining.py
+    # FaissSearch) of index_lists clusters (0: 4 x sqrt(passages)), index_probe of them read per query
+    index: str = "exact"
+    index_lists: int = 0
+    index_probe: int = 32
     batch_size: int = 64
 
     def check(self, key: str):
@@ -358,7 +363,8 @@ class MineConfig:
             raise ConfigError(f"key '{key}.batch_size' must be >= 1, got {self.batch_size}")
         try:
             check_mining(self.negatives, self.skip_top, self.max_similarity, self.range_max, self.absolute_margin,
-                         self.relative_margin, self.sampling, name=lambda k: f"key '{key}.{k}'")
+                         self.relative_margin, self.sampling, name=lambda k: f"key '{key}.{k}'", index=self.index,
+                         index_lists=self.index_lists, index_probe=self.index_probe)
         except InputError as e:
             raise ConfigError(str(e)) from None
 

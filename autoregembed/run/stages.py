@@ -304,7 +304,8 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
                 mined = mine_negatives(encoder, rows, default_corpus(rows), m.negatives, m.skip_top,
                                        m.max_similarity, m.batch_size, show_progress_bar="mine: encoding",
                                        range_max=m.range_max, absolute_margin=m.absolute_margin,
-                                       relative_margin=m.relative_margin, sampling=m.sampling, seed=cfg.seed)
+                                       relative_margin=m.relative_margin, sampling=m.sampling, seed=cfg.seed,
+                                       index=m.index, index_lists=m.index_lists, index_probe=m.index_probe)
                 write_jsonl(path, mined)
                 atomic_write_text(stamp, fp)  # after the rows: a stamp never vouches for a file not yet written
                 log(f"mine: {len(mined)} of {len(rows)} rows of {source.path} with {m.negatives} mined "

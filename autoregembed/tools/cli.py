@@ -148,6 +148,10 @@ def main(argv=None) -> int:
     mn.add_argument("--sampling", default="top", help="top: the most similar allowed passages; random: drawn "
                     "among them (seeded by --seed)")
     mn.add_argument("--seed", type=int, default=42)
+    mn.add_argument("--index", default="exact", help="exact: every passage scored; faiss: an inverted-file index "
+                    "for corpora too large for that (pip install faiss-cpu, or a GPU build)")
+    mn.add_argument("--index-lists", type=int, default=0, help="faiss: clusters (0: 4 x sqrt(passages))")
+    mn.add_argument("--index-probe", type=int, default=32, help="faiss: clusters read per query")
     mn.add_argument("--output", required=True, help="stage-2 jsonl to write")
     mn.add_argument("--batch-size", type=int, default=64)
     rc = sub.add_parser("reconstruct", help="regenerate texts from their compressed tokens with the frozen decoder")
@@ -317,7 +321,8 @@ def _mine(args) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     settings = dict(range_max=args.range_max, absolute_margin=args.absolute_margin,
-                    relative_margin=args.relative_margin, sampling=args.sampling)
+                    relative_margin=args.relative_margin, sampling=args.sampling, index=args.index,
+                    index_lists=args.index_lists, index_probe=args.index_probe)
     check_mining(args.negatives, args.skip_top, args.max_similarity, **settings,
                  name=lambda key: "--" + key.replace("_", "-"))
     rows = read_queries(args.queries, with_negatives=args.corpus is None)  # bad input fails before the model loads
