@@ -43,7 +43,7 @@ def run(tmp_path_factory, request, default_tiny_base):
         overrides += ["eval.every=8", f"eval.sts_file={os.path.join(ROOT, 'autoregembed', 'resources', 'sts_dev_sample.csv')}",
                       "monitor.wandb=true", "monitor.wandb_project=tests"]
     if request.param == "lora":  # and the frozen decoder partitioned with the encoder, every pass packed
-        overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=5e-3",
+        overrides += ["model.lora_rank=8", "stage1.learning_rate=1e-2", "stage2.learning_rate=2e-3",
                       "reference.source=online", "data.in_batch_negatives=true", "model.shard_decoder=true",
                       "model.shared_prefix=0", "model.packing=true"]
     proc = run_child([WORKER, tmp, os.path.join(ROOT, "ds_configs", "zero3.json"), *overrides], ranks=2, timeout=600,

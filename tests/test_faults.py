@@ -135,7 +135,8 @@ def test_a_second_run_into_a_busy_folder_is_refused_before_anything_loads(tmp_pa
 
 COUNT_READ_BACKS = """
 import json, atexit
-from autoregembed.ground import distributed, preemption
+from autoregembed.ground import distributed
+from autoregembed.run import preemption
 calls = {"read_backs": 0, "stop_checks": 0}
 def _counted(fn, key):
     def wrapper(*a, **k):
