@@ -3,9 +3,10 @@
 Each training stage adds fresh adapters to the encoder it starts from and exports the
 *merged* weights, so the stage-1 export is a plain model: reference scoring reads it as
 is, stage 2 adds new adapters on top of it, and users load every export with
-``AutoModel.from_pretrained``.  A stage that starts from an export also hands over its adapters
-alone, in PEFT's layout (``adapter_parameters``, ``adapter_config``), over that export.  Adapters are injected in place (the encoder stays a
-``LlamaModel``-like module), so the rest of the trainer does not know they are there.
+``AutoModel.from_pretrained``.  A stage that starts from an export also hands over its
+adapters alone, in PEFT's layout (``adapter_parameters``, ``adapter_config``), over that export.
+Adapters are injected in place (the encoder stays a ``LlamaModel``-like module), so the rest of
+the trainer does not know they are there.
 
 Under ZeRO-3 the adapters are created after the base weights were partitioned;
 ``deepspeed.initialize`` partitions them too.  The merge gathers a layer's base weight and

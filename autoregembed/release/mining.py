@@ -109,8 +109,8 @@ class ExactSearch:
 
 class FaissSearch:
     """An inverted-file index (faiss ``IndexIVFFlat``, inner product on unit vectors: cosine) for corpora
-    too large to score whole: ``lists`` clusters (0: 4 x sqrt(passages), at most passages / 39), each query reads the ``probe``
-    nearest; a corpus under 10,000 passages gets faiss' exact flat index.  On every GPU faiss sees when
+    too large to score whole: ``lists`` clusters (0: 4 x sqrt(passages), at most passages / 39), each
+    query reads the ``probe`` nearest; a corpus under 10,000 passages gets faiss' exact flat index.  On every GPU faiss sees when
     it is a GPU build.  Approximate: what the probed lists do not hold is never a candidate
     (``bench/mining_index.py`` measures recall against exact search)."""
 
