@@ -319,7 +319,8 @@ class Mine(NeedsStage1, Stage2Rows, Stage):
 class Reference(NeedsStage1, Stage2Rows, Stage):
     """Reference scores of every stage-2 row by the stage-1 model, into a file keyed by row content.
 
-    Not run with ``reference.source: online`` (stage 2 then scores them itself)."""
+    Not run with ``reference.source: online`` (stage 2 then scores them itself), nor for an objective
+    that reads none (``loss.kind: infonce``)."""
 
     name = "reference"
 
