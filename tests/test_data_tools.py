@@ -137,27 +137,33 @@ def test_mining_in_query_chunks_with_a_widening_pool_equals_the_full_sort(monkey
         assert m["neg"] == want
 
 
+def _random_world(passages: int, queries: int, dim: int):
+    """(an encoder of fixed random unit vectors, the corpus, rows q_i -> p_i): mining without a model."""
+    rng = np.random.default_rng(1)
+    corpus = [f"passage {i}" for i in range(passages)]
+    names = corpus + [f"q{i}" for i in range(queries)] + [f"p{i}" for i in range(queries)]
+    vectors = {t: v / np.linalg.norm(v) for t, v in zip(names, rng.normal(size=(len(names), dim)))}
+
+    class Fixed:
+        def encode(self, texts, **kw):
+            return np.stack([vectors[t] for t in texts]).astype(np.float32)
+
+    rows = [{"query": f"q{i}", "pos": f"p{i}", "neg": ["x"], "instruction": "i"} for i in range(queries)]
+    return Fixed(), corpus, rows
+
+
 @pytest.mark.parametrize("index", [dict(index="faiss"), dict(index="faiss", index_lists=16, index_probe=16)])
 def test_mining_through_a_faiss_index_that_reads_every_list_equals_exact_mining(monkeypatch, index):
     """faiss' flat index (a small corpus) and an inverted-file index probing all its lists see every
     passage: the mined rows are exact mining's, with the filters, a widening pool and random sampling."""
     from autoregembed.release import mining as mine
 
-    rng = np.random.default_rng(1)
-    corpus = [f"passage {i}" for i in range(400)]
-    texts = corpus + [f"q{i}" for i in range(12)] + [f"p{i}" for i in range(12)]
-    vectors = {t: v / np.linalg.norm(v) for t, v in zip(texts, rng.normal(size=(len(texts), 8)))}
-
-    class Fixed:
-        def encode(self, texts, **kw):
-            return np.stack([vectors[t] for t in texts]).astype(np.float32)
-
-    rows = [{"query": f"q{i}", "pos": f"p{i}", "neg": ["x"], "instruction": "i"} for i in range(12)]
+    encoder, corpus, rows = _random_world(passages=400, queries=12, dim=8)
     monkeypatch.setattr(mine, "QUERY_CHUNK", 5)
     for settings in (dict(negatives=5, skip_top=2, max_similarity=0.2), dict(negatives=4, relative_margin=0.1),
                      dict(negatives=3, sampling="random", range_max=60, seed=3)):
-        want = mine.mine_negatives(Fixed(), rows, corpus, **settings)
-        assert mine.mine_negatives(Fixed(), rows, corpus, **settings, **index) == want, settings
+        want = mine.mine_negatives(encoder, rows, corpus, **settings)
+        assert mine.mine_negatives(encoder, rows, corpus, **settings, **index) == want, settings
 
 
 def test_the_faiss_index_finds_most_of_the_exact_neighbours_of_clustered_embeddings():
@@ -188,23 +194,14 @@ def test_range_margins_and_random_sampling_against_a_brute_force_reference(monke
     draws among all of them (the same draw for the same seed, another for another seed)."""
     from autoregembed.release import mining as mine
 
-    rng = np.random.default_rng(1)
-    corpus = [f"passage {i}" for i in range(200)]
-    names = corpus + [f"q{i}" for i in range(8)] + [f"p{i}" for i in range(8)]
-    vectors = {t: v / np.linalg.norm(v) for t, v in zip(names, rng.normal(size=(len(names), 6)))}
-
-    class Fixed:
-        def encode(self, texts, **kw):
-            return np.stack([vectors[t] for t in texts]).astype(np.float32)
-
-    rows = [{"query": f"q{i}", "pos": f"p{i}", "neg": ["x"], "instruction": "i"} for i in range(8)]
+    encoder, corpus, rows = _random_world(passages=200, queries=8, dim=6)
     monkeypatch.setattr(mine, "QUERY_CHUNK", 3)
     kw = {"skip_top": 0, **settings}
-    got = mine.mine_negatives(Fixed(), rows, corpus, negatives=4, max_similarity=0.9, seed=5, **kw)
-    c = Fixed().encode(corpus).astype(np.float64)
+    got = mine.mine_negatives(encoder, rows, corpus, negatives=4, max_similarity=0.9, seed=5, **kw)
+    c = encoder.encode(corpus).astype(np.float64)
     by_query = {m["query"]: m for m in got}  # a row with nothing left to take is left out
     for r in rows:
-        q, p = (Fixed().encode([t]).astype(np.float64)[0] for t in (r["query"], r["pos"]))
+        q, p = (encoder.encode([t]).astype(np.float64)[0] for t in (r["query"], r["pos"]))
         s_pos, sims = float(q @ p), c @ q
         ceiling = min(s_pos - kw["absolute_margin"] if "absolute_margin" in kw else np.inf,
                       s_pos * (1 - kw["relative_margin"]) if "relative_margin" in kw else np.inf)
@@ -218,10 +215,10 @@ def test_range_margins_and_random_sampling_against_a_brute_force_reference(monke
             assert mined == allowed[:4]
     assert len(by_query) >= 4  # the rules leave most rows something
     if settings.get("sampling") == "random":
-        again = mine.mine_negatives(Fixed(), rows, corpus, negatives=4, max_similarity=0.9, seed=5, **kw)
-        other = mine.mine_negatives(Fixed(), rows, corpus, negatives=4, max_similarity=0.9, seed=6, **kw)
+        again = mine.mine_negatives(encoder, rows, corpus, negatives=4, max_similarity=0.9, seed=5, **kw)
+        other = mine.mine_negatives(encoder, rows, corpus, negatives=4, max_similarity=0.9, seed=6, **kw)
         assert again == got and other != got
-        closest = {r["query"]: [corpus[j] for j in np.argsort(-(c @ Fixed().encode([r["query"]])[0]), kind="stable")]
+        closest = {r["query"]: [corpus[j] for j in np.argsort(-(c @ encoder.encode([r["query"]])[0]), kind="stable")]
                    for r in rows}
         assert any(m["neg"] != closest[m["query"]][:4] for m in got)  # not simply the closest
 
