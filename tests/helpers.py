@@ -42,6 +42,12 @@ def child_command(args: list, ranks: int | None = None) -> list:
             str(free_port()), *map(str, args)]
 
 
+def run_train(sets: list[str], *args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """``python train.py --set k=v ...`` (then ``args``, e.g. ``--resume``) through ``run_child``."""
+    return run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)], *args],
+                     timeout=timeout, **kwargs)
+
+
 def run_child(args: list, ranks: int | None = None, env: dict | None = None, timeout: float = 300,
               cwd: str = ROOT) -> subprocess.CompletedProcess:
     """Every Python child of the tests starts here: ``child_command`` with ``child_env()`` (or

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY_BASE, child_command, child_env, patched_train, run_child
+from helpers import ROOT, TINY_BASE, child_command, child_env, patched_train, run_child, run_train
 
 from autoregembed.run.preemption import EXIT_STOPPED
 
@@ -277,7 +277,7 @@ def test_one_key_of_a_stage_section_keeps_its_defaults_through_training_and_expo
     out = str(tmp_path / "run")
     sets = ["stage=stage1", "stage1.max_steps=2", "model.match_decoder_scale=false", "model.shared_prefix_steps=2",
             f"model.base={TINY_BASE['path']}", f"output_dir={out}"]
-    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)]])
+    r = run_train(sets, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     training = json.load(open(os.path.join(out, "stage1", "model", "autoregembed.json")))["training"]
     assert training["batch"] == "16 x 1 accumulation x 1 ranks"

@@ -136,7 +136,7 @@ def test_a_lora_stage_hands_over_its_adapters_alone_loadable_as_the_merged_expor
     from sentence_transformers import SentenceTransformer
 
     from autoregembed.release.encoder import Encoder
-    from helpers import ROOT, TINY_BASE, run_child
+    from helpers import ROOT, TINY_BASE, run_train
 
     out = str(tmp_path / "run")
     sets = ["stage1.max_steps=2", "stage1.micro_batch_size=4", "stage2.max_steps=3", "stage2.micro_batch_size=4",
@@ -144,7 +144,7 @@ def test_a_lora_stage_hands_over_its_adapters_alone_loadable_as_the_merged_expor
             "model.match_decoder_scale=false", "monitor.plot=false", "eval.retrieval=none",
             f"eval.sts_file={ROOT}/autoregembed/resources/sts_dev_sample.csv", f"model.base={TINY_BASE['path']}",
             f"output_dir={out}"]
-    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)]], timeout=600)
+    r = run_train(sets)
     assert r.returncode == 0, r.stderr[-3000:]
     merged, adapter, stage1 = (os.path.join(out, *p) for p in (("stage2", "model"), ("stage2", "adapter"),
                                                                 ("stage1", "model")))
@@ -161,7 +161,7 @@ def test_a_lora_stage_hands_over_its_adapters_alone_loadable_as_the_merged_expor
     assert np.abs(Encoder.from_pretrained(stage1, device="cpu").encode(texts) - want).max() > 1e-4
     # stage 2 again, without LoRA: the merged export is replaced, the adapters that no longer fit are set aside
     again = ["stage=stage2", "model.lora_rank=0", "loss.kind=infonce", "stage2.max_steps=1"]
-    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets + again for a in ("--set", kv)]], timeout=600)
+    r = run_train(sets + again)
     assert r.returncode == 0, r.stderr[-3000:]
     aside = [f for f in os.listdir(os.path.join(out, "stage2")) if f.startswith("adapter.earlier-")]
     assert not os.path.exists(adapter) and len(aside) == 1

@@ -10,7 +10,7 @@ import pytest
 from autoregembed.release.meta import META_FILE, ExportMeta
 from autoregembed.run.config import ConfigError, load_config
 from autoregembed.run.stages import PIPELINE, RUN_MODES, STAGES, TRAINING, check_stages, planned
-from helpers import ROOT, TINY_BASE, run_child
+from helpers import ROOT, TINY_BASE, run_child, run_train
 
 NLI = os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl")
 
@@ -86,7 +86,7 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
             "model.match_decoder_scale=false", "mine.enabled=true", "mine.negatives=2", "eval.pooling=all_but_last",
             f"eval.sts_file={ROOT}/autoregembed/resources/sts_dev_sample.csv", "monitor.plot=false",
             f"model.base={TINY_BASE['path']}", f"output_dir={out}"]
-    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)]], timeout=600)
+    r = run_train(sets)
     assert r.returncode == 0, r.stderr[-3000:]
     mined = [json.loads(line) for line in read_lines(os.path.join(out, "mine", "0-nli_sample.jsonl"))]
     source = [json.loads(line) for line in read_lines(NLI)]
@@ -105,7 +105,7 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
     # resumed when it is all done: the mined rows and their scores are kept, not made again
     before = {p: open(p, "rb").read() for p in (os.path.join(out, "mine", "0-nli_sample.jsonl"),
                                                 os.path.join(out, "reference", "scores.safetensors"))}
-    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)], "--resume"], timeout=600)
+    r = run_train(sets, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stderr + r.stdout
     assert "0-nli_sample.jsonl was mined from these rows with this model and settings; kept" in log
@@ -123,7 +123,7 @@ def test_the_contrastive_baseline_trains_through_train_py_with_no_reference_stag
             "loss.kind=infonce", "loss.temperature=0.05", "model.match_decoder_scale=false", "monitor.plot=false",
             f"eval.sts_file={ROOT}/autoregembed/resources/sts_dev_sample.csv", "eval.retrieval=none",
             f"model.base={TINY_BASE['path']}", f"output_dir={out}"]
-    r = run_child([os.path.join(ROOT, "train.py"), *[a for kv in sets for a in ("--set", kv)]], timeout=600)
+    r = run_train(sets)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not os.path.exists(os.path.join(out, "reference")) and "reference:" not in r.stderr + r.stdout
     with open(os.path.join(out, "stage2", "metrics.jsonl")) as f:
