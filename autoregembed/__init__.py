@@ -5,7 +5,7 @@ from .release.encoder import Encoder
 
 
 def sequence_logprobs(hidden, lm_head_weight, labels, scorer="auto", n_scored=None):
-    """``method.logprobs.sequence_logprobs`` with ``scorer`` a backend or its ``model.scorer`` name
+    """``method.logprobs.sequence_logprobs`` with ``scorer`` a backend or its name (``scorers.scorer_for``)
     (the public spelling; the method module itself takes backends only, below their registry)."""
     return _logprobs.sequence_logprobs(hidden, lm_head_weight, labels,
                                        _scorer_for(scorer) if isinstance(scorer, str) else scorer, n_scored)

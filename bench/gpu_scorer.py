@@ -158,7 +158,7 @@ def _arms(torch, h, w, y, g):
             arms[name] = (lambda eps=eps: linear_cross_entropy(h, w, y, reduction="sum", filter_eps=eps),
                           fb_loss(lambda x, eps=eps: linear_cross_entropy(x, w, y, reduction="sum", filter_eps=eps)),
                           None)
-        cce = scorer_for("cce").token_logprobs  # per token, as model.scorer=cce trains with it
+        cce = scorer_for("cce").token_logprobs  # per token, as scorer.kind=cce trains with it
         arms["cce_per_token"] = (lambda: cce(h, w, y), fb(lambda x: cce(x, w, y)), lambda x: cce(x, w, y))
     except ImportError:
         pass

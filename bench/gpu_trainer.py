@@ -206,7 +206,7 @@ class TrainerBench:
         from autoregembed.method.tokenization import TextEncoder
         from autoregembed.run.config import load_config
         from autoregembed.run.loading import load_model
-        from autoregembed.run.stages import STAGES
+        from autoregembed.run.stages import stages_for
 
         torch = self.torch
         cfg = load_config(None, self._settings(None, stage, 2))
@@ -215,9 +215,10 @@ class TrainerBench:
                                 decoder_bos=cfg.model.decoder_bos)
         model.shared_prefix = self.prefix
         te = TextEncoder(tok, cfg.model.num_embed_tokens, self.length, self.length)
-        b = STAGES[stage].make_batch(cfg, self.rows(stage, False, tok, 2), te, ConstantReferences())
+        st = stages_for(cfg)[stage]
+        b = st.make_batch(self.rows(stage, False, tok, 2), te, ConstantReferences())
         with torch.no_grad():
-            return STAGES[stage].loss(cfg)(model(b), b).item()
+            return st.loss()(model(b), b).item()
 
     def micro_batch(self, v: Variant) -> tuple[int, float | None]:
         """The largest micro-batch up to the stage's target that plan fits in PLAN_SHARE of the GPU, and
@@ -239,22 +240,23 @@ class TrainerBench:
     def run(self, v: Variant) -> dict:
         from autoregembed.method.batches import to_device
         from autoregembed.run.config import load_config
-        from autoregembed.run.stages import STAGES
-        from autoregembed.run.trainer import Session, optimizer_step
+        from autoregembed.run.stages import stages_for
+        from autoregembed.run.trainer import RunContext, Session, optimizer_step
 
         torch, cuda = self.torch, self.device == "cuda"
         micro, planned_gb = self.micro_batch(v)
         cfg = load_config(None, self._settings(v, v.stage, micro))
         ds = os.path.join(ROOT, "ds_configs", f"zero{v.zero}.json")
-        st, loss_fn = STAGES[v.stage], STAGES[v.stage].loss(cfg)
-        s = Session(cfg, st, ds, self.base, train=True)
+        st = stages_for(cfg)[v.stage]
+        loss_fn = st.loss()
+        s = Session(RunContext.of(cfg, ds), st, self.base, train=True)
         try:
             prefix = None if v.shard_decoder else self.prefix.to(s.device)
             s.model.shared_prefix = prefix
             k = cfg.model.num_embed_tokens + (0 if prefix is None else len(prefix))
             rows = self.rows(v.stage, v.ragged, s.tokenizer, micro * (self.warm + self.steps + 1))
             # every step's batch built before the clock starts: tokenising is the prefetch thread's work
-            batches = [st.make_batch(s.cfg, rows[i * micro : (i + 1) * micro], s.text_encoder, ConstantReferences())
+            batches = [st.make_batch(rows[i * micro : (i + 1) * micro], s.text_encoder, ConstantReferences())
                        for i in range(self.warm + self.steps + 1)]
             row = {"variant": v.label, **dataclasses.asdict(v), "lengths": "ragged" if v.ragged else "full",
                    "attention": s.engine.module.encoder.config._attn_implementation, "micro_batch": micro,
@@ -262,7 +264,7 @@ class TrainerBench:
                    "negatives": self.negatives if v.stage == "stage2" else None, "steps": self.steps,
                    "shared_prefix": 0 if prefix is None else len(prefix), "plan_GB": planned_gb}
             if v.is_base_arm and not v.ragged:  # before any update: this path's loss vs the CPU fp32 padded one
-                first = st.make_batch(s.cfg, rows[:2], s.text_encoder, ConstantReferences())
+                first = st.make_batch(rows[:2], s.text_encoder, ConstantReferences())
                 s.engine.eval()
                 with torch.no_grad():
                     row["loss"] = loss_fn(s.engine(to_device(first, s.device)), to_device(first, s.device)).item()

@@ -65,8 +65,8 @@ from autoregembed.release.encoder import Encoder  # noqa: E402
 from autoregembed.release.evaluate import read_sts, sts_eval  # noqa: E402
 from autoregembed.release.meta import ExportMeta  # noqa: E402
 from autoregembed.run.runlock import RunLock  # noqa: E402
-from autoregembed.run.stages import STAGES  # noqa: E402
-from autoregembed.run.trainer import score_references, train_stage  # noqa: E402
+from autoregembed.run.stages import stages_for  # noqa: E402
+from autoregembed.run.trainer import RunContext  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 AUTOENCODE = "Reconstruct the original text."
@@ -283,8 +283,8 @@ def main():
     for seed in seeds:
         out = os.path.join(args.out, f"seed{seed}")
         cfg = load_config(None, common + [f"seed={seed}", f"output_dir={out}", f"model.lora_rank={args.stage1_lora_rank}"])
-        after = [f"seed={seed}", f"paths.stage1_model={cfg.stage1_model_dir}",
-                 f"paths.reference_scores={cfg.reference_scores_path}"]  # stage-2 arms read (c)'s model
+        after = [f"seed={seed}", f"paths.stage1_model={cfg.layout.stage1_model}",
+                 f"paths.reference_scores={cfg.layout.reference_scores}"]  # stage-2 arms read (c)'s model
         lora = f"model.lora_rank={args.stage2_lora_rank}"
         stage2_arms = {  # arm -> extra overrides, on (c)'s stage-1 model
             "d": [lora, f"output_dir={out}"],
@@ -300,7 +300,7 @@ def main():
                 f"seed={seed}", f"output_dir={out}-infonce", f"paths.stage1_model={base}", "loss.kind=infonce",
                 "model.lora_rank=0", f"stage2.max_steps={contrastive_steps}",
                 f"stage2.learning_rate={args.contrastive_lr}", "stage2.warmup_steps=10"])
-            c_dir = timed(f"train (b) seed {seed}", lambda: train_stage(cfg_b, STAGES["stage2"], ds).artifact)
+            c_dir = timed(f"train (b) seed {seed}", lambda: run_stage(cfg_b, "stage2", ds).artifact)
             first_last[f"(b) seed {seed}"] = _first_last(cfg_b, "stage2")
             scored(ARM_NAMES["b"][0], seed, lambda: Encoder.from_pretrained(c_dir))
         if set(args.arms) & set("cdef"):
@@ -311,11 +311,11 @@ def main():
             # --pooling, not the export's own: a stage 1 from the cache was exported under its first run's
             scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir, pooling=args.pooling))
         if set(args.arms) & set("df"):
-            timed(f"reference scores seed {seed}", lambda: score_references(cfg, STAGES["reference"], ds))
+            timed(f"reference scores seed {seed}", lambda: run_stage(cfg, "reference", ds))
         for letter, extra in stage2_arms.items():
             if letter in args.arms:
                 cfg2 = load_config(None, common + after + extra)
-                model_dir = timed(f"train ({letter}) seed {seed}", lambda: train_stage(cfg2, STAGES["stage2"], ds).artifact)
+                model_dir = timed(f"train ({letter}) seed {seed}", lambda: run_stage(cfg2, "stage2", ds).artifact)
                 first_last[f"({letter}) stage 2 seed {seed}"] = _first_last(cfg2, "stage2")
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir, pooling=args.pooling))
     D.shutdown()
@@ -538,6 +538,11 @@ def publish(record: dict, results: str):
     print(f"wrote {results}/quality.json and quality.png; total {sum(record['seconds'].values()) / 60:.1f} min")
 
 
+def run_stage(cfg, name: str, ds: str):
+    """One stage of ``cfg`` as the pipeline runs it (without its up-front checks and lock)."""
+    return stages_for(cfg)[name].run(RunContext.of(cfg, ds), resume=False)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     import statistics
 
@@ -553,13 +558,13 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> str:
     half, so the report split's stage 1 is the tuning split's; the key is every stage-1 setting, the
     seed, the stage-1 rows, the package's code, the DeepSpeed config and the base model's files."""
     if not cache:
-        return train_stage(cfg, STAGES["stage1"], ds).artifact
+        return run_stage(cfg, "stage1", ds).artifact
     entry = os.path.join(cache, stage1_key(cfg, ds, base))
-    stage_dir = cfg.stage_dir("stage1")
+    stage_dir = cfg.layout.stage_dir("stage1")
     if os.path.isdir(entry):
         print(f"[quality] stage 1 from the cache: {entry}", flush=True)
     else:
-        result = train_stage(cfg, STAGES["stage1"], ds)
+        result = run_stage(cfg, "stage1", ds)
         if result.status == "done":  # a stage stopped early (a stop request) is not the key's result
             with atomic_dir(entry) as tmp:  # a kill mid-copy leaves no entry, never a partial one
                 for name in STAGE1_KEPT:
@@ -567,7 +572,7 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> str:
         return result.artifact
     for name in STAGE1_KEPT:
         _copy(os.path.join(entry, name), os.path.join(stage_dir, name))
-    return cfg.stage1_model_dir
+    return cfg.layout.stage1_model
 
 
 def stage1_key(cfg, ds: str, base: str) -> str:
@@ -599,14 +604,14 @@ def _copy(src: str, dst: str):
 
 def _first_last(cfg, stage: str, n: int = 5) -> list[float]:
     """Mean loss of a stage's first and last ``n`` steps (from its metrics.jsonl)."""
-    with open(os.path.join(cfg.stage_dir(stage), "metrics.jsonl")) as f:
+    with open(os.path.join(cfg.layout.stage_dir(stage), "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f]
     return [round(sum(losses[:n]) / n, 4), round(sum(losses[-n:]) / n, 4)]
 
 
 def _last_gap(cfg) -> dict:
     """Stage 1's information gap at its last logged step (diagnostics.py), from its metrics.jsonl."""
-    with open(os.path.join(cfg.stage_dir("stage1"), "metrics.jsonl")) as f:
+    with open(os.path.join(cfg.layout.stage_dir("stage1"), "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if "info_gap" in r][-1]
     return {"step": last["step"], "nats_per_token": round(last["info_gap"], 4),
             "nats_per_text": round(last["info_gap_text"], 3), "loss_shared": round(last["loss_shared"], 4)}

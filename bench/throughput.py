@@ -117,13 +117,13 @@ import json, os, sys, warnings
 warnings.filterwarnings("ignore")
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
-from autoregembed.run.stages import STAGES
-from autoregembed.run.trainer import train_stage
+from autoregembed.run.stages import stages_for
+from autoregembed.run.trainer import RunContext, train_stage
 out, base = sys.argv[1], sys.argv[2]
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=3", "stage1.micro_batch_size=4",
                          "model.dtype=fp32"])
 D.init_distributed()
-train_stage(cfg, STAGES["stage1"], {root!r} + "/ds_configs/zero3.json")
+train_stage(RunContext.of(cfg, {root!r} + "/ds_configs/zero3.json"), stages_for(cfg)["stage1"])
 peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] * 1024
 print("PEAK", D.rank(), peak)
 D.shutdown()

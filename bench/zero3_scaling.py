@@ -60,8 +60,8 @@ def worker(base: str, stage: str, out: str, ds_name: str):
 
     from autoregembed.ground import distributed as D
     from autoregembed.run.config import load_config
-    from autoregembed.run.stages import STAGES
-    from autoregembed.run.trainer import Session, optimizer_step
+    from autoregembed.run.stages import stages_for
+    from autoregembed.run.trainer import RunContext, Session, optimizer_step
     from gpu_trainer import ConstantReferences, texts
 
     D.init_distributed()
@@ -69,8 +69,8 @@ def worker(base: str, stage: str, out: str, ds_name: str):
                              "model.match_decoder_scale=false", f"model.shared_prefix={PREFIX}",
                              f"data.max_text_len={LENGTH}", f"data.max_target_len={LENGTH}",
                              f"{stage}.micro_batch_size={MICRO}"])
-    st = STAGES[stage]
-    s = Session(cfg, st, os.path.join(ROOT, "ds_configs", ds_name), base, train=True)
+    st = stages_for(cfg)[stage]
+    s = Session(RunContext.of(cfg, os.path.join(ROOT, "ds_configs", ds_name)), st, base, train=True)
     s.model.shared_prefix = 0.02 * torch.randn(PREFIX, SHAPE["hidden"], dtype=torch.bfloat16, device=s.device)
     it = iter(texts(s.tokenizer, [LENGTH] * MICRO * (2 + NEGATIVES), seed=D.rank()))
     rows = ([{"context": next(it), "instruction": "Reconstruct the original text.", "output": next(it)}
@@ -79,7 +79,7 @@ def worker(base: str, stage: str, out: str, ds_name: str):
               "instruction": "Retrieve semantically similar text."} for _ in range(MICRO)])
     s.engine.train()
     held = {}
-    loss = optimizer_step(s.engine, [st.make_batch(s.cfg, rows, s.text_encoder, ConstantReferences())], st.loss(cfg),
+    loss = optimizer_step(s.engine, [st.make_batch(rows, s.text_encoder, ConstantReferences())], st.loss(),
                           after_backward=lambda engine: held.update(secondary=secondary_bytes(engine)))
     got = D.all_gather_objects({**measure(s.engine, s.model.decoder, held["secondary"]), "loss": loss.item(),
                                 "hpz": s.ds["zero_optimization"].get("zero_hpz_partition_size", 1)})

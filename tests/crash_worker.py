@@ -13,8 +13,8 @@ from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 
 from autoregembed.ground import distributed as D  # noqa: E402
 from autoregembed.run.config import load_config  # noqa: E402
-from autoregembed.run.stages import STAGES  # noqa: E402
-from autoregembed.run.trainer import train_stage  # noqa: E402
+from autoregembed.run.stages import stages_for  # noqa: E402
+from autoregembed.run.trainer import RunContext, train_stage  # noqa: E402
 
 out, base, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 crash_at = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None
@@ -36,6 +36,6 @@ D.init_distributed()
 os.makedirs(os.path.join(out, "pids"), exist_ok=True)  # how test_crash.py finds the rank to kill
 with open(os.path.join(out, "pids", str(D.rank())), "w") as f:
     f.write(str(os.getpid()))
-train_stage(cfg, STAGES["stage1"], os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                        "ds_configs", "zero3.json"), resume=True)
+ds = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero3.json")
+train_stage(RunContext.of(cfg, ds), stages_for(cfg)["stage1"], resume=True)
 D.shutdown()

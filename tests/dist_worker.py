@@ -13,8 +13,8 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 from autoregembed.ground import distributed as D  # noqa: E402
 from autoregembed.run.config import load_config  # noqa: E402
-from autoregembed.run.stages import STAGES, planned  # noqa: E402
-from autoregembed.run.trainer import open_trained  # noqa: E402
+from autoregembed.run.stages import stages_for  # noqa: E402
+from autoregembed.run.trainer import RunContext, open_trained  # noqa: E402
 
 TEXTS = ["a man is playing the guitar .", "two dogs run in a field", "the stock market fell today ."]
 
@@ -22,11 +22,12 @@ TEXTS = ["a man is playing the guitar .", "two dogs run in a field", "the stock 
 def main():
     out_dir, ds_path, *overrides = sys.argv[1:]
     cfg = load_config(None, overrides)
+    ctx, stages = RunContext.of(cfg, ds_path), stages_for(cfg)
     D.init_distributed()
     report = {}
 
     def inspect(stage):  # the trained engine, as its last checkpoint restores it
-        session = open_trained(cfg, STAGES[stage], ds_path)
+        session = open_trained(ctx, stages[stage])
         module = session.engine.module
         params = list(module.parameters())
         batch = session.text_encoder.encode_inputs(TEXTS, [cfg.eval.instruction] * len(TEXTS))
@@ -40,9 +41,9 @@ def main():
                          "decoder_in_module": any(n.startswith("decoder.") for n, _ in module.named_parameters())}
         session.close()
 
-    for stage in planned(cfg):  # the pipeline's stages, each run as the pipeline runs it
+    for stage in stages.planned():  # the pipeline's stages, each run as the pipeline runs it
         if stage.name != "eval":
-            assert stage.run(cfg, ds_path, False).status == "done", stage.name
+            assert stage.run(ctx, False).status == "done", stage.name
     inspect("stage1")
     inspect("stage2")
     with open(os.path.join(out_dir, f"report-rank{D.rank()}.json"), "w") as f:

@@ -18,8 +18,8 @@ from autoregembed.method.batches import alignment_batch  # noqa: E402
 from autoregembed.tools.cli import DEFAULT_DS  # noqa: E402
 from autoregembed.run.config import load_config  # noqa: E402
 from autoregembed.ground.data import load_rows  # noqa: E402
-from autoregembed.run.trainer import Session, optimizer_step  # noqa: E402
-from autoregembed.run.stages import STAGES  # noqa: E402
+from autoregembed.run.trainer import RunContext, Session, optimizer_step  # noqa: E402
+from autoregembed.run.stages import stages_for  # noqa: E402
 
 SETTINGS = ["model.match_decoder_scale=false", "stage2.micro_batch_size=1", "stage2.gradient_accumulation_steps=2",
             "stage2.warmup_steps=0",
@@ -35,12 +35,13 @@ if __name__ == "__main__":
     out, base, nli = sys.argv[1:4]
     cfg = load_config(None, [f"output_dir={out}", f"model.base={base}", f"data.stage2={nli}", *SETTINGS])
     D.init_distributed()
-    s = Session(cfg, STAGES["stage2"], DEFAULT_DS, base, train=True)
+    stage2 = stages_for(cfg)["stage2"]
+    s = Session(RunContext.of(cfg, DEFAULT_DS), stage2, base, train=True)
     s.engine.train()  # as train_stage does
     enc = s.engine.module.encoder
     with D.gathered(list(enc.parameters())):
         initial = {n: p.detach().clone() for n, p in enc.named_parameters()}
-    rows, loss_fn, losses, grads = load_rows(nli, stage=2), STAGES["stage2"].loss(cfg), [], {}
+    rows, loss_fn, losses, grads = load_rows(nli, stage=2), stage2.loss(), [], {}
     for step in range(2):
         micro = [alignment_batch([rows[4 * step + 2 * D.rank() + m]], s.text_encoder, ConstantReferences())
                  for m in range(2)]

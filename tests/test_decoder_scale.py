@@ -75,12 +75,12 @@ import sys, warnings
 warnings.filterwarnings("ignore")
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
-from autoregembed.run.stages import STAGES
-from autoregembed.run.trainer import train_stage
+from autoregembed.run.stages import stages_for
+from autoregembed.run.trainer import RunContext, train_stage
 cfg = load_config(None, ["output_dir=" + sys.argv[1], "model.base=" + sys.argv[2], "stage1.max_steps=1",
                          "stage1.micro_batch_size=8", "stage1.learning_rate=1e-30", "stage1.warmup_steps=0"])
 D.init_distributed()
-train_stage(cfg, STAGES["stage1"], {root!r} + "/ds_configs/zero3.json")
+train_stage(RunContext.of(cfg, {root!r} + "/ds_configs/zero3.json"), stages_for(cfg)["stage1"])
 D.shutdown()
 """
 

@@ -15,7 +15,7 @@ from autoregembed.run.config import ConfigError, load_config
 from autoregembed.run.ds_config import check_early, read_ds_config
 from autoregembed.ground.errors import InputError, StorageError, UserError, user_message
 from autoregembed.ground.arch import Arch
-from autoregembed.run.stages import check_stages
+from autoregembed.run.stages import stages_for
 
 PACKAGE = os.path.join(ROOT, "autoregembed")
 PATHLIKE = ("path", "file", "folder", "dir", "input", "output", "source", "model")
@@ -119,7 +119,7 @@ def test_export_and_eval_without_their_input_are_refused_up_front(tmp_path):
     for stage, pattern in (("export", "no complete checkpoint in"), ("eval", "no export at")):
         cfg = load_config(None, [f"output_dir={tmp_path}", f"stage={stage}", "paths.export_from=stage1"])
         with pytest.raises(ConfigError, match=f"key 'paths.export_from' = stage1: {pattern}"):
-            check_stages(cfg)
+            stages_for(cfg).check()
 
 
 def test_a_learning_rate_of_zero_is_refused():
@@ -260,7 +260,7 @@ def test_every_stage_honours_a_stop_request_while_it_runs():
     for stage in stages.PIPELINE:
         if stage.name == "export":
             continue
-        source = inspect.getsource(honours.get(stage.name, type(stage).run))
+        source = inspect.getsource(honours.get(stage.name, stage.run))
         assert any(call in source for call in ("preemption.requested(", "preemption.asked(", "self.on_rank0(")), \
             stage.name
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}

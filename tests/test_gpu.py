@@ -66,7 +66,7 @@ def test_scorer_on_cuda_matches_float64(dtype, scorer):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cut_cross_entropy_backend_on_cuda_matches_float64(dtype):
-    """model.scorer=cce on CUDA runs cut-cross-entropy's own kernels (impl cce, no gradient filter):
+    """scorer.kind=cce on CUDA runs cut-cross-entropy's own kernels (impl cce, no gradient filter):
     per-token values and gradients against float64 as tight as ours, at an odd vocabulary."""
     pytest.importorskip("cut_cross_entropy")
 

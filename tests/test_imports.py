@@ -81,3 +81,31 @@ def test_no_floor_imports_one_above_it():
     assert {m.split(".")[1] for m in floor} >= set(FLOORS)
     upward = sorted((a, b) for a, targets in graph.items() if a in floor for b in targets if floor.get(b, 0) > floor[a])
     assert upward == []
+
+
+def whole_config_readers() -> list[str]:
+    """Functions with a parameter annotated ``Config`` (or an unannotated ``cfg``): module.qualname."""
+    out = []
+    for folder, _, files in os.walk(PACKAGE):
+        for f in sorted(files):
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            mod = os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")
+            tree = ast.parse(open(path).read())
+            for cls in [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef))]:
+                prefix = "" if cls is tree else f"{cls.name}."
+                for fn in (n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+                    args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+                    if any((a.annotation is not None and ast.unparse(a.annotation).strip("'\"") == "Config")
+                           or (a.arg == "cfg" and a.annotation is None) for a in args):
+                        out.append(f"{mod}.{prefix}{fn.name}")
+    return sorted(out)
+
+
+def test_few_functions_read_the_whole_config():
+    """Stages are bound to their sections (``stages.stages_for``) and the machinery to its context
+    (``trainer.RunContext.of``): the whole Config is read where a run is composed, nowhere else
+    (DEVELOPERS.md, newcomer counts; 89 such functions before the stages took their sections)."""
+    assert whole_config_readers() == ["run.config._expand_paths", "run.config.check_runtime", "run.pipeline.run",
+                                      "run.stages.stages_for", "run.trainer.RunContext.of"]

@@ -10,7 +10,7 @@ from autoregembed.method.batches import alignment_batch, candidate_batch, with_i
 from autoregembed.run.config import Config, ConfigError, load_config
 from autoregembed.method.losses import alignment_loss
 from autoregembed.ground.data import StepSampler
-from autoregembed.run.stages import STAGES, planned
+from autoregembed.run.stages import stages_for
 
 ROWS = [{"query": f"query {i}", "pos": f"pos {i}", "neg": [f"neg {i}.{j}" for j in range(n)], "instruction": "I."}
         for i, n in enumerate([1, 3, 2, 1])]
@@ -81,17 +81,18 @@ def test_option_off_builds_the_same_batch_as_before():
         def lookup(self, row):
             return -1.0, [-2.0 - j for j in range(len(row["neg"]))]
 
-    a = STAGES["stage2"].make_batch(cfg, ROWS, te, Refs())
+    a = stages_for(cfg)["stage2"].make_batch(ROWS, te, Refs())
     b = alignment_batch(ROWS, te, Refs(), p_no_grad=cfg.loss.objective.detach_positive)
     for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
         assert torch.equal(x, y) if torch.is_tensor(x) else x == y
     on = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, in_batch_negatives=True),
                              reference=dataclasses.replace(cfg.reference, source="online"))
     order = StepSampler(len(ROWS), len(ROWS), 1, 1, 0)
-    batch = STAGES["stage2"].make_batch(on, STAGES["stage2"].step_rows(on, ROWS, order, 0, 0, 0), te, None)
+    batch = stages_for(on)["stage2"].make_batch(stages_for(on)["stage2"].step_rows(ROWS, order, 0, 0, 0), te, None)
     assert len(batch.candidates.owner) == sum(len(r["neg"]) for r in with_in_batch_negatives(ROWS))
     assert torch.isnan(batch.ref_c).all() and torch.isnan(batch.ref_r).all()  # until online_references fills them
-    assert STAGES["reference"] in planned(cfg) and STAGES["reference"] not in planned(on)
+    assert "reference" in [s.name for s in stages_for(cfg).planned()]
+    assert "reference" not in [s.name for s in stages_for(on).planned()]
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -105,15 +106,14 @@ def test_online_and_in_batch_settings_are_checked(overrides, key):
 
 def test_scheduled_rows_are_every_micro_batch_with_its_in_batch_negatives():
     from autoregembed.ground.data import StepSampler
-    from autoregembed.run.stages import scheduled_rows
 
     cfg = load_config(None, ["data.in_batch_negatives=true", "stage2.micro_batch_size=2", "stage2.max_steps=3"])
-    got = scheduled_rows(cfg, ROWS)
+    got = stages_for(cfg)["stage2"].scheduled_rows(ROWS)
     sampler = StepSampler(len(ROWS), 2, 1, 1, cfg.seed)
     want = [r for step in range(3) for r in with_in_batch_negatives([ROWS[i] for i in sampler.indices(step, 0, 0)])]
     assert {json_key(r) for r in got} == {json_key(r) for r in want}
     assert len(got) == len({json_key(r) for r in want})  # each distinct row once
-    assert scheduled_rows(Config(), ROWS) is ROWS  # without in-batch negatives: the rows themselves
+    assert stages_for(Config())["stage2"].scheduled_rows(ROWS) is ROWS  # without in-batch negatives: the rows themselves
 
 
 def json_key(row):
@@ -133,13 +133,12 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
     from autoregembed.run.loading import load_model
     from autoregembed.method.losses import AlignmentLoss
     from autoregembed.run.refscores import ReferenceScores, online_references, save_scores
-    from autoregembed.run.stages import scheduled_rows
     from autoregembed.method.tokenization import TextEncoder
 
     k, lora = 5, dict(rank=4, alpha=8.0, dropout=0.0, targets="all-linear")
     cfg = load_config(None, [f"data.in_batch_negatives={str(in_batch).lower()}", "stage2.micro_batch_size=2",
                              "stage2.max_steps=2"])
-    make_batch = STAGES["stage2"].make_batch
+    make_batch = stages_for(cfg)["stage2"].make_batch
     torch.manual_seed(0)
     stage1, tok = load_model(tiny_base, tiny_base, k, torch.float32, "sdpa")
     stage1_dir = str(tmp_path / "stage1")
@@ -153,13 +152,13 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
         ("two kids play in the snow .", "children are playing outside .", ["a plane takes off ."])]]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):  # move the adapters away from zero, so disabling them matters
-        batch = online_references(model, make_batch(cfg, with_in_batch_negatives(rows[:2]) if in_batch else rows[:2],
+        batch = online_references(model, make_batch(with_in_batch_negatives(rows[:2]) if in_batch else rows[:2],
                                                     te, None))
         AlignmentLoss()(model(batch), batch).backward()
         opt.step()
         opt.zero_grad()
 
-    to_score = scheduled_rows(cfg, rows)  # what the reference stage scores
+    to_score = stages_for(cfg)["stage2"].scheduled_rows(rows)  # what the reference stage scores
     with torch.no_grad():
         file_scores = reference.eval()(candidate_batch(to_score, te))
         live = model.eval()(candidate_batch(to_score, te))
@@ -173,10 +172,10 @@ def test_online_references_equal_the_score_file_of_the_stage1_model(tiny_base, t
 
     sampler = StepSampler(len(rows), 2, 1, 1, cfg.seed)
     for step in range(2):  # each micro-batch stage 2 will form
-        micro = STAGES["stage2"].step_rows(cfg, rows, sampler, step, 0, 0)  # as stage 2 forms it
-        from_file = make_batch(cfg, micro, te, refs)
+        micro = stages_for(cfg)["stage2"].step_rows(rows, sampler, step, 0, 0)  # as stage 2 forms it
+        from_file = make_batch(micro, te, refs)
         model.train()
-        online = online_references(model, make_batch(cfg, micro, te, None))
+        online = online_references(model, make_batch(micro, te, None))
         assert model.training  # restored
         assert len(online.ref_r) == sum(len(r["neg"]) for r in micro)
         torch.testing.assert_close(online.ref_c, from_file.ref_c, atol=1e-5, rtol=0)
@@ -194,12 +193,12 @@ def test_cross_device_negatives_pool_every_ranks_micro_batch(monkeypatch):
     cfg = load_config(None, ["data.in_batch_negatives=true", "data.cross_device_negatives=true"])
     two = StepSampler(len(rows), 3, 1, 2, cfg.seed)
     monkeypatch.setattr(D, "world_size", lambda: 2)
-    got = [r for rank in range(2) for r in STAGES["stage2"].step_rows(cfg, rows, two, 1, 0, rank)]
+    got = [r for rank in range(2) for r in stages_for(cfg)["stage2"].step_rows(rows, two, 1, 0, rank)]
     monkeypatch.setattr(D, "world_size", lambda: 1)
-    want = STAGES["stage2"].step_rows(cfg, rows, StepSampler(len(rows), 6, 1, 1, cfg.seed), 1, 0, 0)
+    want = stages_for(cfg)["stage2"].step_rows(rows, StepSampler(len(rows), 6, 1, 1, cfg.seed), 1, 0, 0)
     assert got == want and all(len(r["neg"]) == 1 + 2 * 5 for r in got)  # own + the 5 other rows' pos and neg
     local = load_config(None, ["data.in_batch_negatives=true"])
     monkeypatch.setattr(D, "world_size", lambda: 2)
-    assert all(len(r["neg"]) == 1 + 2 * 2 for r in STAGES["stage2"].step_rows(local, rows, two, 1, 0, 0))
+    assert all(len(r["neg"]) == 1 + 2 * 2 for r in stages_for(local)["stage2"].step_rows(rows, two, 1, 0, 0))
     with pytest.raises(ConfigError, match="data.cross_device_negatives' needs data.in_batch_negatives"):
         load_config(None, ["data.cross_device_negatives=true"])

@@ -11,7 +11,7 @@ from autoregembed.ground.data import DataError, StepSampler, load_rows
 from autoregembed.run.ds_config import build_ds_config
 from autoregembed.ground.arch import Arch
 from autoregembed.release.evaluate import read_sts
-from autoregembed.run.stages import check_stages
+from autoregembed.run.stages import stages_for
 
 GOOD2 = {"query": "q", "pos": "p", "neg": ["n1", "n2"], "instruction": "i"}
 
@@ -75,8 +75,8 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
         load_config(None, ["stage1.max_steps=many"])
     with pytest.raises(ConfigError, match=r"key 'loss.reference_sign'"):
         load_config(None, ["loss.reference_sign=both"])
-    with pytest.raises(ConfigError, match=r"key 'model.scorer': 'cuda' is not one of auto, triton, torch, cce"):
-        load_config(None, ["model.scorer=cuda"])
+    with pytest.raises(ConfigError, match=r"key 'scorer.kind': 'cuda' is not one of fused, cce"):
+        load_config(None, ["scorer.kind=cuda"])
     with pytest.raises(ConfigError, match=r"key 'loss.kind': 'dpo' is not one of alignment"):
         load_config(None, ["loss.kind=dpo"])
     with pytest.raises(ConfigError, match=r"unknown key 'loss.betta' \(known: beta, detach_positive, kind, "
@@ -88,11 +88,11 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
             load_config(None, [old])
     with pytest.raises(ConfigError, match=r"key 'reference.micro_batch_size' must be >= 1"):
         load_config(None, ["reference.micro_batch_size=0"])
-    from autoregembed.run.stages import STAGES
+    from autoregembed.run.stages import stages_for
 
     own = load_config(None, ["reference.micro_batch_size=32", "stage2.micro_batch_size=4"])
-    assert STAGES["reference"].settings(own).micro_batch_size == 32  # its own section, not stage 2's
-    assert STAGES["reference"].settings(load_config(None, ["stage2.micro_batch_size=4"])).micro_batch_size == 4
+    assert stages_for(own)["reference"].settings().micro_batch_size == 32  # its own section, not stage 2's
+    assert stages_for(load_config(None, ["stage2.micro_batch_size=4"]))["reference"].settings().micro_batch_size == 4
     cfg = load_config(None, ["stage2.learning_rate=1e-5", "loss.reference_sign=code", "data.max_negatives=3"])
     assert cfg.stage2.learning_rate == 1e-5 and cfg.loss.objective.reference_sign == "code"
     assert cfg.data.max_negatives == 3
@@ -109,11 +109,11 @@ def _one_key_settings():
         value = getattr(default, section.name)
         if not dataclasses.is_dataclass(value):
             continue
-        fields = [f.name for f in dataclasses.fields(value) if f.name != "objective"]
-        fields += [f.name for f in dataclasses.fields(getattr(value, "objective", None) or value)
-                   if hasattr(value, "objective")]
+        component = getattr(value, getattr(value, "COMPONENT", ""), None)  # a kind's object: its fields are keys too
+        fields = [f.name for f in dataclasses.fields(value) if f.name != getattr(value, "COMPONENT", None)]
+        fields += [f.name for f in dataclasses.fields(component)] if component is not None else []
         for name in fields:
-            v = getattr(value.objective, name) if not hasattr(value, name) else getattr(value, name)
+            v = getattr(component, name) if not hasattr(value, name) else getattr(value, name)
             if isinstance(v, (list, dict)):
                 continue
             yield f"{section.name}.{name}", v if isinstance(v, str) else yaml.safe_dump(v).split("\n")[0]
@@ -124,7 +124,8 @@ def test_setting_one_key_of_a_section_keeps_its_other_defaults(tmp_path):
     section built from one key must merge onto them, from --set and from YAML alike."""
     default = load_config(None, [])
     settings = list(_one_key_settings())
-    assert {"stage1.max_steps", "stage2.learning_rate", "loss.beta", "mine.negatives", "eval.pooling"} <= \
+    assert {"stage1.max_steps", "stage2.learning_rate", "loss.beta", "mine.negatives", "eval.pooling",
+            "scorer.row_stats"} <= \
            {k for k, _ in settings}
     for key, text in settings:
         assert load_config(None, [f"{key}={text}"]) == default, key
@@ -141,7 +142,7 @@ def test_setting_one_key_of_a_section_keeps_its_other_defaults(tmp_path):
 def test_config_runtime_checks_name_the_key(tmp_path):
     cfg = load_config(None, [f"data.stage2={tmp_path}/missing.jsonl"])
     with pytest.raises(ConfigError, match=r"key 'data.stage2': no such file"):
-        check_stages(cfg)
+        stages_for(cfg).check()
     with pytest.raises(ConfigError, match=r"key 'model.base': no such file or folder"):
         check_runtime(load_config(None, [f"model.base={tmp_path}/no-model"]), world_size=1)
     cfg = load_config(None, ["stage1.micro_batch_size=4", "stage1.gradient_accumulation_steps=2",
@@ -450,11 +451,12 @@ def test_the_tiny_base_is_the_runs_starting_model_whatever_the_runs_seed(monkeyp
     """The tiny base stands in for a downloaded model: a run's seed does not change it, model.tiny_seed does."""
     from autoregembed.run import loading
     from autoregembed.run.config import load_config
+    from autoregembed.run.trainer import RunContext
 
     built = []
     monkeypatch.setattr(loading, "build_tiny_base", lambda out, files, **kw: built.append(kw["seed"]))
     for sets in (["seed=1"], ["seed=2"], ["seed=2", "model.tiny_seed=5"]):
-        loading.prepare_base(load_config(None, [f"output_dir={tmp_path}", *sets]))
+        RunContext.of(load_config(None, [f"output_dir={tmp_path}", *sets]), None).base()
     assert built == [0, 0, 5]
 
 
@@ -498,12 +500,12 @@ def test_a_session_that_fails_to_load_leaves_no_zero3_config_behind(tmp_path, ti
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     from autoregembed.tools.cli import DEFAULT_DS
-    from autoregembed.run.stages import STAGES
-    from autoregembed.run.trainer import Session
+    from autoregembed.run.stages import stages_for
+    from autoregembed.run.trainer import RunContext, Session
 
     cfg = load_config(None, [f"output_dir={tmp_path}", f"model.base={tiny_base}"])
     with pytest.raises(OSError) as failure:
-        Session(cfg, STAGES["stage1"], DEFAULT_DS, str(tmp_path / "no-such-model"), train=True)
+        Session(RunContext.of(cfg, DEFAULT_DS), stages_for(cfg)["stage1"], str(tmp_path / "no-such-model"), train=True)
     assert failure.tb is not None  # an error handler still holds the failed Session's frames here
     assert not is_deepspeed_zero3_enabled()
 

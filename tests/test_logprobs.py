@@ -222,7 +222,7 @@ def test_every_backend_sums_the_same_sequences(scorer):
 
 def test_backends_tell_the_planner_what_they_hold(monkeypatch):
     """What each backend holds (autoregembed plan); a name that is no backend, or cce without its
-    package, is a user error naming model.scorer."""
+    package, is a user error naming its scorer.* key before any model loads."""
     import sys
 
     from autoregembed.run.config import ConfigError, load_config
@@ -236,15 +236,65 @@ def test_backends_tell_the_planner_what_they_hold(monkeypatch):
     tokens = 4 * 9 * (5 + 512 + 1)  # decoder tokens of that micro-batch
     assert ours == fused.held_bytes(tokens, 4096, 32000) and theirs == cce.held_bytes(tokens, 4096, 32000)
     assert theirs < ours < 2 * 4 * tokens * 32000  # neither near the materialised fp32 logits
-    assert load_config(None, ["model.scorer=cce"]).model.scorer == "cce"
-    with pytest.raises(ConfigError, match="model.scorer.*auto, triton, torch, cce"):
-        load_config(None, ["model.scorer=liger"])
-    with pytest.raises(InputError, match="model.scorer"):
+    assert load_config(None, ["scorer.kind=cce"]).scorer.backend == cce
+    assert load_config(None, ["scorer.row_stats=torch"]).scorer.backend == scorer_for("torch")
+    with pytest.raises(ConfigError, match="key 'scorer.kind': 'liger' is not one of fused, cce"):
+        load_config(None, ["scorer.kind=liger"])
+    with pytest.raises(ConfigError, match="key 'scorer.row_stats': 'cuda' is not one of auto, triton, torch"):
+        load_config(None, ["scorer.row_stats=cuda"])
+    with pytest.raises(ConfigError, match="unknown key 'scorer.row_stats'"):  # a key of the fused kind only
+        load_config(None, ["scorer.kind=cce", "scorer.row_stats=torch"])
+    with pytest.raises(ConfigError, match="key 'model.scorer' is now 'scorer.kind'"):
+        load_config(None, ["model.scorer=cce"])
+    with pytest.raises(InputError, match="scorer 'liger' is not one of fused, cce, auto"):
         scorer_for("liger")
     monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)  # not installed
+    with pytest.raises(ConfigError, match="key 'scorer.kind': 'cce' needs cut-cross-entropy"):
+        load_config(None, ["scorer.kind=cce"])
     h, w, y = _problem(m=4, v=20, d=8)
     with pytest.raises(InputError, match="'cce' needs cut-cross-entropy"):
         cce.token_logprobs(h, w, y)
+
+
+def test_a_new_scorer_backend_is_one_class_and_its_keys():
+    """A backend with a setting is one class registered under a kind: its fields become ``scorer.*`` keys
+    (checked by its own ``check``, unknown to other kinds), the loader builds it once, and that object is
+    what every engine of the run scores with (``RunContext.scorer``)."""
+    import dataclasses
+
+    from autoregembed.method.scorers import SCORERS, Scorer, scorer_kind
+    from autoregembed.run.config import ConfigError, load_config
+    from autoregembed.run.trainer import RunContext
+
+    saved = dict(SCORERS)
+
+    @scorer_kind("scaled")
+    @dataclasses.dataclass(frozen=True)
+    class Scaled(Scorer):
+        """PyTorch's row statistics, the log-probabilities times ``factor``."""
+
+        factor: float = 1.0
+
+        def check(self, key):
+            if self.factor <= 0:
+                raise ConfigError(f"key '{key}.factor' must be > 0")
+
+        def _token_logprobs(self, hidden, weight, labels):
+            return self.factor * scorer_for("torch").token_logprobs(hidden, weight, labels)
+
+    try:
+        backend = RunContext.of(load_config(None, ["scorer.kind=scaled", "scorer.factor=2"]), None).scorer
+        assert backend == Scaled(2.0)
+        h, w, y = _problem(m=6, v=20, d=8)
+        torch.testing.assert_close(sequence_logprobs(h[None], w, y[None], backend),
+                                   2 * sequence_logprobs(h[None], w, y[None], scorer_for("torch")))
+        with pytest.raises(ConfigError, match="key 'scorer.factor' must be > 0"):
+            load_config(None, ["scorer.kind=scaled", "scorer.factor=0"])
+        with pytest.raises(ConfigError, match="unknown key 'scorer.factor'"):
+            load_config(None, ["scorer.factor=2"])  # the default kind, fused, has no such key
+    finally:
+        SCORERS.clear()
+        SCORERS.update(saved)
 
 
 def test_kernels_import_changes_no_environment_and_triton_on_cpu_needs_the_interpreter():

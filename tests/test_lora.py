@@ -85,8 +85,8 @@ import json, sys
 from peft.tuners.lora import LoraLayer
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
-from autoregembed.run.stages import STAGES
-from autoregembed.run.trainer import Session
+from autoregembed.run.stages import stages_for
+from autoregembed.run.trainer import RunContext, Session
 from autoregembed.tools.cli import DEFAULT_DS
 out, base = sys.argv[1:3]
 cfg = load_config(None, [f"output_dir={out}", f"model.base={base}", "model.lora_rank=4", "model.lora_stages=stage2",
@@ -94,7 +94,7 @@ cfg = load_config(None, [f"output_dir={out}", f"model.base={base}", "model.lora_
 D.init_distributed()
 seen, numel = {}, lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 holds partitions
 for stage in ("stage1", "stage2"):
-    s = Session(cfg, STAGES[stage], DEFAULT_DS, base, train=True)
+    s = Session(RunContext.of(cfg, DEFAULT_DS), stages_for(cfg)[stage], base, train=True)
     enc = s.engine.module.encoder
     seen[stage] = {"lora": any(isinstance(m, LoraLayer) for m in enc.modules()),
                    "trainable": sum(numel(p) for p in enc.parameters() if p.requires_grad),

@@ -72,7 +72,7 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_base, tiny_export,
     assert "Not evaluated yet" in (model / CARD_FILE).read_text()
     sts = os.path.join(ROOT, "autoregembed", "resources", "sts_dev_sample.csv")
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"eval.sts_file={sts}", f"model.base={tiny_base}"])
-    result = evaluate(cfg, str(model))
+    result = evaluate(cfg.eval, cfg.layout, str(model))
     card = (model / CARD_FILE).read_text()
     assert f"| sts_dev_sample.csv | {result['spearman_x100']:.2f} | {result['mean_pairwise_cosine']:.3f} |" in card
     assert result["base_spearman_x100"] == base_report(tiny_base, str(model), sts)["base_spearman_x100"]
@@ -87,14 +87,14 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_base, tiny_export,
                                                ("recall_at_100", "recall@100"))]
     assert "## Citation" in card and "deng-etal-2025-following" in card and "2025.emnlp-main.639" in card
     ir, floor = result["retrieval"], result["base_retrieval"]  # eval.retrieval=auto: the held-out bundled pairs
-    assert ir["set"] == cfg.retrieval_set and ir["queries"] == floor["queries"] == 256
-    assert floor == base_report(tiny_base, str(model), None, retrieval=cfg.retrieval_set)["base_retrieval"]
+    assert ir["set"] == cfg.eval.retrieval_path and ir["queries"] == floor["queries"] == 256
+    assert floor == base_report(tiny_base, str(model), None, retrieval=cfg.eval.retrieval_path)["base_retrieval"]
     assert (f"| nli_heldout.jsonl (256 queries), this model | {ir['ndcg@10']:.4f} | {ir['mrr@10']:.4f} | "
             f"{ir['recall@100']:.4f} |") in card
     assert f"| nli_heldout.jsonl (256 queries), the untrained base | {floor['ndcg@10']:.4f} |" in card
     cfg = load_config(None, [f"output_dir={tmp_path / 'run2'}", f"eval.sts_file={sts}", f"model.base={tiny_base}",
                              "eval.compare_base=false", "eval.retrieval=none"])
-    assert not {"base_spearman_x100", "retrieval", "base_retrieval"} & set(evaluate(cfg, str(model)))
+    assert not {"base_spearman_x100", "retrieval", "base_retrieval"} & set(evaluate(cfg.eval, cfg.layout, str(model)))
     assert oct((model / CARD_FILE).stat().st_mode & 0o044) == oct(0o044)  # readable by the group and others
 
 

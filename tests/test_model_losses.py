@@ -322,11 +322,11 @@ def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
 def test_config_reaches_the_stage_losses():
     """loss.* keys configure stage 2's objective (the config loader builds it); stage 1 has none."""
     from autoregembed.run.config import ConfigError, load_config
-    from autoregembed.run.stages import STAGES
+    from autoregembed.run.stages import stages_for
 
     cfg = load_config(None, ["loss.detach_positive=true", "loss.reference_sign=code", "loss.beta=0.2"])
-    assert STAGES["stage2"].loss(cfg) == AlignmentLoss(beta=0.2, tau=0.1, reference_sign="code", detach_positive=True)
-    assert isinstance(STAGES["stage1"].loss(cfg), CompressionLoss) and not STAGES["reference"].trains
+    assert stages_for(cfg)["stage2"].loss() == AlignmentLoss(beta=0.2, tau=0.1, reference_sign="code", detach_positive=True)
+    assert isinstance(stages_for(cfg)["stage1"].loss(), CompressionLoss) and not stages_for(cfg)["reference"].trains
     with pytest.raises(ConfigError, match="key 'loss.reference_sign': 'both' is not"):
         AlignmentLoss(reference_sign="both")
 
@@ -339,7 +339,7 @@ def test_a_new_stage2_objective_is_one_class_and_one_kind(setup):
 
     from autoregembed.run.config import ConfigError, load_config
     from autoregembed.method.losses import STAGE2_OBJECTIVES, stage2_objective
-    from autoregembed.run.stages import STAGES
+    from autoregembed.run.stages import stages_for
 
     saved = dict(STAGE2_OBJECTIVES)
 
@@ -363,17 +363,17 @@ def test_a_new_stage2_objective_is_one_class_and_one_kind(setup):
 
     try:
         cfg = load_config(None, ["loss.kind=margin", "loss.margin=2.5", "data.in_batch_negatives=true"])
-        assert STAGES["stage2"].loss(cfg) == MarginLoss(2.5) and cfg.data.in_batch_negatives
-        assert STAGES["stage2"].loss_settings(cfg)["kind"] == "margin"
+        assert stages_for(cfg)["stage2"].loss() == MarginLoss(2.5) and cfg.data.in_batch_negatives
+        assert stages_for(cfg)["stage2"].loss_settings()["kind"] == "margin"
         with pytest.raises(ConfigError, match="unknown key 'loss.beta'"):
             load_config(None, ["loss.kind=margin", "loss.beta=0.2"])
         with pytest.raises(ConfigError, match="key 'loss.margin' must be > 0"):
             load_config(None, ["loss.kind=margin", "loss.margin=0"])
         model, te = _model(setup)
-        batch = STAGES["stage2"].make_batch(cfg, ROWS, te, _constant_refs(-20.0, -25.0))
+        batch = stages_for(cfg)["stage2"].make_batch(ROWS, te, _constant_refs(-20.0, -25.0))
         out = model(batch)
         want = torch.relu(2.5 - (out.c_q[out.owner] - out.r)).mean()
-        torch.testing.assert_close(STAGES["stage2"].loss(cfg)(out, batch), want)
+        torch.testing.assert_close(stages_for(cfg)["stage2"].loss()(out, batch), want)
     finally:
         STAGE2_OBJECTIVES.clear()
         STAGE2_OBJECTIVES.update(saved)
@@ -388,22 +388,20 @@ def test_infonce_loss_and_grads_match_a_hand_reference(setup):
     from autoregembed.method.batches import ContrastBatch
     from autoregembed.method.losses import InfoNCELoss
     from autoregembed.run.config import load_config
-    from autoregembed.run.stages import STAGES
+    from autoregembed.run.stages import stages_for
 
     cfg = load_config(None, ["loss.kind=infonce", "loss.temperature=0.07"])
-    assert STAGES["stage2"].loss(cfg) == InfoNCELoss(0.07) and STAGES["stage2"].reference_source(cfg) is None
-    from autoregembed.run.stages import planned
-
-    assert [s.name for s in planned(cfg)] == ["stage1", "stage2", "eval"]  # no reference stage to run
+    assert stages_for(cfg)["stage2"].loss() == InfoNCELoss(0.07) and stages_for(cfg)["stage2"].reference_source() is None
+    assert [s.name for s in stages_for(cfg).planned()] == ["stage1", "stage2", "eval"]  # no reference stage to run
     rows = [*ROWS, {**ROWS[0], "query": "someone strums a guitar", "neg": ["markets dropped ."]}]  # row 2's positive
     model, te = _model(setup)
     model.pooled = [0, 1]
-    batch = STAGES["stage2"].make_batch(cfg, rows, te, None)
+    batch = stages_for(cfg)["stage2"].make_batch(rows, te, None)
     assert isinstance(batch, ContrastBatch) and batch.positive.tolist() == [0, 1, 2, 0]
     docs = list(dict.fromkeys([r["pos"] for r in rows] + [n for r in rows for n in r["neg"]]))
     assert batch.d_input_ids.shape[0] == len(docs) == 9
     model.zero_grad()
-    loss = STAGES["stage2"].loss(cfg)(model(batch), batch)
+    loss = stages_for(cfg)["stage2"].loss()(model(batch), batch)
     loss.backward()
     got = _grads(model)
 
@@ -423,6 +421,12 @@ def test_infonce_loss_and_grads_match_a_hand_reference(setup):
     torch.testing.assert_close(loss, want, atol=1e-4, rtol=1e-4)
     for n, g in _grads(model).items():
         torch.testing.assert_close(got[n], g, atol=1e-4, rtol=1e-3)
+    alone = AutoRegEmbedModel(model.encoder, None, K)  # what stage 2 builds for it: no decoder in memory
+    alone.pooled = model.pooled
+    assert not InfoNCELoss.reads_decoder and not stages_for(cfg)["stage2"].reads_decoder()
+    torch.testing.assert_close(stages_for(cfg)["stage2"].loss()(alone.train()(batch), batch), loss, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="built without the decoder"):
+        alone.score(torch.zeros(1, K, 8), batch.q_input_ids[:1], batch.q_attention_mask[:1])
 
 
 def test_the_decoder_is_frozen_and_computes_the_same_in_train_mode(tiny_base):

@@ -15,24 +15,24 @@ import json, sys, warnings
 warnings.filterwarnings("ignore")
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
-from autoregembed.run.stages import STAGES
-from autoregembed.run.trainer import export_stage, train_stage
+from autoregembed.run.stages import stages_for
+from autoregembed.run.trainer import RunContext, export_stage, train_stage
 out, stop_after, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 cfg = load_config(None, ["output_dir=" + out, "stage1.max_steps=6",
                          "stage1.micro_batch_size=4", "stage1.warmup_steps=2", "stage1.keep_last=1", *extra])
 D.init_distributed()
-ds = {root!r} + "/ds_configs/zero3.json"
+ctx, stages = RunContext.of(cfg, {root!r} + "/ds_configs/zero3.json"), stages_for(cfg)
 """
 TRAIN = PREAMBLE + """
 if stop_after:
     cfg.stage1.stop_after = stop_after
-    assert train_stage(cfg, STAGES["stage1"], ds).status == "stopped"
+    assert train_stage(ctx, stages["stage1"]).status == "stopped"
     cfg.stage1.stop_after = None
-assert train_stage(cfg, STAGES["stage1"], ds, resume=True).status == "done"
+assert train_stage(ctx, stages["stage1"], resume=True).status == "done"
 D.shutdown()
 """
 EXPORT = PREAMBLE + """
-export_stage(cfg, STAGES[cfg.paths.export_from], ds)
+export_stage(ctx, stages[cfg.paths.export_from])
 D.shutdown()
 """
 

@@ -87,7 +87,7 @@ def test_eval_retrieval_on_the_cli_scores_the_export_and_its_floor_and_refuses_b
     from autoregembed.release.encoder import Encoder
     from autoregembed.run.config import load_config
 
-    heldout = load_config(None, []).retrieval_set
+    heldout = load_config(None, []).eval.retrieval_path
     r = run_child(["-m", "autoregembed.tools.cli", "eval", "--model", tiny_export, "--retrieval", heldout,
                    "--base", tiny_base])
     assert r.returncode == 0, r.stderr[-3000:]

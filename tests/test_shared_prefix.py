@@ -118,19 +118,20 @@ warnings.filterwarnings("ignore")
 import torch
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
-from autoregembed.run.stages import STAGES
-from autoregembed.run.trainer import Session, open_trained, train_stage
+from autoregembed.run.stages import stages_for
+from autoregembed.run.trainer import RunContext, Session, open_trained, train_stage
 cfg = load_config(None, ["output_dir=" + sys.argv[1], "model.base=" + sys.argv[2], "stage1.max_steps=2",
                          "stage1.micro_batch_size=8", "model.shared_prefix=2", "model.shared_prefix_steps=3",
                          "stage1.stop_after=" + sys.argv[3]])
 D.init_distributed()
-train_stage(cfg, STAGES["stage1"], {root!r} + "/ds_configs/zero3.json", resume=sys.argv[3] == "2")
+ctx, stages = RunContext.of(cfg, {root!r} + "/ds_configs/zero3.json"), stages_for(cfg)
+train_stage(ctx, stages["stage1"], resume=sys.argv[3] == "2")
 if sys.argv[3] == "2":  # the stage-2 side reads the export's prefix; a re-export keeps it
-    s = Session(cfg, STAGES["stage2"], {root!r} + "/ds_configs/zero3.json", cfg.stage1_model_dir, train=False)
+    s = Session(ctx, stages["stage2"], cfg.layout.stage1_model, train=False)
     if D.rank() == 0:
         torch.save(s.model.shared_prefix, sys.argv[1] + "/stage2_prefix.pt")
     s.close()
-    s = open_trained(cfg, STAGES["stage1"], {root!r} + "/ds_configs/zero3.json")
+    s = open_trained(ctx, stages["stage1"])
     if D.rank() == 0:
         torch.save(s.model.shared_prefix, sys.argv[1] + "/reopened_prefix.pt")
     s.close()

@@ -9,26 +9,26 @@ import pytest
 
 from autoregembed.release.meta import META_FILE, ExportMeta
 from autoregembed.run.config import ConfigError, load_config
-from autoregembed.run.stages import PIPELINE, RUN_MODES, STAGES, TRAINING, check_stages, planned
+from autoregembed.run.stages import PIPELINE, RUN_MODES, TRAINING, stages_for
 from helpers import ROOT, TINY_BASE, run_child, run_train
 
 NLI = os.path.join(ROOT, "autoregembed", "resources", "nli_sample.jsonl")
 
 
 def _names(cfg):
-    return [s.name for s in planned(cfg)]
+    return [s.name for s in stages_for(cfg).planned()]
 
 
 def test_the_pipeline_and_the_run_modes_come_from_one_list():
     assert [s.name for s in PIPELINE] == ["stage1", "mine", "reference", "stage2", "export", "eval"]
-    assert RUN_MODES == (*STAGES, "pipeline") and TRAINING == ("stage1", "stage2")
+    assert RUN_MODES == (*(s.name for s in PIPELINE), "pipeline") and TRAINING == ("stage1", "stage2")
     assert _names(load_config(None)) == ["stage1", "reference", "stage2", "eval"]
     assert _names(load_config(None, ["mine.enabled=true"])) == ["stage1", "mine", "reference", "stage2", "eval"]
     online = ["reference.source=online", "model.lora_rank=4"]
     assert _names(load_config(None, online)) == ["stage1", "stage2", "eval"]
     assert _names(load_config(None, ["stage=mine"])) == ["mine"]
     with pytest.raises(ConfigError, match=r"key 'stage': 'stage3' is not one of stage1, mine, reference"):
-        planned(load_config(None, ["stage=stage3"]))
+        stages_for(load_config(None, ["stage=stage3"])).planned()
     r = run_child(["-m", "autoregembed.tools.cli", "stages", "--set", "mine.enabled=true", "--set", online[0],
                    "--set", online[1]], timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["stage1", "mine", "stage2", "eval"], r.stderr[-2000:]
@@ -37,18 +37,18 @@ def test_the_pipeline_and_the_run_modes_come_from_one_list():
 def test_checks_skip_only_what_an_earlier_stage_of_the_run_writes(tmp_path):
     out = str(tmp_path / "run")
     # a pipeline: the stage-1 export, the mined rows and the reference scores do not exist yet, and need not
-    check_stages(load_config(None, [f"output_dir={out}", "mine.enabled=true"]))
+    stages_for(load_config(None, [f"output_dir={out}", "mine.enabled=true"])).check()
     # each stage alone needs what the stages before it would have written
     with pytest.raises(ConfigError, match=r"key 'paths.stage1_model': no stage-1 export at .*run stage1 first"):
-        check_stages(load_config(None, [f"output_dir={out}", "stage=mine", "mine.enabled=true"]))
+        stages_for(load_config(None, [f"output_dir={out}", "stage=mine", "mine.enabled=true"])).check()
     os.makedirs(os.path.join(out, "stage1", "model"))
     with pytest.raises(ConfigError, match=r"the mined rows of .*nli_sample.jsonl \(mine.enabled\): no such file "
                                           r".*mine/0-nli_sample.jsonl; run stage=mine first"):
-        check_stages(load_config(None, [f"output_dir={out}", "stage=reference", "mine.enabled=true"]))
+        stages_for(load_config(None, [f"output_dir={out}", "stage=reference", "mine.enabled=true"])).check()
     with pytest.raises(ConfigError, match=r"key 'paths.reference_scores': no reference scores .*run stage=reference"):
-        check_stages(load_config(None, [f"output_dir={out}", "stage=stage2"]))
+        stages_for(load_config(None, [f"output_dir={out}", "stage=stage2"])).check()
     with pytest.raises(ConfigError, match=r"key 'paths.export_from': 'reference' is not one of stage1, stage2"):
-        check_stages(load_config(None, [f"output_dir={out}", "stage=export", "paths.export_from=reference"]))
+        stages_for(load_config(None, [f"output_dir={out}", "stage=export", "paths.export_from=reference"])).check()
     # stage 2 and its reference scores read the decoder as the stage-1 export was trained to (decoder BOS)
     export = os.path.join(out, "stage1", "model")
     meta = ExportMeta(num_embed_tokens=5, max_text_len=64, instruction="i", decoder_bos=False)
@@ -56,20 +56,20 @@ def test_checks_skip_only_what_an_earlier_stage_of_the_run_writes(tmp_path):
     online = [f"output_dir={out}", "stage=stage2", "reference.source=online", "model.lora_rank=4"]
     with pytest.raises(ConfigError, match=r"key 'model.decoder_bos': the stage-1 model .*stage1/model was trained "
                                           r"with model.decoder_bos=false; set it the same here"):
-        check_stages(load_config(None, online))
-    check_stages(load_config(None, [*online, "model.decoder_bos=false"]))
-    check_stages(load_config(None, [f"output_dir={out}", "stage=mine", "mine.enabled=true"]))  # the encoder alone
+        stages_for(load_config(None, online)).check()
+    stages_for(load_config(None, [*online, "model.decoder_bos=false"])).check()
+    stages_for(load_config(None, [f"output_dir={out}", "stage=mine", "mine.enabled=true"])).check()  # the encoder alone
     # eval alone scores the untrained base beside the export (a pipeline's stage 1 builds the tiny one)
     evaluation = [f"output_dir={out}", "stage=eval", "paths.export_from=stage1"]
     with pytest.raises(ConfigError, match=r"key 'model.base \(the floor of eval.compare_base\)': no such file "
                                           r"or folder .*run/base"):
-        check_stages(load_config(None, evaluation))
-    check_stages(load_config(None, [*evaluation, "eval.compare_base=false"]))
+        stages_for(load_config(None, evaluation)).check()
+    stages_for(load_config(None, [*evaluation, "eval.compare_base=false"])).check()
     # a bad row of the user's stage-2 file is named at the pipeline's start, though stage 2 reads mined copies
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(NLI).readline() + '{"query": "q", "pos": "p", "instruction": "i"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'neg'"):
-        check_stages(load_config(None, [f"output_dir={out}", "mine.enabled=true", f"data.stage2={bad}"]))
+        stages_for(load_config(None, [f"output_dir={out}", "mine.enabled=true", f"data.stage2={bad}"])).check()
 
 
 @pytest.mark.distributed
@@ -126,6 +126,8 @@ def test_the_contrastive_baseline_trains_through_train_py_with_no_reference_stag
     r = run_train(sets)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not os.path.exists(os.path.join(out, "reference")) and "reference:" not in r.stderr + r.stdout
+    skipped = "its objective reads embeddings only; the frozen decoder is not loaded"
+    assert f"stage2: {skipped}" in r.stdout and f"stage1: {skipped}" not in r.stdout  # no 13.5 GB at 7B for nothing
     with open(os.path.join(out, "stage2", "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
@@ -139,5 +141,5 @@ def test_each_source_is_read_once_at_the_start(monkeypatch):
 
     reads, load = [], stages.load_sources
     monkeypatch.setattr(stages, "load_sources", lambda sources, stage: reads.append(stage) or load(sources, stage=stage))
-    check_stages(load_config(None))
+    stages_for(load_config(None)).check()
     assert reads == [1, 2]

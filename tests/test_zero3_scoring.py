@@ -20,10 +20,9 @@ from autoregembed.ground import distributed as D
 from autoregembed.method.batches import compression_batch, to_device
 from autoregembed.run.config import load_config
 from autoregembed.ground.data import load_rows
-from autoregembed.run.loading import prepare_base
 from autoregembed.method.losses import CompressionLoss
-from autoregembed.run.stages import STAGES
-from autoregembed.run.trainer import Session, score_references
+from autoregembed.run.stages import stages_for
+from autoregembed.run.trainer import RunContext, Session, score_references
 
 out, base, stage2 = sys.argv[1:4]
 zero3 = {root!r} + "/ds_configs/zero3.json"
@@ -34,7 +33,8 @@ D.init_distributed()
 report = {{}}
 
 # 1. what the scorer keeps between forward and backward
-s = Session(cfg, STAGES["stage1"], zero3, prepare_base(cfg), train=True)
+ctx = RunContext.of(cfg, zero3)
+s = Session(ctx, stages_for(cfg)["stage1"], ctx.base(), train=True)
 head = s.engine.module.head.weight
 rows = load_rows(cfg.data.stage1, stage=1)[:4]
 batch = to_device(compression_batch(rows, s.text_encoder), s.device)
@@ -62,8 +62,9 @@ s.close()
 # 1b. cut-cross-entropy reads the head again in its backward: the hooks gather it there too
 cce_cfg = load_config(None, ["output_dir=" + out + "/cce", "model.base=" + base, "data.stage2=" + stage2,
                              "model.match_decoder_scale=false", "model.shard_decoder=true", "model.shared_prefix=0",
-                             "model.scorer=cce"])
-s = Session(cce_cfg, STAGES["stage1"], zero3, prepare_base(cce_cfg), train=True)
+                             "scorer.kind=cce"])
+cce_ctx = RunContext.of(cce_cfg, zero3)
+s = Session(cce_ctx, stages_for(cce_cfg)["stage1"], cce_ctx.base(), train=True)
 loss = CompressionLoss()(s.engine(batch), batch)
 s.engine.backward(loss)
 s.engine.step()
@@ -77,8 +78,8 @@ def spy(self, *a, **kw):
     calls.append(type(a[0]).__name__)
     return real(self, *a, **kw)
 DeepSpeedEngine.forward = spy
-cfg.paths.stage1_model = prepare_base(cfg)
-score_references(cfg, STAGES["reference"], zero3)
+cfg.paths.stage1_model = ctx.base()
+score_references(RunContext.of(cfg, zero3), stages_for(cfg)["reference"])
 report["engine_forward_stages"] = sorted(set(calls))
 report["engine_forward_calls"] = len(calls)
 json.dump(report, open(out + "/report.json", "w"))
@@ -103,7 +104,7 @@ def test_lm_head_is_released_between_forward_and_backward_and_reference_uses_the
     assert not r["holds_head"]
     assert r["head_released_after_forward"] and r["head_numel_after_forward"] == 0
     assert r["largest_saved_tensor"] < r["head_full_numel"]
-    # the same step with model.scorer=cce: the same loss and gradient (its backward found the head)
+    # the same step with scorer.kind=cce: the same loss and gradient (its backward found the head)
     assert r["cce_loss"] == pytest.approx(r["loss"], rel=1e-5)
     assert r["cce_grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4) and r["grad_norm"] > 0
     # 16 stage-2 rows at micro-batch 4 on one rank: 4 scoring calls, all through the engine

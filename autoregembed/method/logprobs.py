@@ -17,7 +17,7 @@ states it replaces in the saved tensors.  The LM head is frozen: there is no wei
 
 On CUDA the row statistics are a Triton kernel (``autoregembed.kernels.logit_rows``) and the GEMMs keep
 bf16/fp16 operands with fp32 logits; elsewhere the same steps run as PyTorch operations
-(``scorer`` chooses, ``model.scorer`` in the config).
+(``scorer`` chooses, ``scorer.row_stats`` in the config).
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ ROW_STATS = ("auto", "triton", "torch")  # the fused scorer's choices (scorers.F
 
 
 def row_stats_for(scorer: str, device: torch.device):
-    """The row-statistics function of ``scorer`` (``model.scorer``): auto is the Triton kernel on
+    """The row-statistics function of ``scorer`` (``scorer.row_stats``): auto is the Triton kernel on
     CUDA and PyTorch elsewhere; triton on CPU tensors needs Triton's interpreter."""
     if scorer not in ROW_STATS:
         raise InputError(f"scorer {scorer!r} is not one of {ROW_STATS}")

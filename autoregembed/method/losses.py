@@ -14,6 +14,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ..ground.components import registry
 from ..ground.errors import ConfigError, finite
 from .batches import alignment_batch, contrast_batch
 
@@ -86,17 +87,10 @@ class CompressionLoss:
 
 
 STAGE2_OBJECTIVES: dict[str, type] = {}  # loss.kind -> its class
-
-
-def stage2_objective(kind: str):
-    """Register a stage-2 objective under ``loss.kind: <kind>``.  It has ``check(key)``,
-    ``needs_references``, ``batch(rows, text_encoder, references)`` and is called as
-    ``objective(model(batch), batch) -> scalar loss``."""
-    def register(cls):
-        STAGE2_OBJECTIVES[kind] = cls
-        cls.kind = kind
-        return cls
-    return register
+# Register a stage-2 objective under ``loss.kind: <kind>``.  It has ``check(key)``, ``needs_references``
+# (and ``reads_decoder``, True when absent: False keeps the frozen decoder out of memory),
+# ``batch(rows, text_encoder, references)`` and is called as ``objective(model(batch), batch) -> scalar loss``.
+stage2_objective = registry(STAGE2_OBJECTIVES)
 
 
 def _positive(key: str, name: str, value: float):
@@ -145,6 +139,7 @@ class InfoNCELoss:
     AutoRegEmbed is the same encoder, pooling, data, trainer and export."""
 
     needs_references = False
+    reads_decoder = False  # embeddings only: stage 2 does not load the frozen decoder
     temperature: float = 0.05
 
     def __post_init__(self):

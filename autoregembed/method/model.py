@@ -149,13 +149,15 @@ class AutoRegEmbedModel(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, k: int, decoder_bos_id: int | None = None,
                  scorer: Scorer | str = "auto", decoder_in_module: bool = True, packed: bool = False):
         """encoder: a base transformer (e.g. LlamaModel) returning last_hidden_state.
-        decoder: the frozen causal LM (its parameters are frozen here).
+        decoder: the frozen causal LM (its parameters are frozen here); None for a model that only embeds
+        (an objective on embeddings alone, ``loss.kind=infonce``: 13.5 GB of bf16 weights not held at 7B),
+        which then cannot ``score``.
         decoder_bos_id: None, the method as published: the decoder reads [e_1..e_k ; target+EOS].
         A token id: the decoder reads that token first, [BOS ; e_1..e_k ; target+EOS]
         (``model.decoder_bos``).  Why: a pretrained LM parks attention on its first position
         (the attention sink); without a BOS, e_1 is pushed to become that sink, shared by every
         text (docs/experiments.md).
-        scorer: the LM head's scorer backend, or its ``model.scorer`` name (scorers.py).
+        scorer: the LM head's scorer backend, or its name (scorers.scorer_for).
         decoder_in_module: false keeps the decoder out of ``parameters()``, ``state_dict()``,
         ``.to()`` and DeepSpeed's view (the caller places it on its device); ``train()`` still
         reaches it.
@@ -171,6 +173,9 @@ class AutoRegEmbedModel(nn.Module):
         self.decoder_bos_id = decoder_bos_id
         self.shared_prefix: torch.Tensor | None = None  # model.shared_prefix (shared_prefix.py), set by its owner
         self.pooled: list[int] | None = None  # the e_i ``embed`` averages (eval.pooling), set by its owner; None: all
+        self.head = None
+        if decoder is None:
+            return
         _freeze(decoder)
         self.head = LogprobHead(decoder, scorer)
         cfg = decoder.config
@@ -185,7 +190,7 @@ class AutoRegEmbedModel(nn.Module):
         gradient checkpointing only in training mode, and stage 2 keeps the decoder's activations
         for 1 + N candidates per query.  ``_freeze`` zeroed its dropouts, so both modes compute the same."""
         super().train(mode)
-        if "decoder" not in self._modules:
+        if "decoder" not in self._modules and self.decoder is not None:
             self.decoder.train(mode)
         return self
 
@@ -204,6 +209,8 @@ class AutoRegEmbedModel(nn.Module):
               n_scored: int | None = None) -> torch.Tensor:
         """Summed log p(target | compressed) per row, fp32 [S]; differentiable w.r.t. compressed only.
         n_scored: target_mask.sum() as a host integer, when the batch carries it (batches.py)."""
+        if self.decoder is None:
+            raise RuntimeError("this model was built without the decoder (its objective reads embeddings only)")
         compressed = with_shared_prefix(compressed, self.shared_prefix)
         lay = decoder_layout(target_ids, target_mask, compressed.shape[1], self.decoder_bos_id)
         tok = self.decoder.get_input_embeddings()(lay.ids)

@@ -1,8 +1,9 @@
 """LM-head scorer backends: log p(y_t | h_t) for each scored token against the frozen LM head, with its
 gradient w.r.t. the hidden states, never as [tokens, vocab] logits.
 
-A backend is one class here and one entry in ``SCORERS``; ``model.scorer`` names it and ``scorer_for``
-builds it once (the model's ``LogprobHead`` holds it).  Besides the values, a backend tells the
+A backend is one class here, registered under its kind (``scorer_kind``): ``scorer.kind`` names it, its
+fields are ``scorer.*`` keys, and the config loader builds it once (``cfg.scorer.backend``; the model's
+``LogprobHead`` holds it).  Besides the values, a backend tells the
 planner what it holds between forward and backward (``held_bytes``).  Ours forms each token's
 Jacobian in the forward (logprobs.py), so its backward is one scaling; cut-cross-entropy recomputes
 the logits block by block in the backward, reading the LM head again.
@@ -10,8 +11,11 @@ the logits block by block in the backward, reading the LM head again.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
 
-from ..ground.errors import InputError
+from ..ground.components import registry
+from ..ground.errors import ConfigError, InputError
 
 PLAN_SMS = 132  # H100 SXM multiprocessors: the fused scorer's chunk is sized to cover them
 
@@ -19,7 +23,10 @@ PLAN_SMS = 132  # H100 SXM multiprocessors: the fused scorer's chunk is sized to
 class Scorer:
     """A backend: ``token_logprobs(hidden [M, D], weight [V, D] frozen, labels [M]) -> fp32 [M]``."""
 
-    name = ""
+    kind = ""  # set by scorer_kind
+
+    def check(self, key: str):
+        """Its settings, each error naming ``key.<field>`` (``key``: the config section, ``scorer``)."""
 
     def token_logprobs(self, hidden, weight, labels):
         from .logprobs import check_scoring_inputs
@@ -36,14 +43,29 @@ class Scorer:
         raise NotImplementedError
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` would import, without importing it (cut-cross-entropy pulls in Triton)."""
+    return sys.modules[module] is not None if module in sys.modules else importlib.util.find_spec(module) is not None
+
+
+SCORERS: dict[str, type] = {}  # scorer.kind -> its class
+scorer_kind = registry(SCORERS)
+
+
+@scorer_kind("fused")
 @dataclasses.dataclass(frozen=True)
 class FusedScorer(Scorer):
     """Ours (logprobs.token_logprobs): token chunks of fp32 logits, each token's Jacobian formed in
     the forward, so the backward is one scaling and never reads the LM head.  ``row_stats``: who
     computes each chunk's softmax statistics (auto: the Triton kernel on CUDA, PyTorch elsewhere)."""
 
-    row_stats: str = "auto"
-    name = "fused"
+    row_stats: str = "auto"  # auto | triton (on CPU only under TRITON_INTERPRET=1) | torch
+
+    def check(self, key):
+        from .logprobs import ROW_STATS
+
+        if self.row_stats not in ROW_STATS:
+            raise ConfigError(f"key '{key}.row_stats': {self.row_stats!r} is not one of {', '.join(ROW_STATS)}")
 
     def _token_logprobs(self, hidden, weight, labels):
         from .logprobs import TILE_BUDGET_BYTES, TokenLogprobs
@@ -57,6 +79,7 @@ class FusedScorer(Scorer):
         return (2 * hidden + 4) * tokens + chunk  # bf16 Jacobians and fp32 log-probabilities
 
 
+@scorer_kind("cce")
 @dataclasses.dataclass(frozen=True)
 class CutCrossEntropyScorer(Scorer):
     """Apple's cut-cross-entropy (``linear_cross_entropy(..., reduction="none")``, negated), with
@@ -66,13 +89,15 @@ class CutCrossEntropyScorer(Scorer):
     token chunk at a time under activation checkpointing, so it too recomputes the logits in the
     backward instead of keeping them."""
 
-    name = "cce"
+    def check(self, key):
+        if not _installed("cut_cross_entropy"):
+            raise ConfigError(f"key '{key}.kind': 'cce' needs cut-cross-entropy (pip install cut-cross-entropy)")
 
     def _token_logprobs(self, hidden, weight, labels):
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError:
-            raise InputError("key 'model.scorer': 'cce' needs cut-cross-entropy (pip install cut-cross-entropy)") from None
+            raise InputError("scorer 'cce' needs cut-cross-entropy (pip install cut-cross-entropy)") from None
         if hidden.is_cuda:
             return -linear_cross_entropy(hidden, weight, labels, reduction="none", filter_eps=None, impl="cce").float()
         import torch
@@ -96,18 +121,15 @@ class CutCrossEntropyScorer(Scorer):
         return (2 * hidden + 4 + 8) * tokens + block  # its saved copy of the hidden states, lse, targets
 
 
-SCORERS = {  # model.scorer -> the backend it builds
-    "auto": lambda: FusedScorer("auto"),
-    "triton": lambda: FusedScorer("triton"),
-    "torch": lambda: FusedScorer("torch"),
-    "cce": CutCrossEntropyScorer,
-}
-
-
 def scorer_for(name: str | Scorer) -> Scorer:
-    """The backend ``model.scorer`` names (a backend is returned as it is)."""
+    """A backend by its kind (``fused``, ``cce``) or, for the fused one, its row statistics (``auto``,
+    ``triton``, ``torch``); a backend is returned as it is."""
+    from .logprobs import ROW_STATS
+
     if isinstance(name, Scorer):
         return name
+    if name in ROW_STATS:
+        return FusedScorer(name)
     if name not in SCORERS:
-        raise InputError(f"key 'model.scorer': {name!r} is not one of {', '.join(SCORERS)}")
+        raise InputError(f"scorer {name!r} is not one of {', '.join([*SCORERS, *ROW_STATS])}")
     return SCORERS[name]()

@@ -15,6 +15,7 @@ import yaml
 
 from ..release.mining import check_mining
 from ..ground.errors import ConfigError, InputError, finite  # noqa: F401 - ConfigError: importable from here too
+from .layout import Layout
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # autoregembed/
 RESOURCES = os.path.join(PACKAGE, "resources")
@@ -36,10 +37,6 @@ class ModelConfig:
     # run every encoder and decoder pass padding-free, the rows packed into one sequence
     # (packing.py); null: on CUDA only (on CPU the packed reference attention is O(tokens^2))
     packing: typing.Optional[bool] = None
-    # the LM head's scorer backend (scorers.py): ours with its softmax statistics from auto (Triton on
-    # CUDA, PyTorch elsewhere) | triton (on CPU only under TRITON_INTERPRET=1) | torch; or cce (Apple's
-    # cut-cross-entropy, exact gradients: no filtering)
-    scorer: str = "auto"
     gradient_checkpointing: bool = True
     # the frozen decoder's own activation checkpointing (null: as gradient_checkpointing; true: every
     # layer; false: none; n: its first n layers, the others keep their activations); each layer not
@@ -85,10 +82,6 @@ class ModelConfig:
 
     def check(self, key: str):
         """Its values, each error naming ``key.<field>`` (as every section's ``check``)."""
-        from ..method.scorers import SCORERS
-
-        if self.scorer not in SCORERS:
-            raise ConfigError(f"key '{key}.scorer': {self.scorer!r} is not one of {', '.join(SCORERS)}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"key '{key}.dtype': {self.dtype!r} is not auto, bf16, fp16 or fp32")
         if self.num_embed_tokens < 1:
@@ -226,14 +219,29 @@ class OptimConfig:
                 raise ConfigError(f"key '{key}.{k}' must be >= 1, got {getattr(self, k)}")
 
 
-def _stage2_objectives() -> dict:
+def _components() -> dict:
+    """section -> the registry its ``kind`` picks from, imported when the loader first reads it."""
     from ..method.losses import STAGE2_OBJECTIVES
+    from ..method.scorers import SCORERS
 
-    return STAGE2_OBJECTIVES
+    return {"scorer": SCORERS, "loss": STAGE2_OBJECTIVES}
 
 
-def _alignment():
-    return _stage2_objectives()["alignment"]()
+@dataclass
+class ScorerConfig:
+    """The LM head's scorer backend (method/scorers.py): ``kind`` names a class of scorers.SCORERS, whose
+    settings are keys of this section too, built by the loader into ``backend``.
+
+    fused: ours, with ``row_stats`` auto (the Triton kernel on CUDA, PyTorch elsewhere) | triton (on CPU
+    only under TRITON_INTERPRET=1) | torch; cce: Apple's cut-cross-entropy (exact gradients: no filtering)."""
+
+    KINDS = staticmethod(lambda: _components()["scorer"])
+    COMPONENT = "backend"  # the field the loader builds from the kind's class
+    kind: str = "fused"
+    backend: typing.Any = field(default_factory=lambda: _components()["scorer"]["fused"]())
+
+    def check(self, key: str):
+        self.backend.check(key)
 
 
 @dataclass
@@ -242,9 +250,10 @@ class LossConfig:
     (``loss.beta``, ``loss.tau``, ... for alignment) are keys of this section too, built by the loader
     into ``objective``, the object stage 2 calls."""
 
-    KINDS = staticmethod(_stage2_objectives)  # the loader builds ``objective`` from the kind's class
+    KINDS = staticmethod(lambda: _components()["loss"])
+    COMPONENT = "objective"  # the field the loader builds from the kind's class
     kind: str = "alignment"  # alignment: the paper's loss; infonce: the contrastive baseline (losses.py)
-    objective: typing.Any = field(default_factory=_alignment)
+    objective: typing.Any = field(default_factory=lambda: _components()["loss"]["alignment"]())
     # stage 1: weight of an in-batch contrast added to the reconstruction loss (0: the authors' loss).
     # Each target is also scored with the previous row's compressed tokens, and
     # softplus(-(own - other) per token) rewards compressed tokens that fit their own text better than
@@ -330,6 +339,20 @@ class EvalConfig:
                               f"{key}.retrieval is none")
 
     @property
+    def sts_path(self) -> str:
+        """The STS file eval.sts_file names (auto: ../shared STS-B dev when present, else the bundled sample)."""
+        if self.sts_file != "auto":
+            return self.sts_file
+        return SHARED_STSB_DEV if os.path.exists(SHARED_STSB_DEV) else os.path.join(RESOURCES, "sts_dev_sample.csv")
+
+    @property
+    def retrieval_path(self) -> str | None:
+        """What eval.retrieval names, None when it is off."""
+        if self.retrieval == "none":
+            return None
+        return os.path.join(RESOURCES, "nli_heldout.jsonl") if self.retrieval == "auto" else self.retrieval
+
+    @property
     def keep_best_key(self) -> str:
         """The step record's key of ``keep_best``."""
         return KEEP_BEST[self.keep_best]
@@ -389,6 +412,7 @@ class Config:
     output_dir: str = "runs/default"
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # the default job's stage 1 on the tiny model (docs/experiments.md); a real model sets its own
     stage1: OptimConfig = field(default_factory=lambda: OptimConfig(max_steps=300, micro_batch_size=16))
@@ -400,40 +424,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
-    # Derived locations: one place that says where every artifact goes.
-    def stage_dir(self, stage: str) -> str:
-        return os.path.join(self.output_dir, stage)
-
-    def checkpoint_dir(self, stage: str) -> str:
-        return os.path.join(self.stage_dir(stage), "checkpoints")
-
-    def export_dir(self, stage: str) -> str:
-        return os.path.join(self.stage_dir(stage), "model")
-
     @property
-    def base_model_dir(self) -> str:
-        return os.path.join(self.output_dir, "base") if self.model.base == "tiny" else self.model.base
-
-    @property
-    def stage1_model_dir(self) -> str:
-        return self.paths.stage1_model or self.export_dir("stage1")
-
-    @property
-    def reference_scores_path(self) -> str:
-        return self.paths.reference_scores or os.path.join(self.stage_dir("reference"), "scores.safetensors")
-
-    @property
-    def sts_file(self) -> str:
-        if self.eval.sts_file != "auto":
-            return self.eval.sts_file
-        return SHARED_STSB_DEV if os.path.exists(SHARED_STSB_DEV) else os.path.join(RESOURCES, "sts_dev_sample.csv")
-
-    @property
-    def retrieval_set(self) -> str | None:
-        """What eval.retrieval names, None when it is off."""
-        if self.eval.retrieval == "none":
-            return None
-        return os.path.join(RESOURCES, "nli_heldout.jsonl") if self.eval.retrieval == "auto" else self.eval.retrieval
+    def layout(self) -> Layout:
+        """Where every artifact of the run goes (layout.py)."""
+        base = os.path.join(self.output_dir, "base") if self.model.base == "tiny" else self.model.base
+        stage1 = self.paths.stage1_model or os.path.join(self.output_dir, "stage1", "model")
+        scores = self.paths.reference_scores or os.path.join(self.output_dir, "reference", "scores.safetensors")
+        return Layout(self.output_dir, base, stage1, scores)
 
     def sources(self, stage: int) -> list[SourceConfig]:
         """The datasets of stage 1 or 2 (``DataConfig.sources``)."""
@@ -514,6 +511,7 @@ MOVED = {  # keys of earlier releases -> where they live now (batching choices l
     "loss.in_batch_negatives": "data.in_batch_negatives",
     "loss.cross_device_negatives": "data.cross_device_negatives",
     "loss.references": "reference.source",
+    "model.scorer": "scorer.kind' (fused or cce) and 'scorer.row_stats",  # auto | triton | torch: row_stats
 }
 
 
@@ -526,7 +524,7 @@ def _build(cls, data: dict, prefix: str, default=None):
     names = {f.name for f in dataclasses.fields(cls)}
     component, component_data = None, {}
     if hasattr(cls, "KINDS"):  # a section whose ``kind`` picks a class: its fields are keys here too
-        names.discard("objective")
+        names.discard(cls.COMPONENT)
         kinds, kind = cls.KINDS(), data.get("kind", cls.kind)
         if kind not in kinds:
             raise ConfigError(f"key '{prefix}kind': {kind!r} is not one of {', '.join(kinds)}")
@@ -549,8 +547,8 @@ def _build(cls, data: dict, prefix: str, default=None):
         else:
             kwargs[k] = _coerce(v, tp, prefix + k)
     if component is not None:
-        same_kind = isinstance(getattr(default, "objective", None), component)
-        kwargs["objective"] = _build(component, component_data, prefix, default.objective if same_kind else None)
+        built = getattr(default, cls.COMPONENT)
+        kwargs[cls.COMPONENT] = _build(component, component_data, prefix, built if isinstance(built, component) else None)
     return dataclasses.replace(default, **kwargs)
 
 
@@ -657,7 +655,7 @@ def _check_hub_model(name: str):
 
 def check_runtime(cfg: Config, world_size: int):
     """Checks that need the launch environment; run on every rank before any model loads (what each
-    stage reads is its own check: stages.check_stages)."""
+    stage reads is its own check: stages.Stages.check)."""
     if cfg.monitor.wandb:
         try:
             import wandb  # noqa: F401

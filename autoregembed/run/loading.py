@@ -192,7 +192,8 @@ def recompute_first(model, n: int):
 def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype, attn: str,
                gradient_checkpointing: bool = False,
                lora: dict | None = None, decoder_bos: bool = False, scorer="auto",
-               outside_decoder=None, packed: bool = False, decoder_checkpointing: bool | int | None = None):
+               outside_decoder=None, packed: bool = False, decoder_checkpointing: bool | int | None = None,
+               with_decoder: bool = True):
     """Return (AutoRegEmbedModel, tokenizer).
 
     encoder_path: the base model (stage 1) or a stage-1 export (reference scores, stage 2).
@@ -203,11 +204,12 @@ def load_model(encoder_path: str, decoder_path: str, k: int, dtype: torch.dtype,
     decoder_bos: the decoder reads the tokenizer's BOS before the compressed tokens (model.py).
     packed: padding-free passes (packing.py; ``attn`` must then be one that packs: resolve_attention).
     decoder_checkpointing: the decoder's activation checkpointing (None: ``gradient_checkpointing``).
+    with_decoder: false builds a model that only embeds (no frozen decoder loaded; AutoRegEmbedModel).
     """
     from transformers import AutoModel
 
     tokenizer = load_tokenizer(encoder_path, k)
-    decoder = outside_decoder or load_frozen_decoder(
+    decoder = None if not with_decoder else outside_decoder or load_frozen_decoder(
         decoder_path, dtype, attn, gradient_checkpointing if decoder_checkpointing is None else decoder_checkpointing)
     encoder = AutoModel.from_pretrained(encoder_path, dtype=dtype, attn_implementation=attn)
     if encoder.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -232,12 +234,13 @@ def enable_activation_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def prepare_base(cfg) -> str:
-    """The base causal LM folder; the tiny default is built (once, by rank 0) on first use."""
-    if cfg.model.base == "tiny":
+def prepare_base(model, folder: str, corpus: list[str]) -> str:
+    """The base causal LM (``model``: the model section; ``folder``: Layout.base_model); the tiny default is
+    built there (once, by rank 0) on first use, its tokenizer trained on ``corpus`` (the run's data files)."""
+    if model.base == "tiny":
         if D.rank() == 0:
-            build_tiny_base(cfg.base_model_dir, [s.path for n in (1, 2) for s in cfg.sources(n)],
-                            hidden_size=cfg.model.tiny_hidden_size, layers=cfg.model.tiny_layers, seed=cfg.model.tiny_seed)
+            build_tiny_base(folder, corpus, hidden_size=model.tiny_hidden_size, layers=model.tiny_layers,
+                            seed=model.tiny_seed)
         D.barrier()
-    return cfg.base_model_dir
+    return folder
 

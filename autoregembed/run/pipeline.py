@@ -15,26 +15,27 @@ from ..ground.monitor import log
 from ..ground.arch import Arch
 from ..release.plot import plot_run
 from .runlock import RunLock, RunLockError
-from .stages import TRAINING, check_stages
+from .stages import TRAINING, stages_for
+from .trainer import RunContext
 
 
-def _early_arch(cfg: Config) -> Arch:
-    """The base's shapes when its config is on disk, else a small preset (only ZeRO's bucket "auto"s
-    depend on it, and the engine's config is resolved again with the real one)."""
-    path = os.path.join(cfg.model.base, "config.json")
-    return Arch.load(cfg.model.base if os.path.exists(path) else "smollm2-135m")
+def _early_arch(base: str) -> Arch:
+    """The base's shapes (``base``: model.base) when its config is on disk, else a small preset (only
+    ZeRO's bucket "auto"s depend on it, and the engine's config is resolved again with the real one)."""
+    path = os.path.join(base, "config.json")
+    return Arch.load(base if os.path.exists(path) else "smollm2-135m")
 
 
-def _lock_output_dir(cfg: Config) -> RunLock | None:
+def _lock_output_dir(output_dir: str) -> RunLock | None:
     """Rank 0 locks the output folder; every rank fails together when another run holds it."""
     lock, error = None, None
     if D.rank() == 0:
         try:
-            lock = RunLock(cfg.output_dir).acquire()
+            lock = RunLock(output_dir).acquire()
         except RunLockError as e:
             error = e
     if D.any_across_ranks(error is not None):
-        raise error or RunLockError(f"{cfg.output_dir} is in use by another run (see rank 0)")
+        raise error or RunLockError(f"{output_dir} is in use by another run (see rank 0)")
     return lock
 
 
@@ -44,30 +45,32 @@ def run(cfg: Config, ds_path, resume: bool = False) -> tuple[dict, str]:
     user can get wrong (the config, the DeepSpeed file, every stage's inputs and rows) fails here
     before any model is built: the tiny default's base model alone takes minutes to build."""
     check_runtime(cfg, D.world_size())
-    stages = check_stages(cfg)
-    check_early(ds_path, {s.name: s.settings(cfg) for s in stages if s.settings(cfg) is not None}, D.world_size(),
-                _early_arch(cfg), resolve_dtype(cfg.model.dtype))
-    lock = _lock_output_dir(cfg)
+    stages = stages_for(cfg).check()
+    check_early(ds_path, {s.name: s.settings() for s in stages if s.settings() is not None}, D.world_size(),
+                _early_arch(cfg.model.base), resolve_dtype(cfg.model.dtype))
+    lock = _lock_output_dir(cfg.output_dir)
     try:
-        return _run_stages(cfg, stages, ds_path, resume)
+        return _run_stages(RunContext.of(cfg, ds_path), stages, resume, summary=cfg.is_pipeline)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_stages(cfg: Config, stages: list, ds_path, resume: bool) -> tuple[dict, str]:
-    if D.device().type == "cuda" and resolve_dtype(cfg.model.dtype) == torch.float32:
+def _run_stages(ctx: RunContext, stages: list, resume: bool, summary: bool) -> tuple[dict, str]:
+    """Each stage in turn until one ends early; then, for a pipeline (``summary``), the plot
+    (monitor.plot) and where every artifact went."""
+    if D.device().type == "cuda" and resolve_dtype(ctx.model.dtype) == torch.float32:
         log("model.dtype=fp32 on a GPU: matmuls and the fused scorer run without tensor cores "
             "(IEEE fp32, several times slower); bf16 is the GPU default (model.dtype=auto)")
     out, status = {}, "done"
     preemption.install()  # from the start: a request while a model loads must not be lost
     for stage in stages:
-        if not stage.trains and preemption.requested(cfg.stage_dir(stage.name)):  # training stages stop mid-stage
-            preemption.honoured(cfg.stage_dir(stage.name), stage.name)
+        if not stage.trains and preemption.requested(stage.dir):  # training stages stop mid-stage
+            preemption.honoured(stage.dir, stage.name)
             log(f"{stage.name}: stop requested before it started; exiting for requeue")
             status = "preempted"
             break
-        result = stage.run(cfg, ds_path, resume)
+        result = stage.run(ctx, resume)
         if result.artifact is not None:
             out[stage.name] = result.artifact
         if result.score is not None:
@@ -75,12 +78,12 @@ def _run_stages(cfg: Config, stages: list, ds_path, resume: bool) -> tuple[dict,
         if result.status != "done":  # the checkpoint is saved; later stages must wait for this one
             status = result.status
             break
-    if D.rank() == 0 and cfg.is_pipeline:
-        if cfg.monitor.plot and "sts_spearman" in out:
+    if D.rank() == 0 and summary:
+        if ctx.monitor.plot and "sts_spearman" in out:
             try:
-                out["plot"] = plot_run(cfg.output_dir, TRAINING)
+                out["plot"] = plot_run(ctx.layout.output_dir, TRAINING)
             except ImportError as e:  # the run's results are complete; a missing plot library must not fail it
-                log(f"plot skipped ({e}); `pip install matplotlib`, then `autoregembed plot {cfg.output_dir}`")
+                log(f"plot skipped ({e}); `pip install matplotlib`, then `autoregembed plot {ctx.layout.output_dir}`")
         for k, v in out.items():
             log(f"artifact {k}: {v}")
     return out, status

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
                     help="ds_configs/zero3_multinode.json: a second copy of the parameters partitioned within each node")
     pl.add_argument("--shard-decoder", action="store_true",
                     help="the frozen decoder partitioned under ZeRO-3 (model.shard_decoder); default: whole per GPU")
-    pl.add_argument("--scorer", default="auto", choices=list(SCORERS), help="the LM head's scorer backend (model.scorer)")
+    pl.add_argument("--scorer", default="fused", choices=list(SCORERS), help="the LM head's scorer backend (scorer.kind)")
     args = parser.parse_args(argv)
 
     if args.command == "plan":
@@ -254,14 +254,14 @@ def _push(args) -> int:
 
 def _stages(args) -> int:
     from ..run.config import load_config
-    from ..run.stages import PIPELINE, planned
+    from ..run.stages import PIPELINE, stages_for
 
     if args.all:
         for s in PIPELINE:
             print(f"{s.name:<10} {(s.__doc__ or '').split(chr(10))[0]}")
         return 0
     cfg = load_config(args.config, list(args.overrides) + ["stage=pipeline"])
-    for s in planned(cfg):
+    for s in stages_for(cfg).planned():
         print(s.name)
     return 0
 
@@ -285,7 +285,7 @@ def _data(args) -> int:
     from .data_check import check_file
 
     cfg = load_config(args.config, args.overrides)
-    tokenizer, source = None, args.tokenizer or cfg.base_model_dir
+    tokenizer, source = None, args.tokenizer or cfg.layout.base_model
     if args.tokenizer or os.path.isdir(source):
         from ..run.loading import load_tokenizer
 
@@ -294,17 +294,17 @@ def _data(args) -> int:
                for f in args.file or cfg.sources(args.stage)]  # default: the run's sources, mapped as it reads them
     mixture = None
     if not args.file and not any(r.errors for r in reports):  # the run's own sources: the shares its steps read
-        from ..run.stages import STAGES
+        from ..run.stages import stages_for
 
-        st = STAGES[f"stage{args.stage}"]
-        mixture = st.mixture(cfg, st.rows(cfg))
+        st = stages_for(cfg)[f"stage{args.stage}"]
+        mixture = st.mixture(st.rows())
     if args.json:
         out = reports[0].as_dict() if len(reports) == 1 else {"sources": [r.as_dict() for r in reports]}
         print(json.dumps({**out, **({"mixture": mixture} if mixture else {})}))
     else:
         print("\n".join(r.text() for r in reports))
         if mixture:
-            print(f"mixture over stage{args.stage}'s {st.settings(cfg).max_steps} steps at 1 rank: {mixture}")
+            print(f"mixture over stage{args.stage}'s {st.settings().max_steps} steps at 1 rank: {mixture}")
         if tokenizer is None:
             print(f"  (token lengths skipped: no tokenizer at {source}; pass --tokenizer)")
     return 1 if any(r.errors for r in reports) else 0
