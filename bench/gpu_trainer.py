@@ -2,7 +2,7 @@
 layer shapes (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000, 4 layers).
 
 Each variant is a Session (the trainer's DeepSpeed engine, bf16, activation checkpointing, the
-default shared prefix) in training mode running ``trainer.optimizer_step``, the trainer's own step,
+default shared prefix) in training mode running ``step.optimizer_step``, the trainer's own step,
 over micro-batches built before the clock starts.  Variants differ in one arm at a time from the
 base (stage 1 or 2, full-length 512-token texts, packed, ZeRO-3, decoder whole on the GPU and
 recomputed): ragged lengths, padded passes, ZeRO-2, the decoder partitioned, its checkpointing off
@@ -241,7 +241,8 @@ class TrainerBench:
         from autoregembed.method.batches import to_device
         from autoregembed.run.config import load_config
         from autoregembed.run.stages import stages_for
-        from autoregembed.run.trainer import RunContext, Session, optimizer_step
+        from autoregembed.run.session import RunContext, Session
+        from autoregembed.run.step import optimizer_step
 
         torch, cuda = self.torch, self.device == "cuda"
         micro, planned_gb = self.micro_batch(v)
@@ -319,7 +320,7 @@ class TrainerBench:
         ``profile_path`` when given)."""
         from torch.profiler import ProfilerActivity, profile
 
-        from autoregembed.run.trainer import optimizer_step
+        from autoregembed.run.step import optimizer_step
 
         torch, cuda = self.torch, self.device == "cuda"
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:

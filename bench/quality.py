@@ -66,7 +66,7 @@ from autoregembed.release.evaluate import read_sts, sts_eval  # noqa: E402
 from autoregembed.release.meta import ExportMeta  # noqa: E402
 from autoregembed.run.runlock import RunLock  # noqa: E402
 from autoregembed.run.stages import stages_for  # noqa: E402
-from autoregembed.run.trainer import RunContext  # noqa: E402
+from autoregembed.run.session import RunContext  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 AUTOENCODE = "Reconstruct the original text."

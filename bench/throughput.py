@@ -118,7 +118,8 @@ warnings.filterwarnings("ignore")
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
 from autoregembed.run.stages import stages_for
-from autoregembed.run.trainer import RunContext, train_stage
+from autoregembed.run.session import RunContext
+from autoregembed.run.trainer import train_stage
 out, base = sys.argv[1], sys.argv[2]
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=3", "stage1.micro_batch_size=4",
                          "model.dtype=fp32"])

@@ -61,7 +61,8 @@ def worker(base: str, stage: str, out: str, ds_name: str):
     from autoregembed.ground import distributed as D
     from autoregembed.run.config import load_config
     from autoregembed.run.stages import stages_for
-    from autoregembed.run.trainer import RunContext, Session, optimizer_step
+    from autoregembed.run.session import RunContext, Session
+    from autoregembed.run.step import optimizer_step
     from gpu_trainer import ConstantReferences, texts
 
     D.init_distributed()

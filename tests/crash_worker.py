@@ -14,7 +14,8 @@ from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 from autoregembed.ground import distributed as D  # noqa: E402
 from autoregembed.run.config import load_config  # noqa: E402
 from autoregembed.run.stages import stages_for  # noqa: E402
-from autoregembed.run.trainer import RunContext, train_stage  # noqa: E402
+from autoregembed.run.session import RunContext  # noqa: E402
+from autoregembed.run.trainer import train_stage  # noqa: E402
 
 out, base, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 crash_at = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None

@@ -14,7 +14,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from autoregembed.ground import distributed as D  # noqa: E402
 from autoregembed.run.config import load_config  # noqa: E402
 from autoregembed.run.stages import stages_for  # noqa: E402
-from autoregembed.run.trainer import RunContext, open_trained  # noqa: E402
+from autoregembed.run.session import RunContext  # noqa: E402
+from autoregembed.run.trainer import open_trained  # noqa: E402
 
 TEXTS = ["a man is playing the guitar .", "two dogs run in a field", "the stock market fell today ."]
 

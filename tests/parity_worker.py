@@ -1,4 +1,4 @@
-"""Two stage-2 optimizer steps of the trainer (``trainer.optimizer_step``: ZeRO-3, gradient
+"""Two stage-2 optimizer steps of the trainer (``step.optimizer_step``: ZeRO-3, gradient
 accumulation 2), for test_parity.py: `parity_worker.py OUT BASE NLI_FILE` (torch.distributed.run, 2 ranks).
 
 Rank r's micro-batch m of step s is row 4s + 2r + m: the global batch of step s is rows 4s..4s+3.
@@ -18,7 +18,8 @@ from autoregembed.method.batches import alignment_batch  # noqa: E402
 from autoregembed.tools.cli import DEFAULT_DS  # noqa: E402
 from autoregembed.run.config import load_config  # noqa: E402
 from autoregembed.ground.data import load_rows  # noqa: E402
-from autoregembed.run.trainer import RunContext, Session, optimizer_step  # noqa: E402
+from autoregembed.run.session import RunContext, Session  # noqa: E402
+from autoregembed.run.step import optimizer_step  # noqa: E402
 from autoregembed.run.stages import stages_for  # noqa: E402
 
 SETTINGS = ["model.match_decoder_scale=false", "stage2.micro_batch_size=1", "stage2.gradient_accumulation_steps=2",

@@ -76,7 +76,8 @@ warnings.filterwarnings("ignore")
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
 from autoregembed.run.stages import stages_for
-from autoregembed.run.trainer import RunContext, train_stage
+from autoregembed.run.session import RunContext
+from autoregembed.run.trainer import train_stage
 cfg = load_config(None, ["output_dir=" + sys.argv[1], "model.base=" + sys.argv[2], "stage1.max_steps=1",
                          "stage1.micro_batch_size=8", "stage1.learning_rate=1e-30", "stage1.warmup_steps=0"])
 D.init_distributed()

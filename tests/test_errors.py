@@ -254,9 +254,9 @@ def test_every_stage_honours_a_stop_request_while_it_runs():
     import inspect
     import signal
 
-    from autoregembed.run import preemption, stages, trainer
+    from autoregembed.run import preemption, scoring, stages, trainer
 
-    honours = {"stage1": trainer.train_stage, "stage2": trainer.train_stage, "reference": trainer.score_references}
+    honours = {"stage1": trainer.train_stage, "stage2": trainer.train_stage, "reference": scoring.score_references}
     for stage in stages.PIPELINE:
         if stage.name == "export":
             continue

@@ -100,7 +100,7 @@ def test_sequence_logprobs_uses_the_row_kernel_on_cuda_and_agrees_with_pytorch_r
 
 def test_the_trainers_adamw_is_fused_on_cuda_and_steps_like_foreach():
     from autoregembed.run.config import OptimConfig
-    from autoregembed.run.trainer import client_adamw
+    from autoregembed.run.session import client_adamw
 
     g = torch.Generator(device="cuda").manual_seed(0)
     fused = [torch.nn.Parameter(torch.randn(1000, device="cuda", generator=g))]

@@ -105,7 +105,7 @@ def whole_config_readers() -> list[str]:
 
 def test_few_functions_read_the_whole_config():
     """Stages are bound to their sections (``stages.stages_for``) and the machinery to its context
-    (``trainer.RunContext.of``): the whole Config is read where a run is composed, nowhere else
+    (``session.RunContext.of``): the whole Config is read where a run is composed, nowhere else
     (DEVELOPERS.md, newcomer counts; 89 such functions before the stages took their sections)."""
     assert whole_config_readers() == ["run.config._expand_paths", "run.config.check_runtime", "run.pipeline.run",
-                                      "run.stages.stages_for", "run.trainer.RunContext.of"]
+                                      "run.session.RunContext.of", "run.stages.stages_for"]

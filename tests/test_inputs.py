@@ -244,7 +244,7 @@ def test_bad_values_name_their_key(override, pattern):
 
 
 def test_lr_schedules_warm_up_then_decay_or_hold():
-    from autoregembed.run.trainer import lr_factor
+    from autoregembed.run.session import lr_factor
 
     for schedule, after in (("linear", [1.0, 0.75, 0.5, 0.25, 0.0]), ("constant", [1.0] * 5),
                             ("cosine", [1.0, 0.8536, 0.5, 0.1464, 0.0])):
@@ -255,7 +255,7 @@ def test_lr_schedules_warm_up_then_decay_or_hold():
 
 def test_the_client_optimizer_is_fused_only_on_cuda():
     from autoregembed.run.config import OptimConfig
-    from autoregembed.run.trainer import client_adamw
+    from autoregembed.run.session import client_adamw
 
     params = [torch.nn.Parameter(torch.ones(3))]
     o = OptimConfig(learning_rate=0.01, weight_decay=0.1)
@@ -451,7 +451,7 @@ def test_the_tiny_base_is_the_runs_starting_model_whatever_the_runs_seed(monkeyp
     """The tiny base stands in for a downloaded model: a run's seed does not change it, model.tiny_seed does."""
     from autoregembed.run import loading
     from autoregembed.run.config import load_config
-    from autoregembed.run.trainer import RunContext
+    from autoregembed.run.session import RunContext
 
     built = []
     monkeypatch.setattr(loading, "build_tiny_base", lambda out, files, **kw: built.append(kw["seed"]))
@@ -501,7 +501,7 @@ def test_a_session_that_fails_to_load_leaves_no_zero3_config_behind(tmp_path, ti
 
     from autoregembed.tools.cli import DEFAULT_DS
     from autoregembed.run.stages import stages_for
-    from autoregembed.run.trainer import RunContext, Session
+    from autoregembed.run.session import RunContext, Session
 
     cfg = load_config(None, [f"output_dir={tmp_path}", f"model.base={tiny_base}"])
     with pytest.raises(OSError) as failure:

@@ -264,7 +264,7 @@ def test_a_new_scorer_backend_is_one_class_and_its_keys():
 
     from autoregembed.method.scorers import SCORERS, Scorer, scorer_kind
     from autoregembed.run.config import ConfigError, load_config
-    from autoregembed.run.trainer import RunContext
+    from autoregembed.run.session import RunContext
 
     saved = dict(SCORERS)
 

@@ -86,7 +86,7 @@ from peft.tuners.lora import LoraLayer
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
 from autoregembed.run.stages import stages_for
-from autoregembed.run.trainer import RunContext, Session
+from autoregembed.run.session import RunContext, Session
 from autoregembed.tools.cli import DEFAULT_DS
 out, base = sys.argv[1:3]
 cfg = load_config(None, [f"output_dir={out}", f"model.base={base}", "model.lora_rank=4", "model.lora_stages=stage2",

@@ -65,7 +65,7 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_base, tiny_export,
 
     from autoregembed.release.evaluate import base_report
     from autoregembed.run.config import load_config
-    from autoregembed.run.trainer import evaluate
+    from autoregembed.run.evaluation import evaluate
 
     model = tmp_path / "model"
     shutil.copytree(tiny_export, model)

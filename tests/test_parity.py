@@ -28,7 +28,7 @@ def test_two_zero3_ranks_train_stage2_exactly_as_plain_pytorch(tmp_path, tiny_ba
     zero3 = torch.load(out / "tensors.pt")
     zero3_losses = json.load(open(out / "losses.json"))["losses"]
 
-    from autoregembed.run.trainer import lr_factor
+    from autoregembed.run.session import lr_factor
 
     cfg = load_config(None, [f"model.base={tiny_base}", f"data.stage2={nli}", *SETTINGS])
     o = cfg.stage2

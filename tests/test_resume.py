@@ -16,7 +16,8 @@ warnings.filterwarnings("ignore")
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
 from autoregembed.run.stages import stages_for
-from autoregembed.run.trainer import RunContext, export_stage, train_stage
+from autoregembed.run.session import RunContext
+from autoregembed.run.trainer import export_stage, train_stage
 out, stop_after, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 cfg = load_config(None, ["output_dir=" + out, "stage1.max_steps=6",
                          "stage1.micro_batch_size=4", "stage1.warmup_steps=2", "stage1.keep_last=1", *extra])

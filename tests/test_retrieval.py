@@ -161,7 +161,7 @@ def test_keep_best_needs_evaluations_to_compare():
 def test_the_runs_verdict_reads_retrieval_when_there_is_a_set_and_sts_beside_it():
     """The warning follows the run's own evaluation (retrieval nDCG@10 when there is a set, else STS);
     the other figure's move is printed beside it, signed."""
-    from autoregembed.run.trainer import _verdict
+    from autoregembed.run.evaluation import _verdict
 
     ir = lambda x: {"ndcg@10": x}  # noqa: E731
     up_ir_down_sts = {"spearman_x100": 32.5, "base_spearman_x100": 38.1, "retrieval": ir(0.205),

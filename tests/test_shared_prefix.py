@@ -119,7 +119,8 @@ import torch
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
 from autoregembed.run.stages import stages_for
-from autoregembed.run.trainer import RunContext, Session, open_trained, train_stage
+from autoregembed.run.session import RunContext, Session
+from autoregembed.run.trainer import open_trained, train_stage
 cfg = load_config(None, ["output_dir=" + sys.argv[1], "model.base=" + sys.argv[2], "stage1.max_steps=2",
                          "stage1.micro_batch_size=8", "model.shared_prefix=2", "model.shared_prefix_steps=3",
                          "stage1.stop_after=" + sys.argv[3]])

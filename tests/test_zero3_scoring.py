@@ -22,7 +22,8 @@ from autoregembed.run.config import load_config
 from autoregembed.ground.data import load_rows
 from autoregembed.method.losses import CompressionLoss
 from autoregembed.run.stages import stages_for
-from autoregembed.run.trainer import RunContext, Session, score_references
+from autoregembed.run.scoring import score_references
+from autoregembed.run.session import RunContext, Session
 
 out, base, stage2 = sys.argv[1:4]
 zero3 = {root!r} + "/ds_configs/zero3.json"

@@ -16,7 +16,7 @@ from ..ground.arch import Arch
 from ..release.plot import plot_run
 from .runlock import RunLock, RunLockError
 from .stages import TRAINING, stages_for
-from .trainer import RunContext
+from .session import RunContext
 
 
 def _early_arch(base: str) -> Arch:

@@ -32,7 +32,10 @@ from .layout import Layout
 from ..release.meta import META_FILE, ExportMeta
 from ..method.losses import CompressionLoss
 from ..ground.monitor import log
-from .trainer import RunContext, StageResult, evaluate, export_stage, score_references, train_stage
+from .evaluation import evaluate
+from .scoring import score_references
+from .session import RunContext
+from .trainer import StageResult, export_stage, train_stage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,62 @@
+"""The eval stage's work: STS and retrieval of an export beside the untrained base's, the verdict of
+how far training moved them, written to ``<output_dir>/eval/result.json`` and the export's model card.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+from ..ground.atomic import atomic_write_text
+from .config import EvalConfig
+from ..ground.monitor import log
+from ..release.plot import EVAL_RESULT
+from .layout import Layout
+
+
+def _retrieval_line(r: dict) -> str:
+    return f"nDCG@10 {r['ndcg@10']:.4f}, MRR@10 {r['mrr@10']:.4f}, recall@100 {r['recall@100']:.4f} ({r['queries']} queries)"
+
+
+def _verdict(result: dict) -> str:
+    """How far the training moved each figure from the untrained base, with a warning when the run's own
+    evaluation fell below it: retrieval nDCG@10 when the run has a retrieval set (embedders are chosen on
+    retrieval), else STS; the other figure is reported beside it."""
+    moves = [("STS", result["spearman_x100"] - result["base_spearman_x100"], ".2f")]
+    if "retrieval" in result:
+        moves.insert(0, ("retrieval nDCG@10", result["retrieval"]["ndcg@10"] - result["base_retrieval"]["ndcg@10"],
+                         ".4f"))
+    text = "the training moved " + ", ".join(f"{name} by {d:+{f}}" for name, d, f in moves) + " from the untrained base"
+    return text + (f"; WARNING: {moves[0][0]} below the untrained base, the training made the embedding worse"
+                   if moves[0][1] < 0 else "")
+
+
+def evaluate(ev: EvalConfig, layout: Layout, model_dir: str) -> dict:
+    """STS of ``model_dir`` on ``ev.sts_path`` and its retrieval on ``ev.retrieval_path``, beside the
+    untrained base's (eval.compare_base), as ``autoregembed eval`` prints them; also written to
+    ``<output_dir>/eval/result.json`` (read by ``autoregembed plot``)."""
+    from ..release.encoder import Encoder
+    from ..release.evaluate import base_report, retrieval_report, sts_report
+    from ..release.model_card import write_model_card
+
+    model, retrieval = Encoder.from_pretrained(model_dir), ev.retrieval_path
+    result = sts_report(model, model_dir, ev.sts_path, ev.batch_size, show_progress_bar="eval: the model")
+    log(f"eval: STS Spearman x100 = {result['spearman_x100']:.2f}, mean pairwise cosine "
+        f"{result['mean_pairwise_cosine']:.3f} "
+        f"({ev.sts_path}, model {model_dir})")
+    if retrieval:
+        result["retrieval"] = retrieval_report(model, retrieval, ev.batch_size, "eval: retrieval corpus")
+        log(f"eval: retrieval {_retrieval_line(result['retrieval'])} ({retrieval})")
+    del model  # the base loads after it, not beside it
+    if ev.compare_base:
+        result.update(base_report(layout.base_model, model_dir, ev.sts_path, ev.batch_size,
+                                  show_progress_bar="eval: the untrained base", retrieval=retrieval))
+        log(f"eval: the untrained base, read the same way (the mean of its EMBED states): STS "
+            f"{result['base_spearman_x100']:.2f}"
+            + (f"; retrieval {_retrieval_line(result['base_retrieval'])}" if retrieval else ""))
+        log("eval: " + _verdict(result))
+    write_model_card(model_dir, result)  # the card shows what the run measured
+    path = os.path.join(layout.output_dir, EVAL_RESULT)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return result
