@@ -136,3 +136,23 @@ def test_hpz_keeps_a_second_parameter_copy_partitioned_within_a_node(capsys):
     assert "hpZ secondary parameters (bf16)" not in plan(arch, 8, 3, 4, 7, 512, hpz=8)["breakdown"]
     assert main(["plan", "--model", "llama-2-7b", "--nodes", "2", "--hpz"]) == 0
     assert "hpZ secondary parameters (bf16)" in capsys.readouterr().out
+
+
+def test_an_objective_on_embeddings_alone_plans_no_decoder(capsys):
+    """loss.kind=infonce loads no decoder (session.Session): its plan holds no decoder weights, activations
+    or LM head, and the encoder reads each query and every document of its row."""
+    arch, n = Arch.load("llama-2-7b"), 512
+    full, alone = plan(arch, 8, 3, 4, 7, n), plan(arch, 8, 3, 4, 7, n, reads_decoder=False)
+    assert alone["decoder_params"] == 0 and alone["decoder_tokens"] == 0 and SCORER_KEY not in alone["breakdown"]
+    assert not [key for key in alone["breakdown"] if "decoder" in key]
+    gone = full["breakdown"]["decoder parameters (bf16, frozen)"] + full["breakdown"][SCORER_KEY]
+    assert gone > 13e9  # the 7B decoder's bf16 weights alone
+    # per encoder token: stage 1 encodes one text per row, and a decoder that recomputes nothing adds nothing here
+    per_token = plan(arch, 8, 3, 4, 7, n, stage=1, decoder_checkpointing=False)["breakdown"][
+        "activations (checkpointed)"] / (4 * (n + 5 + 3))
+    assert alone["breakdown"]["activations (checkpointed)"] == pytest.approx(per_token * 4 * (2 + 7) * (n + 5 + 3))
+    with pytest.raises(InputError, match="stage 1 always reads the decoder"):
+        plan(arch, 8, 3, 4, 7, n, stage=1, reads_decoder=False)
+    assert main(["plan", "--model", "llama-2-7b", "--embeddings-only", "--negatives", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "no decoder loaded" in out and "materialised" not in out and "total per GPU" in out

@@ -189,6 +189,8 @@ def main(argv=None) -> int:
     pl.add_argument("--shard-decoder", action="store_true",
                     help="the frozen decoder partitioned under ZeRO-3 (model.shard_decoder); default: whole per GPU")
     pl.add_argument("--scorer", default="fused", choices=list(SCORERS), help="the LM head's scorer backend (scorer.kind)")
+    pl.add_argument("--embeddings-only", action="store_true",
+                    help="stage 2 with an objective on embeddings alone (loss.kind=infonce): no decoder loaded")
     args = parser.parse_args(argv)
 
     if args.command == "plan":
@@ -222,7 +224,8 @@ def _plan(args) -> int:
     recompute = (False if args.no_decoder_checkpointing else
                  True if args.decoder_checkpointing is None else args.decoder_checkpointing)
     common = {"decoder_checkpointing": recompute, "scorer": args.scorer, "stage": args.stage,
-              "contrast": not args.no_contrast, "hpz": args.gpus_per_node if args.hpz else 0}
+              "contrast": not args.no_contrast, "hpz": args.gpus_per_node if args.hpz else 0,
+              "reads_decoder": not args.embeddings_only}
     prefix = 0 if args.shard_decoder else args.shared_prefix  # a partitioned decoder reads no shared prefix
     p = plan(arch, gpus, args.zero, *shape, shard_decoder=args.shard_decoder, prefix=prefix, **common)
     text, fits = report(p, args.gpu_mem_gb,

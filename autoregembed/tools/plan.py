@@ -21,7 +21,7 @@ SCORER_KEY = "LM head scorer"
 
 def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max_len: int, k: int = 5,
          shard_decoder: bool = False, decoder_checkpointing: bool | int = True, scorer: Scorer | str = "auto",
-         stage: int = 2, prefix: int = 0, contrast: bool = False, hpz: int = 0) -> dict:
+         stage: int = 2, prefix: int = 0, contrast: bool = False, hpz: int = 0, reads_decoder: bool = True) -> dict:
     """shard_decoder: the frozen decoder partitioned under ZeRO-3 (model.shard_decoder), else whole
     on every GPU.  decoder_checkpointing: how many decoder layers recompute their activations in the
     backward (true: all, false: none, n: the first n; model.decoder_checkpointing); the others keep
@@ -31,14 +31,18 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     encoded, 2 + ``negatives`` decoder sequences per query.  prefix: model.shared_prefix's positions,
     read before e in every decoder sequence of both stages.  hpz: ZeRO++'s hierarchical partition size
     (ds_configs/zero3_multinode.json: the GPUs of a node), which keeps a second bf16 copy of the
-    encoder's parameters partitioned over that many GPUs, so that gathers stay inside a node."""
+    encoder's parameters partitioned over that many GPUs, so that gathers stay inside a node.
+    reads_decoder: false for a stage-2 objective on embeddings alone (loss.kind=infonce): no decoder is
+    loaded, and the encoder reads each query and every distinct document of its row (1 + ``negatives``)."""
     if zero not in (2, 3):
         raise InputError("--zero must be 2 or 3")
     if stage not in (1, 2):
         raise InputError("--stage must be 1 or 2")
-    recomputed = recomputed_layers(decoder_checkpointing, arch.layers)
+    if not reads_decoder and stage == 1:
+        raise InputError("stage 1 always reads the decoder (it reconstructs through it)")
+    recomputed = recomputed_layers(decoder_checkpointing, arch.layers) if reads_decoder else 0
     enc = arch.params(extra_tokens=k, with_head=False)  # the encoder is the base transformer, no LM head
-    dec = arch.params()
+    dec = arch.params() if reads_decoder else 0
     shard = gpus if zero == 3 else 1
     out = {
         "encoder parameters (bf16)": 2 * enc / shard,
@@ -49,22 +53,26 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     }
     if zero == 3 and 0 < hpz < gpus:
         out["hpZ secondary parameters (bf16)"] = 2 * enc / hpz
-    texts = micro_batch * (1 if stage == 1 else 2)  # stage 2 encodes queries and positives
+    # stage 2 encodes queries and positives; without the decoder, queries and every document
+    texts = micro_batch * (1 if stage == 1 else 2 if reads_decoder else 2 + negatives)
     enc_tokens = texts * (max_len + k + 3)  # with BOS, two newlines and the EMBED tokens
     # stage 1: target|e (and target|e of the previous row); stage 2: pos|e_q, pos|e_pos, neg_i|e_q
-    dec_seqs = micro_batch * ((2 if contrast else 1) if stage == 1 else 2 + negatives)
+    dec_seqs = 0 if not reads_decoder else micro_batch * ((2 if contrast else 1) if stage == 1 else 2 + negatives)
     dec_tokens = dec_seqs * (prefix + k + max_len + 1)
     layer_work = 2 * (10 * arch.hidden + 3 * arch.intermediate)  # bytes per token while recomputing a layer
     checkpointed = 2 * arch.hidden * arch.layers + layer_work  # bytes per token: layer inputs + one layer's work
     # the decoder: the inputs of the layers it recomputes, one of them at work, every kept layer's activations
     dec_checkpointed = 2 * arch.hidden * recomputed + (layer_work if recomputed else 0)
     out["activations (checkpointed)"] = checkpointed * enc_tokens + dec_checkpointed * dec_tokens
-    if recomputed < arch.layers:
+    if reads_decoder and recomputed < arch.layers:
         out["decoder activations (kept)"] = layer_work * (arch.layers - recomputed) * dec_tokens
-    out[SCORER_KEY] = scorer_for(scorer).held_bytes(dec_tokens, arch.hidden, arch.vocab)
+    if reads_decoder:
+        out[SCORER_KEY] = scorer_for(scorer).held_bytes(dec_tokens, arch.hidden, arch.vocab)
+    else:
+        del out["decoder parameters (bf16, frozen)"]
     materialised = (2 + 4 + 4) * dec_tokens * arch.vocab
     return {"breakdown": out, "total": sum(out.values()), "materialised_logits": materialised,
-            "total_if_materialised": sum(out.values()) - out[SCORER_KEY] + materialised,
+            "total_if_materialised": sum(out.values()) - out.get(SCORER_KEY, 0) + materialised,
             "encoder_params": enc, "decoder_params": dec, "decoder_tokens": dec_tokens, "stage": stage,
             "recomputed_layers": recomputed}
 
@@ -92,13 +100,17 @@ def fewest_recomputed(arch: Arch, gpu_mem_gb: float, *args, **kwargs) -> int | N
 def report(p: dict, gpu_mem_gb: float, zero2: dict | None = None, sharded: dict | None = None) -> tuple[str, bool]:
     """The printed plan; ``zero2``: the same run under ZeRO-2, to recommend it when it fits;
     ``sharded``: the same run with the decoder partitioned, to recommend it when only it fits."""
-    lines = [f"stage {p['stage']}: encoder {p['encoder_params'] / 1e9:.2f}B trainable params, decoder "
-             f"{p['decoder_params'] / 1e9:.2f}B frozen; {p['decoder_tokens']} decoder tokens per micro-batch", ""]
+    decoder = (f"decoder {p['decoder_params'] / 1e9:.2f}B frozen; {p['decoder_tokens']} decoder tokens per micro-batch"
+               if p["decoder_params"] else "no decoder loaded (an objective on embeddings alone)")
+    lines = [f"stage {p['stage']}: encoder {p['encoder_params'] / 1e9:.2f}B trainable params, {decoder}", ""]
     for name, v in p["breakdown"].items():
         lines.append(f"  {name:<40} {v / GB:9.2f} GB")
-    lines.append(f"  {'total per GPU (our scorer)':<40} {p['total'] / GB:9.2f} GB")
-    lines.append(f"  {'  with materialised logits instead':<40} {p['total_if_materialised'] / GB:9.2f} GB "
-                 f"(logits {p['materialised_logits'] / GB:.2f} GB)")
+    if p["decoder_params"]:
+        lines.append(f"  {'total per GPU (our scorer)':<40} {p['total'] / GB:9.2f} GB")
+        lines.append(f"  {'  with materialised logits instead':<40} {p['total_if_materialised'] / GB:9.2f} GB "
+                     f"(logits {p['materialised_logits'] / GB:.2f} GB)")
+    else:
+        lines.append(f"  {'total per GPU':<40} {p['total'] / GB:9.2f} GB")
     fits = p["total"] <= gpu_mem_gb * GB
     lines.append("")
     if not fits and sharded is not None and sharded["total"] <= gpu_mem_gb * GB:
