@@ -249,7 +249,8 @@ def test_every_call_that_asks_the_hub_fails_as_one_line():
 def test_every_stage_honours_a_stop_request_while_it_runs():
     """SIGINT, SIGTERM and the STOP file alike (preemption.py): a training stage within
     ``preemption.CHECK_EVERY`` steps (its request rides the all-reduce of its step metrics: ``asked``),
-    reference scoring between batches, mine and eval at once (``on_rank0``). Export is collective (each
+    reference scoring between batches, mine between chunks of its encoding and at once in its selection,
+    eval at once (``on_rank0``). Export is collective (each
     tensor is gathered from every rank) and short: a request is honoured at the boundary after it."""
     import inspect
     import signal
@@ -261,7 +262,7 @@ def test_every_stage_honours_a_stop_request_while_it_runs():
         if stage.name == "export":
             continue
         source = inspect.getsource(honours.get(stage.name, stage.run))
-        assert any(call in source for call in ("preemption.requested(", "preemption.asked(", "self.on_rank0(")), \
+        assert any(call in source for call in ("preemption.requested(", "preemption.asked(", "on_rank0(")), \
             stage.name
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:

@@ -113,6 +113,65 @@ def test_a_pipeline_with_the_mining_stage_trains_stage2_on_mined_negatives(tmp_p
     assert {p: open(p, "rb").read() for p in before} == before
 
 
+COUNT_ENCODED = """
+import os
+from autoregembed.release.encoder import Encoder
+real = Encoder.encode
+def counted(self, texts, *a, **kw):
+    with open(os.path.join({out!r}, "encoded-" + os.environ["RANK"]), "a") as f:
+        f.write(str(len(texts)) + "\\n")
+    return real(self, texts, *a, **kw)
+Encoder.encode = counted
+"""
+STOP_WHILE_ENCODING = """
+import os
+from autoregembed.release.encoder import Encoder
+real = Encoder.encode
+def encode_then_stop(self, texts, *a, **kw):
+    out = real(self, texts, *a, **kw)
+    os.makedirs({stage_dir!r}, exist_ok=True)
+    open(os.path.join({stage_dir!r}, "STOP"), "w").close()  # asked while the corpus was encoded
+    return out
+Encoder.encode = encode_then_stop
+"""
+
+
+@pytest.mark.distributed
+def test_the_mine_stage_encodes_on_every_rank_and_writes_what_one_rank_writes(tmp_path, tiny_base, tiny_export):
+    """stage=mine on 2 ranks: each encodes its share of the texts, rank 0 gathers them in order and mines the
+    file one rank mines, byte for byte; a stop asked during the encoding stops every rank before the
+    next chunk (PREEMPTED, no file), and the requeued run mines the same file."""
+    from helpers import patched_train
+
+    from autoregembed.run.preemption import EXIT_STOPPED
+
+    def mine(out, ranks=None, script=os.path.join(ROOT, "train.py"), *extra):
+        sets = ["stage=mine", "mine.enabled=true", "mine.negatives=3", "mine.max_similarity=0.999",
+                f"paths.stage1_model={tiny_export}",
+                f"model.base={tiny_base}", f"output_dir={out}"]
+        return run_child([script, *[a for kv in sets for a in ("--set", kv)], *extra], ranks=ranks, timeout=600)
+
+    mined = os.path.join("mine", "0-nli_sample.jsonl")
+    r = mine(tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = open(tmp_path / "one" / mined, "rb").read()
+    two = tmp_path / "two"
+    os.makedirs(two)
+    r = mine(two, 2, patched_train(tmp_path, COUNT_ENCODED.format(out=str(two))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert open(two / mined, "rb").read() == one and one.count(b"\n") == 256
+    encoded = [sum(map(int, open(two / f"encoded-{rank}").read().split())) for rank in (0, 1)]
+    assert abs(encoded[0] - encoded[1]) <= 3 and encoded[0] > 256  # each rank its half: corpus, queries, positives
+    out = tmp_path / "stopped"
+    r = mine(out, 2, patched_train(tmp_path, STOP_WHILE_ENCODING.format(stage_dir=str(out / "mine"))))
+    assert f"(exitcode: {EXIT_STOPPED})" in r.stderr, r.stderr[-3000:]  # the launcher's own status is 1
+    assert "mine: stop requested; exiting for requeue" in r.stdout + r.stderr
+    assert open(out / "mine" / "PREEMPTED").read() == "mine" and not (out / mined).exists()
+    r = mine(out, 2, os.path.join(ROOT, "train.py"), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert open(out / mined, "rb").read() == one
+
+
 @pytest.mark.distributed
 @pytest.mark.usefixtures("default_tiny_base")
 def test_the_contrastive_baseline_trains_through_train_py_with_no_reference_stage(tmp_path):

@@ -152,6 +152,16 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def gather_to_rank0(obj) -> list | None:
+    """Every rank's ``obj``, in rank order, on rank 0 (None on the others): what only rank 0 reads
+    need not be held by every rank (an all-gather of a corpus' embeddings would hold it W times)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def _all_reduce(value: float, op) -> float:
     if not dist.is_initialized():
         return value

@@ -163,17 +163,40 @@ def mine_negatives(encoder, rows: list[dict], corpus: list[str], negatives: int,
     """Stage-2 rows with ``negatives`` mined negatives each (fewer when the corpus runs out): the
     passages the module docstring allows, the most similar first (``sampling`` top) or drawn at
     random among them (random, seeded by ``seed`` and the row's index: the same file every run),
-    found by ``index`` (``corpus_search``)."""
+    found by ``index`` (``corpus_search``).  ``mining_embeddings`` then ``select_negatives``."""
     check_mining(negatives, skip_top, max_similarity, range_max, absolute_margin, relative_margin, sampling,
                  index=index, index_lists=index_lists, index_probe=index_probe)
-    out: dict[int, dict] = {}
+    return select_negatives(rows, corpus, mining_embeddings(encoder, rows, corpus, batch_size, show_progress_bar),
+                            negatives, skip_top, max_similarity, range_max, absolute_margin, relative_margin,
+                            sampling, seed, index, index_lists, index_probe)
+
+
+def mining_embeddings(encoder, rows: list[dict], corpus: list[str], batch_size: int = 64,
+                      show_progress_bar: bool | str = False) -> dict[str, tuple] | None:
+    """instruction -> (corpus, queries, positives) embeddings, each text group under its rows' instruction;
+    None where ``encoder.encode`` returns None (a rank of a sharded encoding other than the one that
+    gathers it)."""
+    out = {}
     for instruction in dict.fromkeys(r["instruction"] for r in rows):
+        group = [r for r in rows if r["instruction"] == instruction]
+        out[instruction] = tuple(encoder.encode(texts, batch_size=batch_size, instruction=instruction,
+                                                show_progress_bar=show_progress_bar)
+                                 for texts in (corpus, [r["query"] for r in group], [r["pos"] for r in group]))
+    if any(e is None for embeddings in out.values() for e in embeddings):
+        return None
+    return {k: tuple(e.astype(np.float64) for e in v) for k, v in out.items()}
+
+
+def select_negatives(rows: list[dict], corpus: list[str], embeddings: dict[str, tuple], negatives: int,
+                     skip_top: int = 0, max_similarity: float = 0.95, range_max: int = 0,
+                     absolute_margin: float | None = None, relative_margin: float | None = None,
+                     sampling: str = "top", seed: int = 0, index: str = "exact", index_lists: int = 0,
+                     index_probe: int = 32) -> list[dict]:
+    """``mine_negatives``'s choice from ``embeddings`` (``mining_embeddings``), no model needed."""
+    out: dict[int, dict] = {}
+    for instruction, (c, q, p) in embeddings.items():
         members = [i for i, r in enumerate(rows) if r["instruction"] == instruction]
         group = [rows[i] for i in members]
-        enc = lambda texts: encoder.encode(texts, batch_size=batch_size, instruction=instruction,
-                                           show_progress_bar=show_progress_bar).astype(np.float64)
-        c = enc(corpus)
-        q, p = enc([r["query"] for r in group]), enc([r["pos"] for r in group])
         search = corpus_search(c, index, index_lists, index_probe)
         limit = range_max or len(corpus)
         want = negatives if sampling == "top" else limit  # random draws from every allowed candidate

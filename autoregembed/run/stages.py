@@ -35,6 +35,7 @@ from ..ground.monitor import log
 from .evaluation import evaluate
 from .scoring import score_references
 from .session import RunContext
+from .sharded_encoding import ShardedEncoder
 from .trainer import StageResult, export_stage, train_stage
 
 
@@ -176,6 +177,10 @@ class Stage:
         stopped, result = preemption.on_rank0(self.dir, work)
         if not stopped:
             return result if D.rank() == 0 else StageResult("done")
+        return self.preempted()
+
+    def preempted(self) -> StageResult:
+        """A stop request honoured by a stage that saves nothing: it reruns after the requeue."""
         preemption.honoured(self.dir, self.name)
         log(f"{self.name}: stop requested; exiting for requeue (the stage reruns)")
         return StageResult("preempted")
@@ -383,8 +388,8 @@ class Mine(Stage):
     For each source, its rows with their negatives replaced by the passages of the source most similar
     to the query (release/mining.py), written to ``<output_dir>/mine/`` beside a ``.fingerprint`` of what it was
     mined from (a resumed run keeps a file whose fingerprint still holds); reference scores and stage 2
-    then read the mined rows.  Rank 0 mines, the other ranks wait (a barrier: mind the process group's
-    timeout with a large corpus)."""
+    then read the mined rows.  Every rank encodes its share of the texts (sharded_encoding.py); rank 0
+    selects the negatives and writes the file while the others wait."""
 
     name = "mine"
 
@@ -416,33 +421,39 @@ class Mine(Stage):
 
     def run(self, ctx, resume):  # it embeds with the encoder alone: no decoder BOS to agree on
         from ..release.encoder import Encoder
-        from ..release.mining import default_corpus, mine_negatives, mining_fingerprint
+        from ..release.mining import default_corpus, mining_embeddings, mining_fingerprint, select_negatives
 
-        outputs, m = self.outputs(), self.mine
-
-        def mine():
-            encoder = None
-            settings = {**dataclasses.asdict(m), "enabled": True, **({"seed": self.seed} if m.sampling == "random" else {})}
+        outputs, m, encoder = self.outputs(), self.mine, None
+        settings = {**dataclasses.asdict(m), "enabled": True, **({"seed": self.seed} if m.sampling == "random" else {})}
+        try:
             for source, path in zip(self.user.sources, outputs):
                 rows = load_rows(source, stage=2)
-                fp, stamp = mining_fingerprint(self.stage1.path, rows, settings), path + ".fingerprint"
-                if resume and os.path.exists(path) and os.path.exists(stamp) and read_text(stamp) == fp:
+                stamp = path + ".fingerprint"  # rank 0 hashes the model folder once, not every rank
+                fp = mining_fingerprint(self.stage1.path, rows, settings) if D.rank() == 0 else None
+                kept = D.rank() == 0 and resume and os.path.exists(path) and os.path.exists(stamp) \
+                    and read_text(stamp) == fp
+                if D.broadcast_object(kept):  # rank 0's reading decides for every rank
                     log(f"mine: {path} was mined from these rows with this model and settings; kept")
                     continue
-                encoder = encoder or Encoder.from_pretrained(self.stage1.path, device=D.device())
-                mined = mine_negatives(encoder, rows, default_corpus(rows), m.negatives, m.skip_top,
-                                       m.max_similarity, m.batch_size, show_progress_bar="mine: encoding",
-                                       range_max=m.range_max, absolute_margin=m.absolute_margin,
-                                       relative_margin=m.relative_margin, sampling=m.sampling, seed=self.seed,
-                                       index=m.index, index_lists=m.index_lists, index_probe=m.index_probe)
-                write_jsonl(path, mined)
-                atomic_write_text(stamp, fp)  # after the rows: a stamp never vouches for a file not yet written
-                log(f"mine: {len(mined)} of {len(rows)} rows of {source.path} with {m.negatives} mined "
-                    f"negatives each -> {path}")
-            return StageResult("done", ",".join(outputs))
-
-        result = self.on_rank0(mine)
-        return StageResult("done", ",".join(outputs)) if result.status == "done" else result
+                encoder = encoder or ShardedEncoder(Encoder.from_pretrained(self.stage1.path, device=D.device()),
+                                                    self.dir)
+                corpus = default_corpus(rows)
+                embeddings = mining_embeddings(encoder, rows, corpus, m.batch_size, "mine: encoding")
+                stopped, mined = preemption.on_rank0(self.dir, lambda: select_negatives(
+                    rows, corpus, embeddings, m.negatives, m.skip_top, m.max_similarity, m.range_max,
+                    m.absolute_margin, m.relative_margin, m.sampling, self.seed, m.index, m.index_lists,
+                    m.index_probe))
+                if stopped:
+                    raise preemption.StopRequested
+                if D.rank() == 0:
+                    write_jsonl(path, mined)
+                    atomic_write_text(stamp, fp)  # after the rows: a stamp never vouches for a file not yet written
+                    log(f"mine: {len(mined)} of {len(rows)} rows of {source.path} with {m.negatives} mined "
+                        f"negatives each -> {path}")
+                D.barrier()
+        except preemption.StopRequested:
+            return self.preempted()
+        return StageResult("done", ",".join(outputs))
 
 
 class Reference(Stage):
