@@ -70,7 +70,7 @@ from autoregembed.run.config import load_config
 args = shlex.split(os.environ.get("EXTRA_ARGS", ""))
 sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
 cfg = load_config(os.environ.get("CONFIG") or None, sets)
-print(cfg.stage_dir(sys.argv[1]))
+print(cfg.layout.stage_dir(sys.argv[1]))
 PY
 }
 
