@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 
-
 from ..ground.atomic import atomic_write_text
 from .config import EvalConfig
 from ..ground.monitor import log

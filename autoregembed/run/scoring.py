@@ -3,7 +3,6 @@ rank 0 writing the file keyed by row content (refscores.py holds the file's form
 """
 from __future__ import annotations
 
-
 import torch
 
 from . import preemption

@@ -20,7 +20,7 @@ from . import checkpoint
 from ..ground import distributed as D
 from .config import Config, DataConfig, EvalConfig, ModelConfig, MonitorConfig
 from .decoder_scale import rescale_final_norm
-from .diagnostics import (reading_as_export, why_dead)
+from .diagnostics import reading_as_export, why_dead
 from ..ground.errors import TrainingDiverged
 from .ds_config import build_ds_config, zero_stage
 from ..release.export import export_adapter, export_encoder

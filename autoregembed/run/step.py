@@ -7,7 +7,6 @@ about the trainer.
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..ground import distributed as D
