@@ -115,10 +115,14 @@ def test_slurm_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
     path = os.path.join(out, "stage1", "metrics.jsonl")
 
     def signal_at(logged, args):  # once that many steps are logged; the bound is generous because both
-        deadline = time.time() + 480  # jobs run at once on 2 cores (start-up took over 240 s in one run)
+        deadline, polls = time.time() + 480, 0  # jobs run at once on 2 cores (start-up took over 240 s in one run)
         while time.time() < deadline:
             if os.path.exists(path) and len(open(path).readlines()) >= logged:
                 return subprocess.run(["scancel", *args, job], env=slurm.env, check=True, timeout=30)
+            polls += 1
+            if polls % 10 == 0 and slurm.job(job).get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+                logs = glob.glob(f"{tmp_path}/preempted-*.out")  # a job that failed at start ends the wait at once
+                pytest.fail(f"the job ended before logging {logged} steps: " + (open(logs[0]).read()[-3000:] if logs else ""))
             time.sleep(0.2)
         pytest.fail(f"stage 1 never logged {logged} steps")
 
