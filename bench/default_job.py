@@ -10,7 +10,7 @@ mean ± standard deviation over the seeds.  ``beats_base``: stage 2 above the ba
 mean margin above the larger seed spread of the two.  ``--set`` options reach every job.
 
     python bench/default_job.py --seeds 42,1,2 --jobs 2            # ~3 min on 2 cores
-    python bench/default_job.py --seeds 42,1,2 --set loss.stage1_contrast=1
+    python bench/default_job.py --seeds 42,1,2 --set stage1_loss.contrast=1
 """
 from __future__ import annotations
 

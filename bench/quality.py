@@ -180,7 +180,7 @@ def main():
     ap.add_argument("--stage1-instruction", default=AUTOENCODE, help="the autoencoding rows' instruction")
     ap.add_argument("--stage1-lr", type=float, default=3e-4)
     ap.add_argument("--stage1-contrast", type=float, default=4.0,
-                    help="loss.stage1_contrast: weight of the in-batch contrast in stage 1 (0: the authors' loss)")
+                    help="stage1_loss.contrast: weight of the in-batch contrast in stage 1 (0: the authors' loss)")
     ap.add_argument("--stage1-schedule", choices=("linear", "cosine", "constant"), default="linear",
                     help="stage1.lr_schedule after the warm-up")
     ap.add_argument("--stage1-lora-rank", type=int, default=0, help="LoRA rank of stage 1 (0: full fine-tune)")
@@ -383,7 +383,7 @@ def overrides(args, base: str, s1: str, s2: str, sts: str) -> list[str]:
               f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
               "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
               f"model.match_decoder_scale={not args.no_decoder_scale}", f"model.decoder_bos={not args.no_decoder_bos}",
-              f"loss.detach_positive={not args.no_detach_positive}", f"loss.stage1_contrast={args.stage1_contrast}",
+              f"loss.detach_positive={not args.no_detach_positive}", f"stage1_loss.contrast={args.stage1_contrast}",
               f"stage1.lr_schedule={args.stage1_schedule}", f"model.shared_prefix={args.stage1_shared_prefix}",
               f"model.shared_prefix_steps={args.stage1_shared_prefix_steps}", f"eval.pooling={args.pooling}"]
     for stage, steps, batch, lr in (("stage1", args.stage1_steps, args.batch, args.stage1_lr),

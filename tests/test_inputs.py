@@ -80,10 +80,11 @@ def test_config_unknown_key_bad_type_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'loss.kind': 'dpo' is not one of alignment"):
         load_config(None, ["loss.kind=dpo"])
     with pytest.raises(ConfigError, match=r"unknown key 'loss.betta' \(known: beta, detach_positive, kind, "
-                                          r"reference_sign, stage1_contrast, tau\)"):
+                                          r"reference_sign, tau\)"):
         load_config(None, ["loss.betta=0.2"])
     for old, new in (("loss.in_batch_negatives=true", "data.in_batch_negatives"),
-                     ("loss.references=online", "reference.source")):  # keys of earlier releases say where they went
+                     ("loss.references=online", "reference.source"),
+                     ("loss.stage1_contrast=1", "stage1_loss.contrast")):  # keys of earlier releases say where they went
         with pytest.raises(ConfigError, match=f"key '{old.split('=')[0]}' is now '{new}'"):
             load_config(None, [old])
     with pytest.raises(ConfigError, match=r"key 'reference.micro_batch_size' must be >= 1"):
@@ -227,7 +228,8 @@ def test_a_gpu_job_without_cuda_stops_instead_of_training_on_cpu(tmp_path):
     ("stage1.global_batch_size=0", r"'stage1.global_batch_size' must be >= 1"),
     ("loss.tau=0", r"'loss.tau' must be a finite number > 0"),
     ("loss.beta=-0.1", r"'loss.beta' must be a finite number > 0"),
-    ("loss.stage1_contrast=-1", r"'loss.stage1_contrast' must be a finite number >= 0"),
+    ("stage1_loss.contrast=-1", r"'stage1_loss.contrast' must be a finite number >= 0"),
+    ("stage1_loss.kind=mse", r"'stage1_loss.kind': 'mse' is not one of compression"),
     ("stage1.lr_schedule=step", r"'stage1.lr_schedule': 'step' is not one of linear, cosine, constant"),
     ("data.max_text_len=0", r"'data.max_text_len' must be >= 1"),
     ("data.max_target_len=-5", r"'data.max_target_len' must be >= 1"),
@@ -265,9 +267,11 @@ def test_the_client_optimizer_is_fused_only_on_cuda():
 
 
 def test_stage1_contrast_needs_two_rows_per_micro_batch():
-    with pytest.raises(ConfigError, match=r"'loss.stage1_contrast'.*stage1.micro_batch_size must be >= 2"):
-        load_config(None, ["loss.stage1_contrast=1", "stage1.micro_batch_size=1"])
-    assert load_config(None, ["loss.stage1_contrast=1", "stage1.micro_batch_size=2"]).loss.stage1_contrast == 1
+    with pytest.raises(ConfigError, match=r"'stage1.micro_batch_size' must be >= 2 for stage 1's objective "
+                                          r"CompressionLoss\(contrast=1.0\)"):
+        load_config(None, ["stage1_loss.contrast=1", "stage1.micro_batch_size=1"])
+    assert load_config(None, ["stage1_loss.contrast=1", "stage1.micro_batch_size=2"]).stage1_loss.objective.contrast == 1
+    assert load_config(None, ["stage1_loss.contrast=0", "stage1.micro_batch_size=1"]).stage1_loss.objective.contrast == 0
 
 
 def test_string_keys_take_the_raw_text_and_paths_expand(monkeypatch, tmp_path):

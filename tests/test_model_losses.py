@@ -320,15 +320,66 @@ def test_load_model_wires_decoder_bos_to_the_tokenizers_bos(tiny_base):
 
 
 def test_config_reaches_the_stage_losses():
-    """loss.* keys configure stage 2's objective (the config loader builds it); stage 1 has none."""
+    """loss.* keys configure stage 2's objective and stage1_loss.* stage 1's (the config loader builds
+    both); the reference stage trains nothing."""
     from autoregembed.run.config import ConfigError, load_config
     from autoregembed.run.stages import stages_for
 
     cfg = load_config(None, ["loss.detach_positive=true", "loss.reference_sign=code", "loss.beta=0.2"])
     assert stages_for(cfg)["stage2"].loss() == AlignmentLoss(beta=0.2, tau=0.1, reference_sign="code", detach_positive=True)
-    assert isinstance(stages_for(cfg)["stage1"].loss(), CompressionLoss) and not stages_for(cfg)["reference"].trains
+    assert stages_for(cfg)["stage1"].loss() == CompressionLoss(contrast=4.0) and not stages_for(cfg)["reference"].trains
+    cfg = load_config(None, ["stage1_loss.contrast=0.5"])
+    assert stages_for(cfg)["stage1"].loss() == CompressionLoss(contrast=0.5)
+    assert stages_for(cfg)["stage1"].loss_settings() == {"kind": "compression", "contrast": 0.5}
     with pytest.raises(ConfigError, match="key 'loss.reference_sign': 'both' is not"):
         AlignmentLoss(reference_sign="both")
+
+
+def test_a_new_stage1_objective_is_one_class_and_one_kind(setup):
+    """As for stage 2: a class registered under a kind gets its stage1_loss.* keys (another kind's are
+    unknown), its micro-batch minimum checked against stage1.micro_batch_size, and stage 1 trains with it."""
+    import dataclasses
+
+    from autoregembed.run.config import ConfigError, load_config
+    from autoregembed.method.losses import STAGE1_OBJECTIVES, stage1_objective
+    from autoregembed.run.stages import stages_for
+
+    saved = dict(STAGE1_OBJECTIVES)
+
+    @stage1_objective("scaled")
+    @dataclasses.dataclass(frozen=True)
+    class ScaledCompression:
+        """The reconstruction loss times a weight, each row alone."""
+
+        weight: float = 1.0
+        min_micro_batch_size = 1
+
+        def check(self, key):
+            if self.weight <= 0:
+                raise ConfigError(f"key '{key}.weight' must be > 0")
+
+        def batch(self, rows, text_encoder):
+            return compression_batch(rows, text_encoder)
+
+        def __call__(self, out, batch):
+            return self.weight * CompressionLoss()(out, batch)
+
+    try:
+        cfg = load_config(None, ["stage1_loss.kind=scaled", "stage1_loss.weight=3", "stage1.micro_batch_size=1"])
+        stage1 = stages_for(cfg)["stage1"]
+        assert stage1.loss() == ScaledCompression(3.0) and stage1.loss_settings() == {"kind": "scaled", "weight": 3.0}
+        with pytest.raises(ConfigError, match="unknown key 'stage1_loss.contrast'"):
+            load_config(None, ["stage1_loss.kind=scaled", "stage1_loss.contrast=1"])
+        with pytest.raises(ConfigError, match="key 'stage1_loss.weight' must be > 0"):
+            load_config(None, ["stage1_loss.kind=scaled", "stage1_loss.weight=0"])
+        model, te = _model(setup)
+        batch = stage1.make_batch([{"context": r["query"], "instruction": "Reconstruct.", "output": r["query"]}
+                                   for r in ROWS], te, None)
+        out = model(batch)
+        torch.testing.assert_close(stage1.loss()(out, batch), 3.0 * CompressionLoss()(out, batch))
+    finally:
+        STAGE1_OBJECTIVES.clear()
+        STAGE1_OBJECTIVES.update(saved)
 
 
 def test_a_new_stage2_objective_is_one_class_and_one_kind(setup):

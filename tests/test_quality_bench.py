@@ -214,7 +214,7 @@ def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
     same = key()
     assert key("output_dir=elsewhere", "stage2.learning_rate=0.5", "eval.instruction=x") == same
     assert key("stage1.learning_rate=0.5") != same and key("seed=7") != same
-    assert key("model.shared_prefix=2") != same and key("loss.stage1_contrast=1.0") != same
+    assert key("model.shared_prefix=2") != same and key("stage1_loss.contrast=1.0") != same
     copy = tmp_path / "copy.jsonl"
     copy.write_text(rows.read_text())
     assert key(data=str(copy)) == same  # the rows' content, not their path

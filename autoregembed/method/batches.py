@@ -21,7 +21,7 @@ class CompressionBatch(NamedTuple):
     attention_mask: torch.Tensor
     target_ids: torch.Tensor
     target_mask: torch.Tensor
-    contrast: bool = False  # also score each target with the previous row's compressed tokens (loss.stage1_contrast)
+    contrast: bool = False  # also score each target with the previous row's compressed tokens (stage1_loss.contrast)
     target_tokens: int | None = None  # target_mask.sum() and attention_mask.sum(), counted on the host
     input_tokens: int | None = None
 

@@ -1,10 +1,10 @@
 """AutoRegEmbed training objectives on per-sequence log-likelihoods, and the contrastive baseline.
 
 Each objective is a component: a frozen dataclass of its settings, built once by the config loader
-and called on the model's result and the batch.  Stage 2's objective is chosen by ``loss.kind``; a new
-variant is one class here registered with ``@stage2_objective("<kind>")``: its fields become the
-``loss.<field>`` keys of that kind (strictly checked, like every key), its ``check`` validates them,
-its ``batch`` builds the micro-batch it reads (batches.py; a new model quantity is a batch type there and
+and called on the model's result and the batch.  Stage 1's is chosen by ``stage1_loss.kind``
+(``@stage1_objective``), stage 2's by ``loss.kind``; a new stage-2 variant is one class here registered
+with ``@stage2_objective("<kind>")``: its fields become the ``loss.<field>`` keys of that kind
+(strictly checked, like every key), its ``check`` validates them, its ``batch`` builds the micro-batch it reads (batches.py; a new model quantity is a batch type there and
 its forward in model.py) and ``needs_references`` says whether that batch carries stage-1 reference values.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..ground.components import registry
 from ..ground.errors import ConfigError, finite
-from .batches import alignment_batch, contrast_batch
+from .batches import alignment_batch, compression_batch, contrast_batch
 
 
 def compression_loss(seq_logprobs: torch.Tensor, num_target_tokens: torch.Tensor) -> torch.Tensor:
@@ -72,12 +72,35 @@ def compression_contrast(logp: torch.Tensor, logp_other: torch.Tensor, target_ma
     return F.softplus(-(logp - logp_other) / tokens).mean()
 
 
+STAGE1_OBJECTIVES: dict[str, type] = {}  # stage1_loss.kind -> its class
+# Register a stage-1 objective under ``stage1_loss.kind: <kind>``.  It has ``check(key)``,
+# ``min_micro_batch_size`` (rows a micro-batch needs), ``batch(rows, text_encoder)`` and is called as
+# ``objective(model(batch), batch) -> scalar loss``.
+stage1_objective = registry(STAGE1_OBJECTIVES)
+
+
+@stage1_objective("compression")
 @dataclasses.dataclass(frozen=True)
 class CompressionLoss:
-    """Stage 1 on a ``model.Reconstruction``; ``contrast`` > 0 adds that weight of
-    ``compression_contrast`` (the batch must be built with ``contrast=True``)."""
+    """Stage 1 on a ``model.Reconstruction``: ``compression_loss``, plus ``contrast`` times
+    ``compression_contrast`` when ``contrast`` > 0 (one more decoder pass: each target also scored with
+    the previous row's compressed tokens; 0: the authors' loss)."""
 
-    contrast: float = 0.0
+    contrast: float = 0.0  # the run's default is the config's (StageOneLossConfig: 4, measured best)
+
+    def __post_init__(self):
+        self.check("stage1_loss")
+
+    @property
+    def min_micro_batch_size(self) -> int:
+        return 2 if self.contrast > 0 else 1  # the contrast reads another row of the micro-batch
+
+    def check(self, key: str):
+        if not (finite(self.contrast) and self.contrast >= 0):
+            raise ConfigError(f"key '{key}.contrast' must be a finite number >= 0, got {self.contrast}")
+
+    def batch(self, rows: list[dict], text_encoder):
+        return compression_batch(rows, text_encoder, self.contrast > 0)
 
     def __call__(self, out, batch) -> torch.Tensor:
         loss = compression_loss(out.logp, out.n_tokens)

@@ -49,7 +49,7 @@ class ModelConfig:
     # the frozen decoder reads its BOS token before e_1..e_k (an attention sink, so e_1 need not
     # become one; model.py); false: the decoder input as published. Stage 1, reference scores
     # and stage 2 must agree (the reference-score fingerprint includes it). On by default, as are
-    # shared_prefix and loss.stage1_contrast: together they measured best (docs/guide.md has the
+    # shared_prefix and stage1_loss.contrast: together they measured best (docs/guide.md has the
     # authors' recipe)
     decoder_bos: bool = True
     # stage 1: the frozen decoder reads n learned vectors, the same for every text, between e_1..e_k
@@ -221,10 +221,10 @@ class OptimConfig:
 
 def _components() -> dict:
     """section -> the registry its ``kind`` picks from, imported when the loader first reads it."""
-    from ..method.losses import STAGE2_OBJECTIVES
+    from ..method.losses import STAGE1_OBJECTIVES, STAGE2_OBJECTIVES
     from ..method.scorers import SCORERS
 
-    return {"scorer": SCORERS, "loss": STAGE2_OBJECTIVES}
+    return {"scorer": SCORERS, "stage1_loss": STAGE1_OBJECTIVES, "loss": STAGE2_OBJECTIVES}
 
 
 @dataclass
@@ -245,6 +245,26 @@ class ScorerConfig:
 
 
 @dataclass
+class StageOneLossConfig:
+    """``kind`` names stage 1's objective (losses.STAGE1_OBJECTIVES); its settings are keys of this
+    section too, built by the loader into ``objective``, the object stage 1 calls.
+
+    compression (losses.CompressionLoss): the reconstruction loss, plus ``contrast`` times an in-batch
+    contrast (0: the authors' loss): each target is also scored with the previous row's compressed
+    tokens, and softplus(-(own - other) per token) rewards compressed tokens that fit their own text
+    better than another's; one more decoder pass over the micro-batch. 4 with model.shared_prefix
+    measured best (docs/guide.md)."""
+
+    KINDS = staticmethod(lambda: _components()["stage1_loss"])
+    COMPONENT = "objective"  # the field the loader builds from the kind's class
+    kind: str = "compression"
+    objective: typing.Any = field(default_factory=lambda: _components()["stage1_loss"]["compression"](contrast=4.0))
+
+    def check(self, key: str):
+        self.objective.check(key)
+
+
+@dataclass
 class LossConfig:
     """``kind`` names stage 2's objective (losses.STAGE2_OBJECTIVES); the kind's own settings
     (``loss.beta``, ``loss.tau``, ... for alignment) are keys of this section too, built by the loader
@@ -254,16 +274,9 @@ class LossConfig:
     COMPONENT = "objective"  # the field the loader builds from the kind's class
     kind: str = "alignment"  # alignment: the paper's loss; infonce: the contrastive baseline (losses.py)
     objective: typing.Any = field(default_factory=lambda: _components()["loss"]["alignment"]())
-    # stage 1: weight of an in-batch contrast added to the reconstruction loss (0: the authors' loss).
-    # Each target is also scored with the previous row's compressed tokens, and
-    # softplus(-(own - other) per token) rewards compressed tokens that fit their own text better than
-    # another's (losses.CompressionLoss); one more decoder pass over the micro-batch
-    stage1_contrast: float = 4.0
 
     def check(self, key: str):
         self.objective.check(key)
-        if not (finite(self.stage1_contrast) and self.stage1_contrast >= 0):
-            raise ConfigError(f"key '{key}.stage1_contrast' must be a finite number >= 0, got {self.stage1_contrast}")
 
 
 @dataclass
@@ -417,7 +430,8 @@ class Config:
     # the default job's stage 1 on the tiny model (docs/experiments.md); a real model sets its own
     stage1: OptimConfig = field(default_factory=lambda: OptimConfig(max_steps=300, micro_batch_size=16))
     stage2: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=2e-4, max_steps=40))
-    loss: LossConfig = field(default_factory=LossConfig)
+    stage1_loss: StageOneLossConfig = field(default_factory=StageOneLossConfig)
+    loss: LossConfig = field(default_factory=LossConfig)  # stage 2's
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     mine: MineConfig = field(default_factory=MineConfig)
@@ -465,10 +479,10 @@ class Config:
             if text is not None and "<EMBED" in text:
                 raise ConfigError(f"key '{key}': holds '<EMBED', the text of the compressed tokens only the "
                                   f"encoder may place; write the instruction without it")
-        if self.loss.stage1_contrast > 0 and self.stage1.micro_batch_size < 2:
-            raise ConfigError("key 'loss.stage1_contrast': the contrast scores each target with another row's "
-                              "compressed tokens, so stage1.micro_batch_size must be >= 2 (or set "
-                              "loss.stage1_contrast=0: the authors' loss)")
+        need = self.stage1_loss.objective.min_micro_batch_size
+        if self.stage1.micro_batch_size < need:
+            raise ConfigError(f"key 'stage1.micro_batch_size' must be >= {need} for stage 1's objective "
+                              f"{self.stage1_loss.objective}, which reads another row of each micro-batch")
 
     @property
     def is_pipeline(self) -> bool:
@@ -512,6 +526,7 @@ MOVED = {  # keys of earlier releases -> where they live now (batching choices l
     "loss.cross_device_negatives": "data.cross_device_negatives",
     "loss.references": "reference.source",
     "model.scorer": "scorer.kind' (fused or cce) and 'scorer.row_stats",  # auto | triton | torch: row_stats
+    "loss.stage1_contrast": "stage1_loss.contrast",  # stage 1's objective has its own section
 }
 
 

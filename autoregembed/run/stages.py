@@ -20,17 +20,16 @@ import os
 from ..ground import distributed as D
 from . import preemption
 from ..ground.atomic import atomic_write_text
-from ..method.batches import candidate_batch, compression_batch, limit_negatives, with_in_batch_negatives
+from ..method.batches import candidate_batch, limit_negatives, with_in_batch_negatives
 from .checkpoint import complete_tags
 from .config import (Config, ConfigError, DataConfig, EvalConfig, LossConfig, MineConfig, OptimConfig, SourceConfig,
-                     looks_local)
+                     StageOneLossConfig, looks_local)
 from ..ground.errors import UserError
 from ..ground.data import (SourceRows, load_rows, load_sources, read_text, realised_shares, row_key, sampler_for,
                            write_jsonl)
 from .diagnostics import information_gap
 from .layout import Layout
 from ..release.meta import META_FILE, ExportMeta
-from ..method.losses import CompressionLoss
 from ..ground.monitor import log
 from .evaluation import evaluate
 from .scoring import score_references
@@ -282,9 +281,9 @@ class Stage1(TrainingStage):
     probe = staticmethod(information_gap)
 
     def __init__(self, layout: Layout, optim: OptimConfig, data: DataConfig, seed: int, user: UserSources,
-                 contrast: float, builds_base: bool):
+                 loss: StageOneLossConfig, builds_base: bool):
         super().__init__(layout, optim, data, seed)
-        self.user, self.contrast = user, contrast  # loss.stage1_contrast
+        self.user, self.loss_config = user, loss
         self.builds_base = builds_base  # model.base: tiny, built on first use (RunContext.base)
 
     def input_model(self, ctx):
@@ -303,10 +302,13 @@ class Stage1(TrainingStage):
         return load_sources(self.sources(), stage=1)
 
     def make_batch(self, rows, text_encoder, references):
-        return compression_batch(rows, text_encoder, self.contrast > 0)
+        return self.loss_config.objective.batch(rows, text_encoder)  # the batch stage1_loss.kind reads
 
     def loss(self):
-        return CompressionLoss(self.contrast)
+        return self.loss_config.objective  # stage1_loss.kind's class, built by the config loader
+
+    def loss_settings(self):
+        return {"kind": self.loss_config.kind, **dataclasses.asdict(self.loss_config.objective)}
 
 
 class Stage2(TrainingStage):
@@ -629,7 +631,7 @@ def stages_for(cfg: Config) -> Stages:
     user = {n: UserSources(f"data.stage{n}", tuple(cfg.sources(n)), isinstance(getattr(data, f"stage{n}"), list))
             for n in (1, 2)}
     stage1_export = Stage1Export(layout.stage1_model, cfg.model.decoder_bos)
-    stage1 = Stage1(layout, cfg.stage1, data, cfg.seed, user[1], cfg.loss.stage1_contrast, cfg.model.base == "tiny")
+    stage1 = Stage1(layout, cfg.stage1, data, cfg.seed, user[1], cfg.stage1_loss, cfg.model.base == "tiny")
     mine = Mine(layout, cfg.mine, cfg.seed, user[2], stage1_export)
     pairs = Stage2Rows(user[2], mine.outputs() if cfg.mine.enabled else None, data.max_negatives)
     stage2 = Stage2(layout, cfg.stage2, data, cfg.seed, pairs, stage1_export, cfg.loss, cfg.reference.source)

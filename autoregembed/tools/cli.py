@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     pl.add_argument("--shared-prefix", type=int, default=5,
                     help="model.shared_prefix: positions before e in every decoder sequence (0: the published input)")
     pl.add_argument("--no-contrast", action="store_true",
-                    help="stage 1 without loss.stage1_contrast's second decoder pass (loss.stage1_contrast=0)")
+                    help="stage 1 without stage1_loss.contrast's second decoder pass (stage1_loss.contrast=0)")
     pl.add_argument("--num-embed-tokens", type=int, default=5)
     pl.add_argument("--gpu-mem-gb", type=float, default=80)
     pl.add_argument("--no-decoder-checkpointing", action="store_true",

@@ -27,7 +27,7 @@ def plan(arch: Arch, gpus: int, zero: int, micro_batch: int, negatives: int, max
     backward (true: all, false: none, n: the first n; model.decoder_checkpointing); the others keep
     every activation from the forward.  scorer: the LM head's
     backend or its name (scorer.kind).  stage 1: one text per row and one decoder sequence (two with
-    ``contrast``, loss.stage1_contrast's pass over the previous row's e); stage 2: query and positive
+    ``contrast``, stage1_loss.contrast's pass over the previous row's e); stage 2: query and positive
     encoded, 2 + ``negatives`` decoder sequences per query.  prefix: model.shared_prefix's positions,
     read before e in every decoder sequence of both stages.  hpz: ZeRO++'s hierarchical partition size
     (ds_configs/zero3_multinode.json: the GPUs of a node), which keeps a second bf16 copy of the
