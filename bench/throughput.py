@@ -4,8 +4,9 @@
     python bench/throughput.py --model tiny       # the built-in tiny model (seconds)
 
 naive = the authors' approach: decoder(...).logits -> log_softmax -> gather, summed per sequence.
-Both arms run the same AutoRegEmbedModel (gradient checkpointing on, fp32, AdamW) on the same
-batches, each in its own process, after one warm-up step.  Peak memory of a step, two ways
+Both arms run the trainer's own step (step.optimizer_step) on the trainer's stage-2 session (DeepSpeed
+engine, ``--deepspeed``: ZeRO-3 as users run it; fp32, gradient checkpointing on, the trainer's AdamW)
+on the same batch, each in its own process, after one warm-up step.  Peak memory of a step, two ways
 (bench/harness.py): bytes of live tensors the step allocated (profiler events: the same on any
 machine) and resident memory, VmHWM reset after warm-up minus RSS before (allocator and kernel
 dependent; reported as unreliable where the kernel ignores the reset).  Then the ZeRO-3 per-rank
@@ -44,50 +45,55 @@ def _rows(n_queries: int, negatives: int):
     return [{**r, "neg": [nli[(i + j) % len(nli)]["pos"] for j in range(negatives)]} for i, r in enumerate(nli[:n_queries])]
 
 
-def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -> dict:
+def naive_score(model, compressed, target_ids, target_mask, n_scored=None):
+    """The authors' scoring: the decoder's full logits -> log_softmax -> gather, summed per row (the
+    model's ``score`` with its LM-head scorer replaced; same inputs, shared prefix and decoder BOS)."""
     import torch
 
-    from autoregembed.method.batches import alignment_batch
-    from autoregembed.run.loading import load_model
-    from autoregembed.method.losses import AlignmentLoss
-    from autoregembed.method.model import AutoRegEmbedModel
-    from autoregembed.method.tokenization import TextEncoder, decoder_layout
+    from autoregembed.method.shared_prefix import with_shared_prefix
+    from autoregembed.method.tokenization import decoder_layout
 
-    class Naive(AutoRegEmbedModel):
-        def score(self, compressed, target_ids, target_mask, n_scored=None):
-            lay = decoder_layout(target_ids, target_mask, self.k, self.decoder_bos_id)
-            tok = self.decoder.get_input_embeddings()(lay.ids)
-            x = torch.cat([tok[:, : lay.n_bos], compressed, tok[:, lay.n_bos :]], 1)
-            logits = self.decoder(inputs_embeds=x, attention_mask=lay.attention_mask).logits
-            labels = lay.labels
-            lp = torch.log_softmax(logits.float(), -1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
-            return (lp * (labels != -100)).sum(1)
+    compressed = with_shared_prefix(compressed, model.shared_prefix)
+    lay = decoder_layout(target_ids, target_mask, compressed.shape[1], model.decoder_bos_id)
+    tok = model.decoder.get_input_embeddings()(lay.ids)
+    x = torch.cat([tok[:, : lay.n_bos], compressed.to(tok.dtype), tok[:, lay.n_bos :]], 1)
+    logits = model.decoder(inputs_embeds=x, attention_mask=lay.attention_mask).logits
+    lp = torch.log_softmax(logits.float(), -1).gather(2, lay.labels.clamp(min=0)[..., None])[..., 0]
+    return (lp * (lay.labels != -100)).sum(1)
 
-    torch.manual_seed(0)
-    base = _base(model)
-    m, tok = load_model(base, base, 5, torch.float32, "sdpa", gradient_checkpointing=True)
-    m.train()  # as the trainer's engine.train(): HF models apply gradient checkpointing only in training mode
+
+def step_child(arm: str, base: str, queries: int, negatives: int, steps: int, ds: str) -> dict:
+    """One arm: the trainer's stage-2 session (``Session``: DeepSpeed engine, fp32, gradient checkpointing,
+    the trainer's AdamW) running the trainer's own optimizer step (``step.optimizer_step``); ``naive``
+    swaps the model's scorer for ``naive_score`` and changes nothing else."""
+    import types
+
+    import torch
+
+    from autoregembed.ground import distributed as D
+    from autoregembed.run.config import load_config
+    from autoregembed.run.session import RunContext, Session
+    from autoregembed.run.stages import stages_for
+    from autoregembed.run.step import optimizer_step
+    from gpu_trainer import ConstantReferences  # bench/gpu_trainer.py
+
+    D.init_distributed()
+    cfg = load_config(None, [f"output_dir={tempfile.mkdtemp()}", f"model.base={base}", "model.dtype=fp32",
+                             "model.lora_rank=0", "model.gradient_checkpointing=true", "data.max_text_len=64",
+                             "data.max_target_len=64", f"stage2.micro_batch_size={queries}", "stage2.learning_rate=1e-5"])
+    st = stages_for(cfg)["stage2"]
+    s = Session(RunContext.of(cfg, ds), st, base, train=True)  # writes nothing under output_dir (no monitor)
+    engine, model = s.engine, s.model
+    engine.train()  # as the trainer: HF models apply gradient checkpointing only in training mode
     if arm == "naive":
-        m.__class__ = Naive
-    te = TextEncoder(tok, 5, 64, 64)
-
-    class Refs:
-        def lookup(self, row):
-            return -20.0, [-25.0] * len(row["neg"])
-
-    batch = alignment_batch(_rows(queries, negatives), te, Refs())
-    loss_fn = AlignmentLoss()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
-
-    def loss_backward():
-        loss_fn(m(batch), batch).backward()
+        model.score = types.MethodType(naive_score, model)
+    batch = st.make_batch(_rows(queries, negatives), s.text_encoder, ConstantReferences())
+    loss_fn = st.loss()
 
     def step():
-        loss_backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        return optimizer_step(engine, [batch], loss_fn)
 
-    step()  # warm-up: allocates Adam state, runtime buffers
+    first_loss = float(step())  # warm-up: allocates Adam state, runtime buffers
     resets = rss_peak_resets()
     base_kb = status_kb("VmRSS")
     reset_rss_peak()
@@ -97,19 +103,22 @@ def step_child(arm: str, model: str, queries: int, negatives: int, steps: int) -
     dt = (time.perf_counter() - t0) / steps
     rss_peak = (status_kb("VmHWM") - base_kb) * 1024
     _, allocated_peak = peak_allocated_bytes(step)
-    # the same step in two parts: what the scorer changes (loss forward+backward, gradients already
-    # allocated) and what it does not (AdamW's update, whose foreach temporaries are parameter-sized)
-    loss_backward()
-    opt.zero_grad(set_to_none=False)
-    _, fwd_bwd_peak = peak_allocated_bytes(loss_backward)
-    _, opt_peak = peak_allocated_bytes(opt.step)
+    # the step's two halves as micro_step runs them: what the scorer changes (forward, loss, backward)
+    # and what it does not (the engine's step: AdamW's update, whose temporaries are parameter-sized)
+    on_device = batch  # CPU: optimizer_step's move to the device is the identity
+    _, fwd_bwd_peak = peak_allocated_bytes(lambda: engine.backward(loss_fn(engine(on_device), on_device)))
+    _, opt_peak = peak_allocated_bytes(engine.step)
     c = batch.candidates
     tokens = int(c.q_attention_mask.sum() + batch.p_attention_mask.sum() + 2 * c.pos_mask.sum() + c.neg_mask.sum())
-    return {"step_s": dt, "tokens_per_s": tokens / dt, "peak_allocated_bytes": allocated_peak,
-            "peak_allocated_loss_backward_bytes": fwd_bwd_peak, "peak_allocated_optimizer_bytes": opt_peak,
-            "peak_rss_bytes": rss_peak, "rss_peak_resets": resets,
-            "decoder_tokens": int(2 * c.pos_mask.sum() + c.neg_mask.sum()),
-            "vocab": m.decoder.get_output_embeddings().weight.shape[0]}
+    result = {"first_loss": first_loss, "step_s": dt, "tokens_per_s": tokens / dt, "peak_allocated_bytes": allocated_peak,
+              "peak_allocated_loss_backward_bytes": fwd_bwd_peak, "peak_allocated_optimizer_bytes": opt_peak,
+              "peak_rss_bytes": rss_peak, "rss_peak_resets": resets,
+              "decoder_tokens": int(2 * c.pos_mask.sum() + c.neg_mask.sum()),
+              "vocab": model.decoder.get_output_embeddings().weight.shape[0],
+              "zero_stage": s.ds["zero_optimization"]["stage"]}
+    s.close()
+    D.shutdown()
+    return result
 
 
 ZERO_CHILD = """
@@ -131,8 +140,7 @@ D.shutdown()
 """
 
 
-def zero_ranks(model: str, nproc: int) -> list[int]:
-    base = _base(model)
+def zero_ranks(base: str, nproc: int) -> list[int]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                "--no-python", sys.executable, "-c", ZERO_CHILD.format(root=ROOT), tmp, base]
@@ -144,6 +152,9 @@ def zero_ranks(model: str, nproc: int) -> list[int]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    ap.add_argument("--base", default=None, help="a model folder in place of --model's")
+    ap.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero3.json"),
+                    help="the DeepSpeed config of both arms' engine (the trainer's default: ZeRO-3)")
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--negatives", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
@@ -151,14 +162,14 @@ def main():
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        arm, model, q, n, s = args.child
-        print(json.dumps(step_child(arm, model, int(q), int(n), int(s))))
+        arm, base, q, n, s = args.child
+        print(json.dumps(step_child(arm, base, int(q), int(n), int(s), args.deepspeed)))
         return
-    _base(args.model)  # convert/cache once, outside the measured children
+    base = args.base or _base(args.model)  # converted/cached once, outside the measured children
     res = {}
     for arm in ("ours", "naive"):
-        cmd = [sys.executable, __file__, "--child", arm, args.model, str(args.queries), str(args.negatives),
-               str(args.steps)]
+        cmd = [sys.executable, __file__, "--child", arm, base, str(args.queries), str(args.negatives),
+               str(args.steps), "--deepspeed", args.deepspeed]
         res[arm] = json_child(cmd)
     o, n = res["ours"], res["naive"]
     print(f"stage-2 step, {args.model} (V={o['vocab']}), {args.queries} queries x (1 positive + {args.negatives} "
@@ -177,7 +188,7 @@ def main():
           f"{o['peak_allocated_bytes'] / n['peak_allocated_bytes']:.2f}; "
           f"peak RSS ours/naive = {o['peak_rss_bytes'] / max(n['peak_rss_bytes'], 1):.2f}{rss_note}; "
           f"tokens/s ours/naive = {o['tokens_per_s'] / n['tokens_per_s']:.2f}")
-    zero = {p: zero_ranks(args.model, p) for p in (1, 2)}
+    zero = {p: zero_ranks(base, p) for p in (1, 2)}
     res["zero3_peak_rss_per_rank"] = zero
     print("ZeRO-3 stage-1 run, peak RSS per rank (whole process: runtime + model states + activations):")
     for p, peaks in zero.items():

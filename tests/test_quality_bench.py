@@ -8,7 +8,9 @@ import pytest
 from autoregembed.run.runlock import RunLockError
 from helpers import ROOT, bench_module, run_child
 
-quality = bench_module("quality")
+quality_record = bench_module("quality_record")
+quality_jobs = bench_module("quality_jobs")
+quality_stage1_cache = bench_module("quality_stage1_cache")
 
 B, C = "(b) contrastive (InfoNCE)", "(c) stage 1 only"
 
@@ -17,7 +19,7 @@ def _record(tmp_path, name, seeds, arms, scores, deepspeed="ds_configs/zero2.jso
     """A run record as bench/quality.py writes it; ``scores``: arm -> {seed: spearman}."""
     record = {"model": "m", "split": "report", "date": "2026-11-26", "commit": name, "command": f"run {name}",
               "settings": {"seeds": seeds, "arms": arms, "deepspeed": deepspeed, "stage1_steps": 50, **settings},
-              "spearman_x100": quality._summary(scores),
+              "spearman_x100": quality_record.summary(scores),
               "mean_pairwise_cosine": {n: {s: 0.5 for s in v} for n, v in scores.items()},
               "loss_first_last": {f"{name}": [1.0, 0.5]}, "seconds": {f"train {name}": 1.0},
               "info_gap": {f"stage1 {name}": {"step": 50, "nats_per_token": 0.3, "nats_per_text": 4.0}}}
@@ -30,7 +32,7 @@ def test_merge_pools_seeds_and_recomputes_mean_and_spread(tmp_path):
     one = _record(tmp_path, "r1", "42,1", "abc", {B: {"42": 78.0, "1": 80.0}, C: {"42": 60.0, "1": 50.0}})
     two = _record(tmp_path, "r2", "2", "bc", {B: {"2": 79.0}, C: {"2": 70.0}},
                   deepspeed=os.path.join(ROOT, "ds_configs", "zero2.json"))  # the same file, named absolutely
-    merged = quality.merge_records([one, two])
+    merged = quality_record.merge_records([one, two])
     assert merged["spearman_x100"][B] == {"mean": 79.0, "std": 1.0, "per_seed": {"42": 78.0, "1": 80.0, "2": 79.0}}
     assert merged["spearman_x100"][C]["mean"] == 60.0 and merged["spearman_x100"][C]["std"] == 10.0
     assert merged["settings"]["seeds"] == "42,1,2" and merged["settings"]["arms"] == "abc"
@@ -39,9 +41,22 @@ def test_merge_pools_seeds_and_recomputes_mean_and_spread(tmp_path):
     assert list(merged["spearman_x100"]) == [B, C]  # the table's arm order
 
 
+def test_the_merge_command_publishes_the_pooled_table(tmp_path):
+    """``python bench/quality.py --merge`` end to end (the script and the modules it is split into): the
+    pooled table is printed, and a report without every arm (a)-(e) writes no quality.json."""
+    one = _record(tmp_path, "r1", "42,1", "bc", {B: {"42": 78.0, "1": 80.0}, C: {"42": 60.0, "1": 50.0}})
+    two = _record(tmp_path, "r2", "2", "bc", {B: {"2": 79.0}, C: {"2": 70.0}})
+    results = tmp_path / "results"
+    results.mkdir()
+    r = run_child([os.path.join(ROOT, "bench", "quality.py"), "--merge", one, two, "--results", str(results)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "(b) contrastive (InfoNCE)           79.00 ± 1.00   (42: 78.00, 1: 80.00, 2: 79.00)" in r.stdout
+    assert "without arm(s) a, d, e: results not written" in r.stdout and os.listdir(results) == []
+
+
 def test_retrieval_is_summarised_per_collection_with_their_mean_and_merged_across_runs(tmp_path):
     ir = lambda a, b: {"cranfield": {"ndcg@10": a, "recall@100": 0.5}, "cisi": {"ndcg@10": b, "recall@100": 0.7}}  # noqa: E731
-    table = quality._retrieval_summary({B: {"42": ir(0.2, 0.4), "1": ir(0.3, 0.5)}, "(a) BM25 (lexical)": {"None": ir(0.33, 0.35)}})
+    table = quality_record.retrieval_summary({B: {"42": ir(0.2, 0.4), "1": ir(0.3, 0.5)}, "(a) BM25 (lexical)": {"None": ir(0.33, 0.35)}})
     assert table["ndcg@10"]["cranfield"][B] == {"mean": 0.25, "std": 0.0707, "per_seed": {"42": 0.2, "1": 0.3}}
     assert table["ndcg@10"]["mean"][B]["per_seed"] == {"42": 0.3, "1": 0.4}  # the two collections' mean per seed
     assert table["recall@100"]["cisi"]["(a) BM25 (lexical)"]["mean"] == 0.7
@@ -49,9 +64,9 @@ def test_retrieval_is_summarised_per_collection_with_their_mean_and_merged_acros
     two = _record(tmp_path, "r2", "1", "b", {B: {"1": 80.0}})
     for path, seed, x in ((one, "42", ir(0.2, 0.4)), (two, "1", ir(0.3, 0.5))):
         record = json.load(open(path))
-        record["retrieval"] = quality._retrieval_summary({B: {seed: x}})
+        record["retrieval"] = quality_record.retrieval_summary({B: {seed: x}})
         open(path, "w").write(json.dumps(record))
-    merged = quality.merge_records([one, two])["retrieval"]
+    merged = quality_record.merge_records([one, two])["retrieval"]
     assert merged["ndcg@10"]["mean"][B] == {"mean": 0.35, "std": 0.0707, "per_seed": {"42": 0.3, "1": 0.4}}
 
 
@@ -71,28 +86,28 @@ def test_merge_refuses_other_settings_and_a_seed_that_scores_differently_twice(t
     one = _record(tmp_path, "r1", "42", "b", {B: {"42": 78.0}})
     other = _record(tmp_path, "r2", "1", "b", {B: {"1": 78.0}}, stage1_steps=60)
     with pytest.raises(SystemExit, match="r2.json: not the same model, split and settings"):
-        quality.merge_records([one, other])
+        quality_record.merge_records([one, other])
     again = _record(tmp_path, "r3", "42", "b", {B: {"42": 77.5}})
     with pytest.raises(SystemExit, match=r"r3.json: \(b\) contrastive \(InfoNCE\) seed 42 is 77.5, 78.0"):
-        quality.merge_records([one, again])
+        quality_record.merge_records([one, again])
     same = _record(tmp_path, "r4", "42", "b", {B: {"42": 78.0}})  # a rerun that reproduces is pooled
-    assert quality.merge_records([one, same])["spearman_x100"][B]["per_seed"] == {"42": 78.0}
+    assert quality_record.merge_records([one, same])["spearman_x100"][B]["per_seed"] == {"42": 78.0}
 
 
 def test_scratch_is_emptied_under_a_lock_a_second_run_cannot_take(tmp_path):
     out = tmp_path / "quality"
     (out / "seed42" / "stage1").mkdir(parents=True)
     (out / "stage1.jsonl").write_text("{}\n")
-    lock = quality.fresh_scratch(str(out))
+    lock = quality_jobs.fresh_scratch(str(out))
     try:
         assert os.listdir(out) == [".lock"]
         (out / "seed1").mkdir()  # the first run's work
         with pytest.raises(RunLockError, match="is in use by PID"):
-            quality.fresh_scratch(str(out))
+            quality_jobs.fresh_scratch(str(out))
         assert (out / "seed1").is_dir()  # the refused run deleted nothing
     finally:
         lock.release()
-    quality.fresh_scratch(str(out)).release()  # free again once the first run ends
+    quality_jobs.fresh_scratch(str(out)).release()  # free again once the first run ends
     assert os.listdir(out) == [".lock"]
 
 
@@ -115,14 +130,14 @@ def test_jobs_run_each_seed_in_its_own_process_and_collect_the_records(tmp_path,
     its log."""
     fake = tmp_path / "fake_quality.py"
     fake.write_text(FAKE_RUN)
-    monkeypatch.setattr(quality, "__file__", str(fake))
-    monkeypatch.setattr(quality.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(quality_jobs, "QUALITY", str(fake))
+    monkeypatch.setattr(quality_jobs.os, "cpu_count", lambda: 4)
     results, out = str(tmp_path / "results"), str(tmp_path / "out")
     os.makedirs(out)
     argv = ["--split", "tune", "--seeds=42,1,2", "--arms", "acd", "--stage1-steps", "7", "--jobs", "2",
             "--out", out, "--results", results]
     args = type("Args", (), {"jobs": 2, "arms": "acd", "out": out, "results": results, "split": "tune"})
-    records = quality.run_seeds_apart(args, [42, 1, 2], argv)
+    records = quality_jobs.run_seeds_apart(args, [42, 1, 2], argv)
     got = [json.load(open(r)) for r in records]
     assert sorted(g["argv"][g["argv"].index("--seeds") + 1] for g in got) == ["1", "2", "42"]
     for g in got:
@@ -136,39 +151,45 @@ def test_jobs_run_each_seed_in_its_own_process_and_collect_the_records(tmp_path,
     real_popen = __import__("subprocess").Popen
     monkeypatch.setattr("subprocess.Popen", lambda *a, **kw: spawned.append(real_popen(*a, **kw)) or spawned[-1])
     with pytest.raises(SystemExit, match=r"seed 13 failed \(exit 5\): see .*job-seed13.log"):
-        quality.run_seeds_apart(args, [13, 99], argv)
+        quality_jobs.run_seeds_apart(args, [13, 99], argv)
     assert [p.wait(timeout=10) for p in spawned] == [5, -15]  # the other seed was stopped, not left running
 
 
 def test_job_argv_replaces_only_the_per_child_options():
     argv = ["--out=x", "--seeds", "1,2", "--stage1-lr", "3e-4", "--arms=abc", "--jobs", "3", "--base", "m"]
-    assert quality.job_argv(argv, 2, "bc", "o") == ["--stage1-lr", "3e-4", "--base", "m", "--seeds", "2",
+    assert quality_jobs.job_argv(argv, 2, "bc", "o") == ["--stage1-lr", "3e-4", "--base", "m", "--seeds", "2",
                                                     "--arms", "bc", "--out", "o", "--job-of-jobs"]
 
 
-@pytest.mark.parametrize("arm", ["ours", "naive"])
-def test_the_throughput_benchmarks_step_still_runs(monkeypatch, tiny_base, arm):
-    """bench/throughput.py's measured step, in process on the tiny base: its naive arm subclasses the
-    model, so a change to the model's methods must not stop the benchmark (it once did, silently)."""
-    throughput = bench_module("throughput")
-    monkeypatch.setattr(throughput, "_base", lambda model: tiny_base)
-    r = throughput.step_child(arm, "tiny", queries=2, negatives=2, steps=1)
-    assert r["step_s"] > 0 and r["peak_allocated_loss_backward_bytes"] > 0
-    assert r["decoder_tokens"] > 0 and r["vocab"] == 2000
+@pytest.mark.distributed
+def test_the_throughput_benchmarks_step_is_the_trainers_and_its_arms_score_alike(tiny_base):
+    """bench/throughput.py's measured step, each arm in its own process on the tiny base: the trainer's
+    session and optimizer step (ZeRO-3 as users run it), the naive arm only replacing the model's scorer
+    by full logits, so both arms' first loss is the same number and only naive holds the logits; a change to the model's methods must not
+    stop the benchmark (it once did, silently)."""
+    got = {}
+    for arm in ("ours", "naive"):
+        r = run_child([os.path.join(ROOT, "bench", "throughput.py"), "--child", arm, tiny_base, "2", "2", "1"])
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        got[arm] = json.loads(r.stdout.strip().splitlines()[-1])
+        assert got[arm]["step_s"] > 0 and got[arm]["peak_allocated_loss_backward_bytes"] > 0
+        assert got[arm]["zero_stage"] == 3 and got[arm]["decoder_tokens"] > 0 and got[arm]["vocab"] == 2000
+    assert got["ours"]["first_loss"] == pytest.approx(got["naive"]["first_loss"], rel=1e-5)
+    assert got["naive"]["peak_allocated_loss_backward_bytes"] > got["ours"]["peak_allocated_loss_backward_bytes"]
 
 
 CACHE_SCRIPT = """
 import sys, warnings
 warnings.filterwarnings("ignore")
 sys.path.insert(0, {root!r} + "/bench")
-import quality
+import quality_stage1_cache
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
 out, base, cache, lr = sys.argv[1:5]
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=2", "stage1.micro_batch_size=4",
                          "stage1.learning_rate=" + lr, "stage1.log_every=1"])
 D.init_distributed()
-print("ARTIFACT", quality.cached_stage1(cfg, {root!r} + "/ds_configs/zero2.json", base, cache))
+print("ARTIFACT", quality_stage1_cache.cached_stage1(cfg, {root!r} + "/ds_configs/zero2.json", base, cache))
 D.shutdown()
 """
 
@@ -209,7 +230,7 @@ def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
     ds = os.path.join(ROOT, "ds_configs", "zero2.json")
 
     def key(*extra, data=str(rows)):
-        return quality.stage1_key(load_config(None, [f"data.stage1={data}", *extra]), ds, "tiny")
+        return quality_stage1_cache.stage1_key(load_config(None, [f"data.stage1={data}", *extra]), ds, "tiny")
 
     same = key()
     assert key("output_dir=elsewhere", "stage2.learning_rate=0.5", "eval.instruction=x") == same
