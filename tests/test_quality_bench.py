@@ -294,3 +294,24 @@ def test_without_gguf_the_model_conversion_says_what_to_install_in_one_line(tmp_
     assert r.stderr.strip() == ("the SmolLM2 model is converted once from its GGUF file, which needs the gguf "
                                 "package: pip install -e '.[bench]' (or pip install gguf)")
     assert not (tmp_path / "cache").exists()
+
+
+def test_learning_curve_pools_each_sizes_seeds_and_says_where_b_at_2n_reaches_d_at_n(tmp_path):
+    """bench/learning_curve.py --plot-only on records as bench/quality.py writes them: per size, the seeds
+    pooled (mean ± std), records at another size's step count left out, and the crossing stated."""
+    D = "(d) stage 1 + stage 2"
+    runs = tmp_path / "quality_runs"
+    runs.mkdir()
+    for name, size, steps, seed, b, d in (("a", 120, 15, "42", 70.0, 75.0), ("b", 120, 15, "1", 72.0, 77.0),
+                                          ("c", 240, 30, "42", 76.0, 80.0), ("d", 240, 30, "1", 76.0, 82.0),
+                                          ("e", 240, 99, "2", 10.0, 10.0)):  # e: not this curve's step count
+        path = _record(tmp_path, name, seed, "bd", {B: {seed: b}, D: {seed: d}}, nli_rows=size, stage2_steps=steps)
+        os.rename(path, runs / f"report-{name}.json")
+    r = run_child([os.path.join(ROOT, "bench", "learning_curve.py"), "--plot-only", "--sizes", "120,240",
+                   "--results", str(tmp_path)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert curve["sizes"]["240"]["b"]["sts"] == {"mean": 76.0, "std": 0.0, "per_seed": {"42": 76.0, "1": 76.0}}
+    assert curve["sizes"]["120"]["d"]["sts"]["mean"] == 76.0
+    assert curve["crossings"] == ["sts: (b) at 240 = 76.0 ± 0.0 reaches (d) at 120 = 76.0 ± 1.41"]
+    assert (tmp_path / "curve.png").stat().st_size > 0

@@ -1,0 +1,153 @@
+"""Learning efficiency: InfoNCE (b) and AutoRegEmbed (d) of bench/quality.py at growing numbers of
+labelled triplets, on the report half of STS-B dev and the report collections; where does (b) at 2N
+reach (d) at N?
+
+Every size N is one ``bench/quality.py --split report --arms bd --nli-rows N`` run per seed, with as
+many stage-2 optimizer steps per triplet at every size (``--stage2-steps N * steps_per_240 / 240``;
+(b) keeps its own rule: stage 1's steps plus stage 2's) and the benchmark's other settings at their
+defaults (other bench/quality.py options pass through).  Stage 1 reads no triplet, so its cache trains
+it once per seed for all sizes.  Each run leaves its record in ``--results``/quality_runs, a folder of
+this curve's own; a size and seed recorded there is not run again, so the curve can be built over
+several sessions (records made with other options in one folder are refused when pooled, naming the
+file); ``--plot-only`` trains nothing.  The curve: ``--results``/curve.{json,png} (mean ± std over
+seeds per size and arm).
+
+    python bench/learning_curve.py --seeds 42,1,2 --sizes 120,240,480,960 --jobs 2   # hours on 2 cores
+    python bench/learning_curve.py --plot-only                                       # the records kept so far
+    python bench/learning_curve.py --sizes 120,240 --seeds 42 --no-retrieval         # a part, STS only
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+from harness import ROOT  # bench/harness.py, beside this script
+from quality_record import merge_records
+
+from autoregembed.ground.atomic import atomic_write_text
+
+ARMS = {"b": "(b) contrastive (InfoNCE)", "d": "(d) stage 1 + stage 2"}
+STEPS_PER_240 = 30  # bench/quality.py's default: 30 stage-2 steps over its default 240 triplets
+
+
+def stage2_steps(size: int) -> int:
+    return max(1, round(size * STEPS_PER_240 / 240))
+
+
+def records_by_size(results: str, sizes: list[int]) -> dict[int, list[str]]:
+    """size -> the report records of arms b and d at that size and its number of stage-2 steps."""
+    found = {n: [] for n in sizes}
+    for path in sorted(glob.glob(os.path.join(results, "quality_runs", "report-*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        st = r["settings"]
+        if r["split"] != "report" or set(st["arms"]) != set("bd") or st.get("nli_rows") not in found:
+            continue
+        if st["stage2_steps"] == stage2_steps(st["nli_rows"]):
+            found[st["nli_rows"]].append(path)
+    return found
+
+
+def recorded_seeds(paths: list[str]) -> set[str]:
+    return {s for p in paths for s in json.load(open(p))["settings"]["seeds"].split(",")}
+
+
+def run_size(size: int, seeds: list[str], args, extra: list[str]):
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "quality.py"), "--split", "report", "--arms", "bd",
+           "--nli-rows", str(size), "--stage2-steps", str(stage2_steps(size)), "--seeds", ",".join(seeds),
+           "--jobs", str(args.jobs), "--results", args.results, "--out", os.path.join(args.out, f"n{size}"), *extra]
+    print(f"[learning_curve] {size} triplets: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def curve(by_size: dict[int, list[str]]) -> dict:
+    """size -> arm -> {metric: {mean, std, per_seed}}, metric sts (Spearman x100) and ndcg@10 (the
+    report collections' mean)."""
+    out = {}
+    for size, paths in by_size.items():
+        if not paths:
+            continue
+        merged = merge_records(paths)
+        ir = merged.get("retrieval", {}).get("ndcg@10", {}).get("mean", {})
+        out[size] = {letter: {"sts": merged["spearman_x100"].get(name), "ndcg@10": ir.get(name)}
+                     for letter, name in ARMS.items()}
+    return out
+
+
+def crossings(table: dict) -> list[str]:
+    """Per size N with a size 2N: (b) at 2N against (d) at N, on each metric."""
+    lines = []
+    for n in sorted(table):
+        if 2 * n not in table:
+            continue
+        for metric in ("sts", "ndcg@10"):
+            d, b = table[n]["d"][metric], table[2 * n]["b"][metric]
+            if d and b:
+                verdict = "reaches" if b["mean"] >= d["mean"] else "stays below"
+                lines.append(f"{metric}: (b) at {2 * n} = {b['mean']} ± {b['std']} {verdict} (d) at {n} = "
+                             f"{d['mean']} ± {d['std']}")
+    return lines
+
+
+def plot(table: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in zip(axes, ("sts", "ndcg@10"), ("STS-B dev report half, Spearman x100",
+                                                             "nDCG@10, mean of Cranfield and CISI")):
+        for letter, name in ARMS.items():
+            sizes = [n for n in sorted(table) if table[n][letter][metric]]
+            if sizes:
+                mean = [table[n][letter][metric]["mean"] for n in sizes]
+                std = [table[n][letter][metric]["std"] for n in sizes]
+                ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("labelled triplets")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="120,240,480,960")
+    ap.add_argument("--seeds", default="42,1,2")
+    ap.add_argument("--jobs", type=int, default=1, help="bench/quality.py --jobs: seeds side by side")
+    ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "learning_curve"),
+                    help="this curve's folder: its runs' records (quality_runs/) and curve.{json,png}")
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "learning_curve"))
+    ap.add_argument("--plot-only", action="store_true", help="train nothing: the curve of the records kept")
+    args, extra = ap.parse_known_args()  # the rest goes to bench/quality.py (e.g. --base, --stage1-steps)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    for size in [] if args.plot_only else sizes:
+        todo = [s for s in args.seeds.split(",") if s not in recorded_seeds(records_by_size(args.results, [size])[size])]
+        if todo:
+            run_size(size, todo, args, extra)
+    table = curve(records_by_size(args.results, sizes))
+    if not table:
+        sys.exit(f"no report records of arms b and d at sizes {args.sizes} in {args.results}/quality_runs")
+    for n in sorted(table):
+        for letter, name in ARMS.items():
+            m = table[n][letter]
+            cells = [f"{k} {v['mean']} ± {v['std']} ({len(v['per_seed'])} seeds)" for k, v in m.items() if v]
+            print(f"  {n:5d} triplets  {name:<28} " + ", ".join(cells))
+    for line in crossings(table):
+        print("  " + line)
+    atomic_write_text(os.path.join(args.results, "curve.json"),
+                      json.dumps({"sizes": {str(n): v for n, v in table.items()}, "crossings": crossings(table),
+                                  "records": {str(n): p for n, p in records_by_size(args.results, sizes).items()}},
+                                 indent=2))
+    plot(table, os.path.join(args.results, "curve.png"))
+    print(f"wrote {args.results}/curve.json and curve.png")
+
+
+if __name__ == "__main__":
+    main()
