@@ -22,8 +22,8 @@ import sys
 import tempfile
 import time
 
-from harness import (ROOT, free_port, json_child, peak_allocated_bytes, reset_rss_peak,  # bench/harness.py
-                     rss_peak_resets, smollm2_dir, status_kb)
+from harness import (ROOT, free_port, json_child, peak_allocated_bytes, record_header,  # bench/harness.py
+                     reset_rss_peak, rss_peak_resets, smollm2_dir, status_kb)
 
 
 def _base(model: str) -> str:
@@ -67,8 +67,6 @@ def step_child(arm: str, base: str, queries: int, negatives: int, steps: int, ds
     the trainer's AdamW) running the trainer's own optimizer step (``step.optimizer_step``); ``naive``
     swaps the model's scorer for ``naive_score`` and changes nothing else."""
     import types
-
-    import torch
 
     from autoregembed.ground import distributed as D
     from autoregembed.run.config import load_config
@@ -166,7 +164,7 @@ def main():
         print(json.dumps(step_child(arm, base, int(q), int(n), int(s), args.deepspeed)))
         return
     base = args.base or _base(args.model)  # converted/cached once, outside the measured children
-    res = {}
+    res = {**record_header(), "command": " ".join(["python", "bench/throughput.py", *sys.argv[1:]])}
     for arm in ("ours", "naive"):
         cmd = [sys.executable, __file__, "--child", arm, base, str(args.queries), str(args.negatives),
                str(args.steps), "--deepspeed", args.deepspeed]
