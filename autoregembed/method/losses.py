@@ -4,8 +4,9 @@ Each objective is a component: a frozen dataclass of its settings, built once by
 and called on the model's result and the batch.  Stage 1's is chosen by ``stage1_loss.kind``
 (``@stage1_objective``), stage 2's by ``loss.kind``; a new stage-2 variant is one class here registered
 with ``@stage2_objective("<kind>")``: its fields become the ``loss.<field>`` keys of that kind
-(strictly checked, like every key), its ``check`` validates them, its ``batch`` builds the micro-batch it reads (batches.py; a new model quantity is a batch type there and
-its forward in model.py) and ``needs_references`` says whether that batch carries stage-1 reference values.
+(strictly checked, like every key), its ``check`` validates them, its ``batch`` builds the micro-batch
+it reads (batches.py; a new model quantity is a batch type there and its forward in model.py) and
+``needs_references`` says whether that batch carries stage-1 reference values.
 """
 from __future__ import annotations
 
