@@ -12,6 +12,7 @@ keeps what it measured); ``--merge`` publishes runs made on separate seeds as on
     python bench/quality.py --split report --arms abcde                   # the table, ~2 h a seed on 2 cores
     python bench/quality.py --split report --arms abcde --jobs 3          # its seeds side by side, one table
     python bench/quality.py --split report --stage1-corpus general+stsb   # the STS-B-text ablation
+    python bench/quality.py --split report --arms cd --stage1-corpus general+ir  # stage 1 on the collections' documents
     python bench/quality.py --split tune --arms c --stage1-entailment     # stage 1 beyond autoencoding
     python bench/quality.py --merge bench/results/quality_runs/report-*.json  # seeds run apart, one table
 
@@ -105,7 +106,8 @@ def main():
                     help="tune: score STS-B dev half A and log the run; report: score half B, write the results")
     ap.add_argument("--seeds", default="42,1,2", help="comma-separated; every arm runs once per seed")
     ap.add_argument("--arms", default="abcdef", help="which arms to run (letters above)")
-    ap.add_argument("--stage1-corpus", choices=("general", "general+stsb"), default="general")
+    ap.add_argument("--stage1-corpus", choices=("general", "general+stsb", "general+ir"), default="general",
+                    help="general+ir: stage 1 also autoencodes the split's retrieval documents (domain adaptation)")
     ap.add_argument("--stage1-entailment", action="store_true", help="mix premise -> entailed hypothesis rows into stage 1")
     ap.add_argument("--stage1-steps", type=int, default=150)
     ap.add_argument("--stage2-steps", type=int, default=30)
@@ -179,8 +181,10 @@ def main():
     record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
     sts = dev_halves(args.out)[args.split]
     read_sts(sts)
+    documents = ([t for d in quality_retrieval.collections(args.split).values() for t in d.corpus.values()]
+                 if args.stage1_corpus == "general+ir" else [])  # the split's collections, as scored
     s1 = stage1_file(os.path.join(args.out, "stage1.jsonl"), args.stage1_corpus, args.stage1_entailment,
-                     args.stage1_instruction)
+                     args.stage1_instruction, documents=documents)
     s2 = stage2_file(os.path.join(args.out, "stage2.jsonl"), args.nli_rows,
                      None if args.row_instructions else INSTRUCTION)
     ir_sets = {} if args.no_retrieval else quality_retrieval.collections(args.split)

@@ -27,13 +27,20 @@ def _nli_rows() -> list[dict]:
     return load_rows(os.path.join(SHARED, "nli", "medi_nli.jsonl"), stage=2)
 
 
-def stage1_file(path: str, corpus: str, entailment: bool, instruction: str = AUTOENCODE, n_sts: int = 3000) -> str:
+def stage1_file(path: str, corpus: str, entailment: bool, instruction: str = AUTOENCODE, n_sts: int = 3000,
+                documents: list[str] = ()) -> str:
     """Stage-1 rows.  ``corpus``: "general" autoencodes the NLI sentences (MNLI/SNLI genres, none
     from STS-B); "general+stsb" adds ``n_sts`` STS-B train sentences, drawn from the genres and
-    sources of the dev pairs the table reports (the ablation).  ``entailment`` mixes in rows that
-    need the meaning, not the surface: premise -> the hypothesis it entails."""
+    sources of the dev pairs the table reports (the ablation); "general+ir" adds ``documents``, the
+    retrieval collections' own documents (stage 1 as unsupervised domain adaptation: raw text only, no
+    queries, no judgments).  ``entailment`` mixes in rows that need the meaning, not the surface:
+    premise -> the hypothesis it entails."""
     nli = _nli_rows()
     sents = [s for r in nli for s in [r["query"], r["pos"], *r["neg"]]]
+    if corpus == "general+ir":
+        if not documents:
+            raise SystemExit("--stage1-corpus general+ir: no retrieval collection under ../shared/data/ir")
+        sents = list(documents) + sents
     if corpus == "general+stsb":
         with open(os.path.join(SHARED, "stsb", "sts-train.csv"), encoding="utf-8") as f:
             sts = [r[c] for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if len(r) >= 7 for c in (5, 6)]

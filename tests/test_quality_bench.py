@@ -315,3 +315,18 @@ def test_learning_curve_pools_each_sizes_seeds_and_says_where_b_at_2n_reaches_d_
     assert curve["sizes"]["120"]["d"]["sts"]["mean"] == 76.0
     assert curve["crossings"] == ["sts: (b) at 240 = 76.0 ± 0.0 reaches (d) at 120 = 76.0 ± 1.41"]
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_stage1_on_the_collections_documents_adds_them_as_autoencoding_rows_and_nothing_else(tmp_path, monkeypatch):
+    """--stage1-corpus general+ir (stage 1 as domain adaptation): every document becomes an autoencoding
+    row beside the NLI sentences; no query and no judgment enters; without documents it refuses."""
+    qd = bench_module("quality_data")
+    monkeypatch.setattr(qd, "_nli_rows", lambda: [{"query": "q1", "pos": "p1", "neg": ["n1"], "instruction": "i"}])
+    path = qd.stage1_file(str(tmp_path / "s1.jsonl"), "general+ir", False, documents=["doc one", "doc two", "p1"])
+    rows = [json.loads(line) for line in open(path)]
+    assert [r["output"] for r in rows] == ["doc one", "doc two", "p1", "q1", "n1"]  # each text once
+    assert all(r["context"] == r["output"] and r["instruction"] == qd.AUTOENCODE for r in rows)
+    assert [r["output"] for r in map(json.loads, open(qd.stage1_file(str(tmp_path / "g.jsonl"), "general", False,
+                                                                     documents=["doc one"])))] == ["q1", "p1", "n1"]
+    with pytest.raises(SystemExit, match="general\\+ir: no retrieval collection"):
+        qd.stage1_file(str(tmp_path / "none.jsonl"), "general+ir", False)
