@@ -29,7 +29,7 @@ def job_argv(argv: list[str], seed: int, arms: str, out: str) -> list[str]:
 
 
 def run_seeds_apart(args, seeds: list[int], argv: list[str]) -> list[str]:
-    """``--jobs``: this command once per seed, each in its own process (arm (a), which has no seed, in
+    """``--jobs``: bench/quality.py once per seed, each in its own process (arm (a), which has no seed, in
     the first only), at most ``args.jobs`` at a time with cores / jobs threads each; returns their records
     for ``merge_records``.  Why: seeds are independent runs, so the report's three need not take three
     times one seed's wall time (docs/benchmarks.md has the cost)."""

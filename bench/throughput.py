@@ -66,9 +66,11 @@ def step_child(arm: str, base: str, queries: int, negatives: int, steps: int, ds
     """One arm: the trainer's stage-2 session (``Session``: DeepSpeed engine, fp32, gradient checkpointing,
     the trainer's AdamW) running the trainer's own optimizer step (``step.optimizer_step``); ``naive``
     swaps the model's scorer for ``naive_score`` and changes nothing else."""
+    import shutil
     import types
 
     from autoregembed.ground import distributed as D
+    from autoregembed.method.batches import to_device
     from autoregembed.run.config import load_config
     from autoregembed.run.session import RunContext, Session
     from autoregembed.run.stages import stages_for
@@ -76,11 +78,12 @@ def step_child(arm: str, base: str, queries: int, negatives: int, steps: int, ds
     from gpu_trainer import ConstantReferences  # bench/gpu_trainer.py
 
     D.init_distributed()
-    cfg = load_config(None, [f"output_dir={tempfile.mkdtemp()}", f"model.base={base}", "model.dtype=fp32",
+    out = tempfile.mkdtemp()
+    cfg = load_config(None, [f"output_dir={out}", f"model.base={base}", "model.dtype=fp32",
                              "model.lora_rank=0", "model.gradient_checkpointing=true", "data.max_text_len=64",
                              "data.max_target_len=64", f"stage2.micro_batch_size={queries}", "stage2.learning_rate=1e-5"])
     st = stages_for(cfg)["stage2"]
-    s = Session(RunContext.of(cfg, ds), st, base, train=True)  # writes nothing under output_dir (no monitor)
+    s = Session(RunContext.of(cfg, ds), st, base, train=True)
     engine, model = s.engine, s.model
     engine.train()  # as the trainer: HF models apply gradient checkpointing only in training mode
     if arm == "naive":
@@ -103,7 +106,7 @@ def step_child(arm: str, base: str, queries: int, negatives: int, steps: int, ds
     _, allocated_peak = peak_allocated_bytes(step)
     # the step's two halves as micro_step runs them: what the scorer changes (forward, loss, backward)
     # and what it does not (the engine's step: AdamW's update, whose temporaries are parameter-sized)
-    on_device = batch  # CPU: optimizer_step's move to the device is the identity
+    on_device = to_device(batch, D.device())  # as optimizer_step moves it
     _, fwd_bwd_peak = peak_allocated_bytes(lambda: engine.backward(loss_fn(engine(on_device), on_device)))
     _, opt_peak = peak_allocated_bytes(engine.step)
     c = batch.candidates
@@ -116,6 +119,7 @@ def step_child(arm: str, base: str, queries: int, negatives: int, steps: int, ds
               "zero_stage": s.ds["zero_optimization"]["stage"]}
     s.close()
     D.shutdown()
+    shutil.rmtree(out)
     return result
 
 
