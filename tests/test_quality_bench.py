@@ -165,8 +165,8 @@ def test_job_argv_replaces_only_the_per_child_options():
 def test_the_throughput_benchmarks_step_is_the_trainers_and_its_arms_score_alike(tiny_base):
     """bench/throughput.py's measured step, each arm in its own process on the tiny base: the trainer's
     session and optimizer step (ZeRO-3 as users run it), the naive arm only replacing the model's scorer
-    by full logits, so both arms' first loss is the same number and only naive holds the logits; a change to the model's methods must not
-    stop the benchmark (it once did, silently)."""
+    by full logits, so both arms' first loss is the same number and only naive holds the logits; a change
+    to the model's methods must not stop the benchmark (it once did, silently)."""
     got = {}
     for arm in ("ours", "naive"):
         r = run_child([os.path.join(ROOT, "bench", "throughput.py"), "--child", arm, tiny_base, "2", "2", "1"])
