@@ -287,19 +287,58 @@ def test_one_key_of_a_stage_section_keeps_its_defaults_through_training_and_expo
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+ZERO_EMBEDDINGS = """
+from transformers.models.llama import modeling_llama
+modeling_llama.LlamaRMSNorm.forward = lambda self, x: x * 0  # every normalised state, the last one too, is zero
+"""
+
+
 def test_a_dead_model_is_never_exported_and_its_checkpoint_is_kept(tmp_path):
-    """lr 1e3 without clipping zeroes every embedding: the run stops with one line and exit 2 instead of
-    exporting a model that scores NaN, and the checkpoint stays for a look."""
+    """A model whose embeddings are all zero (made so by a patch: lr 1e3 did it on one machine and not on
+    another) scores NaN: the run stops with one line and exit 2 instead of exporting it, and the checkpoint
+    stays for a look."""
     out = str(tmp_path / "run")
-    r = _train(out, "stage1.max_steps=10", "stage1.learning_rate=1e3", "stage1.warmup_steps=0",
-               "stage1.gradient_clipping=0", "model.shared_prefix_steps=2")
+    r = _train(out, "stage1.max_steps=10", "model.shared_prefix_steps=2", script=patched_train(tmp_path, ZERO_EMBEDDINGS))
     assert r.returncode == 2, r.stderr[-3000:]
     err = [line for line in r.stderr.splitlines() if line.startswith("autoregembed: error:")]
     assert len(err) == 1 and "Traceback" not in r.stderr
     assert "stage1: the trained model is dead (8 of 8 probe texts embed as all-zero vectors); not exported" in err[0]
-    assert "lower stage1.learning_rate (now 1000)" in err[0]
+    assert "lower stage1.learning_rate (now 0.001)" in err[0]
     assert not os.path.exists(os.path.join(out, "stage1", "model"))
     assert _listing(out) == ["latest", "step00000010"]
+
+
+INF_GRADIENTS_FROM_STEP_3 = """
+import torch
+from autoregembed.method.losses import CompressionLoss
+real, calls = CompressionLoss.__call__, []
+
+class InfGrad(torch.autograd.Function):  # the loss as it is; its gradient non-finite
+    forward = staticmethod(lambda ctx, x: x.clone())
+    backward = staticmethod(lambda ctx, g: g * float("inf"))
+
+def call(self, out, batch):
+    calls.append(1)
+    loss = real(self, out, batch)
+    return InfGrad.apply(loss) if len(calls) >= 3 else loss
+CompressionLoss.__call__ = call
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_steps_skipped_for_non_finite_gradients_stop_the_stage_instead_of_exporting(tmp_path, dtype):
+    """ZeRO skips an update whose gradients are non-finite and the loss stays finite: at fp32 and bf16 (no
+    loss scaler) the stage stopped training in silence and exported with exit 0.  Now it stops at the next
+    flush with one line naming the first skipped step, and exports nothing."""
+    out = str(tmp_path / "run")
+    r = _train(out, "stage1.max_steps=8", "stage1.log_every=4", "model.shared_prefix_steps=2", f"model.dtype={dtype}",
+               script=patched_train(tmp_path, INF_GRADIENTS_FROM_STEP_3))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("autoregembed: error:")]
+    assert len(err) == 1 and "Traceback" not in r.stderr
+    assert "stage1: gradients were non-finite from step 3 (2 of 4 steps skipped" in err[0], err[0]
+    assert "lower stage1.learning_rate (now 0.001) or set stage1.gradient_clipping" in err[0]
+    assert not os.path.exists(os.path.join(out, "stage1", "model"))
 
 
 STOP_IN_EVAL = """

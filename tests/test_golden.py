@@ -1,5 +1,5 @@
-"""The first stage-1 and stage-2 losses of the built-in tiny default, pinned: on one rank and on two
-ZeRO-3 ranks.  A change that moves them changes what the default job computes; if that is
+"""The first stage-1 and stage-2 losses of the built-in tiny default, pinned (to what CPUs' rounding
+allows: ``RELATIVE``): on one rank and on two ZeRO-3 ranks.  A change that moves them changes what the default job computes; if that is
 intended, say why in the commit and update the numbers (the failure message prints the new ones)."""
 import json
 import os
@@ -18,6 +18,12 @@ GOLDEN = {  # ranks -> (first stage-1 loss, first stage-2 loss); since the measu
     1: (6.434496879577637, 0.9679655432701111),
     2: (6.444971084594727, 1.1026689112186432),
 }
+# The recording machine's numbers; another CPU's kernels (AVX-512 against AVX2) round otherwise, and the
+# default job's chain (500 pretraining steps, the prefix fit, stage 1, the reference scores) carries that
+# into the first losses: measured 2026-12-06 on an AVX-512 machine, stage 1 within 1.7e-4 and stage 2
+# within 5.6e-3 of these (relative), the same code that matched them on the recording machine.  The
+# tolerances are a few times that: a code change that moves what the job computes moves them further.
+RELATIVE = (1e-3, 2e-2)  # stage 1, stage 2
 
 
 def _first_losses(out: str) -> tuple[float, float]:
@@ -40,4 +46,5 @@ def test_first_losses_of_the_default_job(tmp_path, ranks):
                if line.strip() and not line.startswith(("[autoregembed]", "[W"))]
     assert len(foreign) <= 3, foreign
     got = _first_losses(out)
-    assert got == pytest.approx(GOLDEN[ranks], rel=1e-4), f"first losses on {ranks} rank(s): {got}"
+    for loss, golden, rel in zip(got, GOLDEN[ranks], RELATIVE):
+        assert loss == pytest.approx(golden, rel=rel), f"first losses on {ranks} rank(s): {got}"

@@ -99,6 +99,33 @@ def _set_aside_earlier_run(layout: Layout, stage: str):
     D.barrier()
 
 
+class SkippedUpdates:
+    """The optimizer steps DeepSpeed skipped because a gradient was non-finite (its overflow check, which
+    ZeRO runs at every precision).  Under fp16 its loss scaler skips a few steps on purpose while it finds
+    its scale; at fp32 or bf16 a skipped step is a model that stopped training while its loss still looks
+    finite (lr 1e3 ran all but its first step that way and exported with exit 0), so the stage stops.
+    ``after`` reads a host counter (no GPU wait); ``check`` runs where the loss's finite check runs."""
+
+    def __init__(self, engine, ds: dict):
+        self.engine, self.start, self.first = engine, engine.skipped_steps, None
+        self.scaled = ds.get("fp16", {}).get("enabled") is True
+        self.steps = 0
+
+    def after(self, step: int):
+        self.steps += 1
+        if self.first is None and self.engine.skipped_steps > self.start:
+            self.first = step
+
+    def check(self, stage: str, learning_rate: float, ckpt_dir: str):
+        if self.first is None or self.scaled:
+            return
+        raise TrainingDiverged(
+            f"{stage}: gradients were non-finite from step {self.first} ({self.engine.skipped_steps - self.start} of "
+            f"{self.steps} steps skipped by DeepSpeed's overflow check): the model is not training; lower "
+            f"{stage}.learning_rate (now {learning_rate:g}) or set {stage}.gradient_clipping, and start the stage "
+            f"again (any checkpoints so far are in {ckpt_dir})")
+
+
 @dataclasses.dataclass(frozen=True)
 class StageResult:
     """How a stage ended.  ``done``: it ran to the end and wrote ``artifact`` (an export, a score
@@ -183,9 +210,11 @@ def train_stage(ctx: RunContext, st, resume: bool = False) -> StageResult:
         prompts = {"query": ev.query_instruction or ev.instruction, "document": ev.document_instruction or ev.instruction}
         best = KeepBest(ev.keep_best_key, stage_dir, start) if ev.keep_best else None
         flush_every = min(o.log_every, preemption.CHECK_EVERY)
+        skips = SkippedUpdates(s.engine, s.ds)
         for step in range(start, end):
             tokens = 0
             loss = optimizer_step(s.engine, this_step(), loss_fn, online)
+            skips.after(step + 1)
             extra, t_extra = {}, time.time()
             if probe is not None and ((step + 1) % o.log_every == 0 or step + 1 == end):
                 with torch.no_grad():
@@ -211,7 +240,8 @@ def train_stage(ctx: RunContext, st, resume: bool = False) -> StageResult:
             if diverged is not None:
                 raise TrainingDiverged(f"{stage}: loss is {diverged['loss']} at step {diverged['step']}: training "
                                        f"diverged; lower {stage}.learning_rate (now {o.learning_rate:g}) and start "
-                                       f"the stage again (checkpoints so far are in {ckpt_dir})")
+                                       f"the stage again (any checkpoints so far are in {ckpt_dir})")
+            skips.check(stage, o.learning_rate, ckpt_dir)
             for record in records:
                 watch.update(record)
             stop = stop and step + 1 < end
