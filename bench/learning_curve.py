@@ -111,7 +111,10 @@ def plot(table: dict, path: str):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("labelled triplets")
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # e.g. --no-retrieval runs
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
