@@ -1,6 +1,7 @@
 """The first stage-1 and stage-2 losses of the built-in tiny default, pinned (to what CPUs' rounding
-allows: ``RELATIVE``): on one rank and on two ZeRO-3 ranks.  A change that moves them changes what the default job computes; if that is
-intended, say why in the commit and update the numbers (the failure message prints the new ones)."""
+allows: ``RELATIVE``): on one rank and on two ZeRO-3 ranks.  A change that moves them changes what the
+default job computes; if that is intended, say why in the commit and update the numbers (the failure
+message prints the new ones)."""
 import json
 import os
 
