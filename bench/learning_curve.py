@@ -53,7 +53,11 @@ def records_by_size(results: str, sizes: list[int]) -> dict[int, list[str]]:
 
 
 def recorded_seeds(paths: list[str]) -> set[str]:
-    return {s for p in paths for s in json.load(open(p))["settings"]["seeds"].split(",")}
+    seeds = set()
+    for path in paths:
+        with open(path) as f:
+            seeds.update(json.load(f)["settings"]["seeds"].split(","))
+    return seeds
 
 
 def run_size(size: int, seeds: list[str], args, extra: list[str]):
@@ -134,7 +138,8 @@ def main():
         todo = [s for s in args.seeds.split(",") if s not in recorded_seeds(records_by_size(args.results, [size])[size])]
         if todo:
             run_size(size, todo, args, extra)
-    table = curve(records_by_size(args.results, sizes))
+    found = records_by_size(args.results, sizes)
+    table = curve(found)
     if not table:
         sys.exit(f"no report records of arms b and d at sizes {args.sizes} in {args.results}/quality_runs")
     for n in sorted(table):
@@ -142,11 +147,12 @@ def main():
             m = table[n][letter]
             cells = [f"{k} {v['mean']} ± {v['std']} ({len(v['per_seed'])} seeds)" for k, v in m.items() if v]
             print(f"  {n:5d} triplets  {name:<28} " + ", ".join(cells))
-    for line in crossings(table):
+    lines = crossings(table)
+    for line in lines:
         print("  " + line)
     atomic_write_text(os.path.join(args.results, "curve.json"),
-                      json.dumps({"sizes": {str(n): v for n, v in table.items()}, "crossings": crossings(table),
-                                  "records": {str(n): p for n, p in records_by_size(args.results, sizes).items()}},
+                      json.dumps({"sizes": {str(n): v for n, v in table.items()}, "crossings": lines,
+                                  "records": {str(n): p for n, p in found.items()}},
                                  indent=2))
     plot(table, os.path.join(args.results, "curve.png"))
     print(f"wrote {args.results}/curve.json and curve.png")

@@ -181,13 +181,14 @@ def main():
     record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
     sts = dev_halves(args.out)[args.split]
     read_sts(sts)
-    documents = ([t for d in quality_retrieval.collections(args.split).values() for t in d.corpus.values()]
-                 if args.stage1_corpus == "general+ir" else [])  # the split's collections, as scored
+    adapts = args.stage1_corpus == "general+ir"  # stage 1 also reads the split's collections, as scored
+    collections = quality_retrieval.collections(args.split) if adapts or not args.no_retrieval else {}
+    documents = [t for d in collections.values() for t in d.corpus.values()] if adapts else []
     s1 = stage1_file(os.path.join(args.out, "stage1.jsonl"), args.stage1_corpus, args.stage1_entailment,
                      args.stage1_instruction, documents=documents)
     s2 = stage2_file(os.path.join(args.out, "stage2.jsonl"), args.nli_rows,
                      None if args.row_instructions else INSTRUCTION)
-    ir_sets = {} if args.no_retrieval else quality_retrieval.collections(args.split)
+    ir_sets = {} if args.no_retrieval else collections
     scores = {}  # arm name -> {seed: sts_eval dict, with "retrieval": {collection: metrics} when ir_sets}
     timings = {}
     D.init_distributed()

@@ -45,27 +45,21 @@ def _rows(n_queries: int, negatives: int):
     return [{**r, "neg": [nli[(i + j) % len(nli)]["pos"] for j in range(negatives)]} for i, r in enumerate(nli[:n_queries])]
 
 
-def naive_score(model, compressed, target_ids, target_mask, n_scored=None):
-    """The authors' scoring: the decoder's full logits -> log_softmax -> gather, summed per row (the
-    model's ``score`` with its LM-head scorer replaced; same inputs, shared prefix and decoder BOS)."""
+def naive_head(head, hidden, labels, n_scored=None):
+    """The authors' scoring of the decoder's hidden states: full logits over every position ->
+    log_softmax -> gather, summed per row (``model.LogprobHead.forward`` with the scorer backend replaced;
+    the decoder pass before it is the model's own)."""
     import torch
 
-    from autoregembed.method.shared_prefix import with_shared_prefix
-    from autoregembed.method.tokenization import decoder_layout
-
-    compressed = with_shared_prefix(compressed, model.shared_prefix)
-    lay = decoder_layout(target_ids, target_mask, compressed.shape[1], model.decoder_bos_id)
-    tok = model.decoder.get_input_embeddings()(lay.ids)
-    x = torch.cat([tok[:, : lay.n_bos], compressed.to(tok.dtype), tok[:, lay.n_bos :]], 1)
-    logits = model.decoder(inputs_embeds=x, attention_mask=lay.attention_mask).logits
-    lp = torch.log_softmax(logits.float(), -1).gather(2, lay.labels.clamp(min=0)[..., None])[..., 0]
-    return (lp * (lay.labels != -100)).sum(1)
+    logits = (hidden @ head.weight.T).float()  # [sequences, tokens, vocab]: what the scorer never forms
+    lp = torch.log_softmax(logits, -1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
+    return (lp * (labels != -100)).sum(1)
 
 
 def step_child(arm: str, base: str, queries: int, negatives: int, steps: int, ds: str) -> dict:
     """One arm: the trainer's stage-2 session (``Session``: DeepSpeed engine, fp32, gradient checkpointing,
     the trainer's AdamW) running the trainer's own optimizer step (``step.optimizer_step``); ``naive``
-    swaps the model's scorer for ``naive_score`` and changes nothing else."""
+    swaps the LM head's scoring for ``naive_head`` and changes nothing else."""
     import shutil
     import types
 
@@ -87,7 +81,7 @@ def step_child(arm: str, base: str, queries: int, negatives: int, steps: int, ds
     engine, model = s.engine, s.model
     engine.train()  # as the trainer: HF models apply gradient checkpointing only in training mode
     if arm == "naive":
-        model.score = types.MethodType(naive_score, model)
+        model.head.forward = types.MethodType(naive_head, model.head)
     batch = st.make_batch(_rows(queries, negatives), s.text_encoder, ConstantReferences())
     loss_fn = st.loss()
 
