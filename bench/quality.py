@@ -26,6 +26,10 @@ Arms (same base model, same instruction, same pooling unless stated):
   (e) (d) with in-batch negatives: every other row's positive and negative are negatives too,
       reference scores online (the stage-2 model with its adapters disabled)
   (f) (d) as the authors train it: full fine-tune (no LoRA) at ``--full-ft-lr``
+  (g) (b) after an unsupervised phase on stage 1's raw text (``--stage1-corpus``): InfoNCE on two
+      independent crops of a text (quality_data.crop_pairs_file), stage 1's steps at (b)'s rate and
+      batch, then (b)'s recipe from that model; the contrastive counterpart of (c)->(d), so that
+      ``--arms bdg --stage1-corpus general+ir`` asks what in-domain raw text gives each method
 Stages (c)-(f) run through the trainer users run (DeepSpeed, one process), with the trainer's
 default stage-1 initialisation (decoder_scale.py) unless --no-decoder-scale, and with the decoder
 reading its BOS before the compressed tokens (model.decoder_bos) unless --no-decoder-bos.  (b) and
@@ -51,7 +55,7 @@ import torch.nn.functional as F
 
 import quality_retrieval  # bench/quality_retrieval.py, beside this script
 from harness import ROOT, commit  # bench/harness.py, beside this script
-from quality_data import AUTOENCODE, INSTRUCTION, K, dev_halves, stage1_file, stage2_file
+from quality_data import AUTOENCODE, INSTRUCTION, K, crop_pairs_file, dev_halves, stage1_file, stage2_file
 from quality_jobs import fresh_scratch, run_seeds_apart
 from quality_record import ARM_NAMES, merge_records, publish, run_record
 from quality_stage1_cache import cached_stage1, run_stage
@@ -111,7 +115,8 @@ def main():
     ap.add_argument("--stage1-entailment", action="store_true", help="mix premise -> entailed hypothesis rows into stage 1")
     ap.add_argument("--stage1-steps", type=int, default=150)
     ap.add_argument("--stage2-steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=16, help="stage-1 rows per step; stage 2 and (b) take half as many triplets")
+    ap.add_argument("--batch", type=int, default=16,
+                    help="stage-1 rows per step; stage 2 and (b) take half as many triplets")
     ap.add_argument("--nli-rows", type=int, default=240, help="NLI triplets (b) and (d)-(f) train on")
     ap.add_argument("--row-instructions", action="store_true",
                     help="(b) and (d)-(f) train with the NLI rows' own instruction, not the evaluation's")
@@ -178,7 +183,8 @@ def main():
     scratch = fresh_scratch(args.out)  # held until the process exits
     commit_id = commit()  # the code this process runs: HEAD may move while it does
     os.makedirs(os.path.join(args.results, "quality_runs"), exist_ok=True)
-    record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{stamp}-{os.getpid()}.json")
     sts = dev_halves(args.out)[args.split]
     read_sts(sts)
     adapts = args.stage1_corpus == "general+ir"  # stage 1 also reads the split's collections, as scored
@@ -235,15 +241,26 @@ def main():
                   f"output_dir={out}-inbatch"],
             "f": ["model.lora_rank=0", f"stage2.learning_rate={args.full_ft_lr}", f"output_dir={out}-fullft"],
         }
-        if "b" in args.arms:
-            # the product's objective (loss.kind=infonce) trained by stage 2 from the base itself
-            cfg_b = load_config(None, [o for o in common if not o.startswith("loss.detach_positive=")] + [
-                f"seed={seed}", f"output_dir={out}-infonce", f"paths.stage1_model={base}", "loss.kind=infonce",
-                "model.lora_rank=0", f"stage2.max_steps={contrastive_steps}",
-                f"stage2.learning_rate={args.contrastive_lr}", "stage2.warmup_steps=10"])
-            c_dir = timed(f"train (b) seed {seed}", lambda: run_stage(cfg_b, "stage2", ds).artifact)
-            first_last[f"(b) seed {seed}"] = _first_last(cfg_b, "stage2")
-            scored(ARM_NAMES["b"][0], seed, lambda: Encoder.from_pretrained(c_dir))
+        def contrastive(start: str, out_dir: str, steps: int, *extra: str):
+            """The product's objective (loss.kind=infonce) trained by stage 2 from ``start``, full fine-tune."""
+            return load_config(None, [o for o in common if not o.startswith("loss.detach_positive=")] + [
+                f"seed={seed}", f"output_dir={out_dir}", f"paths.stage1_model={start}", "loss.kind=infonce",
+                "model.lora_rank=0", f"stage2.max_steps={steps}", f"stage2.learning_rate={args.contrastive_lr}",
+                "stage2.warmup_steps=10", *extra])
+
+        b_starts = {"b": base}
+        if "g" in args.arms:  # (g)'s unsupervised phase: its start for (b)'s recipe
+            crops = crop_pairs_file(os.path.join(args.out, f"crops-seed{seed}.jsonl"), s1,
+                                    args.stage1_steps * (args.batch // 2), seed)
+            cfg_u = contrastive(base, f"{out}-crops", args.stage1_steps, f"data.stage2={crops}")
+            b_starts["g"] = timed(f"train (g) unsupervised seed {seed}", lambda: run_stage(cfg_u, "stage2", ds).artifact)
+            first_last[f"(g) unsupervised seed {seed}"] = _first_last(cfg_u, "stage2")
+        for letter, start in b_starts.items():
+            if letter in args.arms:
+                cfg_b = contrastive(start, f"{out}-infonce" + ("-crops" if letter == "g" else ""), contrastive_steps)
+                b_dir = timed(f"train ({letter}) seed {seed}", lambda: run_stage(cfg_b, "stage2", ds).artifact)
+                first_last[f"({letter}) seed {seed}"] = _first_last(cfg_b, "stage2")
+                scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(b_dir))
         if set(args.arms) & set("cdef"):
             stage1_dir = timed(f"train (c) seed {seed}", lambda: cached_stage1(cfg, ds, base, args.stage1_cache))
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")

@@ -40,7 +40,7 @@ def stage1_file(path: str, corpus: str, entailment: bool, instruction: str = AUT
     if corpus == "general+ir":
         if not documents:
             raise SystemExit("--stage1-corpus general+ir: no retrieval collection under ../shared/data/ir")
-        sents = list(documents) + sents
+        sents = [d for d in documents if d.strip()] + sents  # Cranfield holds two empty documents
     if corpus == "general+stsb":
         with open(os.path.join(SHARED, "stsb", "sts-train.csv"), encoding="utf-8") as f:
             sts = [r[c] for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if len(r) >= 7 for c in (5, 6)]
@@ -60,6 +60,42 @@ def stage2_file(path: str, n_rows: int, instruction: str | None) -> str:
     rows = _nli_rows()[:n_rows]
     write_jsonl(path, [{**r, "instruction": instruction or r["instruction"]} for r in rows])
     return path
+
+
+CROP = (0.1, 0.5)  # Contriever's independent cropping: each view keeps 10-50% of the text's words,
+MIN_CROP = 5  # but 5 at least (all of a shorter text): a one-word view of an NLI sentence says nothing
+
+
+def crop_pairs_file(path: str, stage1_rows: str, n_rows: int, seed: int, instruction: str = INSTRUCTION) -> str:
+    """Unsupervised contrastive rows from stage 1's raw text (arm (g)): two independent random crops of
+    one text as query and positive, a crop of another text as the hard negative (stage 2's rows need
+    one; the other rows' documents are the in-batch negatives).  Crops stand in for SimCSE's dropout
+    positive because SmolLM2 has no dropout.  ``n_rows`` rows, texts drawn in a ``seed``-shuffled cycle."""
+    texts = [r["output"] for r in load_rows(stage1_rows, stage=1)]
+    if len(texts) < 2:
+        raise SystemExit(f"{stage1_rows}: arm (g) needs at least two stage-1 texts, got {len(texts)}")
+    rng = random.Random(seed)
+    order = []
+    while len(order) < n_rows:
+        order += rng.sample(range(len(texts)), len(texts))
+    rows = []
+    for i in order[:n_rows]:
+        other = rng.randrange(len(texts) - 1)
+        other += other >= i  # any text but i
+        rows.append({"query": crop(texts[i], rng), "pos": crop(texts[i], rng), "neg": [crop(texts[other], rng)],
+                     "instruction": instruction})
+    write_jsonl(path, rows)
+    return path
+
+
+def crop(text: str, rng: random.Random) -> str:
+    """A contiguous span of ``text``'s words, its length a uniform share of them in ``CROP`` (``MIN_CROP``
+    words at least, every word of a shorter text)."""
+    words = text.split()
+    lo, hi = (min(len(words), max(MIN_CROP, round(f * len(words)))) for f in CROP)
+    n = rng.randint(lo, hi)
+    start = rng.randint(0, len(words) - n)
+    return " ".join(words[start : start + n])
 
 
 def dev_halves(out_dir: str) -> dict:

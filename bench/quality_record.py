@@ -19,7 +19,8 @@ from autoregembed.ground.atomic import atomic_write_text
 
 ARM_NAMES = {"a": ["(a) base, mean of EMBED states", "(a) base, PromptEOL last token", "(a) BM25 (lexical)"],
              "b": ["(b) contrastive (InfoNCE)"], "c": ["(c) stage 1 only"], "d": ["(d) stage 1 + stage 2"],
-             "e": ["(e) (d) + in-batch negatives"], "f": ["(f) (d) full fine-tune"]}
+             "e": ["(e) (d) + in-batch negatives"], "f": ["(f) (d) full fine-tune"],
+             "g": ["(g) (b) after InfoNCE on stage 1's text"]}
 
 
 def run_record(args, base, commit, scores, timings, first_last, gaps) -> dict:

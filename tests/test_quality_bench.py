@@ -319,10 +319,11 @@ def test_learning_curve_pools_each_sizes_seeds_and_says_where_b_at_2n_reaches_d_
 
 def test_stage1_on_the_collections_documents_adds_them_as_autoencoding_rows_and_nothing_else(tmp_path, monkeypatch):
     """--stage1-corpus general+ir (stage 1 as domain adaptation): every document becomes an autoencoding
-    row beside the NLI sentences; no query and no judgment enters; without documents it refuses."""
+    row beside the NLI sentences (a blank one left out: a row needs text); no query and no judgment
+    enters; without documents it refuses."""
     qd = bench_module("quality_data")
     monkeypatch.setattr(qd, "_nli_rows", lambda: [{"query": "q1", "pos": "p1", "neg": ["n1"], "instruction": "i"}])
-    path = qd.stage1_file(str(tmp_path / "s1.jsonl"), "general+ir", False, documents=["doc one", "doc two", "p1"])
+    path = qd.stage1_file(str(tmp_path / "s1.jsonl"), "general+ir", False, documents=["doc one", " ", "doc two", "p1"])
     rows = [json.loads(line) for line in open(path)]
     assert [r["output"] for r in rows] == ["doc one", "doc two", "p1", "q1", "n1"]  # each text once
     assert all(r["context"] == r["output"] and r["instruction"] == qd.AUTOENCODE for r in rows)
@@ -330,3 +331,36 @@ def test_stage1_on_the_collections_documents_adds_them_as_autoencoding_rows_and_
                                                                      documents=["doc one"])))] == ["q1", "p1", "n1"]
     with pytest.raises(SystemExit, match="general\\+ir: no retrieval collection"):
         qd.stage1_file(str(tmp_path / "none.jsonl"), "general+ir", False)
+
+
+def test_crop_pairs_are_two_spans_of_one_text_and_a_span_of_another(tmp_path):
+    """Arm (g)'s unsupervised rows: query and positive are contiguous word spans of the same stage-1 text
+    (10-50% of its words, 5 at least), the negative a span of a different text; as many rows as asked,
+    every text used before any repeats, and the same file for the same seed."""
+    qd = bench_module("quality_data")
+    texts = [" ".join(f"t{i}w{j}" for j in range(n)) for i, n in enumerate((40, 3, 100, 12))]
+    s1 = tmp_path / "s1.jsonl"
+    s1.write_text("".join(json.dumps({"context": t, "instruction": "r", "output": t}) + "\n" for t in texts))
+    rows = [json.loads(line) for line in open(qd.crop_pairs_file(str(tmp_path / "c.jsonl"), str(s1), 10, seed=3))]
+    assert len(rows) == 10 and {r["instruction"] for r in rows} == {qd.INSTRUCTION}
+
+    def source(span):
+        (i,) = {w.split("w")[0] for w in span.split()}  # one text's words only
+        words = texts[int(i[1:])].split()
+        start = words.index(span.split()[0])
+        assert span.split() == words[start : start + len(span.split())]  # contiguous
+        n = len(span.split())
+        assert min(len(words), 5) <= n <= max(5, round(0.5 * len(words))), (span, len(words))
+        return int(i[1:])
+
+    sources = [source(r["query"]) for r in rows]
+    assert sources == [source(r["pos"]) for r in rows]
+    assert all(source(r["neg"][0]) != s for r, s in zip(rows, sources))
+    assert sorted(sources[:4]) == [0, 1, 2, 3]  # a cycle through every text before any repeats
+    assert any(len(r["query"].split()) >= 10 for r in rows)  # long texts give long views
+    again = qd.crop_pairs_file(str(tmp_path / "again.jsonl"), str(s1), 10, seed=3)
+    assert open(again).read() == open(tmp_path / "c.jsonl").read()
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"context": "x", "instruction": "r", "output": "x"}) + "\n")
+    with pytest.raises(SystemExit, match="at least two stage-1 texts"):
+        qd.crop_pairs_file(str(tmp_path / "no.jsonl"), str(one), 3, seed=0)
