@@ -266,8 +266,9 @@ def main():
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")
             gaps[f"stage1 seed {seed}"] = _last_gap(cfg)
             print(f"[quality] stage1 seed {seed}: information gap {gaps[f'stage1 seed {seed}']}", flush=True)
-            # --pooling, not the export's own: a stage 1 from the cache was exported under its first run's
-            scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir, pooling=args.pooling))
+            if "c" in args.arms:  # (d)-(f) alone do not score it again (retrieval: ~15 min an arm)
+                # --pooling, not the export's own: a stage 1 from the cache was exported under its first run's
+                scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir, pooling=args.pooling))
         if set(args.arms) & set("df"):
             timed(f"reference scores seed {seed}", lambda: run_stage(cfg, "reference", ds))
         for letter, extra in stage2_arms.items():
@@ -304,7 +305,8 @@ def _first_last(cfg, stage: str, n: int = 5) -> list[float]:
     """Mean loss of a stage's first and last ``n`` steps (from its metrics.jsonl)."""
     with open(os.path.join(cfg.layout.stage_dir(stage), "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f]
-    return [round(sum(losses[:n]) / n, 4), round(sum(losses[-n:]) / n, 4)]
+    first, last = losses[:n], losses[-n:]
+    return [round(sum(first) / len(first), 4), round(sum(last) / len(last), 4)]
 
 
 def _last_gap(cfg) -> dict:

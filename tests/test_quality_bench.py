@@ -364,3 +364,23 @@ def test_crop_pairs_are_two_spans_of_one_text_and_a_span_of_another(tmp_path):
     one.write_text(json.dumps({"context": "x", "instruction": "r", "output": "x"}) + "\n")
     with pytest.raises(SystemExit, match="at least two stage-1 texts"):
         qd.crop_pairs_file(str(tmp_path / "no.jsonl"), str(one), 3, seed=0)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "nli")),
+                    reason="../shared/data (the benchmark's NLI and STS-B files) is not beside the checkout")
+def test_the_quality_benchmark_scores_the_arms_asked_and_g_starts_from_its_crops_phase(tmp_path, default_tiny_base):
+    """bench/quality.py end to end on the tiny base: arms (b), (d), (g) train through the trainer and are
+    scored; (c) is trained for (d) but not scored (its retrieval costs ~15 min an arm); (g)'s InfoNCE
+    phase starts from its crops phase's model, so its first losses differ from (b)'s on the same rows."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    r = run_child([os.path.join(ROOT, "bench", "quality.py"), "--split", "report", "--arms", "bdg", "--seeds", "1",
+                   "--base", default_tiny_base, "--stage1-steps", "2", "--stage2-steps", "2", "--no-retrieval",
+                   "--out", str(out), "--results", str(results), "--stage1-cache", ""], timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (path,) = (results / "quality_runs").glob("report-*.json")
+    record = json.loads(path.read_text())
+    assert set(record["spearman_x100"]) == {B, "(d) stage 1 + stage 2", quality_record.ARM_NAMES["g"][0]}
+    losses = record["loss_first_last"]
+    assert {"(b) seed 1", "(g) unsupervised seed 1", "(g) seed 1", "stage1 seed 1"} <= set(losses)
+    assert losses["(g) seed 1"][0] != losses["(b) seed 1"][0]
+    assert (out / "crops-seed1.jsonl").read_text().count("\n") == 2 * 8  # stage 1's steps x (b)'s triplets a step
