@@ -206,14 +206,19 @@ def main():
         print(f"[quality] {name}: {value if not isinstance(value, tuple) else value[0]} ({timings[name]} s)", flush=True)
         return value
 
+    def write_record():
+        record = run_record(args, base, commit_id, scores, timings, first_last, gaps)
+        atomic_write_text(record_path, json.dumps(record, indent=2))
+
     def scored(arm, seed, encoder_fn):  # the arm's losses are in first_last before this writes the record
         encoder = encoder_fn()
         r = timed(f"eval {arm} seed {seed}", lambda: sts_eval(encoder, sts, show_progress_bar=False))
+        scores.setdefault(arm, {})[seed] = r
+        write_record()  # STS kept before retrieval's ~15 min (a run stopped there keeps it)
         if ir_sets:
             r["retrieval"] = timed(f"retrieval {arm} seed {seed}",
                                    lambda: quality_retrieval.score(encoder, ir_sets, args.ir_max_len))
-        scores.setdefault(arm, {})[seed] = r
-        atomic_write_text(record_path, json.dumps(run_record(args, base, commit_id, scores, timings, first_last, gaps), indent=2))
+            write_record()
 
     common = overrides(args, base, s1, s2, sts)
     ds = args.deepspeed

@@ -34,8 +34,8 @@ def run_record(args, base, commit, scores, timings, first_last, gaps) -> dict:
             "settings": _settings(vars(args)),
             "spearman_x100": summary({n: {str(s): round(r["spearman"], 2) for s, r in v.items()} for n, v in sts}),
             "mean_pairwise_cosine": {n: {str(s): round(r["mean_cosine"], 4) for s, r in v.items()} for n, v in sts},
-            "retrieval": retrieval_summary({n: {str(s): r["retrieval"] for s, r in v.items()}
-                                             for n, v in ordered if "retrieval" in next(iter(v.values()))}),
+            "retrieval": retrieval_summary({n: {str(s): r["retrieval"] for s, r in v.items() if "retrieval" in r}
+                                             for n, v in ordered if any("retrieval" in r for r in v.values())}),
             "loss_first_last": first_last, "info_gap": gaps, "seconds": timings}
 
 

@@ -70,6 +70,20 @@ def test_retrieval_is_summarised_per_collection_with_their_mean_and_merged_acros
     assert merged["ndcg@10"]["mean"][B] == {"mean": 0.35, "std": 0.0707, "per_seed": {"42": 0.3, "1": 0.4}}
 
 
+def test_a_record_written_between_an_arms_sts_and_its_retrieval_keeps_both_seeds_sts(tmp_path):
+    """bench/quality.py writes its record after each arm's STS and again after its retrieval: a seed
+    scored on STS alone sits beside one with retrieval (a run stopped mid-retrieval keeps its STS)."""
+    import argparse
+
+    args = argparse.Namespace(deepspeed=os.path.join(ROOT, "ds_configs", "zero2.json"), base=None, split="report",
+                              seeds="42,1", arms="b")
+    ir = {"cranfield": {"ndcg@10": 0.2, "recall@100": 0.5}}
+    scores = {B: {42: {"spearman": 78.0, "mean_cosine": 0.1, "retrieval": ir}, 1: {"spearman": 80.0, "mean_cosine": 0.2}}}
+    record = quality_record.run_record(args, "m", "c0ffee", scores, {}, {}, {})
+    assert record["spearman_x100"][B]["per_seed"] == {"42": 78.0, "1": 80.0}
+    assert record["retrieval"]["ndcg@10"]["cranfield"][B]["per_seed"] == {"42": 0.2}
+
+
 def test_bm25_ranks_by_shared_words_rare_words_first():
     """BM25 on five documents: the one holding both query words first, then the one holding the rarer word,
     then the one holding the commoner; the words lowercased and split at punctuation."""
