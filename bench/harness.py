@@ -17,6 +17,7 @@ The real model: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF insid
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import socket
@@ -38,6 +39,22 @@ def commit() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def package_code_files() -> list[str]:
+    """The source files that train a model: the package's and the kernels'."""
+    return sorted(glob.glob(os.path.join(ROOT, "autoregembed", "**", "*.py"), recursive=True)
+                  + glob.glob(os.path.join(ROOT, "kernels", "*.py")))
+
+
+def package_code_digest() -> str:
+    """Hash of ``package_code_files()`` by path and content: records with the same digest were trained by
+    the same code whatever their commits (a commit that changes only bench/ or docs/ keeps it)."""
+    h = hashlib.sha256()
+    for path in package_code_files():
+        with open(path, "rb") as f:
+            h.update(os.path.relpath(path, ROOT).encode() + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:16]
 
 
 def record_header() -> dict:

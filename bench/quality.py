@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import quality_retrieval  # bench/quality_retrieval.py, beside this script
-from harness import ROOT, commit  # bench/harness.py, beside this script
+from harness import ROOT, commit, package_code_digest  # bench/harness.py, beside this script
 from quality_data import AUTOENCODE, INSTRUCTION, K, crop_pairs_file, dev_halves, stage1_file, stage2_file
 from quality_jobs import fresh_scratch, run_seeds_apart
 from quality_record import ARM_NAMES, merge_records, publish, run_record
@@ -181,7 +181,7 @@ def main():
 
     base = args.base or smollm2_dir()
     scratch = fresh_scratch(args.out)  # held until the process exits
-    commit_id = commit()  # the code this process runs: HEAD may move while it does
+    commit_id, code = commit(), package_code_digest()  # the code this process runs: HEAD may move while it does
     os.makedirs(os.path.join(args.results, "quality_runs"), exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{stamp}-{os.getpid()}.json")
@@ -207,7 +207,7 @@ def main():
         return value
 
     def write_record():
-        record = run_record(args, base, commit_id, scores, timings, first_last, gaps)
+        record = run_record(args, base, commit_id, scores, timings, first_last, gaps, code)
         atomic_write_text(record_path, json.dumps(record, indent=2))
 
     def scored(arm, seed, encoder_fn):  # the arm's losses are in first_last before this writes the record
@@ -285,7 +285,7 @@ def main():
     D.shutdown()
 
     if not args.job_of_jobs:
-        publish(run_record(args, base, commit_id, scores, timings, first_last, gaps), args.results)
+        publish(run_record(args, base, commit_id, scores, timings, first_last, gaps, code), args.results)
     scratch.release()
 
 

@@ -23,13 +23,13 @@ ARM_NAMES = {"a": ["(a) base, mean of EMBED states", "(a) base, PromptEOL last t
              "g": ["(g) (b) after InfoNCE on stage 1's text"]}
 
 
-def run_record(args, base, commit, scores, timings, first_last, gaps) -> dict:
+def run_record(args, base, commit, scores, timings, first_last, gaps, code: str | None = None) -> dict:
     """The run's record: settings, Spearman x100 per arm (mean, std, per seed), retrieval per arm and
-    collection, stage 1's information gap at its last step, timings."""
+    collection, stage 1's information gap at its last step, timings; ``code``: harness.package_code_digest()."""
     model_name = "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
     ordered = sorted(scores.items(), key=lambda kv: _arm_order(kv[0]))
     sts = [(n, v) for n, v in ordered if "spearman" in next(iter(v.values()))]
-    return {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+    return {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": commit, "package_code": code,
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
             "settings": _settings(vars(args)),
             "spearman_x100": summary({n: {str(s): round(r["spearman"], 2) for s, r in v.items()} for n, v in sts}),
@@ -83,8 +83,15 @@ def merge_records(paths: list[str]) -> dict:
     """One record from runs of the same model, split and settings on different seeds (a report run
     split across machines or sessions): the per-seed values are pooled and the means recomputed.
     An arm measured twice for one seed must give the same value (training is seeded and
-    deterministic on CPU), else the merge is refused."""
+    deterministic on CPU), else the merge is refused; so are records trained by different package code
+    (``package_code``; records made before it was kept carry none and are not checked): another code's
+    seed can differ by as much as the margins a table reads, and pooled it would hide that."""
     records = [json.load(open(p)) for p in paths]
+    codes = {r.get("package_code") for r in records} - {None}
+    if len(codes) > 1:
+        by_code = {c: [p for p, r in zip(paths, records) if r.get("package_code") == c] for c in sorted(codes)}
+        sys.exit("records trained by different package code, not merged: "
+                 + "; ".join(f"{c}: {', '.join(ps)}" for c, ps in by_code.items()))
 
     def key(r):
         return r["model"], r["split"], {k: v for k, v in _settings(r["settings"]).items() if k not in ("seeds", "arms")}

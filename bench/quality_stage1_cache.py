@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 
-from harness import ROOT  # bench/harness.py, beside this script
+from harness import ROOT, package_code_files  # bench/harness.py, beside this script
 
 from autoregembed.ground.atomic import atomic_dir
 from autoregembed.run.session import RunContext
@@ -60,8 +60,7 @@ def stage1_key(cfg, ds: str, base: str) -> str:
         settings.pop(name, None)
     settings["data"] = {k: v for k, v in settings["data"].items() if k not in ("stage2", "stage1")}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    code = sorted(glob.glob(os.path.join(ROOT, "autoregembed", "**", "*.py"), recursive=True)
-                  + glob.glob(os.path.join(ROOT, "kernels", "*.py")))
+    code = package_code_files()
     model_files = sorted(p for p in glob.glob(os.path.join(base, "*")) if os.path.isfile(p))
     named = [(os.path.relpath(p, ROOT), p) for p in code] + [(os.path.basename(p), p) for p in model_files]
     for name, path in [("rows", cfg.data.stage1), ("deepspeed", ds), *named]:  # the rows and config by content only

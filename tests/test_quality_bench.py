@@ -108,6 +108,24 @@ def test_merge_refuses_other_settings_and_a_seed_that_scores_differently_twice(t
     assert quality_record.merge_records([one, same])["spearman_x100"][B]["per_seed"] == {"42": 78.0}
 
 
+def test_merge_refuses_seeds_trained_by_other_package_code(tmp_path):
+    """Records carry the digest of the code that trained them (harness.package_code_digest); seeds from
+    two codes are not pooled into one table, records made before the digest was kept are."""
+    def with_code(name, seed, code):
+        path = _record(tmp_path, name, seed, "b", {B: {seed: 78.0}})
+        record = json.load(open(path))
+        record["package_code"] = code
+        open(path, "w").write(json.dumps(record))
+        return path
+
+    one, two, old = with_code("r1", "42", "aaaa"), with_code("r2", "1", "bbbb"), with_code("r3", "2", None)
+    with pytest.raises(SystemExit, match=r"different package code, not merged: aaaa: \S*r1.json; bbbb: \S*r2.json"):
+        quality_record.merge_records([one, two, old])
+    assert quality_record.merge_records([one, old])["spearman_x100"][B]["per_seed"] == {"42": 78.0, "2": 78.0}
+    digest = bench_module("harness").package_code_digest()
+    assert len(digest) == 16 and digest == bench_module("harness").package_code_digest()
+
+
 def test_scratch_is_emptied_under_a_lock_a_second_run_cannot_take(tmp_path):
     out = tmp_path / "quality"
     (out / "seed42" / "stage1").mkdir(parents=True)
