@@ -103,7 +103,8 @@ class PromptEOL:
     encode_query = encode_document = encode  # one prompt for both sides: it has no instructions
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options (bench/learning_curve.py reads the settings a run of its own would record)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)  # --jobs rewrites the command line by option names
     ap.add_argument("--split", choices=("tune", "report"), default="tune",
@@ -160,7 +161,11 @@ def main():
     ap.add_argument("--jobs", type=int, default=1,
                     help="seeds run side by side, each in its own process with cores/jobs threads; one merged table")
     ap.add_argument("--job-of-jobs", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: its parent publishes
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     if args.merge:
         return publish(merge_records(args.merge), args.results)
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

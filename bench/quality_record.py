@@ -57,16 +57,24 @@ def retrieval_summary(per_seed: dict) -> dict:
 
 
 def _settings(options: dict) -> dict:
-    """The options that decide a run's scores; the DeepSpeed config named relative to the checkout, so
-    that records made in different checkouts of the repository compare equal."""
-    kept = {"stage1_contrast": 0.0, "stage1_schedule": "linear", "stage1_lora_rank": 0,  # records before the options existed ran without them
+    """The options that decide a run's scores (not where it writes, nor how many processes ran it); the
+    DeepSpeed config named relative to the checkout, so that records made in different checkouts of the
+    repository compare equal."""
+    # records made before an option existed ran without it
+    kept = {"stage1_contrast": 0.0, "stage1_schedule": "linear", "stage1_lora_rank": 0,
             "stage1_shared_prefix": 0, "stage1_shared_prefix_steps": 100,
             "stage1_instruction": AUTOENCODE, "dtype": "fp32", "pooling": "all",
-            **{k: v for k, v in options.items() if k not in ("out", "results", "split", "merge", "stage1_cache")}}
+            **{k: v for k, v in options.items()
+               if k not in ("out", "results", "split", "merge", "stage1_cache", "jobs", "job_of_jobs")}}
     ds = os.path.abspath(kept["deepspeed"])
     if ds.startswith(ROOT + os.sep):
         kept["deepspeed"] = os.path.relpath(ds, ROOT)
     return kept
+
+
+def comparable(settings: dict) -> dict:
+    """What two records must share to be pooled: their settings less which seeds and arms they ran."""
+    return {k: v for k, v in _settings(settings).items() if k not in ("seeds", "arms")}
 
 
 def _arm_order(name: str) -> int:
@@ -94,7 +102,7 @@ def merge_records(paths: list[str]) -> dict:
                  + "; ".join(f"{c}: {', '.join(ps)}" for c, ps in by_code.items()))
 
     def key(r):
-        return r["model"], r["split"], {k: v for k, v in _settings(r["settings"]).items() if k not in ("seeds", "arms")}
+        return r["model"], r["split"], comparable(r["settings"])
 
     per_seed, cosine, ir, merged = {}, {}, {}, {"seconds": {}, "loss_first_last": {}, "info_gap": {}}
     for path, r in zip(paths, records):

@@ -12,7 +12,7 @@ quality_record = bench_module("quality_record")
 quality_jobs = bench_module("quality_jobs")
 quality_stage1_cache = bench_module("quality_stage1_cache")
 
-B, C = "(b) contrastive (InfoNCE)", "(c) stage 1 only"
+B, C, D = "(b) contrastive (InfoNCE)", "(c) stage 1 only", "(d) stage 1 + stage 2"
 
 
 def _record(tmp_path, name, seeds, arms, scores, deepspeed="ds_configs/zero2.json", **settings):
@@ -187,6 +187,25 @@ def test_jobs_run_each_seed_in_its_own_process_and_collect_the_records(tmp_path,
     assert [p.wait(timeout=10) for p in spawned] == [5, -15]  # the other seed was stopped, not left running
 
 
+def test_jobs_marked_exclusive_of_each_other_never_run_at_once(tmp_path, monkeypatch):
+    """run_apart: two jobs with the same ``exclusive`` run one after the other even with a free slot,
+    which a job without one takes meanwhile; each job's record is returned."""
+    fake = tmp_path / "timed_quality.py"
+    fake.write_text("import json, os, sys, time\n"
+                    "args = sys.argv[1:]\n"
+                    "start = time.time(); time.sleep(1.5)\n"
+                    "path = os.path.join(args[1], 'quality_runs', 'report-x-%d.json' % os.getpid())\n"
+                    "json.dump({'name': args[0], 'span': [start, time.time()]}, open(path, 'w'))\n")
+    monkeypatch.setattr(quality_jobs, "QUALITY", str(fake))
+    os.makedirs(tmp_path / "quality_runs")
+    jobs = [quality_jobs.Job(n, [n, str(tmp_path)], str(tmp_path / n), exclusive=x)
+            for n, x in (("d1", "stage 1 seed 1"), ("d2", "stage 1 seed 1"), ("b1", None))]
+    spans = {r["name"]: r["span"] for r in map(lambda p: json.load(open(p)),
+                                                    quality_jobs.run_apart(jobs, 2, str(tmp_path), "report"))}
+    assert spans["d2"][0] >= spans["d1"][1]  # after d1, not beside it
+    assert spans["b1"][0] < spans["d1"][1]  # b1 took the free slot meanwhile
+
+
 def test_job_argv_replaces_only_the_per_child_options():
     argv = ["--out=x", "--seeds", "1,2", "--stage1-lr", "3e-4", "--arms=abc", "--jobs", "3", "--base", "m"]
     assert quality_jobs.job_argv(argv, 2, "bc", "o") == ["--stage1-lr", "3e-4", "--base", "m", "--seeds", "2",
@@ -328,25 +347,97 @@ def test_without_gguf_the_model_conversion_says_what_to_install_in_one_line(tmp_
     assert not (tmp_path / "cache").exists()
 
 
+def _curve_record(folder, name, size, seed, b=None, d=None, code=None, retrieval=True, **options):
+    """A report record as bench/quality.py writes it for bench/learning_curve.py at ``size`` triplets
+    (its settings: the benchmark's defaults and ``options``), arms (b) and/or (d) on one seed."""
+    learning_curve = bench_module("learning_curve")
+    cli = learning_curve.size_options(size) + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    scores = {n: {seed: x} for n, x in ((B, b), (D, d)) if x is not None}
+    os.makedirs(folder / "quality_runs", exist_ok=True)
+    path = _record(folder / "quality_runs", f"report-{name}", seed,
+                   ("b" if b is not None else "") + ("d" if d is not None else ""), scores)
+    r = json.loads(open(path).read())
+    r["settings"] = {**quality_record._settings(vars(bench_module("quality").parser().parse_args(cli))),
+                     "seeds": seed, "arms": r["settings"]["arms"]}
+    r["package_code"] = code or bench_module("harness").package_code_digest()
+    if retrieval:
+        r["retrieval"] = quality_record.retrieval_summary(
+            {n: {s: {"Cranfield": {"ndcg@10": x / 400, "recall@100": 0.5},
+                     "CISI": {"ndcg@10": x / 300, "recall@100": 0.5}}
+                 for s, x in v.items()}
+             for n, v in scores.items()})
+    open(path, "w").write(json.dumps(r))
+    return path
+
+
 def test_learning_curve_pools_each_sizes_seeds_and_says_where_b_at_2n_reaches_d_at_n(tmp_path):
     """bench/learning_curve.py --plot-only on records as bench/quality.py writes them: per size, the seeds
-    pooled (mean ± std), records at another size's step count left out, and the crossing stated."""
-    D = "(d) stage 1 + stage 2"
-    runs = tmp_path / "quality_runs"
-    runs.mkdir()
-    for name, size, steps, seed, b, d in (("a", 120, 15, "42", 70.0, 75.0), ("b", 120, 15, "1", 72.0, 77.0),
-                                          ("c", 240, 30, "42", 76.0, 80.0), ("d", 240, 30, "1", 76.0, 82.0),
-                                          ("e", 240, 99, "2", 10.0, 10.0)):  # e: not this curve's step count
-        path = _record(tmp_path, name, seed, "bd", {B: {seed: b}, D: {seed: d}}, nli_rows=size, stage2_steps=steps)
-        os.rename(path, runs / f"report-{name}.json")
+    pooled (mean ± std) from the curve's own records and the report table's (arms in separate records
+    count), records of other settings or package code left out, and the crossing stated."""
+    curve_dir, table = tmp_path / "curve", tmp_path / "table"
+    _curve_record(curve_dir, "a", 120, "42", 70.0, 75.0)
+    _curve_record(curve_dir, "b", 120, "1", 72.0, 77.0)
+    _curve_record(table, "c", 240, "42", b=76.0)  # the table's (b) and (d) of one seed, in two records
+    _curve_record(table, "c2", 240, "42", d=80.0)
+    _curve_record(curve_dir, "d", 240, "1", 76.0, 82.0)
+    _curve_record(curve_dir, "e", 240, "2", 10.0, 10.0, stage2_steps=99)  # not this curve's step count
+    _curve_record(table, "f", 240, "2", 11.0, 11.0, stage1_lr=1e-4)  # the table at another setting
+    _curve_record(curve_dir, "g", 240, "7", 12.0, 12.0, code="another")  # trained by other code
     r = run_child([os.path.join(ROOT, "bench", "learning_curve.py"), "--plot-only", "--sizes", "120,240",
-                   "--results", str(tmp_path)])
+                   "--results", str(curve_dir), "--table", str(table)])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert "3 record(s) of arm (b) or (d) at another package code or settings left out" in r.stdout
+    curve = json.loads((curve_dir / "curve.json").read_text())
     assert curve["sizes"]["240"]["b"]["sts"] == {"mean": 76.0, "std": 0.0, "per_seed": {"42": 76.0, "1": 76.0}}
+    assert curve["sizes"]["240"]["d"]["ndcg@10"]["per_seed"] == {"42": round((80 / 400 + 80 / 300) / 2, 4),
+                                                                   "1": round((82 / 400 + 82 / 300) / 2, 4)}
     assert curve["sizes"]["120"]["d"]["sts"]["mean"] == 76.0
-    assert curve["crossings"] == ["sts: (b) at 240 = 76.0 ± 0.0 reaches (d) at 120 = 76.0 ± 1.41"]
-    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert curve["crossings"][0] == "sts: (b) at 240 = 76.0 ± 0.0 reaches (d) at 120 = 76.0 ± 1.41"
+    assert (curve_dir / "curve.png").stat().st_size > 0
+
+
+def test_learning_curve_runs_only_the_points_not_measured_with_the_settings_it_counts(tmp_path):
+    """A point is measured once a record holds its STS and its retrieval on every collection; the jobs
+    for the rest run bench/quality.py with command lines whose recorded settings are the ones counted."""
+    learning_curve = bench_module("learning_curve")
+    _curve_record(tmp_path, "a", 120, "42", b=70.0, d=75.0)
+    _curve_record(tmp_path, "b", 120, "1", b=72.0, retrieval=False)  # stopped before its retrieval
+    code = bench_module("harness").package_code_digest()
+    found = learning_curve.records_by_size([str(tmp_path)], [120, 480], [], code)
+    assert learning_curve.measured(found[120]) == {("b", "42"), ("d", "42")}
+    args = type("Args", (), {"out": str(tmp_path / "out"), "results": str(tmp_path)})
+    jobs = learning_curve.missing_points(found, ["42", "1"], args, ["--stage1-steps", "7"])
+    assert [j.name for j in jobs] == ["120 triplets (d) seed 1", "480 triplets (d) seed 42", "480 triplets (d) seed 1",
+                                      "120 triplets (b) seed 1", "480 triplets (b) seed 42", "480 triplets (b) seed 1"]
+    assert [j.exclusive for j in jobs[:3]] == ["stage 1 seed 1", "stage 1 seed 42", "stage 1 seed 1"]
+    assert {j.exclusive for j in jobs[3:]} == {None}
+    quality = bench_module("quality")
+    want = quality_record.comparable(vars(quality.parser().parse_args(
+        learning_curve.size_options(480) + ["--stage1-steps", "7"])))
+    assert want["stage2_steps"] == 60 and want["nli_rows"] == 480
+    got = quality.parser().parse_args(jobs[1].argv)
+    assert quality_record.comparable(vars(got)) == want and (got.arms, got.seeds) == ("d", "42")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "nli")),
+                    reason="../shared/data (the benchmark's NLI and STS-B files) is not beside the checkout")
+def test_learning_curve_trains_each_point_once_and_a_seeds_later_sizes_read_its_stage_1(tmp_path, default_tiny_base):
+    """bench/learning_curve.py end to end on the tiny base, two points side by side: every (size, arm)
+    of the seed is trained and recorded, (d) at the second size reads stage 1 from the cache the first
+    filled, and a second call finds every point measured and trains nothing."""
+    results, out = tmp_path / "curve", tmp_path / "out"
+    cmd = [os.path.join(ROOT, "bench", "learning_curve.py"), "--sizes", "8,16", "--seeds", "1", "--jobs", "2",
+           "--results", str(results), "--table", "", "--out", str(out), "--base", default_tiny_base,
+           "--stage1-steps", "2", "--no-retrieval", "--stage1-cache", str(tmp_path / "cache")]
+    r = run_child(cmd, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    curve = json.loads((results / "curve.json").read_text())
+    assert set(curve["sizes"]) == {"8", "16"}
+    assert all(set(curve["sizes"][n][a]["sts"]["per_seed"]) == {"1"} for n in ("8", "16") for a in "bd")
+    logs = {n: (out / f"{n}.log").read_text() for n in ("n8-d-seed1", "n16-d-seed1")}
+    assert ["stage 1 from the cache" in log for log in logs.values()] == [False, True]
+    again = run_child(cmd, timeout=120)
+    assert again.returncode == 0 and "[quality]" not in again.stdout  # no job started
 
 
 def test_stage1_on_the_collections_documents_adds_them_as_autoencoding_rows_and_nothing_else(tmp_path, monkeypatch):
