@@ -3,14 +3,17 @@
 Protocol: settings are chosen on a tuning split and the report split is scored only for the final
 settings.  STS-B dev is split by a fixed seeded permutation into two halves: ``--split tune`` scores
 half A (every finished run is appended to bench/results/quality_tuning.jsonl),
-``--split report`` scores half B and writes bench/results/quality.{json,png}.  Each arm runs for every
-seed of ``--seeds`` (its own stage 1 too) and is reported as mean ± standard deviation.  Every run
-keeps its record, rewritten after each scored arm, in bench/results/quality_runs/ (a run cut short
-keeps what it measured); ``--merge`` publishes runs made on separate seeds as one table.
+``--split report`` scores half B and writes bench/results/quality.{json,png} (at the default settings
+only: one canonical table).  Each arm runs for every seed of ``--seeds`` (its own stage 1 too) and is
+reported as mean ± standard deviation.  Every run keeps its record, rewritten after each scored arm, in
+bench/results/quality_runs/ (a run cut short keeps what it measured), and runs only the points (an arm
+at a seed) no record of the same package code and settings holds, then publishes them all as one
+table (``--fresh``: every point again); so a table grows over sessions, and the command that built it
+prints it again without training.  ``--merge`` publishes the records named.
 
     python bench/quality.py --split tune --arms cd --seeds 42             # try a setting on half A
-    python bench/quality.py --split report --arms abcde                   # the table, ~2 h a seed on 2 cores
-    python bench/quality.py --split report --arms abcde --jobs 3          # its seeds side by side, one table
+    python bench/quality.py --split report --arms abcde                   # the table, ~5 h a seed at one thread
+    python bench/quality.py --split report --arms abcde --jobs 2          # a process per point, 2 side by side
     python bench/quality.py --split report --stage1-corpus general+stsb   # the STS-B-text ablation
     python bench/quality.py --split report --arms cd --stage1-corpus general+ir  # stage 1 on the collections' documents
     python bench/quality.py --split tune --arms c --stage1-entailment     # stage 1 beyond autoencoding
@@ -56,8 +59,8 @@ import torch.nn.functional as F
 import quality_retrieval  # bench/quality_retrieval.py, beside this script
 from harness import ROOT, commit, package_code_digest  # bench/harness.py, beside this script
 from quality_data import AUTOENCODE, INSTRUCTION, K, crop_pairs_file, dev_halves, stage1_file, stage2_file
-from quality_jobs import fresh_scratch, run_seeds_apart
-from quality_record import ARM_NAMES, merge_records, publish, run_record
+from quality_jobs import fresh_scratch, plan_jobs, points_left, run_apart
+from quality_record import ARM_NAMES, comparable, kept_records, measured, merge_records, model_name, publish, run_record
 from quality_stage1_cache import cached_stage1, run_stage
 
 from autoregembed.ground import distributed as D
@@ -148,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
                     help="the decoder reads [e_1..e_k ; target] as published (model.decoder_bos=false)")
     ap.add_argument("--no-detach-positive", action="store_true",
                     help="stage 2 back-propagates through c_p = log p(pos|e_pos) as published")
-    ap.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero2.json"),
+    ap.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero2.json"), type=os.path.abspath,
                     help="DeepSpeed config for (c)-(f); on one process ZeRO-2 and ZeRO-3 give the same losses")
     ap.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M-Instruct, bench/harness.py)")
     ap.add_argument("--merge", nargs="+", metavar="RECORD",
@@ -159,22 +162,26 @@ def parser() -> argparse.ArgumentParser:
                     help="stage-1 results kept by what decides them (settings, seed, data, code), so that "
                          "--split report reuses the tuning run's stage 1; '' turns it off")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="seeds run side by side, each in its own process with cores/jobs threads; one merged table")
+                    help="arms and seeds run side by side, a process each with cores/jobs threads; one merged table")
+    ap.add_argument("--fresh", action="store_true",
+                    help="run every asked point again, not only those no record of this code and settings holds")
     ap.add_argument("--job-of-jobs", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: its parent publishes
     return ap
+
+
+def is_canonical(settings: dict) -> bool:
+    """Whether ``settings`` are the benchmark's defaults: only such a table is bench/results/quality.json."""
+    return comparable(settings) == comparable(vars(parser().parse_args(["--split", "report"])))
 
 
 def main():
     args = parser().parse_args()
     if args.merge:
-        return publish(merge_records(args.merge), args.results)
+        merged = merge_records(args.merge)
+        return publish(merged, args.results, canonical=is_canonical(merged["settings"]))
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if args.jobs < 1:
         sys.exit(f"--jobs must be >= 1, got {args.jobs}")
-    if args.jobs > 1 and len(seeds) > 1:
-        scratch = fresh_scratch(args.out)
-        publish(merge_records(run_seeds_apart(args, seeds, sys.argv[1:])), args.results)
-        return scratch.release()
     try:  # the chart is drawn at the very end, BM25 scores the first arm: fail now, not after hours of work
         import bm25s  # noqa: F401
         import matplotlib  # noqa: F401
@@ -184,9 +191,26 @@ def main():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     from harness import smollm2_dir
 
-    base = args.base or smollm2_dir()
-    scratch = fresh_scratch(args.out)  # held until the process exits
+    base = args.base or smollm2_dir()  # converted here once, not by each --jobs child
     commit_id, code = commit(), package_code_digest()  # the code this process runs: HEAD may move while it does
+    kept = [] if args.fresh or args.job_of_jobs else kept_records(args.results, args.split, model_name(args, base),
+                                                                   vars(args), code)
+    plan = points_left(args.arms, seeds, measured(kept, retrieval=not args.no_retrieval))
+    if kept:
+        left = "; ".join(f"({letters}) seed {seed}" for seed, letters in plan.items()) or "nothing"
+        print(f"[quality] {len(kept)} record(s) of this code and these settings in {args.results}/quality_runs; "
+              f"left to run: {left}", flush=True)
+    if not plan:
+        return publish(merge_records(kept), args.results, canonical=is_canonical(vars(args)))
+    jobs = plan_jobs(plan, sys.argv[1:], args.out)
+    if args.jobs > 1 and len(jobs) > 1:
+        scratch = fresh_scratch(args.out)
+        records = run_apart(jobs, args.jobs, args.results, args.split)
+        publish(merge_records(kept + records), args.results, canonical=is_canonical(vars(args)))
+        return scratch.release()
+    scratch = fresh_scratch(args.out)  # held until the process exits
+    args.arms = "".join(dict.fromkeys("".join(plan.values())))  # the record states what this run measured
+    args.seeds = ",".join(str(seed) for seed in plan if seed is not None)
     os.makedirs(os.path.join(args.results, "quality_runs"), exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record_path = os.path.join(args.results, "quality_runs", f"{args.split}-{stamp}-{os.getpid()}.json")
@@ -229,7 +253,7 @@ def main():
     ds = args.deepspeed
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
     first_last, gaps = {}, {}
-    if "a" in args.arms:  # training-free: no seed
+    if None in plan:  # arm (a), training-free: no seed
         # the trainer's floor (eval.compare_base), with every EMBED state averaged as published
         scored(ARM_NAMES["a"][0], None, lambda: Encoder.untrained(base, _meta("base"), dtype=torch.float32))
         scored(ARM_NAMES["a"][1], None, lambda: PromptEOL(base))
@@ -237,7 +261,9 @@ def main():
             scores[ARM_NAMES["a"][2]] = {None: {"retrieval": timed("retrieval BM25", lambda: {
                 n: {k: round(v, 4) for k, v in quality_retrieval.bm25(d).items() if k in quality_retrieval.KEPT}
                 for n, d in ir_sets.items()})}}
-    for seed in seeds:
+    for seed, arms in plan.items():
+        if seed is None:
+            continue
         out = os.path.join(args.out, f"seed{seed}")
         cfg = load_config(None, common + [f"seed={seed}", f"output_dir={out}", f"model.lora_rank={args.stage1_lora_rank}"])
         after = [f"seed={seed}", f"paths.stage1_model={cfg.layout.stage1_model}",
@@ -259,38 +285,39 @@ def main():
                 "stage2.warmup_steps=10", *extra])
 
         b_starts = {"b": base}
-        if "g" in args.arms:  # (g)'s unsupervised phase: its start for (b)'s recipe
+        if "g" in arms:  # (g)'s unsupervised phase: its start for (b)'s recipe
             crops = crop_pairs_file(os.path.join(args.out, f"crops-seed{seed}.jsonl"), s1,
                                     args.stage1_steps * (args.batch // 2), seed)
             cfg_u = contrastive(base, f"{out}-crops", args.stage1_steps, f"data.stage2={crops}")
             b_starts["g"] = timed(f"train (g) unsupervised seed {seed}", lambda: run_stage(cfg_u, "stage2", ds).artifact)
             first_last[f"(g) unsupervised seed {seed}"] = _first_last(cfg_u, "stage2")
         for letter, start in b_starts.items():
-            if letter in args.arms:
+            if letter in arms:
                 cfg_b = contrastive(start, f"{out}-infonce" + ("-crops" if letter == "g" else ""), contrastive_steps)
                 b_dir = timed(f"train ({letter}) seed {seed}", lambda: run_stage(cfg_b, "stage2", ds).artifact)
                 first_last[f"({letter}) seed {seed}"] = _first_last(cfg_b, "stage2")
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(b_dir))
-        if set(args.arms) & set("cdef"):
+        if set(arms) & set("cdef"):
             stage1_dir = timed(f"train (c) seed {seed}", lambda: cached_stage1(cfg, ds, base, args.stage1_cache))
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")
             gaps[f"stage1 seed {seed}"] = _last_gap(cfg)
             print(f"[quality] stage1 seed {seed}: information gap {gaps[f'stage1 seed {seed}']}", flush=True)
-            if "c" in args.arms:  # (d)-(f) alone do not score it again (retrieval: ~15 min an arm)
+            if "c" in arms:  # (d)-(f) alone do not score it again (retrieval: ~15 min an arm)
                 # --pooling, not the export's own: a stage 1 from the cache was exported under its first run's
                 scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir, pooling=args.pooling))
-        if set(args.arms) & set("df"):
+        if set(arms) & set("df"):
             timed(f"reference scores seed {seed}", lambda: run_stage(cfg, "reference", ds))
         for letter, extra in stage2_arms.items():
-            if letter in args.arms:
+            if letter in arms:
                 cfg2 = load_config(None, common + after + extra)
                 model_dir = timed(f"train ({letter}) seed {seed}", lambda: run_stage(cfg2, "stage2", ds).artifact)
                 first_last[f"({letter}) stage 2 seed {seed}"] = _first_last(cfg2, "stage2")
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir, pooling=args.pooling))
     D.shutdown()
+    write_record()  # with BM25's scores, which no scored arm wrote
 
     if not args.job_of_jobs:
-        publish(run_record(args, base, commit_id, scores, timings, first_last, gaps, code), args.results)
+        publish(merge_records(kept + [record_path]), args.results, canonical=is_canonical(vars(args)))
     scratch.release()
 
 

@@ -1,7 +1,7 @@
-"""bench/quality.py runs side by side (its seeds under ``--jobs``, the learning curve's points), and its scratch
-folder under a run lock.
+"""bench/quality.py's points (one arm at one seed): which ones a run has left, a process each side by
+side (``--jobs``), and its scratch folder under a run lock.
 
-Why apart: process fan-out and the lock are bookkeeping that must not fail silently (a failed seed
+Why apart: process fan-out and the lock are bookkeeping that must not fail silently (a failed job
 stops the others and names its log), and they are tested without training anything.
 """
 from __future__ import annotations
@@ -20,15 +20,50 @@ QUALITY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality.py")
 
 class Job(NamedTuple):
     """One bench/quality.py process: its name in messages, its command line, its --out (the log is
-    ``<out>.log``) and ``exclusive``: jobs with the same value never run at the same time (two runs that
-    would train the same uncached stage 1 train it once, the later one reads the cache)."""
+    ``<out>.log``) and the name of a job it starts after (the one that trains or reads their stage 1)."""
     name: str
     argv: list[str]
     out: str
-    exclusive: str | None = None
+    after: str | None = None
 
 
-def job_argv(argv: list[str], seed: int, arms: str, out: str) -> list[str]:
+STAGE1_ARMS = "cdef"  # the arms that read their seed's stage 1
+
+
+def points_left(arms: str, seeds: list[int], done: set[tuple[str, str]]) -> dict:
+    """seed -> the letters of ``arms`` not in ``done`` ((letter, seed) pairs, quality_record.measured)
+    for that seed, and None -> "a" while arm (a), which has no seed, is not; seeds with nothing left
+    are left out."""
+    plan = {None: "a"} if "a" in arms and ("a", "None") not in done else {}
+    for seed in seeds:
+        letters = "".join(x for x in dict.fromkeys(arms) if x != "a" and (x, str(seed)) not in done)
+        if letters:
+            plan[seed] = letters
+    return plan
+
+
+def plan_jobs(plan: dict, argv: list[str], out: str) -> list[Job]:
+    """A process per point of ``plan`` (points_left's).  A seed's first stage-1 arm trains its stage 1 or
+    reads it from the cache, and the seed's other stage-1 arms start after it; then the longer arms
+    first and (a) last, so that processes side by side leave few cores idle."""
+    jobs = []
+    for seed, letters in plan.items():
+        if seed is None:
+            continue
+        first = next((x for x in STAGE1_ARMS if x in letters), None)
+        order = [first] * (first is not None) + [x for x in "bgefd" if x in letters and x != first]
+        order += [x for x in letters if x not in order]
+        for x in order:
+            o = os.path.join(out, f"job-{x}-seed{seed}")
+            after = f"({first}) seed {seed}" if x in STAGE1_ARMS and x != first else None
+            jobs.append(Job(f"({x}) seed {seed}", job_argv(argv, seed, x, o), o, after))
+    if None in plan:
+        o = os.path.join(out, "job-a")
+        jobs.append(Job("(a)", job_argv(argv, "", "a", o), o))
+    return jobs
+
+
+def job_argv(argv: list[str], seed: int | str, arms: str, out: str) -> list[str]:
     """The command line of one ``--jobs`` child: the user's options less --seeds, --arms, --out and
     --jobs (either spelling, ``--opt v`` or ``--opt=v``), then the child's own."""
     drop, kept, skip = {"--seeds", "--jobs", "--out", "--arms"}, [], False
@@ -40,34 +75,21 @@ def job_argv(argv: list[str], seed: int, arms: str, out: str) -> list[str]:
     return [*kept, "--seeds", str(seed), "--arms", arms, "--out", out, "--job-of-jobs"]
 
 
-def run_seeds_apart(args, seeds: list[int], argv: list[str]) -> list[str]:
-    """``--jobs``: bench/quality.py once per seed, each in its own process (arm (a), which has no seed, in
-    the first only); returns their records for ``merge_records``.  Why: seeds are independent runs, so
-    the report's three need not take three times one seed's wall time (docs/benchmarks.md has the cost)."""
-    jobs = []
-    for i, seed in enumerate(seeds):
-        out = os.path.join(args.out, f"job-seed{seed}")
-        arms = args.arms if i == 0 else args.arms.replace("a", "")
-        jobs.append(Job(f"seed {seed}", job_argv(argv, seed, arms, out), out))
-    return run_apart(jobs, args.jobs, args.results, args.split)
-
-
 def run_apart(jobs: list[Job], parallel: int, results: str, split: str) -> list[str]:
-    """Each job in its own process, in order as far as ``Job.exclusive`` allows, at most ``parallel`` at a
+    """Each job in its own process, in order once its ``after`` job has finished, at most ``parallel`` at a
     time with cores / parallel threads each; returns the records they wrote under ``results``.  A failed
     job stops the others and names its log: a half-run table must not look finished."""
     import subprocess
 
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
-    pending, running, records = list(jobs), [], []
+    pending, running, records, finished = list(jobs), [], [], set()
     try:
         while pending or running:
-            busy = {j.exclusive for j, *_ in running}
-            for job in list(pending):
-                if len(running) == parallel or (job.exclusive is not None and job.exclusive in busy):
-                    continue
+            ready = [j for j in pending if j.after is None or j.after in finished]
+            if pending and not ready and not running:
+                sys.exit(f"[quality] {pending[0].name} waits for {pending[0].after}, which is not among the jobs")
+            for job in ready[: parallel - len(running)]:
                 pending.remove(job)
-                busy.add(job.exclusive)
                 log = open(job.out + ".log", "w")
                 cmd = [sys.executable, QUALITY, *job.argv]
                 running.append((job, log, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -85,6 +107,7 @@ def run_apart(jobs: list[Job], parallel: int, results: str, split: str) -> list[
                 if not found:
                     sys.exit(f"[quality] {name} wrote no record: see {log.name}")
                 records.append(max(found, key=os.path.getmtime))
+                finished.add(name)
                 print(f"[quality] {name} done: {records[-1]}", flush=True)
     finally:  # a failed job or an interrupt (Ctrl-C) stops the others too, instead of leaving them running
         for *_, proc in running:

@@ -6,6 +6,7 @@ twice must agree) and published is one room, tested without training.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -21,15 +22,19 @@ ARM_NAMES = {"a": ["(a) base, mean of EMBED states", "(a) base, PromptEOL last t
              "b": ["(b) contrastive (InfoNCE)"], "c": ["(c) stage 1 only"], "d": ["(d) stage 1 + stage 2"],
              "e": ["(e) (d) + in-batch negatives"], "f": ["(f) (d) full fine-tune"],
              "g": ["(g) (b) after InfoNCE on stage 1's text"]}
+RETRIEVAL_ONLY = {ARM_NAMES["a"][2]}  # BM25 has no embedding to score on STS
+
+
+def model_name(args, base: str) -> str:
+    return "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
 
 
 def run_record(args, base, commit, scores, timings, first_last, gaps, code: str | None = None) -> dict:
     """The run's record: settings, Spearman x100 per arm (mean, std, per seed), retrieval per arm and
     collection, stage 1's information gap at its last step, timings; ``code``: harness.package_code_digest()."""
-    model_name = "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
     ordered = sorted(scores.items(), key=lambda kv: _arm_order(kv[0]))
     sts = [(n, v) for n, v in ordered if "spearman" in next(iter(v.values()))]
-    return {"model": model_name, "date": time.strftime("%Y-%m-%d"), "commit": commit, "package_code": code,
+    return {"model": model_name(args, base), "date": time.strftime("%Y-%m-%d"), "commit": commit, "package_code": code,
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
             "settings": _settings(vars(args)),
             "spearman_x100": summary({n: {str(s): round(r["spearman"], 2) for s, r in v.items()} for n, v in sts}),
@@ -57,17 +62,17 @@ def retrieval_summary(per_seed: dict) -> dict:
 
 
 def _settings(options: dict) -> dict:
-    """The options that decide a run's scores (not where it writes, nor how many processes ran it); the
-    DeepSpeed config named relative to the checkout, so that records made in different checkouts of the
-    repository compare equal."""
+    """The options that decide a run's scores (not where it writes, nor how many processes ran it or
+    whether it reused records); the DeepSpeed config named relative to the checkout, so that records
+    made in different checkouts of the repository compare equal."""
     # records made before an option existed ran without it
     kept = {"stage1_contrast": 0.0, "stage1_schedule": "linear", "stage1_lora_rank": 0,
             "stage1_shared_prefix": 0, "stage1_shared_prefix_steps": 100,
             "stage1_instruction": AUTOENCODE, "dtype": "fp32", "pooling": "all",
             **{k: v for k, v in options.items()
-               if k not in ("out", "results", "split", "merge", "stage1_cache", "jobs", "job_of_jobs")}}
-    ds = os.path.abspath(kept["deepspeed"])
-    if ds.startswith(ROOT + os.sep):
+               if k not in ("out", "results", "split", "merge", "stage1_cache", "jobs", "job_of_jobs", "fresh")}}
+    ds = kept["deepspeed"]  # absolute as parsed; a record's own is relative to the checkout already
+    if os.path.isabs(ds) and ds.startswith(ROOT + os.sep):
         kept["deepspeed"] = os.path.relpath(ds, ROOT)
     return kept
 
@@ -85,6 +90,42 @@ def summary(per_seed: dict, digits: int = 2) -> dict:
     """arm -> {seed: score} as arm -> {mean, std, per_seed}."""
     return {n: dict(zip(("mean", "std"), (round(x, digits) for x in _mean_std(list(v.values())))), per_seed=v)
             for n, v in per_seed.items()}
+
+
+def kept_records(results: str, split: str, model: str, settings: dict, code: str) -> list[str]:
+    """The records in ``results``/quality_runs that pool with a run of ``settings`` (its options): the same
+    split, model, package code and settings but for seeds and arms."""
+    want, kept = comparable(settings), []
+    for path in sorted(glob.glob(os.path.join(results, "quality_runs", f"{split}-*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        same_run = (r["split"], r["model"], r.get("package_code")) == (split, model, code)
+        if same_run and comparable(r["settings"]) == want:
+            kept.append(path)
+    return kept
+
+
+def measured(paths: list[str], retrieval: bool) -> set[tuple[str, str]]:
+    """(arm letter, seed) of every point these records hold whole: each of the arm's names with its STS
+    (BM25 has none) and, when ``retrieval``, its scores on every collection; arm (a)'s seed is "None".
+    A run stopped between an arm's STS and its retrieval has not measured that point."""
+    whole = {}  # arm name -> seeds
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        by_collection = r.get("retrieval", {}).get("ndcg@10", {})
+        sts = {n: v["per_seed"] for n, v in r["spearman_x100"].items()}
+        for name in set(sts) | {n for c in by_collection.values() for n in c}:
+            in_ir = [set(c.get(name, {}).get("per_seed", {})) for c in by_collection.values()]
+            for seed in set(sts.get(name, {})) | set().union(*in_ir):
+                if ((name in RETRIEVAL_ONLY or seed in sts.get(name, {}))
+                        and (not retrieval or (in_ir and all(seed in s for s in in_ir)))):
+                    whole.setdefault(name, set()).add(seed)
+    points = set()
+    for letter, names in ARM_NAMES.items():
+        needed = [n for n in names if retrieval or n not in RETRIEVAL_ONLY]
+        points |= {(letter, seed) for seed in set.intersection(*(whole.get(n, set()) for n in needed))}
+    return points
 
 
 def merge_records(paths: list[str]) -> dict:
@@ -121,7 +162,7 @@ def merge_records(paths: list[str]) -> dict:
         for field in ("seconds", "loss_first_last", "info_gap"):
             merged[field].update(r.get(field, {}))  # records before 2026-12-04 have no info_gap
     first = records[0]
-    seeds = list(dict.fromkeys(s for r in records for s in r["settings"]["seeds"].split(",")))
+    seeds = list(dict.fromkeys(s for r in records for s in r["settings"]["seeds"].split(",") if s))
     arms = "".join(sorted(set("".join(r["settings"]["arms"] for r in records))))
     return {**first, **merged, "date": max(r["date"] for r in records),
             "commit": ",".join(dict.fromkeys(r["commit"] for r in records)),
@@ -133,10 +174,11 @@ def merge_records(paths: list[str]) -> dict:
                                    for c, arms in by_collection.items()} for metric, by_collection in ir.items()}}
 
 
-def publish(record: dict, results: str):
+def publish(record: dict, results: str, canonical: bool = True):
     """Print the table.  Tuning split: append the record to quality_tuning.jsonl (every tried setting
     is kept, with its score).  Report split: write quality.json and quality.png, only when every one of
-    arms (a)-(e) is in it (the table compares them)."""
+    arms (a)-(e) is in it (the table compares them) and the settings are the benchmark's defaults
+    (``canonical``: one table; the records of other settings stay in quality_runs/)."""
     table = record["spearman_x100"]
     print(f"\nSTS-B dev half '{record['split']}' ({record['model']}, CPU), Spearman x100, mean ± std over seeds")
     for n, v in table.items():
@@ -160,6 +202,10 @@ def publish(record: dict, results: str):
     if missing:
         print(f"--split report without arm(s) {', '.join(missing)}: results not written (the table compares them); "
               "runs on other seeds or arms can be combined with --merge")
+        return
+    if not canonical:
+        print("--split report at settings other than the defaults: quality.json (the canonical table) not written; "
+              f"the records are in {results}/quality_runs")
         return
     atomic_write_text(os.path.join(results, "quality.json"), json.dumps(record, indent=2))
     st = record["settings"]

@@ -147,63 +147,62 @@ FAKE_RUN = """
 import json, os, sys, time
 args = sys.argv[1:]
 opt = lambda name: args[args.index(name) + 1]
+start = time.time()
 if opt("--seeds") == "13":
     sys.exit(5)  # a seed that fails
-time.sleep(60 if opt("--seeds") == "99" else 0.5)  # 99: a seed still running when another fails
+time.sleep(60 if opt("--seeds") == "99" else 1.5)  # 99: a seed still running when another fails
 os.makedirs(os.path.join(opt("--results"), "quality_runs"), exist_ok=True)
-with open(os.path.join(opt("--results"), "quality_runs", "tune-x-%d.json" % os.getpid()), "w") as f:
-    json.dump({"argv": args, "threads": os.environ["OMP_NUM_THREADS"]}, f)
+with open(os.path.join(opt("--results"), "quality_runs", "report-x-%d.json" % os.getpid()), "w") as f:
+    json.dump({"argv": args, "threads": os.environ["OMP_NUM_THREADS"], "span": [start, time.time()]}, f)
 """
 
 
-def test_jobs_run_each_seed_in_its_own_process_and_collect_the_records(tmp_path, monkeypatch):
-    """--jobs: a child per seed with its own --seeds/--arms/--out (the user's other options kept, either
-    spelling), arm (a) in the first only, cores/jobs threads each; a failing child ends the run naming
-    its log."""
+def test_points_left_are_the_asked_arms_no_record_holds_and_a_process_each(tmp_path):
+    """points_left: per seed the arms not measured, (a) once without a seed; plan_jobs: a process per
+    point whose command line bench/quality.py parses back to that point, a seed's stage-1 arms after
+    the first of them (which trains or reads its stage 1), (a) last."""
+    quality = bench_module("quality")
+    done = {("b", "1"), ("c", "1"), ("a", "42")}  # ("a", "42") is not arm (a)'s point: it has no seed
+    plan = quality_jobs.points_left("abcde", [1, 2], done)
+    assert plan == {None: "a", 1: "de", 2: "bcde"}
+    assert quality_jobs.points_left("bd", [1], {("b", "1"), ("d", "1")}) == {}
+    argv = ["--split", "report", "--arms", "abcde", "--seeds", "1,2", "--jobs", "2", "--stage1-lr", "1e-4"]
+    jobs = quality_jobs.plan_jobs(plan, argv, "out")
+    assert [(j.name, j.after) for j in jobs] == [
+        ("(d) seed 1", None), ("(e) seed 1", "(d) seed 1"),
+        ("(c) seed 2", None), ("(b) seed 2", None), ("(e) seed 2", "(c) seed 2"), ("(d) seed 2", "(c) seed 2"),
+        ("(a)", None)]
+    for job in jobs:
+        a = quality.parser().parse_args(job.argv)
+        assert (a.arms, a.seeds, a.out, a.stage1_lr, a.job_of_jobs, a.jobs) == (
+            job.name[1], job.name.split("seed ")[1] if "seed" in job.name else "", job.out, 1e-4, True, 1)
+
+
+def test_jobs_run_side_by_side_after_the_job_they_wait_for_and_a_failure_stops_them(tmp_path, monkeypatch):
+    """run_apart: at most ``parallel`` processes with cores/parallel threads each; a job waits for its
+    ``after`` job even with a slot free, which a job without one takes meanwhile; each job's record is
+    returned; a failing job ends the run naming its log and stops the others."""
     fake = tmp_path / "fake_quality.py"
     fake.write_text(FAKE_RUN)
     monkeypatch.setattr(quality_jobs, "QUALITY", str(fake))
     monkeypatch.setattr(quality_jobs.os, "cpu_count", lambda: 4)
-    results, out = str(tmp_path / "results"), str(tmp_path / "out")
-    os.makedirs(out)
-    argv = ["--split", "tune", "--seeds=42,1,2", "--arms", "acd", "--stage1-steps", "7", "--jobs", "2",
-            "--out", out, "--results", results]
-    args = type("Args", (), {"jobs": 2, "arms": "acd", "out": out, "results": results, "split": "tune"})
-    records = quality_jobs.run_seeds_apart(args, [42, 1, 2], argv)
-    got = [json.load(open(r)) for r in records]
-    assert sorted(g["argv"][g["argv"].index("--seeds") + 1] for g in got) == ["1", "2", "42"]
-    for g in got:
-        a = g["argv"]
-        assert a.count("--seeds") == a.count("--arms") == a.count("--out") == 1 and "--jobs" not in a
-        assert a[a.index("--stage1-steps") + 1] == "7" and "--job-of-jobs" in a and g["threads"] == "2"
-        seed, arms = a[a.index("--seeds") + 1], a[a.index("--arms") + 1]
-        assert arms == ("acd" if seed == "42" else "cd")  # arm (a) has no seed: once
-        assert a[a.index("--out") + 1] == os.path.join(out, f"job-seed{seed}")
+    results, out = str(tmp_path / "results"), tmp_path / "out"
+    out.mkdir()
+
+    def job(name, seed, after=None):
+        return quality_jobs.Job(name, ["--seeds", seed, "--results", results, "--out", name], str(out / name), after)
+
+    records = quality_jobs.run_apart([job("d1", "1"), job("e1", "1", after="d1"), job("b1", "1")], 2, results, "report")
+    got = {r["argv"][-1]: r for r in (json.load(open(p)) for p in records)}
+    assert set(got) == {"d1", "e1", "b1"} and {r["threads"] for r in got.values()} == {"2"}
+    assert got["e1"]["span"][0] >= got["d1"]["span"][1]  # after d1, not beside it
+    assert got["b1"]["span"][0] < got["d1"]["span"][1]  # b1 took the free slot meanwhile
     spawned = []
     real_popen = __import__("subprocess").Popen
     monkeypatch.setattr("subprocess.Popen", lambda *a, **kw: spawned.append(real_popen(*a, **kw)) or spawned[-1])
-    with pytest.raises(SystemExit, match=r"seed 13 failed \(exit 5\): see .*job-seed13.log"):
-        quality_jobs.run_seeds_apart(args, [13, 99], argv)
-    assert [p.wait(timeout=10) for p in spawned] == [5, -15]  # the other seed was stopped, not left running
-
-
-def test_jobs_marked_exclusive_of_each_other_never_run_at_once(tmp_path, monkeypatch):
-    """run_apart: two jobs with the same ``exclusive`` run one after the other even with a free slot,
-    which a job without one takes meanwhile; each job's record is returned."""
-    fake = tmp_path / "timed_quality.py"
-    fake.write_text("import json, os, sys, time\n"
-                    "args = sys.argv[1:]\n"
-                    "start = time.time(); time.sleep(1.5)\n"
-                    "path = os.path.join(args[1], 'quality_runs', 'report-x-%d.json' % os.getpid())\n"
-                    "json.dump({'name': args[0], 'span': [start, time.time()]}, open(path, 'w'))\n")
-    monkeypatch.setattr(quality_jobs, "QUALITY", str(fake))
-    os.makedirs(tmp_path / "quality_runs")
-    jobs = [quality_jobs.Job(n, [n, str(tmp_path)], str(tmp_path / n), exclusive=x)
-            for n, x in (("d1", "stage 1 seed 1"), ("d2", "stage 1 seed 1"), ("b1", None))]
-    spans = {r["name"]: r["span"] for r in map(lambda p: json.load(open(p)),
-                                                    quality_jobs.run_apart(jobs, 2, str(tmp_path), "report"))}
-    assert spans["d2"][0] >= spans["d1"][1]  # after d1, not beside it
-    assert spans["b1"][0] < spans["d1"][1]  # b1 took the free slot meanwhile
+    with pytest.raises(SystemExit, match=r"s13 failed \(exit 5\): see .*s13.log"):
+        quality_jobs.run_apart([job("s13", "13"), job("s99", "99")], 2, results, "report")
+    assert [p.wait(timeout=10) for p in spawned] == [5, -15]  # the other job was stopped, not left running
 
 
 def test_job_argv_replaces_only_the_per_child_options():
@@ -347,76 +346,83 @@ def test_without_gguf_the_model_conversion_says_what_to_install_in_one_line(tmp_
     assert not (tmp_path / "cache").exists()
 
 
-def _curve_record(folder, name, size, seed, b=None, d=None, code=None, retrieval=True, **options):
-    """A report record as bench/quality.py writes it for bench/learning_curve.py at ``size`` triplets
-    (its settings: the benchmark's defaults and ``options``), arms (b) and/or (d) on one seed."""
-    learning_curve = bench_module("learning_curve")
-    cli = learning_curve.size_options(size) + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    scores = {n: {seed: x} for n, x in ((B, b), (D, d)) if x is not None}
+def _default_record(folder, name, seed, scores, code=None, retrieval=True, **options):
+    """A report record as bench/quality.py writes it in ``folder``/quality_runs at its default settings
+    but for ``options`` (e.g. nli_rows): ``scores`` arm name -> STS x100 on ``seed``, retrieval on two
+    collections (x/400 and x/300) when ``retrieval``, package code this checkout's unless ``code``."""
+    cli = ["--split", "report"] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    arms = "".join(sorted({n[1] for n in scores}))
     os.makedirs(folder / "quality_runs", exist_ok=True)
-    path = _record(folder / "quality_runs", f"report-{name}", seed,
-                   ("b" if b is not None else "") + ("d" if d is not None else ""), scores)
+    path = _record(folder / "quality_runs", f"report-{name}", seed, arms,
+                   {n: {seed: x} for n, x in scores.items() if n not in quality_record.RETRIEVAL_ONLY})
     r = json.loads(open(path).read())
+    r["model"] = "SmolLM2-135M-Instruct"
     r["settings"] = {**quality_record._settings(vars(bench_module("quality").parser().parse_args(cli))),
-                     "seeds": seed, "arms": r["settings"]["arms"]}
+                     "seeds": seed, "arms": arms}
     r["package_code"] = code or bench_module("harness").package_code_digest()
     if retrieval:
         r["retrieval"] = quality_record.retrieval_summary(
-            {n: {s: {"Cranfield": {"ndcg@10": x / 400, "recall@100": 0.5},
-                     "CISI": {"ndcg@10": x / 300, "recall@100": 0.5}}
-                 for s, x in v.items()}
-             for n, v in scores.items()})
+            {n: {seed: {"Cranfield": {"ndcg@10": x / 400, "recall@100": 0.5},
+                        "CISI": {"ndcg@10": x / 300, "recall@100": 0.5}}} for n, x in scores.items()})
     open(path, "w").write(json.dumps(r))
     return path
 
 
 def test_learning_curve_pools_each_sizes_seeds_and_says_where_b_at_2n_reaches_d_at_n(tmp_path):
     """bench/learning_curve.py --plot-only on records as bench/quality.py writes them: per size, the seeds
-    pooled (mean ± std) from the curve's own records and the report table's (arms in separate records
-    count), records of other settings or package code left out, and the crossing stated."""
-    curve_dir, table = tmp_path / "curve", tmp_path / "table"
-    _curve_record(curve_dir, "a", 120, "42", 70.0, 75.0)
-    _curve_record(curve_dir, "b", 120, "1", 72.0, 77.0)
-    _curve_record(table, "c", 240, "42", b=76.0)  # the table's (b) and (d) of one seed, in two records
-    _curve_record(table, "c2", 240, "42", d=80.0)
-    _curve_record(curve_dir, "d", 240, "1", 76.0, 82.0)
-    _curve_record(curve_dir, "e", 240, "2", 10.0, 10.0, stage2_steps=99)  # not this curve's step count
-    _curve_record(table, "f", 240, "2", 11.0, 11.0, stage1_lr=1e-4)  # the table at another setting
-    _curve_record(curve_dir, "g", 240, "7", 12.0, 12.0, code="another")  # trained by other code
+    pooled (mean ± std) whichever records hold them (the table's (b) and (d) are the curve's 240),
+    records of other settings or package code left out, and the crossing stated."""
+    for name, size, seed, b, d, other in (
+            ("a", 120, "42", 70.0, 75.0, {}), ("b", 120, "1", 72.0, 77.0, {}),
+            ("c", 240, "42", 76.0, None, {}), ("c2", 240, "42", None, 80.0, {}), ("d", 240, "1", 76.0, 82.0, {}),
+            ("e", 240, "2", 10.0, 10.0, {"stage2_steps": 99}),  # not this curve's step count
+            ("f", 240, "7", 12.0, 12.0, {"code": "another"})):  # trained by other code
+        scores = {n: x for n, x in ((B, b), (D, d)) if x is not None}
+        _default_record(tmp_path, name, seed, scores, nli_rows=size,
+                        stage2_steps=other.get("stage2_steps", size // 8), code=other.get("code"))
     r = run_child([os.path.join(ROOT, "bench", "learning_curve.py"), "--plot-only", "--sizes", "120,240",
-                   "--results", str(curve_dir), "--table", str(table)])
+                   "--results", str(tmp_path)])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "3 record(s) of arm (b) or (d) at another package code or settings left out" in r.stdout
-    curve = json.loads((curve_dir / "curve.json").read_text())
+    curve = json.loads((tmp_path / "learning_curve.json").read_text())
     assert curve["sizes"]["240"]["b"]["sts"] == {"mean": 76.0, "std": 0.0, "per_seed": {"42": 76.0, "1": 76.0}}
     assert curve["sizes"]["240"]["d"]["ndcg@10"]["per_seed"] == {"42": round((80 / 400 + 80 / 300) / 2, 4),
                                                                    "1": round((82 / 400 + 82 / 300) / 2, 4)}
     assert curve["sizes"]["120"]["d"]["sts"]["mean"] == 76.0
     assert curve["crossings"][0] == "sts: (b) at 240 = 76.0 ± 0.0 reaches (d) at 120 = 76.0 ± 1.41"
-    assert (curve_dir / "curve.png").stat().st_size > 0
+    assert (tmp_path / "learning_curve.png").stat().st_size > 0
 
 
-def test_learning_curve_runs_only_the_points_not_measured_with_the_settings_it_counts(tmp_path):
-    """A point is measured once a record holds its STS and its retrieval on every collection; the jobs
-    for the rest run bench/quality.py with command lines whose recorded settings are the ones counted."""
-    learning_curve = bench_module("learning_curve")
-    _curve_record(tmp_path, "a", 120, "42", b=70.0, d=75.0)
-    _curve_record(tmp_path, "b", 120, "1", b=72.0, retrieval=False)  # stopped before its retrieval
-    code = bench_module("harness").package_code_digest()
-    found = learning_curve.records_by_size([str(tmp_path)], [120, 480], [], code)
-    assert learning_curve.measured(found[120]) == {("b", "42"), ("d", "42")}
-    args = type("Args", (), {"out": str(tmp_path / "out"), "results": str(tmp_path)})
-    jobs = learning_curve.missing_points(found, ["42", "1"], args, ["--stage1-steps", "7"])
-    assert [j.name for j in jobs] == ["120 triplets (d) seed 1", "480 triplets (d) seed 42", "480 triplets (d) seed 1",
-                                      "120 triplets (b) seed 1", "480 triplets (b) seed 42", "480 triplets (b) seed 1"]
-    assert [j.exclusive for j in jobs[:3]] == ["stage 1 seed 1", "stage 1 seed 42", "stage 1 seed 1"]
-    assert {j.exclusive for j in jobs[3:]} == {None}
-    quality = bench_module("quality")
-    want = quality_record.comparable(vars(quality.parser().parse_args(
-        learning_curve.size_options(480) + ["--stage1-steps", "7"])))
-    assert want["stage2_steps"] == 60 and want["nli_rows"] == 480
-    got = quality.parser().parse_args(jobs[1].argv)
-    assert quality_record.comparable(vars(got)) == want and (got.arms, got.seeds) == ("d", "42")
+def test_a_point_is_measured_once_a_record_holds_its_sts_and_its_retrieval_on_every_collection(tmp_path, monkeypatch):
+    """quality_record.measured: a point stopped between its STS and its retrieval is not measured; BM25 needs
+    no STS; arm (a) is measured once all three of its rows are, under seed "None"."""
+    A = quality_record.ARM_NAMES["a"]
+    one = _default_record(tmp_path, "one", "42", {B: 70.0, D: 75.0})
+    sts_only = _default_record(tmp_path, "two", "1", {B: 72.0}, retrieval=False)
+    a_part = _default_record(tmp_path, "three", "None", {A[0]: 30.0, A[2]: 100.0})
+    assert quality_record.measured([one, sts_only, a_part], retrieval=True) == {("b", "42"), ("d", "42")}
+    assert ("b", "1") in quality_record.measured([sts_only], retrieval=False)
+    a_rest = _default_record(tmp_path, "four", "None", {A[1]: 60.0})
+    assert quality_record.measured([a_part, a_rest], retrieval=True) == {("a", "None")}
+    monkeypatch.chdir(tmp_path / "quality_runs")  # records name their DeepSpeed config from the checkout
+    kept = quality_record.kept_records(str(tmp_path), "report", "SmolLM2-135M-Instruct",
+                                       vars(bench_module("quality").parser().parse_args(["--split", "report"])),
+                                       bench_module("harness").package_code_digest())
+    assert sorted(map(os.path.basename, kept)) == [f"report-{n}.json" for n in ("four", "one", "three", "two")]
+
+
+def test_only_a_complete_table_at_the_default_settings_is_the_canonical_quality_json(tmp_path):
+    """bench/quality.py --merge of records holding arms (a)-(e): at the benchmark's defaults they become
+    quality.json; the same table at another setting is printed and its records stay where they are."""
+    A = quality_record.ARM_NAMES["a"]
+    arms = {A[0]: 30.0, A[1]: 60.0, A[2]: 100.0, B: 78.0, C: 74.0, D: 77.0, quality_record.ARM_NAMES["e"][0]: 77.5}
+    for folder, options in ((tmp_path / "default", {}), (tmp_path / "other", {"stage2_lr": 3e-4})):
+        paths = [_default_record(folder, f"r{i}", "None" if n in A else "42", {n: x}, **options)
+                 for i, (n, x) in enumerate(arms.items())]
+        r = run_child([os.path.join(ROOT, "bench", "quality.py"), "--merge", *paths, "--results", str(folder)])
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert (folder / "quality.json").exists() == (not options), r.stdout[-1000:]
+    assert json.loads((tmp_path / "default" / "quality.json").read_text())["spearman_x100"][D]["mean"] == 77.0
+    assert "settings other than the defaults: quality.json (the canonical table) not written" in r.stdout
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "nli")),
@@ -427,17 +433,18 @@ def test_learning_curve_trains_each_point_once_and_a_seeds_later_sizes_read_its_
     filled, and a second call finds every point measured and trains nothing."""
     results, out = tmp_path / "curve", tmp_path / "out"
     cmd = [os.path.join(ROOT, "bench", "learning_curve.py"), "--sizes", "8,16", "--seeds", "1", "--jobs", "2",
-           "--results", str(results), "--table", "", "--out", str(out), "--base", default_tiny_base,
+           "--results", str(results), "--out", str(out), "--base", default_tiny_base,
            "--stage1-steps", "2", "--no-retrieval", "--stage1-cache", str(tmp_path / "cache")]
     r = run_child(cmd, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    curve = json.loads((results / "curve.json").read_text())
+    curve = json.loads((results / "learning_curve.json").read_text())
     assert set(curve["sizes"]) == {"8", "16"}
     assert all(set(curve["sizes"][n][a]["sts"]["per_seed"]) == {"1"} for n in ("8", "16") for a in "bd")
-    logs = {n: (out / f"{n}.log").read_text() for n in ("n8-d-seed1", "n16-d-seed1")}
+    logs = {n: (out / n / "job-d-seed1.log").read_text() for n in ("n8", "n16")}
     assert ["stage 1 from the cache" in log for log in logs.values()] == [False, True]
     again = run_child(cmd, timeout=120)
-    assert again.returncode == 0 and "[quality]" not in again.stdout  # no job started
+    assert again.returncode == 0 and again.stdout.count("left to run: nothing") == 2, again.stdout[-2000:]
+    assert "seed 1: " not in again.stdout  # no job started
 
 
 def test_stage1_on_the_collections_documents_adds_them_as_autoencoding_rows_and_nothing_else(tmp_path, monkeypatch):
@@ -494,7 +501,8 @@ def test_crop_pairs_are_two_spans_of_one_text_and_a_span_of_another(tmp_path):
 def test_the_quality_benchmark_scores_the_arms_asked_and_g_starts_from_its_crops_phase(tmp_path, default_tiny_base):
     """bench/quality.py end to end on the tiny base: arms (b), (d), (g) train through the trainer and are
     scored; (c) is trained for (d) but not scored (its retrieval costs ~15 min an arm); (g)'s InfoNCE
-    phase starts from its crops phase's model, so its first losses differ from (b)'s on the same rows."""
+    phase starts from its crops phase's model, so its first losses differ from (b)'s on the same rows.
+    Asked again, it finds the points in the record and only prints their table."""
     out, results = tmp_path / "out", tmp_path / "results"
     r = run_child([os.path.join(ROOT, "bench", "quality.py"), "--split", "report", "--arms", "bdg", "--seeds", "1",
                    "--base", default_tiny_base, "--stage1-steps", "2", "--stage2-steps", "2", "--no-retrieval",
@@ -507,3 +515,10 @@ def test_the_quality_benchmark_scores_the_arms_asked_and_g_starts_from_its_crops
     assert {"(b) seed 1", "(g) unsupervised seed 1", "(g) seed 1", "stage1 seed 1"} <= set(losses)
     assert losses["(g) seed 1"][0] != losses["(b) seed 1"][0]
     assert (out / "crops-seed1.jsonl").read_text().count("\n") == 2 * 8  # stage 1's steps x (b)'s triplets a step
+    again = run_child([os.path.join(ROOT, "bench", "quality.py"), "--split", "report", "--arms", "bd", "--seeds", "1",
+                       "--base", default_tiny_base, "--stage1-steps", "2", "--stage2-steps", "2", "--no-retrieval",
+                       "--out", str(out), "--results", str(results), "--stage1-cache", ""], timeout=120)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "1 record(s) of this code and these settings" in again.stdout and "left to run: nothing" in again.stdout
+    assert f"{B:<34} {record['spearman_x100'][B]['mean']:6.2f}" in again.stdout
+    assert len(list((results / "quality_runs").glob("report-*.json"))) == 1  # nothing trained, nothing recorded
