@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from autoregembed.run.runlock import RunLock
 
-QUALITY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality.py")  # each seed's command
+QUALITY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality.py")  # each job's command
 
 
 class Job(NamedTuple):

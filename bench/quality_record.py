@@ -176,9 +176,10 @@ def merge_records(paths: list[str]) -> dict:
 
 def publish(record: dict, results: str, canonical: bool = True):
     """Print the table.  Tuning split: append the record to quality_tuning.jsonl (every tried setting
-    is kept, with its score).  Report split: write quality.json and quality.png, only when every one of
-    arms (a)-(e) is in it (the table compares them) and the settings are the benchmark's defaults
-    (``canonical``: one table; the records of other settings stay in quality_runs/)."""
+    is kept, with its score).  Report split: write quality.json, quality.md (the README's table) and
+    quality.png, only when every one of arms (a)-(e) is in it (the table compares them) and the settings
+    are the benchmark's defaults (``canonical``: one table; the records of other settings stay in
+    quality_runs/)."""
     table = record["spearman_x100"]
     print(f"\nSTS-B dev half '{record['split']}' ({record['model']}, CPU), Spearman x100, mean ± std over seeds")
     for n, v in table.items():
@@ -208,10 +209,35 @@ def publish(record: dict, results: str, canonical: bool = True):
               f"the records are in {results}/quality_runs")
         return
     atomic_write_text(os.path.join(results, "quality.json"), json.dumps(record, indent=2))
+    atomic_write_text(os.path.join(results, "quality.md"), markdown(record))
     st = record["settings"]
     plot(table, f"{record['model']}: {st['stage1_steps']}+{st['stage2_steps']} steps, "
          f"{len(st['seeds'].split(','))} seeds, stage 1 on {st['stage1_corpus']}", os.path.join(results, "quality.png"))
-    print(f"wrote {results}/quality.json and quality.png; total {sum(record['seconds'].values()) / 60:.1f} min")
+    print(f"wrote {results}/quality.json, quality.md and quality.png; total {sum(record['seconds'].values()) / 60:.1f} min")
+
+
+def markdown(record: dict) -> str:
+    """The table as Markdown (the README's): per arm STS x100 and nDCG@10 per collection and their mean,
+    each mean ± std with its number of seeds, in the record's arm order."""
+    ndcg = record.get("retrieval", {}).get("ndcg@10", {})
+    collections = [c for c in ndcg if c != "mean"] + ["mean"] * ("mean" in ndcg)
+
+    def cell(v, digits):
+        if not v:
+            return "—"
+        n = len(v["per_seed"])
+        if list(v["per_seed"]) == ["None"]:
+            return f"{v['mean']:.{digits}f} (no training)"
+        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f} (n={n})"
+
+    names = list(dict.fromkeys([*record["spearman_x100"], *(n for c in ndcg.values() for n in c)]))
+    names.sort(key=_arm_order)
+    head = ["arm", "STS-B x100", *(f"nDCG@10 {c}" for c in collections)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for n in names:
+        cells = [n, cell(record["spearman_x100"].get(n), 2), *(cell(ndcg[c].get(n), 4) for c in collections)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

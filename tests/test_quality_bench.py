@@ -422,6 +422,15 @@ def test_only_a_complete_table_at_the_default_settings_is_the_canonical_quality_
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         assert (folder / "quality.json").exists() == (not options), r.stdout[-1000:]
     assert json.loads((tmp_path / "default" / "quality.json").read_text())["spearman_x100"][D]["mean"] == 77.0
+    table = (tmp_path / "default" / "quality.md").read_text().splitlines()
+    assert table[0] == "| arm | STS-B x100 | nDCG@10 Cranfield | nDCG@10 CISI | nDCG@10 mean |"
+    free = " (no training)"
+    assert table[3] == f"| {A[1]} | 60.00{free} | 0.1500{free} | 0.2000{free} | 0.1750{free} |"
+    assert table[4] == f"| {A[2]} | — | 0.2500{free} | 0.3333{free} | 0.2917{free} |"  # BM25: retrieval only
+    one = " (n=1)"
+    assert table[7] == (f"| {D} | 77.00 ± 0.00{one} | 0.1925 ± 0.0000{one} | 0.2567 ± 0.0000{one} | "
+                        f"0.2246 ± 0.0000{one} |")
+    assert not (tmp_path / "other" / "quality.md").exists()
     assert "settings other than the defaults: quality.json (the canonical table) not written" in r.stdout
 
 
