@@ -38,9 +38,11 @@ default stage-1 initialisation (decoder_scale.py) unless --no-decoder-scale, and
 reading its BOS before the compressed tokens (model.decoder_bos) unless --no-decoder-bos.  (b) and
 (d)-(f) train with the evaluation's instruction in place of the NLI rows' own unless
 --row-instructions, and stage 2 holds c_p = log p(pos|e_pos) as a target (loss.detach_positive)
-unless --no-detach-positive.  Stage 1 runs 150 steps at lr 3e-4 with the in-batch contrast (weight 4)
-and a shared prefix of 5 vectors by default (lr, contrast and prefix chosen on the tuning half; 150
-steps for an information gap above 1 nat/token on every seed: docs/experiments.md);
+unless --no-detach-positive; ``--stage2-negatives mined`` gives (d)-(f) negatives mined by (c)'s model
+among the rows' own texts (a lever for the margin over (b)).  Stage 1 runs 150 steps at lr 3e-4 with
+the in-batch contrast (weight 4) and a shared prefix of 5 vectors by default (lr, contrast and prefix
+chosen on the tuning half; 150 steps for an information gap above 1 nat/token on every seed:
+docs/experiments.md);
 ``--stage1-steps 50 --stage1-lr 1e-4 --stage1-contrast 0 --stage1-shared-prefix 0`` is the first protocol's.
 The embeddings of (c)-(f) average e_1..e_4 (``--pooling``, the trainer's eval.pooling; chosen on the
 tuning half, docs/experiments.md); records made before the option averaged all five.
@@ -143,6 +145,10 @@ def parser() -> argparse.ArgumentParser:
                     help="model.dtype of the trained arms (bf16: DeepSpeed's bf16 with fp32 master weights)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-lora-rank", type=int, default=16, help="LoRA rank of (d) and (e)")
+    ap.add_argument("--stage2-negatives", choices=("nli", "mined"), default="nli",
+                    help="(d)-(f)'s negatives: each NLI row's own, or --mined-negatives mined by (c)'s model among "
+                         "the rows' positives and negatives (autoregembed mine; no text beyond the rows)")
+    ap.add_argument("--mined-negatives", type=int, default=3, help="negatives a row with --stage2-negatives mined")
     ap.add_argument("--full-ft-lr", type=float, default=1e-5, help="(f): the authors' stage-2 learning rate")
     ap.add_argument("--contrastive-lr", type=float, default=5e-5)
     ap.add_argument("--no-decoder-scale", action="store_true",
@@ -305,6 +311,12 @@ def main():
             if "c" in arms:  # (d)-(f) alone do not score it again (retrieval: ~15 min an arm)
                 # --pooling, not the export's own: a stage 1 from the cache was exported under its first run's
                 scored(ARM_NAMES["c"][0], seed, lambda: Encoder.from_pretrained(stage1_dir, pooling=args.pooling))
+            if args.stage2_negatives == "mined" and set(arms) & set("def"):  # (d)-(f)'s rows and references
+                rows = os.path.join(out, "stage2-mined.jsonl")
+                timed(f"mine negatives seed {seed}", lambda: mined_rows(stage1_dir, s2, rows, args, seed))
+                cfg = load_config(None, common + [f"seed={seed}", f"output_dir={out}",
+                                                  f"model.lora_rank={args.stage1_lora_rank}", f"data.stage2={rows}"])
+                after.append(f"data.stage2={rows}")
         if set(arms) & set("df"):
             timed(f"reference scores seed {seed}", lambda: run_stage(cfg, "reference", ds))
         for letter, extra in stage2_arms.items():
@@ -319,6 +331,22 @@ def main():
     if not args.job_of_jobs:
         publish(merge_records(kept + [record_path]), args.results, canonical=is_canonical(vars(args)))
     scratch.release()
+
+
+def mined_rows(model_dir: str, rows_path: str, out: str, args, seed: int) -> int:
+    """Stage-2 rows of ``rows_path`` with ``args.mined_negatives`` negatives each, the passages of the rows'
+    positives and negatives closest to the query under ``model_dir`` (the product's miner, its defaults:
+    the positive itself and near-copies of it skipped), written to ``out``; returns how many rows."""
+    from autoregembed.ground.data import write_jsonl
+    from autoregembed.release.mining import default_corpus, mine_negatives, read_queries
+
+    rows = read_queries(rows_path, with_negatives=True)
+    encoder = Encoder.from_pretrained(model_dir, pooling=args.pooling)
+    mined = mine_negatives(encoder, rows, default_corpus(rows), args.mined_negatives, seed=seed)
+    if len(mined) != len(rows):
+        sys.exit(f"{rows_path}: {len(rows) - len(mined)} row(s) got no mined negative; (d) would train on fewer rows")
+    write_jsonl(out, mined)
+    return len(mined)
 
 
 def overrides(args, base: str, s1: str, s2: str, sts: str) -> list[str]:

@@ -68,7 +68,8 @@ def _settings(options: dict) -> dict:
     # records made before an option existed ran without it
     kept = {"stage1_contrast": 0.0, "stage1_schedule": "linear", "stage1_lora_rank": 0,
             "stage1_shared_prefix": 0, "stage1_shared_prefix_steps": 100,
-            "stage1_instruction": AUTOENCODE, "dtype": "fp32", "pooling": "all",
+            "stage1_instruction": AUTOENCODE, "dtype": "fp32", "pooling": "all", "stage2_negatives": "nli",
+            "mined_negatives": 3,
             **{k: v for k, v in options.items()
                if k not in ("out", "results", "split", "merge", "stage1_cache", "jobs", "job_of_jobs", "fresh")}}
     ds = kept["deepspeed"]  # absolute as parsed; a record's own is relative to the checkout already

@@ -456,6 +456,31 @@ def test_learning_curve_trains_each_point_once_and_a_seeds_later_sizes_read_its_
     assert "seed 1: " not in again.stdout  # no job started
 
 
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "nli")),
+                    reason="../shared/data (the benchmark's NLI and STS-B files) is not beside the checkout")
+def test_stage_2_on_negatives_mined_by_the_stage_1_model(tmp_path, default_tiny_base):
+    """--stage2-negatives mined: (d) trains on the NLI rows with negatives (c)'s model mined among the rows'
+    own positives and negatives (never the row's positive), its reference scores computed on those rows
+    (stage 2 refuses rows without them), and the record says so."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    r = run_child([os.path.join(ROOT, "bench", "quality.py"), "--split", "tune", "--arms", "d", "--seeds", "1",
+                   "--base", default_tiny_base, "--stage1-steps", "2", "--stage2-steps", "2", "--no-retrieval",
+                   "--nli-rows", "16", "--stage2-negatives", "mined", "--mined-negatives", "2",
+                   "--out", str(out), "--results", str(results), "--stage1-cache", ""], timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    nli = [json.loads(line) for line in (out / "stage2.jsonl").read_text().splitlines()]
+    mined = [json.loads(line) for line in (out / "seed1" / "stage2-mined.jsonl").read_text().splitlines()]
+    assert [m["query"] for m in mined] == [n["query"] for n in nli]
+    negs = [n["neg"] if isinstance(n["neg"], list) else [n["neg"]] for n in nli]
+    pool = {n["pos"] for n in nli} | {t for ts in negs for t in ts}
+    assert all(len(m["neg"]) == 2 and m["pos"] not in m["neg"] and set(m["neg"]) <= pool for m in mined)
+    assert any(m["neg"] != own for m, own in zip(mined, negs))  # mined, not the rows' own negatives
+    (path,) = (results / "quality_runs").glob("tune-*.json")
+    record = json.loads(path.read_text())
+    assert (record["settings"]["stage2_negatives"], record["settings"]["mined_negatives"]) == ("mined", 2)
+    assert D in record["spearman_x100"] and "mine negatives seed 1" in record["seconds"]
+
+
 def test_stage1_on_the_collections_documents_adds_them_as_autoencoding_rows_and_nothing_else(tmp_path, monkeypatch):
     """--stage1-corpus general+ir (stage 1 as domain adaptation): every document becomes an autoencoding
     row beside the NLI sentences (a blank one left out: a row needs text); no query and no judgment
