@@ -188,6 +188,9 @@ def main():
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if args.jobs < 1:
         sys.exit(f"--jobs must be >= 1, got {args.jobs}")
+    unknown = sorted(set(args.arms) - set(ARM_NAMES))
+    if unknown:
+        sys.exit(f"--arms {args.arms}: no arm {', '.join(unknown)} (arms: {''.join(ARM_NAMES)})")
     try:  # the chart is drawn at the very end, BM25 scores the first arm: fail now, not after hours of work
         import bm25s  # noqa: F401
         import matplotlib  # noqa: F401

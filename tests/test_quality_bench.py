@@ -54,6 +54,12 @@ def test_the_merge_command_publishes_the_pooled_table(tmp_path):
     assert "without arm(s) a, d, e: results not written" in r.stdout and os.listdir(results) == []
 
 
+def test_an_unknown_arm_is_refused_in_one_line_before_anything_runs(tmp_path):
+    r = run_child([os.path.join(ROOT, "bench", "quality.py"), "--arms", "bz", "--out", str(tmp_path / "out")])
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "--arms bz: no arm z (arms: abcdefg)"
+    assert not (tmp_path / "out").exists()
+
+
 def test_retrieval_is_summarised_per_collection_with_their_mean_and_merged_across_runs(tmp_path):
     ir = lambda a, b: {"cranfield": {"ndcg@10": a, "recall@100": 0.5}, "cisi": {"ndcg@10": b, "recall@100": 0.7}}  # noqa: E731
     table = quality_record.retrieval_summary({B: {"42": ir(0.2, 0.4), "1": ir(0.3, 0.5)}, "(a) BM25 (lexical)": {"None": ir(0.33, 0.35)}})
