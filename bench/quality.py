@@ -211,8 +211,8 @@ def main():
               f"left to run: {left}", flush=True)
     if not plan:
         return publish(merge_records(kept), args.results, canonical=is_canonical(vars(args)))
-    jobs = plan_jobs(plan, sys.argv[1:], args.out)
-    if args.jobs > 1 and len(jobs) > 1:
+    jobs = plan_jobs(plan, sys.argv[1:], args.out) if args.jobs > 1 else []
+    if len(jobs) > 1:
         scratch = fresh_scratch(args.out)
         records = run_apart(jobs, args.jobs, args.results, args.split)
         publish(merge_records(kept + records), args.results, canonical=is_canonical(vars(args)))
@@ -274,7 +274,8 @@ def main():
         if seed is None:
             continue
         out = os.path.join(args.out, f"seed{seed}")
-        cfg = load_config(None, common + [f"seed={seed}", f"output_dir={out}", f"model.lora_rank={args.stage1_lora_rank}"])
+        own = common + [f"seed={seed}", f"output_dir={out}", f"model.lora_rank={args.stage1_lora_rank}"]
+        cfg = load_config(None, own)
         after = [f"seed={seed}", f"paths.stage1_model={cfg.layout.stage1_model}",
                  f"paths.reference_scores={cfg.layout.reference_scores}"]  # stage-2 arms read (c)'s model
         lora = f"model.lora_rank={args.stage2_lora_rank}"
@@ -317,8 +318,7 @@ def main():
             if args.stage2_negatives == "mined" and set(arms) & set("def"):  # (d)-(f)'s rows and references
                 rows = os.path.join(out, "stage2-mined.jsonl")
                 timed(f"mine negatives seed {seed}", lambda: mined_rows(stage1_dir, s2, rows, args, seed))
-                cfg = load_config(None, common + [f"seed={seed}", f"output_dir={out}",
-                                                  f"model.lora_rank={args.stage1_lora_rank}", f"data.stage2={rows}"])
+                cfg = load_config(None, own + [f"data.stage2={rows}"])
                 after.append(f"data.stage2={rows}")
         if set(arms) & set("df"):
             timed(f"reference scores seed {seed}", lambda: run_stage(cfg, "reference", ds))
