@@ -440,6 +440,40 @@ def test_only_a_complete_table_at_the_default_settings_is_the_canonical_quality_
     assert "settings other than the defaults: quality.json (the canonical table) not written" in r.stdout
 
 
+def test_domain_adaptation_sets_each_adapted_arm_beside_its_twin_and_pairs_the_gains_by_seed(tmp_path):
+    """bench/domain_adaptation.py --table-only on records as bench/quality.py writes them: the defaults' (b),
+    (c), (d) and BM25 beside --stage1-corpus general+ir's (c), (d), (g); each gain is the difference of one
+    seed's two models, over the seeds both hold; records of other settings or code are left out."""
+    A, G = quality_record.ARM_NAMES["a"], quality_record.ARM_NAMES["g"][0]
+    for name, seed, scores, options in (
+            ("p42", "42", {B: 76.0, C: 70.0, D: 74.0}, {}), ("p1", "1", {B: 78.0, C: 72.0, D: 76.0}, {}),
+            ("bm25", "None", {A[2]: 100.0}, {}),
+            ("a42", "42", {C: 71.0, D: 78.0, G: 77.0}, {"stage1_corpus": "general+ir"}),
+            ("a1", "1", {C: 73.0, D: 79.0}, {"stage1_corpus": "general+ir"}),  # (g) not yet run on seed 1
+            ("x", "2", {D: 10.0}, {"stage1_corpus": "general+ir", "stage2_lr": 1.0})):  # other settings
+        path = _default_record(tmp_path, name, seed, scores, **options)
+        r = json.loads(open(path).read())
+        gap = 1.5 + 0.25 * ("stage1_corpus" in options) + 0.01 * (seed == "1")
+        r["info_gap"] = {f"stage1 seed {seed}": {"step": 150, "nats_per_token": gap}} if C in scores else {}
+        open(path, "w").write(json.dumps(r))
+    r = run_child([os.path.join(ROOT, "bench", "domain_adaptation.py"), "--table-only", "--results", str(tmp_path)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    t = json.loads((tmp_path / "domain_adaptation.json").read_text())
+    gain = t["gains"]["stage 1 on the documents: adapted (d) - (d)"]
+    assert gain["sts"] == {"mean": 3.5, "std": 0.71, "n": 2, "per_seed": {"42": 4.0, "1": 3.0}}
+    assert gain["ndcg@10 mean"]["per_seed"]["42"] == round((78 - 74) / 400 / 2 + (78 - 74) / 300 / 2, 4)
+    assert t["gains"]["InfoNCE on the documents: (g) - (b)"]["sts"]["per_seed"] == {"42": 1.0}
+    assert t["rows"]["(d) adapted (c) + stage 2"]["sts"]["per_seed"] == {"42": 78.0, "1": 79.0}
+    assert t["rows"]["BM25 (lexical floor)"]["ndcg@10 Cranfield"]["mean"] == 0.25
+    md = (tmp_path / "domain_adaptation.md").read_text().splitlines()
+    assert md[0] == "| arm | nDCG@10 Cranfield | nDCG@10 CISI | nDCG@10 mean | STS-B x100 |"
+    assert md[9] == ("| stage 1 on the documents: adapted (d) - (d) | +0.0088 ± 0.0018 (n=2) | +0.0117 ± 0.0023 (n=2) | "
+                     "+0.0102 ± 0.0021 (n=2) | +3.50 ± 0.71 (n=2) |")
+    assert t["info_gap"] == {"plain": {"42": 1.5, "1": 1.51}, "adapted": {"42": 1.75, "1": 1.76}}
+    assert md[-1] == ("Stage 1's information gap at its last step (nats/token): plain: seed 1 1.510, seed 42 1.500; "
+                      "adapted: seed 1 1.760, seed 42 1.750")
+
+
 @pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "nli")),
                     reason="../shared/data (the benchmark's NLI and STS-B files) is not beside the checkout")
 def test_learning_curve_trains_each_point_once_and_a_seeds_later_sizes_read_its_stage_1(tmp_path, default_tiny_base):
