@@ -245,7 +245,7 @@ def main():
         return value
 
     def write_record():
-        record = run_record(args, base, commit_id, scores, timings, first_last, gaps, code)
+        record = run_record(args, base, commit_id, scores, timings, first_last, gaps, code, stage1_cache)
         atomic_write_text(record_path, json.dumps(record, indent=2))
 
     def scored(arm, seed, encoder_fn):  # the arm's losses are in first_last before this writes the record
@@ -261,7 +261,7 @@ def main():
     common = overrides(args, base, s1, s2, sts)
     ds = args.deepspeed
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
-    first_last, gaps = {}, {}
+    first_last, gaps, stage1_cache = {}, {}, {}
     if None in plan:  # arm (a), training-free: no seed
         # the trainer's floor (eval.compare_base), with every EMBED state averaged as published
         scored(ARM_NAMES["a"][0], None, lambda: Encoder.untrained(base, _meta("base"), dtype=torch.float32))
@@ -308,7 +308,8 @@ def main():
                 first_last[f"({letter}) seed {seed}"] = _first_last(cfg_b, "stage2")
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(b_dir))
         if set(arms) & set("cdef"):
-            stage1_dir = timed(f"train (c) seed {seed}", lambda: cached_stage1(cfg, ds, base, args.stage1_cache))
+            stage1_dir, entry = timed(f"train (c) seed {seed}", lambda: cached_stage1(cfg, ds, base, args.stage1_cache))
+            stage1_cache[f"stage1 seed {seed}"] = entry and os.path.relpath(entry, ROOT)
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")
             gaps[f"stage1 seed {seed}"] = _last_gap(cfg)
             print(f"[quality] stage1 seed {seed}: information gap {gaps[f'stage1 seed {seed}']}", flush=True)

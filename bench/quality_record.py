@@ -29,9 +29,12 @@ def model_name(args, base: str) -> str:
     return "SmolLM2-135M-Instruct" if args.base is None else os.path.basename(os.path.abspath(base))
 
 
-def run_record(args, base, commit, scores, timings, first_last, gaps, code: str | None = None) -> dict:
+def run_record(args, base, commit, scores, timings, first_last, gaps, code: str | None = None,
+               stage1_cache: dict | None = None) -> dict:
     """The run's record: settings, Spearman x100 per arm (mean, std, per seed), retrieval per arm and
-    collection, stage 1's information gap at its last step, timings; ``code``: harness.package_code_digest()."""
+    collection, stage 1's information gap at its last step, timings; ``code``: harness.package_code_digest();
+    ``stage1_cache``: the stage-1 cache entry each seed's model is kept in (relative to the checkout; None
+    where it is not kept), for measuring those models again later."""
     ordered = sorted(scores.items(), key=lambda kv: _arm_order(kv[0]))
     sts = [(n, v) for n, v in ordered if "spearman" in next(iter(v.values()))]
     return {"model": model_name(args, base), "date": time.strftime("%Y-%m-%d"), "commit": commit, "package_code": code,
@@ -41,7 +44,7 @@ def run_record(args, base, commit, scores, timings, first_last, gaps, code: str 
             "mean_pairwise_cosine": {n: {str(s): round(r["mean_cosine"], 4) for s, r in v.items()} for n, v in sts},
             "retrieval": retrieval_summary({n: {str(s): r["retrieval"] for s, r in v.items() if "retrieval" in r}
                                              for n, v in ordered if any("retrieval" in r for r in v.values())}),
-            "loss_first_last": first_last, "info_gap": gaps, "seconds": timings}
+            "loss_first_last": first_last, "info_gap": gaps, "stage1_cache": stage1_cache or {}, "seconds": timings}
 
 
 def retrieval_summary(per_seed: dict) -> dict:
@@ -146,7 +149,8 @@ def merge_records(paths: list[str]) -> dict:
     def key(r):
         return r["model"], r["split"], comparable(r["settings"])
 
-    per_seed, cosine, ir, merged = {}, {}, {}, {"seconds": {}, "loss_first_last": {}, "info_gap": {}}
+    per_seed, cosine, ir = {}, {}, {}
+    merged = {"seconds": {}, "loss_first_last": {}, "info_gap": {}, "stage1_cache": {}}
     for path, r in zip(paths, records):
         if key(r) != key(records[0]):
             sys.exit(f"{path}: not the same model, split and settings as {paths[0]}; not merged")
@@ -160,8 +164,8 @@ def merge_records(paths: list[str]) -> dict:
             for c, arms in by_collection.items():
                 for n, v in arms.items():
                     ir.setdefault(metric, {}).setdefault(c, {}).setdefault(n, {}).update(v["per_seed"])
-        for field in ("seconds", "loss_first_last", "info_gap"):
-            merged[field].update(r.get(field, {}))  # records before 2026-12-04 have no info_gap
+        for field in merged:
+            merged[field].update(r.get(field, {}))  # no info_gap before 2026-12-04, no stage1_cache before 12-07
     first = records[0]
     seeds = list(dict.fromkeys(s for r in records for s in r["settings"]["seeds"].split(",") if s))
     arms = "".join(sorted(set("".join(r["settings"]["arms"] for r in records))))

@@ -29,13 +29,14 @@ def run_stage(cfg, name: str, ds: str):
 STAGE1_KEPT = ("model", "metrics.jsonl", "shared_prefix.safetensors")  # what the later arms and the record read
 
 
-def cached_stage1(cfg, ds: str, base: str, cache: str) -> str:
-    """Stage 1's exported model: copied from ``cache`` when a run with the same key finished it, else
-    trained and kept there.  Stage 1 is bit-exact for a given key on one machine and reads no STS-B
-    half, so the report split's stage 1 is the tuning split's; the key is every stage-1 setting, the
-    seed, the stage-1 rows, the package's code, the DeepSpeed config and the base model's files."""
+def cached_stage1(cfg, ds: str, base: str, cache: str) -> tuple[str, str | None]:
+    """Stage 1's exported model, and the cache entry that holds it (None: not kept): copied from
+    ``cache`` when a run with the same key finished it, else trained and kept there.  Stage 1 is
+    bit-exact for a given key on one machine and reads no STS-B half, so the report split's stage 1 is
+    the tuning split's; the key is every stage-1 setting, the seed, the stage-1 rows, the package's
+    code, the DeepSpeed config and the base model's files."""
     if not cache:
-        return run_stage(cfg, "stage1", ds).artifact
+        return run_stage(cfg, "stage1", ds).artifact, None
     entry = os.path.join(cache, stage1_key(cfg, ds, base))
     stage_dir = cfg.layout.stage_dir("stage1")
     if os.path.isdir(entry):
@@ -46,10 +47,11 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> str:
             with atomic_dir(entry) as tmp:  # a kill mid-copy leaves no entry, never a partial one
                 for name in STAGE1_KEPT:
                     _copy(os.path.join(stage_dir, name), os.path.join(tmp, name))
-        return result.artifact
+            return result.artifact, entry
+        return result.artifact, None
     for name in STAGE1_KEPT:
         _copy(os.path.join(entry, name), os.path.join(stage_dir, name))
-    return cfg.layout.stage1_model
+    return cfg.layout.stage1_model, entry
 
 
 def stage1_key(cfg, ds: str, base: str) -> str:

@@ -245,7 +245,8 @@ out, base, cache, lr = sys.argv[1:5]
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=2", "stage1.micro_batch_size=4",
                          "stage1.learning_rate=" + lr, "stage1.log_every=1"])
 D.init_distributed()
-print("ARTIFACT", quality_stage1_cache.cached_stage1(cfg, {root!r} + "/ds_configs/zero2.json", base, cache))
+artifact, entry = quality_stage1_cache.cached_stage1(cfg, {root!r} + "/ds_configs/zero2.json", base, cache)
+print("ARTIFACT", artifact, "ENTRY", entry)
 D.shutdown()
 """
 
@@ -272,6 +273,8 @@ def test_stage1_cache_hands_a_finished_stage_1_to_a_later_run_and_only_that(tmp_
     assert "stage 1 from the cache" in runs["second"][0] and "step 2/2" not in runs["second"][0]
     assert "stage 1 from the cache" not in runs["other"][0]
     assert len(os.listdir(cache)) == 2  # one entry per key, no temporary folders left
+    entries = {n: runs[n][0].split("ENTRY ")[1].split()[0] for n in runs}  # what the record names
+    assert entries["first"] == entries["second"] != entries["other"] and os.path.dirname(entries["first"]) == cache
     first, second = (_files(runs[n][1]) for n in ("first", "second"))
     assert first["metrics.jsonl"] == second["metrics.jsonl"] and not any(k.startswith("checkpoints") for k in second)
     model = {k: v for k, v in first.items() if k.startswith("model" + os.sep)}
@@ -491,6 +494,9 @@ def test_learning_curve_trains_each_point_once_and_a_seeds_later_sizes_read_its_
     assert all(set(curve["sizes"][n][a]["sts"]["per_seed"]) == {"1"} for n in ("8", "16") for a in "bd")
     logs = {n: (out / n / "job-d-seed1.log").read_text() for n in ("n8", "n16")}
     assert ["stage 1 from the cache" in log for log in logs.values()] == [False, True]
+    named = {json.loads(p.read_text())["stage1_cache"].get("stage1 seed 1") for p in (results / "quality_runs").glob("*")}
+    (entry,) = named - {None}  # the (d) records name the one entry both sizes read; (b) has no stage 1
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(entry)]
     again = run_child(cmd, timeout=120)
     assert again.returncode == 0 and again.stdout.count("left to run: nothing") == 2, again.stdout[-2000:]
     assert "seed 1: " not in again.stdout  # no job started
