@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 
-from harness import ROOT, package_code_digest  # bench/harness.py, beside this script
+from harness import ROOT, data_digest, package_code_digest  # bench/harness.py, beside this script
 from quality import parser as quality_parser
 from quality_record import ARM_NAMES, _mean_std, kept_records, merge_records, model_name
 
@@ -51,9 +51,10 @@ GAINS = [  # (label, minuend row, subtrahend row): paired by seed
 
 def pooled(results: str, options: list[str], extra: list[str], code: str) -> dict | None:
     """The merged record of every report record in ``results`` bench/quality.py would pool with a run of
-    ``options`` (its own rule: package code ``code``, settings but for seeds and arms); None if none."""
+    ``options`` (its own rule: package code ``code``, this checkout's data, settings but for seeds and arms);
+    None if none."""
     q = quality_parser().parse_args(options + extra)
-    paths = kept_records(results, "report", model_name(q, q.base), vars(q), code)
+    paths = kept_records(results, "report", model_name(q, q.base), vars(q), code, data_digest())
     return merge_records(paths) if paths else None
 
 

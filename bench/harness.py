@@ -57,6 +57,24 @@ def package_code_digest() -> str:
     return h.hexdigest()[:16]
 
 
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+BENCH_DATA = ("nli", "stsb", "ir")  # what bench/quality.py reads of it: triplets, STS-B, the collections
+
+
+def data_digest() -> str | None:
+    """Hash of the benchmark's data files under ../shared/data by path and content (None without them):
+    records pool only over the same data, as over the same package code (``package_code_digest``)."""
+    found = (glob.glob(os.path.join(SHARED_DATA, name, "**", "*"), recursive=True) for name in BENCH_DATA)
+    paths = sorted(p for names in found for p in names if os.path.isfile(p))
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(os.path.relpath(path, SHARED_DATA).encode() + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:16]
+
+
 def record_header() -> dict:
     """What every result file starts with: when and from which code it was measured."""
     return {"date": time.strftime("%Y-%m-%d"), "commit": commit()}

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 
-from harness import ROOT, package_code_digest  # bench/harness.py, beside this script
+from harness import ROOT, data_digest, package_code_digest  # bench/harness.py, beside this script
 from quality import parser as quality_parser
 from quality_record import kept_records, merge_records, model_name
 
@@ -42,12 +42,12 @@ def size_options(size: int) -> list[str]:
 
 
 def records_by_size(results: str, sizes: list[int], extra: list[str], code: str) -> dict[int, list[str]]:
-    """size -> the report records in ``results`` of package code ``code`` with the settings this curve runs
-    at that size (bench/quality.py's own rule for which records pool)."""
+    """size -> the report records in ``results`` of package code ``code`` and this checkout's data with the
+    settings this curve runs at that size (bench/quality.py's own rule for which records pool)."""
     found = {}
     for n in sizes:
         q = quality_parser().parse_args(size_options(n) + extra)
-        found[n] = kept_records(results, "report", model_name(q, q.base), vars(q), code)
+        found[n] = kept_records(results, "report", model_name(q, q.base), vars(q), code, data_digest())
     return found
 
 

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 import quality_retrieval  # bench/quality_retrieval.py, beside this script
-from harness import ROOT, commit, package_code_digest  # bench/harness.py, beside this script
+from harness import ROOT, commit, data_digest, package_code_digest  # bench/harness.py, beside this script
 from quality_data import AUTOENCODE, INSTRUCTION, K, crop_pairs_file, dev_halves, stage1_file, stage2_file
 from quality_jobs import fresh_scratch, plan_jobs, points_left, run_apart
 from quality_record import ARM_NAMES, comparable, kept_records, measured, merge_records, model_name, publish, run_record
@@ -202,8 +202,9 @@ def main():
 
     base = args.base or smollm2_dir()  # converted here once, not by each --jobs child
     commit_id, code = commit(), package_code_digest()  # the code this process runs: HEAD may move while it does
+    data = data_digest()
     kept = [] if args.fresh or args.job_of_jobs else kept_records(args.results, args.split, model_name(args, base),
-                                                                   vars(args), code)
+                                                                   vars(args), code, data)
     plan = points_left(args.arms, seeds, measured(kept, retrieval=not args.no_retrieval))
     if kept:
         left = "; ".join(f"({letters}) seed {seed}" for seed, letters in plan.items()) or "nothing"
@@ -245,7 +246,7 @@ def main():
         return value
 
     def write_record():
-        record = run_record(args, base, commit_id, scores, timings, first_last, gaps, code, stage1_cache)
+        record = run_record(args, base, commit_id, scores, timings, first_last, gaps, code, stage1_cache, data)
         atomic_write_text(record_path, json.dumps(record, indent=2))
 
     def scored(arm, seed, encoder_fn):  # the arm's losses are in first_last before this writes the record

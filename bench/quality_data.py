@@ -10,11 +10,10 @@ import csv
 import os
 import random
 
-from harness import ROOT  # bench/harness.py, beside this script
+from harness import SHARED_DATA as SHARED  # bench/harness.py, beside this script
 
 from autoregembed.ground.data import load_rows, read_lines, write_jsonl
 
-SHARED = os.path.join(ROOT, "..", "shared", "data")
 AUTOENCODE = "Reconstruct the original text."
 INSTRUCTION = "Retrieve semantically similar text."
 K = 5

@@ -30,14 +30,16 @@ def model_name(args, base: str) -> str:
 
 
 def run_record(args, base, commit, scores, timings, first_last, gaps, code: str | None = None,
-               stage1_cache: dict | None = None) -> dict:
+               stage1_cache: dict | None = None, data: str | None = None) -> dict:
     """The run's record: settings, Spearman x100 per arm (mean, std, per seed), retrieval per arm and
-    collection, stage 1's information gap at its last step, timings; ``code``: harness.package_code_digest();
+    collection, stage 1's information gap at its last step, timings; ``code``: harness.package_code_digest(),
+    ``data``: harness.data_digest();
     ``stage1_cache``: the stage-1 cache entry each seed's model is kept in (relative to the checkout; None
     where it is not kept), for measuring those models again later."""
     ordered = sorted(scores.items(), key=lambda kv: _arm_order(kv[0]))
     sts = [(n, v) for n, v in ordered if "spearman" in next(iter(v.values()))]
     return {"model": model_name(args, base), "date": time.strftime("%Y-%m-%d"), "commit": commit, "package_code": code,
+            "data": data,
             "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]]), "split": args.split,
             "settings": _settings(vars(args)),
             "spearman_x100": summary({n: {str(s): round(r["spearman"], 2) for s, r in v.items()} for n, v in sts}),
@@ -96,14 +98,16 @@ def summary(per_seed: dict, digits: int = 2) -> dict:
             for n, v in per_seed.items()}
 
 
-def kept_records(results: str, split: str, model: str, settings: dict, code: str) -> list[str]:
+def kept_records(results: str, split: str, model: str, settings: dict, code: str, data: str | None) -> list[str]:
     """The records in ``results``/quality_runs that pool with a run of ``settings`` (its options): the same
-    split, model, package code and settings but for seeds and arms."""
+    split, model, package code, data and settings but for seeds and arms (records made before they
+    named their data, 2026-12-07, pool with any: ../shared/data had not changed until then)."""
     want, kept = comparable(settings), []
     for path in sorted(glob.glob(os.path.join(results, "quality_runs", f"{split}-*.json"))):
         with open(path) as f:
             r = json.load(f)
-        same_run = (r["split"], r["model"], r.get("package_code")) == (split, model, code)
+        same_run = ((r["split"], r["model"], r.get("package_code")) == (split, model, code)
+                    and r.get("data") in (None, data))
         if same_run and comparable(r["settings"]) == want:
             kept.append(path)
     return kept
@@ -137,14 +141,15 @@ def merge_records(paths: list[str]) -> dict:
     split across machines or sessions): the per-seed values are pooled and the means recomputed.
     An arm measured twice for one seed must give the same value (training is seeded and
     deterministic on CPU), else the merge is refused; so are records trained by different package code
-    (``package_code``; records made before it was kept carry none and are not checked): another code's
-    seed can differ by as much as the margins a table reads, and pooled it would hide that."""
+    or measured on different data (``package_code``, ``data``; records made before they were kept carry
+    none and are not checked): another code's seed can differ by as much as the margins a table reads,
+    and pooled it would hide that."""
     records = [json.load(open(p)) for p in paths]
-    codes = {r.get("package_code") for r in records} - {None}
-    if len(codes) > 1:
-        by_code = {c: [p for p, r in zip(paths, records) if r.get("package_code") == c] for c in sorted(codes)}
-        sys.exit("records trained by different package code, not merged: "
-                 + "; ".join(f"{c}: {', '.join(ps)}" for c, ps in by_code.items()))
+    for field, what in (("package_code", "trained by different package code"), ("data", "measured on different data")):
+        values = {r.get(field) for r in records} - {None}
+        if len(values) > 1:
+            by_value = {v: [p for p, r in zip(paths, records) if r.get(field) == v] for v in sorted(values)}
+            sys.exit(f"records {what}, not merged: " + "; ".join(f"{v}: {', '.join(ps)}" for v, ps in by_value.items()))
 
     def key(r):
         return r["model"], r["split"], comparable(r["settings"])

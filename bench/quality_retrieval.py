@@ -17,11 +17,11 @@ import re
 
 import numpy as np
 
-from harness import ROOT  # bench/harness.py, beside this script
+from harness import SHARED_DATA  # bench/harness.py, beside this script
 
 from autoregembed.release.retrieval import RetrievalSet, metrics, read_beir, retrieval_eval
 
-IR = os.path.join(ROOT, "..", "shared", "data", "ir")
+IR = os.path.join(SHARED_DATA, "ir")
 COLLECTIONS = {"tune": ("npl",), "report": ("cranfield", "cisi")}
 KEPT = ("ndcg@10", "recall@100")  # what a record keeps of each collection's metrics
 

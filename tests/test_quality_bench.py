@@ -114,22 +114,26 @@ def test_merge_refuses_other_settings_and_a_seed_that_scores_differently_twice(t
     assert quality_record.merge_records([one, same])["spearman_x100"][B]["per_seed"] == {"42": 78.0}
 
 
-def test_merge_refuses_seeds_trained_by_other_package_code(tmp_path):
-    """Records carry the digest of the code that trained them (harness.package_code_digest); seeds from
-    two codes are not pooled into one table, records made before the digest was kept are."""
-    def with_code(name, seed, code):
+@pytest.mark.parametrize("field, words", [("package_code", "trained by different package code"),
+                                           ("data", "measured on different data")])
+def test_merge_refuses_seeds_trained_by_other_package_code_or_measured_on_other_data(tmp_path, field, words):
+    """Records carry the digests of the code that trained them and of the data they read
+    (harness.package_code_digest, data_digest); seeds from two codes or two data are not pooled into one
+    table, records made before the digest was kept are."""
+    def with_digest(name, seed, value):
         path = _record(tmp_path, name, seed, "b", {B: {seed: 78.0}})
         record = json.load(open(path))
-        record["package_code"] = code
+        record[field] = value
         open(path, "w").write(json.dumps(record))
         return path
 
-    one, two, old = with_code("r1", "42", "aaaa"), with_code("r2", "1", "bbbb"), with_code("r3", "2", None)
-    with pytest.raises(SystemExit, match=r"different package code, not merged: aaaa: \S*r1.json; bbbb: \S*r2.json"):
+    one, two, old = with_digest("r1", "42", "aaaa"), with_digest("r2", "1", "bbbb"), with_digest("r3", "2", None)
+    with pytest.raises(SystemExit, match=rf"{words}, not merged: aaaa: \S*r1.json; bbbb: \S*r2.json"):
         quality_record.merge_records([one, two, old])
     assert quality_record.merge_records([one, old])["spearman_x100"][B]["per_seed"] == {"42": 78.0, "2": 78.0}
-    digest = bench_module("harness").package_code_digest()
-    assert len(digest) == 16 and digest == bench_module("harness").package_code_digest()
+    harness = bench_module("harness")
+    for digest in (harness.package_code_digest, harness.data_digest):
+        assert len(digest()) == 16 and digest() == digest()
 
 
 def test_scratch_is_emptied_under_a_lock_a_second_run_cannot_take(tmp_path):
@@ -413,9 +417,14 @@ def test_a_point_is_measured_once_a_record_holds_its_sts_and_its_retrieval_on_ev
     a_rest = _default_record(tmp_path, "four", "None", {A[1]: 60.0})
     assert quality_record.measured([a_part, a_rest], retrieval=True) == {("a", "None")}
     monkeypatch.chdir(tmp_path / "quality_runs")  # records name their DeepSpeed config from the checkout
+    harness = bench_module("harness")
+    runs = tmp_path / "quality_runs"
+    for name, data in (("one", "ours"), ("two", None), ("five", "other data")):  # "two": from before records named it
+        r = json.loads((runs / f"report-{'one' if name == 'five' else name}.json").read_text())
+        (runs / f"report-{name}.json").write_text(json.dumps({**r, "data": data}))
     kept = quality_record.kept_records(str(tmp_path), "report", "SmolLM2-135M-Instruct",
                                        vars(bench_module("quality").parser().parse_args(["--split", "report"])),
-                                       bench_module("harness").package_code_digest())
+                                       harness.package_code_digest(), "ours")
     assert sorted(map(os.path.basename, kept)) == [f"report-{n}.json" for n in ("four", "one", "three", "two")]
 
 
