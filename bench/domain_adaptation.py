@@ -8,7 +8,8 @@ code: the benchmark's defaults (arms b, c, d: stage 1 on the NLI sentences; the 
 and (g) is (b) after InfoNCE on crops of that same text).  The table sets each adapted arm beside its
 unadapted twin, per collection and on STS (what adaptation costs elsewhere), with the gains paired by
 seed (the same seed's two models differ only in the raw text), and stage 1's information gap at its last
-step (the signal the score should follow).  ``--table-only`` trains nothing.  Writes
+step (the signal the score should follow; on each run's own probe rows, so the adapted run's include
+documents: ``autoregembed reconstruct`` measures both models on the same documents).  ``--table-only`` trains nothing.  Writes
 bench/results/domain_adaptation.{json,md}.
 
     python bench/domain_adaptation.py --seeds 42,1,2 --jobs 2   # hours on 2 cores; reuses the table's runs
@@ -81,7 +82,8 @@ def table(records: dict[str, dict | None]) -> dict:
     for label, run, name in ROWS:
         cols = columns(records[run], name)
         if cols:  # e.g. BM25 where the records hold no retrieval
-            rows[label] = {m: {**_stat(list(v.values()), 2 if m == "sts" else 4), "per_seed": v} for m, v in cols.items()}
+            rows[label] = {m: {**_stat(list(v.values()), 2 if m == "sts" else 4), "per_seed": v}
+                           for m, v in cols.items()}
     gains = {}
     for label, (run_a, a), (run_b, b) in GAINS:
         one, two = columns(records[run_a], a), columns(records[run_b], b)
@@ -114,7 +116,8 @@ def markdown(t: dict) -> str:
             lines.append("| " + " | ".join([label, *(cell(cols.get(m), m, part == "gains") for m in metrics)]) + " |")
     gaps = "; ".join(f"{run}: " + ", ".join(f"seed {s} {g:.3f}" for s, g in by_seed.items())
                      for run, by_seed in t["info_gap"].items() if by_seed)
-    tail = f"\n\nStage 1's information gap at its last step (nats/token): {gaps}" if gaps else ""
+    tail = (f"\n\nStage 1's information gap at its last step, on its own probe rows (the adapted run's are "
+            f"documents too), nats/token: {gaps}") if gaps else ""
     return "\n".join(lines) + tail + "\n"
 
 

@@ -479,10 +479,11 @@ def test_domain_adaptation_sets_each_adapted_arm_beside_its_twin_and_pairs_the_g
     assert t["rows"]["BM25 (lexical floor)"]["ndcg@10 Cranfield"]["mean"] == 0.25
     md = (tmp_path / "domain_adaptation.md").read_text().splitlines()
     assert md[0] == "| arm | nDCG@10 Cranfield | nDCG@10 CISI | nDCG@10 mean | STS-B x100 |"
-    assert md[9] == ("| stage 1 on the documents: adapted (d) - (d) | +0.0088 ± 0.0018 (n=2) | +0.0117 ± 0.0023 (n=2) | "
-                     "+0.0102 ± 0.0021 (n=2) | +3.50 ± 0.71 (n=2) |")
+    assert md[9] == ("| stage 1 on the documents: adapted (d) - (d) | +0.0088 ± 0.0018 (n=2) | "
+                     "+0.0117 ± 0.0023 (n=2) | +0.0102 ± 0.0021 (n=2) | +3.50 ± 0.71 (n=2) |")
     assert t["info_gap"] == {"plain": {"42": 1.5, "1": 1.51}, "adapted": {"42": 1.75, "1": 1.76}}
-    assert md[-1] == ("Stage 1's information gap at its last step (nats/token): plain: seed 1 1.510, seed 42 1.500; "
+    assert md[-1] == ("Stage 1's information gap at its last step, on its own probe rows (the adapted run's are "
+                      "documents too), nats/token: plain: seed 1 1.510, seed 42 1.500; "
                       "adapted: seed 1 1.760, seed 42 1.750")
 
 
@@ -503,7 +504,8 @@ def test_learning_curve_trains_each_point_once_and_a_seeds_later_sizes_read_its_
     assert all(set(curve["sizes"][n][a]["sts"]["per_seed"]) == {"1"} for n in ("8", "16") for a in "bd")
     logs = {n: (out / n / "job-d-seed1.log").read_text() for n in ("n8", "n16")}
     assert ["stage 1 from the cache" in log for log in logs.values()] == [False, True]
-    named = {json.loads(p.read_text())["stage1_cache"].get("stage1 seed 1") for p in (results / "quality_runs").glob("*")}
+    records = [json.loads(p.read_text()) for p in (results / "quality_runs").glob("*")]
+    named = {r["stage1_cache"].get("stage1 seed 1") for r in records}
     (entry,) = named - {None}  # the (d) records name the one entry both sizes read; (b) has no stage 1
     assert os.listdir(tmp_path / "cache") == [os.path.basename(entry)]
     again = run_child(cmd, timeout=120)
