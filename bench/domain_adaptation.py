@@ -17,14 +17,13 @@ bench/results/domain_adaptation.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 
-from harness import ROOT, data_digest, package_code_digest  # bench/harness.py, beside this script
+from harness import data_digest, package_code_digest  # bench/harness.py, beside this script
 from quality import parser as quality_parser
+from quality_jobs import run_table, series_parser
 from quality_record import ARM_NAMES, _mean_std, kept_records, merge_records, model_name
 
 from autoregembed.ground.atomic import atomic_write_text
@@ -122,20 +121,11 @@ def markdown(t: dict) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="42,1,2")
-    ap.add_argument("--jobs", type=int, default=1, help="bench/quality.py --jobs: points side by side")
-    ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"),
-                    help="bench/quality.py's results folder: the records (quality_runs/) and domain_adaptation.*")
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "domain_adaptation"))
+    ap = series_parser(__doc__, "domain_adaptation", "domain_adaptation.{json,md}")
     ap.add_argument("--table-only", action="store_true", help="train nothing: the table of the records kept")
     args, extra = ap.parse_known_args()  # the rest goes to bench/quality.py (e.g. --base, --stage1-steps)
     for run, (options, arms) in [] if args.table_only else RUNS.items():
-        cmd = [sys.executable, os.path.join(ROOT, "bench", "quality.py"), *options, "--arms", arms,
-               "--seeds", args.seeds, "--jobs", str(args.jobs), "--results", args.results,
-               "--out", os.path.join(args.out, run), *extra]
-        print(f"[domain_adaptation] {run}: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        run_table(f"domain_adaptation {run}", [*options, "--arms", arms], args, os.path.join(args.out, run), extra)
     code = package_code_digest()
     records = {run: pooled(args.results, options, extra, code) for run, (options, _) in RUNS.items()}
     if records["adapted"] is None:

@@ -17,14 +17,13 @@ cache once per seed.  ``--plot-only`` trains nothing.  The curve: bench/results/
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 
 from harness import ROOT, data_digest, package_code_digest  # bench/harness.py, beside this script
 from quality import parser as quality_parser
+from quality_jobs import run_table, series_parser
 from quality_record import kept_records, merge_records, model_name
 
 from autoregembed.ground.atomic import atomic_write_text
@@ -107,22 +106,14 @@ def plot(table: dict, path: str):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = series_parser(__doc__, "learning_curve", "learning_curve.{json,png}")
     ap.add_argument("--sizes", default="120,240,480,960")
-    ap.add_argument("--seeds", default="42,1,2")
-    ap.add_argument("--jobs", type=int, default=1, help="bench/quality.py --jobs: points side by side")
-    ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"),
-                    help="bench/quality.py's results folder: the records (quality_runs/) and learning_curve.{json,png}")
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "learning_curve"))
     ap.add_argument("--plot-only", action="store_true", help="train nothing: the curve of the records kept")
     args, extra = ap.parse_known_args()  # the rest goes to bench/quality.py (e.g. --base, --stage1-steps)
     sizes = [int(x) for x in args.sizes.split(",")]
     for size in [] if args.plot_only else sizes:
-        cmd = [sys.executable, os.path.join(ROOT, "bench", "quality.py"), *size_options(size), "--arms", "bd",
-               "--seeds", args.seeds, "--jobs", str(args.jobs), "--results", args.results,
-               "--out", os.path.join(args.out, f"n{size}"), *extra]
-        print(f"[learning_curve] {size} triplets: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        run_table(f"learning_curve {size} triplets", [*size_options(size), "--arms", "bd"], args,
+                  os.path.join(args.out, f"n{size}"), extra)
     code = package_code_digest()
     found = records_by_size(args.results, sizes, extra, code)
     table = curve(found)

@@ -6,16 +6,20 @@ stops the others and names its log), and they are tested without training anythi
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import shutil
+import subprocess
 import sys
 import time
 from typing import NamedTuple
 
+from harness import ROOT  # bench/harness.py, beside this script
+
 from autoregembed.run.runlock import RunLock
 
-QUALITY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality.py")  # each job's command
+QUALITY = os.path.join(ROOT, "bench", "quality.py")  # each job's command
 
 
 class Job(NamedTuple):
@@ -128,3 +132,26 @@ def fresh_scratch(out: str) -> RunLock:
         else:
             os.unlink(path)
     return lock
+
+
+def series_parser(doc: str, out: str, writes: str) -> argparse.ArgumentParser:
+    """The options of a series of report tables run through bench/quality.py (learning_curve.py,
+    domain_adaptation.py); ``out``: its scratch folder under runs/, ``writes``: what it writes beside the
+    records."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="42,1,2")
+    ap.add_argument("--jobs", type=int, default=1, help="bench/quality.py --jobs: points side by side")
+    ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"),
+                    help=f"bench/quality.py's results folder: the records (quality_runs/) and {writes}")
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", out))
+    return ap
+
+
+def run_table(label: str, options: list[str], args, out: str, extra: list[str]):
+    """One table of a series: bench/quality.py with ``options`` at ``args.seeds``, ``args.jobs`` points side by
+    side, its records in ``args.results`` (so it runs only the points no record holds); ``extra``: the
+    series' own command line's other options, passed through."""
+    cmd = [sys.executable, QUALITY, *options, "--seeds", args.seeds, "--jobs", str(args.jobs),
+           "--results", args.results, "--out", out, *extra]
+    print(f"[{label}] {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
