@@ -22,9 +22,9 @@ import os
 import sys
 
 from harness import data_digest, package_code_digest  # bench/harness.py, beside this script
-from quality import parser as quality_parser
+from quality import records_for
 from quality_jobs import run_table, series_parser
-from quality_record import ARM_NAMES, _mean_std, kept_records, merge_records, model_name
+from quality_record import ARM_NAMES, _mean_std, merge_records
 
 from autoregembed.ground.atomic import atomic_write_text
 
@@ -49,12 +49,10 @@ GAINS = [  # (label, minuend row, subtrahend row): paired by seed
 ]
 
 
-def pooled(results: str, options: list[str], extra: list[str], code: str) -> dict | None:
-    """The merged record of every report record in ``results`` bench/quality.py would pool with a run of
-    ``options`` (its own rule: package code ``code``, this checkout's data, settings but for seeds and arms);
-    None if none."""
-    q = quality_parser().parse_args(options + extra)
-    paths = kept_records(results, "report", model_name(q, q.base), vars(q), code, data_digest())
+def pooled(results: str, options: list[str], code: str, data: str | None) -> dict | None:
+    """The merged record of every record in ``results`` bench/quality.py would pool with a run of
+    ``options`` (``quality.records_for``); None if none."""
+    paths = records_for(options, results, code, data)
     return merge_records(paths) if paths else None
 
 
@@ -127,7 +125,8 @@ def main():
     for run, (options, arms) in [] if args.table_only else RUNS.items():
         run_table(f"domain_adaptation {run}", [*options, "--arms", arms], args, os.path.join(args.out, run), extra)
     code = package_code_digest()
-    records = {run: pooled(args.results, options, extra, code) for run, (options, _) in RUNS.items()}
+    data = data_digest()
+    records = {run: pooled(args.results, options + extra, code, data) for run, (options, _) in RUNS.items()}
     if records["adapted"] is None:
         sys.exit(f"no report records with --stage1-corpus general+ir and package code {code} in "
                  f"{args.results}/quality_runs")

@@ -22,9 +22,9 @@ import os
 import sys
 
 from harness import ROOT, data_digest, package_code_digest  # bench/harness.py, beside this script
-from quality import parser as quality_parser
+from quality import records_for
 from quality_jobs import run_table, series_parser
-from quality_record import kept_records, merge_records, model_name
+from quality_record import merge_records
 
 from autoregembed.ground.atomic import atomic_write_text
 
@@ -40,14 +40,11 @@ def size_options(size: int) -> list[str]:
     return ["--split", "report", "--nli-rows", str(size), "--stage2-steps", str(stage2_steps(size))]
 
 
-def records_by_size(results: str, sizes: list[int], extra: list[str], code: str) -> dict[int, list[str]]:
-    """size -> the report records in ``results`` of package code ``code`` and this checkout's data with the
-    settings this curve runs at that size (bench/quality.py's own rule for which records pool)."""
-    found = {}
-    for n in sizes:
-        q = quality_parser().parse_args(size_options(n) + extra)
-        found[n] = kept_records(results, "report", model_name(q, q.base), vars(q), code, data_digest())
-    return found
+def records_by_size(results: str, sizes: list[int], extra: list[str], code: str,
+                    data: str | None) -> dict[int, list[str]]:
+    """size -> the report records in ``results`` of package code ``code`` and data ``data`` with the settings
+    this curve runs at that size (bench/quality.py's own rule for which records pool)."""
+    return {n: records_for(size_options(n) + extra, results, code, data) for n in sizes}
 
 
 def curve(by_size: dict[int, list[str]]) -> dict:
@@ -115,7 +112,7 @@ def main():
         run_table(f"learning_curve {size} triplets", [*size_options(size), "--arms", "bd"], args,
                   os.path.join(args.out, f"n{size}"), extra)
     code = package_code_digest()
-    found = records_by_size(args.results, sizes, extra, code)
+    found = records_by_size(args.results, sizes, extra, code, data_digest())
     table = curve(found)
     if not table:
         sys.exit(f"no report records of arms b and d at sizes {args.sizes} and package code {code} "

@@ -175,6 +175,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def records_for(options: list[str], results: str, code: str, data: str | None) -> list[str]:
+    """The records in ``results`` a run of this script with ``options`` would pool with (``kept_records``:
+    package code ``code``, data ``data``, settings but for seeds and arms): what a series of tables
+    (learning_curve.py, domain_adaptation.py) reads back."""
+    q = parser().parse_args(options)
+    return kept_records(results, q.split, model_name(q, q.base), vars(q), code, data)
+
+
 def is_canonical(settings: dict) -> bool:
     """Whether ``settings`` are the benchmark's defaults: only such a table is bench/results/quality.json."""
     return comparable(settings) == comparable(vars(parser().parse_args(["--split", "report"])))
