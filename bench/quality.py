@@ -368,6 +368,8 @@ def overrides(args, base: str, s1: str, s2: str, sts: str) -> list[str]:
               "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
               f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
               "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
+              # a stage 1 killed with its session resumes in the next (quality_stage1_cache.py): ~15 min lost, not 90
+              "stage1.save_every=25", "stage1.keep_last=1",
               f"model.match_decoder_scale={not args.no_decoder_scale}", f"model.decoder_bos={not args.no_decoder_bos}",
               f"loss.detach_positive={not args.no_detach_positive}", f"stage1_loss.contrast={args.stage1_contrast}",
               f"stage1.lr_schedule={args.stage1_schedule}", f"model.shared_prefix={args.stage1_shared_prefix}",

@@ -245,9 +245,9 @@ sys.path.insert(0, {root!r} + "/bench")
 import quality_stage1_cache
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
-out, base, cache, lr = sys.argv[1:5]
+out, base, cache, lr, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=2", "stage1.micro_batch_size=4",
-                         "stage1.learning_rate=" + lr, "stage1.log_every=1"])
+                         "stage1.learning_rate=" + lr, "stage1.log_every=1", *extra])
 D.init_distributed()
 artifact, entry = quality_stage1_cache.cached_stage1(cfg, {root!r} + "/ds_configs/zero2.json", base, cache)
 print("ARTIFACT", artifact, "ENTRY", entry)
@@ -285,6 +285,36 @@ def test_stage1_cache_hands_a_finished_stage_1_to_a_later_run_and_only_that(tmp_
     assert model and model == {k: v for k, v in second.items() if k.startswith("model" + os.sep)}
 
 
+@pytest.mark.distributed
+def test_a_stage_1_stopped_mid_way_resumes_in_the_cache_and_keeps_the_uninterrupted_model(tmp_path, default_tiny_base):
+    """A run that ends mid-stage-1 (a session's end, a stop request) loses only the steps since its last
+    checkpoint: the next run of the key resumes in ``<entry>.partial``, keeps the model an uninterrupted
+    run keeps under the same key, and leaves no partial folder behind."""
+    script = tmp_path / "run.py"
+    script.write_text(CACHE_SCRIPT.format(root=ROOT))
+
+    def run(name, cache, *extra):
+        r = run_child([script, str(tmp_path / name), default_tiny_base, str(tmp_path / cache), "1e-3",
+                       "stage1.max_steps=4", *extra])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+        return r.stdout + r.stderr
+
+    run("straight", "a")
+    stopped = run("stopped", "b", "stage1.save_every=1", "stage1.stop_after=2")
+    (partial,) = os.listdir(tmp_path / "b")
+    (key,) = os.listdir(tmp_path / "a")
+    assert "ENTRY None" in stopped and partial == key + ".partial"
+    resumed = run("resumed", "b", "stage1.save_every=1")
+    assert "(step 2)" in resumed and "step 1/4" not in resumed  # loaded step 2's checkpoint, trained 3 and 4
+    assert os.listdir(tmp_path / "b") == [key]  # the same key; the partial removed
+    straight, again = (_files(tmp_path / c / key) for c in ("a", "b"))
+    weights = [{k: v for k, v in f.items() if k.endswith(".safetensors")} for f in (straight, again)]  # not the card
+    assert weights[0] and weights[0] == weights[1]
+    losses = [[json.loads(line)["loss"] for line in f["metrics.jsonl"].decode().splitlines()]
+              for f in (straight, again)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
 def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
     from autoregembed.run.config import load_config
 
@@ -297,6 +327,7 @@ def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
 
     same = key()
     assert key("output_dir=elsewhere", "stage2.learning_rate=0.5", "eval.instruction=x") == same
+    assert key("stage1.save_every=25", "stage1.keep_last=1", "stage1.stop_after=3") == same  # a resume retraces the run
     assert key("stage1.learning_rate=0.5") != same and key("seed=7") != same
     assert key("model.shared_prefix=2") != same and key("stage1_loss.contrast=1.0") != same
     copy = tmp_path / "copy.jsonl"
