@@ -63,7 +63,7 @@ from harness import ROOT, commit, data_digest, package_code_digest  # bench/harn
 from quality_data import AUTOENCODE, INSTRUCTION, K, crop_pairs_file, dev_halves, stage1_file, stage2_file
 from quality_jobs import fresh_scratch, plan_jobs, points_left, run_apart
 from quality_record import ARM_NAMES, comparable, kept_records, measured, merge_records, model_name, publish, run_record
-from quality_stage1_cache import cached_stage1, run_stage
+from quality_stage_cache import cached_stage, cached_stage1, run_stage
 
 from autoregembed.ground import distributed as D
 from autoregembed.ground.atomic import atomic_write_text
@@ -165,8 +165,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--stage1-cache", default=os.path.join(ROOT, "runs", "stage1-cache"),
-                    help="stage-1 results kept by what decides them (settings, seed, data, code), so that "
-                         "--split report reuses the tuning run's stage 1; '' turns it off")
+                    help="trained stages kept by their key (quality_stage_cache.py): stage 1 by what decides it, so "
+                         "--split report reuses the tuning run's, the others by their whole config, so a point run "
+                         "again finds its models; a stage killed mid-way resumes there; '' turns it off")
     ap.add_argument("--jobs", type=int, default=1,
                     help="arms and seeds run side by side, a process each with cores/jobs threads; one merged table")
     ap.add_argument("--fresh", action="store_true",
@@ -268,7 +269,7 @@ def main():
             write_record()
 
     common = overrides(args, base, s1, s2, sts)
-    ds = args.deepspeed
+    ds, cache = args.deepspeed, args.stage1_cache
     contrastive_steps = args.stage1_steps + args.stage2_steps  # as many as (d) takes in total
     first_last, gaps, stage1_cache = {}, {}, {}
     if None in plan:  # arm (a), training-free: no seed
@@ -308,16 +309,16 @@ def main():
             crops = crop_pairs_file(os.path.join(args.out, f"crops-seed{seed}.jsonl"), s1,
                                     args.stage1_steps * (args.batch // 2), seed)
             cfg_u = contrastive(base, f"{out}-crops", args.stage1_steps, f"data.stage2={crops}")
-            b_starts["g"] = timed(f"train (g) unsupervised seed {seed}", lambda: run_stage(cfg_u, "stage2", ds).artifact)
+            b_starts["g"] = timed(f"train (g) unsupervised seed {seed}", lambda: cached_stage(cfg_u, "stage2", ds, cache)[0])
             first_last[f"(g) unsupervised seed {seed}"] = _first_last(cfg_u, "stage2")
         for letter, start in b_starts.items():
             if letter in arms:
                 cfg_b = contrastive(start, f"{out}-infonce" + ("-crops" if letter == "g" else ""), contrastive_steps)
-                b_dir = timed(f"train ({letter}) seed {seed}", lambda: run_stage(cfg_b, "stage2", ds).artifact)
+                b_dir = timed(f"train ({letter}) seed {seed}", lambda: cached_stage(cfg_b, "stage2", ds, cache)[0])
                 first_last[f"({letter}) seed {seed}"] = _first_last(cfg_b, "stage2")
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(b_dir))
         if set(arms) & set("cdef"):
-            stage1_dir, entry = timed(f"train (c) seed {seed}", lambda: cached_stage1(cfg, ds, base, args.stage1_cache))
+            stage1_dir, entry = timed(f"train (c) seed {seed}", lambda: cached_stage1(cfg, ds, base, cache))
             stage1_cache[f"stage1 seed {seed}"] = entry and os.path.relpath(entry, ROOT)
             first_last[f"stage1 seed {seed}"] = _first_last(cfg, "stage1")
             gaps[f"stage1 seed {seed}"] = _last_gap(cfg)
@@ -335,7 +336,7 @@ def main():
         for letter, extra in stage2_arms.items():
             if letter in arms:
                 cfg2 = load_config(None, common + after + extra)
-                model_dir = timed(f"train ({letter}) seed {seed}", lambda: run_stage(cfg2, "stage2", ds).artifact)
+                model_dir = timed(f"train ({letter}) seed {seed}", lambda: cached_stage(cfg2, "stage2", ds, cache)[0])
                 first_last[f"({letter}) stage 2 seed {seed}"] = _first_last(cfg2, "stage2")
                 scored(ARM_NAMES[letter][0], seed, lambda: Encoder.from_pretrained(model_dir, pooling=args.pooling))
     D.shutdown()
@@ -368,8 +369,8 @@ def overrides(args, base: str, s1: str, s2: str, sts: str) -> list[str]:
               "model.gradient_checkpointing=false", f"data.stage1={s1}", f"data.stage2={s2}",
               f"eval.sts_file={sts}", f"eval.instruction={INSTRUCTION}", "data.max_text_len=64",
               "data.max_target_len=64", "stage1.log_every=10", "stage2.log_every=10",
-              # a stage 1 killed with its session resumes in the next (quality_stage1_cache.py): ~15 min lost, not 90
-              "stage1.save_every=25", "stage1.keep_last=1",
+              # a stage killed with its session resumes in the next (quality_stage_cache.py): minutes lost, not the stage
+              "stage1.save_every=25", "stage1.keep_last=1", "stage2.save_every=25", "stage2.keep_last=1",
               f"model.match_decoder_scale={not args.no_decoder_scale}", f"model.decoder_bos={not args.no_decoder_bos}",
               f"loss.detach_positive={not args.no_detach_positive}", f"stage1_loss.contrast={args.stage1_contrast}",
               f"stage1.lr_schedule={args.stage1_schedule}", f"model.shared_prefix={args.stage1_shared_prefix}",

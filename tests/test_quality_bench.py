@@ -10,7 +10,7 @@ from helpers import ROOT, bench_module, run_child
 
 quality_record = bench_module("quality_record")
 quality_jobs = bench_module("quality_jobs")
-quality_stage1_cache = bench_module("quality_stage1_cache")
+quality_stage_cache = bench_module("quality_stage_cache")
 
 B, C, D = "(b) contrastive (InfoNCE)", "(c) stage 1 only", "(d) stage 1 + stage 2"
 
@@ -242,14 +242,18 @@ CACHE_SCRIPT = """
 import sys, warnings
 warnings.filterwarnings("ignore")
 sys.path.insert(0, {root!r} + "/bench")
-import quality_stage1_cache
+import quality_stage_cache
 from autoregembed.ground import distributed as D
 from autoregembed.run.config import load_config
-out, base, cache, lr, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
-cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, "stage1.max_steps=2", "stage1.micro_batch_size=4",
-                         "stage1.learning_rate=" + lr, "stage1.log_every=1", *extra])
+out, base, cache, lr, stage, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+cfg = load_config(None, ["output_dir=" + out, "model.base=" + base, f"{{stage}}.max_steps=2", f"{{stage}}.micro_batch_size=4",
+                         f"{{stage}}.learning_rate=" + lr, f"{{stage}}.log_every=1", *extra])
 D.init_distributed()
-artifact, entry = quality_stage1_cache.cached_stage1(cfg, {root!r} + "/ds_configs/zero2.json", base, cache)
+ds = {root!r} + "/ds_configs/zero2.json"
+if stage == "stage1":
+    artifact, entry = quality_stage_cache.cached_stage1(cfg, ds, base, cache)
+else:
+    artifact, entry = quality_stage_cache.cached_stage(cfg, stage, ds, cache)
 print("ARTIFACT", artifact, "ENTRY", entry)
 D.shutdown()
 """
@@ -270,12 +274,12 @@ def test_stage1_cache_hands_a_finished_stage_1_to_a_later_run_and_only_that(tmp_
     runs = {}
     for name, lr in (("first", "1e-4"), ("second", "1e-4"), ("other", "2e-4")):
         out = str(tmp_path / name)
-        r = run_child([script, out, default_tiny_base, cache, lr])
+        r = run_child([script, out, default_tiny_base, cache, lr, "stage1"])
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
         runs[name] = (r.stdout + r.stderr, os.path.join(out, "stage1"))
-    assert "stage 1 from the cache" not in runs["first"][0] and "step 2/2" in runs["first"][0]
-    assert "stage 1 from the cache" in runs["second"][0] and "step 2/2" not in runs["second"][0]
-    assert "stage 1 from the cache" not in runs["other"][0]
+    assert "stage1 from the cache" not in runs["first"][0] and "step 2/2" in runs["first"][0]
+    assert "stage1 from the cache" in runs["second"][0] and "step 2/2" not in runs["second"][0]
+    assert "stage1 from the cache" not in runs["other"][0]
     assert len(os.listdir(cache)) == 2  # one entry per key, no temporary folders left
     entries = {n: runs[n][0].split("ENTRY ")[1].split()[0] for n in runs}  # what the record names
     assert entries["first"] == entries["second"] != entries["other"] and os.path.dirname(entries["first"]) == cache
@@ -285,34 +289,69 @@ def test_stage1_cache_hands_a_finished_stage_1_to_a_later_run_and_only_that(tmp_
     assert model and model == {k: v for k, v in second.items() if k.startswith("model" + os.sep)}
 
 
+INFONCE = ["loss.kind=infonce", "model.lora_rank=0"]  # (b)'s stage 2, from the base (paths.stage1_model below)
+
+
 @pytest.mark.distributed
-def test_a_stage_1_stopped_mid_way_resumes_in_the_cache_and_keeps_the_uninterrupted_model(tmp_path, default_tiny_base):
-    """A run that ends mid-stage-1 (a session's end, a stop request) loses only the steps since its last
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_a_stage_stopped_mid_way_resumes_in_the_cache_and_keeps_the_uninterrupted_model(tmp_path, default_tiny_base,
+                                                                                         stage):
+    """A run that ends mid-stage (a session's end, a stop request) loses only the steps since its last
     checkpoint: the next run of the key resumes in ``<entry>.partial``, keeps the model an uninterrupted
-    run keeps under the same key, and leaves no partial folder behind."""
+    run keeps under the same key, and leaves no partial folder behind; stage 1 by its own key, (b)'s
+    InfoNCE stage by its run's config."""
     script = tmp_path / "run.py"
     script.write_text(CACHE_SCRIPT.format(root=ROOT))
+    inputs = [] if stage == "stage1" else [*INFONCE, f"paths.stage1_model={default_tiny_base}"]
 
-    def run(name, cache, *extra):
-        r = run_child([script, str(tmp_path / name), default_tiny_base, str(tmp_path / cache), "1e-3",
-                       "stage1.max_steps=4", *extra])
+    def run(cache, *extra):
+        r = run_child([script, str(tmp_path / "out"), default_tiny_base, str(tmp_path / cache), "1e-3", stage,
+                       f"{stage}.max_steps=4", *inputs, *extra])
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
         return r.stdout + r.stderr
 
-    run("straight", "a")
-    stopped = run("stopped", "b", "stage1.save_every=1", "stage1.stop_after=2")
+    run("a")
+    stopped = run("b", f"{stage}.save_every=1", f"{stage}.stop_after=2")
     (partial,) = os.listdir(tmp_path / "b")
     (key,) = os.listdir(tmp_path / "a")
     assert "ENTRY None" in stopped and partial == key + ".partial"
-    resumed = run("resumed", "b", "stage1.save_every=1")
+    resumed = run("b", f"{stage}.save_every=1")
     assert "(step 2)" in resumed and "step 1/4" not in resumed  # loaded step 2's checkpoint, trained 3 and 4
     assert os.listdir(tmp_path / "b") == [key]  # the same key; the partial removed
-    straight, again = (_files(tmp_path / c / key) for c in ("a", "b"))
-    weights = [{k: v for k, v in f.items() if k.endswith(".safetensors")} for f in (straight, again)]  # not the card
+    again = run("b")
+    assert f"{stage} from the cache" in again and "step 1/4" not in again
+    straight, resumed = (_files(tmp_path / c / key) for c in ("a", "b"))
+    weights = [{k: v for k, v in f.items() if k.endswith(".safetensors")} for f in (straight, resumed)]  # not the card
     assert weights[0] and weights[0] == weights[1]
     losses = [[json.loads(line)["loss"] for line in f["metrics.jsonl"].decode().splitlines()]
-              for f in (straight, again)]
+              for f in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def test_run_key_follows_the_whole_config_and_the_files_it_names(tmp_path):
+    """Every trained stage but stage 1 is kept by its run's whole config: any setting, or the content of
+    a file or folder it names (rows, the model it starts from), makes another key; its output folder and
+    when it checkpoints do not."""
+    from autoregembed.run.config import load_config
+
+    rows, start = tmp_path / "rows.jsonl", tmp_path / "start"
+    rows.write_text('{"query": "q", "pos": "p", "neg": "n"}\n')
+    start.mkdir()
+    (start / "w.bin").write_bytes(b"1")
+    ds = os.path.join(ROOT, "ds_configs", "zero2.json")
+
+    def key(*extra, out="a"):
+        cfg = load_config(None, [f"data.stage2={rows}", f"paths.stage1_model={start}", f"output_dir={tmp_path / out}",
+                                 *extra])
+        return quality_stage_cache.run_key(cfg, "stage2", ds)
+
+    same = key()
+    assert key(out="b") == same and key("stage2.save_every=5", "stage2.keep_last=1", "stage2.stop_after=2") == same
+    assert key("eval.instruction=x") != same and key("seed=7") != same and key("stage2.learning_rate=0.5") != same
+    rows.write_text('{"query": "q", "pos": "p", "neg": "m"}\n')
+    changed_rows = key()
+    (start / "w.bin").write_bytes(b"2")
+    assert len({same, changed_rows, key()}) == 3
 
 
 def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
@@ -323,7 +362,7 @@ def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
     ds = os.path.join(ROOT, "ds_configs", "zero2.json")
 
     def key(*extra, data=str(rows)):
-        return quality_stage1_cache.stage1_key(load_config(None, [f"data.stage1={data}", *extra]), ds, "tiny")
+        return quality_stage_cache.stage1_key(load_config(None, [f"data.stage1={data}", *extra]), ds, "tiny")
 
     same = key()
     assert key("output_dir=elsewhere", "stage2.learning_rate=0.5", "eval.instruction=x") == same
@@ -534,11 +573,13 @@ def test_learning_curve_trains_each_point_once_and_a_seeds_later_sizes_read_its_
     assert set(curve["sizes"]) == {"8", "16"}
     assert all(set(curve["sizes"][n][a]["sts"]["per_seed"]) == {"1"} for n in ("8", "16") for a in "bd")
     logs = {n: (out / n / "job-d-seed1.log").read_text() for n in ("n8", "n16")}
-    assert ["stage 1 from the cache" in log for log in logs.values()] == [False, True]
+    assert ["stage1 from the cache" in log for log in logs.values()] == [False, True]
     records = [json.loads(p.read_text()) for p in (results / "quality_runs").glob("*")]
     named = {r["stage1_cache"].get("stage1 seed 1") for r in records}
     (entry,) = named - {None}  # the (d) records name the one entry both sizes read; (b) has no stage 1
-    assert os.listdir(tmp_path / "cache") == [os.path.basename(entry)]
+    kept = os.listdir(tmp_path / "cache")
+    assert [n for n in kept if n.startswith("seed")] == [os.path.basename(entry)]
+    assert len([n for n in kept if n.startswith("stage2-seed1-")]) == 4  # (b) and (d)'s stage 2 at each size
     again = run_child(cmd, timeout=120)
     assert again.returncode == 0 and again.stdout.count("left to run: nothing") == 2, again.stdout[-2000:]
     assert "seed 1: " not in again.stdout  # no job started

@@ -1,0 +1,160 @@
+"""Trained stages kept by a key, so that bench/quality.py trains each at most once: stage 1 by what decides
+it, so the report split reuses the tuning run's (the longest part of an arm), and every other trained
+stage ((b)'s and (g)'s InfoNCE, (d)-(f)'s stage 2) by its run's whole config, so the same point run again
+after its session ended picks up its model instead of training it again.
+
+Why a key of everything: a cache hit must be the very model a fresh run would train, bit for bit, so the
+key holds the settings, the seed, the files they name by content (rows, the model a stage starts from),
+the package's code, the DeepSpeed config and the base model's files; a stage stopped early is never
+stored.  A stage trains in ``<entry>.partial``, outside the run's scratch (which the next run empties),
+so one killed with its session resumes from its latest checkpoint when a later run asks for the same key:
+the trainer's resume retraces the uninterrupted run, so when and whether it checkpoints is not in the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import shutil
+
+from harness import ROOT, package_code_files  # bench/harness.py, beside this script
+
+from autoregembed.ground.atomic import atomic_dir
+from autoregembed.run.config import OptimConfig
+from autoregembed.run.runlock import RunLock
+from autoregembed.run.session import RunContext
+from autoregembed.run.stages import stages_for
+
+
+def run_stage(cfg, name: str, ds: str, resume: bool = False):
+    """One stage of ``cfg`` as the pipeline runs it (without its up-front checks and lock)."""
+    return stages_for(cfg)[name].run(RunContext.of(cfg, ds), resume=resume)
+
+
+KEPT = ("model", "metrics.jsonl", "shared_prefix.safetensors")  # what the later arms and the record read
+
+
+def cached_stage1(cfg, ds: str, base: str, cache: str) -> tuple[str, str | None]:
+    """Stage 1's exported model and its cache entry (``cached_stage`` under ``stage1_key``): stage 1 is
+    bit-exact for a given key on one machine and reads no STS-B half, so the report split's stage 1 is
+    the tuning split's."""
+    return cached_stage(cfg, "stage1", ds, cache, stage1_key(cfg, ds, base) if cache else None)
+
+
+def cached_stage(cfg, stage: str, ds: str, cache: str, key: str | None = None) -> tuple[str, str | None]:
+    """The exported model of training ``stage`` of ``cfg``, and the cache entry that holds it (None: not
+    kept, ``cache`` empty or the stage stopped early): copied from ``cache`` when a run with the same key
+    (default: ``run_key``) finished it, else trained (resumed where an earlier run of the key was stopped
+    or killed) and kept there."""
+    if not cache:
+        return run_stage(cfg, stage, ds).artifact, None
+    entry = os.path.join(cache, key or run_key(cfg, stage, ds))
+    if os.path.isdir(entry):
+        print(f"[quality] {stage} from the cache: {entry}", flush=True)
+    else:
+        partial = entry + PARTIAL
+        result = _train_in(cfg, stage, ds, partial)
+        if result.status != "done":  # stopped early (a stop request): its checkpoints wait in ``partial``
+            return result.artifact, None
+        with atomic_dir(entry) as tmp:  # a kill mid-copy leaves no entry, never a partial one
+            for name in KEPT:
+                _copy(os.path.join(partial, stage, name), os.path.join(tmp, name))
+        shutil.rmtree(partial)  # the entry holds what it was trained for
+    for name in KEPT:
+        _copy(os.path.join(entry, name), os.path.join(cfg.layout.stage_dir(stage), name))
+    return cfg.layout.export_dir(stage), entry
+
+
+PARTIAL = ".partial"  # a key's stage in training, beside the finished entries
+
+
+def _train_in(cfg, stage: str, ds: str, root: str):
+    """``stage`` of ``cfg`` trained with ``root`` as its output folder, resumed from the latest checkpoint
+    an earlier run left there; one run at a time holds ``root`` (a second is refused)."""
+    os.makedirs(root, exist_ok=True)
+    lock = RunLock(root).acquire()
+    try:
+        return run_stage(dataclasses.replace(cfg, output_dir=root), stage, ds, resume=True)
+    finally:
+        lock.release()
+
+
+CHECKPOINTING = ("save_every", "keep_last", "stop_after")  # when a stage checkpoints or stops decides nothing
+
+
+def _without_checkpointing(settings: dict, stages: tuple[str, ...]):
+    defaults = OptimConfig()
+    for stage in stages:
+        settings[stage].update({k: getattr(defaults, k) for k in CHECKPOINTING})
+
+
+def _hash_files(h, named: list[tuple[str, str]]):
+    for name, path in named:  # by content only
+        h.update(name.encode())
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+
+
+def _code_files() -> list[tuple[str, str]]:
+    return [(os.path.relpath(p, ROOT), p) for p in package_code_files()]
+
+
+def _folder_files(folder: str) -> list[tuple[str, str]]:
+    paths = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p))
+    return [(os.path.relpath(p, folder), p) for p in paths]
+
+
+def stage1_key(cfg, ds: str, base: str) -> str:
+    """Hash of what decides stage 1's result (not the output folder, stage 2, the references or the
+    evaluation)."""
+    settings = dataclasses.asdict(cfg)
+    for name in ("output_dir", "paths", "stage2", "reference", "eval", "mine", "monitor", "stage"):
+        settings.pop(name, None)
+    settings["data"] = {k: v for k, v in settings["data"].items() if k not in ("stage2", "stage1")}
+    _without_checkpointing(settings, ("stage1",))
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    model_files = sorted(p for p in glob.glob(os.path.join(base, "*")) if os.path.isfile(p))
+    _hash_files(h, [("rows", cfg.data.stage1), ("deepspeed", ds), *_code_files(),
+                    *[(os.path.basename(p), p) for p in model_files]])
+    return f"seed{cfg.seed}-{h.hexdigest()[:16]}"
+
+
+def run_key(cfg, stage: str, ds: str) -> str:
+    """Hash of the whole config but its output folder, every file or folder it names by content (the rows,
+    the STS file, the model the stage starts from, the base), the DeepSpeed config and the package's code:
+    a stage other than stage 1 is reused only by a run of the same settings on the same inputs (in practice
+    the same point of the benchmark run again)."""
+    settings = dataclasses.asdict(cfg)
+    settings.pop("output_dir")
+    _without_checkpointing(settings, ("stage1", "stage2"))
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    named = [("deepspeed", ds), *_code_files()]
+    scratch = os.path.abspath(cfg.output_dir)
+    for key, value in sorted(_strings(settings)):
+        if os.path.isfile(value):
+            named.append((key, value))
+        elif os.path.isdir(value) and not (scratch + os.sep).startswith(os.path.abspath(value) + os.sep):
+            named += [(f"{key}/{name}", path) for name, path in _folder_files(value)]  # not a folder the run writes in
+    _hash_files(h, named)
+    return f"{stage}-seed{cfg.seed}-{h.hexdigest()[:16]}"
+
+
+def _strings(settings: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every string in the nested ``settings``."""
+    out = []
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            out += _strings(v, f"{prefix}{k}.")
+        elif isinstance(v, str):
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _copy(src: str, dst: str):
+    if os.path.isdir(src):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    elif os.path.exists(src):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy2(src, dst)
