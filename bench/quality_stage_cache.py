@@ -45,19 +45,25 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> tuple[str, str | None]
 
 def cached_stage(cfg, stage: str, ds: str, cache: str, key: str | None = None) -> tuple[str, str | None]:
     """The exported model of training ``stage`` of ``cfg``, and the cache entry that holds it (None: not
-    kept, ``cache`` empty or the stage stopped early): copied from ``cache`` when a run with the same key
-    (default: ``run_key``) finished it, else trained (resumed where an earlier run of the key was stopped
-    or killed) and kept there."""
+    kept, ``cache`` empty): copied from ``cache`` when a run with the same key (default: ``run_key``)
+    finished it, else trained (resumed where an earlier run of the key was stopped or killed) and kept
+    there.  A stage stopped before its end (a stop request, SIGTERM, Ctrl-C: the trainer checkpoints)
+    ends the run in one line: the benchmark has no model to score."""
     if not cache:
-        return run_stage(cfg, stage, ds).artifact, None
+        result = run_stage(cfg, stage, ds)
+        if result.status != "done":
+            raise SystemExit(f"[quality] {stage} stopped before its end ({result.status}); without a cache it "
+                             "trains again from the start")
+        return result.artifact, None
     entry = os.path.join(cache, key or run_key(cfg, stage, ds))
     if os.path.isdir(entry):
         print(f"[quality] {stage} from the cache: {entry}", flush=True)
     else:
         partial = entry + PARTIAL
         result = _train_in(cfg, stage, ds, partial)
-        if result.status != "done":  # stopped early (a stop request): its checkpoints wait in ``partial``
-            return result.artifact, None
+        if result.status != "done":
+            raise SystemExit(f"[quality] {stage} stopped before its end ({result.status}); the same command "
+                             f"resumes it from its checkpoint in {partial}")
         with atomic_dir(entry) as tmp:  # a kill mid-copy leaves no entry, never a partial one
             for name in KEPT:
                 _copy(os.path.join(partial, stage, name), os.path.join(tmp, name))

@@ -304,17 +304,18 @@ def test_a_stage_stopped_mid_way_resumes_in_the_cache_and_keeps_the_uninterrupte
     script.write_text(CACHE_SCRIPT.format(root=ROOT))
     inputs = [] if stage == "stage1" else [*INFONCE, f"paths.stage1_model={default_tiny_base}"]
 
-    def run(cache, *extra):
+    def run(cache, *extra, rc=0):
         r = run_child([script, str(tmp_path / "out"), default_tiny_base, str(tmp_path / cache), "1e-3", stage,
                        f"{stage}.max_steps=4", *inputs, *extra])
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+        assert r.returncode == rc, r.stdout[-3000:] + r.stderr[-4000:]
         return r.stdout + r.stderr
 
     run("a")
-    stopped = run("b", f"{stage}.save_every=1", f"{stage}.stop_after=2")
+    stopped = run("b", f"{stage}.save_every=1", f"{stage}.stop_after=2", rc=1)
     (partial,) = os.listdir(tmp_path / "b")
     (key,) = os.listdir(tmp_path / "a")
-    assert "ENTRY None" in stopped and partial == key + ".partial"
+    assert partial == key + ".partial" and "ENTRY" not in stopped
+    assert f"[quality] {stage} stopped before its end (stopped); the same command resumes it" in stopped
     resumed = run("b", f"{stage}.save_every=1")
     assert "(step 2)" in resumed and "step 1/4" not in resumed  # loaded step 2's checkpoint, trained 3 and 4
     assert os.listdir(tmp_path / "b") == [key]  # the same key; the partial removed
