@@ -47,14 +47,49 @@ def package_code_files() -> list[str]:
                   + glob.glob(os.path.join(ROOT, "kernels", "*.py")))
 
 
-def package_code_digest() -> str:
-    """Hash of ``package_code_files()`` by path and content: records with the same digest were trained by
-    the same code whatever their commits (a commit that changes only bench/ or docs/ keeps it)."""
-    h = hashlib.sha256()
+CODE_ALIASES = os.path.join(ROOT, "bench", "results", "code_aliases.json")  # written by bench/code_alias.py
+
+
+def current_code_file_hashes() -> list[tuple[str, str]]:
+    """(path relative to the root, sha256 hex of the content) of every ``package_code_files()`` entry."""
+    out = []
     for path in package_code_files():
         with open(path, "rb") as f:
-            h.update(os.path.relpath(path, ROOT).encode() + hashlib.sha256(f.read()).digest())
+            out.append((os.path.relpath(path, ROOT), hashlib.sha256(f.read()).hexdigest()))
+    return out
+
+
+def code_digest(file_hashes: list[tuple[str, str]]) -> str:
+    h = hashlib.sha256()
+    for rel, sha in file_hashes:
+        h.update(rel.encode() + bytes.fromhex(sha))
     return h.hexdigest()[:16]
+
+
+def code_aliases() -> dict[str, dict]:
+    """Package-code digest -> the alias bench/code_alias.py wrote for it: this code gives the benchmark
+    the very results of the earlier code ``same_as`` (whose ``files`` the alias holds)."""
+    if not os.path.exists(CODE_ALIASES):
+        return {}
+    with open(CODE_ALIASES) as f:
+        return {a["code"]: a for a in json.load(f)["aliases"]}
+
+
+def package_code_file_hashes() -> list[tuple[str, str]]:
+    """The package code the benchmark's records and caches name: the current files' hashes, or, where
+    bench/results/code_aliases.json shows the current code gives the benchmark the very results of an
+    earlier one (bench/code_alias.py ran both), that earlier code's, so a result-preserving change keeps
+    every record and cached stage of a measurement series instead of freezing the package until it ends."""
+    current = current_code_file_hashes()
+    alias = code_aliases().get(code_digest(current))
+    return [tuple(x) for x in alias["files"]] if alias else current
+
+
+def package_code_digest() -> str:
+    """Hash of ``package_code_file_hashes()`` by path and content: records with the same digest were
+    trained by the same code, or by code bench/code_alias.py showed gives the same results, whatever
+    their commits (a commit that changes only bench/ or docs/ keeps it)."""
+    return code_digest(package_code_file_hashes())
 
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")

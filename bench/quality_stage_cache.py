@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 
-from harness import ROOT, package_code_files  # bench/harness.py, beside this script
+from harness import package_code_file_hashes  # bench/harness.py, beside this script
 
 from autoregembed.ground.atomic import atomic_dir
 from autoregembed.run.config import OptimConfig
@@ -103,8 +103,11 @@ def _hash_files(h, named: list[tuple[str, str]]):
             h.update(hashlib.sha256(f.read()).digest())
 
 
-def _code_files() -> list[tuple[str, str]]:
-    return [(os.path.relpath(p, ROOT), p) for p in package_code_files()]
+def _hash_code(h):
+    """The package code by content, as the records name it (harness.package_code_file_hashes)."""
+    for rel, sha in package_code_file_hashes():
+        h.update(rel.encode())
+        h.update(bytes.fromhex(sha))
 
 
 def _folder_files(folder: str) -> list[tuple[str, str]]:
@@ -122,8 +125,9 @@ def stage1_key(cfg, ds: str, base: str) -> str:
     _without_checkpointing(settings, ("stage1",))
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     model_files = sorted(p for p in glob.glob(os.path.join(base, "*")) if os.path.isfile(p))
-    _hash_files(h, [("rows", cfg.data.stage1), ("deepspeed", ds), *_code_files(),
-                    *[(os.path.basename(p), p) for p in model_files]])
+    _hash_files(h, [("rows", cfg.data.stage1), ("deepspeed", ds)])
+    _hash_code(h)
+    _hash_files(h, [(os.path.basename(p), p) for p in model_files])
     return f"seed{cfg.seed}-{h.hexdigest()[:16]}"
 
 
@@ -136,7 +140,9 @@ def run_key(cfg, stage: str, ds: str) -> str:
     settings.pop("output_dir")
     _without_checkpointing(settings, ("stage1", "stage2"))
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    named = [("deepspeed", ds), *_code_files()]
+    _hash_files(h, [("deepspeed", ds)])
+    _hash_code(h)
+    named = []
     scratch = os.path.abspath(cfg.output_dir)
     for key, value in sorted(_strings(settings)):
         if os.path.isfile(value):

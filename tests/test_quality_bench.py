@@ -686,3 +686,42 @@ def test_the_quality_benchmark_scores_the_arms_asked_and_g_starts_from_its_crops
     assert "1 record(s) of this code and these settings" in again.stdout and "left to run: nothing" in again.stdout
     assert f"{B:<34} {record['spearman_x100'][B]['mean']:6.2f}" in again.stdout
     assert len(list((results / "quality_runs").glob("report-*.json"))) == 1  # nothing trained, nothing recorded
+
+
+def test_an_alias_makes_the_current_code_name_the_earlier_one_in_records_and_cache_keys(tmp_path, monkeypatch):
+    """bench/results/code_aliases.json (bench/code_alias.py): when the current package code has an alias, the
+    records' digest and the cache keys' code are the earlier code's, so its records and stages keep pooling;
+    without one, the current files'."""
+    import harness
+
+    from autoregembed.run.config import load_config
+
+    current = harness.current_code_file_hashes()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"context": "a b", "instruction": "i", "output": "a b"}\n')
+    ds = os.path.join(ROOT, "ds_configs", "zero2.json")
+    key = lambda: quality_stage_cache.stage1_key(load_config(None, [f"data.stage1={rows}"]), ds, "tiny")  # noqa: E731
+    monkeypatch.setattr(harness, "CODE_ALIASES", str(tmp_path / "aliases.json"))
+    mine, my_key = harness.package_code_digest(), key()
+    assert mine == harness.code_digest(current)
+    earlier = [(rel, "00" * 32) if i == 0 else (rel, sha) for i, (rel, sha) in enumerate(current)]
+    (tmp_path / "aliases.json").write_text(json.dumps({"aliases": [
+        {"code": harness.code_digest(earlier), "same_as": "x", "files": current}]}))  # an alias of other code
+    assert harness.package_code_digest() == mine and key() == my_key
+    (tmp_path / "aliases.json").write_text(json.dumps({"aliases": [
+        {"code": mine, "same_as": harness.code_digest(earlier), "files": earlier}]}))
+    aliased = key()
+    assert harness.package_code_digest() == harness.code_digest(earlier) != mine and aliased != my_key
+    (tmp_path / "aliases.json").unlink()
+    monkeypatch.setattr(harness, "current_code_file_hashes", lambda: earlier)  # the earlier code itself
+    assert key() == aliased and harness.package_code_digest() == harness.code_digest(earlier)
+
+
+def test_code_alias_lists_every_measured_value_that_moved():
+    code_alias = bench_module("code_alias")
+    was = {"arms": {"spearman_x100": {"(b)": {"mean": 70.0, "per_seed": {"1": 70.0}}}, "info_gap": {}}}
+    assert code_alias.differences(was, json.loads(json.dumps(was))) == []
+    now = {"arms": {"spearman_x100": {"(b)": {"mean": 70.01, "per_seed": {"1": 70.01}}}, "info_gap": {"x": 1}}}
+    assert code_alias.differences(was, now) == ["/arms/info_gap/x: None != 1",
+                                                "/arms/spearman_x100/(b)/mean: 70.0 != 70.01",
+                                                "/arms/spearman_x100/(b)/per_seed/1: 70.0 != 70.01"]
