@@ -50,6 +50,7 @@ def tree_file_hashes(tree: str) -> list[tuple[str, str]]:
 def measure(tree: str, base: str, work: str) -> dict[str, dict]:
     """{run: the measured fields of its record} of bench/quality.py in the checkout ``tree``."""
     out = {}
+    os.makedirs(work, exist_ok=True)
     for name, arms in RUNS.items():
         results, scratch = os.path.join(work, name, "results"), os.path.join(work, name, "out")
         cmd = [sys.executable, os.path.join(tree, "bench", "quality.py"), *SHORT, *arms, "--base", base,
