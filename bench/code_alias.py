@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
         tree = os.path.join(work, "base-tree")
+        shared = os.path.join(ROOT, "..", "shared")
+        if os.path.isdir(shared) and not os.path.exists(os.path.join(work, "shared")):
+            os.symlink(os.path.abspath(shared), os.path.join(work, "shared"))  # the tree's ../shared: the data
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-f", tree, args.base],
                        check=True, capture_output=True)
         try:
