@@ -2,7 +2,9 @@
 need not freeze the package: bench/quality.py's arms ((a)-(e), (g), and (d) on mined negatives) on a short
 protocol over the tiny base, once at an earlier commit and once at this checkout, side by side.  When every
 measured value is identical (STS, the embeddings' mean cosine, nDCG@10 and recall@100 on the report
-collections, the first and last losses, stage 1's information gap), the current package code is written
+collections, the first and last losses, stage 1's information gap) and every model and score file the
+arms wrote is the same byte for byte (the metrics are rounded, and training is chaotic: a last-bit
+difference in a short run grows into a different model in a long one), the current package code is written
 to bench/results/code_aliases.json as giving the same results as the earlier one: records and cached
 stages keep pooling under the earlier code's digest (harness.package_code_file_hashes).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -65,7 +68,14 @@ def measure(tree: str, base: str, work: str) -> dict[str, dict]:
         with open(record) as f:
             r = json.load(f)
         out[name] = {k: r.get(k) for k in MEASURED}
+        out[name]["weights"] = {os.path.relpath(p, scratch): _sha256(p)  # the metrics are rounded; these are not
+                                for p in sorted(glob.glob(os.path.join(scratch, "**", "*.safetensors"), recursive=True))}
     return out
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def differences(a: dict, b: dict, where: str = "") -> list[str]:
