@@ -74,8 +74,16 @@ def measure(tree: str, base: str, work: str) -> dict[str, dict]:
 
 
 def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    """Of the file's tensors (names, dtypes, shapes, bytes), not its metadata (a reference file's
+    fingerprint names the run's own paths)."""
+    import torch
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(path).items()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def differences(a: dict, b: dict, where: str = "") -> list[str]:
