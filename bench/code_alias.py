@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None):
             os.symlink(os.path.abspath(shared), os.path.join(work, "shared"))  # the tree's ../shared: the data
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-f", tree, args.base],
                        check=True, capture_output=True)
+        base_commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip()
         try:
             earlier = tree_file_hashes(tree)
             if code_digest(earlier) == code_digest(current):
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None):
         sys.exit(1)
     aliases = list(code_aliases().values())
     aliases.append({"code": code_digest(current), "same_as": code_digest(earlier), "files": earlier,
-                    "base_commit": args.base, "head_commit": commit(),
+                    "base_commit": base_commit, "head_commit": commit(),
                     "date": datetime.date.today().isoformat(),
                     "command": "python bench/code_alias.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "protocol": {name: [*SHORT, *arms] for name, arms in RUNS.items()}, "measured": now})
