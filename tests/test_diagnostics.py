@@ -128,6 +128,28 @@ def test_reconstruct_command_prints_each_text_and_a_summary(tiny_export, tiny_ba
     assert summary["token_accuracy"] == pytest.approx(weighted) and 0 <= weighted <= 1
 
 
+def test_reconstruct_scores_only_the_tokens_the_encoder_read(tiny_export, tiny_base):
+    """A text longer than the encoder's max_text_len is scored on the part it read (the rest cannot be in
+    its compressed tokens) and says it was cut; the accuracy is that of the cut text given alone."""
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.release.reconstruct import load_decoder, reconstruct
+
+    encoder = Encoder.from_pretrained(tiny_export)
+    decoder = load_decoder(tiny_base, "cpu")
+    tok = encoder.text_encoder.tokenizer
+    long_text = " ".join(TEXTS)
+    ids = tok(long_text, add_special_tokens=False)["input_ids"]
+    encoder.text_encoder.max_text_len = 6
+    (cut,) = reconstruct(encoder, decoder, [long_text], max_new_tokens=4)
+    assert cut["cut"] and cut["tokens"] == 6 + 1  # what it read and EOS
+    assert cut["text"] == tok.decode(ids[:6]).strip()
+    (alone,) = reconstruct(encoder, decoder, [cut["text"]], max_new_tokens=4)
+    assert not alone["cut"] and alone["tokens"] == 7 and alone["token_accuracy"] == cut["token_accuracy"]
+    encoder.text_encoder.max_text_len = len(ids)
+    (whole,) = reconstruct(encoder, decoder, [long_text], max_new_tokens=4)
+    assert not whole["cut"] and whole["tokens"] == len(ids) + 1 and whole["text"] == long_text
+
+
 def test_reconstruct_refuses_a_missing_decoder_in_one_line(tiny_export, tmp_path, capsys):
     assert main(["reconstruct", "--model", tiny_export, "--text", "x"]) == 2  # its metadata names no base model
     err = capsys.readouterr().err

@@ -87,10 +87,16 @@ class TextEncoder:
 
     def encoder_ids(self, text: str, instruction: str) -> list[int]:
         tail = self.instruction_ids(instruction)
-        return [self.tokenizer.bos_token_id] + self._ids(text)[: self.max_text_len] + tail + list(self.embed_ids)
+        return [self.tokenizer.bos_token_id] + self.read_ids(text)[0] + tail + list(self.embed_ids)
 
     def target_ids(self, target: str) -> list[int]:
         return self._ids(target)[: self.max_target_len] + [self.tokenizer.eos_token_id]
+
+    def read_ids(self, text: str) -> tuple[list[int], bool]:
+        """The tokens of ``text`` the encoder reads (``encoder_ids`` cuts it to ``max_text_len``), and
+        whether that cut any."""
+        ids = self._ids(text)
+        return ids[: self.max_text_len], len(ids) > self.max_text_len
 
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad id lists; returns (ids, attention_mask)."""

@@ -76,7 +76,9 @@ def reconstruct(encoder: Encoder, decoder, texts: list[str], instruction: str | 
                 decoder_bos: bool = False, max_new_tokens: int = 64, batch_size: int = 8,
                 shared_prefix: torch.Tensor | None = None) -> list[dict]:
     """One dict per text: ``text``, ``regenerated`` (greedy, from the compressed tokens alone),
-    ``token_accuracy`` (teacher-forced argmax over the text's tokens and EOS) and ``tokens``."""
+    ``token_accuracy`` (teacher-forced argmax over the tokens the encoder read and EOS), ``tokens`` and
+    ``cut`` (the text was longer than the encoder's ``max_text_len``: only what it read is scored, since
+    nothing else can be in the compressed tokens)."""
     te, tok = encoder.text_encoder, encoder.text_encoder.tokenizer
     instruction = encoder.instruction if instruction is None else instruction
     device = next(decoder.parameters()).device
@@ -88,12 +90,15 @@ def reconstruct(encoder: Encoder, decoder, texts: list[str], instruction: str | 
         mask = enc["attention_mask"].to(device)
         hidden = encoder.model(input_ids=enc["input_ids"].to(device), attention_mask=mask).last_hidden_state
         e = with_shared_prefix(compressed_states(hidden, mask, encoder.k), shared_prefix)  # as the decoder read it
-        tgt = te.encode_targets(chunk)
-        right, scored = teacher_forced_hits(decoder, e, tgt["target_ids"].to(device), tgt["target_mask"].to(device), bos)
+        read, cut = zip(*map(te.read_ids, chunk))
+        ids, tmask = te.pad([r + [tok.eos_token_id] for r in read])
+        right, scored = teacher_forced_hits(decoder, e, ids.to(device), tmask.to(device), bos)
         generated = regenerate(decoder, e, bos, tok.eos_token_id, tok.pad_token_id, max_new_tokens)
         for i, text in enumerate(chunk):
-            out.append({"text": text, "regenerated": tok.decode(generated[i], skip_special_tokens=True).strip(),
-                        "token_accuracy": int(right[i]) / max(int(scored[i]), 1), "tokens": int(scored[i])})
+            out.append({"text": tok.decode(read[i]).strip() if cut[i] else text,
+                        "regenerated": tok.decode(generated[i], skip_special_tokens=True).strip(),
+                        "token_accuracy": int(right[i]) / max(int(scored[i]), 1), "tokens": int(scored[i]),
+                        "cut": cut[i]})
     return out
 
 
