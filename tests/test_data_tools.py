@@ -137,6 +137,22 @@ def test_mining_in_query_chunks_with_a_widening_pool_equals_the_full_sort(monkey
         assert m["neg"] == want
 
 
+def test_mining_searches_the_corpus_embeddings_the_encoder_returned_without_a_copy(monkeypatch):
+    """The corpus is rank 0's largest array (1M x 4096 float32: 16 GB): mining searches the encoder's own
+    float32 array, and faiss is handed it as is, never a float64 or contiguous copy."""
+    from autoregembed.release import mining as mine
+
+    encoder, corpus, rows = _random_world(passages=50, queries=4, dim=8)
+    encoded = encoder.encode(corpus)
+    encoder.encode = lambda texts, **kw: encoded if texts == corpus else _random_world(50, 4, 8)[0].encode(texts)
+    searched = []
+    real = mine.corpus_search
+    monkeypatch.setattr(mine, "corpus_search", lambda c, *a: searched.append(c) or real(c, *a))
+    got = mine.mine_negatives(encoder, rows, corpus, negatives=2)
+    assert searched[0] is encoded and len(got) == len(rows)
+    assert np.ascontiguousarray(encoded, dtype=np.float32) is encoded  # what FaissSearch does with it
+
+
 def _random_world(passages: int, queries: int, dim: int):
     """(an encoder of fixed random unit vectors, the corpus, rows q_i -> p_i): mining without a model."""
     rng = np.random.default_rng(1)
