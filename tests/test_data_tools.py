@@ -153,6 +153,29 @@ def test_mining_searches_the_corpus_embeddings_the_encoder_returned_without_a_co
     assert np.ascontiguousarray(encoded, dtype=np.float32) is encoded  # what FaissSearch does with it
 
 
+def test_sharded_encoding_reports_one_progress_line_over_all_its_chunks(monkeypatch, tmp_path):
+    """The mine stage's named progress line counts rank 0's share of the corpus once, chunk after chunk
+    (it restarted at 0 with every 1,024 texts), and the chunks' own encodes draw none."""
+    import functools
+
+    from autoregembed.ground import monitor
+    from autoregembed.run import sharded_encoding
+
+    lines, asked = [], []
+
+    class Fixed:
+        def encode(self, texts, show_progress_bar=False, **kw):
+            asked.append(show_progress_bar)
+            return np.ones((len(texts), 3), np.float32)
+
+    monkeypatch.setattr(sharded_encoding, "Progress", functools.partial(monitor.Progress, log=lines.append, every_s=0))
+    monkeypatch.setattr(sharded_encoding.ShardedEncoder, "CHUNK", 4)
+    out = sharded_encoding.ShardedEncoder(Fixed(), str(tmp_path)).encode([f"t{i}" for i in range(10)],
+                                                                         show_progress_bar="mine: encoding")
+    assert out.shape == (10, 3) and asked == [False, False, False]
+    assert [line.split(" (")[0] for line in lines] == [f"mine: encoding: {n}/10 texts" for n in (4, 8, 10)]
+
+
 def _random_world(passages: int, queries: int, dim: int):
     """(an encoder of fixed random unit vectors, the corpus, rows q_i -> p_i): mining without a model."""
     rng = np.random.default_rng(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ground import distributed as D
+from ..ground.monitor import Progress
 from . import preemption
 
 
@@ -26,14 +27,19 @@ class ShardedEncoder:
         every rank alike when a stop is requested on any."""
         world, rank = D.world_size(), D.rank()
         mine, per_rank = texts[rank::world], -(-len(texts) // world)
+        # a named progress line is one over rank 0's share, not one restarting with every chunk
+        progress = Progress(show_progress_bar, len(mine), "texts") if isinstance(show_progress_bar, str) else None
         parts = []
         for start in range(0, per_rank, self.CHUNK):  # the same number of chunks on every rank
             if D.any_across_ranks(preemption.requested(self.stage_dir)):
                 raise preemption.StopRequested
             chunk = mine[start : start + self.CHUNK]
             if chunk:
+                inner = show_progress_bar if rank == 0 and progress is None else False
                 parts.append(self.encoder.encode(chunk, batch_size=batch_size, instruction=instruction,
-                                                 show_progress_bar=show_progress_bar if rank == 0 else False))
+                                                 show_progress_bar=inner))
+                if progress:
+                    progress.update(start + len(chunk))
         gathered = D.gather_to_rank0(np.concatenate(parts).astype(np.float32) if parts else None)
         if gathered is None:
             return None
