@@ -96,7 +96,7 @@ def test_health_watch_warns_once_about_dead_gradients_and_a_gap_that_stays_near_
 def test_greedy_regeneration_is_the_path_teacher_forcing_scores_as_all_right(model_and_te):
     """The two halves of reconstruct read the decoder alike: the greedy tokens, scored as targets
     given the same compressed tokens, are each the argmax (accuracy 1), with and without the BOS."""
-    from autoregembed.release.reconstruct import regenerate, teacher_forced_hits
+    from autoregembed.release.reconstruct import regenerate, teacher_forced
 
     model, te = model_and_te
     tok = te.tokenizer
@@ -110,9 +110,32 @@ def test_greedy_regeneration_is_the_path_teacher_forcing_scores_as_all_right(mod
             row = g[: g.index(tok.eos_token_id) + 1] if tok.eos_token_id in g else g
             rows.append(row)
         ids, mask = te.pad(rows)
-        right, scored = teacher_forced_hits(model.decoder, e, ids, mask, bos)
+        right, scored, _ = teacher_forced(model.decoder, e, ids, mask, bos)
         assert scored.tolist() == [len(r) for r in rows]
         assert right.tolist() == scored.tolist()
+
+
+def test_reconstructions_gap_is_the_training_probes_own_minus_shared_score_with_the_mean_over_all_texts(model_and_te):
+    """reconstruct's gap per text is log p(text | own e) - log p(text | the mean e of every text asked),
+    the model's own scorer as reference, with chunks smaller than the texts (the mean is not a chunk's);
+    its summary is the gap per token and per text as stage 1 logs them."""
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.release.reconstruct import reconstruct, summary
+
+    model, te = model_and_te
+    instruction = "Reconstruct the original text."
+    got = reconstruct(Encoder(model.encoder, te.tokenizer, K, instruction, 64), model.decoder, TEXTS, batch_size=2,
+                      max_new_tokens=2)
+    batch = _batch(te, TEXTS)
+    with torch.no_grad():
+        e = model.compress(batch.input_ids, batch.attention_mask)
+        own = model.score(e, batch.target_ids, batch.target_mask)
+        shared = model.score(e.mean(0, keepdim=True).expand_as(e), batch.target_ids, batch.target_mask)
+    want = (own - shared).tolist()
+    assert [r["gap"] for r in got] == pytest.approx(want, rel=1e-3, abs=1e-4) and max(map(abs, want)) > 1e-3
+    s = summary(got)
+    assert s["info_gap"] == pytest.approx(sum(want) / batch.target_mask.sum().item(), rel=1e-3, abs=1e-5)
+    assert s["info_gap_text"] == pytest.approx(sum(want) / 3, rel=1e-3, abs=1e-4) and s["cut"] == 0
 
 
 def test_reconstruct_command_prints_each_text_and_a_summary(tiny_export, tiny_base, tmp_path, capsys):

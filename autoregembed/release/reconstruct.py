@@ -3,8 +3,11 @@
 The frozen decoder (the export's base model) reads a text's k compressed tokens exactly as in
 training (``tokenization.decoder_layout``) and (1) regenerates the text greedily from them alone,
 (2) predicts each token of the text given the true tokens before it: the token accuracy is the
-share of those predictions that are right. A model that compresses regenerates recognisable text;
-one whose compressed tokens are a shared prefix writes the same generic sentence for every input.
+share of those predictions that are right, and (3) the information gap: how much more likely the text
+is given its own compressed tokens than given their mean over every text asked (the quantity stage 1
+logs, diagnostics.py, on any texts: a user's own domain included). A model that compresses regenerates
+recognisable text; one whose compressed tokens are a shared prefix writes the same generic sentence
+for every input, and its gap is near 0.
 """
 from __future__ import annotations
 
@@ -45,17 +48,20 @@ def load_decoder(path: str, device):
 
 
 @torch.no_grad()
-def teacher_forced_hits(decoder, e: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
-                        bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced(decoder, e: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+                   bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: how many target tokens (EOS included) the decoder's argmax predicts right given e and
-    the true tokens before them, and how many it predicts. The layout is training's."""
+    the true tokens before them, how many it predicts, and their summed log-probability. The layout is
+    training's. One row at a time through the vocabulary (a diagnostic's few rows: [T, vocab] at once)."""
     embed = decoder.get_input_embeddings()
     lay = decoder_layout(target_ids, target_mask, e.shape[1], bos_id)
     tok = embed(lay.ids)
     inputs = torch.cat([tok[:, : lay.n_bos], e.to(tok.dtype), tok[:, lay.n_bos :]], dim=1)
     logits = decoder(inputs_embeds=inputs, attention_mask=lay.attention_mask).logits
     scored = lay.labels != IGNORE_INDEX
-    return ((logits.argmax(-1) == lay.labels) & scored).sum(1), scored.sum(1)
+    logprob = torch.stack([torch.log_softmax(row[m].float(), -1).gather(-1, lab[m, None]).sum()
+                           for row, lab, m in zip(logits, lay.labels, scored)])
+    return ((logits.argmax(-1) == lay.labels) & scored).sum(1), scored.sum(1), logprob
 
 
 @torch.no_grad()
@@ -76,35 +82,45 @@ def reconstruct(encoder: Encoder, decoder, texts: list[str], instruction: str | 
                 decoder_bos: bool = False, max_new_tokens: int = 64, batch_size: int = 8,
                 shared_prefix: torch.Tensor | None = None) -> list[dict]:
     """One dict per text: ``text``, ``regenerated`` (greedy, from the compressed tokens alone),
-    ``token_accuracy`` (teacher-forced argmax over the tokens the encoder read and EOS), ``tokens`` and
-    ``cut`` (the text was longer than the encoder's ``max_text_len``: only what it read is scored, since
-    nothing else can be in the compressed tokens)."""
+    ``token_accuracy`` (teacher-forced argmax over the tokens the encoder read and EOS), ``tokens``,
+    ``gap`` (nats: log p(text | its own e) - log p(text | the mean e of all ``texts``), the information
+    gap of one text; several texts are needed for it to say anything) and ``cut`` (the text was longer
+    than the encoder's ``max_text_len``: only what it read is scored, since nothing else can be in the
+    compressed tokens)."""
     te, tok = encoder.text_encoder, encoder.text_encoder.tokenizer
     instruction = encoder.instruction if instruction is None else instruction
     device = next(decoder.parameters()).device
     bos = tok.bos_token_id if decoder_bos else None
-    out = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
+    chunks = [texts[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+    states = []  # every text's e first: the shared e is their mean
+    for chunk in chunks:
         enc = te.encode_inputs(chunk, [instruction] * len(chunk))
         mask = enc["attention_mask"].to(device)
         hidden = encoder.model(input_ids=enc["input_ids"].to(device), attention_mask=mask).last_hidden_state
-        e = with_shared_prefix(compressed_states(hidden, mask, encoder.k), shared_prefix)  # as the decoder read it
+        states.append(compressed_states(hidden, mask, encoder.k))
+    mean = torch.cat(states).mean(0, keepdim=True)
+    out = []
+    for chunk, own in zip(chunks, states):
+        e, shared = (with_shared_prefix(x, shared_prefix) for x in (own, mean.expand_as(own)))  # as the decoder reads
         read, cut = zip(*map(te.read_ids, chunk))
-        ids, tmask = te.pad([r + [tok.eos_token_id] for r in read])
-        right, scored = teacher_forced_hits(decoder, e, ids.to(device), tmask.to(device), bos)
+        ids, tmask = (x.to(device) for x in te.pad([r + [tok.eos_token_id] for r in read]))
+        right, scored, logprob = teacher_forced(decoder, e, ids, tmask, bos)
+        logprob_shared = teacher_forced(decoder, shared, ids, tmask, bos)[2]
         generated = regenerate(decoder, e, bos, tok.eos_token_id, tok.pad_token_id, max_new_tokens)
         for i, text in enumerate(chunk):
             out.append({"text": tok.decode(read[i]).strip() if cut[i] else text,
                         "regenerated": tok.decode(generated[i], skip_special_tokens=True).strip(),
                         "token_accuracy": int(right[i]) / max(int(scored[i]), 1), "tokens": int(scored[i]),
-                        "cut": cut[i]})
+                        "gap": float(logprob[i] - logprob_shared[i]), "cut": cut[i]})
     return out
 
 
 def summary(results: list[dict]) -> dict:
-    """Token accuracy over all tokens, and the share of texts regenerated exactly."""
-    tokens = sum(r["tokens"] for r in results)
+    """Token accuracy over all tokens, the share of texts regenerated exactly, and the information gap
+    per token and per text (what stage 1 logs as info_gap and info_gap_text, on these texts)."""
+    tokens, n = sum(r["tokens"] for r in results), max(len(results), 1)
+    gap = sum(r["gap"] for r in results)
     return {"texts": len(results),
             "token_accuracy": sum(r["token_accuracy"] * r["tokens"] for r in results) / max(tokens, 1),
-            "exact": sum(r["regenerated"] == r["text"].strip() for r in results) / max(len(results), 1)}
+            "exact": sum(r["regenerated"] == r["text"].strip() for r in results) / n,
+            "info_gap": gap / max(tokens, 1), "info_gap_text": gap / n, "cut": sum(r["cut"] for r in results)}

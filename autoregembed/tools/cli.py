@@ -359,7 +359,8 @@ def _reconstruct(args) -> int:
                           args.instruction, ExportMeta.read(args.model).decoder_bos, args.max_new_tokens,
                           shared_prefix=read_prefix(args.model))
     for r in results:
-        print(f"original:    {r['text']}\nregenerated: {r['regenerated']}\ntoken accuracy {r['token_accuracy']:.3f}\n")
+        print(f"original:    {r['text']}\nregenerated: {r['regenerated']}\ntoken accuracy {r['token_accuracy']:.3f}, "
+              f"information gap {r['gap']:.2f} nats{' (cut to what the encoder reads)' if r['cut'] else ''}\n")
     if args.output:
         write_jsonl(args.output, results)
     print(json.dumps({"model": args.model, "decoder": decoder, **summary(results)}))
