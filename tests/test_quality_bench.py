@@ -725,3 +725,34 @@ def test_code_alias_lists_every_measured_value_that_moved():
     assert code_alias.differences(was, now) == ["/arms/info_gap/x: None != 1",
                                                 "/arms/spearman_x100/(b)/mean: 70.0 != 70.01",
                                                 "/arms/spearman_x100/(b)/per_seed/1: 70.0 != 70.01"]
+
+
+def test_doc_gap_scores_each_set_per_export_as_reconstruct_does_and_pools_over_exports(tiny_export, tiny_base, tmp_path):
+    """bench/doc_gap.py: the report collections' documents and stage 1's texts, drawn the same way every run;
+    each export's gap and accuracy per set are reconstruct's summary of those texts; two copies of one export
+    pool to that value with no spread."""
+    import shutil
+
+    import torch
+
+    doc_gap = bench_module("doc_gap")
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.release.meta import ExportMeta
+    from autoregembed.release.reconstruct import load_decoder, reconstruct, summary
+
+    texts = doc_gap.sample_texts("report", 3)
+    assert set(texts) == {"cranfield", "cisi", "stage1"} and all(len(t) == 3 and all(x.strip() for x in t)
+                                                                  for t in texts.values())
+    assert doc_gap.sample_texts("report", 3) == texts
+    copies = [shutil.copytree(tiny_export, tmp_path / name) for name in ("seed1", "seed2")]
+    out = tmp_path / "gap.json"
+    doc_gap.main(["--models", *map(str, copies), "--n", "3", "--decoder", tiny_base, "--out", str(out)])
+    result = json.loads(out.read_text())
+    encoder = Encoder.from_pretrained(tiny_export, dtype=torch.float32)
+    want = summary(reconstruct(encoder, load_decoder(tiny_base, "cpu"), texts["cisi"], doc_gap.AUTOENCODE,
+                               ExportMeta.read(tiny_export).decoder_bos, max_new_tokens=1))
+    gap = result["sets"]["cisi"]["info_gap"]
+    assert gap["mean"] == pytest.approx(want["info_gap"], abs=1e-4) and gap["std"] == 0 and len(gap["per_model"]) == 2
+    assert result["texts_per_set"] == {"cranfield": 3, "cisi": 3, "stage1": 3}
+    with pytest.raises(SystemExit, match="not an export"):
+        doc_gap.main(["--models", str(tmp_path), "--out", str(out)])
