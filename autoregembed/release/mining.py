@@ -101,9 +101,16 @@ class ExactSearch:
     def __init__(self, corpus: np.ndarray):
         self.corpus = corpus
 
+    BLOCK = 16_384  # corpus rows cast to float64 at a time (0.5 GB at 4096 dims; the corpus stays float32)
+
     def top(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query, (passage indices, cosines), the ``k`` most similar first (``_ranked``)."""
-        sims = queries @ self.corpus.T
+        """Per query, (passage indices, cosines), the ``k`` most similar first (``_ranked``).  The cosines
+        are float64: in float32 two passages a few 1e-7 apart swap with the batching noise between
+        encodings on 1 or 2 ranks, and the mined file would depend on the rank count."""
+        q = np.asarray(queries, dtype=np.float64)
+        sims = np.empty((len(q), len(self.corpus)))
+        for start in range(0, len(self.corpus), self.BLOCK):
+            sims[:, start : start + self.BLOCK] = q @ self.corpus[start : start + self.BLOCK].astype(np.float64).T
         return [(ids, row[ids]) for row in sims for ids in [_ranked(row, k)]]
 
 
@@ -205,7 +212,8 @@ def select_negatives(rows: list[dict], corpus: list[str], embeddings: dict[str, 
         for start in range(0, len(group), QUERY_CHUNK):
             found = search.top(q[start : start + QUERY_CHUNK], first)
             for i in range(start, min(start + QUERY_CHUNK, len(group))):
-                r, s_pos = group[i], float(q[i] @ p[i])
+                r, p_i = group[i], p[i].astype(np.float64)  # float64 as the search's cosines
+                s_pos = float(q[i] @ p_i)
                 ceiling = min(s_pos - absolute_margin if absolute_margin is not None else np.inf,
                               s_pos * (1 - relative_margin) if relative_margin is not None else np.inf)
                 (ids, sims), pool = found[i - start], first
@@ -215,7 +223,7 @@ def select_negatives(rows: list[dict], corpus: list[str], embeddings: dict[str, 
                         if len(candidates) == want:
                             break
                         if not (rank < skip_top or corpus[j] in (r["query"], r["pos"]) or
-                                p[i] @ c[j] >= max_similarity or sim > ceiling):
+                                p_i @ c[j] >= max_similarity or sim > ceiling):
                             candidates.append(corpus[j])
                     if (sampling == "top" and len(candidates) == negatives) or pool >= limit or len(ids) < pool:
                         break  # enough, the whole range, or all the index finds
