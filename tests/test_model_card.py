@@ -98,6 +98,29 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_base, tiny_export,
     assert oct((model / CARD_FILE).stat().st_mode & 0o044) == oct(0o044)  # readable by the group and others
 
 
+def test_a_stage_2_export_is_evaluated_beside_its_stage_1_start(tiny_base, tiny_export, tmp_path, capsys):
+    """eval.compare_stage1: the pipeline's eval of stage 2 also scores the stage-1 export it started from,
+    read the same way, and says how far stage 2 moved it (a warning when below); off, or without a start,
+    nothing of it."""
+    from autoregembed.release.encoder import Encoder
+    from autoregembed.release.evaluate import sts_report
+    from autoregembed.run.config import load_config
+    from autoregembed.run.evaluation import evaluate
+
+    sts = os.path.join(ROOT, "autoregembed", "resources", "sts_dev_sample.csv")
+    start = tmp_path / "stage1"
+    shutil.copytree(tiny_export, start)
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"eval.sts_file={sts}", f"model.base={tiny_base}",
+                             "eval.compare_base=false", "eval.retrieval=none"])
+    result = evaluate(cfg.eval, cfg.layout, tiny_export, str(start))
+    want = sts_report(Encoder.from_pretrained(str(start)), str(start), sts, show_progress_bar=False)["spearman_x100"]
+    assert result["stage1_model"] == str(start) and result["stage1_spearman_x100"] == want
+    assert "eval: stage 2 moved STS by +0.00 from its stage-1 start" in capsys.readouterr().out  # the same weights
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run2'}", f"eval.sts_file={sts}", f"model.base={tiny_base}",
+                             "eval.compare_base=false", "eval.retrieval=none", "eval.compare_stage1=false"])
+    assert not any(k.startswith("stage1_") for k in evaluate(cfg.eval, cfg.layout, tiny_export, str(start)))
+
+
 @pytest.mark.parametrize("base,hub", [("HuggingFaceTB/SmolLM2-135M", True), ("/data/models/llama", False)])
 def test_base_model_metadata_names_hub_ids_only(tiny_export, tmp_path, base, hub):
     import json

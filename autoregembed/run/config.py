@@ -327,6 +327,9 @@ class EvalConfig:
     # also score the untrained base model, read as the export reads text (Encoder.untrained): the floor the
     # trained model must beat, in eval/result.json and the log, with a warning when the model is below it
     compare_base: bool = True
+    # a pipeline's eval of stage 2's export also scores the stage-1 export it started from, read the same
+    # way, with a warning when stage 2 made the embedding worse than its start (it can: docs/experiments.md)
+    compare_stage1: bool = True
     batch_size: int = 64
     # every N optimizer steps of a training stage, STS Spearman of the model in training on sts_file
     # (sts_spearman in metrics.jsonl, the progress line and the plot), and its retrieval on eval.retrieval

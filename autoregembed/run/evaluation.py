@@ -1,5 +1,6 @@
-"""The eval stage's work: STS and retrieval of an export beside the untrained base's, the verdict of
-how far training moved them, written to ``<output_dir>/eval/result.json`` and the export's model card.
+"""The eval stage's work: STS and retrieval of an export beside the untrained base's (and a stage-2
+export's beside its stage-1 start's), the verdict of how far training moved them, written to
+``<output_dir>/eval/result.json`` and the export's model card.
 """
 from __future__ import annotations
 
@@ -17,22 +18,43 @@ def _retrieval_line(r: dict) -> str:
     return f"nDCG@10 {r['ndcg@10']:.4f}, MRR@10 {r['mrr@10']:.4f}, recall@100 {r['recall@100']:.4f} ({r['queries']} queries)"
 
 
-def _verdict(result: dict) -> str:
-    """How far the training moved each figure from the untrained base, with a warning when the run's own
+FLOORS = {  # the model an evaluation sets beside the export: (its keys' prefix in the result, its name, what moved)
+    "base": ("base_", "the untrained base", "the training"),  # eval.compare_base
+    "stage1": ("stage1_", "its stage-1 start", "stage 2"),  # eval.compare_stage1
+}
+
+
+def _verdict(result: dict, floor: str = "base") -> str:
+    """How far the training moved each figure from ``floor`` (FLOORS), with a warning when the run's own
     evaluation fell below it: retrieval nDCG@10 when the run has a retrieval set (embedders are chosen on
     retrieval), else STS; the other figure is reported beside it."""
-    moves = [("STS", result["spearman_x100"] - result["base_spearman_x100"], ".2f")]
-    if "retrieval" in result:
-        moves.insert(0, ("retrieval nDCG@10", result["retrieval"]["ndcg@10"] - result["base_retrieval"]["ndcg@10"],
+    prefix, name, what = FLOORS[floor]
+    moves = [("STS", result["spearman_x100"] - result[f"{prefix}spearman_x100"], ".2f")]
+    if "retrieval" in result and f"{prefix}retrieval" in result:
+        moves.insert(0, ("retrieval nDCG@10", result["retrieval"]["ndcg@10"] - result[f"{prefix}retrieval"]["ndcg@10"],
                          ".4f"))
-    text = "the training moved " + ", ".join(f"{name} by {d:+{f}}" for name, d, f in moves) + " from the untrained base"
-    return text + (f"; WARNING: {moves[0][0]} below the untrained base, the training made the embedding worse"
-                   if moves[0][1] < 0 else "")
+    text = f"{what} moved " + ", ".join(f"{m} by {d:+{f}}" for m, d, f in moves) + f" from {name}"
+    return text + (f"; WARNING: {moves[0][0]} below {name}, {what} made the embedding worse" if moves[0][1] < 0 else "")
 
 
-def evaluate(ev: EvalConfig, layout: Layout, model_dir: str) -> dict:
+def _start_report(start: str, ev: EvalConfig) -> dict:
+    """The stage-1 export's STS (and retrieval) as the export's own are measured, under ``stage1_`` keys."""
+    from ..release.encoder import Encoder
+    from ..release.evaluate import retrieval_report, sts_report
+
+    model = Encoder.from_pretrained(start)
+    out = {"stage1_model": start, "stage1_spearman_x100": sts_report(
+        model, start, ev.sts_path, ev.batch_size, show_progress_bar="eval: the stage-1 start")["spearman_x100"]}
+    if ev.retrieval_path:
+        out["stage1_retrieval"] = retrieval_report(model, ev.retrieval_path, ev.batch_size, "eval: retrieval corpus")
+    return out
+
+
+def evaluate(ev: EvalConfig, layout: Layout, model_dir: str, start: str | None = None) -> dict:
     """STS of ``model_dir`` on ``ev.sts_path`` and its retrieval on ``ev.retrieval_path``, beside the
-    untrained base's (eval.compare_base), as ``autoregembed eval`` prints them; also written to
+    untrained base's (eval.compare_base) and, for a stage-2 export, beside the stage-1 export ``start`` it
+    was trained from (eval.compare_stage1: stage 2 can make a model worse than its start, and a run should
+    say so, not export it in silence), as ``autoregembed eval`` prints them; also written to
     ``<output_dir>/eval/result.json`` (read by ``autoregembed plot``)."""
     from ..release.encoder import Encoder
     from ..release.evaluate import base_report, retrieval_report, sts_report
@@ -54,6 +76,11 @@ def evaluate(ev: EvalConfig, layout: Layout, model_dir: str) -> dict:
             f"{result['base_spearman_x100']:.2f}"
             + (f"; retrieval {_retrieval_line(result['base_retrieval'])}" if retrieval else ""))
         log("eval: " + _verdict(result))
+    if start and ev.compare_stage1:
+        result.update(_start_report(start, ev))
+        log(f"eval: its stage-1 start {start}: STS {result['stage1_spearman_x100']:.2f}"
+            + (f"; retrieval {_retrieval_line(result['stage1_retrieval'])}" if retrieval else ""))
+        log("eval: " + _verdict(result, "stage1"))
     write_model_card(model_dir, result)  # the card shows what the run measured
     path = os.path.join(layout.output_dir, EVAL_RESULT)
     os.makedirs(os.path.dirname(path), exist_ok=True)

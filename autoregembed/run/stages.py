@@ -587,9 +587,16 @@ class Eval(Stage):
             except UserError as e:
                 raise ConfigError(f"key '{key}': {e}") from None
 
+    def start(self) -> str | None:
+        """The stage-1 export a stage-2 export was trained from (eval.compare_stage1), when it is there."""
+        if self.model_dir() != self.layout.export_dir(Stage2.name):
+            return None
+        start = self.layout.stage1_model
+        return start if os.path.isfile(os.path.join(start, META_FILE)) else None
+
     def run(self, ctx, resume):
         return self.on_rank0(lambda: StageResult(
-            "done", score=evaluate(self.eval, self.layout, self.model_dir())["spearman_x100"]))
+            "done", score=evaluate(self.eval, self.layout, self.model_dir(), self.start())["spearman_x100"]))
 
 
 PIPELINE = (Stage1, Mine, Reference, Stage2, Export, Eval)  # the order in which a pipeline runs them
