@@ -18,23 +18,32 @@ def _retrieval_line(r: dict) -> str:
     return f"nDCG@10 {r['ndcg@10']:.4f}, MRR@10 {r['mrr@10']:.4f}, recall@100 {r['recall@100']:.4f} ({r['queries']} queries)"
 
 
-FLOORS = {  # the model an evaluation sets beside the export: (its keys' prefix in the result, its name, what moved)
-    "base": ("base_", "the untrained base", "the training"),  # eval.compare_base
-    "stage1": ("stage1_", "its stage-1 start", "stage 2"),  # eval.compare_stage1
+FLOORS = {  # the model an evaluation sets beside the export: its keys' prefix in the result, its name, what
+    # moved, and whether the warning needs every figure to fall ("all") or the run's own ("headline")
+    "base": ("base_", "the untrained base", "the training", "headline"),  # eval.compare_base
+    # stage 2 can trade a little retrieval for STS or back within the eval's noise (the default job's
+    # moves nDCG@10 by -0.004 on 256 queries and STS by +2.0): it is flagged when it lowered both
+    "stage1": ("stage1_", "its stage-1 start", "stage 2", "all"),  # eval.compare_stage1
 }
 
 
 def _verdict(result: dict, floor: str = "base") -> str:
     """How far the training moved each figure from ``floor`` (FLOORS), with a warning when the run's own
     evaluation fell below it: retrieval nDCG@10 when the run has a retrieval set (embedders are chosen on
-    retrieval), else STS; the other figure is reported beside it."""
-    prefix, name, what = FLOORS[floor]
+    retrieval), else STS; the other figure is reported beside it (against the stage-1 start, the warning
+    needs both to fall)."""
+    prefix, name, what, rule = FLOORS[floor]
     moves = [("STS", result["spearman_x100"] - result[f"{prefix}spearman_x100"], ".2f")]
     if "retrieval" in result and f"{prefix}retrieval" in result:
         moves.insert(0, ("retrieval nDCG@10", result["retrieval"]["ndcg@10"] - result[f"{prefix}retrieval"]["ndcg@10"],
                          ".4f"))
     text = f"{what} moved " + ", ".join(f"{m} by {d:+{f}}" for m, d, f in moves) + f" from {name}"
-    return text + (f"; WARNING: {moves[0][0]} below {name}, {what} made the embedding worse" if moves[0][1] < 0 else "")
+    fell = [m for m, d, _ in moves if d < 0]
+    if rule == "headline":
+        fell = fell[:1] if moves[0][1] < 0 else []
+    elif len(fell) < len(moves):
+        fell = []
+    return text + (f"; WARNING: {' and '.join(fell)} below {name}, {what} made the embedding worse" if fell else "")
 
 
 def _start_report(start: str, ev: EvalConfig) -> dict:
