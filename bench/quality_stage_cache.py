@@ -22,7 +22,7 @@ import shutil
 from harness import package_code_file_hashes  # bench/harness.py, beside this script
 
 from autoregembed.ground.atomic import atomic_dir
-from autoregembed.run.config import OptimConfig
+from autoregembed.run.config import Config, OptimConfig
 from autoregembed.run.runlock import RunLock
 from autoregembed.run.session import RunContext
 from autoregembed.run.stages import stages_for
@@ -40,13 +40,13 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> tuple[str, str | None]
     """Stage 1's exported model and its cache entry (``cached_stage`` under ``stage1_key``): stage 1 is
     bit-exact for a given key on one machine and reads no STS-B half, so the report split's stage 1 is
     the tuning split's."""
-    return cached_stage(cfg, "stage1", ds, cache, stage1_key(cfg, ds, base) if cache else None)
+    return cached_stage(cfg, "stage1", ds, cache, stage1_keys(cfg, ds, base) if cache else None)
 
 
-def cached_stage(cfg, stage: str, ds: str, cache: str, key: str | None = None) -> tuple[str, str | None]:
+def cached_stage(cfg, stage: str, ds: str, cache: str, keys: list[str] | None = None) -> tuple[str, str | None]:
     """The exported model of training ``stage`` of ``cfg``, and the cache entry that holds it (None: not
-    kept, ``cache`` empty): copied from ``cache`` when a run with the same key (default: ``run_key``)
-    finished it, else trained (resumed where an earlier run of the key was stopped or killed) and kept
+    kept, ``cache`` empty): copied from ``cache`` when a run with the same key (``keys``, default:
+    ``run_key``; the first that has an entry) finished it, else trained (resumed where an earlier run of the key was stopped or killed) and kept
     there.  A stage stopped before its end (a stop request, SIGTERM, Ctrl-C: the trainer checkpoints)
     ends the run in one line: the benchmark has no model to score."""
     if not cache:
@@ -55,7 +55,7 @@ def cached_stage(cfg, stage: str, ds: str, cache: str, key: str | None = None) -
             raise SystemExit(f"[quality] {stage} stopped before its end ({result.status}); without a cache it "
                              "trains again from the start")
         return result.artifact, None
-    entry = os.path.join(cache, key or run_key(cfg, stage, ds))
+    entry = _pick(cache, keys or [run_key(cfg, stage, ds)])
     if os.path.isdir(entry):
         print(f"[quality] {stage} from the cache: {entry}", flush=True)
     else:
@@ -74,6 +74,16 @@ def cached_stage(cfg, stage: str, ds: str, cache: str, key: str | None = None) -
 
 
 PARTIAL = ".partial"  # a key's stage in training, beside the finished entries
+
+
+def _pick(cache: str, keys: list[str]) -> str:
+    """The entry of the first of ``keys`` that has one (finished, else in training), else the first key's:
+    entries made under an earlier key scheme (the last of ``keys``) keep being found."""
+    for suffix in ("", PARTIAL):
+        for key in keys:
+            if os.path.isdir(os.path.join(cache, key + suffix)):
+                return os.path.join(cache, key)
+    return os.path.join(cache, keys[0])
 
 
 def _train_in(cfg, stage: str, ds: str, root: str):
@@ -115,14 +125,42 @@ def _folder_files(folder: str) -> list[tuple[str, str]]:
     return [(os.path.relpath(p, folder), p) for p in paths]
 
 
-def stage1_key(cfg, ds: str, base: str) -> str:
+def _non_default(settings: dict, defaults: dict) -> dict:
+    """``settings`` without the values equal to ``defaults``': a config field added later at its default
+    keeps every key (a changed default changes the package code, which the keys hold)."""
+    out = {}
+    for k, v in settings.items():
+        d = defaults.get(k, _MISSING)
+        if isinstance(v, dict) and isinstance(d, dict):
+            if sub := _non_default(v, d):
+                out[k] = sub
+        elif v != d:
+            out[k] = v
+    return out
+
+
+_MISSING = object()
+
+
+def stage1_keys(cfg, ds: str, base: str) -> list[str]:
+    """``stage1_key``, then the key its entries had before 2026-12-07 (every setting, defaults included)."""
+    return [stage1_key(cfg, ds, base), stage1_key(cfg, ds, base, with_defaults=True)]
+
+
+def stage1_key(cfg, ds: str, base: str, with_defaults: bool = False) -> str:
     """Hash of what decides stage 1's result (not the output folder, stage 2, the references or the
-    evaluation)."""
-    settings = dataclasses.asdict(cfg)
-    for name in ("output_dir", "paths", "stage2", "reference", "eval", "mine", "monitor", "stage"):
-        settings.pop(name, None)
-    settings["data"] = {k: v for k, v in settings["data"].items() if k not in ("stage2", "stage1")}
-    _without_checkpointing(settings, ("stage1",))
+    evaluation): the settings that differ from the defaults, the rows, DeepSpeed config, package code and
+    base model files by content."""
+    def kept(settings: dict) -> dict:
+        for name in ("output_dir", "paths", "stage2", "reference", "eval", "mine", "monitor", "stage"):
+            settings.pop(name, None)
+        settings["data"] = {k: v for k, v in settings["data"].items() if k not in ("stage2", "stage1")}
+        _without_checkpointing(settings, ("stage1",))
+        return settings
+
+    settings = kept(dataclasses.asdict(cfg))
+    if not with_defaults:
+        settings = _non_default(settings, kept(dataclasses.asdict(Config())))
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     model_files = sorted(p for p in glob.glob(os.path.join(base, "*")) if os.path.isfile(p))
     _hash_files(h, [("rows", cfg.data.stage1), ("deepspeed", ds)])
@@ -132,23 +170,27 @@ def stage1_key(cfg, ds: str, base: str) -> str:
 
 
 def run_key(cfg, stage: str, ds: str) -> str:
-    """Hash of the whole config but its output folder, every file or folder it names by content (the rows,
-    the STS file, the model the stage starts from, the base), the DeepSpeed config and the package's code:
-    a stage other than stage 1 is reused only by a run of the same settings on the same inputs (in practice
-    the same point of the benchmark run again)."""
-    settings = dataclasses.asdict(cfg)
-    settings.pop("output_dir")
-    _without_checkpointing(settings, ("stage1", "stage2"))
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    _hash_files(h, [("deepspeed", ds)])
-    _hash_code(h)
+    """Hash of the whole config but its output folder (the values that differ from the defaults), every
+    file or folder it names by content (the rows, the STS file, the model the stage starts from, the
+    base), the DeepSpeed config and the package's code: a stage other than stage 1 is reused only by a run
+    of the same settings on the same inputs (in practice the same point of the benchmark run again)."""
+    def kept(settings: dict) -> dict:
+        settings.pop("output_dir")
+        _without_checkpointing(settings, ("stage1", "stage2"))
+        return settings
+
+    settings = kept(dataclasses.asdict(cfg))
     named = []
     scratch = os.path.abspath(cfg.output_dir)
-    for key, value in sorted(_strings(settings)):
+    for key, value in sorted(_strings(settings)):  # every file the config names, defaults included
         if os.path.isfile(value):
             named.append((key, value))
         elif os.path.isdir(value) and not (scratch + os.sep).startswith(os.path.abspath(value) + os.sep):
             named += [(f"{key}/{name}", path) for name, path in _folder_files(value)]  # not a folder the run writes in
+    settings = _non_default(settings, kept(dataclasses.asdict(Config())))
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    _hash_files(h, [("deepspeed", ds)])
+    _hash_code(h)
     _hash_files(h, named)
     return f"{stage}-seed{cfg.seed}-{h.hexdigest()[:16]}"
 

@@ -756,3 +756,38 @@ def test_doc_gap_scores_each_set_per_export_as_reconstruct_does_and_pools_over_e
     assert result["texts_per_set"] == {"cranfield": 3, "cisi": 3, "stage1": 3}
     with pytest.raises(SystemExit, match="not an export"):
         doc_gap.main(["--models", str(tmp_path), "--out", str(out)])
+
+
+def test_cache_keys_ignore_settings_at_their_defaults_and_find_entries_of_the_earlier_key(tmp_path, monkeypatch):
+    """A config field added at its default keeps every key (only values that differ from the defaults are
+    hashed), and a stage-1 entry made under the earlier key (every setting hashed) is still found."""
+    from autoregembed.run import config as config_module
+    from autoregembed.run.config import load_config
+
+    assert quality_stage_cache._non_default({"a": 1, "b": {"c": 2, "d": 3}, "e": {"f": 0}},
+                                            {"a": 1, "b": {"c": 0}, "e": {"f": 0}}) == {"b": {"c": 2, "d": 3}}
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"context": "a b", "instruction": "i", "output": "a b"}\n')
+    ds = os.path.join(ROOT, "ds_configs", "zero2.json")
+    cfg = load_config(None, [f"data.stage1={rows}", "stage1.learning_rate=0.5"])
+    new, earlier = quality_stage_cache.stage1_keys(cfg, ds, "tiny")
+    assert new != earlier and quality_stage_cache.run_key(cfg, "stage2", ds).startswith("stage2-seed42-")
+    run_key = quality_stage_cache.run_key(cfg, "stage2", ds)
+    real_asdict = config_module.dataclasses.asdict
+
+    def with_a_new_field(obj):  # as if ModelConfig had gained a field, at its default, in this config and Config()
+        out = real_asdict(obj)
+        if "model" in out:
+            out["model"]["a_new_option"] = True
+        return out
+
+    monkeypatch.setattr(quality_stage_cache.dataclasses, "asdict", with_a_new_field)
+    assert quality_stage_cache.stage1_keys(cfg, ds, "tiny")[0] == new
+    assert quality_stage_cache.run_key(cfg, "stage2", ds) == run_key
+    monkeypatch.undo()
+    cache = tmp_path / "cache"
+    (cache / earlier).mkdir(parents=True)
+    assert quality_stage_cache._pick(str(cache), [new, earlier]) == str(cache / earlier)
+    (cache / (new + ".partial")).mkdir()
+    assert quality_stage_cache._pick(str(cache), [new, earlier]) == str(cache / earlier)  # finished first
+    assert quality_stage_cache._pick(str(tmp_path / "empty"), [new, earlier]) == str(tmp_path / "empty" / new)
