@@ -46,8 +46,8 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> tuple[str, str | None]
 def cached_stage(cfg, stage: str, ds: str, cache: str, keys: list[str] | None = None) -> tuple[str, str | None]:
     """The exported model of training ``stage`` of ``cfg``, and the cache entry that holds it (None: not
     kept, ``cache`` empty): copied from ``cache`` when a run with the same key (``keys``, default:
-    ``run_key``; the first that has an entry) finished it, else trained (resumed where an earlier run of the key was stopped or killed) and kept
-    there.  A stage stopped before its end (a stop request, SIGTERM, Ctrl-C: the trainer checkpoints)
+    ``run_key``; the first that has an entry) finished it, else trained (resumed where an earlier run of
+    the key was stopped or killed) and kept there.  A stage stopped before its end (a stop request, SIGTERM, Ctrl-C: the trainer checkpoints)
     ends the run in one line: the benchmark has no model to score."""
     if not cache:
         result = run_stage(cfg, stage, ds)

@@ -727,7 +727,8 @@ def test_code_alias_lists_every_measured_value_that_moved():
                                                 "/arms/spearman_x100/(b)/per_seed/1: 70.0 != 70.01"]
 
 
-def test_doc_gap_scores_each_set_per_export_as_reconstruct_does_and_pools_over_exports(tiny_export, tiny_base, tmp_path):
+def test_doc_gap_scores_each_set_per_export_as_reconstruct_does_and_pools_over_exports(tiny_export, tiny_base,
+                                                                                      tmp_path):
     """bench/doc_gap.py: the report collections' documents and stage 1's texts, drawn the same way every run;
     each export's gap and accuracy per set are reconstruct's summary of those texts; two copies of one export
     pool to that value with no spread."""
