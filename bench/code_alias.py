@@ -59,17 +59,17 @@ def measure(tree: str, base: str, work: str) -> dict[str, dict]:
         cmd = [sys.executable, os.path.join(tree, "bench", "quality.py"), *SHORT, *arms, "--base", base,
                "--results", results, "--out", scratch]
         log = os.path.join(work, f"{name}.log")
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         with open(log, "w") as f:
-            rc = subprocess.run(cmd, cwd=tree, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}).returncode
+            rc = subprocess.run(cmd, cwd=tree, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         if rc != 0:
             sys.exit(f"{' '.join(cmd)} failed (exit {rc}); its log: {log}")
         (record,) = glob.glob(os.path.join(results, "quality_runs", "*.json"))
         with open(record) as f:
             r = json.load(f)
         out[name] = {k: r.get(k) for k in MEASURED}
-        out[name]["weights"] = {os.path.relpath(p, scratch): _sha256(p)  # the metrics are rounded; these are not
-                                for p in sorted(glob.glob(os.path.join(scratch, "**", "*.safetensors"), recursive=True))}
+        files = sorted(glob.glob(os.path.join(scratch, "**", "*.safetensors"), recursive=True))
+        out[name]["weights"] = {os.path.relpath(p, scratch): _sha256(p) for p in files}  # the metrics are rounded
     return out
 
 

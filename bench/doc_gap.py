@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None):
     for model in args.models:
         name = os.path.relpath(model, ROOT)
         per_model[name] = measure(model, texts, args.instruction, args.decoder)
-        print(f"[doc_gap] {name}: information gap " + ", ".join(f"{n} {r['info_gap']:.3f}" for n, r in per_model[name].items()),
-              flush=True)
+        gaps = ", ".join(f"{n} {r['info_gap']:.3f}" for n, r in per_model[name].items())
+        print(f"[doc_gap] {name}: information gap {gaps}", flush=True)
     result = {"command": "python bench/doc_gap.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "split": args.split, "texts_per_set": {n: len(t) for n, t in texts.items()},
               "instruction": args.instruction, "sets": table(per_model)}

@@ -37,7 +37,7 @@ KEPT = ("model", "metrics.jsonl", "shared_prefix.safetensors")  # what the later
 
 
 def cached_stage1(cfg, ds: str, base: str, cache: str) -> tuple[str, str | None]:
-    """Stage 1's exported model and its cache entry (``cached_stage`` under ``stage1_key``): stage 1 is
+    """Stage 1's exported model and its cache entry (``cached_stage`` under ``stage1_keys``): stage 1 is
     bit-exact for a given key on one machine and reads no STS-B half, so the report split's stage 1 is
     the tuning split's."""
     return cached_stage(cfg, "stage1", ds, cache, stage1_keys(cfg, ds, base) if cache else None)
@@ -47,8 +47,9 @@ def cached_stage(cfg, stage: str, ds: str, cache: str, keys: list[str] | None = 
     """The exported model of training ``stage`` of ``cfg``, and the cache entry that holds it (None: not
     kept, ``cache`` empty): copied from ``cache`` when a run with the same key (``keys``, default:
     ``run_key``; the first that has an entry) finished it, else trained (resumed where an earlier run of
-    the key was stopped or killed) and kept there.  A stage stopped before its end (a stop request, SIGTERM, Ctrl-C: the trainer checkpoints)
-    ends the run in one line: the benchmark has no model to score."""
+    the key was stopped or killed) and kept there.  A stage stopped before its end (a stop request,
+    SIGTERM, Ctrl-C: the trainer checkpoints) ends the run in one line: the benchmark has no model to
+    score."""
     if not cache:
         result = run_stage(cfg, stage, ds)
         if result.status != "done":
