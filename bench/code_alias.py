@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None):
         print("\n".join(f"  {d}" for d in diff))
         sys.exit(1)
     aliases = list(code_aliases().values())
-    aliases.append({"code": code_digest(current), "same_as": code_digest(earlier), "files": earlier,
+    aliases.append({"code": code_digest(current), "same_as": code_digest(earlier), "files": dict(earlier),
                     "base_commit": base_commit, "head_commit": commit(),
                     "date": datetime.date.today().isoformat(),
                     "command": "python bench/code_alias.py " + " ".join(argv if argv is not None else sys.argv[1:]),

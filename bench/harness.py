@@ -68,7 +68,7 @@ def code_digest(file_hashes: list[tuple[str, str]]) -> str:
 
 def code_aliases() -> dict[str, dict]:
     """Package-code digest -> the alias bench/code_alias.py wrote for it: this code gives the benchmark
-    the very results of the earlier code ``same_as`` (whose ``files`` the alias holds)."""
+    the very results of the earlier code ``same_as`` (whose ``files``, path -> sha256, the alias holds)."""
     if not os.path.exists(CODE_ALIASES):
         return {}
     with open(CODE_ALIASES) as f:
@@ -82,7 +82,7 @@ def package_code_file_hashes() -> list[tuple[str, str]]:
     every record and cached stage of a measurement series instead of freezing the package until it ends."""
     current = current_code_file_hashes()
     alias = code_aliases().get(code_digest(current))
-    return [tuple(x) for x in alias["files"]] if alias else current
+    return list(alias["files"].items()) if alias else current
 
 
 def package_code_digest() -> str:

@@ -706,10 +706,10 @@ def test_an_alias_makes_the_current_code_name_the_earlier_one_in_records_and_cac
     assert mine == harness.code_digest(current)
     earlier = [(rel, "00" * 32) if i == 0 else (rel, sha) for i, (rel, sha) in enumerate(current)]
     (tmp_path / "aliases.json").write_text(json.dumps({"aliases": [
-        {"code": harness.code_digest(earlier), "same_as": "x", "files": current}]}))  # an alias of other code
+        {"code": harness.code_digest(earlier), "same_as": "x", "files": dict(current)}]}))  # an alias of other code
     assert harness.package_code_digest() == mine and key() == my_key
     (tmp_path / "aliases.json").write_text(json.dumps({"aliases": [
-        {"code": mine, "same_as": harness.code_digest(earlier), "files": earlier}]}))
+        {"code": mine, "same_as": harness.code_digest(earlier), "files": dict(earlier)}]}))
     aliased = key()
     assert harness.package_code_digest() == harness.code_digest(earlier) != mine and aliased != my_key
     (tmp_path / "aliases.json").unlink()
