@@ -25,6 +25,7 @@ from quality_retrieval import collections
 
 from autoregembed.ground.atomic import atomic_write_text
 from autoregembed.ground.data import load_rows
+from autoregembed.release.meta import META_FILE
 
 METRICS = ("info_gap", "info_gap_text", "token_accuracy")
 
@@ -78,9 +79,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--decoder", default=None, help="the frozen base causal LM (default: the exports' base model)")
     ap.add_argument("--out", required=True, help="a JSON file")
     args = ap.parse_args(argv)
-    missing = [m for m in args.models if not os.path.isfile(os.path.join(m, "autoregembed.json"))]
+    missing = [m for m in args.models if not os.path.isfile(os.path.join(m, META_FILE))]
     if missing:
-        sys.exit(f"--models: not an export (no autoregembed.json): {missing[0]}")
+        sys.exit(f"--models: not an export (no {META_FILE}): {missing[0]}")
     texts = sample_texts(args.split, args.n)
     per_model = {}
     for model in args.models:
