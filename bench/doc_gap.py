@@ -25,6 +25,7 @@ from quality_retrieval import collections
 
 from autoregembed.ground.atomic import atomic_write_text
 from autoregembed.ground.data import load_rows
+from autoregembed.ground.errors import reporting_user_errors
 from autoregembed.release.meta import META_FILE
 
 METRICS = ("info_gap", "info_gap_text", "token_accuracy")
@@ -42,18 +43,10 @@ def sample_texts(split: str, n: int, seed: int = 0) -> dict[str, list[str]]:
 
 def measure(model: str, texts: dict[str, list[str]], instruction: str, decoder: str | None = None) -> dict[str, dict]:
     """{set name: reconstruct's summary} of one stage-1 export."""
-    import torch
+    from autoregembed.release.reconstruct import ExportReconstructor, summary
 
-    from autoregembed.method.shared_prefix import read_prefix
-    from autoregembed.release.encoder import Encoder
-    from autoregembed.release.meta import ExportMeta
-    from autoregembed.release.reconstruct import decoder_path, load_decoder, reconstruct, summary
-
-    encoder = Encoder.from_pretrained(model, dtype=torch.float32)
-    lm = load_decoder(decoder_path(model, decoder), next(encoder.model.parameters()).device)
-    bos, prefix = ExportMeta.read(model).decoder_bos, read_prefix(model)
-    return {name: summary(reconstruct(encoder, lm, t, instruction, bos, max_new_tokens=1, shared_prefix=prefix))
-            for name, t in texts.items()}
+    export = ExportReconstructor(model, decoder)
+    return {name: summary(export(t, instruction, max_new_tokens=1)) for name, t in texts.items()}
 
 
 def table(per_model: dict[str, dict[str, dict]]) -> dict[str, dict]:
@@ -98,4 +91,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(reporting_user_errors(main, "doc_gap.py"))

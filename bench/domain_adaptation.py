@@ -27,6 +27,7 @@ from quality_jobs import run_table, series_parser
 from quality_record import ARM_NAMES, _mean_std, merge_records
 
 from autoregembed.ground.atomic import atomic_write_text
+from autoregembed.ground.errors import reporting_user_errors
 
 RUNS = {"plain": (["--split", "report"], "bcd"),  # the report table's settings
         "adapted": (["--split", "report", "--stage1-corpus", "general+ir"], "cdg")}
@@ -140,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(reporting_user_errors(main, "domain_adaptation.py"))

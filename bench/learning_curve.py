@@ -27,6 +27,7 @@ from quality_jobs import run_table, series_parser
 from quality_record import merge_records
 
 from autoregembed.ground.atomic import atomic_write_text
+from autoregembed.ground.errors import reporting_user_errors
 
 ARMS = {"b": "(b) contrastive (InfoNCE)", "d": "(d) stage 1 + stage 2"}
 STEPS_PER_240 = 30  # bench/quality.py's default: 30 stage-2 steps over its default 240 triplets
@@ -136,4 +137,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(reporting_user_errors(main, "learning_curve.py"))

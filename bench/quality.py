@@ -67,6 +67,7 @@ from quality_stage_cache import cached_stage, cached_stage1, run_stage
 
 from autoregembed.ground import distributed as D
 from autoregembed.ground.atomic import atomic_write_text
+from autoregembed.ground.errors import reporting_user_errors
 from autoregembed.run.config import load_config
 from autoregembed.release.encoder import Encoder
 from autoregembed.release.evaluate import read_sts, sts_eval
@@ -400,4 +401,4 @@ def _last_gap(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(reporting_user_errors(main, "quality.py"))

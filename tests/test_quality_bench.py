@@ -153,6 +153,19 @@ def test_scratch_is_emptied_under_a_lock_a_second_run_cannot_take(tmp_path):
     assert os.listdir(out) == [".lock"]
 
 
+def test_a_second_run_on_a_held_scratch_folder_is_refused_in_one_line(tmp_path, tiny_base):
+    """The script itself, not only its helper: a concurrent run exits 2 with the holder named, no traceback."""
+    out = tmp_path / "quality"
+    lock = quality_jobs.fresh_scratch(str(out))
+    try:
+        r = run_child(["bench/quality.py", "--split", "report", "--arms", "a", "--no-retrieval", "--base", tiny_base,
+                       "--out", str(out), "--results", str(tmp_path / "results")])
+    finally:
+        lock.release()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"quality.py: error: {out} is in use by PID {os.getpid()}")
+
+
 FAKE_RUN = """
 import json, os, sys, time
 args = sys.argv[1:]

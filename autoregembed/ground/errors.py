@@ -8,6 +8,9 @@ code that catches those keeps working.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 
 class UserError(Exception):
     """Something the user gave us or our environment is wrong; the message names the key, file or folder."""
@@ -48,3 +51,18 @@ def user_message(e: BaseException) -> str | None:
     if isinstance(e, OSError) and e.filename is not None:
         return f"{e.filename}: {e.strerror or e}"
     return None
+
+
+def reporting_user_errors(command, prog: str = "autoregembed") -> int:
+    """Run ``command()`` and return its exit code; a user error is printed as one line naming ``prog``
+    and returns 2, anything else is a bug and keeps its traceback (every entry point, the package's
+    and bench/'s, ends through here so a bad input reads the same everywhere)."""
+    try:
+        return command() or 0
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # every rank hits the same error: say it once
+            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return 2

@@ -47,6 +47,27 @@ def load_decoder(path: str, device):
     return decoder
 
 
+class ExportReconstructor:
+    """An export and the frozen decoder it was trained against, read as training laid them out (the
+    metadata's ``decoder_bos``, the export's shared prefix): ``autoregembed reconstruct`` and
+    bench/doc_gap.py both measure through it, so the two cannot lay the decoder out differently."""
+
+    def __init__(self, export_dir: str, decoder: str | None = None):
+        from ..method.shared_prefix import read_prefix
+        from .meta import ExportMeta
+
+        self.decoder_path = decoder_path(export_dir, decoder)  # bad paths fail before a model loads
+        self.decoder_bos = ExportMeta.read(export_dir).decoder_bos
+        self.encoder = Encoder.from_pretrained(export_dir, dtype=torch.float32)
+        self.decoder = load_decoder(self.decoder_path, next(self.encoder.model.parameters()).device)
+        self.shared_prefix = read_prefix(export_dir)
+
+    def __call__(self, texts: list[str], instruction: str | None = None, max_new_tokens: int = 64) -> list[dict]:
+        """``reconstruct`` of ``texts`` (one dict per text)."""
+        return reconstruct(self.encoder, self.decoder, texts, instruction, self.decoder_bos, max_new_tokens,
+                           shared_prefix=self.shared_prefix)
+
+
 @torch.no_grad()
 def teacher_forced(decoder, e: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
                    bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

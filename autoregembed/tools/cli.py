@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from ..ground.errors import reporting_user_errors
+
 DEFAULT_DS = str(resources.files("autoregembed.ds_configs") / "zero3.json")  # ds_configs/ in the repository
 
 
@@ -19,22 +21,6 @@ def _add_run_args(p: argparse.ArgumentParser):
                    help="override a config key, e.g. --set stage1.max_steps=100 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-
-def _reporting_user_errors(command) -> int:
-    """Run ``command()``; a user error (errors.py) is printed as one line and exits 2, anything
-    else is a bug and keeps its traceback."""
-    from ..ground.errors import user_message
-
-    try:
-        return command()
-    except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        if os.environ.get("RANK", "0") == "0":  # every rank hits the same error: say it once
-            print(f"autoregembed: error: {message}", file=sys.stderr, flush=True)
-        return 2
 
 
 def run_training(args, stage: str | None = None) -> int:
@@ -60,7 +46,7 @@ def run_training(args, stage: str | None = None) -> int:
         return 0 if status == "done" else EXIT_STOPPED  # stopped with its state saved: --resume continues
 
     try:
-        return _reporting_user_errors(train)
+        return reporting_user_errors(train)
     except KeyboardInterrupt:  # a second Ctrl-C (preemption.py): no traceback, and nothing saved since the last save
         if os.environ.get("RANK", "0") == "0":
             print("autoregembed: interrupted by a second Ctrl-C: quit without saving (--resume continues from "
@@ -199,7 +185,7 @@ def main(argv=None) -> int:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.negatives < 0 or args.shared_prefix < 0 or args.gpu_mem_gb <= 0:
             parser.error("--negatives and --shared-prefix must be >= 0 and --gpu-mem-gb > 0")
-        return _reporting_user_errors(lambda: _plan(args))
+        return reporting_user_errors(lambda: _plan(args))
     if args.command in ("train", "score-refs", "export"):
         stage = {"train": None, "score-refs": "reference", "export": "export"}[args.command]
         return run_training(args, stage)
@@ -212,7 +198,7 @@ def main(argv=None) -> int:
         quiet_libraries()
     tools = {"stages": _stages, "plot": _plot, "data": _data, "mine": _mine, "encode": _encode_or_eval,
              "eval": _encode_or_eval, "reconstruct": _reconstruct, "push": _push}
-    return _reporting_user_errors(lambda: tools[args.command](args))
+    return reporting_user_errors(lambda: tools[args.command](args))
 
 
 def _plan(args) -> int:
@@ -339,31 +325,23 @@ def _mine(args) -> int:
 
 
 def _reconstruct(args) -> int:
-    import torch
-
     from ..ground.data import read_lines, write_jsonl
-    from ..release.encoder import Encoder
     from ..ground.errors import InputError
-    from ..release.meta import ExportMeta
-    from ..release.reconstruct import decoder_path, load_decoder, reconstruct, summary
-    from ..method.shared_prefix import read_prefix
+    from ..release.reconstruct import ExportReconstructor, summary
 
     if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise InputError("--max-new-tokens and --limit must be >= 1")
     texts = args.text or [t for t in read_lines(args.input) if t.strip()][: args.limit]
     if not texts:
         raise InputError(f"{args.input}: no texts")
-    decoder = decoder_path(args.model, args.decoder)  # bad paths fail before a model loads
-    encoder = Encoder.from_pretrained(args.model, dtype=torch.float32)
-    results = reconstruct(encoder, load_decoder(decoder, next(encoder.model.parameters()).device), texts,
-                          args.instruction, ExportMeta.read(args.model).decoder_bos, args.max_new_tokens,
-                          shared_prefix=read_prefix(args.model))
+    export = ExportReconstructor(args.model, args.decoder)
+    results = export(texts, args.instruction, args.max_new_tokens)
     for r in results:
         print(f"original:    {r['text']}\nregenerated: {r['regenerated']}\ntoken accuracy {r['token_accuracy']:.3f}, "
               f"information gap {r['gap']:.2f} nats{' (cut to what the encoder reads)' if r['cut'] else ''}\n")
     if args.output:
         write_jsonl(args.output, results)
-    print(json.dumps({"model": args.model, "decoder": decoder, **summary(results)}))
+    print(json.dumps({"model": args.model, "decoder": export.decoder_path, **summary(results)}))
     return 0
 
 
