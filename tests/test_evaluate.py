@@ -84,6 +84,8 @@ def test_eval_base_scores_the_floor_beside_the_export(tiny_base, tiny_export, tm
     assert main(["eval", "--model", tiny_export, "--sts", SAMPLE, "--base", tiny_base]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["base_model"] == tiny_base and out["base_spearman_x100"] == pytest.approx(out["spearman_x100"], abs=0.02)
+    lo, hi = out["base_interval95"]["sts"]  # the paired interval of export minus base, around their difference
+    assert lo <= round(out["spearman_x100"] - out["base_spearman_x100"], 2) <= hi
     assert main(["eval", "--model", tiny_export, "--sts", SAMPLE, "--base", str(tmp_path / "gone")]) == 2
     assert "--base" in capsys.readouterr().err
     assert main(["eval", "--model", tiny_export, "--mteb", "STSBenchmark", "--base", tiny_base]) == 2

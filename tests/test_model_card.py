@@ -92,6 +92,8 @@ def test_an_evaluation_rewrites_the_card_with_its_result(tiny_base, tiny_export,
     assert (f"| nli_heldout.jsonl (256 queries), this model | {ir['ndcg@10']:.4f} | {ir['mrr@10']:.4f} | "
             f"{ir['recall@100']:.4f} |") in card
     assert f"| nli_heldout.jsonl (256 queries), the untrained base | {floor['ndcg@10']:.4f} |" in card
+    (lo, hi), move = result["base_interval95"]["retrieval"], ir["ndcg@10"] - floor["ndcg@10"]
+    assert lo <= round(move, 4) <= hi and set(result["base_interval95"]) == {"sts", "retrieval"}
     cfg = load_config(None, [f"output_dir={tmp_path / 'run2'}", f"eval.sts_file={sts}", f"model.base={tiny_base}",
                              "eval.compare_base=false", "eval.retrieval=none"])
     assert not {"base_spearman_x100", "retrieval", "base_retrieval"} & set(evaluate(cfg.eval, cfg.layout, str(model)))
@@ -115,7 +117,9 @@ def test_a_stage_2_export_is_evaluated_beside_its_stage_1_start(tiny_base, tiny_
     result = evaluate(cfg.eval, cfg.layout, tiny_export, str(start))
     want = sts_report(Encoder.from_pretrained(str(start)), str(start), sts, show_progress_bar=False)["spearman_x100"]
     assert result["stage1_model"] == str(start) and result["stage1_spearman_x100"] == want
-    assert "eval: stage 2 moved STS by +0.00 from its stage-1 start" in capsys.readouterr().out  # the same weights
+    # the same weights: no move, and no interval around it (both models' cosines are the same per pair)
+    assert "eval: stage 2 moved STS by +0.00 (95% interval +0.00 to +0.00) from its stage-1 start" in capsys.readouterr().out
+    assert result["stage1_interval95"] == {"sts": [0.0, 0.0]}
     cfg = load_config(None, [f"output_dir={tmp_path / 'run2'}", f"eval.sts_file={sts}", f"model.base={tiny_base}",
                              "eval.compare_base=false", "eval.retrieval=none", "eval.compare_stage1=false"])
     assert not any(k.startswith("stage1_") for k in evaluate(cfg.eval, cfg.layout, tiny_export, str(start)))

@@ -184,3 +184,11 @@ def test_the_runs_verdict_reads_retrieval_when_there_is_a_set_and_sts_beside_it(
     assert _verdict(traded, "stage1") == ("stage 2 moved retrieval nDCG@10 by -0.0152, STS by +1.45 from its stage-1 "
                                           "start")
     assert "WARNING: STS below" in _verdict({"spearman_x100": 65.64, "stage1_spearman_x100": 70.55}, "stage1")
+    # with the paired intervals (paired.intervals): each move carries one, and a fall whose interval
+    # reaches 0 is said to be within the evaluation's noise
+    spans = {"retrieval": [-0.041, 0.012], "sts": [-6.2, -3.6]}
+    assert _verdict(fell, "stage1", spans) == (
+        "stage 2 moved retrieval nDCG@10 by -0.0152 (95% interval -0.0410 to +0.0120), STS by -4.91 (95% interval "
+        "-6.20 to -3.60) from its stage-1 start; WARNING: retrieval nDCG@10 and STS below its stage-1 start, stage 2 "
+        "made the embedding worse (within the evaluation's noise for retrieval nDCG@10: the interval reaches 0)")
+    assert _verdict(down_ir, "base", {"sts": [-7.0, -4.0]}).endswith("the training made the embedding worse")

@@ -50,7 +50,8 @@ def mean_pairwise_cosine(emb: np.ndarray) -> float:
 
 def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool | str = True) -> dict:
     """{"spearman": Spearman x100 of cosine vs gold, "mean_cosine": mean_pairwise_cosine of
-    the sentences' embeddings}.  Embeddings are L2-normalised, so cosine is their dot product."""
+    the sentences' embeddings, "cosines" and "gold": each pair's, in the file's order (paired.py)}.
+    Embeddings are L2-normalised, so cosine is their dot product."""
     a, b, gold = read_sts(path)
     uniq = sorted(set(a) | set(b))
     emb = encoder.encode(uniq, batch_size=batch_size, show_progress_bar=show_progress_bar)
@@ -61,32 +62,41 @@ def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool |
     if not finite or spearman != spearman:  # a NaN score is no result: never written as one
         raise InputError(f"STS on {path}: the model's score is not a number (its embeddings are "
                          f"{'the same for every text' if finite else 'non-finite'}); the model is dead, not evaluated")
-    return {"spearman": spearman, "mean_cosine": mean_pairwise_cosine(emb)}
+    return {"spearman": spearman, "mean_cosine": mean_pairwise_cosine(emb), "cosines": cos, "gold": gold}
 
 
-def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progress_bar: bool | str = True) -> dict:
-    """What ``autoregembed eval --sts`` prints and a pipeline writes to eval/result.json."""
+def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progress_bar: bool | str = True,
+               items: dict | None = None) -> dict:
+    """What ``autoregembed eval --sts`` prints and a pipeline writes to eval/result.json; ``items``, when
+    given, receives each pair's cosine ("sts") and gold score ("gold"): a verdict's paired intervals."""
     r = sts_eval(encoder, path, batch_size, show_progress_bar)
+    if items is not None:
+        items.update(sts=r["cosines"], gold=r["gold"])
     return {"model": model, "sts": path, "spearman_x100": round(r["spearman"], 2),
             "mean_pairwise_cosine": round(r["mean_cosine"], 4)}
 
 
-def retrieval_report(encoder, path: str, batch_size: int = 64, show_progress_bar: bool | str = False) -> dict:
-    """``retrieval.retrieval_eval`` on ``path`` (eval.retrieval: a BEIR folder or stage-2 rows), rounded."""
+def retrieval_report(encoder, path: str, batch_size: int = 64, show_progress_bar: bool | str = False,
+                     items: dict | None = None) -> dict:
+    """``retrieval.retrieval_eval`` on ``path`` (eval.retrieval: a BEIR folder or stage-2 rows), rounded;
+    ``items``, when given, receives each judged query's nDCG@10 ("retrieval")."""
     from .retrieval import load, retrieval_eval
 
-    r = retrieval_eval(encoder, load(path), batch_size, show_progress_bar)
+    per_query = None if items is None else {}
+    r = retrieval_eval(encoder, load(path), batch_size, show_progress_bar, per_query=per_query)
+    if items is not None:
+        items["retrieval"] = per_query["ndcg@10"]
     return {"set": path, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}
 
 
 def base_report(base: str, model: str, path: str | None, batch_size: int = 64, pooling: str | None = None,
-                show_progress_bar: bool | str = True, retrieval: str | None = None) -> dict:
+                show_progress_bar: bool | str = True, retrieval: str | None = None, items: dict | None = None) -> dict:
     """The untrained ``base``'s STS on ``path`` (and its retrieval on ``retrieval``), reading text as
     the export ``model`` does (``Encoder.untrained``): the floor its ``spearman_x100`` (and
     ``retrieval``) must beat, the keys ``sts_report`` adds to with ``autoregembed eval --base`` and
     ``eval.compare_base``.  Loaded after the export's own evaluation, so the two models never share the
     device, and in the export's dtype, so both are computed alike (a bf16 base checkpoint beside an
-    fp32 CPU export would not be)."""
+    fp32 CPU export would not be).  ``items``: as ``sts_report``'s and ``retrieval_report``'s."""
     from transformers import AutoConfig
 
     from .encoder import Encoder
@@ -96,7 +106,10 @@ def base_report(base: str, model: str, path: str | None, batch_size: int = 64, p
                               pooling=pooling)
     out = {"base_model": base}
     if path is not None:
-        out["base_spearman_x100"] = round(sts_eval(floor, path, batch_size, show_progress_bar)["spearman"], 2)
+        r = sts_eval(floor, path, batch_size, show_progress_bar)
+        out["base_spearman_x100"] = round(r["spearman"], 2)
+        if items is not None:
+            items.update(sts=r["cosines"], gold=r["gold"])
     if retrieval is not None:
-        out["base_retrieval"] = retrieval_report(floor, retrieval, batch_size, show_progress_bar)
+        out["base_retrieval"] = retrieval_report(floor, retrieval, batch_size, show_progress_bar, items)
     return out

@@ -96,8 +96,9 @@ def load(path: str) -> RetrievalSet:
 
 
 def metrics(scores: np.ndarray, query_ids: list[str], doc_ids: list[str], qrels: dict[str, dict[str, int]],
-            k: int = 10, recall_at: int = 100) -> dict:
-    """nDCG@k, MRR@k and recall@``recall_at`` (each a mean over judged queries) of ``scores`` [Q, D]."""
+            k: int = 10, recall_at: int = 100, per_query: dict | None = None) -> dict:
+    """nDCG@k, MRR@k and recall@``recall_at`` (each a mean over judged queries) of ``scores`` [Q, D];
+    ``per_query``, when given, receives each judged query's values, in ``query_ids``' order (paired.py)."""
     ndcg, mrr, recall = [], [], []
     depth = min(max(k, recall_at), scores.shape[1])
     for qi, qid in enumerate(query_ids):
@@ -113,11 +114,15 @@ def metrics(scores: np.ndarray, query_ids: list[str], doc_ids: list[str], qrels:
         recall.append(sum(g > 0 for g in grades[:recall_at]) / len(rel))
     if not ndcg:
         raise InputError("retrieval: no query has a relevant document in the corpus")
+    if per_query is not None:
+        per_query.update({f"ndcg@{k}": np.asarray(ndcg), f"mrr@{k}": np.asarray(mrr),
+                          f"recall@{recall_at}": np.asarray(recall)})
     return {f"ndcg@{k}": float(np.mean(ndcg)), f"mrr@{k}": float(np.mean(mrr)),
             f"recall@{recall_at}": float(np.mean(recall)), "queries": len(ndcg)}
 
 
-def retrieval_eval(encoder, data: RetrievalSet, batch_size: int = 64, show_progress_bar: bool | str = False) -> dict:
+def retrieval_eval(encoder, data: RetrievalSet, batch_size: int = 64, show_progress_bar: bool | str = False,
+                   per_query: dict | None = None) -> dict:
     """``metrics`` of ``encoder`` (an Encoder: encode_query / encode_document) on ``data``; the
     progress shown is the corpus's (queries are the short part)."""
     qids, dids = list(data.queries), list(data.corpus)
@@ -127,4 +132,4 @@ def retrieval_eval(encoder, data: RetrievalSet, batch_size: int = 64, show_progr
     scores = q.astype(np.float64) @ d.astype(np.float64).T  # unit vectors: cosine
     if not np.isfinite(scores).all():
         raise InputError(f"retrieval on {data.name}: the model's embeddings are non-finite; the model is dead")
-    return metrics(scores, qids, dids, data.qrels)
+    return metrics(scores, qids, dids, data.qrels, per_query=per_query)

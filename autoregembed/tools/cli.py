@@ -390,14 +390,18 @@ def _encode_or_eval(args) -> int:
         print(json.dumps({"output": args.output, "shape": list(emb.shape)}))
         return 0
     from ..release.evaluate import base_report, retrieval_report, sts_report
+    from ..release.paired import intervals
 
-    result = ({"model": args.model, "retrieval": retrieval_report(model, args.retrieval, args.batch_size, True)}
-              if args.retrieval else sts_report(model, args.model, args.sts, args.batch_size))
+    items = {"model": {}, "base": {}}  # per-item scores: the paired intervals of model minus base
+    result = ({"model": args.model, "retrieval": retrieval_report(model, args.retrieval, args.batch_size, True,
+                                                                  items["model"])}
+              if args.retrieval else sts_report(model, args.model, args.sts, args.batch_size, items=items["model"]))
     result.update({"pooling": args.pooling} if args.pooling else {})
     del model  # the base loads after it, not beside it
     if args.base:
         result.update(base_report(args.base, args.model, args.sts, args.batch_size, args.pooling,
-                                  retrieval=args.retrieval))
+                                  retrieval=args.retrieval, items=items["base"]))
+        result.update({"base_interval95": spans} if (spans := intervals(items["model"], items["base"])) else {})
     print(json.dumps(result))
     return 0
 
