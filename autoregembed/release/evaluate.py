@@ -48,10 +48,11 @@ def mean_pairwise_cosine(emb: np.ndarray) -> float:
     return float((total @ total - n) / (n * (n - 1)))  # sum over i != j of e_i.e_j, rows have norm 1
 
 
-def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool | str = True) -> dict:
+def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool | str = True,
+             items: dict | None = None) -> dict:
     """{"spearman": Spearman x100 of cosine vs gold, "mean_cosine": mean_pairwise_cosine of
-    the sentences' embeddings, "cosines" and "gold": each pair's, in the file's order (paired.py)}.
-    Embeddings are L2-normalised, so cosine is their dot product."""
+    the sentences' embeddings}; ``items``, when given, receives each pair's cosine ("sts") and gold score
+    ("gold"), in the file's order (paired.py).  Embeddings are L2-normalised, so cosine is their dot product."""
     a, b, gold = read_sts(path)
     uniq = sorted(set(a) | set(b))
     emb = encoder.encode(uniq, batch_size=batch_size, show_progress_bar=show_progress_bar)
@@ -62,16 +63,16 @@ def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool |
     if not finite or spearman != spearman:  # a NaN score is no result: never written as one
         raise InputError(f"STS on {path}: the model's score is not a number (its embeddings are "
                          f"{'the same for every text' if finite else 'non-finite'}); the model is dead, not evaluated")
-    return {"spearman": spearman, "mean_cosine": mean_pairwise_cosine(emb), "cosines": cos, "gold": gold}
+    if items is not None:
+        items.update(sts=cos, gold=gold)
+    return {"spearman": spearman, "mean_cosine": mean_pairwise_cosine(emb)}
 
 
 def sts_report(encoder, model: str, path: str, batch_size: int = 64, show_progress_bar: bool | str = True,
                items: dict | None = None) -> dict:
-    """What ``autoregembed eval --sts`` prints and a pipeline writes to eval/result.json; ``items``, when
-    given, receives each pair's cosine ("sts") and gold score ("gold"): a verdict's paired intervals."""
-    r = sts_eval(encoder, path, batch_size, show_progress_bar)
-    if items is not None:
-        items.update(sts=r["cosines"], gold=r["gold"])
+    """What ``autoregembed eval --sts`` prints and a pipeline writes to eval/result.json; ``items``: as
+    ``sts_eval``'s (a verdict's paired intervals)."""
+    r = sts_eval(encoder, path, batch_size, show_progress_bar, items)
     return {"model": model, "sts": path, "spearman_x100": round(r["spearman"], 2),
             "mean_pairwise_cosine": round(r["mean_cosine"], 4)}
 
@@ -96,7 +97,7 @@ def base_report(base: str, model: str, path: str | None, batch_size: int = 64, p
     ``retrieval``) must beat, the keys ``sts_report`` adds to with ``autoregembed eval --base`` and
     ``eval.compare_base``.  Loaded after the export's own evaluation, so the two models never share the
     device, and in the export's dtype, so both are computed alike (a bf16 base checkpoint beside an
-    fp32 CPU export would not be).  ``items``: as ``sts_report``'s and ``retrieval_report``'s."""
+    fp32 CPU export would not be).  ``items``: as ``sts_eval``'s and ``retrieval_report``'s."""
     from transformers import AutoConfig
 
     from .encoder import Encoder
@@ -106,10 +107,7 @@ def base_report(base: str, model: str, path: str | None, batch_size: int = 64, p
                               pooling=pooling)
     out = {"base_model": base}
     if path is not None:
-        r = sts_eval(floor, path, batch_size, show_progress_bar)
-        out["base_spearman_x100"] = round(r["spearman"], 2)
-        if items is not None:
-            items.update(sts=r["cosines"], gold=r["gold"])
+        out["base_spearman_x100"] = round(sts_eval(floor, path, batch_size, show_progress_bar, items)["spearman"], 2)
     if retrieval is not None:
         out["base_retrieval"] = retrieval_report(floor, retrieval, batch_size, show_progress_bar, items)
     return out
