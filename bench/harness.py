@@ -75,6 +75,17 @@ def code_aliases() -> dict[str, dict]:
         return {a["code"]: a for a in json.load(f)["aliases"]}
 
 
+def canonical_code(code: str | None) -> str | None:
+    """The digest records of package code ``code`` pool under: the earlier code its alias names (followed
+    to a code without one), else ``code`` itself; so a record written before bench/code_alias.py aliased
+    its code (a run started while the check was still running) pools once the alias exists."""
+    aliases, seen = code_aliases(), set()
+    while code in aliases and code not in seen:
+        seen.add(code)
+        code = aliases[code]["same_as"]
+    return code
+
+
 def package_code_file_hashes() -> list[tuple[str, str]]:
     """The package code the benchmark's records and caches name: the current files' hashes, or, where
     bench/results/code_aliases.json shows the current code gives the benchmark the very results of an

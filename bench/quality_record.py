@@ -13,7 +13,7 @@ import sys
 import time
 
 import quality_retrieval  # bench/quality_retrieval.py, beside this script
-from harness import ROOT  # bench/harness.py, beside this script
+from harness import ROOT, canonical_code  # bench/harness.py, beside this script
 from quality_data import AUTOENCODE
 
 from autoregembed.ground.atomic import atomic_write_text
@@ -106,7 +106,7 @@ def kept_records(results: str, split: str, model: str, settings: dict, code: str
     for path in sorted(glob.glob(os.path.join(results, "quality_runs", f"{split}-*.json"))):
         with open(path) as f:
             r = json.load(f)
-        same_run = ((r["split"], r["model"], r.get("package_code")) == (split, model, code)
+        same_run = ((r["split"], r["model"], canonical_code(r.get("package_code"))) == (split, model, code)
                     and r.get("data") in (None, data))
         if same_run and comparable(r["settings"]) == want:
             kept.append(path)
@@ -146,9 +146,10 @@ def merge_records(paths: list[str]) -> dict:
     and pooled it would hide that."""
     records = [json.load(open(p)) for p in paths]
     for field, what in (("package_code", "trained by different package code"), ("data", "measured on different data")):
-        values = {r.get(field) for r in records} - {None}
+        value = canonical_code if field == "package_code" else (lambda v: v)  # an aliased code is its earlier one
+        values = {value(r.get(field)) for r in records} - {None}
         if len(values) > 1:
-            by_value = {v: [p for p, r in zip(paths, records) if r.get(field) == v] for v in sorted(values)}
+            by_value = {v: [p for p, r in zip(paths, records) if value(r.get(field)) == v] for v in sorted(values)}
             sys.exit(f"records {what}, not merged: " + "; ".join(f"{v}: {', '.join(ps)}" for v, ps in by_value.items()))
 
     def key(r):
@@ -174,7 +175,7 @@ def merge_records(paths: list[str]) -> dict:
     first = records[0]
     seeds = list(dict.fromkeys(s for r in records for s in r["settings"]["seeds"].split(",") if s))
     arms = "".join(sorted(set("".join(r["settings"]["arms"] for r in records))))
-    return {**first, **merged, "date": max(r["date"] for r in records),
+    return {**first, **merged, "date": max(r["date"] for r in records), "package_code": canonical_code(first.get("package_code")),
             "commit": ",".join(dict.fromkeys(r["commit"] for r in records)),
             "command": " && ".join(r["command"] for r in records) + " && python bench/quality.py --merge " + " ".join(paths),
             "settings": {**_settings(first["settings"]), "seeds": ",".join(seeds), "arms": arms},

@@ -730,6 +730,32 @@ def test_an_alias_makes_the_current_code_name_the_earlier_one_in_records_and_cac
     assert key() == aliased and harness.package_code_digest() == harness.code_digest(earlier)
 
 
+def test_a_record_of_code_aliased_after_it_was_written_pools_under_the_earlier_code(tmp_path, monkeypatch):
+    """A run started before bench/code_alias.py aliased its code names the new code in its record; once the
+    alias exists the record pools (kept_records, merge_records) with the earlier code's, and with no other."""
+    import harness
+
+    monkeypatch.setattr(harness, "CODE_ALIASES", str(tmp_path / "aliases.json"))
+    results = tmp_path / "results"
+    (results / "quality_runs").mkdir(parents=True)
+    settings = {"seeds": "42", "arms": "b", "deepspeed": "ds_configs/zero2.json"}
+    for name, code, seed in (("r1", "old0", "42"), ("r2", "new1", "1"), ("r3", "other", "2")):
+        (results / "quality_runs" / f"report-{name}.json").write_text(json.dumps({
+            "split": "report", "model": "m", "package_code": code, "data": "d", "settings": {**settings, "seeds": seed},
+            "spearman_x100": {B: {"mean": 78.0, "std": 0.0, "per_seed": {seed: 78.0}}}, "commit": name,
+            "date": "2026-12-07", "command": "c", "retrieval": {}, "mean_pairwise_cosine": {B: {seed: 0.5}}}))
+    kept = lambda: [os.path.basename(p) for p in quality_record.kept_records(  # noqa: E731
+        str(results), "report", "m", settings, "old0", "d")]
+    assert kept() == ["report-r1.json"]
+    (tmp_path / "aliases.json").write_text(json.dumps({"aliases": [{"code": "new1", "same_as": "old0", "files": {}}]}))
+    assert kept() == ["report-r1.json", "report-r2.json"]
+    paths = [str(results / "quality_runs" / f"report-{n}.json") for n in ("r1", "r2")]
+    merged = quality_record.merge_records(paths)
+    assert merged["package_code"] == "old0" and merged["spearman_x100"][B]["per_seed"] == {"42": 78.0, "1": 78.0}
+    with pytest.raises(SystemExit, match="different package code"):
+        quality_record.merge_records(paths + [str(results / "quality_runs" / "report-r3.json")])
+
+
 def test_code_alias_lists_every_measured_value_that_moved():
     code_alias = bench_module("code_alias")
     was = {"arms": {"spearman_x100": {"(b)": {"mean": 70.0, "per_seed": {"1": 70.0}}}, "info_gap": {}}}
