@@ -93,6 +93,8 @@ def plot(table: dict, path: str):
                 std = [table[n][letter][metric]["std"] for n in sizes]
                 ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=name)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(table), [str(n) for n in sorted(table)])  # the measured sizes, not powers of 2
+        ax.minorticks_off()
         ax.set_xlabel("labelled triplets")
         ax.set_ylabel(label)
         if ax.get_legend_handles_labels()[0]:
