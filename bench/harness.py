@@ -75,11 +75,12 @@ def code_aliases() -> dict[str, dict]:
         return {a["code"]: a for a in json.load(f)["aliases"]}
 
 
-def canonical_code(code: str | None) -> str | None:
+def canonical_code(code: str | None, aliases: dict[str, dict] | None = None) -> str | None:
     """The digest records of package code ``code`` pool under: the earlier code its alias names (followed
     to a code without one), else ``code`` itself; so a record written before bench/code_alias.py aliased
-    its code (a run started while the check was still running) pools once the alias exists."""
-    aliases, seen = code_aliases(), set()
+    its code (a run started while the check was still running) pools once the alias exists.  ``aliases``:
+    ``code_aliases()``, read once by a caller that asks for many records."""
+    aliases, seen = code_aliases() if aliases is None else aliases, set()
     while code in aliases and code not in seen:
         seen.add(code)
         code = aliases[code]["same_as"]

@@ -13,7 +13,7 @@ import sys
 import time
 
 import quality_retrieval  # bench/quality_retrieval.py, beside this script
-from harness import ROOT, canonical_code  # bench/harness.py, beside this script
+from harness import ROOT, canonical_code, code_aliases  # bench/harness.py, beside this script
 from quality_data import AUTOENCODE
 
 from autoregembed.ground.atomic import atomic_write_text
@@ -102,11 +102,11 @@ def kept_records(results: str, split: str, model: str, settings: dict, code: str
     """The records in ``results``/quality_runs that pool with a run of ``settings`` (its options): the same
     split, model, package code, data and settings but for seeds and arms (records made before they
     named their data, 2026-12-07, pool with any: ../shared/data had not changed until then)."""
-    want, kept = comparable(settings), []
+    want, kept, aliases = comparable(settings), [], code_aliases()
     for path in sorted(glob.glob(os.path.join(results, "quality_runs", f"{split}-*.json"))):
         with open(path) as f:
             r = json.load(f)
-        same_run = ((r["split"], r["model"], canonical_code(r.get("package_code"))) == (split, model, code)
+        same_run = ((r["split"], r["model"], canonical_code(r.get("package_code"), aliases)) == (split, model, code)
                     and r.get("data") in (None, data))
         if same_run and comparable(r["settings"]) == want:
             kept.append(path)
@@ -144,9 +144,10 @@ def merge_records(paths: list[str]) -> dict:
     or measured on different data (``package_code``, ``data``; records made before they were kept carry
     none and are not checked): another code's seed can differ by as much as the margins a table reads,
     and pooled it would hide that."""
-    records = [json.load(open(p)) for p in paths]
+    records, aliases = [json.load(open(p)) for p in paths], code_aliases()
     for field, what in (("package_code", "trained by different package code"), ("data", "measured on different data")):
-        value = canonical_code if field == "package_code" else (lambda v: v)  # an aliased code is its earlier one
+        # an aliased code is its earlier one
+        value = (lambda v: canonical_code(v, aliases)) if field == "package_code" else (lambda v: v)
         values = {value(r.get(field)) for r in records} - {None}
         if len(values) > 1:
             by_value = {v: [p for p, r in zip(paths, records) if value(r.get(field)) == v] for v in sorted(values)}
@@ -175,7 +176,7 @@ def merge_records(paths: list[str]) -> dict:
     first = records[0]
     seeds = list(dict.fromkeys(s for r in records for s in r["settings"]["seeds"].split(",") if s))
     arms = "".join(sorted(set("".join(r["settings"]["arms"] for r in records))))
-    return {**first, **merged, "date": max(r["date"] for r in records), "package_code": canonical_code(first.get("package_code")),
+    return {**first, **merged, "date": max(r["date"] for r in records), "package_code": canonical_code(first.get("package_code"), aliases),
             "commit": ",".join(dict.fromkeys(r["commit"] for r in records)),
             "command": " && ".join(r["command"] for r in records) + " && python bench/quality.py --merge " + " ".join(paths),
             "settings": {**_settings(first["settings"]), "seeds": ",".join(seeds), "arms": arms},
