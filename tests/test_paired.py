@@ -49,3 +49,10 @@ def test_unpaired_or_empty_scores_are_refused():
         paired.mean_difference([1, 2, 3], [1, 2])
     with pytest.raises(ValueError, match="at least 2 items"):
         paired.mean_difference([1.0], [0.0])
+
+
+def test_keep_writes_the_intervals_under_the_floors_prefix_only_when_there_are_some():
+    result = {}
+    spans = paired.keep(result, "stage1_", {"retrieval": np.ones(4)}, {"retrieval": np.zeros(4)})
+    assert result == {"stage1_interval95": {"retrieval": [1.0, 1.0]}} and spans == result["stage1_interval95"]
+    assert paired.keep(result, "base_", {"retrieval": np.ones(4)}, {}) == {} and "base_interval95" not in result

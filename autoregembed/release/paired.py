@@ -66,3 +66,12 @@ def intervals(model: dict, floor: dict) -> dict[str, list[float]]:
     if "retrieval" in model and "retrieval" in floor:
         out["retrieval"] = mean_difference(model["retrieval"], floor["retrieval"])
     return {k: [round(x, 4) for x in v] for k, v in out.items()}
+
+
+def keep(result: dict, prefix: str, model: dict, floor: dict) -> dict[str, list[float]]:
+    """``intervals(model, floor)``, also written to ``result`` as ``<prefix>interval95`` when there are any:
+    the one place an eval result (pipeline or ``autoregembed eval --base``) gains its intervals."""
+    spans = intervals(model, floor)
+    if spans:
+        result[f"{prefix}interval95"] = spans
+    return spans

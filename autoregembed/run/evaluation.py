@@ -55,13 +55,10 @@ def _verdict(result: dict, floor: str = "base", spans: dict | None = None) -> st
 
 
 def _kept_intervals(result: dict, floor: str, items: dict) -> dict:
-    """``paired.intervals`` of the model against ``floor``, also written to ``result`` as ``<prefix>interval95``."""
-    from ..release.paired import intervals
+    """``paired.keep`` of the model against ``floor``, under that floor's key prefix."""
+    from ..release.paired import keep
 
-    spans = intervals(items["model"], items[floor])
-    if spans:
-        result[f"{FLOORS[floor][0]}interval95"] = spans
-    return spans
+    return keep(result, FLOORS[floor][0], items["model"], items[floor])
 
 
 def _start_report(start: str, ev: EvalConfig, items: dict) -> dict:

@@ -390,7 +390,7 @@ def _encode_or_eval(args) -> int:
         print(json.dumps({"output": args.output, "shape": list(emb.shape)}))
         return 0
     from ..release.evaluate import base_report, retrieval_report, sts_report
-    from ..release.paired import intervals
+    from ..release.paired import keep
 
     items = {"model": {}, "base": {}}  # per-item scores: the paired intervals of model minus base
     result = ({"model": args.model, "retrieval": retrieval_report(model, args.retrieval, args.batch_size, True,
@@ -401,7 +401,7 @@ def _encode_or_eval(args) -> int:
     if args.base:
         result.update(base_report(args.base, args.model, args.sts, args.batch_size, args.pooling,
                                   retrieval=args.retrieval, items=items["base"]))
-        result.update({"base_interval95": spans} if (spans := intervals(items["model"], items["base"])) else {})
+        keep(result, "base_", items["model"], items["base"])
     print(json.dumps(result))
     return 0
 
