@@ -14,6 +14,11 @@ quality_stage_cache = bench_module("quality_stage_cache")
 
 B, C, D = "(b) contrastive (InfoNCE)", "(c) stage 1 only", "(d) stage 1 + stage 2"
 
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+needs_shared_data = pytest.mark.skipif(  # the benchmark's own files (NLI, STS-B, the retrieval collections)
+    not os.path.isdir(os.path.join(SHARED_DATA, "nli")),
+    reason="../shared/data (the benchmark's NLI, STS-B and retrieval files) is not beside the checkout")
+
 
 def _record(tmp_path, name, seeds, arms, scores, deepspeed="ds_configs/zero2.json", **settings):
     """A run record as bench/quality.py writes it; ``scores``: arm -> {seed: spearman}."""
@@ -132,8 +137,9 @@ def test_merge_refuses_seeds_trained_by_other_package_code_or_measured_on_other_
         quality_record.merge_records([one, two, old])
     assert quality_record.merge_records([one, old])["spearman_x100"][B]["per_seed"] == {"42": 78.0, "2": 78.0}
     harness = bench_module("harness")
-    for digest in (harness.package_code_digest, harness.data_digest):
-        assert len(digest()) == 16 and digest() == digest()
+    assert len(harness.package_code_digest()) == 16 and harness.package_code_digest() == harness.package_code_digest()
+    data = harness.data_digest()  # None in a checkout without ../shared/data: its records pool as undigested
+    assert data == harness.data_digest() and (len(data) == 16 if os.path.isdir(SHARED_DATA) else data is None)
 
 
 def test_scratch_is_emptied_under_a_lock_a_second_run_cannot_take(tmp_path):
@@ -571,8 +577,7 @@ def test_domain_adaptation_sets_each_adapted_arm_beside_its_twin_and_pairs_the_g
                       "adapted: seed 1 1.760, seed 42 1.750")
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "nli")),
-                    reason="../shared/data (the benchmark's NLI and STS-B files) is not beside the checkout")
+@needs_shared_data
 def test_learning_curve_trains_each_point_once_and_a_seeds_later_sizes_read_its_stage_1(tmp_path, default_tiny_base):
     """bench/learning_curve.py end to end on the tiny base, two points side by side: every (size, arm)
     of the seed is trained and recorded, (d) at the second size reads stage 1 from the cache the first
@@ -599,8 +604,7 @@ def test_learning_curve_trains_each_point_once_and_a_seeds_later_sizes_read_its_
     assert "seed 1: " not in again.stdout  # no job started
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "nli")),
-                    reason="../shared/data (the benchmark's NLI and STS-B files) is not beside the checkout")
+@needs_shared_data
 def test_stage_2_on_negatives_mined_by_the_stage_1_model(tmp_path, default_tiny_base):
     """--stage2-negatives mined: (d) trains on the NLI rows with negatives (c)'s model mined among the rows'
     own positives and negatives (never the row's positive), its reference scores computed on those rows
@@ -673,8 +677,7 @@ def test_crop_pairs_are_two_spans_of_one_text_and_a_span_of_another(tmp_path):
         qd.crop_pairs_file(str(tmp_path / "no.jsonl"), str(one), 3, seed=0)
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "nli")),
-                    reason="../shared/data (the benchmark's NLI and STS-B files) is not beside the checkout")
+@needs_shared_data
 def test_the_quality_benchmark_scores_the_arms_asked_and_g_starts_from_its_crops_phase(tmp_path, default_tiny_base):
     """bench/quality.py end to end on the tiny base: arms (b), (d), (g) train through the trainer and are
     scored; (c) is trained for (d) but not scored (its retrieval costs ~15 min an arm); (g)'s InfoNCE
@@ -766,6 +769,7 @@ def test_code_alias_lists_every_measured_value_that_moved():
                                                 "/arms/spearman_x100/(b)/per_seed/1: 70.0 != 70.01"]
 
 
+@needs_shared_data
 def test_doc_gap_scores_each_set_per_export_as_reconstruct_does_and_pools_over_exports(tiny_export, tiny_base,
                                                                                       tmp_path):
     """bench/doc_gap.py: the report collections' documents and stage 1's texts, drawn the same way every run;
