@@ -62,6 +62,11 @@ def curve(by_size: dict[int, list[str]]) -> dict:
     return out
 
 
+def _pooled(v: dict) -> str:
+    """mean ± std and over how many seeds: a std of one seed is 0 and says nothing of the spread."""
+    return f"{v['mean']} ± {v['std']} ({len(v['per_seed'])} seed{'s' if len(v['per_seed']) > 1 else ''})"
+
+
 def crossings(table: dict) -> list[str]:
     """Per size N with a size 2N: (b) at 2N against (d) at N, on each metric."""
     lines = []
@@ -72,8 +77,7 @@ def crossings(table: dict) -> list[str]:
             d, b = table[n]["d"][metric], table[2 * n]["b"][metric]
             if d and b:
                 verdict = "reaches" if b["mean"] >= d["mean"] else "stays below"
-                lines.append(f"{metric}: (b) at {2 * n} = {b['mean']} ± {b['std']} {verdict} (d) at {n} = "
-                             f"{d['mean']} ± {d['std']}")
+                lines.append(f"{metric}: (b) at {2 * n} = {_pooled(b)} {verdict} (d) at {n} = {_pooled(d)}")
     return lines
 
 
@@ -123,8 +127,8 @@ def main():
     for n in sorted(table):
         for letter, name in ARMS.items():
             m = table[n][letter]
-            cells = [f"{k} {v['mean']} ± {v['std']} ({len(v['per_seed'])} seeds)" for k, v in m.items() if v]
-            print(f"  {n:5d} triplets  {name:<28} " + ", ".join(cells))
+            cells = [f"{k} {_pooled(v)}" for k, v in m.items() if v]
+            print(f"  {n:5d} triplets  {name:<28} " + (", ".join(cells) or "not measured"))
     lines = crossings(table)
     for line in lines:
         print("  " + line)

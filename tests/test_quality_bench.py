@@ -491,7 +491,7 @@ def test_learning_curve_pools_each_sizes_seeds_and_says_where_b_at_2n_reaches_d_
     assert curve["sizes"]["240"]["d"]["ndcg@10"]["per_seed"] == {"42": round((80 / 400 + 80 / 300) / 2, 4),
                                                                    "1": round((82 / 400 + 82 / 300) / 2, 4)}
     assert curve["sizes"]["120"]["d"]["sts"]["mean"] == 76.0
-    assert curve["crossings"][0] == "sts: (b) at 240 = 76.0 ± 0.0 reaches (d) at 120 = 76.0 ± 1.41"
+    assert curve["crossings"][0] == "sts: (b) at 240 = 76.0 ± 0.0 (2 seeds) reaches (d) at 120 = 76.0 ± 1.41 (2 seeds)"
     assert (tmp_path / "learning_curve.png").stat().st_size > 0
 
 
