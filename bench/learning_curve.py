@@ -96,7 +96,11 @@ def plot(table: dict, path: str):
                 mean = [table[n][letter][metric]["mean"] for n in sizes]
                 std = [table[n][letter][metric]["std"] for n in sizes]
                 ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=name)
+                for n, y in zip(sizes, mean):  # a point of fewer seeds has no spread to draw: say how many
+                    ax.annotate(f"n={len(table[n][letter][metric]['per_seed'])}", (n, y), xytext=(4, 4),
+                                textcoords="offset points", fontsize=7)
         ax.set_xscale("log", base=2)
+        ax.margins(x=0.1)  # room for the seed counts beside the last point
         ax.set_xticks(sorted(table), [str(n) for n in sorted(table)])  # the measured sizes, not powers of 2
         ax.minorticks_off()
         ax.set_xlabel("labelled triplets")
