@@ -1,6 +1,7 @@
 """Under ZeRO-3 with the decoder partitioned (model.shard_decoder) the LM head is resident only while
 it is used (and found again by a backend whose backward reads it), and every decoder pass (reference
-scoring included) goes through the engine's forward, where DeepSpeed gathers and prefetches."""
+scoring included) goes through the engine's forward, where DeepSpeed gathers and prefetches; and no
+engine, nor the process groups' threads, outlives its close."""
 import json
 import os
 
@@ -11,7 +12,7 @@ pytestmark = pytest.mark.distributed
 
 
 SCRIPT = """
-import json, sys, warnings
+import gc, json, os, sys, warnings
 warnings.filterwarnings("ignore")
 import deepspeed
 from deepspeed.runtime.engine import DeepSpeedEngine
@@ -83,8 +84,16 @@ cfg.paths.stage1_model = ctx.base()
 score_references(RunContext.of(cfg, zero3), stages_for(cfg)["reference"])
 report["engine_forward_stages"] = sorted(set(calls))
 report["engine_forward_calls"] = len(calls)
-json.dump(report, open(out + "/report.json", "w"))
+
+# 3. nothing outlives what closed it: the three engines above, then the process groups' threads
+del s, head, loss, nodes, n, todo, seen  # this script's own references into the first two
+gc.collect()
+report["engines_left"] = sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
 D.shutdown()
+report["comm_threads_left"] = sorted(name for name in (open(f"/proc/self/task/{{t}}/comm").read().strip()
+                                                     for t in os.listdir("/proc/self/task"))
+                                     if "gloo" in name or "nccl" in name)
+json.dump(report, open(out + "/report.json", "w"))
 """
 
 
@@ -111,3 +120,7 @@ def test_lm_head_is_released_between_forward_and_backward_and_reference_uses_the
     # 16 stage-2 rows at micro-batch 4 on one rank: 4 scoring calls, all through the engine
     assert r["engine_forward_stages"] == ["CandidateBatch"]
     assert r["engine_forward_calls"] == 4
+    # DeepSpeed's module-level references (session._destroy_engine) and torch's default-argument one
+    # (distributed.init_distributed) used to keep every engine and the default group's threads to the exit
+    assert r["engines_left"] == 0
+    assert r["comm_threads_left"] == []

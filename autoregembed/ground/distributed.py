@@ -6,6 +6,7 @@ do not, so their variables are translated here before DeepSpeed initialises.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import socket
@@ -101,6 +102,10 @@ def init_distributed():
     if dist.is_initialized():
         return
     import deepspeed
+    # Imported before the group exists: its functions take ``group=group.WORLD`` as a default argument,
+    # evaluated at import, and a later import (DeepSpeed's, while an engine is built) would hold the
+    # default group past destroy_process_group (shutdown), its gloo threads into the interpreter's teardown.
+    import torch.distributed.nn.functional  # noqa: F401
 
     if not torch.cuda.is_available():
         clear_stale_extension_lock()
@@ -189,8 +194,18 @@ def any_across_ranks(flag: bool) -> bool:
 
 
 def shutdown():
-    if dist.is_initialized():
+    """Destroy every process group, and with them their communication threads, while the interpreter
+    is alive: through ``deepspeed.comm`` once DeepSpeed made groups, since it holds its own references
+    (``deepspeed.utils.groups``) that would otherwise keep gloo's threads running into the interpreter's
+    teardown, where a 2-rank CPU run once aborted ("terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and ds_comm.cdb is not None:
+        ds_comm.destroy_process_group()  # also drops DeepSpeed's group references
+    else:
         dist.destroy_process_group()
+    gc.collect()  # the groups' last owners may sit in reference cycles (engines, optimizers)
 
 
 def device() -> torch.device:

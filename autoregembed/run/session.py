@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import math
 import os
+import sys
 import time
 
 import torch
@@ -242,9 +243,29 @@ class Session:
         return out
 
     def close(self):
-        """Release the engine and leave ``hf_zero3_config``."""
+        """Release the engine and leave ``hf_zero3_config``; nothing of the engine outlives it."""
         finish_wandb()
-        self.engine.destroy()
+        _destroy_engine(self.engine)
         del self.engine, self.model
         self._zero3.close()
         gc.collect()
+
+
+def _destroy_engine(engine):
+    """``engine.destroy()``, then drop the references DeepSpeed keeps after it (ZeRO-3, 0.19): a
+    module-level stack (``parameter_offload.FWD_MODULE_STACK``) holding each engine's module and any
+    submodule whose forward it saw begin and not end, and a class-level ``lru_cache`` keyed by the
+    parameter coordinator and submodules.  Through the modules' hooks they hold the engine, its
+    optimizer states and its process groups: without this a pipeline carried every stage's engine
+    into the next (device memory) and to the process' exit."""
+    mine = {id(m) for m in engine.module.modules()}
+    engine.destroy()
+    stack = getattr(sys.modules.get("deepspeed.runtime.zero.parameter_offload"), "FWD_MODULE_STACK", None)
+    if stack is not None:
+        stack[:] = [m for m in stack if id(m) not in mine]
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    method = getattr(getattr(coordinator, "PartitionedParameterCoordinator", None),
+                     "_PartitionedParameterCoordinator__params_to_release", None)
+    for f in [method] + [c.cell_contents for c in getattr(method, "__closure__", None) or ()]:  # under an nvtx wrapper
+        if hasattr(f, "cache_clear"):  # a cache: other live engines only recompute what they need
+            f.cache_clear()
