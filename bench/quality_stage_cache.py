@@ -46,7 +46,7 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> tuple[str, str | None]
 def cached_stage(cfg, stage: str, ds: str, cache: str, keys: list[str] | None = None) -> tuple[str, str | None]:
     """The exported model of training ``stage`` of ``cfg``, and the cache entry that holds it (None: not
     kept, ``cache`` empty): copied from ``cache`` when a run with the same key (``keys``, default:
-    ``run_key``; the first that has an entry) finished it, else trained (resumed where an earlier run of
+    ``run_key``, then its key before 2026-12-07; the first that has an entry) finished it, else trained (resumed where an earlier run of
     the key was stopped or killed) and kept there.  A stage stopped before its end (a stop request,
     SIGTERM, Ctrl-C: the trainer checkpoints) ends the run in one line: the benchmark has no model to
     score."""
@@ -56,7 +56,7 @@ def cached_stage(cfg, stage: str, ds: str, cache: str, keys: list[str] | None = 
             raise SystemExit(f"[quality] {stage} stopped before its end ({result.status}); without a cache it "
                              "trains again from the start")
         return result.artifact, None
-    entry = _pick(cache, keys or [run_key(cfg, stage, ds)])
+    entry = _pick(cache, keys or [run_key(cfg, stage, ds), run_key(cfg, stage, ds, bare_words=True)])
     if os.path.isdir(entry):
         print(f"[quality] {stage} from the cache: {entry}", flush=True)
     else:
@@ -170,7 +170,7 @@ def stage1_key(cfg, ds: str, base: str, with_defaults: bool = False) -> str:
     return f"seed{cfg.seed}-{h.hexdigest()[:16]}"
 
 
-def run_key(cfg, stage: str, ds: str) -> str:
+def run_key(cfg, stage: str, ds: str, bare_words: bool = False) -> str:
     """Hash of the whole config but its output folder (the values that differ from the defaults), every
     file or folder it names by content (the rows, the STS file, the model the stage starts from, the
     base), the DeepSpeed config and the package's code: a stage other than stage 1 is reused only by a run
@@ -184,6 +184,8 @@ def run_key(cfg, stage: str, ds: str) -> str:
     named = []
     scratch = os.path.abspath(cfg.output_dir)
     for key, value in sorted(_strings(settings)):  # every file the config names, defaults included
+        if not (bare_words or _names_a_path(value)):  # bare_words: the key before 2026-12-07 (_names_a_path)
+            continue
         if os.path.isfile(value):
             named.append((key, value))
         elif os.path.isdir(value) and not (scratch + os.sep).startswith(os.path.abspath(value) + os.sep):
@@ -194,6 +196,14 @@ def run_key(cfg, stage: str, ds: str) -> str:
     _hash_code(h)
     _hash_files(h, named)
     return f"{stage}-seed{cfg.seed}-{h.hexdigest()[:16]}"
+
+
+def _names_a_path(value: str) -> bool:
+    """A setting's string is read as a path only when it is written as one (absolute, or with a folder in
+    it): a bare word such as ``monitor.wandb_project``'s default "autoregembed" named the package's own
+    folder when the benchmark ran from the repository root, and put its raw source in every key, so a
+    result-preserving package change (code_alias.py) still orphaned every stage 2 in training."""
+    return os.path.isabs(value) or os.sep in value
 
 
 def _strings(settings: dict, prefix: str = "") -> list[tuple[str, str]]:

@@ -368,6 +368,17 @@ def test_run_key_follows_the_whole_config_and_the_files_it_names(tmp_path):
     same = key()
     assert key(out="b") == same and key("stage2.save_every=5", "stage2.keep_last=1", "stage2.stop_after=2") == same
     assert key("eval.instruction=x") != same and key("seed=7") != same and key("stage2.learning_rate=0.5") != same
+    # a bare word is a name, not a path, even where a folder of that name sits in the working directory
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "f.py").write_text("1")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        named = key("monitor.wandb_project=proj")
+        (tmp_path / "proj" / "f.py").write_text("2")
+        assert key("monitor.wandb_project=proj") == named
+    finally:
+        os.chdir(cwd)
     rows.write_text('{"query": "q", "pos": "p", "neg": "m"}\n')
     changed_rows = key()
     (start / "w.bin").write_bytes(b"2")
