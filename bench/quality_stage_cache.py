@@ -46,10 +46,10 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> tuple[str, str | None]
 def cached_stage(cfg, stage: str, ds: str, cache: str, keys: list[str] | None = None) -> tuple[str, str | None]:
     """The exported model of training ``stage`` of ``cfg``, and the cache entry that holds it (None: not
     kept, ``cache`` empty): copied from ``cache`` when a run with the same key (``keys``, default:
-    ``run_key``, then its key before 2026-12-07; the first that has an entry) finished it, else trained (resumed where an earlier run of
-    the key was stopped or killed) and kept there.  A stage stopped before its end (a stop request,
-    SIGTERM, Ctrl-C: the trainer checkpoints) ends the run in one line: the benchmark has no model to
-    score."""
+    ``run_key``, then its key before 2026-12-07; the first that has an entry) finished it, else trained
+    (resumed where an earlier run of the key was stopped or killed) and kept there.  A stage stopped
+    before its end (a stop request, SIGTERM, Ctrl-C: the trainer checkpoints) ends the run in one line:
+    the benchmark has no model to score."""
     if not cache:
         result = run_stage(cfg, stage, ds)
         if result.status != "done":
@@ -200,9 +200,8 @@ def run_key(cfg, stage: str, ds: str, bare_words: bool = False) -> str:
 
 def _names_a_path(value: str) -> bool:
     """A setting's string is read as a path only when it is written as one (absolute, or with a folder in
-    it): a bare word such as ``monitor.wandb_project``'s default "autoregembed" named the package's own
-    folder when the benchmark ran from the repository root, and put its raw source in every key, so a
-    result-preserving package change (code_alias.py) still orphaned every stage 2 in training."""
+    it): else a bare word such as ``monitor.wandb_project``'s "autoregembed" names the package's folder from
+    the repository root, and its raw source in the key would outlive every change code_alias.py vouches for."""
     return os.path.isabs(value) or os.sep in value
 
 
