@@ -13,6 +13,7 @@ peak it measured.  One variant failing costs only its own row.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import random
 import tempfile
@@ -243,6 +244,7 @@ class TrainerBench:
         from autoregembed.run.stages import stages_for
         from autoregembed.run.session import RunContext, Session
         from autoregembed.run.step import optimizer_step
+        from deepspeed.runtime.engine import DeepSpeedEngine
 
         torch, cuda = self.torch, self.device == "cuda"
         micro, planned_gb = self.micro_batch(v)
@@ -297,6 +299,9 @@ class TrainerBench:
             s.close()
             if cuda:
                 torch.cuda.empty_cache()
+        # what the next variant (and a pipeline's next stage) inherits: nothing, once the session is closed
+        row["engines_after_close"] = sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
+        row["allocated_after_close_GB"] = torch.cuda.memory_allocated() / 1e9 if cuda else None
         return row
 
     def _throughput(self, v: Variant, c: dict, dt: float, cfg) -> dict:

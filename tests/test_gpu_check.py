@@ -26,6 +26,7 @@ def test_gpu_check_smoke_writes_every_number(tmp_path):
     flat, peaked = r["timing"][:2]
     assert peaked["largest_probability_median"] > 2 * flat["largest_probability_median"]
     rows = r["trainer"]
+    assert [t["engines_after_close"] for t in rows] == [0] * len(rows)  # no variant inherits an engine
     base = [(t["stage"], t["lengths"], t["packed"]) for t in rows[:8]]
     assert base == [(st, ln, pk) for pk in (True, False) for ln in ("full", "ragged") for st in ("stage1", "stage2")]
     arms = {(t["stage"], t["zero"], t["shard_decoder"], t["decoder_checkpointing"]) for t in rows[8:]}
@@ -204,6 +205,7 @@ def test_the_gpu_check_dry_run_passes_on_the_images_versions(tmp_path):
     assert res["torch"].startswith("2.11.0") and res["triton"] == "3.6.0" and res["errors"] == {}
     assert res["preflight"]["attention"] == "sdpa" and len(res["trainer"]) == 16
     assert all("error" not in t and "skipped" not in t for t in res["trainer"])
+    assert all(t["engines_after_close"] == 0 for t in res["trainer"])
     # the Hopper PTX of the row kernel as the image's Triton 3.6 compiles it (no GPU needed)
     ptx = subprocess.run([env["PYTHON"], "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernel_ptx.py"],
                          env={**env, "PYTHONPATH": env["SITE"]}, cwd=ROOT, capture_output=True, text=True, timeout=600)
