@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # as they are what a run on a lent machine is for
 timeout "${CHECK_LIMIT_S:-360}" "$PY" bench/gpu_check.py --out "$OUT/gpu.json" --deadline-s "${CHECK_DEADLINE_S:-300}" "$@"
 check_rc=$?
-timeout "${TESTS_LIMIT_S:-120}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+timeout "${TESTS_LIMIT_S:-120}" "$PY" -m pytest -q -o addopts=-ra -m gpu -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 tail -n 15 "$OUT/gpu_tests.log"
 echo "[gpu_check] tests rc=$tests_rc, checks rc=$check_rc"

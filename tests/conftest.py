@@ -7,9 +7,20 @@ from helpers import TINY_BASE
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+CORES = len(os.sched_getaffinity(0))
+# the in-process tests' torch threads share the cores with the other workers (oversubscribed torch
+# processes ran 4x slower); the children the tests start run one thread each (helpers.child_env)
+torch.set_num_threads(max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 TIERS = ("distributed", "cluster", "gpu")  # pyproject.toml; a test with none of them is "unit"
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; a Python without xdist runs with -o addopts=-ra
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml's addopts): one worker per core, at most 4: most tests wait on a
+    child process of one or two one-thread ranks, so a second worker fills the core the first leaves idle."""
+    return min(CORES, 4)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -39,7 +39,7 @@ def _worker_pids(out):
 
 
 def test_sigkilled_rank_resumes_with_identical_losses(tmp_path):
-    steps = 40
+    steps = 20
     want = _straight(tmp_path, 2, steps)
     out = str(tmp_path / "killed")
     proc = subprocess.Popen(child_command(_worker(out, steps), ranks=2), env=child_env(), stdout=subprocess.DEVNULL,

@@ -207,6 +207,7 @@ def test_the_gpu_check_dry_run_passes_on_the_images_versions(tmp_path):
     assert all("error" not in t and "skipped" not in t for t in res["trainer"])
     assert all(t["engines_after_close"] == 0 for t in res["trainer"])
     # the Hopper PTX of the row kernel as the image's Triton 3.6 compiles it (no GPU needed)
-    ptx = subprocess.run([env["PYTHON"], "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernel_ptx.py"],
+    ptx = subprocess.run([env["PYTHON"], "-m", "pytest", "-q", "-o", "addopts=-ra", "-p", "no:cacheprovider",
+                          "tests/test_kernel_ptx.py"],
                          env={**env, "PYTHONPATH": env["SITE"]}, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert ptx.returncode == 0 and " passed" in ptx.stdout and "skipped" not in ptx.stdout, ptx.stdout[-3000:]

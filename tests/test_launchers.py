@@ -99,7 +99,7 @@ def test_slurm_pipeline_runs_the_pipelines_stages(slurm, tmp_path):
 
 
 def test_slurm_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
-    steps = 60
+    steps = 30
     runs = {}
     for name in ("straight", "preempted"):
         out = str(tmp_path / name)
@@ -129,7 +129,7 @@ def test_slurm_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
     # the time limit's warning to the batch shell, then, once the requeued run has resumed, SIGTERM to
     # the job's steps (torchrun and the ranks; srun, in the batch step, would kill the ranks at once)
     signal_at(5, ["--signal=USR1", "--batch"])
-    signal_at(25, ["--signal=TERM"])
+    signal_at(15, ["--signal=TERM"])
     states = slurm.wait([runs["straight"][1], job], timeout=480)
     log = open(glob.glob(f"{tmp_path}/preempted-*.out")[0]).read()
     assert states[job] == "COMPLETED", log[-3000:]
