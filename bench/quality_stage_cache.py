@@ -46,7 +46,7 @@ def cached_stage1(cfg, ds: str, base: str, cache: str) -> tuple[str, str | None]
 def cached_stage(cfg, stage: str, ds: str, cache: str, keys: list[str] | None = None) -> tuple[str, str | None]:
     """The exported model of training ``stage`` of ``cfg``, and the cache entry that holds it (None: not
     kept, ``cache`` empty): copied from ``cache`` when a run with the same key (``keys``, default:
-    ``run_key``, then its key before 2026-12-07; the first that has an entry) finished it, else trained
+    ``run_key`` in each of its ``KEY_SCHEMES``; the first that has an entry) finished it, else trained
     (resumed where an earlier run of the key was stopped or killed) and kept there.  A stage stopped
     before its end (a stop request, SIGTERM, Ctrl-C: the trainer checkpoints) ends the run in one line:
     the benchmark has no model to score."""
@@ -56,7 +56,7 @@ def cached_stage(cfg, stage: str, ds: str, cache: str, keys: list[str] | None = 
             raise SystemExit(f"[quality] {stage} stopped before its end ({result.status}); without a cache it "
                              "trains again from the start")
         return result.artifact, None
-    entry = _pick(cache, keys or [run_key(cfg, stage, ds), run_key(cfg, stage, ds, bare_words=True)])
+    entry = _pick(cache, keys or [run_key(cfg, stage, ds, scheme) for scheme in KEY_SCHEMES])
     if os.path.isdir(entry):
         print(f"[quality] {stage} from the cache: {entry}", flush=True)
     else:
@@ -170,11 +170,18 @@ def stage1_key(cfg, ds: str, base: str, with_defaults: bool = False) -> str:
     return f"seed{cfg.seed}-{h.hexdigest()[:16]}"
 
 
-def run_key(cfg, stage: str, ds: str, bare_words: bool = False) -> str:
+KEY_SCHEMES = ("relative", "paths", "bare_words")  # run_key's, newest first: entries of each keep being found
+
+
+def run_key(cfg, stage: str, ds: str, scheme: str = "relative") -> str:
     """Hash of the whole config but its output folder (the values that differ from the defaults), every
     file or folder it names by content (the rows, the STS file, the model the stage starts from, the
     base), the DeepSpeed config and the package's code: a stage other than stage 1 is reused only by a run
-    of the same settings on the same inputs (in practice the same point of the benchmark run again)."""
+    of the same settings on the same inputs (in practice the same point of the benchmark run again, into
+    any --out).  Earlier ``scheme``s: "paths" (until 2026-12-08) hashed the names of the files under the
+    output folder too (a stage 1 at runs/A/seed1/stage1/model is another key than the same model under
+    runs/B), "bare_words" (until 2026-12-07) read every string as a path (``_names_a_path``)."""
+    bare_words = scheme == "bare_words"
     def kept(settings: dict) -> dict:
         settings.pop("output_dir")
         _without_checkpointing(settings, ("stage1", "stage2"))
@@ -191,11 +198,26 @@ def run_key(cfg, stage: str, ds: str, bare_words: bool = False) -> str:
         elif os.path.isdir(value) and not (scratch + os.sep).startswith(os.path.abspath(value) + os.sep):
             named += [(f"{key}/{name}", path) for name, path in _folder_files(value)]  # not a folder the run writes in
     settings = _non_default(settings, kept(dataclasses.asdict(Config())))
+    if scheme == "relative":
+        settings = _under_output(settings, scratch)
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     _hash_files(h, [("deepspeed", ds)])
     _hash_code(h)
     _hash_files(h, named)
     return f"{stage}-seed{cfg.seed}-{h.hexdigest()[:16]}"
+
+
+def _under_output(settings: dict, out: str) -> dict:
+    """``settings`` with every string that names a path under the output folder ``out`` written relative
+    to it: its content is hashed (``named``), and where a run writes is no setting of what it computes."""
+    def rel(v):
+        if isinstance(v, dict):
+            return {k: rel(x) for k, x in v.items()}
+        if isinstance(v, str) and _names_a_path(v) and os.path.abspath(v).startswith(out + os.sep):
+            return os.path.join("<output_dir>", os.path.relpath(os.path.abspath(v), out))
+        return v
+
+    return rel(settings)
 
 
 def _names_a_path(value: str) -> bool:

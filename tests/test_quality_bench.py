@@ -2,6 +2,7 @@
 folder's lock, seeds run side by side) and bench/throughput.py's measured step."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -383,6 +384,14 @@ def test_run_key_follows_the_whole_config_and_the_files_it_names(tmp_path):
     changed_rows = key()
     (start / "w.bin").write_bytes(b"2")
     assert len({same, changed_rows, key()}) == 3
+    # the model it starts from inside the output folder (the benchmark's stage 1): its content, not its path
+    for out in ("a", "b"):
+        (tmp_path / out / "stage1").mkdir(parents=True)
+        shutil.copytree(start, tmp_path / out / "stage1" / "model")
+    inside = [key(f"paths.stage1_model={tmp_path / out / 'stage1' / 'model'}", out=out) for out in "ab"]
+    assert inside[0] == inside[1] != key()
+    (tmp_path / "b" / "stage1" / "model" / "w.bin").write_bytes(b"3")
+    assert key(f"paths.stage1_model={tmp_path / 'b' / 'stage1' / 'model'}", out="b") != inside[0]
 
 
 def test_stage1_key_follows_what_decides_stage_1_and_nothing_else(tmp_path):
