@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from ..ground.data import read_lines
 from ..ground.errors import InputError
@@ -57,6 +56,8 @@ def sts_eval(encoder, path: str, batch_size: int = 64, show_progress_bar: bool |
     uniq = sorted(set(a) | set(b))
     emb = encoder.encode(uniq, batch_size=batch_size, show_progress_bar=show_progress_bar)
     pos = {s: i for i, s in enumerate(uniq)}
+    from scipy.stats import spearmanr  # here: scipy.stats costs every process that imports the trainer ~1 s
+
     emb64 = emb.astype(np.float64)  # float32 cosines tie by rounding, and Spearman ranks the ties arbitrarily
     cos = np.sum(emb64[[pos[s] for s in a]] * emb64[[pos[s] for s in b]], axis=1)
     spearman, finite = float(spearmanr(cos, gold).statistic * 100), bool(np.isfinite(emb64).all())

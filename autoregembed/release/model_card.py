@@ -88,7 +88,7 @@ def card_text(folder: str, meta: ExportMeta) -> str:
              f"EMBED tokens {', '.join(f'<EMBED{i}>' for i in pooled)} (of the {k} it reads)")
     pick = "" if pooled is None else f"[{pooled}]"  # the transformers example: those rows of the k states
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
-             f"A text-embedding model trained with [AutoRegEmbed](https://arxiv.org/abs/2502.11401)"
+             "A text-embedding model trained with [AutoRegEmbed](https://arxiv.org/abs/2502.11401)"
              + (f" from `{base}`" if base else "") + f" ({meta.stage or 'untrained'} export). The model reads",
              f"`{template}` and its embedding is the mean of the last-layer states of {which},",
              "L2-normalised; compare embeddings by cosine similarity.", "",
