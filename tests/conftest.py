@@ -7,10 +7,10 @@ from helpers import TINY_BASE
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-CORES = len(os.sched_getaffinity(0))
-# the in-process tests' torch threads share the cores with the other workers (oversubscribed torch
-# processes ran 4x slower); the children the tests start run one thread each (helpers.child_env)
-torch.set_num_threads(max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # a worker's in-process torch shares the cores with the
+    # other workers (oversubscribed torch processes ran 4x slower); test children run one thread each
+    torch.set_num_threads(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 TIERS = ("distributed", "cluster", "gpu")  # pyproject.toml; a test with none of them is "unit"
